@@ -1,0 +1,5 @@
+import sys
+
+from xentjax._cli import main
+
+sys.exit(main())
