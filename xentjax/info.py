@@ -1,0 +1,486 @@
+"""Information theory on probability vectors.
+
+Surprisal, entropy, cross-entropy, Kullback-Leibler and Jensen-Shannon
+divergences, in nats by default and in any other base with `base=`.
+
+Every function here follows the same conventions, decided once:
+
+* `0 · log 0 = 0`: a class with zero probability under `p` contributes nothing,
+  whatever `q` says there (even `q = 0`).
+* `q = 0` where `p > 0` gives `+inf`, never NaN (the event `p` expects is
+  impossible under `q`).
+* Gradients are finite wherever the function is finite: every logarithm takes
+  its argument through `jnp.where`, so the untaken branch never produces the
+  `0 · inf = NaN` the JAX FAQ warns about. Where a term's value is `0 · log 0`,
+  its gradient is taken as 0.
+* `where` (boolean, broadcastable to the probabilities) removes elements from
+  the sum; a fully masked vector gives 0 with a zero gradient.
+* 16-bit floats are computed in float32 and the result is float32; other
+  floating dtypes are kept. Integer inputs are refused with a `TypeError`
+  (they are almost always class indices passed where probabilities belong).
+
+Nothing checks that the inputs are normalized or non-negative: values cannot be
+checked inside `jit`. A negative probability makes a logarithm NaN, and the NaN
+propagates.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from xentjax._validation import (
+  check_broadcastable,
+  check_floating,
+  compute_dtype,
+  log_base_scale,
+  normalize_axis,
+)
+
+Axis = int | tuple[int, ...]
+
+__all__ = [
+  "information",
+  "entropy",
+  "cross_entropy",
+  "kl_divergence",
+  "js_divergence",
+  "kl_divergence_from_logits",
+]
+
+
+# Argument handling (trace time: shapes, dtypes and Python numbers only).
+
+
+def _as_float(name: str, x: ArrayLike) -> jax.Array:
+  x = jnp.asarray(x)
+  check_floating(name, x)
+  return x
+
+
+def _common_shape(name_a: str, a: jax.Array, name_b: str, b: jax.Array, axis: Axis):
+  """Broadcast shape of `a` and `b`; the reduced axes must have equal sizes."""
+  check_broadcastable(name_a, a, name_b, b)
+  shape = np.broadcast_shapes(a.shape, b.shape)
+  if len(shape) == 0:
+    raise ValueError(
+      f"`{name_a}` and `{name_b}` must have at least one dimension (the class axis), got "
+      f"{name_a}.shape={a.shape} and {name_b}.shape={b.shape}."
+    )
+  axes = normalize_axis("axis", axis, len(shape))
+  for ax in (axes,) if isinstance(axes, int) else axes:
+    sizes = []
+    for x in (a, b):
+      k = ax - (len(shape) - x.ndim)
+      sizes.append(x.shape[k] if k >= 0 else None)
+    if sizes[0] is not None and sizes[1] is not None and sizes[0] != sizes[1]:
+      raise ValueError(
+        f"`{name_a}` and `{name_b}` must have the same size along the reduced axis {axis}, "
+        f"got {name_a}.shape={a.shape} and {name_b}.shape={b.shape}."
+      )
+  return tuple(shape), axes
+
+
+def _mask(where: ArrayLike | None, shape: tuple[int, ...], name: str) -> jax.Array | None:
+  """`where` as a boolean array of exactly `shape`, or None."""
+  if where is None:
+    return None
+  w = jnp.asarray(where)
+  if w.dtype != jnp.bool_:
+    raise TypeError(
+      f"`where` must be a boolean mask, got dtype {w.dtype} with shape {w.shape}."
+    )
+  try:
+    ok = np.broadcast_shapes(w.shape, shape) == tuple(shape)
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(
+      f"`where` must broadcast to the shape of `{name}`, got where.shape={w.shape} and "
+      f"{name}.shape={tuple(shape)}."
+    )
+  return jnp.broadcast_to(w, shape)
+
+
+def _in_base(x: jax.Array, scale: float | None) -> jax.Array:
+  return x if scale is None else x * jnp.asarray(scale, x.dtype)
+
+
+# Elementwise terms. Each keeps the logarithm's argument away from 0 wherever
+# the term is defined to be finite, so both the value and the gradient are
+# finite there; the cases that are truly infinite keep their infinite value.
+
+
+def _rel_entr_terms(p: jax.Array, q: jax.Array, keep: jax.Array | None) -> jax.Array:
+  """p·(log p − log q) elementwise, with 0·log 0 = 0 and p > 0, q = 0 → +inf."""
+  p_pos = p > 0
+  both_zero = (p == 0) & (q == 0)
+  if keep is not None:
+    p_pos = p_pos & keep
+    q_ok = keep & ~both_zero
+    p = jnp.where(keep, p, 0)
+  else:
+    q_ok = ~both_zero
+  log_p = jnp.log(jnp.where(p_pos, p, 1))
+  log_q = jnp.log(jnp.where(q_ok, q, 1))
+  return p * (log_p - log_q)
+
+
+def _cross_entropy_terms(p: jax.Array, q: jax.Array, keep: jax.Array | None) -> jax.Array:
+  """−p·log q elementwise, with 0·log 0 = 0 and p > 0, q = 0 → +inf."""
+  both_zero = (p == 0) & (q == 0)
+  if keep is not None:
+    q_ok = keep & ~both_zero
+    p = jnp.where(keep, p, 0)
+  else:
+    q_ok = ~both_zero
+  return -p * jnp.log(jnp.where(q_ok, q, 1))
+
+
+def _entropy_terms(p: jax.Array, keep: jax.Array | None) -> jax.Array:
+  """−p·log p elementwise, with 0·log 0 = 0 (value and gradient)."""
+  p_pos = p > 0
+  if keep is not None:
+    p_pos = p_pos & keep
+    p = jnp.where(keep, p, 0)
+  return -p * jnp.log(jnp.where(p_pos, p, 1))
+
+
+# Public functions.
+
+
+def information(
+  p: ArrayLike,
+  where: ArrayLike | None = None,
+  base: float | None = None,
+) -> jax.Array:
+  r"""Surprisal (self-information) of each probability, elementwise.
+
+  .. math::
+
+    I(p) = -\log_b p
+
+  An event of probability 1/8 carries 3 bits; a certain event carries 0.
+
+  Args:
+    p: probabilities, any shape `[...]`, floating dtype.
+    where: optional boolean mask broadcastable to `p`; masked elements give 0.
+    base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
+
+  Returns:
+    Array of `p`'s shape: float32 for 16-bit inputs, otherwise `p`'s dtype.
+
+  Example:
+    >>> import xentjax
+    >>> print(float(xentjax.info.information(0.125, base=2)))
+    3.0
+
+  Note:
+    `p = 0` gives `+inf` with gradient `-inf` (the true limit, not NaN); a
+    masked element gives 0 and a zero gradient whatever its value.
+  """
+  scale = log_base_scale(base)
+  p = _as_float("p", p)
+  keep = _mask(where, p.shape, "p")
+  p = p.astype(compute_dtype(p.dtype))
+  if keep is None:
+    out = -jnp.log(p)
+  else:
+    out = jnp.where(keep, -jnp.log(jnp.where(keep, p, 1)), 0)
+  return _in_base(out, scale)
+
+
+def entropy(
+  p: ArrayLike,
+  axis: Axis = -1,
+  where: ArrayLike | None = None,
+  base: float | None = None,
+) -> jax.Array:
+  r"""Shannon entropy of probability vectors.
+
+  .. math::
+
+    H(p) = -\sum_i p_i \log_b p_i, \qquad 0 \log 0 = 0.
+
+  The average surprisal of an outcome drawn from `p`. It lies in
+  `[0, log_b K]` for `K` classes: 0 for a certain outcome, `log_b K` (the
+  maximum) for the uniform distribution, so 8 equally likely outcomes carry
+  3 bits.
+
+  Args:
+    p: probabilities `[..., num_classes]` (summing to 1 along `axis`),
+      floating dtype.
+    axis: the class axis (or a tuple of axes) to sum over.
+    where: optional boolean mask broadcastable to `p`; masked elements are
+      left out of the sum.
+    base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
+
+  Returns:
+    Array of `p`'s shape without `axis`: float32 for 16-bit inputs, otherwise
+    `p`'s dtype.
+
+  Example:
+    >>> import jax.numpy as jnp, xentjax
+    >>> print(round(float(xentjax.info.entropy(jnp.full(8, 1 / 8), base=2)), 5))
+    3.0
+
+  Note:
+    A zero probability contributes 0 to the value and 0 to the gradient (the
+    one-sided derivative of `-p log p` at 0 is `+inf`; we take 0 so gradients
+    stay finite). A fully masked vector has entropy 0 and a zero gradient.
+  """
+  scale = log_base_scale(base)
+  p = _as_float("p", p)
+  if p.ndim == 0:
+    raise ValueError(f"`p` must have at least one dimension (the class axis), got shape {p.shape}.")
+  axes = normalize_axis("axis", axis, p.ndim)
+  keep = _mask(where, p.shape, "p")
+  p = p.astype(compute_dtype(p.dtype))
+  return _in_base(jnp.sum(_entropy_terms(p, keep), axis=axes), scale)
+
+
+def _pair(name_p, p, name_q, q, axis, where):
+  p = _as_float(name_p, p)
+  q = _as_float(name_q, q)
+  shape, axes = _common_shape(name_p, p, name_q, q, axis)
+  keep = _mask(where, shape, name_p)
+  dt = compute_dtype(p.dtype, q.dtype)
+  p = jnp.broadcast_to(p.astype(dt), shape)
+  q = jnp.broadcast_to(q.astype(dt), shape)
+  return p, q, axes, keep
+
+
+def cross_entropy(
+  p: ArrayLike,
+  q: ArrayLike,
+  axis: Axis = -1,
+  where: ArrayLike | None = None,
+  base: float | None = None,
+) -> jax.Array:
+  r"""Cross-entropy of `q` relative to `p`: the cost of coding `p` with `q`.
+
+  .. math::
+
+    H(p, q) = -\sum_i p_i \log_b q_i = H(p) + D_{KL}(p \,\|\, q),
+
+  with `0 log q = 0` for every `q` (including `q = 0`). With a one-hot `p` it
+  is `-log q[label]`, the classification loss: true `[0, 1, 0]` against
+  predicted `[0.228, 0.619, 0.153]` gives `-ln 0.619 ≈ 0.4797`.
+
+  Args:
+    p: the true (target) distribution `[..., num_classes]`, floating dtype.
+    q: the model distribution, broadcastable to `p` with the same size along
+      `axis`, floating dtype.
+    axis: the class axis (or a tuple of axes) to sum over.
+    where: optional boolean mask broadcastable to the broadcast shape of `p`
+      and `q`; masked elements are left out of the sum.
+    base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
+
+  Returns:
+    Array of the broadcast shape without `axis`: float32 for 16-bit inputs,
+    otherwise the promoted dtype of `p` and `q`.
+
+  Example:
+    >>> import xentjax
+    >>> print(round(float(xentjax.info.cross_entropy([0., 1., 0.], [0.228, 0.619, 0.153])), 4))
+    0.4797
+
+  Note:
+    `q_i = 0` where `p_i > 0` gives `+inf`, never NaN; its gradient is the
+    true limit (`-inf` in `q_i`, `+inf` in `p_i`). Where `p_i = q_i = 0` the
+    term is 0 with a zero gradient. Where `p_i = 0 < q_i` the gradient in `p_i`
+    is `-log q_i`, finite and exact.
+  """
+  scale = log_base_scale(base)
+  p, q, axes, keep = _pair("p", p, "q", q, axis, where)
+  return _in_base(jnp.sum(_cross_entropy_terms(p, q, keep), axis=axes), scale)
+
+
+def kl_divergence(
+  p: ArrayLike,
+  q: ArrayLike,
+  axis: Axis = -1,
+  where: ArrayLike | None = None,
+  base: float | None = None,
+) -> jax.Array:
+  r"""Kullback-Leibler divergence `D_KL(p || q)` between probability vectors.
+
+  .. math::
+
+    D_{KL}(p \,\|\, q) = \sum_i p_i \log_b \frac{p_i}{q_i} = H(p, q) - H(p) \ge 0,
+
+  with `0 log(0 / q) = 0` for every `q`. The extra cost of coding samples of
+  `p` with a code built for `q`; 0 exactly when `p = q` (Gibbs' inequality).
+  Each term is computed as `p (log p - log q)` before summing, so nearly equal
+  distributions do not lose precision to the cancellation `H(p, q) - H(p)`.
+
+  Args:
+    p: the reference distribution `[..., num_classes]`, floating dtype.
+    q: the approximating distribution, broadcastable to `p` with the same size
+      along `axis`, floating dtype.
+    axis: the class axis (or a tuple of axes) to sum over.
+    where: optional boolean mask broadcastable to the broadcast shape of `p`
+      and `q`; masked elements are left out of the sum.
+    base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
+
+  Returns:
+    Array of the broadcast shape without `axis`: float32 for 16-bit inputs,
+    otherwise the promoted dtype of `p` and `q`.
+
+  Example:
+    >>> import xentjax
+    >>> print(float(xentjax.info.kl_divergence([0.5, 0.5], [1.0, 0.0])))
+    inf
+
+  Note:
+    `q_i = 0` where `p_i > 0` gives `+inf` (gradient: the true infinite
+    limit), never NaN. A term with `p_i = 0` is 0; its gradient in `p_i` is
+    `-log q_i` (0 if `q_i = 0`), i.e. the `p log p` part contributes a zero
+    gradient there instead of its `-inf` one-sided derivative. Matches
+    `scipy.special.rel_entr` summed over the axis.
+  """
+  scale = log_base_scale(base)
+  p, q, axes, keep = _pair("p", p, "q", q, axis, where)
+  return _in_base(jnp.sum(_rel_entr_terms(p, q, keep), axis=axes), scale)
+
+
+def js_divergence(
+  p: ArrayLike,
+  q: ArrayLike,
+  axis: Axis = -1,
+  where: ArrayLike | None = None,
+  base: float | None = None,
+) -> jax.Array:
+  r"""Jensen-Shannon divergence: the symmetric, bounded relative of KL.
+
+  .. math::
+
+    JS(p, q) = \tfrac12 D_{KL}(p \,\|\, m) + \tfrac12 D_{KL}(q \,\|\, m),
+    \qquad m = \tfrac12 (p + q).
+
+  Symmetric, always finite, and in `[0, log_b 2]` (1 bit): the upper bound is
+  reached by distributions with disjoint supports. It is the square of
+  `scipy.spatial.distance.jensenshannon`.
+
+  Args:
+    p: a distribution `[..., num_classes]`, floating dtype.
+    q: another, broadcastable to `p` with the same size along `axis`,
+      floating dtype.
+    axis: the class axis (or a tuple of axes) to sum over.
+    where: optional boolean mask broadcastable to the broadcast shape of `p`
+      and `q`; masked elements are left out of the sum.
+    base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
+
+  Returns:
+    Array of the broadcast shape without `axis`: float32 for 16-bit inputs,
+    otherwise the promoted dtype of `p` and `q`.
+
+  Example:
+    >>> import xentjax
+    >>> print(float(xentjax.info.js_divergence([1.0, 0.0], [0.0, 1.0], base=2)))
+    1.0
+
+  Note:
+    `m_i > 0` wherever `p_i > 0` or `q_i > 0`, so the value is never infinite;
+    zero probabilities follow the `0 log 0 = 0` convention with finite
+    gradients.
+  """
+  scale = log_base_scale(base)
+  p, q, axes, keep = _pair("p", p, "q", q, axis, where)
+  m = 0.5 * (p + q)
+  terms = 0.5 * (_rel_entr_terms(p, m, keep) + _rel_entr_terms(q, m, keep))
+  return _in_base(jnp.sum(terms, axis=axes), scale)
+
+
+def _masked_log_softmax(z: jax.Array, axes, keep: jax.Array | None) -> jax.Array:
+  """log_softmax over `axes`, masked classes at -inf, all-masked rows at -inf.
+
+  Unlike `jax.nn.log_softmax(where=...)`, a fully masked row gives -inf (not
+  NaN) and a zero gradient. A row whose kept logits are all -inf is not a
+  distribution and gives NaN.
+  """
+  if keep is not None:
+    z = jnp.where(keep, z, -jnp.inf)
+  m = jnp.max(z, axis=axes, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0))
+  shifted = z - m
+  s = jnp.sum(jnp.exp(shifted), axis=axes, keepdims=True)
+  if keep is not None:
+    s = jnp.where(jnp.any(keep, axis=axes, keepdims=True), s, 1)
+  return shifted - jnp.log(s)
+
+
+def kl_divergence_from_logits(
+  p_logits: ArrayLike,
+  q_logits: ArrayLike,
+  axis: Axis = -1,
+  where: ArrayLike | None = None,
+  base: float | None = None,
+) -> jax.Array:
+  r"""KL divergence between the softmax distributions of two sets of logits.
+
+  .. math::
+
+    D_{KL}(\mathrm{softmax}(a) \,\|\, \mathrm{softmax}(b))
+      = \sum_i p_i (\log p_i - \log q_i), \quad
+    \log p = a - \operatorname{logsumexp}(a), \;
+    \log q = b - \operatorname{logsumexp}(b).
+
+  Works entirely in log space (no `log(softmax(.))`), so it is stable for
+  logits of any magnitude (±1e4 included): the distillation loss with `a` the
+  teacher's and `b` the student's logits (Hinton et al., "Distilling the
+  Knowledge in a Neural Network", 2015).
+
+  Args:
+    p_logits: logits of the reference distribution `[..., num_classes]`,
+      floating dtype.
+    q_logits: logits of the approximating distribution, broadcastable to
+      `p_logits` with the same size along `axis`, floating dtype.
+    axis: the class axis (or a tuple of axes) the softmax runs over.
+    where: optional boolean mask broadcastable to the broadcast shape; masked
+      classes are removed from both distributions (both softmaxes renormalize
+      over the kept classes), e.g. the padding of a vocabulary.
+    base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
+
+  Returns:
+    Array of the broadcast shape without `axis`: float32 for 16-bit inputs,
+    otherwise the promoted dtype of the logits.
+
+  Example:
+    >>> import xentjax
+    >>> print(float(xentjax.info.kl_divergence_from_logits([1e4, 0.], [1e4, 0.])))
+    0.0
+
+  Note:
+    A class with logit `-inf` in `p_logits` has `p_i = 0` and contributes 0
+    (value and gradient), whatever `q_logits` holds there, `-inf` included.
+    A class with finite `p_logits` but `-inf` in `q_logits` gives `+inf`
+    (`q` puts no mass where `p` does), never NaN; its gradient in `q_logits`
+    is still the exact `softmax(q_logits) - softmax(p_logits)`, and the
+    infinite term contributes nothing to the gradient in `p_logits` (so no
+    NaN there either). A fully masked row gives 0
+    with a zero gradient; `+inf` logits and a row of `-inf` logits that is
+    not masked give NaN (neither is a distribution).
+  """
+  scale = log_base_scale(base)
+  a, b, axes, keep = _pair("p_logits", p_logits, "q_logits", q_logits, axis, where)
+  log_p = _masked_log_softmax(a, axes, keep)
+  log_q = _masked_log_softmax(b, axes, keep)
+  p = jnp.exp(log_p)
+  pos = p > 0
+  q_fin = log_q > -jnp.inf
+  finite = p * (jnp.where(pos, log_p, 0) - jnp.where(pos & q_fin, log_q, 0))
+  # Where p has mass and q has none the term is +inf. Its value comes from
+  # -p log q with p held constant: the gradient in q_logits stays the exact
+  # (finite) q - p, and no inf reaches the softmax of p_logits, where it would
+  # turn into inf - inf = NaN.
+  infinite = -jax.lax.stop_gradient(p) * jnp.where(pos & ~q_fin, log_q, 0)
+  term = jnp.where(q_fin, finite, infinite)
+  # p may underflow to 0 while its log is finite; if q has no mass there the
+  # true term is still +inf.
+  lost = (p == 0) & (log_p > -jnp.inf) & ~q_fin
+  term = jnp.where(lost, jnp.inf, term)
+  return _in_base(jnp.sum(term, axis=axes), scale)
+
