@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 # --- softmax, sigmoid, margin and probability losses (optax-compatible) ---
 
 # --- information theory and metrics (submodules) ---
+from xentjax import info as info
+from xentjax import metrics as metrics
 
 # --- PyTorch-style cross-entropy with reduction; eager label check ---
 
