@@ -11,6 +11,24 @@ cross-entropy (`xentjax.parallel`) and exact streaming evaluation.
 __version__ = "0.1.0"
 
 # --- softmax, sigmoid, margin and probability losses (optax-compatible) ---
+from xentjax._softmax import softmax_cross_entropy as softmax_cross_entropy
+from xentjax._softmax import softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels
+from xentjax._softmax import safe_softmax_cross_entropy as safe_softmax_cross_entropy
+from xentjax._softmax import poly_loss_cross_entropy as poly_loss_cross_entropy
+from xentjax._softmax import kl_divergence as kl_divergence
+from xentjax._softmax import kl_divergence_with_log_targets as kl_divergence_with_log_targets
+from xentjax._smoothing import smooth_labels as smooth_labels
+from xentjax._sigmoid import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from xentjax._sigmoid import sigmoid_focal_loss as sigmoid_focal_loss
+from xentjax._margin import hinge_loss as hinge_loss
+from xentjax._margin import multiclass_hinge_loss as multiclass_hinge_loss
+from xentjax._margin import perceptron_loss as perceptron_loss
+from xentjax._margin import multiclass_perceptron_loss as multiclass_perceptron_loss
+from xentjax._regression import cosine_similarity as cosine_similarity
+from xentjax._regression import cosine_distance as cosine_distance
+from xentjax._regression import squared_error as squared_error
+from xentjax._probability import categorical_cross_entropy as categorical_cross_entropy
+from xentjax._probability import binary_cross_entropy as binary_cross_entropy
 
 # --- information theory and metrics (submodules) ---
 from xentjax import info as info

@@ -1,0 +1,143 @@
+"""Margin losses: hinge and perceptron, binary and multiclass (optax-compatible)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from xentjax import _validation as V
+
+
+def _binary_prepare(predictor_outputs, targets, same_shape: bool):
+  V.check_floating("predictor_outputs", predictor_outputs)
+  s = jnp.asarray(predictor_outputs)
+  t = jnp.asarray(targets)
+  if same_shape:
+    V.check_same_shape("predictor_outputs", s, "targets", t)
+  else:
+    V.check_broadcastable("predictor_outputs", s, "targets", t)
+    shape = jnp.broadcast_shapes(s.shape, t.shape)
+    s, t = jnp.broadcast_to(s, shape), jnp.broadcast_to(t, shape)
+  return s, t.astype(s.dtype)
+
+
+def hinge_loss(
+    predictor_outputs: jax.typing.ArrayLike, targets: jax.typing.ArrayLike
+) -> jax.Array:
+  r"""Binary hinge loss.
+
+  .. math::
+    \ell(s, t) = \max(0,\ 1 - s\,t), \qquad t \in \{-1, +1\}.
+
+  Args:
+    predictor_outputs: scores (decision-function values) ``[...]`` (floating).
+    targets: signed targets in ``{-1, +1}``, broadcastable to the scores.
+
+  Returns:
+    Element-wise loss with the broadcast shape, the scores' dtype.
+
+  Note:
+    Targets are used as given; a target outside ``{-1, +1}`` is not an error.
+  """
+  s, t = _binary_prepare(predictor_outputs, targets, same_shape=False)
+  return jnp.maximum(0, 1 - s * t)
+
+
+def perceptron_loss(
+    predictor_outputs: jax.typing.ArrayLike, targets: jax.typing.ArrayLike
+) -> jax.Array:
+  r"""Binary perceptron loss.
+
+  .. math::
+    \ell(s, t) = \max(0,\ -s\,t), \qquad t \in \{-1, +1\}.
+
+  Args:
+    predictor_outputs: scores ``[...]`` (floating).
+    targets: signed targets in ``{-1, +1}`` with the same shape.
+
+  Returns:
+    Element-wise loss ``[...]``, the scores' dtype.
+
+  Note:
+    The shapes must be equal (as in optax); a mismatch raises ``ValueError``.
+
+  References:
+    Rosenblatt, The Perceptron, 1958.
+  """
+  s, t = _binary_prepare(predictor_outputs, targets, same_shape=True)
+  return jnp.maximum(0, -s * t)
+
+
+def _multiclass_prepare(scores, labels):
+  V.check_floating("scores", scores)
+  V.check_integer("labels", labels)
+  scores = jnp.asarray(scores)
+  labels = jnp.asarray(labels)
+  if scores.ndim == 0 or tuple(labels.shape) != tuple(scores.shape[:-1]):
+    raise ValueError(
+        "`labels` must have the shape of `scores` without the last (class) axis: "
+        f"got scores.shape={tuple(scores.shape)} and labels.shape={tuple(labels.shape)}."
+    )
+  k = scores.shape[-1]
+  valid = (labels >= 0) & (labels < k)
+  idx = jnp.where(valid, labels, 0)
+  s_y = jnp.take_along_axis(scores, idx[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  is_label = jnp.arange(k) == idx[..., None]
+  nan_if_invalid = jnp.where(valid, 1.0, jnp.nan).astype(scores.dtype)
+  return scores, s_y, is_label, nan_if_invalid
+
+
+def multiclass_hinge_loss(
+    scores: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+) -> jax.Array:
+  r"""Multiclass hinge loss (Crammer-Singer).
+
+  .. math::
+    \ell(s, c) = \max_k \big(s_k + [k \ne c]\big) - s_c.
+
+  Args:
+    scores: scores ``[..., num_classes]`` (floating).
+    labels: integer class indices ``[...]``.
+
+  Returns:
+    Loss ``[...]`` in the scores' dtype.
+
+  Note:
+    An out-of-range label gives NaN. No one-hot of the batch is built beyond a
+    boolean comparison.
+
+  References:
+    Crammer and Singer, On the Algorithmic Implementation of Multiclass
+    Kernel-based Vector Machines, JMLR 2001.
+  """
+  scores, s_y, is_label, nan_if_invalid = _multiclass_prepare(scores, labels)
+  margin = jnp.max(jnp.where(is_label, scores, scores + 1.0), axis=-1)
+  return (margin - s_y) * nan_if_invalid
+
+
+def multiclass_perceptron_loss(
+    scores: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+) -> jax.Array:
+  r"""Multiclass perceptron loss.
+
+  .. math::
+    \ell(s, c) = \max_k s_k - s_c.
+
+  Args:
+    scores: scores ``[..., num_classes]`` (floating).
+    labels: integer class indices ``[...]``.
+
+  Returns:
+    Loss ``[...]`` in the scores' dtype.
+
+  Note:
+    An out-of-range label gives NaN.
+
+  References:
+    Collins, Discriminative Training Methods for Hidden Markov Models: Theory
+    and Experiments with Perceptron Algorithms, EMNLP 2002.
+  """
+  scores, s_y, _, nan_if_invalid = _multiclass_prepare(scores, labels)
+  return (jnp.max(scores, axis=-1) - s_y) * nan_if_invalid
