@@ -35,9 +35,13 @@ from xentjax import info as info
 from xentjax import metrics as metrics
 
 # --- PyTorch-style cross-entropy with reduction; eager label check ---
+from xentjax._torch_style import check_labels as check_labels
+from xentjax._torch_style import cross_entropy_loss as cross_entropy_loss
 
 # --- large vocabularies: fused linear cross-entropy ---
 
 # --- streaming evaluation ---
 
 # --- training demos and data ---
+from xentjax import datasets as datasets
+from xentjax import train as train
