@@ -1,0 +1,99 @@
+"""Writes the derivation notebooks and executes them so they are committed with outputs.
+
+Usage (from the repository root):
+
+    PYTHONPATH=. .venv/bin/python notebooks/_build.py            # all notebooks
+    PYTHONPATH=. .venv/bin/python notebooks/_build.py 03 04      # some of them
+    PYTHONPATH=. .venv/bin/python notebooks/_build.py --no-execute
+
+The cell sources live in `notebooks/_cells/NN_*.py` as plain Python files in
+which `# %% [markdown]` and `# %%` lines separate markdown and code cells (the
+"percent" format), so the derivations can be edited and diffed as text. Every
+notebook is executed from a clean kernel with `notebooks/` as the working
+directory; the outputs (printed numbers and PNG plots) are stored in the
+.ipynb so the notebooks read well on a code host. The test suite
+(`tests/test_notebooks.py`) re-executes fresh copies and never writes here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+import nbformat
+from nbclient import NotebookClient
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+CELLS = HERE / "_cells"
+
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+
+
+def parse_cells(text: str) -> list:
+  """Splits a percent-format source into nbformat cells."""
+  cells = []
+  kind, lines = None, []
+
+  def flush():
+    if kind is None:
+      return
+    body = "\n".join(lines).strip("\n")
+    if kind == "markdown":
+      # Markdown lines are written as Python comments: strip the "# " prefix.
+      body = "\n".join(
+          line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.splitlines())
+      cells.append(nbformat.v4.new_markdown_cell(body))
+    elif body:
+      cells.append(nbformat.v4.new_code_cell(body))
+
+  for line in text.splitlines():
+    if line.startswith("# %%"):
+      flush()
+      kind = "markdown" if "[markdown]" in line else "code"
+      lines = []
+    else:
+      lines.append(line)
+  flush()
+  return cells
+
+
+def build(source: pathlib.Path, execute: bool = True) -> float:
+  nb = nbformat.v4.new_notebook()
+  nb.metadata["kernelspec"] = KERNELSPEC
+  nb.metadata["language_info"] = {"name": "python"}
+  nb.cells = parse_cells(source.read_text())
+  target = HERE / (source.stem + ".ipynb")
+  elapsed = 0.0
+  if execute:
+    env_path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + env_path if env_path else "")
+    start = time.perf_counter()
+    NotebookClient(
+        nb, timeout=120, kernel_name="python3", record_timing=False,
+        resources={"metadata": {"path": str(HERE)}}).execute()
+    elapsed = time.perf_counter() - start
+  nbformat.validate(nb)
+  nbformat.write(nb, target)
+  return elapsed
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("only", nargs="*", help="notebook number prefixes, e.g. 01 04")
+  parser.add_argument("--no-execute", action="store_true")
+  args = parser.parse_args(argv)
+  sources = sorted(CELLS.glob("[0-9][0-9]_*.py"))
+  if args.only:
+    sources = [s for s in sources if any(s.name.startswith(p) for p in args.only)]
+  for source in sources:
+    elapsed = build(source, execute=not args.no_execute)
+    print(f"{source.stem}.ipynb  {elapsed:6.1f} s", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
