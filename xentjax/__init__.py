@@ -41,6 +41,8 @@ from xentjax._torch_style import cross_entropy_loss as cross_entropy_loss
 # --- large vocabularies: fused linear cross-entropy ---
 
 # --- streaming evaluation ---
+from xentjax._evaluation import EvaluationResult as EvaluationResult
+from xentjax._evaluation import evaluate as evaluate
 
 # --- training demos and data ---
 from xentjax import datasets as datasets
