@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from xentjax import _validation as V
+from xentjax._softmax import _jit_public
 
 
 def _binary_prepare(predictor_outputs, targets, same_shape: bool):
@@ -82,11 +83,12 @@ def _multiclass_prepare(scores, labels):
   valid = (labels >= 0) & (labels < k)
   idx = jnp.where(valid, labels, 0)
   s_y = jnp.take_along_axis(scores, idx[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  is_label = jnp.arange(k) == idx[..., None]
+  is_label = jax.lax.broadcasted_iota(idx.dtype, scores.shape, scores.ndim - 1) == idx[..., None]
   nan_if_invalid = jnp.where(valid, 1.0, jnp.nan).astype(scores.dtype)
   return scores, s_y, is_label, nan_if_invalid
 
 
+@_jit_public()
 def multiclass_hinge_loss(
     scores: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -116,6 +118,7 @@ def multiclass_hinge_loss(
   return (margin - s_y) * nan_if_invalid
 
 
+@_jit_public()
 def multiclass_perceptron_loss(
     scores: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,

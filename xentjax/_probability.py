@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from xentjax import _validation as V
 from xentjax._softmax import Axis, _broadcast_to_first, _check_float_labels, _class_axes
-from xentjax._softmax import _prepare_where
+from xentjax._softmax import _jit_public, _prepare_where
 
 
 def _check_eps(eps):
@@ -33,6 +33,7 @@ def _xlogq(y, q):
   return y * jnp.log(jnp.where(zero, 1.0, q))
 
 
+@_jit_public("axis", "eps")
 def categorical_cross_entropy(
     probs: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -94,6 +95,7 @@ def categorical_cross_entropy(
   return 0.0 - jnp.sum(_xlogq(y, q), axis=axes)
 
 
+@_jit_public("eps")
 def binary_cross_entropy(
     probs: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,

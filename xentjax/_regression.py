@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from xentjax import _validation as V
-from xentjax._softmax import Axis, _class_axes, _prepare_where
+from xentjax._softmax import Axis, _class_axes, _jit_public, _prepare_where
 
 
 def squared_error(
@@ -40,6 +40,7 @@ def squared_error(
   return jnp.square(x - t)
 
 
+@_jit_public("axis")
 def cosine_similarity(
     predictions: jax.typing.ArrayLike,
     targets: jax.typing.ArrayLike,

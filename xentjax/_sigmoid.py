@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from xentjax import _validation as V
+from xentjax._softmax import _jit_public
 
 
 def _prepare(logits, labels):
@@ -32,6 +33,7 @@ def _safe_term(weight, log_prob):
   return weight * jnp.where(drop, 0.0, log_prob)
 
 
+@_jit_public()
 def sigmoid_binary_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -92,6 +94,7 @@ def _safe_logaddexp(a, b):
   return jnp.where(pos, jnp.log(jnp.where(pos, s, 1.0)), -jnp.inf) + m
 
 
+@_jit_public()
 def sigmoid_focal_loss(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,

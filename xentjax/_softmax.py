@@ -14,6 +14,7 @@ of size ``K`` before anything is computed, so one code path serves an int
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Union
 
@@ -25,6 +26,30 @@ from jax import lax
 from xentjax import _validation as V
 
 Axis = Union[int, tuple[int, ...], None]
+
+
+def _jit_public(*static_argnames: str):
+  """Compile a public loss as one XLA program per input signature.
+
+  Argument checks still run, at trace time, on shapes, dtypes and the static
+  (Python) options; an eager call then costs one compilation instead of one
+  per primitive. A list `axis` is turned into a tuple so it can be static.
+  """
+
+  def deco(fn):
+    jitted = jax.jit(fn, static_argnames=static_argnames)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+      if isinstance(kwargs.get("axis"), list):
+        kwargs["axis"] = tuple(kwargs["axis"])
+      if len(args) > 2 and isinstance(args[2], list):
+        args = args[:2] + (tuple(args[2]),) + args[3:]
+      return jitted(*args, **kwargs)
+
+    return wrapper
+
+  return deco
 
 
 # ---------------------------------------------------------------------------
@@ -176,6 +201,7 @@ def _dense_ce(z, y, mask, label_smoothing: float, z_loss: float):
   return loss
 
 
+@_jit_public("axis", "label_smoothing", "z_loss")
 def softmax_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -245,6 +271,7 @@ def softmax_cross_entropy(
   return _dense_ce(z, y, mask, eps, lam)
 
 
+@_jit_public()
 def safe_softmax_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -332,6 +359,7 @@ def _sparse_ce(z, labels, mask, label_smoothing: float, z_loss: float):
   return loss
 
 
+@_jit_public("axis", "label_smoothing", "z_loss")
 def softmax_cross_entropy_with_integer_labels(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -395,6 +423,7 @@ def softmax_cross_entropy_with_integer_labels(
   return _sparse_ce(z, labels, mask, eps, lam)
 
 
+@_jit_public("axis")
 def poly_loss_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -461,6 +490,7 @@ def _kl_prepare(log_predictions, targets, axis, where, target_name):
   return lp, t, mask, axes
 
 
+@_jit_public("axis")
 def kl_divergence(
     log_predictions: jax.typing.ArrayLike,
     targets: jax.typing.ArrayLike,
@@ -501,6 +531,7 @@ def kl_divergence(
   return jnp.sum(term, axis=axes)
 
 
+@_jit_public("axis")
 def kl_divergence_with_log_targets(
     log_predictions: jax.typing.ArrayLike,
     log_targets: jax.typing.ArrayLike,
