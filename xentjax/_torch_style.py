@@ -119,8 +119,8 @@ def cross_entropy_loss(
     weight: optional per-class weights ``[num_classes]`` (floating).
     ignore_index: integer targets equal to this value are ignored (their loss
       and gradient are 0 and they leave the "mean" denominator), also when it
-      names a valid class. Has no effect on probability targets. None ignores
-      nothing.
+      names a valid class. None ignores nothing. Probability targets accept
+      only the default -100 or None (torch raises for anything else too).
     reduction: "mean", "sum" or "none".
     label_smoothing: :math:`\varepsilon \in [0, 1]`.
     axis: the class axis of `logits` (torch uses 1; here the default is -1).
@@ -168,6 +168,12 @@ def cross_entropy_loss(
   if ignore_index is not None and not isinstance(ignore_index, (int, np.integer)):
     raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
   is_index = _check_targets(logits, targets, axis)
+  if not is_index and ignore_index not in (None, -100):
+    raise ValueError(
+        f"`ignore_index`={ignore_index} applies only to integer class-index targets; "
+        f"got probability targets (dtype {targets.dtype}, shape {targets.shape}). "
+        "Leave it at the default -100 (or None), as torch requires."
+    )
   num_classes = logits.shape[axis]
   dtypes = [logits.dtype]
   if weight is not None:
