@@ -29,6 +29,7 @@ from xentjax._regression import cosine_distance as cosine_distance
 from xentjax._regression import squared_error as squared_error
 from xentjax._probability import categorical_cross_entropy as categorical_cross_entropy
 from xentjax._probability import binary_cross_entropy as binary_cross_entropy
+from xentjax import grads as grads
 
 # --- information theory and metrics (submodules) ---
 from xentjax import info as info
