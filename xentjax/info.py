@@ -19,12 +19,18 @@ Every function here follows the same conventions, decided once:
   floating dtypes are kept. Integer inputs are refused with a `TypeError`
   (they are almost always class indices passed where probabilities belong).
 
+Every public function is `jax.jit`-compiled, with `axis` (an int or a tuple of
+ints) and `base` (a Python number or None) static; argument errors are raised
+while tracing, before anything is compiled.
+
 Nothing checks that the inputs are normalized or non-negative: values cannot be
 checked inside `jit`. A negative probability makes a logarithm NaN, and the NaN
 propagates.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +157,7 @@ def _entropy_terms(p: jax.Array, keep: jax.Array | None) -> jax.Array:
 # Public functions.
 
 
+@functools.partial(jax.jit, static_argnames=("base",))
 def information(
   p: ArrayLike,
   where: ArrayLike | None = None,
@@ -192,6 +199,7 @@ def information(
   return _in_base(out, scale)
 
 
+@functools.partial(jax.jit, static_argnames=("axis", "base"))
 def entropy(
   p: ArrayLike,
   axis: Axis = -1,
@@ -252,6 +260,7 @@ def _pair(name_p, p, name_q, q, axis, where):
   return p, q, axes, keep
 
 
+@functools.partial(jax.jit, static_argnames=("axis", "base"))
 def cross_entropy(
   p: ArrayLike,
   q: ArrayLike,
@@ -298,6 +307,7 @@ def cross_entropy(
   return _in_base(jnp.sum(_cross_entropy_terms(p, q, keep), axis=axes), scale)
 
 
+@functools.partial(jax.jit, static_argnames=("axis", "base"))
 def kl_divergence(
   p: ArrayLike,
   q: ArrayLike,
@@ -346,6 +356,7 @@ def kl_divergence(
   return _in_base(jnp.sum(_rel_entr_terms(p, q, keep), axis=axes), scale)
 
 
+@functools.partial(jax.jit, static_argnames=("axis", "base"))
 def js_divergence(
   p: ArrayLike,
   q: ArrayLike,
@@ -412,6 +423,7 @@ def _masked_log_softmax(z: jax.Array, axes, keep: jax.Array | None) -> jax.Array
   return shifted - jnp.log(s)
 
 
+@functools.partial(jax.jit, static_argnames=("axis", "base"))
 def kl_divergence_from_logits(
   p_logits: ArrayLike,
   q_logits: ArrayLike,
