@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -152,6 +153,7 @@ def softmax_focal_loss(
   return -((-jnp.expm1(logp_y)) ** gamma) * logp_y
 
 
+@functools.lru_cache(maxsize=None)
 def make_loss(name: str, *, label_smoothing: float = 0.1, gamma: float = 2.0) -> LossFn:
   """A per-example loss `(logits, labels) -> [n]` by name.
 
@@ -174,7 +176,8 @@ def make_loss(name: str, *, label_smoothing: float = 0.1, gamma: float = 2.0) ->
     gamma: :math:`\\gamma` for "focal".
 
   Returns:
-    A function `(logits, labels) -> losses [n]`.
+    A function `(logits, labels) -> losses [n]`. The same arguments return
+    the same function object, so `fit` reuses its compiled epoch.
   """
   if name == "ce":
     return softmax_cross_entropy_with_integer_labels
@@ -221,11 +224,14 @@ def l2_penalty(params: Any, *, exclude: Sequence[str] = ("b",)) -> jax.Array:
   return total
 
 
+@functools.lru_cache(maxsize=64)
 def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
   """An optax optimizer by name: one of `OPTIMIZERS`.
 
-  "momentum" is SGD with Nesterov-free momentum 0.9; "adamw" uses weight
-  decay 1e-4; the others are optax's defaults.
+  "momentum" is SGD with momentum 0.9 (not Nesterov); "adamw" uses weight
+  decay 1e-4; the others use optax's defaults. Optax transformations are
+  stateless, so the same arguments return the same (shared) object and `fit`
+  reuses its compiled epoch.
   """
   if name == "sgd":
     return optax.sgd(learning_rate)
@@ -301,17 +307,25 @@ def make_train_step(
   return step
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _model_accuracy(model, params, x, y):
+  return _accuracy_from_logits(model(params, x), y)
+
+
 def _accuracy_from_logits(logits: jax.Array, y: jax.Array) -> jax.Array:
   if logits.ndim == y.ndim:  # binary: one logit per example, class 1 when z > 0
     return jnp.mean(((logits > 0).astype(y.dtype) == y).astype(jnp.float32))
   return metrics.accuracy(logits, y)
 
 
+@functools.lru_cache(maxsize=32)
 def _make_epoch(loss_fn, optimizer, l2, model, num_examples, batch_size):
   """A jitted epoch: shuffle, pad to whole batches, `lax.scan` the updates.
 
   The last batch is padded with weight-0 copies of example 0, so every
-  example is seen once per epoch and the padding changes nothing.
+  example is seen once per epoch and the padding changes nothing. Cached, so
+  repeated `fit` calls with the same loss, optimizer object and sizes reuse
+  one compiled epoch.
   """
   update = _update(loss_fn, optimizer, l2, model)
   num_batches = math.ceil(num_examples / batch_size)
@@ -401,8 +415,12 @@ def fit(
   test = (jnp.asarray(data[2]), jnp.asarray(data[3])) if len(data) >= 4 else None
   loss_fn = make_loss(loss) if isinstance(loss, str) else loss
   n = x_train.shape[0]
-  epoch_fn = _make_epoch(loss_fn, optimizer, l2, model, n, min(batch_size, n))
-  accuracy = jax.jit(lambda p, x, y: _accuracy_from_logits(model(p, x), y))
+  try:
+    epoch_fn = _make_epoch(loss_fn, optimizer, float(l2), model, n, min(batch_size, n))
+  except TypeError:  # an unhashable optimizer or loss: compile without the cache
+    epoch_fn = _make_epoch.__wrapped__(loss_fn, optimizer, float(l2), model, n,
+                                       min(batch_size, n))
+  accuracy = functools.partial(_model_accuracy, model)
 
   opt_state = optimizer.init(params)
   key = jax.random.key(seed)
