@@ -1,0 +1,78 @@
+"""Tests for `xentjax demo`, run through the CLI dispatcher."""
+
+import re
+
+import pytest
+
+from xentjax import _cli
+
+
+def _number(pattern, text):
+  match = re.search(pattern, text, flags=re.MULTILINE)
+  assert match, f"no line matching {pattern!r} in:\n{text}"
+  return float(match.group(1))
+
+
+def test_default_demo(tmp_path, capsys):
+  assert _cli.main(["demo", "--out", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  epoch_losses = [float(v) for v in re.findall(r"^epoch +\d+ +loss ([0-9.]+)", out, re.M)]
+  assert len(epoch_losses) == 30
+  assert epoch_losses[-1] < 0.5 * epoch_losses[0]
+  assert 0.85 <= _number(r"^test accuracy: ([0-9.]+)$", out) <= 1.0
+  assert 0.85 <= _number(r"^train accuracy: ([0-9.]+)$", out) <= 1.0
+  top5 = _number(r"^top-5 accuracy: ([0-9.]+)$", out)
+  assert _number(r"^test accuracy: ([0-9.]+)$", out) <= top5 <= 1.0
+  assert _number(r"jax\.grad - \(softmax - onehot\)\|.*: ([0-9.e+-]+) \(ok", out) <= 1e-5
+  png = tmp_path / "loss_curve.png"
+  assert f"loss curve: {png}" in out
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare(tmp_path, capsys):
+  assert _cli.main(["demo", "--compare", "--epochs", "4", "--out", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert re.search(r"^loss +\| epochs to 90% train accuracy +\| final test accuracy$", out, re.M)
+  rows = re.findall(r"^(ce|mse|hinge) +\| (\d+|never) +\| ([0-9.]+)$", out, re.M)
+  assert [r[0] for r in rows] == ["ce", "mse", "hinge"]
+  assert all(0.5 < float(r[2]) <= 1.0 for r in rows)
+  assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_other_loss_and_optimizer_without_plot(tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  argv = ["demo", "--loss", "focal", "--optimizer", "sgd", "--lr", "0.5", "--epochs", "2",
+          "--batch-size", "128", "--no-plot"]
+  assert _cli.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "loss focal" in out and "optimizer sgd lr 0.5" in out
+  assert len(re.findall(r"^epoch ", out, re.M)) == 2
+  assert _number(r"^test accuracy: ([0-9.]+)$", out) > 0.5
+  assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--optimizer", "lbfgs"], "unknown optimizer 'lbfgs'"),
+        (["--loss", "kl"], "unknown loss 'kl'"),
+        (["--lr", "-1"], "--lr must be"),
+        (["--lr", "fast"], "--lr must be a number"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--batch-size", "x"], "--batch-size must be a number"),
+        (["--compare", "--loss", "ce"], "leave out --loss"),
+    ],
+)
+def test_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
+  assert _cli.main(["demo", "--out", str(tmp_path), *argv]) == 2
+  captured = capsys.readouterr()
+  err = captured.err.strip()
+  assert "\n" not in err and err.startswith("xentjax demo: error:") and message in err
+  assert captured.out == ""
+
+
+def test_out_that_is_a_file_is_an_error(tmp_path, capsys):
+  target = tmp_path / "file.txt"
+  target.write_text("x")
+  assert _cli.main(["demo", "--out", str(target)]) == 2
+  assert "not a directory" in capsys.readouterr().err
