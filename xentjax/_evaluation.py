@@ -9,12 +9,12 @@ perplexity, accuracy, top-k accuracy and calibration error in one call:
   background thread prepares and transfers the next batch while the current
   one computes; at most a few batches are alive at any time;
 * the batch axis is sharded over a 1-D `Mesh` of all local devices;
-* every floating-point sum is a two-float (hi, lo) sum built from error-free
-  transformations (TwoSum), reduced pairwise inside a batch and compensated
-  across batches, so the dataset mean matches a float64 computation to about
-  the float32 rounding of the per-example values, however many examples there
-  are, and does not depend on the batch size beyond rounding. With
-  `JAX_ENABLE_X64=1` the accumulators are float64 pairs.
+* the loss sum is a two-float (hi, lo) sum built from the error-free TwoSum
+  transformation, inside a batch (one variadic XLA reduction) and across
+  batches, so the dataset mean matches a float64 computation to about the
+  float32 rounding of the per-example values, however many examples there
+  are, and does not depend on the batch size beyond rounding. Counts are
+  integers. With `JAX_ENABLE_X64=1` the accumulators are float64 pairs.
 """
 
 from __future__ import annotations
@@ -124,39 +124,42 @@ def _two_sum(a, b):
   return s, e
 
 
-def _pairwise_sum(hi, lo=None):
-  """Sum the last axis as a two-float (hi, lo) pair, pairwise.
+def _two_float_reducer(x, y):
+  s, e = _two_sum(x[0], y[0])
+  return s, x[1] + y[1] + e
 
-  Each level halves the axis with TwoSum on the `hi` parts; the rounding
-  errors go exactly into `lo`, which is summed plainly. The result
-  `hi + lo` carries about twice the working precision. Returns arrays of
-  shape `hi.shape[:-1]`.
+
+def _two_float_sum(hi, lo=None):
+  """Sum the last axis into a two-float (hi, lo) pair.
+
+  One variadic XLA reduction whose combiner adds the `hi` parts with TwoSum
+  and collects their rounding errors, exactly, in `lo` (summed plainly).
+  Every combination preserves `hi + lo` up to the rounding of the tiny `lo`
+  additions, so the result carries about twice the working precision in
+  whatever order XLA reduces. Returns arrays of shape `hi.shape[:-1]`.
   """
-  n = hi.shape[-1]
-  size = 1 << max(0, (n - 1).bit_length())
-  if size != n:
-    pad = [(0, 0)] * (hi.ndim - 1) + [(0, size - n)]
-    hi = jnp.pad(hi, pad)
-    lo = None if lo is None else jnp.pad(lo, pad)
-  while hi.shape[-1] > 1:
-    half = hi.shape[-1] // 2
-    hi, e = _two_sum(hi[..., :half], hi[..., half:])
-    lo = e if lo is None else lo[..., :half] + lo[..., half:] + e
-  if lo is None:
-    lo = jnp.zeros_like(hi)
-  return hi[..., 0], lo[..., 0]
+  lo = jnp.zeros_like(hi) if lo is None else lo
+  zero = jnp.zeros((), hi.dtype)
+  return jax.lax.reduce((hi, lo), (zero, zero), _two_float_reducer, (hi.ndim - 1,))
 
 
 def _grouped_sum(x, groups: int):
-  """Two-float sum of `x` [..., n] over its last (row) axis.
+  """Two-float sum of the rows `x` [n]: per device block, then across blocks.
 
   The rows are split into `groups` contiguous blocks (one per device) so the
-  pairwise levels run within each device's shard; the block totals are then
-  combined pairwise. Returns (hi, lo) of shape `x.shape[:-1]`.
+  first reduction runs on each device's own shard.
   """
-  n = x.shape[-1]
-  hi, lo = _pairwise_sum(x.reshape(x.shape[:-1] + (groups, n // groups)))
-  return _pairwise_sum(hi, lo)
+  hi, lo = _two_float_sum(x.reshape(groups, x.shape[0] // groups))
+  return _two_float_sum(hi, lo)
+
+
+def _bin_references(num_bins: int) -> np.ndarray:
+  """A dyadic value near each bin's centre (exact in float32 and float64).
+
+  Confidences are summed per bin as residuals from these values, so the
+  plain (scatter) sum only ever sees numbers below 1 / num_bins.
+  """
+  return np.floor((np.arange(num_bins) + 0.5) / num_bins * 256.0) / 256.0
 
 
 def _acc_add(acc, part):
@@ -184,7 +187,7 @@ def _zero_accumulators(num_bins: int) -> dict:
   ib = jnp.zeros((num_bins,), dtype=int)
   return {
       "nll": (f, f),
-      "conf": (fb, fb),
+      "resid": (fb, fb),
       "count": i,
       "correct": i,
       "top_k": i,
@@ -261,27 +264,28 @@ def _step(acc, params, x, labels, mask, num_real, *, model, config: _Config):
   hit_k = (higher < config.top_k) & in_range & valid
   bad = valid & ~in_range
 
+  # Calibration bins: counts by segment sums (integers, exact); confidences
+  # as residuals from a dyadic reference per bin (the host adds back
+  # count * reference exactly), summed in the accumulator dtype.
   bins = jnp.clip(jnp.floor(confidence * config.num_bins).astype(jnp.int32), 0, config.num_bins - 1)
-  in_bin = (jnp.arange(config.num_bins).reshape(config.num_bins, 1) == bins.reshape(1, n)) & (
-      valid.reshape(1, n)
-  )  # [num_bins, n]
-
   zero = jnp.zeros((), acc_dtype)
+  refs = jnp.asarray(_bin_references(config.num_bins), acc_dtype)
+  resid = jnp.where(valid, confidence.astype(acc_dtype) - refs[bins], zero)
+  resid_part = jax.ops.segment_sum(resid, bins, config.num_bins)
   nll_part = _grouped_sum(jnp.where(valid, nll.astype(acc_dtype), zero), config.groups)
-  conf_rows = jnp.where(in_bin, confidence.astype(acc_dtype).reshape(1, n), zero)
-  conf_part = _grouped_sum(conf_rows, config.groups)
 
   int_dtype = acc["count"].dtype
   return {
       "nll": _acc_add(acc["nll"], nll_part),
-      "conf": _acc_add(acc["conf"], conf_part),
+      "resid": _acc_add(acc["resid"], (resid_part, jnp.zeros_like(resid_part))),
       "count": acc["count"] + jnp.sum(valid, dtype=int_dtype),
       "correct": acc["correct"] + jnp.sum(correct, dtype=int_dtype),
       "top_k": acc["top_k"] + jnp.sum(hit_k, dtype=int_dtype),
       "bad": acc["bad"] + jnp.sum(bad, dtype=int_dtype),
-      "bin_count": acc["bin_count"] + jnp.sum(in_bin, axis=1, dtype=int_dtype),
+      "bin_count": acc["bin_count"]
+      + jax.ops.segment_sum(valid.astype(int_dtype), bins, config.num_bins),
       "bin_correct": acc["bin_correct"]
-      + jnp.sum(in_bin & correct.reshape(1, n), axis=1, dtype=int_dtype),
+      + jax.ops.segment_sum(correct.astype(int_dtype), bins, config.num_bins),
   }
 
 
@@ -476,7 +480,7 @@ class _HostTotals:
 
   def __init__(self, num_bins: int):
     self.nll: list[float] = []
-    self.conf: list[np.ndarray] = []
+    self.resid: list[np.ndarray] = []
     self.ints = {k: 0 for k in ("count", "correct", "top_k", "bad")}
     self.bin_count = np.zeros(num_bins, dtype=np.int64)
     self.bin_correct = np.zeros(num_bins, dtype=np.int64)
@@ -484,7 +488,7 @@ class _HostTotals:
   def add(self, acc):
     acc = jax.device_get(acc)
     self.nll += [float(acc["nll"][0]), float(acc["nll"][1])]
-    self.conf += [np.asarray(acc["conf"][0], np.float64), np.asarray(acc["conf"][1], np.float64)]
+    self.resid += [np.asarray(acc["resid"][0], np.float64), np.asarray(acc["resid"][1], np.float64)]
     for k in self.ints:
       self.ints[k] += int(acc[k])
     self.bin_count += np.asarray(acc["bin_count"], np.int64)
@@ -543,11 +547,12 @@ def evaluate(
   local devices the batch axis is sharded over a 1-D mesh (``"data"``) and
   the accumulators are replicated.
 
-  Sums are exact to about twice the working precision: each batch is summed
-  pairwise with error-free TwoSum steps into a (hi, lo) pair and added to the
+  The loss sum is exact to about twice the working precision: each batch is
+  reduced with error-free TwoSum steps into a (hi, lo) pair and added to the
   running pair the same way (float32 pairs when x64 is off, float64 pairs
   under `JAX_ENABLE_X64=1`); counts are integers, folded into Python ints
-  before an int32 could overflow. Per-example losses are computed in the
+  before an int32 could overflow; per-bin confidences are summed as small
+  residuals from a reference value per bin. Per-example losses are computed in the
   logits' dtype (16-bit floats in float32), so the mean matches a float64
   computation to a few float32 roundings (about 1e-7 relative) however many
   examples there are.
@@ -681,9 +686,11 @@ def _result(host: _HostTotals, *, top_k, num_bins, base, scale) -> EvaluationRes
     ce = nll_sum / count
     acc = host.ints["correct"] / count
     acc_k = host.ints["top_k"] / count
+    refs = _bin_references(num_bins)
     conf = np.zeros(num_bins)
     for b in range(num_bins):
-      conf[b] = _total([float(part[b]) for part in host.conf])
+      parts = [float(part[b]) for part in host.resid]
+      conf[b] = _total([float(host.bin_count[b] * refs[b]), 0.0] + parts)
     ece = math.fsum(abs(float(c) - float(s)) for c, s in zip(host.bin_correct, conf)) / count
   if host.ints["bad"] > 0:  # an out-of-range label: no silent finite numbers
     acc = acc_k = ece = nan

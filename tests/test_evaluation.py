@@ -1,0 +1,411 @@
+"""Tests for `xentjax.evaluate`: exactness, padding, masks, soft labels, models."""
+
+import dataclasses
+import json
+import math
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import xentjax
+from xentjax import _evaluation
+
+
+# ---------------------------------------------------------------------------
+# Float64 NumPy reference (independent of the implementation).
+
+
+def reference(logits, labels, mask=None, *, top_k=5, num_bins=15, ignore_index=-100):
+  """Dataset metrics in float64 by boolean indexing; labels integer or soft."""
+  z = np.asarray(logits, np.float64)
+  c = z.shape[-1]
+  z = z.reshape(-1, c)
+  labels = np.asarray(labels)
+  soft = np.issubdtype(labels.dtype, np.floating)
+  keep = np.ones(z.shape[0], bool) if mask is None else np.asarray(mask, bool).reshape(-1)
+  if soft:
+    y = labels.reshape(-1, c).astype(np.float64)[keep]
+    target = y.argmax(-1)
+  else:
+    target = labels.reshape(-1)
+    keep = keep & (target != ignore_index)
+    target = target[keep]
+  z = z[keep]
+  m = z.max(-1)
+  lse = m + np.log(np.exp(z - m[:, None]).sum(-1))
+  logp = z - lse[:, None]
+  rows = np.arange(z.shape[0])
+  nll = -(y * logp).sum(-1) if soft else -logp[rows, target]
+  z_t = z[rows, target]
+  higher = (z > z_t[:, None]).sum(-1)
+  correct = higher == 0
+  conf = np.exp(m - lse)
+  bins = np.minimum((conf * num_bins).astype(int), num_bins - 1)
+  ece = sum(abs(correct[bins == b].sum() - conf[bins == b].sum()) for b in range(num_bins))
+  n = z.shape[0]
+  return {
+      "count": n,
+      "nll_sum": nll.sum(),
+      "cross_entropy": nll.mean(),
+      "accuracy": correct.mean(),
+      "top_k_accuracy": (higher < top_k).mean(),
+      "expected_calibration_error": ece / n,
+  }
+
+
+def batched(*arrays, size):
+  n = arrays[0].shape[0]
+  return [tuple(a[i : i + size] for a in arrays) for i in range(0, n, size)]
+
+
+def assert_matches(result, ref, rtol=1e-6):
+  assert result.count == ref["count"]
+  np.testing.assert_allclose(result.cross_entropy, ref["cross_entropy"], rtol=rtol)
+  np.testing.assert_allclose(result.negative_log_likelihood_sum, ref["nll_sum"], rtol=rtol)
+  np.testing.assert_allclose(result.accuracy, ref["accuracy"], rtol=1e-12)
+  np.testing.assert_allclose(result.top_k_accuracy, ref["top_k_accuracy"], rtol=1e-12)
+  np.testing.assert_allclose(
+      result.expected_calibration_error, ref["expected_calibration_error"], rtol=1e-5, atol=1e-7
+  )
+
+
+def make_data(n, c, seed=0, scale=2.0):
+  rng = np.random.default_rng(seed)
+  logits = (rng.standard_normal((n, c)) * scale).astype(np.float32)
+  labels = rng.integers(0, c, n)
+  return logits, labels
+
+
+# ---------------------------------------------------------------------------
+# Exactness.
+
+
+def test_exact_against_float64_on_a_million_examples_any_batch_size():
+  n, c = 1_000_000, 8
+  logits, labels = make_data(n, c, seed=1)
+  # Per-example losses around 30: a running float32 sum drifts by far more than 1e-6.
+  logits[np.arange(n), labels] -= 28.0
+  ref = reference(logits, labels)
+
+  z = logits.astype(np.float64)
+  nll32 = (np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+           - z[np.arange(n), labels]).astype(np.float32)
+  naive = np.cumsum(nll32, dtype=np.float32)[-1] / n  # sequential float32 accumulation
+  assert abs(naive - ref["cross_entropy"]) / ref["cross_entropy"] > 1e-6  # the test has teeth
+
+  results = []
+  for size in (1000, 4096, 65536):
+    r = xentjax.evaluate(batched(logits, labels, size=size), progress=False)
+    assert r.count == n
+    np.testing.assert_allclose(r.cross_entropy, ref["cross_entropy"], rtol=1e-6)
+    np.testing.assert_allclose(r.negative_log_likelihood_sum, ref["nll_sum"], rtol=1e-6)
+    results.append(r)
+  assert_matches(results[-1], ref)
+  # Independent of the batch size beyond rounding.
+  for r in results[1:]:
+    np.testing.assert_allclose(r.cross_entropy, results[0].cross_entropy, rtol=1e-9)
+    assert r.accuracy == results[0].accuracy
+    assert r.top_k_accuracy == results[0].top_k_accuracy
+
+
+def test_all_metrics_against_reference_with_ragged_last_batch():
+  logits, labels = make_data(1003, 13, seed=2)
+  r = xentjax.evaluate(batched(logits, labels, size=128), top_k=3, num_bins=10, progress=False)
+  assert_matches(r, reference(logits, labels, top_k=3, num_bins=10))
+  np.testing.assert_allclose(r.perplexity, math.exp(r.cross_entropy), rtol=1e-12)
+  np.testing.assert_allclose(r.bits_per_token, r.cross_entropy / math.log(2), rtol=1e-12)
+
+
+def test_ragged_last_batch_does_not_recompile():
+  logits, labels = make_data(3 * 37 + 5, 11, seed=3)  # a shape no other test uses
+  before = _evaluation._TRACE_COUNT
+  r = xentjax.evaluate(batched(logits, labels, size=37), progress=False)
+  assert _evaluation._TRACE_COUNT - before == 1
+  assert_matches(r, reference(logits, labels))
+
+
+def test_larger_later_batches_are_split_to_the_first_size():
+  logits, labels = make_data(200, 6, seed=4)
+  cuts = [0, 16, 80, 83, 200]  # 16, then 64 (split into 4 x 16), 3, 117
+  stream = [(logits[a:b], labels[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+  before = _evaluation._TRACE_COUNT
+  r = xentjax.evaluate(stream, progress=False)
+  assert _evaluation._TRACE_COUNT - before <= 1
+  assert_matches(r, reference(logits, labels))
+
+
+def test_base_changes_only_cross_entropy():
+  logits, labels = make_data(300, 5, seed=5)
+  nats = xentjax.evaluate([(logits, labels)], progress=False)
+  bits = xentjax.evaluate([(logits, labels)], base=2, progress=False)
+  np.testing.assert_allclose(bits.cross_entropy, nats.cross_entropy / math.log(2), rtol=1e-12)
+  np.testing.assert_allclose(bits.cross_entropy, bits.bits_per_token, rtol=1e-12)
+  assert bits.perplexity == nats.perplexity
+  assert bits.base == 2.0 and nats.base is None
+  with pytest.raises(ValueError, match="base"):
+    xentjax.evaluate([(logits, labels)], base=1, progress=False)
+
+
+# ---------------------------------------------------------------------------
+# Masks, ignore_index, soft labels, sequences.
+
+
+def test_mask_triples_and_ignore_index_match_boolean_indexing():
+  logits, labels = make_data(500, 9, seed=6)
+  rng = np.random.default_rng(7)
+  mask = rng.random(500) < 0.7
+  labels = labels.copy()
+  labels[rng.random(500) < 0.2] = -100
+  r = xentjax.evaluate(batched(logits, labels, mask, size=64), progress=False)
+  assert_matches(r, reference(logits, labels, mask))
+  assert r.count == int((mask & (labels != -100)).sum())
+
+  # A custom ignore_index; None counts every (in-range) label.
+  labels2 = np.where(labels == -100, 3, labels)
+  r3 = xentjax.evaluate(batched(logits, labels2, size=64), ignore_index=3, progress=False)
+  assert_matches(r3, reference(logits, labels2, ignore_index=3))
+  rn = xentjax.evaluate(batched(logits, labels2, size=64), ignore_index=None, progress=False)
+  assert rn.count == 500
+
+
+def test_sequence_logits_with_mask():
+  rng = np.random.default_rng(8)
+  logits = rng.standard_normal((21, 7, 5)).astype(np.float32)
+  labels = rng.integers(0, 5, (21, 7))
+  mask = rng.random((21, 7)) < 0.8
+  r = xentjax.evaluate(batched(logits, labels, mask, size=4), top_k=2, progress=False)
+  assert_matches(r, reference(logits, labels, mask, top_k=2))
+
+
+def test_soft_labels():
+  rng = np.random.default_rng(9)
+  logits = rng.standard_normal((301, 6)).astype(np.float32)
+  soft = rng.dirichlet(np.ones(6), 301).astype(np.float32)
+  soft[::7] = 0.0
+  soft[::7, 2] = 1.0  # some one-hot rows
+  mask = rng.random(301) < 0.9
+  r = xentjax.evaluate(batched(logits, soft, mask, size=50), top_k=2, progress=False)
+  assert_matches(r, reference(logits, soft, mask, top_k=2))
+
+
+def test_one_hot_soft_labels_equal_integer_labels():
+  logits, labels = make_data(257, 7, seed=10)
+  one_hot = np.eye(7, dtype=np.float32)[labels]
+  hard = xentjax.evaluate(batched(logits, labels, size=100), progress=False)
+  soft = xentjax.evaluate(batched(logits, one_hot, size=100), progress=False)
+  np.testing.assert_allclose(soft.cross_entropy, hard.cross_entropy, rtol=1e-6)
+  assert (soft.count, soft.accuracy, soft.top_k_accuracy) == (
+      hard.count,
+      hard.accuracy,
+      hard.top_k_accuracy,
+  )
+
+
+def test_soft_label_zero_target_on_minus_inf_logit_is_finite():
+  logits = np.array([[0.0, -np.inf, 1.0]], np.float32)
+  soft = np.array([[0.5, 0.0, 0.5]], np.float32)
+  r = xentjax.evaluate([(logits, soft)], progress=False)
+  expected = -0.5 * (0.0 - np.logaddexp(0, 1)) - 0.5 * (1.0 - np.logaddexp(0, 1))
+  np.testing.assert_allclose(r.cross_entropy, expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Edge cases.
+
+
+def test_ties_count_as_hits():
+  logits = np.array([[1.0, 1.0, 0.0], [2.0, 2.0, 2.0], [0.0, 1.0, 1.0]], np.float32)
+  labels = np.array([1, 2, 0])
+  r = xentjax.evaluate([(logits, labels)], top_k=2, progress=False)
+  assert r.accuracy == pytest.approx(2 / 3)  # rows 0 and 1: nothing strictly higher
+  assert r.top_k_accuracy == pytest.approx(2 / 3)  # row 2: two classes strictly higher
+  assert_matches(r, reference(logits, labels, top_k=2))
+
+
+def test_out_of_range_label_gives_nan():
+  logits, labels = make_data(100, 4, seed=11)
+  labels = labels.copy()
+  labels[17] = 4
+  r = xentjax.evaluate(batched(logits, labels, size=32), progress=False)
+  assert r.count == 100
+  for name in (
+      "cross_entropy",
+      "perplexity",
+      "bits_per_token",
+      "negative_log_likelihood_sum",
+      "accuracy",
+      "top_k_accuracy",
+      "expected_calibration_error",
+  ):
+    assert math.isnan(getattr(r, name)), name
+  labels[17] = -3  # negative, and not the ignore index
+  assert math.isnan(xentjax.evaluate([(logits, labels)], progress=False).cross_entropy)
+
+
+def test_masked_out_of_range_label_is_not_counted():
+  logits, labels = make_data(50, 4, seed=12)
+  labels = labels.copy()
+  labels[3] = 99
+  mask = np.ones(50, bool)
+  mask[3] = False
+  r = xentjax.evaluate([(logits, labels, mask)], progress=False)
+  assert_matches(r, reference(logits, labels, mask))
+
+
+def test_all_masked_and_empty_give_zero_count():
+  logits, labels = make_data(40, 3, seed=13)
+  r = xentjax.evaluate([(logits, labels, np.zeros(40, bool))], progress=False)
+  assert r.count == 0 and r.negative_log_likelihood_sum == 0.0
+  assert math.isnan(r.cross_entropy) and math.isnan(r.accuracy)
+  e = xentjax.evaluate([], progress=False)
+  assert e.count == 0 and math.isnan(e.expected_calibration_error)
+  z = xentjax.evaluate([(logits[:0], labels[:0]), (logits, labels)], progress=False)
+  assert_matches(z, reference(logits, labels))
+
+
+def test_infinite_logits():
+  logits = np.array([[0.0, -np.inf, 2.0], [1e4, -1e4, 0.0]], np.float32)
+  r = xentjax.evaluate([(logits, np.array([0, 0]))], progress=False)
+  np.testing.assert_allclose(r.cross_entropy, np.logaddexp(0, 2) / 2, rtol=1e-6)
+  r = xentjax.evaluate([(logits, np.array([1, 0]))], progress=False)
+  assert r.cross_entropy == math.inf and r.perplexity == math.inf
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_logits_computed_in_float32(dtype):
+  logits, labels = make_data(700, 10, seed=14)
+  low = jnp.asarray(logits, dtype)
+  r = xentjax.evaluate(batched(low, jnp.asarray(labels), size=256), progress=False)
+  ref = reference(np.asarray(low.astype(jnp.float32)), labels)
+  assert_matches(r, ref)
+
+
+def test_jax_array_batches():
+  logits, labels = make_data(333, 8, seed=15)
+  r = xentjax.evaluate(
+      batched(jnp.asarray(logits), jnp.asarray(labels), size=100), progress=False
+  )
+  assert_matches(r, reference(logits, labels))
+
+
+def test_model_mode_matches_precomputed_logits():
+  rng = np.random.default_rng(16)
+  x = rng.standard_normal((250, 4)).astype(np.float32)
+  labels = rng.integers(0, 3, 250)
+  params = {"w": rng.standard_normal((4, 3)).astype(np.float32), "b": np.ones(3, np.float32)}
+
+  def model(p, inputs):
+    return inputs["x"] @ p["w"] + p["b"].reshape(1, 3)
+
+  r = xentjax.evaluate(
+      [({"x": a}, b) for a, b in batched(x, labels, size=64)],
+      model=model,
+      params=params,
+      top_k=2,
+      progress=False,
+  )
+  logits = x.astype(np.float64) @ params["w"] + params["b"]
+  assert_matches(r, reference(logits, labels, top_k=2), rtol=1e-5)
+
+
+def test_flush_to_host_keeps_results(monkeypatch):
+  logits, labels = make_data(1000, 5, seed=17)
+  ref = xentjax.evaluate(batched(logits, labels, size=64), progress=False)
+  monkeypatch.setattr(_evaluation, "_FLUSH_ROWS", 150)  # fold after every 2 batches
+  r = xentjax.evaluate(batched(logits, labels, size=64), progress=False)
+  assert r.count == ref.count and r.accuracy == ref.accuracy
+  np.testing.assert_allclose(r.cross_entropy, ref.cross_entropy, rtol=1e-9)
+  np.testing.assert_allclose(
+      r.expected_calibration_error, ref.expected_calibration_error, rtol=1e-9, atol=1e-12
+  )
+
+
+def test_without_prefetch_thread():
+  logits, labels = make_data(400, 5, seed=18)
+  r = xentjax.evaluate(batched(logits, labels, size=64), prefetch=0, progress=False)
+  assert_matches(r, reference(logits, labels))
+
+
+# ---------------------------------------------------------------------------
+# Streaming behaviour.
+
+
+def test_only_a_few_batches_alive():
+  logits, labels = make_data(64 * 60, 4, seed=19)
+  refs, most = [], [0]
+
+  def stream():
+    for a, b in batched(logits, labels, size=64):
+      most[0] = max(most[0], sum(r() is not None for r in refs))
+      a = a.copy()  # a fresh array per batch, tracked by a weak reference
+      refs.append(weakref.ref(a))
+      yield a, b
+
+  r = xentjax.evaluate(stream(), progress=False)
+  assert r.count == 64 * 60
+  assert most[0] <= 8, most[0]
+
+
+def test_errors_in_the_stream_reach_the_caller():
+  logits, labels = make_data(100, 4, seed=20)
+
+  def stream():
+    yield logits[:50], labels[:50]
+    raise RuntimeError("disk on fire")
+
+  with pytest.raises(RuntimeError, match="disk on fire"):
+    xentjax.evaluate(stream(), progress=False)
+
+
+def test_bad_batches_raise():
+  logits, labels = make_data(10, 4, seed=21)
+  with pytest.raises(TypeError, match="tuple"):
+    xentjax.evaluate([logits], progress=False)
+  with pytest.raises(ValueError, match="rows"):
+    xentjax.evaluate([(logits, labels[:5])], progress=False)
+  with pytest.raises(ValueError, match="shape"):
+    xentjax.evaluate([(logits, labels.reshape(10, 1))], progress=False)
+  with pytest.raises(TypeError, match="floating"):
+    xentjax.evaluate([(labels.reshape(10, 1), labels)], progress=False)
+  with pytest.raises(TypeError, match="labels"):
+    xentjax.evaluate([(logits, np.zeros(10, bool))], progress=False)
+  with pytest.raises(ValueError, match="top_k"):
+    xentjax.evaluate([(logits, labels)], top_k=0, progress=False)
+  with pytest.raises(ValueError, match="num_bins"):
+    xentjax.evaluate([(logits, labels)], num_bins=0, progress=False)
+
+
+def test_progress_bar_reports_examples_per_second(capsys):
+  pytest.importorskip("tqdm")
+  logits, labels = make_data(300, 4, seed=22)
+  xentjax.evaluate(batched(logits, labels, size=100), progress=True, total=300)
+  err = capsys.readouterr().err
+  assert "300/300" in err and "ex/s" in err
+  xentjax.evaluate(batched(logits, labels, size=100), progress=False)
+  assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------
+# The result object.
+
+
+def test_result_is_frozen_prints_a_table_and_serialises():
+  logits, labels = make_data(120, 4, seed=23)
+  r = xentjax.evaluate([(logits, labels)], top_k=3, progress=False)
+  assert isinstance(r, xentjax.EvaluationResult)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    r.count = 0
+  text = str(r)
+  for word in ("examples", "cross-entropy (nats)", "perplexity", "top-3 accuracy", "ECE"):
+    assert word in text
+  assert f"{r.count:,}" in text
+  lines = text.splitlines()
+  assert len({len(line) for line in lines}) == 1  # aligned columns
+  d = json.loads(json.dumps(r.to_dict()))
+  assert d["count"] == 120 and d["top_k"] == 3
+  assert d["cross_entropy"] == r.cross_entropy
+  assert all(isinstance(v, (int, float)) or v is None for v in d.values())
+  assert type(r.count) is int and type(r.accuracy) is float
