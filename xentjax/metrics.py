@@ -15,12 +15,16 @@ Conventions, decided once for the whole module:
 * A batch with no kept example has mean 0 (with a zero gradient), hence
   perplexity `exp(0) = 1`; never NaN.
 * Results are float32 (float64 for float64 logits).
+* Every public function is `jax.jit`-compiled (`k` and `base` static); argument
+  errors are raised while tracing.
 
 The cross-entropy is computed here as `logsumexp(z) - z[label]` in float32, so
 this module depends on nothing else in the package.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +110,7 @@ def _check_k(k, num_classes: int) -> int:
 # Accuracy.
 
 
+@jax.jit
 def correct(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None) -> jax.Array:
   r"""Per-example top-1 hit: 1 where `argmax(logits) == label`, else 0.
 
@@ -131,6 +136,7 @@ def correct(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = N
   return hit if keep is None else jnp.where(keep, hit, 0)
 
 
+@jax.jit
 def accuracy(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None) -> jax.Array:
   r"""Top-1 accuracy: the fraction of kept examples whose argmax is the label.
 
@@ -161,6 +167,7 @@ def accuracy(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = 
   return _mean(correct(z, y), keep)
 
 
+@functools.partial(jax.jit, static_argnames=("k",))
 def top_k_correct(
   logits: ArrayLike, labels: ArrayLike, k: int = 5, *, where: ArrayLike | None = None
 ) -> jax.Array:
@@ -196,6 +203,7 @@ def top_k_correct(
   return hit if keep is None else jnp.where(keep, hit, 0)
 
 
+@functools.partial(jax.jit, static_argnames=("k",))
 def top_k_accuracy(
   logits: ArrayLike, labels: ArrayLike, k: int = 5, *, where: ArrayLike | None = None
 ) -> jax.Array:
@@ -241,6 +249,7 @@ def _per_example_ce(z: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.where(_label_ok(y, z.shape[-1]), ce, jnp.nan)
 
 
+@functools.partial(jax.jit, static_argnames=("base",))
 def cross_entropy_rate(
   logits: ArrayLike,
   labels: ArrayLike,
@@ -275,6 +284,7 @@ def cross_entropy_rate(
   return rate if scale is None else rate * jnp.asarray(scale, rate.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("base",))
 def perplexity(
   logits: ArrayLike,
   labels: ArrayLike,
@@ -325,6 +335,7 @@ def perplexity(
   return jnp.exp(rate) if base is None else rate
 
 
+@jax.jit
 def bits_per_token(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None) -> jax.Array:
   r"""Mean cross-entropy in bits per kept token: `log2(perplexity)`.
 
