@@ -445,7 +445,11 @@ def fit(
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['train_accuracy']:.3f}")
         bar.update(1)
       if callback is not None:
-        callback(epoch, params, record)
+        if bar is None:
+          callback(epoch, params, record)
+        else:  # let the callback print without tearing the bar
+          with type(bar).external_write_mode():
+            callback(epoch, params, record)
   finally:
     if bar is not None:
       bar.close()
