@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -90,8 +92,8 @@ def _safe_logaddexp(a, b):
   m = jax.lax.stop_gradient(jnp.maximum(a, b))
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   s = jnp.exp(a - m) + jnp.exp(b - m)
-  pos = s > 0
-  return jnp.where(pos, jnp.log(jnp.where(pos, s, 1.0)), -jnp.inf) + m
+  empty = s == 0
+  return jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, s))) + m
 
 
 @_jit_public()
@@ -133,9 +135,60 @@ def sigmoid_focal_loss(
     Lin et al., Focal Loss for Dense Object Detection, ICCV 2017.
   """
   z, y = _prepare(logits, labels)
-  ce = -_safe_term(y, jax.nn.log_sigmoid(z)) - _safe_term(1.0 - y, jax.nn.log_sigmoid(-z))
-  weight = jnp.exp(gamma * _log_one_minus_pt(z, y))
-  loss = ce * weight
+  loss = _focal(z, y, jnp.asarray(gamma, z.dtype))
   if alpha is None:
     return loss
   return (alpha * y + (1.0 - alpha) * (1.0 - y)) * loss
+
+
+def _focal_value(z, y, gamma):
+  ce = -_safe_term(y, jax.nn.log_sigmoid(z)) - _safe_term(1.0 - y, jax.nn.log_sigmoid(-z))
+  log_u = _log_one_minus_pt(z, y)
+  # (1 - p_t)^gamma = exp(gamma log(1 - p_t)), with 0^0 = 1 and a NaN-free gradient.
+  zero_u = log_u == -jnp.inf
+  g_log_u = gamma * jnp.where(zero_u, 0.0, log_u)
+  g_log_u = jnp.where(zero_u, jnp.where(gamma == 0, 0.0, -jnp.inf), g_log_u)
+  weight = jnp.exp(g_log_u)
+  # 0 * inf = 0: a zero weight on an infinite cross-entropy (an impossible
+  # label under infinite confidence) has no loss.
+  return jnp.where(weight == 0, 0.0, ce * jnp.where(weight == 0, 1.0, weight))
+
+
+def _focal_grad_z(z, y, gamma):
+  """d focal / dz without alpha: gamma u^(gamma-1) (1-2y) s(z)s(-z) ce + u^gamma (s(z) - y)."""
+  log_p, log_q = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
+  ce = -_safe_term(y, log_p) - _safe_term(1.0 - y, log_q)
+  log_u = _log_one_minus_pt(z, y)
+  finite = jnp.isfinite(z) & jnp.isfinite(log_u)
+  # u^(gamma-1) s(z) s(-z) in log space: finite for gamma < 1 and extreme logits.
+  e1 = jnp.exp(jnp.where(finite, (gamma - 1.0) * jnp.where(finite, log_u, 0.0) + log_p + log_q,
+                         -jnp.inf))
+  first = jnp.where((gamma == 0) | (e1 == 0), 0.0,
+                    gamma * e1 * (1.0 - 2.0 * y) * jnp.where(e1 == 0, 0.0, ce))
+  zero_u = log_u == -jnp.inf
+  weight = jnp.exp(jnp.where(zero_u, jnp.where(gamma == 0, 0.0, -jnp.inf),
+                             gamma * jnp.where(zero_u, 0.0, log_u)))
+  return first + weight * (jax.nn.sigmoid(z) - y)
+
+
+@jax.custom_jvp
+def _focal(z, y, gamma):
+  return _focal_value(z, y, gamma)
+
+
+@functools.partial(_focal.defjvp, symbolic_zeros=True)
+def _focal_jvp(primals, tangents):
+  # The closed-form logit derivative stays finite on an infinite loss (-inf logit
+  # on the true class), where the product rule would give inf * 0 = NaN.
+  z, y, gamma = primals
+  dz, dy, dgamma = tangents
+  out = _focal_value(z, y, gamma)
+  zero = jax.custom_derivatives.SymbolicZero
+  t = jnp.zeros_like(out)
+  if not isinstance(dz, zero):
+    t = t + _focal_grad_z(z, y, gamma) * dz
+  if not (isinstance(dy, zero) and isinstance(dgamma, zero)):
+    dy = jnp.zeros_like(y) if isinstance(dy, zero) else dy
+    dgamma = jnp.zeros_like(gamma) if isinstance(dgamma, zero) else dgamma
+    t = t + jax.jvp(lambda a, b: _focal_value(z, a, b), (y, gamma), (dy, dgamma))[1]
+  return out, t

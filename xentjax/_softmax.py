@@ -147,8 +147,8 @@ def _masked_log_softmax(z: jax.Array, mask: jax.Array | None):
   m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
   shifted = z - m
   s = jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True)
-  pos = s > 0
-  log_s = jnp.where(pos, jnp.log(jnp.where(pos, s, 1.0)), -jnp.inf)
+  empty = s == 0  # (NaN is not empty: it must reach the output)
+  log_s = jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, s)))
   return shifted, log_s, m
 
 
@@ -352,11 +352,13 @@ def _sparse_ce(z, labels, mask, label_smoothing: float, z_loss: float):
     if mask is not None:
       lz = jnp.where(jnp.any(mask, axis=-1), lz, 0.0)
     loss = loss + z_loss * jnp.square(lz)
-  # Out-of-range labels poison the row (value and gradient), never a finite number.
-  loss = loss * jnp.where(valid, 1.0, jnp.nan).astype(loss.dtype)
-  if mask is not None:
-    loss = jnp.where(jnp.any(mask, axis=-1), loss, 0.0)
-  return loss
+  # Out-of-range labels poison the row (value and gradient), never a finite
+  # number; a fully masked row is ignored whatever its label.
+  if mask is None:
+    return loss * jnp.where(valid, 1.0, jnp.nan).astype(loss.dtype)
+  row_has = jnp.any(mask, axis=-1)
+  loss = loss * jnp.where(valid | ~row_has, 1.0, jnp.nan).astype(loss.dtype)
+  return jnp.where(row_has, loss, 0.0)
 
 
 @_jit_public("axis", "label_smoothing", "z_loss")

@@ -45,7 +45,7 @@ from xentjax._softmax import (
     _smooth,
     _sparse_prepare,
 )
-from xentjax._sigmoid import _log_one_minus_pt
+from xentjax._sigmoid import _focal_grad_z
 from xentjax._sigmoid import _prepare as _sigmoid_prepare
 
 __all__ = [
@@ -305,14 +305,7 @@ def sigmoid_focal_loss(
   """
   x = jnp.asarray(logits)
   z, y = _sigmoid_prepare(logits, labels)
-  gamma = jnp.asarray(gamma, z.dtype)
-  log_p, log_q = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
-  ce = -jnp.where(y == 0, 0.0, y * log_p) - jnp.where(y == 1, 0.0, (1.0 - y) * log_q)
-  log_u = _log_one_minus_pt(z, y)
-  finite = jnp.isfinite(z) & jnp.isfinite(log_u)
-  e1 = jnp.exp(jnp.where(finite, (gamma - 1.0) * log_u + log_p + log_q, -jnp.inf))
-  first = jnp.where(gamma == 0, 0.0, gamma * e1 * (1.0 - 2.0 * y) * ce)
-  g = first + jnp.exp(gamma * log_u) * (jax.nn.sigmoid(z) - y)
+  g = _focal_grad_z(z, y, jnp.asarray(gamma, z.dtype))
   if alpha is not None:
     g = (alpha * y + (1.0 - alpha) * (1.0 - y)) * g
   return _sum_to(g, x.shape).astype(x.dtype)
