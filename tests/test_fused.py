@@ -5,6 +5,8 @@ cross-entropy, z-loss and soft cap out by hand; gradients of the reference come
 from plain autodiff, so they are independent of the fused kernels' custom VJPs.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,28 +63,28 @@ def assert_close(a, b, rtol=2e-5, atol=2e-5):
 
 
 # Named option sets; every one runs against the reference for values and both
-# gradients. Chunk sizes are chosen so that neither N = 15 nor V = 37 is a
-# multiple of them (tail chunks on both axes).
+# gradients. Tiles: 16 tokens in chunks of 8, V = 37 in chunks of 16 (a tail
+# chunk); the "tails" case also has a token tail (N = 15 in chunks of 4).
 OPTIONS = {
     "plain": {},
-    "sum": {"reduction": "sum"},
     "none": {"reduction": "none"},
-    "ignore_index": {"ignore_index": 3, "_ignore": True},
-    "where": {"_where": True},
+    "ignore_where_sum": {"reduction": "sum", "ignore_index": 3, "_ignore": True,
+                         "_where": True},
     "label_smoothing": {"label_smoothing": 0.2},
     "z_loss": {"z_loss": 1e-2},
     "soft_cap": {"logit_soft_cap": 1.5},
-    "everything_sum": {"reduction": "sum", "label_smoothing": 0.1, "z_loss": 1e-3,
-                       "logit_soft_cap": 2.0, "_ignore": True, "_where": True},
     "vd_layout": {"w_layout": "vd", "label_smoothing": 0.1},
     "vocab_padding": {"vocab_size": 30, "label_smoothing": 0.3, "logit_soft_cap": 3.0},
+    "tails": {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_soft_cap": 2.0, "_ignore": True,
+              "_where": True, "_shape": (3, 5), "token_chunk_size": 4, "vocab_chunk_size": 8},
 }
-CHUNKS = {"recompute": {"token_chunk_size": 4, "vocab_chunk_size": 8},
-          "store": {"token_chunk_size": 4}}
+CHUNKS = {"recompute": {"token_chunk_size": 8, "vocab_chunk_size": 16},
+          "store": {"token_chunk_size": 8}}
 
 
 def _split(opts, y):
   opts = dict(opts)
+  opts.pop("_shape", None)
   where = None
   if opts.pop("_ignore", False):
     opts.setdefault("ignore_index", 3)
@@ -101,26 +103,28 @@ CASES = [(name, strategy) for strategy in ("recompute", "store") for name in OPT
 
 @pytest.mark.parametrize("name, strategy", CASES)
 def test_matches_materialized(name, strategy):
-  opts, _, _ = _split(OPTIONS[name], jnp.zeros((3, 5), jnp.int32))
-  x, w, y = make_inputs(w_layout=opts.get("w_layout", "dv"))
+  shape = OPTIONS[name].get("_shape", (2, 8))
+  x, w, y = make_inputs(shape=shape, w_layout=OPTIONS[name].get("w_layout", "dv"))
   opts, y, where = _split(OPTIONS[name], y)
+  chunks = {k: opts.pop(k, v) for k, v in CHUNKS[strategy].items()}
+  if strategy == "store":
+    opts.pop("vocab_chunk_size", None)
   cot = jax.random.normal(jax.random.PRNGKey(7), y.shape)
 
   def scalarize(loss):
     return jnp.sum(loss * cot) if loss.ndim else loss
 
-  @jax.jit
   def ours(x, w):
-    loss = fused_ce(x, w, y, where=where, strategy=strategy, **CHUNKS[strategy], **opts)
+    loss = fused_ce(x, w, y, where=where, strategy=strategy, **chunks, **opts)
     return scalarize(loss), loss
 
-  @jax.jit
   def theirs(x, w):
-    loss, _ = reference(x, w, y, where=where, **opts)
+    loss, _ = reference(x, w, y, where=where, **{k: v for k, v in opts.items()
+                                                 if not k.endswith("chunk_size")})
     return scalarize(loss), loss
 
-  (_, loss), grads = jax.value_and_grad(ours, (0, 1), has_aux=True)(x, w)
-  (_, loss_ref), grads_ref = jax.value_and_grad(theirs, (0, 1), has_aux=True)(x, w)
+  (_, loss), grads = jax.jit(jax.value_and_grad(ours, (0, 1), has_aux=True))(x, w)
+  (_, loss_ref), grads_ref = jax.jit(jax.value_and_grad(theirs, (0, 1), has_aux=True))(x, w)
   assert loss.shape == loss_ref.shape
   assert loss.dtype == jnp.float32
   assert_close(loss, loss_ref)
@@ -161,18 +165,29 @@ def test_lse_value_and_gradient(strategy):
   assert_close(g[1], g_r[1])
 
 
+@functools.partial(jax.jit, static_argnames=("reduction", "strategy"))
+def fused_value_and_grads(x, w, y, where=None, *, reduction="mean", strategy="recompute"):
+  """Jitted once per shape and options; labels and mask are arguments."""
+  def f(x, w):
+    return jnp.sum(fused_ce(x, w, y, where=where, reduction=reduction, strategy=strategy))
+  return jax.value_and_grad(f, (0, 1))(x, w)
+
+
+@jax.jit
+def reference_value_and_grads(x, w, y, where=None):
+  return jax.value_and_grad(lambda x, w: reference(x, w, y, where=where)[0], (0, 1))(x, w)
+
+
 @pytest.mark.parametrize("strategy", ["recompute", "store"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_inputs(dtype, strategy):
   x, w, y = make_inputs(shape=(4, 8), d=32, v=300, dtype=dtype)
-  f = jax.jit(jax.value_and_grad(
-      lambda x, w: fused_ce(x, w, y, strategy=strategy, label_smoothing=0.1), (0, 1)))
-  loss, (gx, gw) = f(x, w)
+  loss, (gx, gw) = fused_value_and_grads(x, w, y, strategy=strategy)
   assert loss.dtype == jnp.float32
   assert gx.dtype == dtype and gw.dtype == dtype
   # Reference: the same (rounded) inputs, materialized in float32.
-  ref = jax.value_and_grad(lambda x, w: reference(x, w, y, label_smoothing=0.1)[0], (0, 1))
-  loss_r, (gx_r, gw_r) = ref(x.astype(jnp.float32), w.astype(jnp.float32))
+  loss_r, (gx_r, gw_r) = reference_value_and_grads(
+      x.astype(jnp.float32), w.astype(jnp.float32), y)
   assert_close(loss, loss_r, rtol=1e-2, atol=1e-2)
   assert_close(gx.astype(jnp.float32), gx_r, rtol=2e-2, atol=2e-2)
   assert_close(gw.astype(jnp.float32), gw_r, rtol=2e-2, atol=2e-2)
@@ -184,27 +199,18 @@ def test_half_precision_inputs(dtype, strategy):
 ])
 def test_all_ignored_is_zero_with_zero_gradient(reduction, strategy):
   x, w, y = make_inputs()
-  y = jnp.full_like(y, -100)
-
-  def f(x, w):
-    return jnp.sum(fused_ce(x, w, y, reduction=reduction, strategy=strategy, z_loss=1e-3))
-
-  loss, (gx, gw) = jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)
-  assert float(loss) == 0.0
-  assert np.all(np.asarray(gx) == 0.0) and np.all(np.asarray(gw) == 0.0)
-  # The same through `where`.
-  _, y2 = make_inputs()[1:]
-  mask = jnp.zeros(y2.shape, bool)
-  loss, (gx, gw) = jax.value_and_grad(
-      lambda x, w: fused_ce(x, w, y2, where=mask, strategy=strategy), (0, 1))(x, w)
-  assert float(loss) == 0.0 and not np.any(np.asarray(gx)) and not np.any(np.asarray(gw))
+  for labels, where in ((jnp.full_like(y, -100), None), (y, jnp.zeros(y.shape, bool))):
+    loss, (gx, gw) = fused_value_and_grads(
+        x, w, labels, where, reduction=reduction, strategy=strategy)
+    assert float(loss) == 0.0
+    assert not np.any(np.asarray(gx)) and not np.any(np.asarray(gw))
 
 
 def test_empty_batch():
   x = jnp.zeros((0, 16))
   w = jnp.ones((16, 10))
   y = jnp.zeros((0,), jnp.int32)
-  loss, (gx, gw) = jax.value_and_grad(lambda x, w: fused_ce(x, w, y), (0, 1))(x, w)
+  loss, (gx, gw) = fused_value_and_grads(x, w, y)
   assert float(loss) == 0.0 and gx.shape == (0, 16) and not np.any(np.asarray(gw))
   assert fused_ce(x, w, y, reduction="none").shape == (0,)
 
@@ -212,30 +218,32 @@ def test_empty_batch():
 @pytest.mark.parametrize("strategy", ["recompute", "store"])
 def test_out_of_range_label_is_nan(strategy):
   x, w, y = make_inputs(v=37)
+  ok = jnp.ones(y.shape, bool).at[1, 2].set(False)
+  loss_ref = reference(x, w, y, where=ok)[0]
   for bad in (37, -1, 1000):
     yb = y.at[1, 2].set(bad)
-    loss, (gx, gw) = jax.jit(jax.value_and_grad(
-        lambda x, w: fused_ce(x, w, yb, strategy=strategy), (0, 1)))(x, w)
+    loss, (gx, gw) = fused_value_and_grads(x, w, yb, None, strategy=strategy)
     assert np.isnan(float(loss))
     assert np.isnan(np.asarray(gx)[1, 2]).all() and np.isnan(np.asarray(gw)).any()
     # Masked out by `where`, the same token is harmless.
-    ok = jnp.ones(y.shape, bool).at[1, 2].set(False)
-    loss_ok = fused_ce(x, w, yb, where=ok, strategy=strategy)
-    assert_close(loss_ok, reference(x, w, y, where=ok)[0])
-  per_token = fused_ce(x, w, y.at[0, 0].set(40), reduction="none")
-  assert np.isnan(per_token[0, 0]) and np.isfinite(per_token[1:]).all()
-  # A label among the padding columns of `vocab_size` is out of range too.
-  assert np.isnan(float(fused_ce(x, w, y.at[0, 0].set(33), vocab_size=30)))
+    loss_ok, (gx_ok, _) = fused_value_and_grads(x, w, yb, ok, strategy=strategy)
+    assert_close(loss_ok, loss_ref)
+    assert np.isfinite(np.asarray(gx_ok)).all()
+  if strategy == "recompute":
+    per_token = jax.jit(lambda y: fused_ce(x, w, y, reduction="none"))(y.at[0, 0].set(40))
+    assert np.isnan(per_token[0, 0]) and np.isfinite(per_token[1:]).all()
+    # A label among the padding columns of `vocab_size` is out of range too.
+    assert np.isnan(float(fused_ce(x, w, y.at[0, 0].set(33), vocab_size=30)))
 
 
 def test_default_chunks_and_layouts_agree():
-  """Automatic tiles, explicit tiles and both layouts give one answer."""
-  x, w, y = make_inputs(shape=(2, 40), d=8, v=2100)
+  """Automatic tiles (two vocabulary chunks) and both layouts give one answer."""
+  x, w, y = make_inputs(shape=(2, 40), d=8, v=2048)
   g = jax.jit(jax.value_and_grad(
       lambda x, w, **kw: fused_ce(x, w, y, **kw), (0, 1)), static_argnames=("w_layout",))
   loss_a, (gx_a, gw_a) = g(x, w)
   loss_b, (gx_b, gw_b) = g(x, w.T, w_layout="vd")
-  loss_r, (gx_r, gw_r) = jax.value_and_grad(lambda x, w: reference(x, w, y)[0], (0, 1))(x, w)
+  loss_r, (gx_r, gw_r) = reference_value_and_grads(x, w, y)
   assert_close(loss_a, loss_r)
   assert_close(loss_b, loss_r)
   assert_close(gx_a, gx_r)
