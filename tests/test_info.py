@@ -3,8 +3,8 @@
 import math
 
 import jax
-import jax.test_util
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 import scipy.spatial.distance
@@ -199,7 +199,9 @@ def test_check_grads_interior():
   q = jnp.asarray(_dirichlet(rng, (2, 4)), p.dtype)
   eps = 1e-4 if X64 else 1e-3
   tol = 1e-4 if X64 else 5e-2
-  jax.test_util.check_grads(jax.jit(info.entropy), (p,), order=1, modes=("rev",), eps=eps, atol=tol, rtol=tol)
+  jax.test_util.check_grads(
+    jax.jit(info.entropy), (p,), order=1, modes=("rev",), eps=eps, atol=tol, rtol=tol
+  )
   for name in PROB_PAIR_FNS + ["kl_divergence_from_logits"]:
     fn = jax.jit(PAIR_FNS[name])
     jax.test_util.check_grads(fn, (p, q), order=1, modes=("rev",), eps=eps, atol=tol, rtol=tol)
@@ -233,9 +235,9 @@ def test_all_masked_gives_zero_and_zero_gradient(name):
   q = jnp.array([[0.5, 0.0, 0.5], [0.0, 0.0, 1.0]])
   keep = jnp.zeros((2, 3), bool)
   if name == "entropy":
-    f = lambda p, q: info.entropy(p, where=keep).sum()  # noqa: E731
+    f = lambda p, q: info.entropy(p, where=keep).sum()
   else:
-    f = lambda p, q: PAIR_FNS[name](p, q, where=keep).sum()  # noqa: E731
+    f = lambda p, q: PAIR_FNS[name](p, q, where=keep).sum()
   assert float(f(p, q)) == 0.0
   for g in jax.grad(f, (0, 1))(p, q):
     np.testing.assert_array_equal(g, np.zeros((2, 3)))

@@ -1,5 +1,6 @@
 """Tests for xentjax.metrics against float64 NumPy/SciPy references and optax."""
 
+import itertools
 import math
 
 import jax
@@ -112,7 +113,7 @@ def test_top1_dominates_accuracy_and_top_k_is_monotone(seed, round_to):
   acc = float(metrics.accuracy(logits, labels))
   tops = [float(metrics.top_k_accuracy(logits, labels, k=k)) for k in range(1, 6)]
   assert tops[0] >= acc
-  assert all(a <= b for a, b in zip(tops, tops[1:]))
+  assert all(a <= b for a, b in itertools.pairwise(tops))
   assert tops[-1] == 1.0
   if not round_to:
     assert tops[0] == acc
@@ -188,7 +189,12 @@ def test_large_and_infinite_logits():
 def test_out_of_range_label_gives_nan(bad):
   logits = jnp.zeros((2, 5))
   labels = jnp.array([0, bad])
-  for fn in (metrics.accuracy, metrics.top_k_accuracy, metrics.cross_entropy_rate, metrics.perplexity):
+  for fn in (
+    metrics.accuracy,
+    metrics.top_k_accuracy,
+    metrics.cross_entropy_rate,
+    metrics.perplexity,
+  ):
     assert math.isnan(float(fn(logits, labels))), fn.__name__
   assert math.isnan(float(metrics.correct(logits, labels)[1]))
   assert float(metrics.correct(logits, labels)[0]) == 1.0
@@ -200,7 +206,9 @@ def test_masked_examples_are_never_looked_at():
   keep = jnp.array([True, False, True])
   assert float(metrics.accuracy(logits, labels, where=keep)) == 1.0
   want = math.log1p(math.exp(-2.0)) / 2 + math.log1p(math.exp(-1.0)) / 2
-  np.testing.assert_allclose(metrics.cross_entropy_rate(logits, labels, where=keep), want, rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics.cross_entropy_rate(logits, labels, where=keep), want, rtol=1e-6
+  )
   g = jax.grad(lambda z: metrics.cross_entropy_rate(z, labels, where=keep))(logits)
   assert np.all(np.isfinite(g)) and np.all(g[1] == 0)
 

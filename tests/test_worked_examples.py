@@ -48,7 +48,9 @@ def test_dog_cat_panda_scores():
   # The same number from the probability side, and as a perplexity.
   onehot = jnp.array([0.0, 0.0, 1.0])
   assert float(info.cross_entropy(onehot, probs)) == pytest.approx(loss, rel=1e-5)
-  assert float(metrics.perplexity(scores[None, :], panda)) == pytest.approx(math.exp(loss), rel=1e-5)
+  assert float(metrics.perplexity(scores[None, :], panda)) == pytest.approx(
+    math.exp(loss), rel=1e-5
+  )
   assert float(metrics.accuracy(scores[None, :], panda)) == 1.0
 
 
@@ -98,4 +100,6 @@ def test_kl_is_cross_entropy_minus_entropy_and_nonnegative():
 def test_cross_entropy_of_a_fair_coin_model_is_one_bit_per_toss():
   # Coding any outcome with a fair-coin model costs exactly 1 bit, whatever the truth.
   for truth in ([1.0, 0.0], [0.5, 0.5], [0.9, 0.1]):
-    assert float(info.cross_entropy(jnp.array(truth), jnp.array([0.5, 0.5]), base=2)) == pytest.approx(1.0)
+    assert float(
+      info.cross_entropy(jnp.array(truth), jnp.array([0.5, 0.5]), base=2)
+    ) == pytest.approx(1.0)

@@ -48,11 +48,11 @@ from xentjax._validation import (
 Axis = int | tuple[int, ...]
 
 __all__ = [
-  "information",
-  "entropy",
   "cross_entropy",
-  "kl_divergence",
+  "entropy",
+  "information",
   "js_divergence",
+  "kl_divergence",
   "kl_divergence_from_logits",
 ]
 
@@ -95,9 +95,7 @@ def _mask(where: ArrayLike | None, shape: tuple[int, ...], name: str) -> jax.Arr
     return None
   w = jnp.asarray(where)
   if w.dtype != jnp.bool_:
-    raise TypeError(
-      f"`where` must be a boolean mask, got dtype {w.dtype} with shape {w.shape}."
-    )
+    raise TypeError(f"`where` must be a boolean mask, got dtype {w.dtype} with shape {w.shape}.")
   try:
     ok = np.broadcast_shapes(w.shape, shape) == tuple(shape)
   except ValueError:
@@ -495,4 +493,3 @@ def kl_divergence_from_logits(
   lost = (p == 0) & (log_p > -jnp.inf) & ~q_fin
   term = jnp.where(lost, jnp.inf, term)
   return _in_base(jnp.sum(term, axis=axes), scale)
-

@@ -34,13 +34,13 @@ from jax.typing import ArrayLike
 from xentjax._validation import check_floating, check_integer, compute_dtype, log_base_scale
 
 __all__ = [
-  "correct",
   "accuracy",
-  "top_k_correct",
-  "top_k_accuracy",
+  "bits_per_token",
+  "correct",
   "cross_entropy_rate",
   "perplexity",
-  "bits_per_token",
+  "top_k_accuracy",
+  "top_k_correct",
 ]
 
 
@@ -336,7 +336,9 @@ def perplexity(
 
 
 @jax.jit
-def bits_per_token(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None) -> jax.Array:
+def bits_per_token(
+  logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None
+) -> jax.Array:
   r"""Mean cross-entropy in bits per kept token: `log2(perplexity)`.
 
   .. math::
