@@ -236,6 +236,9 @@ def entropy(
     A zero probability contributes 0 to the value and 0 to the gradient (the
     one-sided derivative of `-p log p` at 0 is `+inf`; we take 0 so gradients
     stay finite). A fully masked vector has entropy 0 and a zero gradient.
+
+  References:
+    C. E. Shannon, "A Mathematical Theory of Communication", 1948.
   """
   scale = log_base_scale(base)
   p = _as_float("p", p)
@@ -299,6 +302,10 @@ def cross_entropy(
     true limit (`-inf` in `q_i`, `+inf` in `p_i`). Where `p_i = q_i = 0` the
     term is 0 with a zero gradient. Where `p_i = 0 < q_i` the gradient in `p_i`
     is `-log q_i`, finite and exact.
+
+  References:
+    T. M. Cover and J. A. Thomas, "Elements of Information Theory", 2nd ed.,
+    2006, section 2.3.
   """
   scale = log_base_scale(base)
   p, q, axes, keep = _pair("p", p, "q", q, axis, where)
@@ -348,6 +355,9 @@ def kl_divergence(
     `-log q_i` (0 if `q_i = 0`), i.e. the `p log p` part contributes a zero
     gradient there instead of its `-inf` one-sided derivative. Matches
     `scipy.special.rel_entr` summed over the axis.
+
+  References:
+    S. Kullback and R. A. Leibler, "On Information and Sufficiency", 1951.
   """
   scale = log_base_scale(base)
   p, q, axes, keep = _pair("p", p, "q", q, axis, where)
@@ -395,6 +405,9 @@ def js_divergence(
     `m_i > 0` wherever `p_i > 0` or `q_i > 0`, so the value is never infinite;
     zero probabilities follow the `0 log 0 = 0` convention with finite
     gradients.
+
+  References:
+    J. Lin, "Divergence Measures Based on the Shannon Entropy", 1991.
   """
   scale = log_base_scale(base)
   p, q, axes, keep = _pair("p", p, "q", q, axis, where)
@@ -473,6 +486,10 @@ def kl_divergence_from_logits(
     NaN there either). A fully masked row gives 0
     with a zero gradient; `+inf` logits and a row of `-inf` logits that is
     not masked give NaN (neither is a distribution).
+
+  References:
+    G. Hinton, O. Vinyals and J. Dean, "Distilling the Knowledge in a Neural
+    Network", 2015.
   """
   scale = log_base_scale(base)
   a, b, axes, keep = _pair("p_logits", p_logits, "q_logits", q_logits, axis, where)

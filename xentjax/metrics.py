@@ -235,6 +235,10 @@ def top_k_accuracy(
   Note:
     `k > num_classes` or `k < 1` is a `ValueError`. An out-of-range label
     gives NaN; no kept example gives 0.
+
+  References:
+    O. Russakovsky et al., "ImageNet Large Scale Visual Recognition
+    Challenge", 2015 (top-5 error).
   """
   z, y, keep = _prepare(logits, labels, where)
   return _mean(top_k_correct(z, y, k), keep)
@@ -330,6 +334,10 @@ def perplexity(
   Note:
     An out-of-range label gives NaN. No kept example gives mean cross-entropy
     0, hence perplexity 1 (and 0 with `base`).
+
+  References:
+    F. Jelinek, R. L. Mercer, L. R. Bahl and J. K. Baker, "Perplexity: a
+    Measure of the Difficulty of Speech Recognition Tasks", 1977.
   """
   rate = cross_entropy_rate(logits, labels, where=where, base=base)
   return jnp.exp(rate) if base is None else rate
