@@ -16,7 +16,7 @@ def _number(pattern, text):
 def test_default_demo(tmp_path, capsys):
   assert _cli.main(["demo", "--out", str(tmp_path)]) == 0
   out = capsys.readouterr().out
-  epoch_losses = [float(v) for v in re.findall(r"^epoch +\d+ +loss ([0-9.]+)", out, re.M)]
+  epoch_losses = [float(v) for v in re.findall(r"^epoch +\d+ +loss ([0-9.]+)", out, re.MULTILINE)]
   assert len(epoch_losses) == 30
   assert epoch_losses[-1] < 0.5 * epoch_losses[0]
   assert 0.85 <= _number(r"^test accuracy: ([0-9.]+)$", out) <= 1.0
@@ -32,8 +32,10 @@ def test_default_demo(tmp_path, capsys):
 def test_compare(tmp_path, capsys):
   assert _cli.main(["demo", "--compare", "--epochs", "4", "--out", str(tmp_path)]) == 0
   out = capsys.readouterr().out
-  assert re.search(r"^loss +\| epochs to 90% train accuracy +\| final test accuracy$", out, re.M)
-  rows = re.findall(r"^(ce|mse|hinge) +\| (\d+|never) +\| ([0-9.]+)$", out, re.M)
+  assert re.search(
+    r"^loss +\| epochs to 90% train accuracy +\| final test accuracy$", out, re.MULTILINE
+  )
+  rows = re.findall(r"^(ce|mse|hinge) +\| (\d+|never) +\| ([0-9.]+)$", out, re.MULTILINE)
   assert [r[0] for r in rows] == ["ce", "mse", "hinge"]
   assert all(0.5 < float(r[2]) <= 1.0 for r in rows)
   assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
@@ -41,27 +43,39 @@ def test_compare(tmp_path, capsys):
 
 def test_other_loss_and_optimizer_without_plot(tmp_path, capsys, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  argv = ["demo", "--loss", "focal", "--optimizer", "sgd", "--lr", "0.5", "--epochs", "2",
-          "--batch-size", "128", "--no-plot"]
+  argv = [
+    "demo",
+    "--loss",
+    "focal",
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "0.5",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "128",
+    "--no-plot",
+  ]
   assert _cli.main(argv) == 0
   out = capsys.readouterr().out
   assert "loss focal" in out and "optimizer sgd lr 0.5" in out
-  assert len(re.findall(r"^epoch ", out, re.M)) == 2
+  assert len(re.findall(r"^epoch ", out, re.MULTILINE)) == 2
   assert _number(r"^test accuracy: ([0-9.]+)$", out) > 0.5
   assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--optimizer", "lbfgs"], "unknown optimizer 'lbfgs'"),
-        (["--loss", "kl"], "unknown loss 'kl'"),
-        (["--lr", "-1"], "--lr must be"),
-        (["--lr", "fast"], "--lr must be a number"),
-        (["--epochs", "0"], "--epochs must be >= 1"),
-        (["--batch-size", "x"], "--batch-size must be a number"),
-        (["--compare", "--loss", "ce"], "leave out --loss"),
-    ],
+  "argv, message",
+  [
+    (["--optimizer", "lbfgs"], "unknown optimizer 'lbfgs'"),
+    (["--loss", "kl"], "unknown loss 'kl'"),
+    (["--lr", "-1"], "--lr must be"),
+    (["--lr", "fast"], "--lr must be a number"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--batch-size", "x"], "--batch-size must be a number"),
+    (["--compare", "--loss", "ce"], "leave out --loss"),
+  ],
 )
 def test_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
   assert _cli.main(["demo", "--out", str(tmp_path), *argv]) == 2

@@ -16,7 +16,7 @@ def test_file_matches_documented_shape_range_and_checksum():
   assert set(np.unique(labels).tolist()) == set(range(10))
   # The per-class counts stated in data/README.md.
   np.testing.assert_array_equal(
-      np.bincount(labels), [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    np.bincount(labels), [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
   )
   # Hash here independently of the loader's own check.
   assert hashlib.sha256(images.tobytes()).hexdigest().startswith("8f26b2bd9d13")
@@ -37,7 +37,7 @@ def test_split_is_deterministic_disjoint_and_complete():
   for u, v in zip(a, b):
     np.testing.assert_array_equal(u, v)
   train_idx, test_idx = datasets.stratified_split(
-      datasets.load_digits_raw()[1], test_fraction=0.25, seed=3
+    datasets.load_digits_raw()[1], test_fraction=0.25, seed=3
   )
   assert np.intersect1d(train_idx, test_idx).size == 0
   np.testing.assert_array_equal(np.union1d(train_idx, test_idx), np.arange(1797))

@@ -69,7 +69,7 @@ def test_make_loss_ce_and_smooth():
   np.testing.assert_allclose(train.make_loss("ce")(z, y), -(onehot * logp).sum(-1), rtol=1e-5)
   smooth = 0.9 * onehot + 0.1 / 4
   np.testing.assert_allclose(
-      train.make_loss("smooth", label_smoothing=0.1)(z, y), -(smooth * logp).sum(-1), rtol=1e-5
+    train.make_loss("smooth", label_smoothing=0.1)(z, y), -(smooth * logp).sum(-1), rtol=1e-5
   )
 
 
@@ -78,14 +78,12 @@ def test_make_loss_focal_hinge_mse():
   z64 = z.astype(np.float64)
   p_y = np.exp(_np_log_softmax(z64))[np.arange(len(y)), y]
   np.testing.assert_allclose(
-      train.make_loss("focal", gamma=2.0)(z, y), -((1 - p_y) ** 2) * np.log(p_y), rtol=1e-4
+    train.make_loss("focal", gamma=2.0)(z, y), -((1 - p_y) ** 2) * np.log(p_y), rtol=1e-4
   )
   onehot = np.eye(4)[y]
   hinge = np.max(z64 + 1 - onehot, axis=-1) - z64[np.arange(len(y)), y]
   np.testing.assert_allclose(train.make_loss("hinge")(z, y), hinge, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(
-      train.make_loss("mse")(z, y), ((z64 - onehot) ** 2).sum(-1), rtol=1e-5
-  )
+  np.testing.assert_allclose(train.make_loss("mse")(z, y), ((z64 - onehot) ** 2).sum(-1), rtol=1e-5)
 
 
 def test_make_loss_bce():
@@ -99,7 +97,7 @@ def test_make_loss_bce():
 def test_focal_with_gamma_zero_is_ce_and_confident_examples_are_finite():
   z, y = _small_problem(2)
   np.testing.assert_allclose(
-      train.softmax_focal_loss(z, y, gamma=0.0), train.make_loss("ce")(z, y), rtol=1e-6
+    train.softmax_focal_loss(z, y, gamma=0.0), train.make_loss("ce")(z, y), rtol=1e-6
   )
   confident = jnp.array([[40.0, 0.0, 0.0]])
   g = jax.grad(lambda z: train.softmax_focal_loss(z, jnp.array([0]))[0])(confident)
@@ -123,9 +121,9 @@ def test_logit_gradient_gap_is_tiny():
 
 
 @pytest.mark.parametrize(
-    "optimizer",
-    [optax.sgd(0.5), optax.adam(0.05), optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.5))],
-    ids=["sgd", "adam", "chain"],
+  "optimizer",
+  [optax.sgd(0.5), optax.adam(0.05), optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.5))],
+  ids=["sgd", "adam", "chain"],
 )
 def test_train_step_reduces_the_loss(digits, optimizer):
   x, y = digits[0][:256], digits[1][:256]
@@ -195,13 +193,21 @@ def test_logistic_regression_on_two_digits(digits):
   x_train, y_train, x_test, y_test = digits
   keep_train, keep_test = np.isin(y_train, (3, 8)), np.isin(y_test, (3, 8))
   data = (
-      x_train[keep_train], (y_train[keep_train] == 8).astype(np.int32),
-      x_test[keep_test], (y_test[keep_test] == 8).astype(np.int32),
+    x_train[keep_train],
+    (y_train[keep_train] == 8).astype(np.int32),
+    x_test[keep_test],
+    (y_test[keep_test] == 8).astype(np.int32),
   )
   params = train.init_logistic(jax.random.key(0), 64)
   params, h = train.fit(
-      params, optax.adam(0.05), data, epochs=20, batch_size=32, seed=0,
-      loss="bce", model=train.logistic_logits,
+    params,
+    optax.adam(0.05),
+    data,
+    epochs=20,
+    batch_size=32,
+    seed=0,
+    loss="bce",
+    model=train.logistic_logits,
   )
   assert h["loss"][-1] < h["loss"][0]
   result = train.evaluate_classifier(params, data[2], data[3], model=train.logistic_logits)
@@ -214,8 +220,14 @@ def test_callback_and_progress_bar(digits, capsys):
   seen = []
   params = train.init_linear(jax.random.key(0), 64, 10)
   train.fit(
-      params, ADAM, digits, epochs=2, batch_size=64, seed=0, progress=True,
-      callback=lambda epoch, p, record: seen.append((epoch, sorted(record))),
+    params,
+    ADAM,
+    digits,
+    epochs=2,
+    batch_size=64,
+    seed=0,
+    progress=True,
+    callback=lambda epoch, p, record: seen.append((epoch, sorted(record))),
   )
   assert seen == [(e, ["loss", "test_accuracy", "train_accuracy"]) for e in (1, 2)]
   assert "epoch" in capsys.readouterr().err  # tqdm drew on stderr

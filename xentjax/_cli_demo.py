@@ -22,54 +22,63 @@ from xentjax._cli import CommandError
 # reaches >= 0.9 test accuracy with cross-entropy; plain SGD above ~0.08
 # diverges on the squared-error loss, whose curvature is 4x larger).
 DEFAULT_LR = {
-    "sgd": 0.05,
-    "momentum": 0.01,
-    "adam": 0.01,
-    "adamw": 0.01,
-    "rmsprop": 0.003,
-    "adagrad": 0.1,
+  "sgd": 0.05,
+  "momentum": 0.01,
+  "adam": 0.01,
+  "adamw": 0.01,
+  "rmsprop": 0.003,
+  "adagrad": 0.1,
 }
 DEMO_LOSSES = ("ce", "mse", "hinge", "focal", "smooth")
 COMPARE_LOSSES = ("ce", "mse", "hinge")
 GRAD_TOLERANCE = 1e-5
 TARGET_ACCURACY = 0.9
 LOSS_TITLES = {
-    "ce": "cross-entropy",
-    "mse": "squared error",
-    "hinge": "multiclass hinge",
-    "focal": "focal (gamma=2)",
-    "smooth": "cross-entropy, label smoothing 0.1",
+  "ce": "cross-entropy",
+  "mse": "squared error",
+  "hinge": "multiclass hinge",
+  "focal": "focal (gamma=2)",
+  "smooth": "cross-entropy, label smoothing 0.1",
 }
 
 
 def register(subparsers) -> None:
   p = subparsers.add_parser(
-      "demo",
-      help="train a softmax classifier on the shipped 8x8 digits with optax",
-      description=(
-          "Train a linear softmax classifier on the 8x8 handwritten digits "
-          "shipped with xentjax (UCI, CC BY 4.0; 1347 train / 450 test) with "
-          "optax. Prints the loss per epoch, train/test/top-5 accuracy and the "
-          "gap between jax.grad of the cross-entropy and softmax - onehot; "
-          "writes loss_curve.png (or compare.png with --compare)."
-      ),
+    "demo",
+    help="train a softmax classifier on the shipped 8x8 digits with optax",
+    description=(
+      "Train a linear softmax classifier on the 8x8 handwritten digits "
+      "shipped with xentjax (UCI, CC BY 4.0; 1347 train / 450 test) with "
+      "optax. Prints the loss per epoch, train/test/top-5 accuracy and the "
+      "gap between jax.grad of the cross-entropy and softmax - onehot; "
+      "writes loss_curve.png (or compare.png with --compare)."
+    ),
   )
-  p.add_argument("--optimizer", default="adam",
-                 help=f"one of {', '.join(DEFAULT_LR)} (default adam)")
-  p.add_argument("--lr", default=None,
-                 help="learning rate (default depends on the optimizer: "
-                 + ", ".join(f"{k} {v}" for k, v in DEFAULT_LR.items()) + ")")
+  p.add_argument(
+    "--optimizer", default="adam", help=f"one of {', '.join(DEFAULT_LR)} (default adam)"
+  )
+  p.add_argument(
+    "--lr",
+    default=None,
+    help="learning rate (default depends on the optimizer: "
+    + ", ".join(f"{k} {v}" for k, v in DEFAULT_LR.items())
+    + ")",
+  )
   p.add_argument("--epochs", default="30", help="passes over the training set (default 30)")
   p.add_argument("--batch-size", default="64", help="examples per update (default 64)")
-  p.add_argument("--loss", default=None,
-                 help=f"one of {', '.join(DEMO_LOSSES)} (default ce)")
-  p.add_argument("--seed", default="0",
-                 help="seed of the initial weights and the shuffling (default 0); "
-                 "the train/test split is fixed")
+  p.add_argument("--loss", default=None, help=f"one of {', '.join(DEMO_LOSSES)} (default ce)")
+  p.add_argument(
+    "--seed",
+    default="0",
+    help="seed of the initial weights and the shuffling (default 0); the train/test split is fixed",
+  )
   p.add_argument("--out", default=".", help="directory for the PNG (default: current)")
   p.add_argument("--no-plot", action="store_true", help="do not write a PNG")
-  p.add_argument("--compare", action="store_true",
-                 help="train with ce, mse and hinge and print one comparison table")
+  p.add_argument(
+    "--compare",
+    action="store_true",
+    help="train with ce, mse and hinge and print one comparison table",
+  )
   p.set_defaults(func=run)
 
 
@@ -86,7 +95,7 @@ def _parse_number(name: str, text: str, kind, minimum) -> int | float:
 def _settings(args) -> dict:
   if args.optimizer not in DEFAULT_LR:
     raise CommandError(
-        f"unknown optimizer {args.optimizer!r}; choose one of {', '.join(DEFAULT_LR)}"
+      f"unknown optimizer {args.optimizer!r}; choose one of {', '.join(DEFAULT_LR)}"
     )
   if args.loss is not None and args.loss not in DEMO_LOSSES:
     raise CommandError(f"unknown loss {args.loss!r}; choose one of {', '.join(DEMO_LOSSES)}")
@@ -96,18 +105,17 @@ def _settings(args) -> dict:
   if lr <= 0:
     raise CommandError(f"--lr must be > 0, got {args.lr!r}")
   out = args.out
-  if not args.no_plot:
-    if os.path.exists(out) and not os.path.isdir(out):
-      raise CommandError(f"--out {out!r} exists and is not a directory")
+  if not args.no_plot and os.path.exists(out) and not os.path.isdir(out):
+    raise CommandError(f"--out {out!r} exists and is not a directory")
   return {
-      "optimizer": args.optimizer,
-      "lr": lr,
-      "epochs": _parse_number("epochs", args.epochs, int, 1),
-      "batch_size": _parse_number("batch-size", args.batch_size, int, 1),
-      "loss": args.loss or "ce",
-      "seed": _parse_number("seed", args.seed, int, 0),
-      "out": out,
-      "plot": not args.no_plot,
+    "optimizer": args.optimizer,
+    "lr": lr,
+    "epochs": _parse_number("epochs", args.epochs, int, 1),
+    "batch_size": _parse_number("batch-size", args.batch_size, int, 1),
+    "loss": args.loss or "ce",
+    "seed": _parse_number("seed", args.seed, int, 0),
+    "out": out,
+    "plot": not args.no_plot,
   }
 
 
@@ -119,21 +127,21 @@ def _train(s: dict, loss: str, data, *, verbose: bool):
 
   def report(epoch, params, record):
     print(
-        f"epoch {epoch:3d}  loss {record['loss']:.4f}  "
-        f"train acc {record['train_accuracy']:.3f}  test acc {record['test_accuracy']:.3f}",
-        flush=True,
+      f"epoch {epoch:3d}  loss {record['loss']:.4f}  "
+      f"train acc {record['train_accuracy']:.3f}  test acc {record['test_accuracy']:.3f}",
+      flush=True,
     )
 
   params = train.init_linear(jax.random.key(s["seed"]), data[0].shape[1], 10)
   return train.fit(
-      params,
-      train.make_optimizer(s["optimizer"], s["lr"]),
-      data,
-      epochs=s["epochs"],
-      batch_size=s["batch_size"],
-      seed=s["seed"],
-      loss=loss,
-      callback=report if verbose else None,
+    params,
+    train.make_optimizer(s["optimizer"], s["lr"]),
+    data,
+    epochs=s["epochs"],
+    batch_size=s["batch_size"],
+    seed=s["seed"],
+    loss=loss,
+    callback=report if verbose else None,
   )
 
 
@@ -163,8 +171,12 @@ def _plot_run(history, s: dict, out: str) -> str | None:
   epochs = range(1, len(history["loss"]) + 1)
   ax_loss, ax_acc = fig.subplots(1, 2)
   ax_loss.plot(epochs, history["loss"], marker="o", markersize=3)
-  ax_loss.set(xlabel="epoch", ylabel=f"training loss ({s['loss']})", yscale="log",
-              title=f"{LOSS_TITLES[s['loss']]}, {s['optimizer']} lr={s['lr']:g}")
+  ax_loss.set(
+    xlabel="epoch",
+    ylabel=f"training loss ({s['loss']})",
+    yscale="log",
+    title=f"{LOSS_TITLES[s['loss']]}, {s['optimizer']} lr={s['lr']:g}",
+  )
   ax_acc.plot(epochs, history["train_accuracy"], label="train")
   ax_acc.plot(epochs, history["test_accuracy"], label="test")
   ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy, 8x8 digits")
@@ -189,8 +201,10 @@ def _plot_compare(histories: dict, s: dict, out: str) -> str | None:
     ax.grid(alpha=0.3)
   ax_train.set_ylabel("accuracy")
   ax_test.legend(loc="lower right")
-  fig.suptitle(f"linear classifier on 8x8 digits, {s['optimizer']} lr={s['lr']:g}, "
-               f"batch {s['batch_size']}, seed {s['seed']}")
+  fig.suptitle(
+    f"linear classifier on 8x8 digits, {s['optimizer']} lr={s['lr']:g}, "
+    f"batch {s['batch_size']}, seed {s['seed']}"
+  )
   return _save(fig, out, "compare.png")
 
 
@@ -206,13 +220,13 @@ def _run_one(s: dict, data) -> int:
 
   from xentjax import train
 
-  x_train, y_train, x_test, y_test = data
+  _, y_train, x_test, y_test = data
   print(
-      f"training a linear softmax classifier on the 8x8 digits "
-      f"({len(y_train)} train / {len(y_test)} test, 64 features, 10 classes)\n"
-      f"loss {s['loss']} ({LOSS_TITLES[s['loss']]}), optimizer {s['optimizer']} "
-      f"lr {s['lr']:g}, {s['epochs']} epochs, batch {s['batch_size']}, seed {s['seed']}",
-      flush=True,
+    f"training a linear softmax classifier on the 8x8 digits "
+    f"({len(y_train)} train / {len(y_test)} test, 64 features, 10 classes)\n"
+    f"loss {s['loss']} ({LOSS_TITLES[s['loss']]}), optimizer {s['optimizer']} "
+    f"lr {s['lr']:g}, {s['epochs']} epochs, batch {s['batch_size']}, seed {s['seed']}",
+    flush=True,
   )
   params, history = _train(s, s["loss"], data, verbose=True)
   test = train.evaluate_classifier(params, x_test, y_test, k=5)
@@ -222,14 +236,14 @@ def _run_one(s: dict, data) -> int:
   print(f"top-5 accuracy: {test['top_k_accuracy']:.4f}")
   ok = gap <= GRAD_TOLERANCE
   print(
-      f"max |jax.grad - (softmax - onehot)| of the summed cross-entropy on the "
-      f"test logits: {gap:.3e} ({'ok, <=' if ok else 'FAILED, >'} {GRAD_TOLERANCE:g})"
+    f"max |jax.grad - (softmax - onehot)| of the summed cross-entropy on the "
+    f"test logits: {gap:.3e} ({'ok, <=' if ok else 'FAILED, >'} {GRAD_TOLERANCE:g})"
   )
   if not ok:
     print(
-        f"xentjax demo: WARNING: autodiff and closed-form gradients differ by "
-        f"{gap:.3e} > {GRAD_TOLERANCE:g}",
-        file=sys.stderr,
+      f"xentjax demo: WARNING: autodiff and closed-form gradients differ by "
+      f"{gap:.3e} > {GRAD_TOLERANCE:g}",
+      file=sys.stderr,
     )
   if s["plot"]:
     _report_png(_plot_run(history, s, s["out"]), "loss curve")
@@ -240,18 +254,19 @@ def _run_compare(s: dict, data) -> int:
   from xentjax import train
 
   print(
-      f"comparing losses on the 8x8 digits: same linear model, optimizer "
-      f"{s['optimizer']} lr {s['lr']:g}, {s['epochs']} epochs, batch "
-      f"{s['batch_size']}, seed {s['seed']}",
-      flush=True,
+    f"comparing losses on the 8x8 digits: same linear model, optimizer "
+    f"{s['optimizer']} lr {s['lr']:g}, {s['epochs']} epochs, batch "
+    f"{s['batch_size']}, seed {s['seed']}",
+    flush=True,
   )
   histories, rows = {}, []
   for loss in COMPARE_LOSSES:
     _, history = _train(s, loss, data, verbose=False)
     histories[loss] = history
     reached = train.epochs_to_accuracy(history, TARGET_ACCURACY)
-    rows.append((loss, "never" if reached is None else str(reached),
-                 f"{history['test_accuracy'][-1]:.4f}"))
+    rows.append(
+      (loss, "never" if reached is None else str(reached), f"{history['test_accuracy'][-1]:.4f}")
+    )
   head = ("loss", f"epochs to {TARGET_ACCURACY:.0%} train accuracy", "final test accuracy")
   widths = [max(len(r[i]) for r in (head, *rows)) for i in range(3)]
   line = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()

@@ -48,8 +48,8 @@ def load_digits_raw(*, verify: bool = False) -> tuple[np.ndarray, np.ndarray]:
     labels = np.array(npz["labels"])
   if verify:
     for name, arr, want in (
-        ("images", images, IMAGES_SHA256),
-        ("labels", labels, LABELS_SHA256),
+      ("images", images, IMAGES_SHA256),
+      ("labels", labels, LABELS_SHA256),
     ):
       got = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
       if got != want:
@@ -58,7 +58,7 @@ def load_digits_raw(*, verify: bool = False) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stratified_split(
-    labels: np.ndarray, *, test_fraction: float, seed: int
+  labels: np.ndarray, *, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
   """Split example indices into train and test, class by class.
 
@@ -84,14 +84,14 @@ def stratified_split(
   for c in np.unique(labels):
     idx = np.flatnonzero(labels == c)
     idx = idx[rng.permutation(idx.size)]
-    n_test = int(round(test_fraction * idx.size))
+    n_test = round(test_fraction * idx.size)
     test.append(idx[:n_test])
     train.append(idx[n_test:])
   return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
 def load_digits(
-    *, test_fraction: float = 0.25, seed: int = 0, scale: bool = True
+  *, test_fraction: float = 0.25, seed: int = 0, scale: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Load the 8x8 digits with a deterministic, stratified train/test split.
 

@@ -58,7 +58,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad")
 
 
 def init_linear(
-    key: jax.Array, num_features: int, num_classes: int, *, scale: float = 0.01
+  key: jax.Array, num_features: int, num_classes: int, *, scale: float = 0.01
 ) -> Params:
   """Initial parameters of a linear softmax classifier.
 
@@ -124,7 +124,7 @@ def logistic_logits(params: Params, x: jax.typing.ArrayLike) -> jax.Array:
 
 
 def softmax_focal_loss(
-    logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, *, gamma: float = 2.0
+  logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, *, gamma: float = 2.0
 ) -> jax.Array:
   """Multiclass focal loss on softmax probabilities, integer labels.
 
@@ -153,7 +153,7 @@ def softmax_focal_loss(
   return -((-jnp.expm1(logp_y)) ** gamma) * logp_y
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_loss(name: str, *, label_smoothing: float = 0.1, gamma: float = 2.0) -> LossFn:
   """A per-example loss `(logits, labels) -> [n]` by name.
 
@@ -183,7 +183,7 @@ def make_loss(name: str, *, label_smoothing: float = 0.1, gamma: float = 2.0) ->
     return softmax_cross_entropy_with_integer_labels
   if name == "smooth":
     return lambda z, y: softmax_cross_entropy_with_integer_labels(
-        z, y, label_smoothing=label_smoothing
+      z, y, label_smoothing=label_smoothing
     )
   if name == "focal":
     return lambda z, y: softmax_focal_loss(z, y, gamma=gamma)
@@ -276,11 +276,11 @@ def _update(loss_fn, optimizer, l2, model):
 
 
 def make_train_step(
-    loss_fn: LossFn,
-    optimizer: optax.GradientTransformation,
-    *,
-    l2: float = 0.0,
-    model: ModelFn = linear_logits,
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  *,
+  l2: float = 0.0,
+  model: ModelFn = linear_logits,
 ) -> Callable:
   """A jitted optax update on one minibatch.
 
@@ -335,10 +335,12 @@ def _make_epoch(loss_fn, optimizer, l2, model, num_examples, batch_size):
   def epoch(params, opt_state, key, x, y):
     order = jax.random.permutation(key, num_examples)
     order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
-    weights = jnp.concatenate([
+    weights = jnp.concatenate(
+      [
         jnp.ones((num_examples,), jnp.result_type(float)),
         jnp.zeros((pad,), jnp.result_type(float)),
-    ])
+      ]
+    )
     idx = order.reshape(num_batches, batch_size)
     weights = weights.reshape(num_batches, batch_size)
 
@@ -368,18 +370,18 @@ def _progress_bar(total: int, progress: bool | None, desc: str):
 
 
 def fit(
-    params: Any,
-    optimizer: optax.GradientTransformation,
-    data: Sequence[np.ndarray],
-    *,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    loss: str | LossFn = "ce",
-    l2: float = 0.0,
-    model: ModelFn = linear_logits,
-    progress: bool | None = None,
-    callback: Callable[[int, Any, Mapping[str, float]], None] | None = None,
+  params: Any,
+  optimizer: optax.GradientTransformation,
+  data: Sequence[np.ndarray],
+  *,
+  epochs: int,
+  batch_size: int,
+  seed: int,
+  loss: str | LossFn = "ce",
+  l2: float = 0.0,
+  model: ModelFn = linear_logits,
+  progress: bool | None = None,
+  callback: Callable[[int, Any, Mapping[str, float]], None] | None = None,
 ) -> tuple[Any, dict[str, list[float]]]:
   """Train by minibatch descent and record the history of each epoch.
 
@@ -418,8 +420,7 @@ def fit(
   try:
     epoch_fn = _make_epoch(loss_fn, optimizer, float(l2), model, n, min(batch_size, n))
   except TypeError:  # an unhashable optimizer or loss: compile without the cache
-    epoch_fn = _make_epoch.__wrapped__(loss_fn, optimizer, float(l2), model, n,
-                                       min(batch_size, n))
+    epoch_fn = _make_epoch.__wrapped__(loss_fn, optimizer, float(l2), model, n, min(batch_size, n))
   accuracy = functools.partial(_model_accuracy, model)
 
   opt_state = optimizer.init(params)
@@ -431,11 +432,11 @@ def fit(
   try:
     for epoch in range(1, epochs + 1):
       params, opt_state, epoch_loss = epoch_fn(
-          params, opt_state, jax.random.fold_in(key, epoch), x_train, y_train
+        params, opt_state, jax.random.fold_in(key, epoch), x_train, y_train
       )
       record = {
-          "loss": float(epoch_loss),
-          "train_accuracy": float(accuracy(params, x_train, y_train)),
+        "loss": float(epoch_loss),
+        "train_accuracy": float(accuracy(params, x_train, y_train)),
       }
       if test is not None:
         record["test_accuracy"] = float(accuracy(params, *test))
@@ -462,12 +463,12 @@ def fit(
 
 
 def evaluate_classifier(
-    params: Any,
-    x: jax.typing.ArrayLike,
-    y: jax.typing.ArrayLike,
-    k: int = 5,
-    *,
-    model: ModelFn = linear_logits,
+  params: Any,
+  x: jax.typing.ArrayLike,
+  y: jax.typing.ArrayLike,
+  k: int = 5,
+  *,
+  model: ModelFn = linear_logits,
 ) -> dict[str, float]:
   """Accuracy and top-k accuracy of a classifier.
 
@@ -495,8 +496,9 @@ def evaluate_classifier(
   return out
 
 
-def epochs_to_accuracy(history: Mapping[str, Sequence[float]], target: float,
-                       *, key: str = "train_accuracy") -> int | None:
+def epochs_to_accuracy(
+  history: Mapping[str, Sequence[float]], target: float, *, key: str = "train_accuracy"
+) -> int | None:
   """The first epoch (counted from 1) whose `history[key]` reaches `target`, else None."""
   for epoch, value in enumerate(history[key], start=1):
     if value >= target:
