@@ -364,6 +364,26 @@ def test_kl_from_logits_neg_inf_classes():
   np.testing.assert_allclose(gb, want_gb, rtol=1e-5, atol=1e-7)
 
 
+def test_kl_from_logits_underflowing_p_against_impossible_q_is_inf():
+  # p_1 = exp(-2e4) underflows to 0, yet p puts mass where q puts none: +inf.
+  a = jnp.array([1e4, -1e4])
+  b = jnp.array([0.0, -jnp.inf])
+  assert float(info.kl_divergence_from_logits(a, b)) == np.inf
+  ga, gb = jax.grad(info.kl_divergence_from_logits, (0, 1))(a, b)
+  assert not np.any(np.isnan(ga)) and not np.any(np.isnan(gb))
+
+
+def test_kl_from_logits_non_distributions_give_nan():
+  ninf = -jnp.inf
+  assert math.isnan(float(info.kl_divergence_from_logits(jnp.array([ninf, ninf]), jnp.zeros(2))))
+  assert math.isnan(float(info.kl_divergence_from_logits(jnp.array([jnp.inf, 0.0]), jnp.zeros(2))))
+  # The same row fully masked is 0, not NaN.
+  keep = jnp.zeros(2, bool)
+  assert (
+    float(info.kl_divergence_from_logits(jnp.array([ninf, ninf]), jnp.zeros(2), where=keep)) == 0
+  )
+
+
 def test_kl_from_logits_where_renormalizes_over_kept_classes():
   rng = np.random.default_rng(13)
   a = rng.normal(size=(2, 6))

@@ -483,9 +483,10 @@ def kl_divergence_from_logits(
     (`q` puts no mass where `p` does), never NaN; its gradient in `q_logits`
     is still the exact `softmax(q_logits) - softmax(p_logits)`, and the
     infinite term contributes nothing to the gradient in `p_logits` (so no
-    NaN there either). A fully masked row gives 0
-    with a zero gradient; `+inf` logits and a row of `-inf` logits that is
-    not masked give NaN (neither is a distribution).
+    NaN there either). This holds even where `p_i` underflows to 0 from a
+    finite logit. A fully masked row gives 0 with a zero gradient; `+inf`
+    logits, and a row of `-inf` logits that is not masked, give NaN (neither
+    is a distribution).
 
   References:
     G. Hinton, O. Vinyals and J. Dean, "Distilling the Knowledge in a Neural
