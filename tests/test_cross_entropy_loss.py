@@ -19,21 +19,21 @@ REDUCTIONS = ("none", "mean", "sum")
 
 # Named layouts: (logits shape, class axis). "kdim_axis1" is torch's own layout.
 SHAPES = {
-    "batch": ((6, NUM_CLASSES), -1),
-    "unbatched": ((NUM_CLASSES,), -1),
-    "kdim_last": ((3, 2, 4, NUM_CLASSES), -1),
-    "kdim_axis1": ((3, NUM_CLASSES, 2, 4), 1),
+  "batch": ((6, NUM_CLASSES), -1),
+  "unbatched": ((NUM_CLASSES,), -1),
+  "kdim_last": ((3, 2, 4, NUM_CLASSES), -1),
+  "kdim_axis1": ((3, NUM_CLASSES, 2, 4), 1),
 }
 
 # The shared parameter table: target kind x weight x ignore_index x smoothing.
 # ignore_index only exists for integer targets (torch refuses a non-default
 # one with probabilities; see test_ignore_index_with_probabilities_rejected).
 CASES = [
-    pytest.param(kind, weighted, ignore, eps, id=f"{kind}-w{int(weighted)}-ig{ignore}-ls{eps}")
-    for kind, weighted, ignore, eps in itertools.product(
-        ("int", "prob"), (False, True), (-100, 1), (0.0, 0.15)
-    )
-    if kind == "int" or ignore == -100
+  pytest.param(kind, weighted, ignore, eps, id=f"{kind}-w{int(weighted)}-ig{ignore}-ls{eps}")
+  for kind, weighted, ignore, eps in itertools.product(
+    ("int", "prob"), (False, True), (-100, 1), (0.0, 0.15)
+  )
+  if kind == "int" or ignore == -100
 ]
 
 
@@ -72,12 +72,10 @@ def _loss_and_grad(logits, targets, cotangent, **kw):
 
 # Every case of the table on the plain batch layout; the other layouts on the
 # cases that exercise everything at once (weights, smoothing, ignore_index).
-TORCH_CASES = [
-    pytest.param("batch", *case.values, id=f"batch-{case.id}") for case in CASES
-] + [
-    pytest.param(shape_name, kind, True, ignore, 0.15, id=f"{shape_name}-{kind}-ig{ignore}")
-    for shape_name in ("unbatched", "kdim_last", "kdim_axis1")
-    for kind, ignore in (("int", -100), ("int", 1), ("prob", -100))
+TORCH_CASES = [pytest.param("batch", *case.values, id=f"batch-{case.id}") for case in CASES] + [
+  pytest.param(shape_name, kind, True, ignore, 0.15, id=f"{shape_name}-{kind}-ig{ignore}")
+  for shape_name in ("unbatched", "kdim_last", "kdim_axis1")
+  for kind, ignore in (("int", -100), ("int", 1), ("prob", -100))
 ]
 
 
@@ -100,18 +98,25 @@ def test_matches_torch(shape_name, kind, weighted, ignore, eps):
   rng = np.random.default_rng(1)
   for reduction in REDUCTIONS:
     expected = F.cross_entropy(
-        z_t, y_t, weight=w_t, ignore_index=ignore, reduction=reduction, label_smoothing=eps
+      z_t, y_t, weight=w_t, ignore_index=ignore, reduction=reduction, label_smoothing=eps
     )
     cot = rng.standard_normal(expected.shape)
     (g_t,) = torch.autograd.grad(expected, z_t, torch.tensor(cot, dtype=torch.float64))
     expected_grad = np.moveaxis(g_t.numpy(), t_axis, axis)
     value, grad = _loss_and_grad(
-        logits, targets, cot, weight=weight, ignore_index=ignore, reduction=reduction,
-        label_smoothing=eps, axis=axis,
+      logits,
+      targets,
+      cot,
+      weight=weight,
+      ignore_index=ignore,
+      reduction=reduction,
+      label_smoothing=eps,
+      axis=axis,
     )
     assert value.shape == tuple(expected.shape), reduction
-    np.testing.assert_allclose(value, expected.detach().numpy(), rtol=1e-5, atol=1e-6,
-                               err_msg=reduction)
+    np.testing.assert_allclose(
+      value, expected.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=reduction
+    )
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6, err_msg=reduction)
 
 
@@ -187,8 +192,12 @@ def test_matches_numpy_formula(kind, weighted, ignore, eps):
   weight = _weight(weighted)
   for reduction in REDUCTIONS:
     got = xentjax.cross_entropy_loss(
-        logits, targets, weight=weight, ignore_index=ignore, reduction=reduction,
-        label_smoothing=eps,
+      logits,
+      targets,
+      weight=weight,
+      ignore_index=ignore,
+      reduction=reduction,
+      label_smoothing=eps,
     )
     want = _np_reference(logits, targets, weight, ignore, eps, reduction)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6, err_msg=reduction)
@@ -215,7 +224,7 @@ def test_integer_labels_equal_onehot_probabilities(eps, reduction):
   logits = rng.standard_normal((7, NUM_CLASSES)).astype(np.float32)
   labels = rng.integers(0, NUM_CLASSES, size=7)
   onehot = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
-  kw = dict(weight=_weight(True), label_smoothing=eps, reduction=reduction)
+  kw = {"weight": _weight(True), "label_smoothing": eps, "reduction": reduction}
   a = xentjax.cross_entropy_loss(logits, labels, **kw)
   b = xentjax.cross_entropy_loss(logits, onehot, **kw)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
@@ -227,11 +236,13 @@ def test_mean_divides_by_target_weights_for_int_and_by_n_for_prob():
   labels = np.array([1, 1])
   # int: sum = 2 * 3 ln 2, divided by w[1] + w[1] = 6 -> ln 2.
   np.testing.assert_allclose(
-      xentjax.cross_entropy_loss(logits, labels, weight=w), np.log(2), rtol=1e-6)
+    xentjax.cross_entropy_loss(logits, labels, weight=w), np.log(2), rtol=1e-6
+  )
   # prob: same sum 6 ln 2, divided by N = 2 -> 3 ln 2.
   onehot = np.eye(2, dtype=np.float32)[labels]
   np.testing.assert_allclose(
-      xentjax.cross_entropy_loss(logits, onehot, weight=w), 3 * np.log(2), rtol=1e-6)
+    xentjax.cross_entropy_loss(logits, onehot, weight=w), 3 * np.log(2), rtol=1e-6
+  )
 
 
 def test_ignore_index_naming_a_valid_class():
@@ -259,8 +270,10 @@ def test_ignore_index_naming_a_valid_class():
 def test_all_ignored_gives_zero_and_zero_gradient(weighted, eps):
   logits = jnp.asarray(np.random.default_rng(7).standard_normal((3, 4)), jnp.float32)
   labels = np.full((3,), -100)
-  kw = dict(weight=_weight(False) if not weighted else np.ones(4, np.float32),
-            label_smoothing=eps)
+  kw = {
+    "weight": _weight(False) if not weighted else np.ones(4, np.float32),
+    "label_smoothing": eps,
+  }
   for reduction in REDUCTIONS:
     value = xentjax.cross_entropy_loss(logits, labels, reduction=reduction, **kw)
     np.testing.assert_array_equal(np.asarray(value), 0.0)
@@ -281,14 +294,14 @@ def test_empty_batch_mean_is_zero():
 def test_out_of_range_label_gives_nan(bad_label, eps):
   logits = jnp.asarray(np.random.default_rng(8).standard_normal((3, 3)), jnp.float32)
   labels = jnp.array([0, bad_label, 2])
-  f = jax.jit(lambda z, y: xentjax.cross_entropy_loss(
-      z, y, reduction="none", label_smoothing=eps))
+  f = jax.jit(lambda z, y: xentjax.cross_entropy_loss(z, y, reduction="none", label_smoothing=eps))
   per_example = np.asarray(f(logits, labels))
   assert np.isnan(per_example[1])
   assert np.all(np.isfinite(per_example[[0, 2]]))
   for reduction in ("mean", "sum"):
-    assert np.isnan(xentjax.cross_entropy_loss(
-        logits, labels, reduction=reduction, label_smoothing=eps))
+    assert np.isnan(
+      xentjax.cross_entropy_loss(logits, labels, reduction=reduction, label_smoothing=eps)
+    )
   grad = jax.grad(lambda z: xentjax.cross_entropy_loss(z, labels, label_smoothing=eps))(logits)
   assert np.isnan(np.asarray(grad)).any()  # never a silently finite update
 
@@ -333,7 +346,7 @@ def test_output_dtype_follows_logits():
 
 def test_jit_matches_eager():
   logits, targets = _make_inputs((3, 4, NUM_CLASSES), -1, "int", -100, seed=10)
-  kw = dict(weight=_weight(True), label_smoothing=0.1)
+  kw = {"weight": _weight(True), "label_smoothing": 0.1}
   eager = xentjax.cross_entropy_loss(logits, targets, **kw)
   jitted = jax.jit(lambda z, y: xentjax.cross_entropy_loss(z, y, **kw))(logits, targets)
   np.testing.assert_allclose(float(jitted), float(eager), rtol=1e-6)
@@ -415,11 +428,14 @@ def test_check_labels_returns_labels_unchanged():
   assert xentjax.check_labels(jl, 3) is jl
 
 
-@pytest.mark.parametrize("labels,where,value", [
+@pytest.mark.parametrize(
+  "labels,where,value",
+  [
     ([0, 3, 1], r"labels\[1\]", "3"),
     ([[0, 1], [-1, 5]], r"labels\[1, 0\]", "-1"),
     ([0, -100], r"labels\[1\]", "-100"),  # -100 is not allowed unless named
-])
+  ],
+)
 def test_check_labels_names_first_offender(labels, where, value):
   with pytest.raises(ValueError, match=rf"{where} = {value} is out of range for num_classes=3"):
     xentjax.check_labels(np.array(labels), 3)

@@ -21,7 +21,7 @@ SUM_TOLERANCE = 1e-6
 # argparse treats "-3.44" as a value (not an option) only when it matches its
 # own negative-number pattern, which misses "-1e3" and "-inf"; this one covers
 # them. Falls back to argparse's default if the attribute ever disappears.
-_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.I)
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.IGNORECASE)
 
 _EPILOG = """\
 examples:
@@ -34,29 +34,45 @@ examples:
 
 def register(subparsers) -> None:
   p = subparsers.add_parser(
-      "explain",
-      help="print a cross-entropy calculation step by step",
-      description=(
-          "Print the cross-entropy of one example as a table, step by step: "
-          "from scores (--logits) through exp, the softmax probabilities and "
-          "-ln p to the loss and the gradient p - y; or from probabilities "
-          "(--probs) through the terms -y·log q to their sum. Give the true "
-          "class with --label, or a (soft) target distribution with --target."
-      ),
-      epilog=_EPILOG,
-      formatter_class=argparse.RawDescriptionHelpFormatter,
+    "explain",
+    help="print a cross-entropy calculation step by step",
+    description=(
+      "Print the cross-entropy of one example as a table, step by step: "
+      "from scores (--logits) through exp, the softmax probabilities and "
+      "-ln p to the loss and the gradient p - y; or from probabilities "
+      "(--probs) through the terms -y·log q to their sum. Give the true "
+      "class with --label, or a (soft) target distribution with --target."
+    ),
+    epilog=_EPILOG,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  p.add_argument("--logits", nargs="+", metavar="Z",
-                 help="unnormalized scores, one per class (negative numbers are fine)")
-  p.add_argument("--probs", nargs="+", metavar="Q",
-                 help="predicted probabilities, one per class, >= 0 and summing to 1")
-  p.add_argument("--label", metavar="K",
-                 help="the true class: an index 0..K-1, or a name from --classes")
-  p.add_argument("--target", nargs="+", metavar="Y",
-                 help="a target distribution instead of --label (one-hot or soft)")
+  p.add_argument(
+    "--logits",
+    nargs="+",
+    metavar="Z",
+    help="unnormalized scores, one per class (negative numbers are fine)",
+  )
+  p.add_argument(
+    "--probs",
+    nargs="+",
+    metavar="Q",
+    help="predicted probabilities, one per class, >= 0 and summing to 1",
+  )
+  p.add_argument(
+    "--label", metavar="K", help="the true class: an index 0..K-1, or a name from --classes"
+  )
+  p.add_argument(
+    "--target",
+    nargs="+",
+    metavar="Y",
+    help="a target distribution instead of --label (one-hot or soft)",
+  )
   p.add_argument("--classes", nargs="+", metavar="NAME", help="optional class names")
-  p.add_argument("--base", default="e",
-                 help="logarithm base: e (nats, default), 2 (bits), 10, or any number > 0, != 1")
+  p.add_argument(
+    "--base",
+    default="e",
+    help="logarithm base: e (nats, default), 2 (bits), 10, or any number > 0, != 1",
+  )
   if isinstance(getattr(p, "_negative_number_matcher", None), re.Pattern):
     p._negative_number_matcher = _NEGATIVE_NUMBER
   p.set_defaults(func=run)
@@ -84,9 +100,7 @@ def _check_distribution(flag: str, values: list[float]) -> None:
       raise CommandError(f"{flag} must lie in [0, 1], got {v:g} at index {i}")
   total = math.fsum(values)
   if abs(total - 1.0) > SUM_TOLERANCE:
-    raise CommandError(
-        f"{flag} must sum to 1 (within {SUM_TOLERANCE:g}), got sum {total:.10g}"
-    )
+    raise CommandError(f"{flag} must sum to 1 (within {SUM_TOLERANCE:g}), got sum {total:.10g}")
 
 
 def _parse_base(text: str) -> tuple[float | None, str, str]:
@@ -153,7 +167,9 @@ def _table(header: list[str], rows: list[list[str]], footer: list[str] | None = 
   lines = [line(header), "  ".join("─" * w for w in widths)]
   lines += [line(r) for r in rows]
   if footer:
-    lines.append("  ".join("─" * w if footer[i] else " " * w for i, w in enumerate(widths)).rstrip())
+    lines.append(
+      "  ".join("─" * w if footer[i] else " " * w for i, w in enumerate(widths)).rstrip()
+    )
     lines.append(line(footer))
   return "\n".join(lines)
 
@@ -185,7 +201,7 @@ def _explain_logits(z_list, y_list, label, names, base, log, unit) -> str:
   z = jnp.asarray(z_list, dtype=jnp.result_type(float))
   y = jnp.asarray(y_list, dtype=z.dtype)
   targets = jnp.asarray(label) if label is not None else y
-  loss_fn = lambda v: xentjax.cross_entropy_loss(v, targets)  # noqa: E731
+  loss_fn = lambda v: xentjax.cross_entropy_loss(v, targets)
   loss, grad = jax.value_and_grad(loss_fn)(z)
   m = jnp.max(z)
   exp_z = jnp.exp(z)
@@ -219,8 +235,8 @@ def _explain_logits(z_list, y_list, label, names, base, log, unit) -> str:
   if overflow:
     out.append("exp(z) overflows here, so the table shows exp(z − m); p is the same.")
   out.append(
-      f"log-sum-exp trick: m = max z = {_fmt(m)}; ln Σ exp(z) = m + ln Σ exp(z − m) "
-      f"= {_fmt(m)} + ln {_fmt(jnp.sum(shifted))} = {_fmt(lse)}"
+    f"log-sum-exp trick: m = max z = {_fmt(m)}; ln Σ exp(z) = m + ln Σ exp(z − m) "
+    f"= {_fmt(m)} + ln {_fmt(jnp.sum(shifted))} = {_fmt(lse)}"
   )
   out.append("  (subtracting m first keeps exp from overflowing; then −ln p = ln Σ exp(z) − z)")
   loss_b = float(loss) * scale
@@ -230,14 +246,16 @@ def _explain_logits(z_list, y_list, label, names, base, log, unit) -> str:
       out.append(f"loss = −ln p[{names[label]}] = {in_nats} = {_fmt(loss)} nats")
     else:
       out.append(
-          f"loss = −{log} p[{names[label]}] = ({in_nats}) / ln {base:g} "
-          f"= {_fmt(loss)} / {_fmt(math.log(base))} = {_fmt(loss_b)} {unit}"
+        f"loss = −{log} p[{names[label]}] = ({in_nats}) / ln {base:g} "
+        f"= {_fmt(loss)} / {_fmt(math.log(base))} = {_fmt(loss_b)} {unit}"
       )
   else:
     h = xentjax.info.entropy(y, base=base)
     kl = xentjax.info.kl_divergence(y, p, base=base)
     out.append(f"loss = −Σ y·{log} p = {_fmt(loss_b)} {unit}")
-    out.append(f"     = H(y) + KL(y‖p) = {_fmt(h)} + {_fmt(kl)} (entropy of y + the excess training can remove)")
+    out.append(
+      f"     = H(y) + KL(y‖p) = {_fmt(h)} + {_fmt(kl)} (entropy of y + the excess training can remove)"
+    )
   note = "" if base is None else f"; in nats: divide by ln {base:g} for {unit}"
   out.append(f"gradient ∂loss/∂z = ŷ − y with ŷ = p: {_vector(grad)}{note}")
   return "\n".join(out)
@@ -260,8 +278,15 @@ def _explain_probs(q_list, y_list, label, names, base, log, unit) -> str:
   header = ["class", "q", f"−{log} q", "target y", f"−y·{log} q"]
   rows = []
   for i, name in enumerate(names):
-    rows.append([name, _fmt(q[i]), _fmt(neg_log_q[i]),
-                 _fmt(y[i]) if soft else str(int(y_list[i])), _fmt(terms[i])])
+    rows.append(
+      [
+        name,
+        _fmt(q[i]),
+        _fmt(neg_log_q[i]),
+        _fmt(y[i]) if soft else str(int(y_list[i])),
+        _fmt(terms[i]),
+      ]
+    )
   footer = ["Σ", _fmt(jnp.sum(q)), "", _fmt(jnp.sum(y)) if soft else "1", _fmt(jnp.sum(terms))]
 
   out = [f"Cross-entropy from probabilities: {len(names)} classes, {_what(label, names)}", ""]
@@ -270,14 +295,16 @@ def _explain_probs(q_list, y_list, label, names, base, log, unit) -> str:
   out.append(f"terms with y = 0 are 0 (0·{log} q = 0), so only the target's classes count")
   if not soft:
     out.append(
-        f"loss = −Σ y·{log} q = −{log} q[{names[label]}] = −{log} {_fmt(q[label])} "
-        f"= {_fmt(loss)} {unit}"
+      f"loss = −Σ y·{log} q = −{log} q[{names[label]}] = −{log} {_fmt(q[label])} "
+      f"= {_fmt(loss)} {unit}"
     )
   else:
     h = xentjax.info.entropy(y, base=base)
     kl = xentjax.info.kl_divergence(y, q, base=base)
     out.append(f"loss = −Σ y·{log} q = {_fmt(loss)} {unit}")
-    out.append(f"     = H(y) + KL(y‖q) = {_fmt(h)} + {_fmt(kl)} (entropy of y + the excess training can remove)")
+    out.append(
+      f"     = H(y) + KL(y‖q) = {_fmt(h)} + {_fmt(kl)} (entropy of y + the excess training can remove)"
+    )
   out.append(f"if q = softmax(z), the gradient ∂loss/∂z (in nats) is q − y = {_vector(q - y)}")
   return "\n".join(out)
 

@@ -25,34 +25,37 @@ from xentjax import _validation as V
 def _check_targets(logits: jax.Array, targets: jax.Array, axis: int) -> bool:
   """Validate `targets` against `logits`; return True for integer class indices."""
   dt = targets.dtype
-  batch_shape = logits.shape[:axis] + logits.shape[axis + 1:]
+  batch_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
   if jnp.issubdtype(dt, jnp.integer):
     if targets.shape != batch_shape:
       hint = (
-          " Integer targets are class indices; probability targets must have a "
-          "floating dtype." if targets.shape == logits.shape else ""
+        " Integer targets are class indices; probability targets must have a floating dtype."
+        if targets.shape == logits.shape
+        else ""
       )
       raise ValueError(
-          "`targets` of integer dtype (class indices) must have the shape of "
-          f"`logits` without the class axis {axis}: expected {batch_shape}, got "
-          f"targets.shape={targets.shape} (logits.shape={logits.shape}).{hint}"
+        "`targets` of integer dtype (class indices) must have the shape of "
+        f"`logits` without the class axis {axis}: expected {batch_shape}, got "
+        f"targets.shape={targets.shape} (logits.shape={logits.shape}).{hint}"
       )
     return True
   if jnp.issubdtype(dt, jnp.floating):
     if targets.shape != logits.shape:
       hint = (
-          " Floating targets are probabilities over the classes; for class "
-          "indices use an integer dtype." if targets.shape == batch_shape else ""
+        " Floating targets are probabilities over the classes; for class "
+        "indices use an integer dtype."
+        if targets.shape == batch_shape
+        else ""
       )
       raise ValueError(
-          "`targets` of floating dtype (class probabilities) must have the shape "
-          f"of `logits`: expected {logits.shape}, got targets.shape={targets.shape}."
-          f"{hint}"
+        "`targets` of floating dtype (class probabilities) must have the shape "
+        f"of `logits`: expected {logits.shape}, got targets.shape={targets.shape}."
+        f"{hint}"
       )
     return False
   raise TypeError(
-      "`targets` must be integer class indices or floating-point class "
-      f"probabilities, got dtype {dt} with shape {targets.shape}."
+    "`targets` must be integer class indices or floating-point class "
+    f"probabilities, got dtype {dt} with shape {targets.shape}."
   )
 
 
@@ -60,26 +63,26 @@ def _check_weight(weight, num_classes: int) -> jax.Array:
   weight = jnp.asarray(weight)
   if not jnp.issubdtype(weight.dtype, jnp.floating):
     raise TypeError(
-        "`weight` must be a floating-point array of per-class weights, got dtype "
-        f"{weight.dtype} with shape {weight.shape}."
+      "`weight` must be a floating-point array of per-class weights, got dtype "
+      f"{weight.dtype} with shape {weight.shape}."
     )
   if weight.shape != (num_classes,):
     raise ValueError(
-        f"`weight` must have shape (num_classes,) = ({num_classes},), got "
-        f"weight.shape={weight.shape}."
+      f"`weight` must have shape (num_classes,) = ({num_classes},), got "
+      f"weight.shape={weight.shape}."
     )
   return weight
 
 
 def cross_entropy_loss(
-    logits: ArrayLike,
-    targets: ArrayLike,
-    *,
-    weight: ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    axis: int = -1,
+  logits: ArrayLike,
+  targets: ArrayLike,
+  *,
+  weight: ArrayLike | None = None,
+  ignore_index: int | None = -100,
+  reduction: str = "mean",
+  label_smoothing: float = 0.0,
+  axis: int = -1,
 ) -> jax.Array:
   r"""Cross-entropy with the semantics of `torch.nn.functional.cross_entropy`.
 
@@ -159,8 +162,8 @@ def cross_entropy_loss(
   targets = jnp.asarray(targets)
   if logits.ndim == 0:
     raise ValueError(
-        "`logits` needs a class axis, got a scalar (logits.shape=()). Pass "
-        "shape [num_classes] or [..., num_classes]."
+      "`logits` needs a class axis, got a scalar (logits.shape=()). Pass "
+      "shape [num_classes] or [..., num_classes]."
     )
   axis = V.normalize_axis("axis", axis, logits.ndim)
   reduction = V.check_reduction(reduction)
@@ -170,9 +173,9 @@ def cross_entropy_loss(
   is_index = _check_targets(logits, targets, axis)
   if not is_index and ignore_index not in (None, -100):
     raise ValueError(
-        f"`ignore_index`={ignore_index} applies only to integer class-index targets; "
-        f"got probability targets (dtype {targets.dtype}, shape {targets.shape}). "
-        "Leave it at the default -100 (or None), as torch requires."
+      f"`ignore_index`={ignore_index} applies only to integer class-index targets; "
+      f"got probability targets (dtype {targets.dtype}, shape {targets.shape}). "
+      "Leave it at the default -100 (or None), as torch requires."
     )
   num_classes = logits.shape[axis]
   dtypes = [logits.dtype]
@@ -192,10 +195,7 @@ def cross_entropy_loss(
 
   if is_index:
     labels = targets
-    ignored = (
-        jnp.zeros(labels.shape, bool) if ignore_index is None
-        else labels == ignore_index
-    )
+    ignored = jnp.zeros(labels.shape, bool) if ignore_index is None else labels == ignore_index
     in_range = (labels >= 0) & (labels < num_classes)
     keep = in_range & ~ignored
     bad = ~in_range & ~ignored
@@ -235,7 +235,7 @@ def cross_entropy_loss(
 
 
 def check_labels(
-    labels: ArrayLike, num_classes: int, *, ignore_index: int | None = None
+  labels: ArrayLike, num_classes: int, *, ignore_index: int | None = None
 ) -> ArrayLike:
   """Raise eagerly unless every label lies in ``[0, num_classes)``.
 
@@ -268,9 +268,9 @@ def check_labels(
     raise ValueError(f"`num_classes` must be a positive int, got {num_classes!r}.")
   if isinstance(labels, jax.core.Tracer):
     raise TypeError(
-        "check_labels needs concrete labels but got a traced value (inside jit, "
-        "grad or vmap). Call it outside the transformed function; inside, an "
-        "out-of-range label makes the loss NaN."
+      "check_labels needs concrete labels but got a traced value (inside jit, "
+      "grad or vmap). Call it outside the transformed function; inside, an "
+      "out-of-range label makes the loss NaN."
     )
   arr = np.asarray(labels)
   V.check_integer("labels", arr)
@@ -284,8 +284,8 @@ def check_labels(
     if ignore_index is not None:
       allowed += f" or ignore_index={ignore_index}"
     raise ValueError(
-        f"{where} = {int(arr[first])} is out of range for num_classes="
-        f"{num_classes} (allowed: {allowed}); {int(np.sum(bad))} of {arr.size} "
-        "labels are out of range."
+      f"{where} = {int(arr[first])} is out of range for num_classes="
+      f"{num_classes} (allowed: {allowed}); {int(np.sum(bad))} of {arr.size} "
+      "labels are out of range."
     )
   return labels
