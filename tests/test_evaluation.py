@@ -72,7 +72,12 @@ def assert_matches(result, ref, rtol=1e-6):
   )
 
 
-def make_data(n, c, seed=0, scale=2.0):
+# Most tests share one compiled step: 8 classes, batches of 64 (the first
+# batch fixes the compiled size), default options.
+C, B = 8, 64
+
+
+def make_data(n, c=C, seed=0, scale=2.0):
   rng = np.random.default_rng(seed)
   logits = (rng.standard_normal((n, c)) * scale).astype(np.float32)
   labels = rng.integers(0, c, n)
@@ -112,8 +117,8 @@ def test_exact_against_float64_on_a_million_examples_any_batch_size():
 
 
 def test_all_metrics_against_reference_with_ragged_last_batch():
-  logits, labels = make_data(1003, 13, seed=2)
-  r = xentjax.evaluate(batched(logits, labels, size=128), top_k=3, num_bins=10, progress=False)
+  logits, labels = make_data(1003, seed=2)
+  r = xentjax.evaluate(batched(logits, labels, size=B), top_k=3, num_bins=10, progress=False)
   assert_matches(r, reference(logits, labels, top_k=3, num_bins=10))
   np.testing.assert_allclose(r.perplexity, math.exp(r.cross_entropy), rtol=1e-12)
   np.testing.assert_allclose(r.bits_per_token, r.cross_entropy / math.log(2), rtol=1e-12)
@@ -128,8 +133,8 @@ def test_ragged_last_batch_does_not_recompile():
 
 
 def test_larger_later_batches_are_split_to_the_first_size():
-  logits, labels = make_data(200, 6, seed=4)
-  cuts = [0, 16, 80, 83, 200]  # 16, then 64 (split into 4 x 16), 3, 117
+  logits, labels = make_data(300, seed=4)
+  cuts = [0, 64, 200, 203, 300]  # 64, then 136 (split into 64, 64, 8), 3, 97
   stream = [(logits[a:b], labels[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
   before = _evaluation._TRACE_COUNT
   r = xentjax.evaluate(stream, progress=False)
@@ -138,9 +143,9 @@ def test_larger_later_batches_are_split_to_the_first_size():
 
 
 def test_base_changes_only_cross_entropy():
-  logits, labels = make_data(300, 5, seed=5)
-  nats = xentjax.evaluate([(logits, labels)], progress=False)
-  bits = xentjax.evaluate([(logits, labels)], base=2, progress=False)
+  logits, labels = make_data(300, seed=5)
+  nats = xentjax.evaluate(batched(logits, labels, size=B), progress=False)
+  bits = xentjax.evaluate(batched(logits, labels, size=B), base=2, progress=False)
   np.testing.assert_allclose(bits.cross_entropy, nats.cross_entropy / math.log(2), rtol=1e-12)
   np.testing.assert_allclose(bits.cross_entropy, bits.bits_per_token, rtol=1e-12)
   assert bits.perplexity == nats.perplexity
@@ -154,20 +159,22 @@ def test_base_changes_only_cross_entropy():
 
 
 def test_mask_triples_and_ignore_index_match_boolean_indexing():
-  logits, labels = make_data(500, 9, seed=6)
+  logits, labels = make_data(500, seed=6)
   rng = np.random.default_rng(7)
   mask = rng.random(500) < 0.7
   labels = labels.copy()
   labels[rng.random(500) < 0.2] = -100
-  r = xentjax.evaluate(batched(logits, labels, mask, size=64), progress=False)
+  r = xentjax.evaluate(batched(logits, labels, mask, size=B), progress=False)
   assert_matches(r, reference(logits, labels, mask))
   assert r.count == int((mask & (labels != -100)).sum())
 
   # A custom ignore_index; None counts every (in-range) label.
   labels2 = np.where(labels == -100, 3, labels)
-  r3 = xentjax.evaluate(batched(logits, labels2, size=64), ignore_index=3, progress=False)
+  before = _evaluation._TRACE_COUNT
+  r3 = xentjax.evaluate(batched(logits, labels2, size=B), ignore_index=3, progress=False)
+  assert _evaluation._TRACE_COUNT == before  # ignore_index is a traced value
   assert_matches(r3, reference(logits, labels2, ignore_index=3))
-  rn = xentjax.evaluate(batched(logits, labels2, size=64), ignore_index=None, progress=False)
+  rn = xentjax.evaluate(batched(logits, labels2, size=B), ignore_index=None, progress=False)
   assert rn.count == 500
 
 
@@ -182,20 +189,20 @@ def test_sequence_logits_with_mask():
 
 def test_soft_labels():
   rng = np.random.default_rng(9)
-  logits = rng.standard_normal((301, 6)).astype(np.float32)
-  soft = rng.dirichlet(np.ones(6), 301).astype(np.float32)
+  logits = rng.standard_normal((301, C)).astype(np.float32)
+  soft = rng.dirichlet(np.ones(C), 301).astype(np.float32)
   soft[::7] = 0.0
   soft[::7, 2] = 1.0  # some one-hot rows
   mask = rng.random(301) < 0.9
-  r = xentjax.evaluate(batched(logits, soft, mask, size=50), top_k=2, progress=False)
-  assert_matches(r, reference(logits, soft, mask, top_k=2))
+  r = xentjax.evaluate(batched(logits, soft, mask, size=B), progress=False)
+  assert_matches(r, reference(logits, soft, mask))
 
 
 def test_one_hot_soft_labels_equal_integer_labels():
-  logits, labels = make_data(257, 7, seed=10)
-  one_hot = np.eye(7, dtype=np.float32)[labels]
-  hard = xentjax.evaluate(batched(logits, labels, size=100), progress=False)
-  soft = xentjax.evaluate(batched(logits, one_hot, size=100), progress=False)
+  logits, labels = make_data(257, seed=10)
+  one_hot = np.eye(C, dtype=np.float32)[labels]
+  hard = xentjax.evaluate(batched(logits, labels, size=B), progress=False)
+  soft = xentjax.evaluate(batched(logits, one_hot, size=B), progress=False)
   np.testing.assert_allclose(soft.cross_entropy, hard.cross_entropy, rtol=1e-6)
   assert (soft.count, soft.accuracy, soft.top_k_accuracy) == (
       hard.count,
@@ -226,10 +233,10 @@ def test_ties_count_as_hits():
 
 
 def test_out_of_range_label_gives_nan():
-  logits, labels = make_data(100, 4, seed=11)
+  logits, labels = make_data(100, seed=11)
   labels = labels.copy()
-  labels[17] = 4
-  r = xentjax.evaluate(batched(logits, labels, size=32), progress=False)
+  labels[17] = C
+  r = xentjax.evaluate(batched(logits, labels, size=B), progress=False)
   assert r.count == 100
   for name in (
       "cross_entropy",
@@ -242,27 +249,27 @@ def test_out_of_range_label_gives_nan():
   ):
     assert math.isnan(getattr(r, name)), name
   labels[17] = -3  # negative, and not the ignore index
-  assert math.isnan(xentjax.evaluate([(logits, labels)], progress=False).cross_entropy)
+  assert math.isnan(xentjax.evaluate(batched(logits, labels, size=B), progress=False).cross_entropy)
 
 
 def test_masked_out_of_range_label_is_not_counted():
-  logits, labels = make_data(50, 4, seed=12)
+  logits, labels = make_data(100, seed=12)
   labels = labels.copy()
   labels[3] = 99
-  mask = np.ones(50, bool)
+  mask = np.ones(100, bool)
   mask[3] = False
-  r = xentjax.evaluate([(logits, labels, mask)], progress=False)
+  r = xentjax.evaluate(batched(logits, labels, mask, size=B), progress=False)
   assert_matches(r, reference(logits, labels, mask))
 
 
 def test_all_masked_and_empty_give_zero_count():
-  logits, labels = make_data(40, 3, seed=13)
-  r = xentjax.evaluate([(logits, labels, np.zeros(40, bool))], progress=False)
+  logits, labels = make_data(130, seed=13)
+  r = xentjax.evaluate(batched(logits, labels, np.zeros(130, bool), size=B), progress=False)
   assert r.count == 0 and r.negative_log_likelihood_sum == 0.0
   assert math.isnan(r.cross_entropy) and math.isnan(r.accuracy)
   e = xentjax.evaluate([], progress=False)
   assert e.count == 0 and math.isnan(e.expected_calibration_error)
-  z = xentjax.evaluate([(logits[:0], labels[:0]), (logits, labels)], progress=False)
+  z = xentjax.evaluate([(logits[:0], labels[:0])] + batched(logits, labels, size=B), progress=False)
   assert_matches(z, reference(logits, labels))
 
 
@@ -276,18 +283,16 @@ def test_infinite_logits():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_logits_computed_in_float32(dtype):
-  logits, labels = make_data(700, 10, seed=14)
+  logits, labels = make_data(300, seed=14)
   low = jnp.asarray(logits, dtype)
-  r = xentjax.evaluate(batched(low, jnp.asarray(labels), size=256), progress=False)
+  r = xentjax.evaluate(batched(low, jnp.asarray(labels), size=B), progress=False)
   ref = reference(np.asarray(low.astype(jnp.float32)), labels)
   assert_matches(r, ref)
 
 
 def test_jax_array_batches():
-  logits, labels = make_data(333, 8, seed=15)
-  r = xentjax.evaluate(
-      batched(jnp.asarray(logits), jnp.asarray(labels), size=100), progress=False
-  )
+  logits, labels = make_data(333, seed=15)
+  r = xentjax.evaluate(batched(jnp.asarray(logits), jnp.asarray(labels), size=B), progress=False)
   assert_matches(r, reference(logits, labels))
 
 
@@ -312,10 +317,10 @@ def test_model_mode_matches_precomputed_logits():
 
 
 def test_flush_to_host_keeps_results(monkeypatch):
-  logits, labels = make_data(1000, 5, seed=17)
-  ref = xentjax.evaluate(batched(logits, labels, size=64), progress=False)
+  logits, labels = make_data(1000, seed=17)
+  ref = xentjax.evaluate(batched(logits, labels, size=B), progress=False)
   monkeypatch.setattr(_evaluation, "_FLUSH_ROWS", 150)  # fold after every 2 batches
-  r = xentjax.evaluate(batched(logits, labels, size=64), progress=False)
+  r = xentjax.evaluate(batched(logits, labels, size=B), progress=False)
   assert r.count == ref.count and r.accuracy == ref.accuracy
   np.testing.assert_allclose(r.cross_entropy, ref.cross_entropy, rtol=1e-9)
   np.testing.assert_allclose(
@@ -324,8 +329,8 @@ def test_flush_to_host_keeps_results(monkeypatch):
 
 
 def test_without_prefetch_thread():
-  logits, labels = make_data(400, 5, seed=18)
-  r = xentjax.evaluate(batched(logits, labels, size=64), prefetch=0, progress=False)
+  logits, labels = make_data(400, seed=18)
+  r = xentjax.evaluate(batched(logits, labels, size=B), prefetch=0, progress=False)
   assert_matches(r, reference(logits, labels))
 
 
@@ -334,26 +339,26 @@ def test_without_prefetch_thread():
 
 
 def test_only_a_few_batches_alive():
-  logits, labels = make_data(64 * 60, 4, seed=19)
+  logits, labels = make_data(B * 60, seed=19)
   refs, most = [], [0]
 
   def stream():
-    for a, b in batched(logits, labels, size=64):
+    for a, b in batched(logits, labels, size=B):
       most[0] = max(most[0], sum(r() is not None for r in refs))
       a = a.copy()  # a fresh array per batch, tracked by a weak reference
       refs.append(weakref.ref(a))
       yield a, b
 
   r = xentjax.evaluate(stream(), progress=False)
-  assert r.count == 64 * 60
+  assert r.count == B * 60
   assert most[0] <= 8, most[0]
 
 
 def test_errors_in_the_stream_reach_the_caller():
-  logits, labels = make_data(100, 4, seed=20)
+  logits, labels = make_data(128, seed=20)
 
   def stream():
-    yield logits[:50], labels[:50]
+    yield logits[:B], labels[:B]
     raise RuntimeError("disk on fire")
 
   with pytest.raises(RuntimeError, match="disk on fire"):
@@ -361,7 +366,7 @@ def test_errors_in_the_stream_reach_the_caller():
 
 
 def test_bad_batches_raise():
-  logits, labels = make_data(10, 4, seed=21)
+  logits, labels = make_data(10, seed=21)
   with pytest.raises(TypeError, match="tuple"):
     xentjax.evaluate([logits], progress=False)
   with pytest.raises(ValueError, match="rows"):
@@ -380,11 +385,11 @@ def test_bad_batches_raise():
 
 def test_progress_bar_reports_examples_per_second(capsys):
   pytest.importorskip("tqdm")
-  logits, labels = make_data(300, 4, seed=22)
-  xentjax.evaluate(batched(logits, labels, size=100), progress=True, total=300)
+  logits, labels = make_data(300, seed=22)
+  xentjax.evaluate(batched(logits, labels, size=B), progress=True, total=300)
   err = capsys.readouterr().err
   assert "300/300" in err and "ex/s" in err
-  xentjax.evaluate(batched(logits, labels, size=100), progress=False)
+  xentjax.evaluate(batched(logits, labels, size=B), progress=False)
   assert capsys.readouterr().err == ""
 
 
@@ -393,8 +398,8 @@ def test_progress_bar_reports_examples_per_second(capsys):
 
 
 def test_result_is_frozen_prints_a_table_and_serialises():
-  logits, labels = make_data(120, 4, seed=23)
-  r = xentjax.evaluate([(logits, labels)], top_k=3, progress=False)
+  logits, labels = make_data(120, seed=23)
+  r = xentjax.evaluate(batched(logits, labels, size=B), top_k=3, num_bins=10, progress=False)
   assert isinstance(r, xentjax.EvaluationResult)
   with pytest.raises(dataclasses.FrozenInstanceError):
     r.count = 0

@@ -175,7 +175,7 @@ def _acc_add(acc, part):
 class _Config(NamedTuple):
   top_k: int
   num_bins: int
-  ignore_index: int | None
+  has_ignore_index: bool
   groups: int
   soft: bool
 
@@ -198,7 +198,7 @@ def _zero_accumulators(num_bins: int) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
-def _step(acc, params, x, labels, mask, num_real, *, model, config: _Config):
+def _step(acc, params, x, labels, mask, num_real, ignore_index, *, model, config: _Config):
   """Fold one padded batch into the accumulators (one compile per shape)."""
   global _TRACE_COUNT
   _TRACE_COUNT += 1
@@ -249,8 +249,8 @@ def _step(acc, params, x, labels, mask, num_real, *, model, config: _Config):
     in_range = jnp.ones((n,), dtype=bool)
   else:
     y = labels.reshape(n)
-    if config.ignore_index is not None:
-      valid = valid & (y != config.ignore_index)
+    if config.has_ignore_index:  # a traced value: no compile per ignore_index
+      valid = valid & (y != ignore_index)
     in_range = (y >= 0) & (y < num_classes)
     target = jnp.where(in_range, y, 0)
   z_target = jnp.take_along_axis(z, target.reshape(n, 1), axis=-1)  # [n, 1]
@@ -348,7 +348,10 @@ def _prepare(batches: Iterable, *, model, mesh: Mesh) -> Iterator[_Prepared]:
   rows_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
   size = None
+  real_rows: dict[int, jax.Array] = {}
   for batch in batches:
+    if len(real_rows) > 64:
+      real_rows.clear()
     x, labels, mask = _split(batch)
     x = jax.tree_util.tree_map(_as_array, x)
     labels = _as_array(labels)
@@ -388,14 +391,10 @@ def _prepare(batches: Iterable, *, model, mesh: Mesh) -> Iterator[_Prepared]:
       xp = jax.tree_util.tree_map(functools.partial(piece, edge=model is not None), x)
       lp = piece(labels)
       mp = None if mask is None else piece(mask)
-      yield _Prepared(
-          x=jax.device_put(xp, rows_sharding),
-          labels=jax.device_put(lp, rows_sharding),
-          mask=None if mp is None else jax.device_put(mp, rows_sharding),
-          num_real=jax.device_put(np.asarray(real, dtype=np.int32), replicated),
-          rows=real,
-          soft=soft,
-      )
+      xd, ld, md = jax.device_put((xp, lp, mp), rows_sharding)  # one call, async
+      if real not in real_rows:  # a device scalar per distinct count, reused
+        real_rows[real] = jax.device_put(np.asarray(real, dtype=np.int32), replicated)
+      yield _Prepared(x=xd, labels=ld, mask=md, num_real=real_rows[real], rows=real, soft=soft)
 
 
 _DONE = object()
@@ -641,6 +640,7 @@ def evaluate(
 
   host = _HostTotals(num_bins)
   acc = fresh()
+  ignore_value = jax.device_put(np.asarray(0 if ignore_index is None else ignore_index), replicated)
   in_flight: collections.deque = collections.deque()
   rows_since_flush = 0
   prepared = _prepare(batches, model=model, mesh=mesh)
@@ -653,9 +653,17 @@ def evaluate(
         host.add(acc)  # rare: keeps int32 counters from overflowing
         acc, rows_since_flush = fresh(), 0
         in_flight.clear()
-      config = _Config(top_k, num_bins, ignore_index, mesh.devices.size, item.soft)
+      config = _Config(top_k, num_bins, ignore_index is not None, mesh.devices.size, item.soft)
       acc = _step(
-          acc, params, item.x, item.labels, item.mask, item.num_real, model=model, config=config
+          acc,
+          params,
+          item.x,
+          item.labels,
+          item.mask,
+          item.num_real,
+          ignore_value,
+          model=model,
+          config=config,
       )
       rows_since_flush += size * _rows_per_batch_row(item)
       in_flight.append(acc["count"])

@@ -1,0 +1,252 @@
+"""Benchmark `xentjax.evaluate` on logits streamed from disk.
+
+Writes N x C float32 logits (default 2,000,000 x 64, 512 MB) and int32 labels
+as .npy files, then, in one run and on the same memory-mapped files read in
+batches of 50,000:
+
+* the I/O floor: only reading the batches (a copy of each slice);
+* `xentjax.evaluate` (after a warm-up on a small file compiles the step);
+* a straightforward float64 NumPy loop (the reference);
+* a naive JAX loop (a jitted mean loss per batch, summed in float32), what
+  people write by hand;
+
+with the relative error of each against float64 and the peak growth of the
+process's anonymous memory (RssAnon sampled every 2 ms: memory-mapped file
+pages are page cache, not counted), at the full size and at a tenth of it to
+show that the growth does not depend on the data set's size. Prints a
+markdown table and the machine. The files are deleted afterwards unless
+`--keep`.
+
+  PYTHONPATH=. .venv/bin/python benchmarks/evaluate.py [--dir DIR] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import xentjax
+
+
+def write_data(directory: str, n: int, c: int, seed: int = 0) -> tuple[str, str]:
+  """Write logits (float32, scale 3) and labels (int32) in chunks; return the paths."""
+  rng = np.random.default_rng(seed)
+  logits_path = os.path.join(directory, f"logits_{n}x{c}.npy")
+  labels_path = os.path.join(directory, f"labels_{n}.npy")
+  logits = np.lib.format.open_memmap(logits_path, mode="w+", dtype=np.float32, shape=(n, c))
+  chunk = 200_000
+  for i in range(0, n, chunk):
+    rows = min(chunk, n - i)
+    block = rng.standard_normal((rows, c), dtype=np.float32) * np.float32(3.0)
+    logits[i : i + rows] = block
+  logits.flush()
+  del logits
+  np.save(labels_path, rng.integers(0, c, n, dtype=np.int32))
+  return logits_path, labels_path
+
+
+def open_data(paths):
+  return np.load(paths[0], mmap_mode="r"), np.load(paths[1], mmap_mode="r")
+
+
+def batches(logits, labels, size):
+  for i in range(0, logits.shape[0], size):
+    yield logits[i : i + size], labels[i : i + size]
+
+
+def rss_anon_kib() -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("RssAnon:"):
+        return int(line.split()[1])
+  return 0
+
+
+class PeakAnon:
+  """Peak RssAnon growth over a `with` block, sampled from a thread."""
+
+  def __enter__(self):
+    self.start = rss_anon_kib()
+    self.peak = self.start
+    self._stop = threading.Event()
+
+    def sample():
+      while not self._stop.is_set():
+        self.peak = max(self.peak, rss_anon_kib())
+        time.sleep(0.002)
+
+    self._thread = threading.Thread(target=sample, daemon=True)
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+    self.peak = max(self.peak, rss_anon_kib())
+    self.growth_mib = (self.peak - self.start) / 1024
+
+
+def read_floor(paths, size) -> float:
+  logits, labels = open_data(paths)
+  t = time.perf_counter()
+  touched = 0.0
+  for z, y in batches(logits, labels, size):
+    z, y = np.array(z), np.array(y)
+    touched += float(z[-1, -1]) + float(y[-1])
+  return time.perf_counter() - t
+
+
+def run_evaluate(paths, size):
+  logits, labels = open_data(paths)
+  with PeakAnon() as mem:
+    t = time.perf_counter()
+    result = xentjax.evaluate(batches(logits, labels, size), progress=False)
+    seconds = time.perf_counter() - t
+  return seconds, result.cross_entropy, mem.growth_mib
+
+
+def numpy_float64_loop(paths, size):
+  logits, labels = open_data(paths)
+  with PeakAnon() as mem:
+    t = time.perf_counter()
+    total, count = 0.0, 0
+    for z, y in batches(logits, labels, size):
+      z = np.asarray(z, np.float64)
+      m = z.max(axis=-1)
+      lse = m + np.log(np.exp(z - m[:, None]).sum(axis=-1))
+      total += float((lse - z[np.arange(len(y)), y]).sum())
+      count += len(y)
+    seconds = time.perf_counter() - t
+  return seconds, total / count, mem.growth_mib
+
+
+@jax.jit
+def _batch_mean_loss(z, y):
+  return jnp.mean(jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, y[:, None], -1)[:, 0])
+
+
+def naive_jax_loop(paths, size):
+  """What people write: a jitted batch mean, a float32 running sum, a sync per batch."""
+  logits, labels = open_data(paths)
+  with PeakAnon() as mem:
+    t = time.perf_counter()
+    total, count = np.float32(0.0), 0
+    for z, y in batches(logits, labels, size):
+      total += np.float32(_batch_mean_loss(z, y)) * np.float32(len(y))
+      count += len(y)
+    seconds = time.perf_counter() - t
+  return seconds, float(total / np.float32(count)), mem.growth_mib
+
+
+def machine() -> str:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+  return (
+      f"{cpu}, {os.cpu_count()} cores (load average {load} at the end), "
+      f"Python {platform.python_version()}, jax {jax.__version__} on "
+      f"{jax.devices()[0].platform} x{jax.local_device_count()}, "
+      f"x64 {'on' if jax.config.jax_enable_x64 else 'off'}"
+  )
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--examples", type=int, default=2_000_000)
+  parser.add_argument("--classes", type=int, default=64)
+  parser.add_argument("--batch-size", type=int, default=50_000)
+  parser.add_argument("--repeats", type=int, default=3, help="timed runs; the minimum is reported")
+  parser.add_argument("--dir", default=None, help="where to write the files (default: a temp dir)")
+  parser.add_argument("--keep", action="store_true", help="keep the files")
+  args = parser.parse_args(argv)
+
+  n, c, size = args.examples, args.classes, args.batch_size
+  small_n = max(size, n // 10)
+  directory = args.dir or tempfile.mkdtemp(prefix="xentjax_bench_")
+  os.makedirs(directory, exist_ok=True)
+  t = time.perf_counter()
+  big = write_data(directory, n, c)
+  small = write_data(directory, small_n, c, seed=1)
+  print(f"wrote {n:,} x {c} float32 logits ({n * c * 4 / 2**20:,.0f} MiB) and {small_n:,} x {c} "
+        f"to {directory} in {time.perf_counter() - t:.1f} s")
+  try:
+    run_evaluate(small, size)  # warm-up: compiles the (size, c) step once
+    naive_jax_loop(small, size)
+
+    floors, evals, naives = [], [], []
+    for _ in range(args.repeats):
+      floors.append(read_floor(big, size))
+      evals.append(run_evaluate(big, size))
+      naives.append(naive_jax_loop(big, size))
+    np_seconds, reference, np_mem = numpy_float64_loop(big, size)
+    small_eval = min((run_evaluate(small, size) for _ in range(args.repeats)), key=lambda r: r[0])
+  finally:
+    if not args.keep:
+      for path in (*big, *small):
+        os.remove(path)
+      if args.dir is None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+  floor = min(floors)
+  ev = min(evals, key=lambda r: r[0])
+  nv = min(naives, key=lambda r: r[0])
+  ev_mem = max(r[2] for r in evals)
+
+  def rel(x):
+    return abs(x - reference) / abs(reference)
+
+  def fmt_err(x):
+    return "0 (reference)" if x == 0 else f"{x:.1e}"
+
+  rows = [
+      ("read the batches only (I/O floor)", floor, None, None),
+      ("`xentjax.evaluate`", ev[0], rel(ev[1]), ev_mem),
+      ("float64 NumPy loop", np_seconds, 0.0, np_mem),
+      ("naive JAX loop (jit per batch, float32 sum)", nv[0], rel(nv[1]), nv[2]),
+  ]
+  print()
+  print(f"{n:,} examples x {c} classes, float32 .npy memory-mapped (warm page cache), "
+        f"batches of {size:,}; best of {args.repeats} (NumPy: 1 run)")
+  print()
+  print("| method | time (s) | × I/O floor | examples/s | rel. error vs float64 | peak anon. memory growth (MiB) |")
+  print("|---|---:|---:|---:|---:|---:|")
+  for name, seconds, err, mem in rows:
+    print(
+        f"| {name} | {seconds:.3f} | {seconds / floor:.1f} | {n / seconds:,.0f} | "
+        f"{'–' if err is None else fmt_err(err)} | {'–' if mem is None else f'{mem:.0f}'} |"
+    )
+  print()
+  print(f"`xentjax.evaluate` on {small_n:,} examples: {small_eval[0]:.3f} s, peak anon. memory "
+        f"growth {small_eval[2]:.0f} MiB (vs {ev_mem:.0f} MiB on {n:,}); "
+        f"evaluate times over the repeats: {', '.join(f'{r[0]:.3f}' for r in evals)} s "
+        f"(median {statistics.median(r[0] for r in evals):.3f}); read floors: "
+        f"{', '.join(f'{x:.3f}' for x in floors)} s")
+  ok_time = ev[0] <= 4 * floor
+  ok_err = rel(ev[1]) <= 1e-6
+  print(f"targets: time <= 4x floor: {'met' if ok_time else 'NOT met'} ({ev[0] / floor:.1f}x); "
+        f"rel. error <= 1e-6: {'met' if ok_err else 'NOT met'} ({rel(ev[1]):.1e})")
+  print(f"machine: {machine()}")
+  if math.isnan(ev[1]):
+    raise SystemExit("evaluate returned NaN")
+
+
+if __name__ == "__main__":
+  main()
