@@ -306,6 +306,16 @@ def test_out_of_range_label_gives_nan(bad_label, eps):
   assert np.isnan(np.asarray(grad)).any()  # never a silently finite update
 
 
+def test_narrow_integer_label_dtypes_do_not_wrap():
+  # uint8 156 must not match ignore_index=-100; int8 100 is valid for 300 classes.
+  logits = jnp.zeros((2, 300), jnp.float32)
+  for labels in (np.array([156, 2], np.uint8), np.array([100, 2], np.int8)):
+    value = xentjax.cross_entropy_loss(logits, labels, reduction="none")
+    np.testing.assert_allclose(np.asarray(value), np.log(300.0), rtol=1e-6)
+  bad = np.array([-3, 2], np.int8)
+  assert np.isnan(xentjax.cross_entropy_loss(logits, bad, reduction="none")[0])
+
+
 def test_zero_probability_on_minus_inf_logit_is_finite():
   logits = jnp.array([[0.0, 1.0, -jnp.inf]], jnp.float32)
   probs = jnp.array([[0.25, 0.75, 0.0]], jnp.float32)

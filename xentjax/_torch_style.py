@@ -195,8 +195,16 @@ def cross_entropy_loss(
 
   if is_index:
     labels = targets
-    ignored = jnp.zeros(labels.shape, bool) if ignore_index is None else labels == ignore_index
-    in_range = (labels >= 0) & (labels < num_classes)
+    # Compare with Python ints only where the label dtype can hold them: JAX
+    # would wrap them (uint8 labels == -100 is True for 156).
+    info = jnp.iinfo(labels.dtype)
+    if ignore_index is not None and info.min <= ignore_index <= info.max:
+      ignored = labels == ignore_index
+    else:
+      ignored = jnp.zeros(labels.shape, bool)
+    in_range = labels >= 0
+    if num_classes <= info.max:
+      in_range &= labels < num_classes
     keep = in_range & ~ignored
     bad = ~in_range & ~ignored
     safe = jnp.where(keep, labels, 0)
