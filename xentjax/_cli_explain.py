@@ -37,10 +37,10 @@ def register(subparsers) -> None:
     "explain",
     help="print a cross-entropy calculation step by step",
     description=(
-      "Print the cross-entropy of one example as a table, step by step: "
-      "from scores (--logits) through exp, the softmax probabilities and "
-      "-ln p to the loss and the gradient p - y; or from probabilities "
-      "(--probs) through the terms -y·log q to their sum. Give the true "
+      "Print the cross-entropy of one example as a table, step by step:\n"
+      "from scores (--logits) through exp, the softmax probabilities and\n"
+      "-ln p to the loss and the gradient p - y; or from probabilities\n"
+      "(--probs) through the terms -y·log q to their sum. Give the true\n"
       "class with --label, or a (soft) target distribution with --target."
     ),
     epilog=_EPILOG,
