@@ -40,6 +40,8 @@ from xentjax._torch_style import check_labels as check_labels
 from xentjax._torch_style import cross_entropy_loss as cross_entropy_loss
 
 # --- large vocabularies: fused linear cross-entropy ---
+from xentjax._fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy
+from xentjax import parallel as parallel
 
 # --- streaming evaluation ---
 from xentjax._evaluation import EvaluationResult as EvaluationResult

@@ -374,6 +374,60 @@ def _sharded(fn, cfg: _Config, in_specs, out_specs):
   )
 
 
+def _explicit_layout(x, w, vd: bool):
+  """`(mesh, data_axis, vocab_axis)` read from `Explicit` shardings, or None.
+
+  With `Explicit` mesh axes the sharding is part of an array's type and the
+  single-device kernels cannot mix sharded slices with unsharded carries, so a
+  call on such arrays runs through `shard_map` instead: tokens stay sharded
+  over the axes of the leading axis of `x`, and the vocabulary over the axes
+  of the vocabulary axis of `w` (when they differ from the tokens' axes).
+  """
+  mesh = None
+  specs = []
+  for a in (x, w):
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    m = getattr(sharding, "mesh", None)
+    explicit = jax.sharding.AxisType.Explicit
+    if m is None or getattr(m, "empty", True) or not any(
+        t == explicit for t in getattr(m, "axis_types", ())):
+      specs.append(())
+      continue
+    mesh = mesh or m
+    specs.append(tuple(sharding.spec))
+  if mesh is None:
+    return None
+  sx, sw = specs
+  data_axis = sx[0] if sx else None
+  vdim = 0 if vd else 1
+  vocab_axis = sw[vdim] if len(sw) > vdim else None
+  if vocab_axis is not None and data_axis is not None and (
+      set(V.as_sequence(vocab_axis)) & set(V.as_sequence(data_axis))):
+    vocab_axis = None
+  return getattr(mesh, "abstract_mesh", mesh), data_axis, vocab_axis
+
+
+def _axis_size(mesh, axis) -> int:
+  if axis is None:
+    return 1
+  return math.prod(dict(mesh.shape)[a] for a in V.as_sequence(axis))
+
+
+def place(a, mesh, spec):
+  """Put `a` in the layout `spec` of `mesh` (a no-op when it is there already).
+
+  With `Explicit` mesh axes (the default of `jax.make_mesh`) the layout is part
+  of the type and `shard_map` only accepts matching arguments, so this is
+  `jax.reshard`; with `Auto` axes it is a sharding constraint. Both are
+  differentiable: the cotangent goes back to the caller's layout.
+  """
+  sharding = jax.sharding.NamedSharding(mesh, spec)
+  explicit = jax.sharding.AxisType.Explicit
+  if any(t == explicit for t in getattr(mesh, "axis_types", ())):
+    return jax.reshard(a, sharding)
+  return lax.with_sharding_constraint(a, sharding)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _recompute(x, w, labels, valid, cfg: _Config):
   return _recompute_fwd(x, w, labels, valid, cfg)[0]
@@ -537,6 +591,26 @@ def linear_ce_impl(
 
   batch_shape = labels.shape
   n = math.prod(batch_shape)
+  if mesh is None:
+    layout = _explicit_layout(x, w, vd)
+    if layout is not None:
+      mesh, data_axis, vocab_axis = layout
+      data_shards, vocab_shards = _axis_size(mesh, data_axis), _axis_size(mesh, vocab_axis)
+  if mesh is not None:
+    if total_cols % vocab_shards:
+      padded = -(-total_cols // vocab_shards) * vocab_shards
+      raise ValueError(
+          f"The vocabulary of `w` (w.shape={w.shape}, V={total_cols}) is not divisible by "
+          f"the {vocab_shards} devices of mesh axis {vocab_axis!r}. Pad `w` with "
+          f"{padded - total_cols} zero {'rows' if vd else 'columns'} to V={padded} and pass "
+          f"vocab_size={vocab_size}: padding classes are then excluded exactly."
+      )
+    if n % data_shards:
+      raise ValueError(
+          f"The {n} tokens of `labels` (labels.shape={batch_shape}) are not divisible by the "
+          f"{data_shards} devices of mesh axis {data_axis!r}; pad the batch and mask the "
+          "padding with `where` (or `ignore_index`)."
+      )
   valid = labels != ignore_index
   if where is not None:
     V.check_broadcastable("where", where, "labels", labels)
@@ -561,11 +635,16 @@ def linear_ce_impl(
   )
   cdt = V.compute_dtype(x.dtype, w.dtype)
   count = jnp.sum(valid).astype(cdt)
+  if mesh is not None:
+    xs, ws, tok = _specs(cfg)
+    x2, w, y, valid = (place(a, mesh, s) for a, s in ((x2, xs), (w, ws), (y, tok), (valid, tok)))
 
   if strategy == "store":
     weights = jnp.ones((n,), cdt)
     if reduction == "mean":
       weights = weights / jnp.maximum(count, 1.0)
+    if mesh is not None:
+      weights = place(weights, mesh, tok)
     loss, lse = _store(x2, w, y, valid, weights, cfg, (x.dtype, w.dtype))
     lse = lax.stop_gradient(lse)
   else:

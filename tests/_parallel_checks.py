@@ -1,0 +1,262 @@
+"""Checks of `xentjax.parallel` on 8 simulated CPU devices (run as a subprocess).
+
+`tests/test_parallel.py` runs this file with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count is
+fixed when the backend starts, hence a separate process) and asserts on the
+JSON it prints: one entry per named check, "ok" or the failure message.
+"""
+
+import json
+import os
+import re
+import sys
+import traceback
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import xentjax.parallel as par  # noqa: E402
+from xentjax._fused import linear_softmax_cross_entropy as fused_ce  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+N_DATA, N_VOCAB = 2, 4
+D, V = 12, 80  # V / 4 = 20 columns per device: two chunks of 8 and a tail of 4
+V_LOCAL = V // N_VOCAB
+CHUNKS = {"recompute": {"token_chunk_size": 4, "vocab_chunk_size": 8},
+          "store": {"token_chunk_size": 4}}
+
+RESULTS = {}
+
+
+def check(name):
+  def wrap(fn):
+    try:
+      fn()
+      RESULTS[name] = "ok"
+    except Exception:  # noqa: BLE001 -- reported to the test, which fails
+      RESULTS[name] = traceback.format_exc(limit=6)
+    return fn
+  return wrap
+
+
+def close(a, b, what, tol=2e-5):
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  scale = max(1.0, float(np.max(np.abs(b)))) if b.size else 1.0
+  np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale, err_msg=what)
+
+
+def inputs(v=V, w_layout="dv", seed=0):
+  kx, kw, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
+  x = np.asarray(jax.random.normal(kx, (4, 6, D), jnp.float32))
+  w = np.asarray(0.5 * jax.random.normal(kw, (v, D) if w_layout == "vd" else (D, v)))
+  y = np.array(jax.random.randint(ky, (4, 6), 0, v))
+  return x, w, y
+
+
+def vocab_sized_all_gathers(hlo_text):
+  """All-gather instructions whose result has a vocabulary-sized dimension."""
+  bad = []
+  for line in hlo_text.splitlines():
+    if "all-gather" not in line or "=" not in line:
+      continue
+    lhs = line.split("all-gather", 1)[0]
+    dims = [int(d) for shape in re.findall(r"\[([\d,]*)\]", lhs) for d in shape.split(",") if d]
+    if any(d in (V, V_LOCAL) or (d >= V_LOCAL and d % V_LOCAL == 0) for d in dims):
+      bad.append(line.strip())
+  return bad
+
+
+def run_case(mesh, strategy, opts, *, w_layout="dv", cotangent=False, data_axis="data",
+             jit=True, hlo=False):
+  """Parallel value and gradients vs the single-device kernel on plain arrays."""
+  x, w, y = inputs(w_layout=w_layout)
+  where = opts.pop("_where", None)
+  if opts.pop("_ignore", False):
+    y[0, :3] = -100
+  cot = np.asarray(jax.random.normal(jax.random.PRNGKey(9), y.shape)) if cotangent else None
+  kw = dict(strategy=strategy, w_layout=w_layout, **CHUNKS[strategy], **opts)
+  wspec = P("vocab", None) if w_layout == "vd" else P(None, "vocab")
+  xs = jax.device_put(x, NamedSharding(mesh, P(data_axis)))
+  ws = jax.device_put(w, NamedSharding(mesh, wspec))
+
+  def scalar(loss):
+    return jnp.sum(loss * cot) if cotangent else loss
+
+  def par_loss(x, w):
+    return scalar(par.linear_softmax_cross_entropy(
+        x, w, y, where=where, mesh=mesh, data_axis=data_axis, vocab_axis="vocab", **kw))
+
+  def one_loss(x, w):
+    return scalar(fused_ce(x, w, y, where=where, **kw))
+
+  vg = jax.value_and_grad(par_loss, (0, 1))
+  f = jax.jit(vg) if jit else vg
+  loss, (gx, gw) = f(xs, ws)
+  loss1, (gx1, gw1) = jax.jit(jax.value_and_grad(one_loss, (0, 1)))(jnp.asarray(x), jnp.asarray(w))
+  close(loss, loss1, "loss")
+  close(gx, gx1, "grad x")
+  close(gw, gw1, "grad w")
+  assert gx.sharding.is_equivalent_to(xs.sharding, x.ndim), (gx.sharding, xs.sharding)
+  assert gw.sharding.is_equivalent_to(ws.sharding, w.ndim), (gw.sharding, ws.sharding)
+  if hlo:
+    text = jax.jit(vg).lower(xs, ws).compile().as_text()
+    bad = vocab_sized_all_gathers(text)
+    assert not bad, bad
+    assert "all-reduce" in text  # the lse really is combined across devices
+
+
+EVERYTHING = {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_soft_cap": 2.0, "_ignore": True,
+              "_where": np.arange(24).reshape(4, 6) % 5 != 2}
+
+
+def main():
+  explicit = jax.make_mesh((N_DATA, N_VOCAB), ("data", "vocab"),
+                           axis_types=(AxisType.Explicit, AxisType.Explicit))
+  auto = jax.make_mesh((N_DATA, N_VOCAB), ("data", "vocab"),
+                       axis_types=(AxisType.Auto, AxisType.Auto))
+
+  @check("recompute_mean_hlo")
+  def _():
+    run_case(explicit, "recompute", {}, hlo=True)
+
+  @check("recompute_sum_all_options")
+  def _():
+    run_case(explicit, "recompute", {"reduction": "sum", **EVERYTHING})
+
+  @check("recompute_none_cotangent")
+  def _():
+    run_case(explicit, "recompute", {"reduction": "none", "z_loss": 1e-2}, cotangent=True)
+
+  @check("store_mean_all_options_hlo")
+  def _():
+    run_case(explicit, "store", dict(EVERYTHING), hlo=True)
+
+  @check("auto_mesh_vd_layout")
+  def _():
+    run_case(auto, "recompute", {"label_smoothing": 0.2}, w_layout="vd")
+
+  @check("auto_mesh_store_eager")
+  def _():
+    run_case(auto, "store", {"reduction": "sum"}, jit=False)
+
+  @check("replicated_tokens")
+  def _():
+    run_case(explicit, "recompute", {"logit_soft_cap": 3.0}, data_axis=None)
+
+  @check("padded_vocabulary")
+  def _():
+    # V = 78 is not divisible by 4 devices: pad w to 80 and pass vocab_size=78.
+    x, w, y = inputs(v=78)
+    w_pad = np.concatenate([w, np.zeros((D, 2), w.dtype)], axis=1)
+    ws = jax.device_put(w_pad, NamedSharding(explicit, P(None, "vocab")))
+    xs = jax.device_put(x, NamedSharding(explicit, P("data")))
+    kw = dict(label_smoothing=0.1, **CHUNKS["recompute"])
+    loss, (gx, gw) = jax.jit(jax.value_and_grad(lambda x, w: par.linear_softmax_cross_entropy(
+        x, w, y, mesh=explicit, vocab_size=78, **kw), (0, 1)))(xs, ws)
+    loss1, (gx1, gw1) = jax.value_and_grad(lambda x, w: fused_ce(x, w, y, **kw), (0, 1))(
+        jnp.asarray(x), jnp.asarray(w))
+    close(loss, loss1, "loss")
+    close(gx, gx1, "grad x")
+    gw = np.asarray(gw)
+    close(gw[:, :78], gw1, "grad w")
+    assert not np.any(gw[:, 78:]), "padding columns must get zero gradient"
+
+  @check("sharded_logits_hlo")
+  def _():
+    x, w, y = inputs()
+    logits = np.asarray(jnp.asarray(x) @ jnp.asarray(w))
+    zs = jax.device_put(logits, NamedSharding(explicit, P("data", None, "vocab")))
+    cot = np.asarray(jax.random.normal(jax.random.PRNGKey(3), y.shape))
+
+    def f(z):
+      loss = par.softmax_cross_entropy_with_integer_labels(z, y, mesh=explicit)
+      return jnp.sum(loss * cot), loss
+
+    vg = jax.jit(jax.value_and_grad(f, has_aux=True))
+    (_, loss), gz = vg(zs)
+    (_, loss1), gz1 = jax.value_and_grad(lambda z: (
+        jnp.sum(optax.softmax_cross_entropy_with_integer_labels(z, y) * cot),
+        optax.softmax_cross_entropy_with_integer_labels(z, y)), has_aux=True)(jnp.asarray(logits))
+    close(loss, loss1, "loss")
+    close(gz, gz1, "grad logits")
+    assert gz.sharding.is_equivalent_to(zs.sharding, 3), gz.sharding
+    bad = vocab_sized_all_gathers(vg.lower(zs).compile().as_text())
+    assert not bad, bad
+    y_bad = y.copy()
+    y_bad[1, 1] = V
+    out = np.asarray(par.softmax_cross_entropy_with_integer_labels(zs, y_bad, mesh=explicit))
+    assert np.isnan(out[1, 1]) and np.isfinite(np.delete(np.asarray(out).ravel(), 7)).all()
+
+  @check("single_device_api_on_explicitly_sharded_inputs")
+  def _():
+    # Data parallelism with an Explicit mesh through the single-device function:
+    # it runs under shard_map over the tokens' axis; w stays replicated.
+    x, w, y = inputs()
+    xs = jax.device_put(x, NamedSharding(explicit, P("data")))
+    ws = jax.device_put(w, NamedSharding(explicit, P()))
+    kw = dict(z_loss=1e-3, **CHUNKS["recompute"])
+    loss, (gx, gw) = jax.jit(jax.value_and_grad(
+        lambda x, w: fused_ce(x, w, y, **kw), (0, 1)))(xs, ws)
+    loss1, (gx1, gw1) = jax.jit(jax.value_and_grad(
+        lambda x, w: fused_ce(x, w, y, **kw), (0, 1)))(jnp.asarray(x), jnp.asarray(w))
+    close(loss, loss1, "loss")
+    close(gx, gx1, "grad x")
+    close(gw, gw1, "grad w")
+    assert gx.sharding.is_equivalent_to(xs.sharding, 3), gx.sharding
+
+  @check("hlo_checker_detects_vocab_gather")
+  def _():
+    # The materialized computation with replicated logits gathers them: the
+    # checker used above must see that (it is able to fail).
+    x, w, _ = inputs()
+    xs = jax.device_put(x, NamedSharding(auto, P("data")))
+    ws = jax.device_put(w, NamedSharding(auto, P(None, "vocab")))
+    f = jax.jit(lambda x, w: jax.nn.logsumexp(x @ w, axis=-1),
+                out_shardings=NamedSharding(auto, P()))
+    f2 = jax.jit(lambda x, w: x @ w, out_shardings=NamedSharding(auto, P()))
+    text = f.lower(xs, ws).compile().as_text() + f2.lower(xs, ws).compile().as_text()
+    assert vocab_sized_all_gathers(text), "expected an all-gather of the logits"
+
+  @check("errors")
+  def _():
+    x, w, y = inputs()
+    cases = [
+        (lambda: par.linear_softmax_cross_entropy(
+            x, w, y, mesh=jax.make_mesh((8,), ("model",))), "vocab_axis.*'vocab'.*'model'"),
+        (lambda: par.linear_softmax_cross_entropy(
+            x, w, y, mesh=explicit, data_axis="batch"), "data_axis.*'batch'"),
+        (lambda: par.linear_softmax_cross_entropy(
+            x, w[:, :78], y, mesh=explicit), r"vocab_size=78"),
+        (lambda: par.linear_softmax_cross_entropy(
+            x[:3, :5], w, y[:3, :5], mesh=explicit), "15 tokens"),
+        (lambda: par.linear_softmax_cross_entropy(
+            x, w[:-1], y, mesh=explicit), "hidden size"),
+        (lambda: par.softmax_cross_entropy_with_integer_labels(
+            np.zeros((4, 78), np.float32), y[:, 0], mesh=explicit), "V=78"),
+        (lambda: par.softmax_cross_entropy_with_integer_labels(
+            np.zeros((4, 80), np.float32), y, mesh=explicit), "labels.shape"),
+    ]
+    for i, (fn, pattern) in enumerate(cases):
+      try:
+        fn()
+      except (ValueError, TypeError) as e:
+        assert re.search(pattern, str(e)), (i, pattern, str(e))
+      else:
+        raise AssertionError(f"case {i} did not raise")
+
+  print("RESULTS=" + json.dumps(RESULTS))
+
+
+if __name__ == "__main__":
+  main()
+  sys.exit(0)
