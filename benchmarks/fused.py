@@ -1,0 +1,161 @@
+"""Memory and time of `xentjax.linear_softmax_cross_entropy` against optax.
+
+Usage::
+
+  python benchmarks/fused.py           # full run (minutes on a CPU)
+  python benchmarks/fused.py --small   # quick run at small sizes
+
+Prints markdown tables:
+
+* temporary memory of ``jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))``
+  (``compiled.memory_analysis().temp_size_in_bytes``: deterministic, nothing
+  is allocated) for optax on materialized logits, the fused default
+  (``strategy="recompute"``) and ``strategy="store"``, at the Gemma size
+  N=8192, D=2048, V=262144 (compile only, from `jax.ShapeDtypeStruct`) and at
+  the timing size;
+* fwd+bwd time at the timing size (N=2048, D=1024, V=32768 by default),
+  median over repeats in which the functions run alternately after a warm-up,
+  as ratios to optax and to the floor of the three matmuls every gradient
+  needs (``x @ w``, ``dlogits @ w.T``, ``x.T @ dlogits``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import xentjax  # noqa: E402
+
+GEMMA = (8192, 2048, 262144)
+TIMING = (2048, 1024, 32768)
+SMALL = (512, 256, 8192)
+
+
+def losses(strategy_kwargs=None):
+  def baseline(x, w, y):
+    return optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
+
+  def recompute(x, w, y):
+    return xentjax.linear_softmax_cross_entropy(x, w, y)
+
+  def store(x, w, y):
+    return xentjax.linear_softmax_cross_entropy(x, w, y, strategy="store")
+
+  return {"optax (materialized)": baseline, "fused recompute (default)": recompute,
+          "fused store": store}
+
+
+def value_and_grad(loss):
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def temp_bytes(loss, n, d, v, dtype=jnp.float32):
+  s = jax.ShapeDtypeStruct
+  compiled = value_and_grad(loss).lower(
+      s((n, d), dtype), s((d, v), dtype), s((n,), jnp.int32)).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def fmt_bytes(b):
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if b >= scale:
+      return f"{b / scale:.2f} {unit}"
+  return f"{b} B"
+
+
+def memory_table(sizes):
+  rows = ["| size (N, D, V), float32 | method | temp memory | vs optax |",
+          "|---|---|---:|---:|"]
+  for n, d, v in sizes:
+    base = None
+    for name, loss in losses().items():
+      b = temp_bytes(loss, n, d, v)
+      base = b if base is None else base
+      rows.append(f"| {n}, {d}, {v} | {name} | {fmt_bytes(b)} | {100 * b / base:.2f}% |")
+  return "\n".join(rows), None
+
+
+def floor_fn():
+  @jax.jit
+  def three_matmuls(x, w, dlogits):
+    return x @ w, dlogits @ w.T, x.T @ dlogits
+  return three_matmuls
+
+
+def time_table(n, d, v, repeats, warmup):
+  kx, kw, ky, kd = jax.random.split(jax.random.PRNGKey(0), 4)
+  x = jax.random.normal(kx, (n, d), jnp.float32)
+  w = jax.random.normal(kw, (d, v), jnp.float32) / d**0.5
+  y = jax.random.randint(ky, (n,), 0, v)
+  dl = jax.random.normal(kd, (n, v), jnp.float32)
+  fns = {name: (value_and_grad(loss), (x, w, y)) for name, loss in losses().items()}
+  fns["3-matmul floor"] = (floor_fn(), (x, w, dl))
+  for f, args in fns.values():  # compile, then warm up
+    for _ in range(warmup):
+      jax.block_until_ready(f(*args))
+  times = {name: [] for name in fns}
+  for _ in range(repeats):  # alternate, so drifting load hits every method alike
+    for name, (f, args) in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(*args))
+      times[name].append(time.perf_counter() - t0)
+  med = {name: statistics.median(ts) for name, ts in times.items()}
+  base, floor = med["optax (materialized)"], med["3-matmul floor"]
+  rows = [f"| method (N={n}, D={d}, V={v}, float32) | fwd+bwd median | min | vs optax | vs 3-matmul floor |",
+          "|---|---:|---:|---:|---:|"]
+  for name in fns:
+    rows.append(f"| {name} | {med[name] * 1e3:.1f} ms | {min(times[name]) * 1e3:.1f} ms | "
+                f"{med[name] / base:.3f}x | {med[name] / floor:.3f}x |")
+  return "\n".join(rows), med
+
+
+def machine():
+  dev = jax.devices()[0]
+  load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+  return (f"{platform.platform()}; {platform.processor() or platform.machine()}; "
+          f"{os.cpu_count()} CPUs; load average {load[0]:.1f}; jax {jax.__version__}; "
+          f"backend {jax.default_backend()} ({dev.device_kind}, {jax.device_count()} device(s))")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--small", action="store_true", help=f"time at N, D, V = {SMALL}")
+  p.add_argument("--repeats", type=int, default=None, help="timed repeats per method")
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--no-memory", action="store_true", help="skip the memory table")
+  args = p.parse_args(argv)
+  timing = SMALL if args.small else TIMING
+  repeats = args.repeats or (5 if args.small else 5)
+  print(f"Machine: {machine()}")
+  if jax.default_backend() == "cpu":
+    print("No GPU/TPU was available for this run: all numbers are CPU numbers.")
+  print()
+  if not args.no_memory:
+    sizes = [GEMMA, timing]
+    table, _ = memory_table(sizes)
+    print("Temporary memory of jit(value_and_grad(loss, argnums=(0, 1))) "
+          "(memory_analysis().temp_size_in_bytes; the Gemma size is compiled, not run):")
+    print()
+    print(table)
+    print()
+  table, med = time_table(*timing, repeats=repeats, warmup=args.warmup)
+  print(f"Time of one fwd+bwd, median of {repeats} alternating repeats after warm-up:")
+  print()
+  print(table)
+  print()
+  print(f"Machine at the end: {machine()}")
+
+
+if __name__ == "__main__":
+  main()
