@@ -33,6 +33,7 @@ EXPECTED = [
     "04_gradients",
     "05_why_cross_entropy",
     "06_gradient_descent_with_optax",
+    "07_large_vocabularies",
 ]
 
 # Inline math `$...$` or display math `$$...$$` containing at least one LaTeX command.
