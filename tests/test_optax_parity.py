@@ -109,7 +109,7 @@ def _close(a, b, rtol=2e-5, atol=2e-6):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
 
 
-_SHAPES_AXES = [((5,), -1), ((4, 6), -1), ((4, 6), 0), ((2, 3, 5), 1), ((2, 3, 5), (1, 2))]
+_SHAPES_AXES = [((4, 6), -1), ((2, 3, 5), 1), ((2, 3, 5), (2, 0))]
 
 
 @pytest.mark.parametrize("shape,axis", _SHAPES_AXES)
