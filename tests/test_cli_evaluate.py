@@ -17,10 +17,10 @@ def float64_reference(logits, labels, top_k=5, ignore_index=-100):
   z_y = z[np.arange(len(y)), y]
   higher = (z > z_y[:, None]).sum(-1)
   return {
-      "count": len(y),
-      "cross_entropy": (lse - z_y).mean(),
-      "accuracy": (higher == 0).mean(),
-      "top_k_accuracy": (higher < top_k).mean(),
+    "count": len(y),
+    "cross_entropy": (lse - z_y).mean(),
+    "accuracy": (higher == 0).mean(),
+    "top_k_accuracy": (higher < top_k).mean(),
   }
 
 
@@ -60,7 +60,7 @@ def test_json_matches_float64(files, capsys):
 def test_table_and_base(files, capsys):
   d, logits, labels = files
   code, out, _ = run(
-      capsys, "--logits", d / "logits.npy", "--labels", d / "labels.npy", "--base", 2
+    capsys, "--logits", d / "logits.npy", "--labels", d / "labels.npy", "--base", 2
   )
   assert code == 0
   assert "cross-entropy (bits)" in out and "980" in out and "perplexity" in out
@@ -112,9 +112,7 @@ def test_missing_file(files, capsys):
 def test_mismatched_lengths(files, capsys):
   d, _, labels = files
   np.save(d / "short.npy", labels[:999])
-  assert_error(
-      capsys, "1000 rows", "--logits", d / "logits.npy", "--labels", d / "short.npy"
-  )
+  assert_error(capsys, "1000 rows", "--logits", d / "logits.npy", "--labels", d / "short.npy")
 
 
 @pytest.mark.parametrize("bad", [10, -1, 12345])
@@ -130,7 +128,7 @@ def test_labels_out_of_range(files, capsys, bad):
 
 
 def test_ignore_index_is_not_out_of_range(files, capsys):
-  d, logits, labels = files
+  d, _, labels = files
   labels = np.where(labels == -100, 7, labels)
   labels[:3] = 99
   np.save(d / "ign.npy", labels)
@@ -155,7 +153,7 @@ def test_wrong_shapes_and_types(files, capsys):
 
 
 def test_raw_file_errors(files, capsys):
-  d, logits, labels = files
+  d, logits, _ = files
   logits.tofile(d / "logits.bin")
   assert_error(capsys, "--shape", "--logits", d / "logits.bin", "--labels", d / "labels.npy")
   assert_error(
@@ -171,9 +169,7 @@ def test_raw_file_errors(files, capsys):
       "--shape", "1000,10", "--dtype", "float99",
   )  # fmt: skip
   (d / "odd.bin").write_bytes(b"\x00" * 7)
-  assert_error(
-      capsys, "multiple", "--logits", d / "logits.npy", "--labels", d / "odd.bin"
-  )
+  assert_error(capsys, "multiple", "--logits", d / "logits.npy", "--labels", d / "odd.bin")
 
 
 def test_bad_options(files, capsys):

@@ -1,18 +1,17 @@
 """Tests for `xentjax.evaluate`: exactness, padding, masks, soft labels, models."""
 
 import dataclasses
+import itertools
 import json
 import math
 import weakref
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import xentjax
 from xentjax import _evaluation
-
 
 # ---------------------------------------------------------------------------
 # Float64 NumPy reference (independent of the implementation).
@@ -47,12 +46,12 @@ def reference(logits, labels, mask=None, *, top_k=5, num_bins=15, ignore_index=-
   ece = sum(abs(correct[bins == b].sum() - conf[bins == b].sum()) for b in range(num_bins))
   n = z.shape[0]
   return {
-      "count": n,
-      "nll_sum": nll.sum(),
-      "cross_entropy": nll.mean(),
-      "accuracy": correct.mean(),
-      "top_k_accuracy": (higher < top_k).mean(),
-      "expected_calibration_error": ece / n,
+    "count": n,
+    "nll_sum": nll.sum(),
+    "cross_entropy": nll.mean(),
+    "accuracy": correct.mean(),
+    "top_k_accuracy": (higher < top_k).mean(),
+    "expected_calibration_error": ece / n,
   }
 
 
@@ -68,7 +67,7 @@ def assert_matches(result, ref, rtol=1e-6):
   np.testing.assert_allclose(result.accuracy, ref["accuracy"], rtol=1e-12)
   np.testing.assert_allclose(result.top_k_accuracy, ref["top_k_accuracy"], rtol=1e-12)
   np.testing.assert_allclose(
-      result.expected_calibration_error, ref["expected_calibration_error"], rtol=1e-5, atol=1e-7
+    result.expected_calibration_error, ref["expected_calibration_error"], rtol=1e-5, atol=1e-7
   )
 
 
@@ -96,8 +95,9 @@ def test_exact_against_float64_on_a_million_examples_any_batch_size():
   ref = reference(logits, labels)
 
   z = logits.astype(np.float64)
-  nll32 = (np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
-           - z[np.arange(n), labels]).astype(np.float32)
+  nll32 = (
+    np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1) - z[np.arange(n), labels]
+  ).astype(np.float32)
   naive = np.cumsum(nll32, dtype=np.float32)[-1] / n  # sequential float32 accumulation
   assert abs(naive - ref["cross_entropy"]) / ref["cross_entropy"] > 1e-6  # the test has teeth
 
@@ -135,7 +135,7 @@ def test_ragged_last_batch_does_not_recompile():
 def test_larger_later_batches_are_split_to_the_first_size():
   logits, labels = make_data(300, seed=4)
   cuts = [0, 64, 200, 203, 300]  # 64, then 136 (split into 64, 64, 8), 3, 97
-  stream = [(logits[a:b], labels[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+  stream = [(logits[a:b], labels[a:b]) for a, b in itertools.pairwise(cuts)]
   before = _evaluation._TRACE_COUNT
   r = xentjax.evaluate(stream, progress=False)
   assert _evaluation._TRACE_COUNT - before <= 1
@@ -205,9 +205,9 @@ def test_one_hot_soft_labels_equal_integer_labels():
   soft = xentjax.evaluate(batched(logits, one_hot, size=B), progress=False)
   np.testing.assert_allclose(soft.cross_entropy, hard.cross_entropy, rtol=1e-6)
   assert (soft.count, soft.accuracy, soft.top_k_accuracy) == (
-      hard.count,
-      hard.accuracy,
-      hard.top_k_accuracy,
+    hard.count,
+    hard.accuracy,
+    hard.top_k_accuracy,
   )
 
 
@@ -239,13 +239,13 @@ def test_out_of_range_label_gives_nan():
   r = xentjax.evaluate(batched(logits, labels, size=B), progress=False)
   assert r.count == 100
   for name in (
-      "cross_entropy",
-      "perplexity",
-      "bits_per_token",
-      "negative_log_likelihood_sum",
-      "accuracy",
-      "top_k_accuracy",
-      "expected_calibration_error",
+    "cross_entropy",
+    "perplexity",
+    "bits_per_token",
+    "negative_log_likelihood_sum",
+    "accuracy",
+    "top_k_accuracy",
+    "expected_calibration_error",
   ):
     assert math.isnan(getattr(r, name)), name
   labels[17] = -3  # negative, and not the ignore index
@@ -306,11 +306,11 @@ def test_model_mode_matches_precomputed_logits():
     return inputs["x"] @ p["w"] + p["b"].reshape(1, 3)
 
   r = xentjax.evaluate(
-      [({"x": a}, b) for a, b in batched(x, labels, size=64)],
-      model=model,
-      params=params,
-      top_k=2,
-      progress=False,
+    [({"x": a}, b) for a, b in batched(x, labels, size=64)],
+    model=model,
+    params=params,
+    top_k=2,
+    progress=False,
   )
   logits = x.astype(np.float64) @ params["w"] + params["b"]
   assert_matches(r, reference(logits, labels, top_k=2), rtol=1e-5)
@@ -324,7 +324,7 @@ def test_flush_to_host_keeps_results(monkeypatch):
   assert r.count == ref.count and r.accuracy == ref.accuracy
   np.testing.assert_allclose(r.cross_entropy, ref.cross_entropy, rtol=1e-9)
   np.testing.assert_allclose(
-      r.expected_calibration_error, ref.expected_calibration_error, rtol=1e-9, atol=1e-12
+    r.expected_calibration_error, ref.expected_calibration_error, rtol=1e-9, atol=1e-12
   )
 
 

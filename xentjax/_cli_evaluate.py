@@ -7,7 +7,6 @@ chunks, then prints `xentjax.evaluate`'s table or its JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -20,14 +19,14 @@ _CHECK_CHUNK = 1 << 22  # labels examined per chunk by the range check
 
 def register(subparsers) -> None:
   p = subparsers.add_parser(
-      "evaluate",
-      help="cross-entropy, perplexity, accuracy and calibration of saved logits",
-      description=(
-          "Stream logits and labels from .npy files (memory-mapped) or raw binary files "
-          "through xentjax.evaluate and print cross-entropy, perplexity, accuracy, top-k "
-          "accuracy and expected calibration error. Labels are integer class indices "
-          "[N, ...] or soft labels with the logits' shape."
-      ),
+    "evaluate",
+    help="cross-entropy, perplexity, accuracy and calibration of saved logits",
+    description=(
+      "Stream logits and labels from .npy files (memory-mapped) or raw binary files "
+      "through xentjax.evaluate and print cross-entropy, perplexity, accuracy, top-k "
+      "accuracy and expected calibration error. Labels are integer class indices "
+      "[N, ...] or soft labels with the logits' shape."
+    ),
   )
   p.add_argument("--logits", required=True, help="logits [N, ..., C]: .npy, or raw with --shape")
   p.add_argument("--labels", required=True, help="labels [N, ...] (.npy, or raw binary)")
@@ -36,7 +35,7 @@ def register(subparsers) -> None:
   p.add_argument("--num-bins", type=int, default=15, help="calibration bins (default 15)")
   p.add_argument("--base", type=float, default=None, help="log base of the cross-entropy")
   p.add_argument(
-      "--ignore-index", type=int, default=-100, help="label value not counted (default -100)"
+    "--ignore-index", type=int, default=-100, help="label value not counted (default -100)"
   )
   p.add_argument("--shape", default=None, help="shape of raw logits, e.g. 1000000,64")
   p.add_argument("--dtype", default="float32", help="dtype of raw logits (default float32)")
@@ -77,13 +76,13 @@ def _open_raw(path: str, what: str, dtype: np.dtype, shape: tuple[int, ...] | No
   if shape is None:  # one dimension, from the file size
     if size % dtype.itemsize:
       raise CommandError(
-          f"{what} file {path!r} has {size} bytes, not a multiple of {dtype} ({dtype.itemsize})"
+        f"{what} file {path!r} has {size} bytes, not a multiple of {dtype} ({dtype.itemsize})"
       )
     shape = (size // dtype.itemsize,)
   expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   if expected != size:
     raise CommandError(
-        f"{what} file {path!r} has {size} bytes but shape {shape} of {dtype} needs {expected}"
+      f"{what} file {path!r} has {size} bytes but shape {shape} of {dtype} needs {expected}"
     )
   if size == 0:
     return np.zeros(shape, dtype)
@@ -113,9 +112,9 @@ def _check_label_range(labels: np.ndarray, num_classes: int, ignore_index: int |
     if lo < 0 or hi >= num_classes:
       bad = lo if lo < 0 else hi
       raise CommandError(
-          f"label {bad} is out of range for {num_classes} classes (valid 0..{num_classes - 1}"
-          + ("" if ignore_index is None else f", or the ignore index {ignore_index}")
-          + ")"
+        f"label {bad} is out of range for {num_classes} classes (valid 0..{num_classes - 1}"
+        + ("" if ignore_index is None else f", or the ignore index {ignore_index}")
+        + ")"
       )
 
 
@@ -130,20 +129,20 @@ def load(args) -> tuple[np.ndarray, np.ndarray]:
     raise CommandError(f"logits must be floating point, got dtype {logits.dtype}")
   if labels.ndim == 0 or labels.shape[0] != logits.shape[0]:
     raise CommandError(
-        f"logits have {logits.shape[0]} rows but labels have "
-        f"{labels.shape[0] if labels.ndim else 0} (shapes {logits.shape} and {labels.shape})"
+      f"logits have {logits.shape[0]} rows but labels have "
+      f"{labels.shape[0] if labels.ndim else 0} (shapes {logits.shape} and {labels.shape})"
     )
   if np.issubdtype(labels.dtype, np.integer):
     if labels.shape != logits.shape[:-1]:
       raise CommandError(
-          f"integer labels must have shape {logits.shape[:-1]} (logits without the class axis), "
-          f"got {labels.shape}"
+        f"integer labels must have shape {logits.shape[:-1]} (logits without the class axis), "
+        f"got {labels.shape}"
       )
     _check_label_range(labels, logits.shape[-1], args.ignore_index)
   elif np.issubdtype(labels.dtype, np.floating):
     if labels.shape != logits.shape:
       raise CommandError(
-          f"soft labels must have the logits' shape {logits.shape}, got {labels.shape}"
+        f"soft labels must have the logits' shape {logits.shape}, got {labels.shape}"
       )
   else:
     raise CommandError(f"labels must be integer or floating point, got dtype {labels.dtype}")
@@ -166,13 +165,13 @@ def run(args) -> int:
   n, bs = logits.shape[0], args.batch_size
   batches = ((logits[i : i + bs], labels[i : i + bs]) for i in range(0, n, bs))
   result = evaluate(
-      batches,
-      top_k=args.top_k,
-      num_bins=args.num_bins,
-      base=args.base,
-      ignore_index=args.ignore_index,
-      progress=args.progress,
-      total=n,
+    batches,
+    top_k=args.top_k,
+    num_bins=args.num_bins,
+    base=args.base,
+    ignore_index=args.ignore_index,
+    progress=args.progress,
+    total=n,
   )
   if args.json:
     print(json.dumps(result.to_dict(), indent=2))

@@ -96,14 +96,14 @@ class EvaluationResult:
   def __str__(self) -> str:
     unit = "nats" if self.base is None else ("bits" if self.base == 2 else f"base {self.base:g}")
     rows = [
-        ("examples", f"{self.count:,}"),
-        (f"cross-entropy ({unit})", f"{self.cross_entropy:.6f}"),
-        ("perplexity", f"{self.perplexity:.6g}"),
-        ("bits per token", f"{self.bits_per_token:.6f}"),
-        ("accuracy", f"{self.accuracy:.6f}"),
-        (f"top-{self.top_k} accuracy", f"{self.top_k_accuracy:.6f}"),
-        (f"ECE ({self.num_bins} bins)", f"{self.expected_calibration_error:.6f}"),
-        ("NLL sum (nats)", f"{self.negative_log_likelihood_sum:.6f}"),
+      ("examples", f"{self.count:,}"),
+      (f"cross-entropy ({unit})", f"{self.cross_entropy:.6f}"),
+      ("perplexity", f"{self.perplexity:.6g}"),
+      ("bits per token", f"{self.bits_per_token:.6f}"),
+      ("accuracy", f"{self.accuracy:.6f}"),
+      (f"top-{self.top_k} accuracy", f"{self.top_k_accuracy:.6f}"),
+      (f"ECE ({self.num_bins} bins)", f"{self.expected_calibration_error:.6f}"),
+      ("NLL sum (nats)", f"{self.negative_log_likelihood_sum:.6f}"),
     ]
     width = max(len(name) for name, _ in rows)
     vwidth = max(len(value) for _, value in rows)
@@ -186,14 +186,14 @@ def _zero_accumulators(num_bins: int) -> dict:
   fb = jnp.zeros((num_bins,), dtype=float)
   ib = jnp.zeros((num_bins,), dtype=int)
   return {
-      "nll": (f, f),
-      "resid": (fb, fb),
-      "count": i,
-      "correct": i,
-      "top_k": i,
-      "bad": i,
-      "bin_count": ib,
-      "bin_correct": ib,
+    "nll": (f, f),
+    "resid": (fb, fb),
+    "count": i,
+    "correct": i,
+    "top_k": i,
+    "bad": i,
+    "bin_count": ib,
+    "bin_correct": ib,
   }
 
 
@@ -212,13 +212,13 @@ def _step(acc, params, x, labels, mask, num_real, ignore_index, *, model, config
     _validation.check_same_shape("logits", logits, "labels", labels)
   elif labels.shape != logits.shape[:-1]:
     raise ValueError(
-        "integer `labels` must have the shape of `logits` without its class axis, got "
-        f"logits.shape={logits.shape} and labels.shape={labels.shape}."
+      "integer `labels` must have the shape of `logits` without its class axis, got "
+      f"logits.shape={logits.shape} and labels.shape={labels.shape}."
     )
   row_shape = logits.shape[:-1]
   if mask is not None and mask.shape != row_shape:
     raise ValueError(
-        f"`mask` must have shape {row_shape} (logits without the class axis), got {mask.shape}."
+      f"`mask` must have shape {row_shape} (logits without the class axis), got {mask.shape}."
     )
 
   dtype = _validation.compute_dtype(logits.dtype)
@@ -276,16 +276,16 @@ def _step(acc, params, x, labels, mask, num_real, ignore_index, *, model, config
 
   int_dtype = acc["count"].dtype
   return {
-      "nll": _acc_add(acc["nll"], nll_part),
-      "resid": _acc_add(acc["resid"], (resid_part, jnp.zeros_like(resid_part))),
-      "count": acc["count"] + jnp.sum(valid, dtype=int_dtype),
-      "correct": acc["correct"] + jnp.sum(correct, dtype=int_dtype),
-      "top_k": acc["top_k"] + jnp.sum(hit_k, dtype=int_dtype),
-      "bad": acc["bad"] + jnp.sum(bad, dtype=int_dtype),
-      "bin_count": acc["bin_count"]
-      + jax.ops.segment_sum(valid.astype(int_dtype), bins, config.num_bins),
-      "bin_correct": acc["bin_correct"]
-      + jax.ops.segment_sum(correct.astype(int_dtype), bins, config.num_bins),
+    "nll": _acc_add(acc["nll"], nll_part),
+    "resid": _acc_add(acc["resid"], (resid_part, jnp.zeros_like(resid_part))),
+    "count": acc["count"] + jnp.sum(valid, dtype=int_dtype),
+    "correct": acc["correct"] + jnp.sum(correct, dtype=int_dtype),
+    "top_k": acc["top_k"] + jnp.sum(hit_k, dtype=int_dtype),
+    "bad": acc["bad"] + jnp.sum(bad, dtype=int_dtype),
+    "bin_count": acc["bin_count"]
+    + jax.ops.segment_sum(valid.astype(int_dtype), bins, config.num_bins),
+    "bin_correct": acc["bin_correct"]
+    + jax.ops.segment_sum(correct.astype(int_dtype), bins, config.num_bins),
   }
 
 
@@ -309,8 +309,8 @@ def _num_rows(tree) -> int:
   rows = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
   if None in rows or len(rows) != 1:
     raise ValueError(
-        "every array of a batch needs the same leading (batch) dimension, got shapes "
-        f"{[np.shape(leaf) for leaf in leaves]}."
+      "every array of a batch needs the same leading (batch) dimension, got shapes "
+      f"{[np.shape(leaf) for leaf in leaves]}."
     )
   return rows.pop()
 
@@ -334,8 +334,8 @@ def _pad_rows(a, size: int, edge: bool):
 def _split(batch) -> tuple[Any, Any, Any]:
   if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
     raise TypeError(
-        "each batch must be a (logits, labels) or (logits, labels, mask) tuple (with `model`: "
-        f"(inputs, labels[, mask])), got {type(batch).__name__}."
+      "each batch must be a (logits, labels) or (logits, labels, mask) tuple (with `model`: "
+      f"(inputs, labels[, mask])), got {type(batch).__name__}."
     )
   x, labels = batch[0], batch[1]
   mask = batch[2] if len(batch) == 3 else None
@@ -364,17 +364,16 @@ def _prepare(batches: Iterable, *, model, mesh: Mesh) -> Iterator[_Prepared]:
       soft = True
     else:
       raise TypeError(
-          "`labels` must be integer class indices or floating soft labels, got dtype "
-          f"{labels.dtype}."
+        f"`labels` must be integer class indices or floating soft labels, got dtype {labels.dtype}."
       )
     rows = _num_rows(x)
     parts = [labels] if mask is None else [labels, mask]
     if any(np.ndim(p) == 0 or np.shape(p)[0] != rows for p in parts):
       raise ValueError(
-          f"labels (and mask) must have the batch's {rows} rows along their first axis, got "
-          f"labels.shape={np.shape(labels)}"
-          + ("" if mask is None else f", mask.shape={np.shape(mask)}")
-          + "."
+        f"labels (and mask) must have the batch's {rows} rows along their first axis, got "
+        f"labels.shape={np.shape(labels)}"
+        + ("" if mask is None else f", mask.shape={np.shape(mask)}")
+        + "."
       )
     if rows == 0:
       continue
@@ -384,7 +383,7 @@ def _prepare(batches: Iterable, *, model, mesh: Mesh) -> Iterator[_Prepared]:
       stop = min(start + size, rows)
       real = stop - start
 
-      def piece(a, edge=False, start=start, stop=stop):
+      def piece(a, edge=False, start=start, stop=stop, size=size):
         a = a if (start == 0 and stop == a.shape[0]) else a[start:stop]
         return _pad_rows(a, size, edge)
 
@@ -425,7 +424,7 @@ class _Prefetcher:
         if not self._put(item):
           return
       self._put(_DONE)
-    except BaseException as e:  # handed to the consuming thread
+    except BaseException as e:  # noqa: BLE001 -- handed to the consuming thread
       self._put(e)
 
   def __iter__(self):
@@ -507,18 +506,18 @@ def _total(parts: list[float]) -> float:
 
 
 def evaluate(
-    batches: Iterable,
-    *,
-    model: Callable[[Any, Any], jax.Array] | None = None,
-    params: Any = None,
-    top_k: int = 5,
-    num_bins: int = 15,
-    base: float | None = None,
-    ignore_index: int | None = -100,
-    progress: bool | None = None,
-    total: int | None = None,
-    devices: Sequence[jax.Device] | None = None,
-    prefetch: int = 2,
+  batches: Iterable,
+  *,
+  model: Callable[[Any, Any], jax.Array] | None = None,
+  params: Any = None,
+  top_k: int = 5,
+  num_bins: int = 15,
+  base: float | None = None,
+  ignore_index: int | None = -100,
+  progress: bool | None = None,
+  total: int | None = None,
+  devices: Sequence[jax.Device] | None = None,
+  prefetch: int = 2,
 ) -> EvaluationResult:
   r"""Exact dataset-level cross-entropy, accuracy and calibration, streamed.
 
@@ -609,10 +608,10 @@ def evaluate(
     >>> import numpy as np, xentjax
     >>> logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]], np.float32))
     >>> r = xentjax.evaluate([(logits, np.array([0, 2]))], top_k=2, progress=False)
-    >>> r.count, r.accuracy, r.top_k_accuracy
-    (2, 0.5, 0.5)
+    >>> r.count, r.accuracy, r.top_k_accuracy  # row 2: only class 1 is above class 2
+    (2, 0.5, 1.0)
     >>> round(r.cross_entropy, 4)  # (-log 0.7 - log 0.1) / 2
-    1.3297
+    1.3296
   """
   scale = _validation.log_base_scale(base)
   if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
@@ -620,7 +619,7 @@ def evaluate(
   if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
     raise ValueError(f"`num_bins` must be an integer >= 1, got {num_bins!r}.")
   if ignore_index is not None and (
-      isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer))
+    isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer))
   ):
     raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
   if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
@@ -655,15 +654,15 @@ def evaluate(
         in_flight.clear()
       config = _Config(top_k, num_bins, ignore_index is not None, mesh.devices.size, item.soft)
       acc = _step(
-          acc,
-          params,
-          item.x,
-          item.labels,
-          item.mask,
-          item.num_real,
-          ignore_value,
-          model=model,
-          config=config,
+        acc,
+        params,
+        item.x,
+        item.labels,
+        item.mask,
+        item.num_real,
+        ignore_value,
+        model=model,
+        config=config,
       )
       rows_since_flush += size * _rows_per_batch_row(item)
       in_flight.append(acc["count"])
@@ -704,15 +703,15 @@ def _result(host: _HostTotals, *, top_k, num_bins, base, scale) -> EvaluationRes
     acc = acc_k = ece = nan
   perplexity = math.exp(ce) if ce < 709.0 or math.isnan(ce) else math.inf
   return EvaluationResult(
-      count=int(count),
-      cross_entropy=ce if scale is None else ce * scale,
-      perplexity=perplexity,
-      bits_per_token=ce / math.log(2.0),
-      accuracy=acc,
-      top_k_accuracy=acc_k,
-      expected_calibration_error=ece,
-      negative_log_likelihood_sum=nll_sum,
-      top_k=top_k,
-      num_bins=num_bins,
-      base=None if base is None else float(base),
+    count=int(count),
+    cross_entropy=ce if scale is None else ce * scale,
+    perplexity=perplexity,
+    bits_per_token=ce / math.log(2.0),
+    accuracy=acc,
+    top_k_accuracy=acc_k,
+    expected_calibration_error=ece,
+    negative_log_likelihood_sum=nll_sum,
+    top_k=top_k,
+    num_bins=num_bins,
+    base=None if base is None else float(base),
   )
