@@ -4,6 +4,7 @@ import dataclasses
 import itertools
 import json
 import math
+import sys
 import weakref
 
 import jax.numpy as jnp
@@ -391,6 +392,13 @@ def test_progress_bar_reports_examples_per_second(capsys):
   assert "300/300" in err and "ex/s" in err
   xentjax.evaluate(batched(logits, labels, size=B), progress=False)
   assert capsys.readouterr().err == ""
+
+
+def test_no_tqdm_means_no_bar(capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # `import` now raises ImportError
+  logits, labels = make_data(128, seed=24)
+  r = xentjax.evaluate(batched(logits, labels, size=B), progress=True)
+  assert r.count == 128 and capsys.readouterr().err == ""
 
 
 # ---------------------------------------------------------------------------

@@ -576,7 +576,8 @@ def evaluate(
       default; None counts every label).
     progress: show a tqdm progress bar with examples/s (None: only when
       stderr is a terminal; without tqdm there is no bar).
-    total: expected number of examples, for the progress bar.
+    total: expected number of rows (entries along the batch axis), for the
+      progress bar, which counts rows.
     devices: devices to shard the batch over (default: all local devices).
     prefetch: batches prepared ahead in the background (0: no thread).
 
