@@ -66,6 +66,8 @@ def build(source: pathlib.Path, execute: bool = True) -> float:
   nb.metadata["kernelspec"] = KERNELSPEC
   nb.metadata["language_info"] = {"name": "python"}
   nb.cells = parse_cells(source.read_text())
+  for i, cell in enumerate(nb.cells):  # stable ids: rebuilding does not churn the diff
+    cell.id = f"c{i:02d}"
   target = HERE / (source.stem + ".ipynb")
   elapsed = 0.0
   if execute:
