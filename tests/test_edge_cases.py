@@ -66,34 +66,75 @@ def _sigmoid64(z):
 
 
 SPECS = [
-    Spec("softmax_cross_entropy", L.softmax_cross_entropy, G.softmax_cross_entropy,
-         lambda z, y: _softmax64(z) * y.sum(-1, keepdims=True) - y, ONEHOT),
-    Spec("softmax_cross_entropy[soft labels]", L.softmax_cross_entropy, G.softmax_cross_entropy,
-         lambda z, y: _softmax64(z) * y.sum(-1, keepdims=True) - y,
-         # 0.7 on the true class, 0.3 on class 3 (row 2 sums to 0.7: unnormalized labels).
-         np.where(ONEHOT == 1, 0.7, np.where(np.arange(K) == 3, 0.3, 0.0)).astype(np.float32)),
-    Spec("softmax_cross_entropy_with_integer_labels",
-         L.softmax_cross_entropy_with_integer_labels,
-         G.softmax_cross_entropy_with_integer_labels,
-         lambda z, c: _softmax64(z) - np.eye(K)[c], C),
-    Spec("safe_softmax_cross_entropy", L.safe_softmax_cross_entropy,
-         G.safe_softmax_cross_entropy, lambda z, y: _softmax64(z) - y, ONEHOT),
-    Spec("poly_loss_cross_entropy[epsilon=0]",
-         lambda z, y: L.poly_loss_cross_entropy(z, y, epsilon=0.0),
-         lambda z, y: G.poly_loss_cross_entropy(z, y, epsilon=0.0),
-         lambda z, y: _softmax64(z) - y, ONEHOT),
-    Spec("sigmoid_binary_cross_entropy", L.sigmoid_binary_cross_entropy,
-         G.sigmoid_binary_cross_entropy, lambda z, y: _sigmoid64(z) - y, ONEHOT,
-         elementwise=True),
-    Spec("sigmoid_focal_loss[gamma=0]",
-         lambda z, y: L.sigmoid_focal_loss(z, y, gamma=0.0),
-         lambda z, y: G.sigmoid_focal_loss(z, y, gamma=0.0),
-         lambda z, y: _sigmoid64(z) - y, ONEHOT, elementwise=True),
-    Spec("categorical_cross_entropy", L.categorical_cross_entropy, G.categorical_cross_entropy,
-         lambda q, y: -y / np.where(y == 0, 1.0, q), ONEHOT, on_probs=True),
-    Spec("binary_cross_entropy", L.binary_cross_entropy, G.binary_cross_entropy,
-         lambda q, y: -y / np.where(y == 0, 1.0, q) + (1 - y) / (1 - q), ONEHOT,
-         on_probs=True, elementwise=True),
+  Spec(
+    "softmax_cross_entropy",
+    L.softmax_cross_entropy,
+    G.softmax_cross_entropy,
+    lambda z, y: _softmax64(z) * y.sum(-1, keepdims=True) - y,
+    ONEHOT,
+  ),
+  Spec(
+    "softmax_cross_entropy[soft labels]",
+    L.softmax_cross_entropy,
+    G.softmax_cross_entropy,
+    lambda z, y: _softmax64(z) * y.sum(-1, keepdims=True) - y,
+    # 0.7 on the true class, 0.3 on class 3 (row 2 sums to 0.7: unnormalized labels).
+    np.where(ONEHOT == 1, 0.7, np.where(np.arange(K) == 3, 0.3, 0.0)).astype(np.float32),
+  ),
+  Spec(
+    "softmax_cross_entropy_with_integer_labels",
+    L.softmax_cross_entropy_with_integer_labels,
+    G.softmax_cross_entropy_with_integer_labels,
+    lambda z, c: _softmax64(z) - np.eye(K)[c],
+    C,
+  ),
+  Spec(
+    "safe_softmax_cross_entropy",
+    L.safe_softmax_cross_entropy,
+    G.safe_softmax_cross_entropy,
+    lambda z, y: _softmax64(z) - y,
+    ONEHOT,
+  ),
+  Spec(
+    "poly_loss_cross_entropy[epsilon=0]",
+    lambda z, y: L.poly_loss_cross_entropy(z, y, epsilon=0.0),
+    lambda z, y: G.poly_loss_cross_entropy(z, y, epsilon=0.0),
+    lambda z, y: _softmax64(z) - y,
+    ONEHOT,
+  ),
+  Spec(
+    "sigmoid_binary_cross_entropy",
+    L.sigmoid_binary_cross_entropy,
+    G.sigmoid_binary_cross_entropy,
+    lambda z, y: _sigmoid64(z) - y,
+    ONEHOT,
+    elementwise=True,
+  ),
+  Spec(
+    "sigmoid_focal_loss[gamma=0]",
+    lambda z, y: L.sigmoid_focal_loss(z, y, gamma=0.0),
+    lambda z, y: G.sigmoid_focal_loss(z, y, gamma=0.0),
+    lambda z, y: _sigmoid64(z) - y,
+    ONEHOT,
+    elementwise=True,
+  ),
+  Spec(
+    "categorical_cross_entropy",
+    L.categorical_cross_entropy,
+    G.categorical_cross_entropy,
+    lambda q, y: -y / np.where(y == 0, 1.0, q),
+    ONEHOT,
+    on_probs=True,
+  ),
+  Spec(
+    "binary_cross_entropy",
+    L.binary_cross_entropy,
+    G.binary_cross_entropy,
+    lambda q, y: -y / np.where(y == 0, 1.0, q) + (1 - y) / (1 - q),
+    ONEHOT,
+    on_probs=True,
+    elementwise=True,
+  ),
 ]
 IDS = [s.name for s in SPECS]
 
@@ -116,8 +157,9 @@ def test_gradient_is_link_minus_target(spec):
   np.testing.assert_allclose(spec.grad(x, spec.target), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("spec", [s for s in SPECS if not s.on_probs],
-                         ids=[s.name for s in SPECS if not s.on_probs])
+@pytest.mark.parametrize(
+  "spec", [s for s in SPECS if not s.on_probs], ids=[s.name for s in SPECS if not s.on_probs]
+)
 def test_extreme_logits_are_finite(spec):
   x = np.where(_RNG.uniform(size=(B, K)) < 0.5, 1e4, -1e4).astype(np.float32)
   x[0] = [1e4, -1e4, 1e4, -1e4]  # true class 0 at +1e4, tied with class 2
@@ -158,14 +200,16 @@ def test_edge_value_on_the_true_class(spec):
   assert value[TRUE[0]] == np.inf
   others = [i for i in range(B) if i != TRUE[0]]
   assert np.all(np.isfinite(value[others]))
-  g = np.asarray(jax.grad(lambda v: spec.loss(v, spec.target)[np.array(others)].sum())(
-      jnp.asarray(x)))
+  g = np.asarray(
+    jax.grad(lambda v: spec.loss(v, spec.target)[np.array(others)].sum())(jnp.asarray(x))
+  )
   assert np.all(np.isfinite(g[others]))
   if not spec.on_probs:  # logit losses: even the +inf example has a finite gradient
     _, g_all = _value_and_grad(spec, x)
     assert np.all(np.isfinite(g_all))
-    np.testing.assert_allclose(g_all, spec.expected_grad(np.asarray(x, np.float64),
-                                                         spec.target), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      g_all, spec.expected_grad(np.asarray(x, np.float64), spec.target), rtol=1e-5, atol=1e-6
+    )
   else:  # -p/q: the true derivative at q = 0 is -inf
     assert spec.grad(x, spec.target)[TRUE] == -np.inf
 
@@ -208,8 +252,10 @@ def test_kl_divergence_with_zero_targets():
   with np.errstate(divide="ignore"):
     log_q = np.log(np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], np.float32))
   t = np.array([[0.25, 0.75, 0.0], [0.0, 0.5, 0.5]], np.float32)
-  ref = [0.25 * np.log(0.25 / 0.5) + 0.75 * np.log(0.75 / 0.5),
-         0.5 * np.log(0.5 / 0.3) + 0.5 * np.log(0.5 / 0.5)]
+  ref = [
+    0.25 * np.log(0.25 / 0.5) + 0.75 * np.log(0.75 / 0.5),
+    0.5 * np.log(0.5 / 0.3) + 0.5 * np.log(0.5 / 0.5),
+  ]
   np.testing.assert_allclose(L.kl_divergence(log_q, t), ref, rtol=1e-5)
   g_lp, g_t = jax.grad(lambda a, b: L.kl_divergence(a, b).sum(), argnums=(0, 1))(log_q, t)
   np.testing.assert_allclose(g_lp, -t)
@@ -233,17 +279,24 @@ def test_sigmoid_cross_entropy_with_infinite_logits():
 # --- masks, invalid labels, empty batches -----------------------------------
 
 
-@pytest.mark.parametrize("fn,target", [
+@pytest.mark.parametrize(
+  "fn,target",
+  [
     (L.softmax_cross_entropy, ONEHOT),
     (L.softmax_cross_entropy_with_integer_labels, np.array([0, 9, 3])),  # 9: masked anyway
     (L.poly_loss_cross_entropy, ONEHOT),
     (L.categorical_cross_entropy, ONEHOT),
-], ids=["softmax", "integer", "poly", "categorical"])
+  ],
+  ids=["softmax", "integer", "poly", "categorical"],
+)
 def test_all_masked_rows_give_zero_and_zero_gradient(fn, target):
   x = _softmax64(Z).astype(np.float32) if fn is L.categorical_cross_entropy else Z
   where = np.array([True, False, True])
-  kw = dict(label_smoothing=0.1, z_loss=1e-2) if fn in (
-      L.softmax_cross_entropy, L.softmax_cross_entropy_with_integer_labels) else {}
+  kw = (
+    {"label_smoothing": 0.1, "z_loss": 1e-2}
+    if fn in (L.softmax_cross_entropy, L.softmax_cross_entropy_with_integer_labels)
+    else {}
+  )
   if fn is L.softmax_cross_entropy_with_integer_labels:
     target = np.array([0, 9, 3])
   value, g = jax.value_and_grad(lambda v: fn(v, target, where=where, **kw).sum())(x)
@@ -267,12 +320,15 @@ def test_out_of_range_integer_labels_give_nan():
     assert np.isfinite(out[0]) and np.all(np.isnan(out[1:]))
 
 
-@pytest.mark.parametrize("fn,target,shape", [
+@pytest.mark.parametrize(
+  "fn,target,shape",
+  [
     (L.softmax_cross_entropy, np.zeros((0, K), np.float32), (0,)),
     (L.softmax_cross_entropy_with_integer_labels, np.zeros((0,), np.int32), (0,)),
     (L.sigmoid_binary_cross_entropy, np.zeros((0, K), np.float32), (0, K)),
     (L.categorical_cross_entropy, np.zeros((0, K), np.float32), (0,)),
-])
+  ],
+)
 def test_empty_batch(fn, target, shape):
   out = fn(np.zeros((0, K), np.float32), target)
   assert out.shape == shape

@@ -27,23 +27,27 @@ YB = (_RNG.uniform(size=SHAPE) < 0.5).astype(np.float32)
 
 # (name, first argument, remaining positional args, keyword args)
 CASES = [
-    ("softmax_cross_entropy", Z, (Y,), {}),
-    ("softmax_cross_entropy", Z, (Y, 0, MASK), dict(label_smoothing=0.2, z_loss=1e-2)),
-    ("softmax_cross_entropy", Z3, (Y3, (1, 2)), dict(z_loss=1e-3)),
-    ("softmax_cross_entropy_with_integer_labels", Z, (C,), {}),
-    ("softmax_cross_entropy_with_integer_labels", Z, (C, -1, MASK),
-     dict(label_smoothing=0.1, z_loss=1e-2)),
-    ("softmax_cross_entropy_with_integer_labels", Z3, (C3, (1, 2)), dict(label_smoothing=0.3)),
-    ("safe_softmax_cross_entropy", Z, (Y,), {}),
-    ("poly_loss_cross_entropy", Z, (Y,), dict(epsilon=2.0, where=MASK)),
-    ("sigmoid_binary_cross_entropy", Z, (Y,), {}),
-    ("sigmoid_focal_loss", Z, (YB,), dict(gamma=2.0, alpha=0.25)),
-    ("sigmoid_focal_loss", Z, (Y,), dict(gamma=0.5)),
-    ("categorical_cross_entropy", Q, (Y, -1, MASK), {}),
-    ("categorical_cross_entropy", Q, (Y,), dict(eps=0.1)),
-    ("binary_cross_entropy", Q, (Y,), {}),
-    ("kl_divergence", Z, (Y,), dict(where=MASK)),
-    ("kl_divergence_with_log_targets", Z, (np.log(Y),), {}),
+  ("softmax_cross_entropy", Z, (Y,), {}),
+  ("softmax_cross_entropy", Z, (Y, 0, MASK), {"label_smoothing": 0.2, "z_loss": 1e-2}),
+  ("softmax_cross_entropy", Z3, (Y3, (1, 2)), {"z_loss": 1e-3}),
+  ("softmax_cross_entropy_with_integer_labels", Z, (C,), {}),
+  (
+    "softmax_cross_entropy_with_integer_labels",
+    Z,
+    (C, -1, MASK),
+    {"label_smoothing": 0.1, "z_loss": 1e-2},
+  ),
+  ("softmax_cross_entropy_with_integer_labels", Z3, (C3, (1, 2)), {"label_smoothing": 0.3}),
+  ("safe_softmax_cross_entropy", Z, (Y,), {}),
+  ("poly_loss_cross_entropy", Z, (Y,), {"epsilon": 2.0, "where": MASK}),
+  ("sigmoid_binary_cross_entropy", Z, (Y,), {}),
+  ("sigmoid_focal_loss", Z, (YB,), {"gamma": 2.0, "alpha": 0.25}),
+  ("sigmoid_focal_loss", Z, (Y,), {"gamma": 0.5}),
+  ("categorical_cross_entropy", Q, (Y, -1, MASK), {}),
+  ("categorical_cross_entropy", Q, (Y,), {"eps": 0.1}),
+  ("binary_cross_entropy", Q, (Y,), {}),
+  ("kl_divergence", Z, (Y,), {"where": MASK}),
+  ("kl_divergence_with_log_targets", Z, (np.log(Y),), {}),
 ]
 IDS = [f"{n}-{i}" for i, (n, *_) in enumerate(CASES)]
 
@@ -68,6 +72,7 @@ def test_loss_passes_finite_difference_check(name, x, args, kwargs):
 
 def test_every_grads_function_has_a_loss_with_the_same_signature():
   import inspect
+
   for name in G.__all__:
     assert inspect.signature(getattr(G, name)) == inspect.signature(getattr(L, name)), name
 
@@ -78,8 +83,9 @@ def test_every_grads_function_has_a_loss_with_the_same_signature():
 def test_softmax_gradient_is_prediction_minus_target():
   p = sp.softmax(Z.astype(np.float64), axis=-1)
   np.testing.assert_allclose(G.softmax_cross_entropy(Z, Y), p - Y, atol=1e-6)
-  np.testing.assert_allclose(G.softmax_cross_entropy_with_integer_labels(Z, C),
-                             p - np.eye(5)[C], atol=1e-6)
+  np.testing.assert_allclose(
+    G.softmax_cross_entropy_with_integer_labels(Z, C), p - np.eye(5)[C], atol=1e-6
+  )
   # Unnormalized labels: softmax(z) * sum(y) - y.
   np.testing.assert_allclose(G.softmax_cross_entropy(Z, 2 * Y), 2 * p - 2 * Y, atol=1e-6)
 
@@ -92,19 +98,23 @@ def test_smoothing_and_z_loss_formulas():
   y_s = (1 - eps) * np.eye(5)[C] + eps / 5
   expected = p - y_s + 2 * lam * lse * p
   np.testing.assert_allclose(
-      G.softmax_cross_entropy_with_integer_labels(Z, C, label_smoothing=eps, z_loss=lam),
-      expected, atol=1e-6)
+    G.softmax_cross_entropy_with_integer_labels(Z, C, label_smoothing=eps, z_loss=lam),
+    expected,
+    atol=1e-6,
+  )
   np.testing.assert_allclose(
-      G.softmax_cross_entropy(Z, np.eye(5, dtype=np.float32)[C], label_smoothing=eps,
-                              z_loss=lam), expected, atol=1e-6)
+    G.softmax_cross_entropy(Z, np.eye(5, dtype=np.float32)[C], label_smoothing=eps, z_loss=lam),
+    expected,
+    atol=1e-6,
+  )
 
 
 def test_sigmoid_and_probability_formulas():
-  np.testing.assert_allclose(G.sigmoid_binary_cross_entropy(Z, Y),
-                             sp.expit(Z.astype(np.float64)) - Y, atol=1e-6)
+  np.testing.assert_allclose(
+    G.sigmoid_binary_cross_entropy(Z, Y), sp.expit(Z.astype(np.float64)) - Y, atol=1e-6
+  )
   np.testing.assert_allclose(G.categorical_cross_entropy(Q, Y), -Y / Q, rtol=1e-6)
-  np.testing.assert_allclose(G.binary_cross_entropy(Q, Y), -Y / Q + (1 - Y) / (1 - Q),
-                             rtol=1e-5)
+  np.testing.assert_allclose(G.binary_cross_entropy(Q, Y), -Y / Q + (1 - Y) / (1 - Q), rtol=1e-5)
 
 
 def test_worked_example_same_loss_different_gradients():
@@ -119,8 +129,9 @@ def test_worked_example_same_loss_different_gradients():
   np.testing.assert_allclose(ga, qa - y, atol=1e-6)  # q - y
   np.testing.assert_allclose(gb, qb - y, atol=1e-6)
   assert not np.allclose(ga, gb)
-  np.testing.assert_allclose(ga, jax.grad(lambda z: L.softmax_cross_entropy(z, y))(np.log(qa)),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    ga, jax.grad(lambda z: L.softmax_cross_entropy(z, y))(np.log(qa)), atol=1e-6
+  )
   # With respect to the probabilities both gradients are -p/q = [-10, 0, 0, 0, 0].
   np.testing.assert_allclose(G.categorical_cross_entropy(qa, y), [-10, 0, 0, 0, 0], rtol=1e-6)
   np.testing.assert_allclose(G.categorical_cross_entropy(qb, y), [-10, 0, 0, 0, 0], rtol=1e-6)

@@ -32,8 +32,9 @@ def test_worked_example(q):
   q = np.array(q, np.float32)
   np.testing.assert_allclose(L.categorical_cross_entropy(q, y), 2.302585, rtol=1e-6)
   np.testing.assert_allclose(L.softmax_cross_entropy(np.log(q), y), 2.302585, rtol=1e-6)
-  np.testing.assert_allclose(L.softmax_cross_entropy_with_integer_labels(np.log(q), 0),
-                             2.302585, rtol=1e-6)
+  np.testing.assert_allclose(
+    L.softmax_cross_entropy_with_integer_labels(np.log(q), 0), 2.302585, rtol=1e-6
+  )
 
 
 # --- values against float64 formulas -------------------------------------------
@@ -41,21 +42,24 @@ def test_worked_example(q):
 
 def test_softmax_cross_entropy_values():
   np.testing.assert_allclose(L.softmax_cross_entropy(Z, Y), _ce64(Z, Y), rtol=1e-5)
-  np.testing.assert_allclose(L.softmax_cross_entropy_with_integer_labels(Z, C), _ce64(Z, ONEHOT),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    L.softmax_cross_entropy_with_integer_labels(Z, C), _ce64(Z, ONEHOT), rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize("eps,lam", [(0.1, 0.0), (0.0, 1e-3), (0.25, 1e-2), (1.0, 0.0)])
 def test_label_smoothing_and_z_loss(eps, lam):
   lse = sp.logsumexp(Z.astype(np.float64), axis=-1)
   expected = _ce64(Z, (1 - eps) * ONEHOT + eps / 6) + lam * lse**2
-  kw = dict(label_smoothing=eps, z_loss=lam)
+  kw = {"label_smoothing": eps, "z_loss": lam}
   np.testing.assert_allclose(L.softmax_cross_entropy(Z, ONEHOT, **kw), expected, rtol=1e-5)
-  np.testing.assert_allclose(L.softmax_cross_entropy_with_integer_labels(Z, C, **kw), expected,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    L.softmax_cross_entropy_with_integer_labels(Z, C, **kw), expected, rtol=1e-5
+  )
   # Same convention as smooth_labels.
-  np.testing.assert_allclose(L.softmax_cross_entropy(Z, L.smooth_labels(ONEHOT, eps), z_loss=lam),
-                             expected, rtol=1e-5)
+  np.testing.assert_allclose(
+    L.softmax_cross_entropy(Z, L.smooth_labels(ONEHOT, eps), z_loss=lam), expected, rtol=1e-5
+  )
 
 
 def test_label_smoothing_with_a_mask_uses_the_included_classes():
@@ -63,25 +67,29 @@ def test_label_smoothing_with_a_mask_uses_the_included_classes():
   mask[:, 4:] = False
   eps = 0.2
   ref = _ce64(Z[:, :4], (1 - eps) * np.eye(4)[[0, 3, 2, 3]] + eps / 4)
-  got = L.softmax_cross_entropy_with_integer_labels(Z, np.array([0, 3, 2, 3]), where=mask,
-                                                    label_smoothing=eps)
+  got = L.softmax_cross_entropy_with_integer_labels(
+    Z, np.array([0, 3, 2, 3]), where=mask, label_smoothing=eps
+  )
   np.testing.assert_allclose(got, ref, rtol=1e-5)
   y = np.eye(6, dtype=np.float32)[[0, 3, 2, 3]]
-  np.testing.assert_allclose(L.softmax_cross_entropy(Z, y, where=mask, label_smoothing=eps), ref,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    L.softmax_cross_entropy(Z, y, where=mask, label_smoothing=eps), ref, rtol=1e-5
+  )
 
 
 def test_poly_and_kl_values():
   p = sp.softmax(Z.astype(np.float64), axis=-1)
-  np.testing.assert_allclose(L.poly_loss_cross_entropy(Z, Y, epsilon=1.5),
-                             _ce64(Z, Y) + 1.5 * (Y * (1 - p)).sum(-1), rtol=1e-5)
+  np.testing.assert_allclose(
+    L.poly_loss_cross_entropy(Z, Y, epsilon=1.5),
+    _ce64(Z, Y) + 1.5 * (Y * (1 - p)).sum(-1),
+    rtol=1e-5,
+  )
   logq = np.log(p)
   kl = (Y * (np.log(Y) - logq)).sum(-1)
-  np.testing.assert_allclose(L.kl_divergence(logq.astype(np.float32), Y), kl, rtol=1e-4,
-                             atol=1e-6)
+  np.testing.assert_allclose(L.kl_divergence(logq.astype(np.float32), Y), kl, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(
-      L.kl_divergence_with_log_targets(logq.astype(np.float32), np.log(Y)), kl, rtol=1e-4,
-      atol=1e-6)
+    L.kl_divergence_with_log_targets(logq.astype(np.float32), np.log(Y)), kl, rtol=1e-4, atol=1e-6
+  )
 
 
 def test_sigmoid_and_focal_values():
@@ -91,15 +99,17 @@ def test_sigmoid_and_focal_values():
   pt = Y * s + (1 - Y) * (1 - s)
   for alpha, gamma in [(None, 2.0), (0.25, 0.5)]:
     a = 1.0 if alpha is None else alpha * Y + (1 - alpha) * (1 - Y)
-    np.testing.assert_allclose(L.sigmoid_focal_loss(Z, Y, alpha=alpha, gamma=gamma),
-                               a * (1 - pt) ** gamma * bce, rtol=1e-4)
+    np.testing.assert_allclose(
+      L.sigmoid_focal_loss(Z, Y, alpha=alpha, gamma=gamma), a * (1 - pt) ** gamma * bce, rtol=1e-4
+    )
 
 
 def test_margin_values():
   z = Z.astype(np.float64)
   zy = z[np.arange(4), C]
-  np.testing.assert_allclose(L.multiclass_hinge_loss(Z, C),
-                             np.max(z + 1 - np.eye(6)[C], axis=-1) - zy, rtol=1e-6)
+  np.testing.assert_allclose(
+    L.multiclass_hinge_loss(Z, C), np.max(z + 1 - np.eye(6)[C], axis=-1) - zy, rtol=1e-6
+  )
   np.testing.assert_allclose(L.multiclass_perceptron_loss(Z, C), z.max(-1) - zy, rtol=1e-6)
   t = np.sign(Y - 0.15).astype(np.float32)
   np.testing.assert_allclose(L.hinge_loss(Z, t), np.maximum(0, 1 - z * t), rtol=1e-6)
@@ -108,8 +118,9 @@ def test_margin_values():
 
 def test_regression_values():
   p = sp.softmax(Z.astype(np.float64), axis=-1)
-  np.testing.assert_allclose(L.squared_error(p.astype(np.float32), ONEHOT), (p - ONEHOT) ** 2,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    L.squared_error(p.astype(np.float32), ONEHOT), (p - ONEHOT) ** 2, atol=1e-6
+  )
   cos = (Z * Y).sum(-1) / np.linalg.norm(Z, axis=-1) / np.linalg.norm(Y, axis=-1)
   np.testing.assert_allclose(L.cosine_similarity(Z, Y), cos, rtol=1e-5)
   np.testing.assert_allclose(L.cosine_distance(Z, Y), 1 - cos, rtol=1e-5, atol=1e-6)
@@ -130,8 +141,11 @@ def test_probability_losses_no_silent_clipping_and_opt_in_eps():
   np.testing.assert_allclose(ob[:3], [0.0, 0.0, -np.log(0.3)], rtol=1e-6)
   assert ob[3] == np.inf
   qc = np.clip(qb.astype(np.float64), 1e-3, 1 - 1e-3)
-  np.testing.assert_allclose(L.binary_cross_entropy(qb, yb, eps=1e-3),
-                             -(yb * np.log(qc) + (1 - yb) * np.log(1 - qc)), rtol=1e-4)
+  np.testing.assert_allclose(
+    L.binary_cross_entropy(qb, yb, eps=1e-3),
+    -(yb * np.log(qc) + (1 - yb) * np.log(1 - qc)),
+    rtol=1e-4,
+  )
 
 
 # --- low precision -------------------------------------------------------------
@@ -142,10 +156,10 @@ def test_16bit_logits_computed_in_float32(dtype):
   z16 = jnp.asarray(Z * 20, dtype)
   z32 = z16.astype(jnp.float32)  # the same values
   cases = [
-      (L.softmax_cross_entropy, (ONEHOT,), dict(label_smoothing=0.1, z_loss=1e-4)),
-      (L.softmax_cross_entropy_with_integer_labels, (C,), dict(label_smoothing=0.1)),
-      (L.sigmoid_binary_cross_entropy, (Y,), {}),
-      (L.poly_loss_cross_entropy, (Y,), {}),
+    (L.softmax_cross_entropy, (ONEHOT,), {"label_smoothing": 0.1, "z_loss": 1e-4}),
+    (L.softmax_cross_entropy_with_integer_labels, (C,), {"label_smoothing": 0.1}),
+    (L.sigmoid_binary_cross_entropy, (Y,), {}),
+    (L.poly_loss_cross_entropy, (Y,), {}),
   ]
   for fn, args, kw in cases:
     low = fn(z16, *args, **kw)
@@ -153,8 +167,9 @@ def test_16bit_logits_computed_in_float32(dtype):
     assert low.dtype == jnp.float32
     np.testing.assert_allclose(low, ref, rtol=1e-3)
     # And against the float64 formula on those values.
-  np.testing.assert_allclose(L.softmax_cross_entropy_with_integer_labels(z16, C),
-                             _ce64(np.asarray(z32), ONEHOT), rtol=1e-3)
+  np.testing.assert_allclose(
+    L.softmax_cross_entropy_with_integer_labels(z16, C), _ce64(np.asarray(z32), ONEHOT), rtol=1e-3
+  )
 
 
 # --- laws (hypothesis) ----------------------------------------------------------
@@ -172,9 +187,12 @@ def test_shift_invariance(z, c):
   a = L.softmax_cross_entropy(z, y)
   b = L.softmax_cross_entropy(z + np.float32(c), y)
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(L.softmax_cross_entropy_with_integer_labels(z, labels),
-                             L.softmax_cross_entropy_with_integer_labels(z + np.float32(c), labels),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    L.softmax_cross_entropy_with_integer_labels(z, labels),
+    L.softmax_cross_entropy_with_integer_labels(z + np.float32(c), labels),
+    rtol=1e-4,
+    atol=1e-4,
+  )
 
 
 def _dense(a, b):
@@ -203,15 +221,22 @@ def test_vmap_equals_loop_and_jit_equals_eager(z):
 
 
 @_SETTINGS
-@given(hnp.arrays(np.float32, (3, 5), elements=st.sampled_from([-1e4, -1.0, 0.0, 1e4])),
-       st.integers(0, 4))
+@given(
+  hnp.arrays(np.float32, (3, 5), elements=st.sampled_from([-1e4, -1.0, 0.0, 1e4])),
+  st.integers(0, 4),
+)
 def test_extreme_logits_finite_value_and_gradient(z, c):
   labels = np.full((3,), c)
   y = np.eye(5, dtype=np.float32)[labels]
-  for fn, t in ((L.softmax_cross_entropy, y), (L.softmax_cross_entropy_with_integer_labels, labels),
-                (L.sigmoid_binary_cross_entropy, y), (L.poly_loss_cross_entropy, y)):
-    value, g = jax.value_and_grad(lambda v: fn(v, t).sum())(z)
+  for fn, t in (
+    (L.softmax_cross_entropy, y),
+    (L.softmax_cross_entropy_with_integer_labels, labels),
+    (L.sigmoid_binary_cross_entropy, y),
+    (L.poly_loss_cross_entropy, y),
+  ):
+    value, g = jax.value_and_grad(lambda v, fn=fn, t=t: fn(v, t).sum())(z)
     assert np.isfinite(value) and np.all(np.isfinite(g))
   # And the value is right: log-sum-exp minus the true logit, in float64.
-  np.testing.assert_allclose(L.softmax_cross_entropy_with_integer_labels(z, labels),
-                             _ce64(z, y), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    L.softmax_cross_entropy_with_integer_labels(z, labels), _ce64(z, y), rtol=1e-6, atol=1e-6
+  )

@@ -31,41 +31,46 @@ _OPTAX_LOSSES = os.path.join(os.path.dirname(optax.__file__), "losses")
 
 # Test classes (by file) whose functions are in xentjax's optax-compatible set.
 _CLASSES = {
-    "_classification_test.py": (
-        "SoftmaxCrossEntropyTest",
-        "SafeSoftmaxCrossEntropyTest",
-        "SoftmaxCrossEntropyWithIntegerLabelsTest",
-        "SigmoidCrossEntropyTest",
-        "PolyLossTest",
-        "HingeTest",
-        "PerceptronTest",
-        "KLDivergenceTest",
-        "KLDivergenceWithLogTargetsTest",
-        "SigmoidFocalLossTest",
-    ),
-    "_smoothing_test.py": ("SmoothLabelsTest",),
-    "_regression_test.py": ("SquaredErrorTest", "CosineDistanceTest"),
+  "_classification_test.py": (
+    "SoftmaxCrossEntropyTest",
+    "SafeSoftmaxCrossEntropyTest",
+    "SoftmaxCrossEntropyWithIntegerLabelsTest",
+    "SigmoidCrossEntropyTest",
+    "PolyLossTest",
+    "HingeTest",
+    "PerceptronTest",
+    "KLDivergenceTest",
+    "KLDivergenceWithLogTargetsTest",
+    "SigmoidFocalLossTest",
+  ),
+  "_smoothing_test.py": ("SmoothLabelsTest",),
+  "_regression_test.py": ("SquaredErrorTest", "CosineDistanceTest"),
 }
 
 # The module names the optax test files import, mapped to xentjax's functions.
-_PROXY = types.SimpleNamespace(**{name: getattr(L, name) for name in (
-    "softmax_cross_entropy",
-    "softmax_cross_entropy_with_integer_labels",
-    "safe_softmax_cross_entropy",
-    "sigmoid_binary_cross_entropy",
-    "sigmoid_focal_loss",
-    "poly_loss_cross_entropy",
-    "kl_divergence",
-    "kl_divergence_with_log_targets",
-    "hinge_loss",
-    "multiclass_hinge_loss",
-    "perceptron_loss",
-    "multiclass_perceptron_loss",
-    "smooth_labels",
-    "cosine_similarity",
-    "cosine_distance",
-    "squared_error",
-)})
+_PROXY = types.SimpleNamespace(
+  **{
+    name: getattr(L, name)
+    for name in (
+      "softmax_cross_entropy",
+      "softmax_cross_entropy_with_integer_labels",
+      "safe_softmax_cross_entropy",
+      "sigmoid_binary_cross_entropy",
+      "sigmoid_focal_loss",
+      "poly_loss_cross_entropy",
+      "kl_divergence",
+      "kl_divergence_with_log_targets",
+      "hinge_loss",
+      "multiclass_hinge_loss",
+      "perceptron_loss",
+      "multiclass_perceptron_loss",
+      "smooth_labels",
+      "cosine_similarity",
+      "cosine_distance",
+      "squared_error",
+    )
+  }
+)
 
 
 def _load_optax_tests(filename):
@@ -113,9 +118,17 @@ _SHAPES_AXES = [((4, 6), -1), ((2, 3, 5), 1), ((2, 3, 5), (2, 0))]
 
 
 @pytest.mark.parametrize("shape,axis", _SHAPES_AXES)
-@pytest.mark.parametrize("fn", ["softmax_cross_entropy", "poly_loss_cross_entropy",
-                                "kl_divergence", "kl_divergence_with_log_targets",
-                                "cosine_similarity", "cosine_distance"])
+@pytest.mark.parametrize(
+  "fn",
+  [
+    "softmax_cross_entropy",
+    "poly_loss_cross_entropy",
+    "kl_divergence",
+    "kl_divergence_with_log_targets",
+    "cosine_similarity",
+    "cosine_distance",
+  ],
+)
 def test_dense_matches_optax(fn, shape, axis):
   axes = axis if isinstance(axis, tuple) else (axis,)
   logits = _RNG.normal(size=shape).astype(np.float32) * 3
@@ -160,8 +173,10 @@ def test_elementwise_and_margin_match_optax(shape):
   for y in (soft, hard):
     _close(L.sigmoid_binary_cross_entropy(z, y), optax.losses.sigmoid_binary_cross_entropy(z, y))
     for alpha, gamma in [(None, 2.0), (0.25, 0.5)]:
-      _close(L.sigmoid_focal_loss(z, y, alpha=alpha, gamma=gamma),
-             optax.losses.sigmoid_focal_loss(z, y, alpha=alpha, gamma=gamma))
+      _close(
+        L.sigmoid_focal_loss(z, y, alpha=alpha, gamma=gamma),
+        optax.losses.sigmoid_focal_loss(z, y, alpha=alpha, gamma=gamma),
+      )
   _close(L.hinge_loss(z, signed), optax.losses.hinge_loss(z, signed))
   _close(L.perceptron_loss(z, signed), optax.losses.perceptron_loss(z, signed))
   _close(L.squared_error(z, soft), optax.losses.squared_error(z, soft))
@@ -173,16 +188,18 @@ def test_elementwise_and_margin_match_optax(shape):
   labels = _RNG.integers(0, shape[-1], size=shape[:-1])
   if len(shape) > 1:
     _close(L.multiclass_hinge_loss(z, labels), optax.losses.multiclass_hinge_loss(z, labels))
-    _close(L.multiclass_perceptron_loss(z, labels),
-           optax.losses.multiclass_perceptron_loss(z, labels))
+    _close(
+      L.multiclass_perceptron_loss(z, labels), optax.losses.multiclass_perceptron_loss(z, labels)
+    )
 
 
 def test_safe_softmax_cross_entropy_matches_optax_including_inf():
   logits = np.array([[3.0, -np.inf, 0.5], [-np.inf, 0.0, -np.inf], [1.0, 2.0, 3.0]], np.float32)
   labels = np.array([[0.7, 0.0, 0.3], [0.0, 1.0, 0.0], [0.2, 0.3, 0.5]], np.float32)
   ours = jax.value_and_grad(lambda z: L.safe_softmax_cross_entropy(z, labels).sum())(logits)
-  theirs = jax.value_and_grad(
-      lambda z: optax.losses.safe_softmax_cross_entropy(z, labels).sum())(logits)
+  theirs = jax.value_and_grad(lambda z: optax.losses.safe_softmax_cross_entropy(z, labels).sum())(
+    logits
+  )
   _close(ours[0], theirs[0])
   _close(ours[1], theirs[1])
 
@@ -191,12 +208,13 @@ def test_safe_softmax_cross_entropy_matches_optax_including_inf():
 def test_same_signature_as_optax(name):
   """Same positional and keyword parameters, in the same order, with the same defaults."""
   import inspect
+
   ours = inspect.signature(getattr(L, name)).parameters
   theirs = inspect.signature(getattr(optax.losses, name)).parameters
   for (n1, p1), (n2, p2) in zip(list(ours.items()), theirs.items()):
     assert (n1, p1.kind, p1.default) == (n2, p2.kind, p2.default)
   assert len(ours) >= len(theirs)
-  extra = list(ours.values())[len(theirs):]
+  extra = list(ours.values())[len(theirs) :]
   assert all(p.kind is p.KEYWORD_ONLY for p in extra)
 
 

@@ -22,9 +22,7 @@ def _binary_prepare(predictor_outputs, targets, same_shape: bool):
   return s, t.astype(s.dtype)
 
 
-def hinge_loss(
-    predictor_outputs: jax.typing.ArrayLike, targets: jax.typing.ArrayLike
-) -> jax.Array:
+def hinge_loss(predictor_outputs: jax.typing.ArrayLike, targets: jax.typing.ArrayLike) -> jax.Array:
   r"""Binary hinge loss.
 
   .. math::
@@ -45,7 +43,7 @@ def hinge_loss(
 
 
 def perceptron_loss(
-    predictor_outputs: jax.typing.ArrayLike, targets: jax.typing.ArrayLike
+  predictor_outputs: jax.typing.ArrayLike, targets: jax.typing.ArrayLike
 ) -> jax.Array:
   r"""Binary perceptron loss.
 
@@ -76,8 +74,8 @@ def _multiclass_prepare(scores, labels):
   labels = jnp.asarray(labels)
   if scores.ndim == 0 or tuple(labels.shape) != tuple(scores.shape[:-1]):
     raise ValueError(
-        "`labels` must have the shape of `scores` without the last (class) axis: "
-        f"got scores.shape={tuple(scores.shape)} and labels.shape={tuple(labels.shape)}."
+      "`labels` must have the shape of `scores` without the last (class) axis: "
+      f"got scores.shape={tuple(scores.shape)} and labels.shape={tuple(labels.shape)}."
     )
   k = scores.shape[-1]
   valid = (labels >= 0) & (labels < k)
@@ -90,8 +88,8 @@ def _multiclass_prepare(scores, labels):
 
 @_jit_public()
 def multiclass_hinge_loss(
-    scores: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
+  scores: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
 ) -> jax.Array:
   r"""Multiclass hinge loss (Crammer-Singer).
 
@@ -120,8 +118,8 @@ def multiclass_hinge_loss(
 
 @_jit_public()
 def multiclass_perceptron_loss(
-    scores: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
+  scores: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
 ) -> jax.Array:
   r"""Multiclass perceptron loss.
 

@@ -6,8 +6,14 @@ import jax
 import jax.numpy as jnp
 
 from xentjax import _validation as V
-from xentjax._softmax import Axis, _broadcast_to_first, _check_float_labels, _class_axes
-from xentjax._softmax import _jit_public, _prepare_where
+from xentjax._softmax import (
+  Axis,
+  _broadcast_to_first,
+  _check_float_labels,
+  _class_axes,
+  _jit_public,
+  _prepare_where,
+)
 
 
 def _check_eps(eps):
@@ -35,12 +41,12 @@ def _xlogq(y, q):
 
 @_jit_public("axis", "eps")
 def categorical_cross_entropy(
-    probs: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    axis: Axis = -1,
-    where: jax.typing.ArrayLike | None = None,
-    *,
-    eps: float | None = None,
+  probs: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  axis: Axis = -1,
+  where: jax.typing.ArrayLike | None = None,
+  *,
+  eps: float | None = None,
 ) -> jax.Array:
   r"""Cross-entropy between target probabilities and predicted probabilities.
 
@@ -69,7 +75,7 @@ def categorical_cross_entropy(
     >>> import jax.numpy as jnp
     >>> import xentjax as L
     >>> y = jnp.array([1.0, 0.0, 0.0, 0.0, 0.0])
-    >>> print(L.categorical_cross_entropy(jnp.array([0.1, 0.5, 0.1, 0.1, 0.2]), y).round(3))
+    >>> print(f"{L.categorical_cross_entropy(jnp.array([0.1, 0.5, 0.1, 0.1, 0.2]), y):.3f}")
     2.303
 
   Note:
@@ -97,10 +103,10 @@ def categorical_cross_entropy(
 
 @_jit_public("eps")
 def binary_cross_entropy(
-    probs: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    eps: float | None = None,
+  probs: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  eps: float | None = None,
 ) -> jax.Array:
   r"""Element-wise binary cross-entropy on probabilities.
 

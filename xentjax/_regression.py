@@ -10,8 +10,8 @@ from xentjax._softmax import Axis, _class_axes, _jit_public, _prepare_where
 
 
 def squared_error(
-    predictions: jax.typing.ArrayLike,
-    targets: jax.typing.ArrayLike | None = None,
+  predictions: jax.typing.ArrayLike,
+  targets: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Element-wise squared error (optax-compatible).
 
@@ -42,12 +42,12 @@ def squared_error(
 
 @_jit_public("axis")
 def cosine_similarity(
-    predictions: jax.typing.ArrayLike,
-    targets: jax.typing.ArrayLike,
-    *,
-    epsilon: jax.typing.ArrayLike = 0.0,
-    axis: Axis = -1,
-    where: jax.typing.ArrayLike | None = None,
+  predictions: jax.typing.ArrayLike,
+  targets: jax.typing.ArrayLike,
+  *,
+  epsilon: jax.typing.ArrayLike = 0.0,
+  axis: Axis = -1,
+  where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Cosine similarity between predictions and targets along ``axis``.
 
@@ -82,12 +82,12 @@ def cosine_similarity(
 
 
 def cosine_distance(
-    predictions: jax.typing.ArrayLike,
-    targets: jax.typing.ArrayLike,
-    *,
-    epsilon: jax.typing.ArrayLike = 0.0,
-    axis: Axis = -1,
-    where: jax.typing.ArrayLike | None = None,
+  predictions: jax.typing.ArrayLike,
+  targets: jax.typing.ArrayLike,
+  *,
+  epsilon: jax.typing.ArrayLike = 0.0,
+  axis: Axis = -1,
+  where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Cosine distance, :math:`1 - \cos(a, b)` (see `cosine_similarity`).
 

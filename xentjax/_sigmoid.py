@@ -18,8 +18,8 @@ def _prepare(logits, labels):
   V.check_broadcastable("logits", logits, "labels", labels)
   if labels.ndim > logits.ndim:
     raise ValueError(
-        f"`labels` must broadcast to the shape of `logits`, got "
-        f"logits.shape={logits.shape} and labels.shape={labels.shape}."
+      f"`labels` must broadcast to the shape of `logits`, got "
+      f"logits.shape={logits.shape} and labels.shape={labels.shape}."
     )
   dt = V.compute_dtype(logits.dtype)
   z = logits.astype(dt)
@@ -37,8 +37,8 @@ def _safe_term(weight, log_prob):
 
 @_jit_public()
 def sigmoid_binary_cross_entropy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
 ) -> jax.Array:
   r"""Element-wise sigmoid (binary) cross-entropy from logits.
 
@@ -60,8 +60,8 @@ def sigmoid_binary_cross_entropy(
   Examples:
     >>> import jax.numpy as jnp
     >>> import xentjax as L
-    >>> print(L.sigmoid_binary_cross_entropy(jnp.array([0.0, 2.0]),
-    ...                                      jnp.array([1.0, 0.0])).round(4))
+    >>> with jnp.printoptions(precision=4):
+    ...   print(L.sigmoid_binary_cross_entropy(jnp.array([0.0, 2.0]), jnp.array([1.0, 0.0])))
     [0.6931 2.1269]
 
   Note:
@@ -98,11 +98,11 @@ def _safe_logaddexp(a, b):
 
 @_jit_public()
 def sigmoid_focal_loss(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    alpha: jax.typing.ArrayLike | None = None,
-    gamma: jax.typing.ArrayLike = 2.0,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  alpha: jax.typing.ArrayLike | None = None,
+  gamma: jax.typing.ArrayLike = 2.0,
 ) -> jax.Array:
   r"""Sigmoid focal loss: binary cross-entropy scaled by :math:`(1 - p_t)^\gamma`.
 
@@ -161,13 +161,16 @@ def _focal_grad_z(z, y, gamma):
   log_u = _log_one_minus_pt(z, y)
   finite = jnp.isfinite(z) & jnp.isfinite(log_u)
   # u^(gamma-1) s(z) s(-z) in log space: finite for gamma < 1 and extreme logits.
-  e1 = jnp.exp(jnp.where(finite, (gamma - 1.0) * jnp.where(finite, log_u, 0.0) + log_p + log_q,
-                         -jnp.inf))
-  first = jnp.where((gamma == 0) | (e1 == 0), 0.0,
-                    gamma * e1 * (1.0 - 2.0 * y) * jnp.where(e1 == 0, 0.0, ce))
+  e1 = jnp.exp(
+    jnp.where(finite, (gamma - 1.0) * jnp.where(finite, log_u, 0.0) + log_p + log_q, -jnp.inf)
+  )
+  first = jnp.where(
+    (gamma == 0) | (e1 == 0), 0.0, gamma * e1 * (1.0 - 2.0 * y) * jnp.where(e1 == 0, 0.0, ce)
+  )
   zero_u = log_u == -jnp.inf
-  weight = jnp.exp(jnp.where(zero_u, jnp.where(gamma == 0, 0.0, -jnp.inf),
-                             gamma * jnp.where(zero_u, 0.0, log_u)))
+  weight = jnp.exp(
+    jnp.where(zero_u, jnp.where(gamma == 0, 0.0, -jnp.inf), gamma * jnp.where(zero_u, 0.0, log_u))
+  )
   return first + weight * (jax.nn.sigmoid(z) - y)
 
 

@@ -12,11 +12,11 @@ from xentjax._softmax import Axis, _class_axes, _prepare_where
 
 
 def smooth_labels(
-    labels: jax.typing.ArrayLike,
-    alpha: jax.typing.ArrayLike,
-    *,
-    axis: Axis = -1,
-    where: jax.typing.ArrayLike | None = None,
+  labels: jax.typing.ArrayLike,
+  alpha: jax.typing.ArrayLike,
+  *,
+  axis: Axis = -1,
+  where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Mix probability labels with the uniform distribution over the classes.
 

@@ -33,32 +33,32 @@ import numpy as np
 
 from xentjax import _validation as V
 from xentjax._probability import _check_eps
-from xentjax._softmax import (
-    Axis,
-    _broadcast_to_first,
-    _check_float_labels,
-    _class_axes,
-    _dense_prepare,
-    _jit_public,
-    _masked_log_softmax,
-    _prepare_where,
-    _smooth,
-    _sparse_prepare,
-)
 from xentjax._sigmoid import _focal_grad_z
 from xentjax._sigmoid import _prepare as _sigmoid_prepare
+from xentjax._softmax import (
+  Axis,
+  _broadcast_to_first,
+  _check_float_labels,
+  _class_axes,
+  _dense_prepare,
+  _jit_public,
+  _masked_log_softmax,
+  _prepare_where,
+  _smooth,
+  _sparse_prepare,
+)
 
 __all__ = [
-    "softmax_cross_entropy",
-    "softmax_cross_entropy_with_integer_labels",
-    "safe_softmax_cross_entropy",
-    "poly_loss_cross_entropy",
-    "sigmoid_binary_cross_entropy",
-    "sigmoid_focal_loss",
-    "categorical_cross_entropy",
-    "binary_cross_entropy",
-    "kl_divergence",
-    "kl_divergence_with_log_targets",
+  "binary_cross_entropy",
+  "categorical_cross_entropy",
+  "kl_divergence",
+  "kl_divergence_with_log_targets",
+  "poly_loss_cross_entropy",
+  "safe_softmax_cross_entropy",
+  "sigmoid_binary_cross_entropy",
+  "sigmoid_focal_loss",
+  "softmax_cross_entropy",
+  "softmax_cross_entropy_with_integer_labels",
 ]
 
 
@@ -97,13 +97,13 @@ def _z_loss_term(p, lse, mask, z_loss):
 
 @_jit_public("axis", "label_smoothing", "z_loss")
 def softmax_cross_entropy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    axis: Axis = -1,
-    where: jax.typing.ArrayLike | None = None,
-    *,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  axis: Axis = -1,
+  where: jax.typing.ArrayLike | None = None,
+  *,
+  label_smoothing: float = 0.0,
+  z_loss: float = 0.0,
 ) -> jax.Array:
   r"""Gradient of `xentjax.softmax_cross_entropy` with respect to the logits.
 
@@ -145,8 +145,8 @@ def softmax_cross_entropy(
 
 @_jit_public()
 def safe_softmax_cross_entropy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
 ) -> jax.Array:
   r"""Gradient of `xentjax.safe_softmax_cross_entropy`: :math:`\operatorname{softmax}(z)\sum_k y_k - y`.
 
@@ -162,13 +162,13 @@ def safe_softmax_cross_entropy(
 
 @_jit_public("axis", "label_smoothing", "z_loss")
 def softmax_cross_entropy_with_integer_labels(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    axis: int | tuple[int, ...] = -1,
-    where: jax.typing.ArrayLike | None = None,
-    *,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  axis: int | tuple[int, ...] = -1,
+  where: jax.typing.ArrayLike | None = None,
+  *,
+  label_smoothing: float = 0.0,
+  z_loss: float = 0.0,
 ) -> jax.Array:
   r"""Gradient of `xentjax.softmax_cross_entropy_with_integer_labels` w.r.t. the logits.
 
@@ -220,12 +220,12 @@ def softmax_cross_entropy_with_integer_labels(
 
 @_jit_public("axis")
 def poly_loss_cross_entropy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    epsilon: jax.typing.ArrayLike = 2.0,
-    axis: Axis = -1,
-    where: jax.typing.ArrayLike | None = None,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  epsilon: jax.typing.ArrayLike = 2.0,
+  axis: Axis = -1,
+  where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Gradient of `xentjax.poly_loss_cross_entropy` with respect to the logits.
 
@@ -256,8 +256,8 @@ def poly_loss_cross_entropy(
 
 @_jit_public()
 def sigmoid_binary_cross_entropy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
 ) -> jax.Array:
   r"""Gradient of `xentjax.sigmoid_binary_cross_entropy`: :math:`\sigma(z) - y`.
 
@@ -276,11 +276,11 @@ def sigmoid_binary_cross_entropy(
 
 @_jit_public()
 def sigmoid_focal_loss(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    alpha: jax.typing.ArrayLike | None = None,
-    gamma: jax.typing.ArrayLike = 2.0,
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  alpha: jax.typing.ArrayLike | None = None,
+  gamma: jax.typing.ArrayLike = 2.0,
 ) -> jax.Array:
   r"""Gradient of `xentjax.sigmoid_focal_loss` with respect to the logits.
 
@@ -313,12 +313,12 @@ def sigmoid_focal_loss(
 
 @_jit_public("axis", "eps")
 def categorical_cross_entropy(
-    probs: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    axis: Axis = -1,
-    where: jax.typing.ArrayLike | None = None,
-    *,
-    eps: float | None = None,
+  probs: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  axis: Axis = -1,
+  where: jax.typing.ArrayLike | None = None,
+  *,
+  eps: float | None = None,
 ) -> jax.Array:
   r"""Gradient of `xentjax.categorical_cross_entropy` w.r.t. the probabilities: :math:`-p/q`.
 
@@ -357,10 +357,10 @@ def categorical_cross_entropy(
 
 @_jit_public("eps")
 def binary_cross_entropy(
-    probs: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    eps: float | None = None,
+  probs: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  eps: float | None = None,
 ) -> jax.Array:
   r"""Gradient of `xentjax.binary_cross_entropy`: :math:`-y/q + (1-y)/(1-q)`.
 
@@ -408,10 +408,10 @@ def _kl_grad(log_predictions, weights, axis, where, target_name):
 
 @_jit_public("axis")
 def kl_divergence(
-    log_predictions: jax.typing.ArrayLike,
-    targets: jax.typing.ArrayLike,
-    axis: Axis = -1,
-    where: jax.typing.ArrayLike | None = None,
+  log_predictions: jax.typing.ArrayLike,
+  targets: jax.typing.ArrayLike,
+  axis: Axis = -1,
+  where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Gradient of `xentjax.kl_divergence` w.r.t. the log-predictions: :math:`-t`.
 
@@ -431,10 +431,10 @@ def kl_divergence(
 
 @_jit_public("axis")
 def kl_divergence_with_log_targets(
-    log_predictions: jax.typing.ArrayLike,
-    log_targets: jax.typing.ArrayLike,
-    axis: Axis = -1,
-    where: jax.typing.ArrayLike | None = None,
+  log_predictions: jax.typing.ArrayLike,
+  log_targets: jax.typing.ArrayLike,
+  axis: Axis = -1,
+  where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Gradient of `xentjax.kl_divergence_with_log_targets`: :math:`-e^{\log t}`.
 
@@ -450,4 +450,3 @@ def kl_divergence_with_log_targets(
   lt, mask, lp = _kl_grad(log_predictions, log_targets, axis, where, "log_targets")
   g = -jnp.exp(lt) if mask is None else jnp.where(mask, -jnp.exp(lt), 0.0)
   return _sum_to(g, lp.shape).astype(lp.dtype)
-
