@@ -75,7 +75,7 @@ def build(source: pathlib.Path, execute: bool = True) -> float:
     os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + env_path if env_path else "")
     start = time.perf_counter()
     NotebookClient(
-        nb, timeout=120, kernel_name="python3", record_timing=False,
+        nb, timeout=120, kernel_name="python3", record_timing=False, coalesce_streams=True,
         resources={"metadata": {"path": str(HERE)}}).execute()
     elapsed = time.perf_counter() - start
   nbformat.validate(nb)
