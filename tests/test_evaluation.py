@@ -253,6 +253,17 @@ def test_out_of_range_label_gives_nan():
   assert math.isnan(xentjax.evaluate(batched(logits, labels, size=B), progress=False).cross_entropy)
 
 
+def test_nan_logits_give_nan_metrics_unless_masked():
+  logits, labels = make_data(100, seed=25)
+  logits[40, 3] = np.nan
+  r = xentjax.evaluate(batched(logits, labels, size=B), progress=False)
+  assert math.isnan(r.cross_entropy) and math.isnan(r.accuracy)
+  assert math.isnan(r.expected_calibration_error) and r.count == 100
+  mask = np.arange(100) != 40
+  r = xentjax.evaluate(batched(logits, labels, mask, size=B), progress=False)
+  assert_matches(r, reference(logits, labels, mask))
+
+
 def test_masked_out_of_range_label_is_not_counted():
   logits, labels = make_data(100, seed=12)
   labels = labels.copy()

@@ -188,10 +188,7 @@ def _zero_accumulators(num_bins: int) -> dict:
   return {
     "nll": (f, f),
     "resid": (fb, fb),
-    "count": i,
-    "correct": i,
     "top_k": i,
-    "bad": i,
     "bin_count": ib,
     "bin_correct": ib,
   }
@@ -262,7 +259,6 @@ def _step(acc, params, x, labels, mask, num_real, ignore_index, *, model, config
   higher = jnp.sum(z > z_target, axis=-1)  # classes strictly above the target
   correct = (higher == 0) & in_range & valid
   hit_k = (higher < config.top_k) & in_range & valid
-  bad = valid & ~in_range
 
   # Calibration bins: counts by segment sums (integers, exact); confidences
   # as residuals from a dyadic reference per bin (the host adds back
@@ -274,14 +270,11 @@ def _step(acc, params, x, labels, mask, num_real, ignore_index, *, model, config
   resid_part = jax.ops.segment_sum(resid, bins, config.num_bins)
   nll_part = _grouped_sum(jnp.where(valid, nll.astype(acc_dtype), zero), config.groups)
 
-  int_dtype = acc["count"].dtype
+  int_dtype = acc["top_k"].dtype
   return {
     "nll": _acc_add(acc["nll"], nll_part),
     "resid": _acc_add(acc["resid"], (resid_part, jnp.zeros_like(resid_part))),
-    "count": acc["count"] + jnp.sum(valid, dtype=int_dtype),
-    "correct": acc["correct"] + jnp.sum(correct, dtype=int_dtype),
     "top_k": acc["top_k"] + jnp.sum(hit_k, dtype=int_dtype),
-    "bad": acc["bad"] + jnp.sum(bad, dtype=int_dtype),
     "bin_count": acc["bin_count"]
     + jax.ops.segment_sum(valid.astype(int_dtype), bins, config.num_bins),
     "bin_correct": acc["bin_correct"]
@@ -479,7 +472,7 @@ class _HostTotals:
   def __init__(self, num_bins: int):
     self.nll: list[float] = []
     self.resid: list[np.ndarray] = []
-    self.ints = {k: 0 for k in ("count", "correct", "top_k", "bad")}
+    self.top_k = 0
     self.bin_count = np.zeros(num_bins, dtype=np.int64)
     self.bin_correct = np.zeros(num_bins, dtype=np.int64)
 
@@ -487,8 +480,7 @@ class _HostTotals:
     acc = jax.device_get(acc)
     self.nll += [float(acc["nll"][0]), float(acc["nll"][1])]
     self.resid += [np.asarray(acc["resid"][0], np.float64), np.asarray(acc["resid"][1], np.float64)]
-    for k in self.ints:
-      self.ints[k] += int(acc[k])
+    self.top_k += int(acc["top_k"])
     self.bin_count += np.asarray(acc["bin_count"], np.int64)
     self.bin_correct += np.asarray(acc["bin_correct"], np.int64)
 
@@ -585,11 +577,12 @@ def evaluate(
     An `EvaluationResult` of Python numbers; `str()` of it is a table.
 
   Note:
-    * Integer labels outside ``[0, num_classes)`` (other than
-      `ignore_index`) make `cross_entropy`, `perplexity`, `bits_per_token`,
-      the NLL sum, `accuracy`, `top_k_accuracy` and the ECE NaN (never a
-      silent finite number); `count` still counts them. The command line
-      checks labels eagerly instead.
+    * A counted example with a NaN loss (an integer label outside
+      ``[0, num_classes)`` other than `ignore_index`, or NaN logits) makes
+      `cross_entropy`, `perplexity`, `bits_per_token`, the NLL sum,
+      `accuracy`, `top_k_accuracy` and the ECE NaN (never a silent finite
+      number); `count` still counts it. The command line checks labels
+      eagerly instead. A target logit of -inf gives an infinite loss.
     * Ties count in the target's favour: an example is correct when no class
       scores strictly higher than its target, and a top-k hit when fewer
       than `k` classes do.
@@ -666,7 +659,7 @@ def evaluate(
         config=config,
       )
       rows_since_flush += size * _rows_per_batch_row(item)
-      in_flight.append(acc["count"])
+      in_flight.append(acc["top_k"])
       if len(in_flight) > _MAX_IN_FLIGHT:
         in_flight.popleft().block_until_ready()  # back-pressure, not a transfer
       bar.update(item.rows)
@@ -685,22 +678,22 @@ def _rows_per_batch_row(item: _Prepared) -> int:
 
 
 def _result(host: _HostTotals, *, top_k, num_bins, base, scale) -> EvaluationResult:
-  count = host.ints["count"]
+  count = int(host.bin_count.sum())  # every counted example lands in one bin
   nll_sum = _total(host.nll)
   nan = math.nan
   if count == 0:
     ce = acc = acc_k = ece = nan
   else:
     ce = nll_sum / count
-    acc = host.ints["correct"] / count
-    acc_k = host.ints["top_k"] / count
+    acc = int(host.bin_correct.sum()) / count
+    acc_k = host.top_k / count
     refs = _bin_references(num_bins)
     conf = np.zeros(num_bins)
     for b in range(num_bins):
       parts = [float(part[b]) for part in host.resid]
       conf[b] = _total([float(host.bin_count[b] * refs[b]), 0.0] + parts)
     ece = math.fsum(abs(float(c) - float(s)) for c, s in zip(host.bin_correct, conf)) / count
-  if host.ints["bad"] > 0:  # an out-of-range label: no silent finite numbers
+  if math.isnan(nll_sum):  # out-of-range label or NaN logits: no silent finite numbers
     acc = acc_k = ece = nan
   perplexity = math.exp(ce) if ce < 709.0 or math.isnan(ce) else math.inf
   return EvaluationResult(
