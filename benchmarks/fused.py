@@ -31,11 +31,11 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import optax
 
-import xentjax  # noqa: E402
+import xentjax
 
 GEMMA = (8192, 2048, 262144)
 TIMING = (2048, 1024, 32768)
@@ -136,7 +136,7 @@ def main(argv=None):
   p.add_argument("--no-memory", action="store_true", help="skip the memory table")
   args = p.parse_args(argv)
   timing = SMALL if args.small else TIMING
-  repeats = args.repeats or (5 if args.small else 5)
+  repeats = args.repeats or 5
   print(f"Machine: {machine()}")
   if jax.default_backend() == "cpu":
     print("No GPU/TPU was available for this run: all numbers are CPU numbers.")
@@ -149,7 +149,7 @@ def main(argv=None):
     print()
     print(table)
     print()
-  table, med = time_table(*timing, repeats=repeats, warmup=args.warmup)
+  table, _ = time_table(*timing, repeats=repeats, warmup=args.warmup)
   print(f"Time of one fwd+bwd, median of {repeats} alternating repeats after warm-up:")
   print()
   print(table)

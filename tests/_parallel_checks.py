@@ -16,15 +16,15 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import AxisType, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import xentjax.parallel as par  # noqa: E402
-from xentjax._fused import linear_softmax_cross_entropy as fused_ce  # noqa: E402
+import xentjax.parallel as par
+from xentjax._fused import linear_softmax_cross_entropy as fused_ce
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

@@ -144,7 +144,7 @@ def test_matches_optax_plain():
 def test_lse_value_and_gradient(strategy):
   x, w, y = make_inputs(v=29)
   c = jax.random.normal(jax.random.PRNGKey(3), y.shape)
-  kw = dict(z_loss=1e-2, logit_soft_cap=2.0, reduction="sum")
+  kw = {"z_loss": 1e-2, "logit_soft_cap": 2.0, "reduction": "sum"}
 
   def ours(x, w):
     loss, lse = fused_ce(x, w, y, return_lse=True, strategy=strategy, token_chunk_size=4, **kw)

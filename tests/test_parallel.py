@@ -44,7 +44,7 @@ def results():
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run(
       [sys.executable, str(here / "_parallel_checks.py")],
-      capture_output=True, text=True, env=env, timeout=600,
+      capture_output=True, text=True, env=env, timeout=600, check=False,
   )
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS=")]
   assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
