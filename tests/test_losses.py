@@ -240,3 +240,14 @@ def test_extreme_logits_finite_value_and_gradient(z, c):
   np.testing.assert_allclose(
     L.softmax_cross_entropy_with_integer_labels(z, labels), _ce64(z, y), rtol=1e-6, atol=1e-6
   )
+
+
+def test_python_sequences_are_accepted():
+  z = [[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]]
+  expected = _ce64(np.array(z), np.eye(3)[[0, 1]])
+  np.testing.assert_allclose(
+    L.softmax_cross_entropy_with_integer_labels(z, [0, 1]), expected, rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    L.softmax_cross_entropy(z, [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], axis=[-1]), expected, rtol=1e-6
+  )

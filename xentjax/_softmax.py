@@ -40,10 +40,20 @@ def _jit_public(*static_argnames: str):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-      if isinstance(kwargs.get("axis"), list):
-        kwargs["axis"] = tuple(kwargs["axis"])
-      if len(args) > 2 and isinstance(args[2], list):
-        args = args[:2] + (tuple(args[2]),) + args[3:]
+      # Nested Python sequences as array arguments become NumPy arrays (jit
+      # would otherwise trace each element); `axis` stays a (hashable) tuple.
+      args = list(args)
+      for i in range(min(len(args), 4)):
+        if i == 2:
+          if isinstance(args[i], list):
+            args[i] = tuple(args[i])
+        elif isinstance(args[i], (list, tuple)):
+          args[i] = np.asarray(args[i])
+      for name, value in kwargs.items():
+        if name == "axis" and isinstance(value, list):
+          kwargs[name] = tuple(value)
+        elif name != "axis" and isinstance(value, (list, tuple)):
+          kwargs[name] = np.asarray(value)
       return jitted(*args, **kwargs)
 
     return wrapper
@@ -259,6 +269,9 @@ def softmax_cross_entropy(
     loss is ``+inf`` (the true value) and the gradient with respect to the
     logits stays finite. A row whose classes are all masked by ``where`` gives 0
     with a zero gradient. NaN or ``+inf`` logits propagate as NaN.
+    Integer ``labels`` raise ``TypeError`` (class indices belong to
+    `softmax_cross_entropy_with_integer_labels`; one-hot labels must be
+    floating).
 
   References:
     Szegedy et al., Rethinking the Inception Architecture for Computer Vision
