@@ -193,6 +193,19 @@ def test_half_precision_inputs(dtype, strategy):
   assert_close(gw.astype(jnp.float32), gw_r, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("strategy", ["recompute", "store"])
+def test_mixed_input_dtypes(strategy):
+  """float32 x with a bfloat16 w: computed in float32, each gradient in its dtype."""
+  x, w, y = make_inputs(shape=(4, 8), d=32, v=300)
+  w = w.astype(jnp.bfloat16)
+  loss, (gx, gw) = fused_value_and_grads(x, w, y, strategy=strategy)
+  assert loss.dtype == jnp.float32 and gx.dtype == jnp.float32 and gw.dtype == jnp.bfloat16
+  loss_r, (gx_r, gw_r) = reference_value_and_grads(x, w.astype(jnp.float32), y)
+  assert_close(loss, loss_r)
+  assert_close(gx, gx_r, rtol=1e-5, atol=1e-5)
+  assert_close(gw.astype(jnp.float32), gw_r, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("reduction, strategy", [
     ("mean", "recompute"), ("sum", "recompute"), ("none", "recompute"),
     ("mean", "store"), ("sum", "store"),

@@ -763,6 +763,14 @@ def linear_softmax_cross_entropy(
     * ``-inf`` never occurs in the logits of finite inputs; padding columns
       (``vocab_size``) are excluded exactly (probability 0, gradient 0).
     * Inside ``jit``, all options except the arrays are static.
+    * Temporary memory of ``value_and_grad`` (default strategy, float32): a
+      few tiles plus a float32 ``[N, D]`` accumulator, e.g. 64 MiB for N=8192,
+      D=2048, V=262144 where the materialized computation needs 16 GiB. On the
+      CPU backend XLA runs bfloat16 matmuls in float32 and keeps a float32
+      copy of ``w`` for the loop (2 GiB at that size).
+    * Inputs with `Explicit` mesh shardings (``jax.make_mesh``'s default) run
+      through `shard_map` with the tokens' sharding kept (data parallelism);
+      for a ``w`` sharded over its vocabulary use `xentjax.parallel`.
 
   Example:
     >>> import jax, jax.numpy as jnp, xentjax
