@@ -8,7 +8,8 @@ Usage (from the repository root):
 
 The cell sources live in `notebooks/_cells/NN_*.py` as plain Python files in
 which `# %% [markdown]` and `# %%` lines separate markdown and code cells (the
-"percent" format), so the derivations can be edited and diffed as text. Every
+"percent" format), so the derivations can be edited and diffed as text; an
+IPython magic is written commented out (`# %matplotlib inline`). Every
 notebook is executed from a clean kernel with `notebooks/` as the working
 directory; the outputs (printed numbers and PNG plots) are stored in the
 .ipynb so the notebooks read well on a code host. The test suite
@@ -45,9 +46,13 @@ def parse_cells(text: str) -> list:
     if kind == "markdown":
       # Markdown lines are written as Python comments: strip the "# " prefix.
       body = "\n".join(
-          line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.splitlines())
+        line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.splitlines()
+      )
       cells.append(nbformat.v4.new_markdown_cell(body))
     elif body:
+      # IPython magics are stored commented out ("# %matplotlib inline") so the
+      # sources stay valid Python for linters; they are restored here.
+      body = "\n".join(line[2:] if line.startswith("# %") else line for line in body.splitlines())
       cells.append(nbformat.v4.new_code_cell(body))
 
   for line in text.splitlines():
@@ -75,8 +80,13 @@ def build(source: pathlib.Path, execute: bool = True) -> float:
     os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + env_path if env_path else "")
     start = time.perf_counter()
     NotebookClient(
-        nb, timeout=120, kernel_name="python3", record_timing=False, coalesce_streams=True,
-        resources={"metadata": {"path": str(HERE)}}).execute()
+      nb,
+      timeout=120,
+      kernel_name="python3",
+      record_timing=False,
+      coalesce_streams=True,
+      resources={"metadata": {"path": str(HERE)}},
+    ).execute()
     elapsed = time.perf_counter() - start
   nbformat.validate(nb)
   nbformat.write(nb, target)

@@ -27,13 +27,13 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 IDS = [path.stem for path in NOTEBOOKS]
 
 EXPECTED = [
-    "01_information_and_entropy",
-    "02_cross_entropy_and_kl",
-    "03_softmax_and_logits",
-    "04_gradients",
-    "05_why_cross_entropy",
-    "06_gradient_descent_with_optax",
-    "07_large_vocabularies",
+  "01_information_and_entropy",
+  "02_cross_entropy_and_kl",
+  "03_softmax_and_logits",
+  "04_gradients",
+  "05_why_cross_entropy",
+  "06_gradient_descent_with_optax",
+  "07_large_vocabularies",
 ]
 
 # Inline math `$...$` or display math `$$...$$` containing at least one LaTeX command.
@@ -79,12 +79,20 @@ def test_notebook_executes_from_a_clean_kernel(path, tmp_path, monkeypatch):
   monkeypatch.setenv("PYTHONPATH", str(ROOT) + (os.pathsep + pythonpath if pythonpath else ""))
   monkeypatch.setenv("MPLBACKEND", "Agg")
   # A last cell checks that the kernel really imported this checkout's xentjax.
-  nb.cells.append(nbformat.v4.new_code_cell(
+  nb.cells.append(
+    nbformat.v4.new_code_cell(
       "import os, xentjax\n"
-      f"assert os.path.realpath(xentjax.__file__).startswith(os.path.realpath({str(ROOT)!r}))"))
+      f"assert os.path.realpath(xentjax.__file__).startswith(os.path.realpath({str(ROOT)!r}))"
+    )
+  )
   client = NotebookClient(
-      nb, timeout=120, kernel_name="python3", allow_errors=False, record_timing=False,
-      resources={"metadata": {"path": str(tmp_path)}})
+    nb,
+    timeout=120,
+    kernel_name="python3",
+    allow_errors=False,
+    record_timing=False,
+    resources={"metadata": {"path": str(tmp_path)}},
+  )
   start = time.perf_counter()
   client.execute()  # raises CellExecutionError on the first failing cell
   elapsed = time.perf_counter() - start

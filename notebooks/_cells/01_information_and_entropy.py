@@ -10,7 +10,7 @@
 # drifts, the notebook fails.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import math
 
 import jax
@@ -48,7 +48,7 @@ print("xentjax", xentjax.__version__, "| jax", jax.__version__, "| x64:", jax.co
 
 # %%
 for p in [1.0, 0.5, 0.25, 1 / 8, 1 / 1024]:
-  bits = float(info.information(p, base=2)) + 0.0   # + 0.0 turns -0.0 into 0.0
+  bits = float(info.information(p, base=2)) + 0.0  # + 0.0 turns -0.0 into 0.0
   nats = float(info.information(p)) + 0.0
   print(f"p = {p:<10.6g} I = {bits:6.3f} bits = {nats:6.3f} nats")
   assert abs(bits - (-math.log2(p))) < 1e-5
@@ -68,8 +68,12 @@ p_grid = np.linspace(1e-3, 1.0, 400)
 fig, ax = plt.subplots()
 ax.plot(p_grid, np.asarray(info.information(p_grid, base=2)), label="bits, $-\\log_2 p$")
 ax.plot(p_grid, np.asarray(info.information(p_grid)), label="nats, $-\\ln p$")
-ax.set(xlabel="probability $p$ of the outcome", ylabel="surprisal $I$", ylim=(0, 10),
-       title="Rare outcomes are surprising; certain ones carry nothing")
+ax.set(
+  xlabel="probability $p$ of the outcome",
+  ylabel="surprisal $I$",
+  ylim=(0, 10),
+  title="Rare outcomes are surprising; certain ones carry nothing",
+)
 ax.legend()
 plt.show()
 
@@ -139,7 +143,7 @@ assert avg_len == 1.75 and abs(h - 1.75) < 1e-6
 # of random distributions drawn from a Dirichlet.
 
 # %%
-for k in range(0, 11):
+for k in range(11):
   n = 2**k
   h_uniform = float(info.entropy(jnp.full((n,), 1 / n), base=2))
   samples = rng.dirichlet(np.full(n, 0.5), size=2000)
@@ -150,8 +154,10 @@ for k in range(0, 11):
   assert np.allclose(h_random, ref, atol=1e-4)
   assert abs(h_uniform - k) < 1e-4
   assert np.all(h_random <= k + 1e-4) and np.all(h_random >= -1e-6)
-  print(f"2^{k:<2} = {n:5d} classes: uniform H = {h_uniform:7.4f} bits, "
-        f"largest of 2000 random = {h_random.max():7.4f} bits")
+  print(
+    f"2^{k:<2} = {n:5d} classes: uniform H = {h_uniform:7.4f} bits, "
+    f"largest of 2000 random = {h_random.max():7.4f} bits"
+  )
 
 # %%
 certain = jnp.array([0.0, 0.0, 1.0, 0.0])
@@ -192,8 +198,11 @@ print(f"H_b(0.1) = {hb[50]:.4f} bits, H_b(0.5) = {hb[250]:.4f} bits")
 fig, ax = plt.subplots()
 ax.plot(t, hb)
 ax.axvline(0.5, color="gray", lw=0.8, ls="--")
-ax.set(xlabel="$t = P(\\mathrm{heads})$", ylabel="$H_b(t)$ [bits]",
-       title="Binary entropy: zero when certain, 1 bit for a fair coin")
+ax.set(
+  xlabel="$t = P(\\mathrm{heads})$",
+  ylabel="$H_b(t)$ [bits]",
+  title="Binary entropy: zero when certain, 1 bit for a fair coin",
+)
 plt.show()
 
 # %% [markdown]

@@ -13,7 +13,7 @@
 # $\mathrm{KL}(p\,\|\,q) = H(p, q) - H(p) \ge 0$.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import math
 
 import jax
@@ -52,7 +52,9 @@ loss3 = float(xentjax.categorical_cross_entropy(q3, p3))
 loss5 = float(xentjax.categorical_cross_entropy(q5, p5))
 print(f"H([0,1,0], [0.228,0.619,0.153])            = {ce3:.4f} nats  (loss API: {loss3:.4f})")
 print(f"H([1,0,0,0,0], [0.1,0.5,0.1,0.1,0.2])      = {ce5:.4f} nats  (loss API: {loss5:.4f})")
-print(f"in bits: {float(info.cross_entropy(p3, q3, base=2)):.4f} and {float(info.cross_entropy(p5, q5, base=2)):.4f}")
+print(
+  f"in bits: {float(info.cross_entropy(p3, q3, base=2)):.4f} and {float(info.cross_entropy(p5, q5, base=2)):.4f}"
+)
 
 assert abs(ce3 - 0.479) < 1e-3 and abs(ce3 - (-math.log(0.619))) < 1e-5
 assert abs(ce5 - 2.303) < 5e-4 and abs(ce5 - math.log(10)) < 1e-5
@@ -72,12 +74,14 @@ assert abs(float(info.cross_entropy(p5, q5, base=2)) - math.log2(10)) < 1e-5
 # logits is another matter — see notebook 4.)
 
 # %%
-variants = jnp.array([
+variants = jnp.array(
+  [
     [0.1, 0.5, 0.1, 0.1, 0.2],
     [0.1, 0.6, 0.1, 0.1, 0.1],
     [0.1, 0.9, 0.0, 0.0, 0.0],
     [0.1, 0.225, 0.225, 0.225, 0.225],
-])
+  ]
+)
 labels = jnp.broadcast_to(p5, variants.shape)
 losses = np.asarray(xentjax.categorical_cross_entropy(variants, labels))
 for row, loss in zip(np.asarray(variants), losses):
@@ -112,12 +116,14 @@ ce = np.asarray(info.cross_entropy(P, Q))
 h = np.asarray(info.entropy(P))
 kl_ref = np.sum(np.asarray(P) * np.log(np.asarray(P) / np.asarray(Q)), axis=-1)
 
-print(f"{n_trials} random pairs: min KL = {kl.min():.3g}, max |KL - (H(p,q) - H(p))| = "
-      f"{np.abs(kl - (ce - h)).max():.2g}")
+print(
+  f"{n_trials} random pairs: min KL = {kl.min():.3g}, max |KL - (H(p,q) - H(p))| = "
+  f"{np.abs(kl - (ce - h)).max():.2g}"
+)
 assert np.allclose(kl, kl_ref, rtol=1e-4, atol=1e-5)
 assert np.allclose(kl, ce - h, rtol=1e-4, atol=1e-5)
-assert kl.min() >= -1e-6                      # Gibbs
-assert abs(float(info.kl_divergence(P[0], P[0]))) < 1e-6   # equality at q = p
+assert kl.min() >= -1e-6  # Gibbs
+assert abs(float(info.kl_divergence(P[0], P[0]))) < 1e-6  # equality at q = p
 
 # the library's optax-style spelling takes log-predictions first, targets second
 kl_optax = np.asarray(xentjax.kl_divergence(jnp.log(Q), P))
@@ -182,7 +188,9 @@ kl_curve = np.asarray(info.kl_divergence(Ps, Qs))
 h_p = float(info.entropy(p_coin))
 
 i_min = int(np.argmin(ce_curve))
-print(f"argmin over t: CE at t = {float(t[i_min]):.3f}, KL at t = {float(t[np.argmin(kl_curve)]):.3f}")
+print(
+  f"argmin over t: CE at t = {float(t[i_min]):.3f}, KL at t = {float(t[np.argmin(kl_curve)]):.3f}"
+)
 print(f"min CE = {ce_curve[i_min]:.4f} = H(p) = {h_p:.4f}; min KL = {kl_curve.min():.2g}")
 assert abs(float(t[i_min]) - 0.3) < 0.01 and np.argmin(kl_curve) == i_min
 assert np.allclose(ce_curve - kl_curve, h_p, atol=1e-5)
@@ -199,8 +207,12 @@ ax.plot(t, ce_curve, label="$H(p, q)$")
 ax.plot(t, kl_curve, label="$\\mathrm{KL}(p\\,\\|\\,q)$")
 ax.axhline(h_p, color="gray", ls=":", lw=0.8, label=f"$H(p)$ = {h_p:.3f}")
 ax.axvline(0.3, color="gray", ls="--", lw=0.8)
-ax.set(xlabel="model probability $t$ of the first outcome", ylabel="nats", ylim=(0, 2.5),
-       title="Same minimizer; the curves differ by the constant $H(p)$")
+ax.set(
+  xlabel="model probability $t$ of the first outcome",
+  ylabel="nats",
+  ylim=(0, 2.5),
+  title="Same minimizer; the curves differ by the constant $H(p)$",
+)
 ax.legend()
 plt.show()
 
@@ -223,8 +235,10 @@ q_sharp = jnp.array([0.001, 0.997, 0.001, 0.001])
 q_calib = jnp.array([0.025, 0.925, 0.025, 0.025])
 print("soft target:", np.round(np.asarray(soft), 4))
 for name, q in [("sharp     ", q_sharp), ("calibrated", q_calib)]:
-  print(f"{name} q: H(one-hot, q) = {float(info.cross_entropy(y, q)):.4f}, "
-        f"H(smoothed, q) = {float(info.cross_entropy(soft, q)):.4f}")
+  print(
+    f"{name} q: H(one-hot, q) = {float(info.cross_entropy(y, q)):.4f}, "
+    f"H(smoothed, q) = {float(info.cross_entropy(soft, q)):.4f}"
+  )
 # with the one-hot target the sharper prediction wins; with smoothed targets the
 # prediction equal to the target (q = p, the minimizer) wins
 assert float(info.cross_entropy(y, q_sharp)) < float(info.cross_entropy(y, q_calib))

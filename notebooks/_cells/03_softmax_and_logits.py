@@ -13,7 +13,7 @@
 # compute the loss from the logits (log-sum-exp) rather than from the probabilities.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import math
 
 import jax
@@ -52,11 +52,16 @@ q = [v / total for v in e]
 loss_by_hand = -math.log(q[true_class])
 
 rows = "\n".join(
-    f"| {c} | {zi:+.2f} | {ei:.4f} | {qi:.4f} | {(-math.log(qi) if i == true_class else 0.0):.4f} |"
-    for i, (c, zi, ei, qi) in enumerate(zip(classes, z, e, q)))
-display(Markdown(
+  f"| {c} | {zi:+.2f} | {ei:.4f} | {qi:.4f} | {(-math.log(qi) if i == true_class else 0.0):.4f} |"
+  for i, (c, zi, ei, qi) in enumerate(zip(classes, z, e, q))
+)
+display(
+  Markdown(
     "| class | logit $z$ | $e^z$ | $q = e^z / \\sum e^z$ | $-y \\ln q$ |\n|---|---|---|---|---|\n"
-    + rows + f"\n| **sum** | | {total:.4f} | {sum(q):.4f} | **{loss_by_hand:.4f}** |"))
+    + rows
+    + f"\n| **sum** | | {total:.4f} | {sum(q):.4f} | **{loss_by_hand:.4f}** |"
+  )
+)
 
 assert [round(v, 4) for v in q] == [0.0006, 0.0601, 0.9393]
 assert round(loss_by_hand, 4) == 0.0626
@@ -107,11 +112,13 @@ for c in [0.0, 3.44, -3.91, 100.0]:
 # where every exponent is $\le 0$ and the largest term is exactly $e^0 = 1$, so the sum
 # lies in $[1, n]$: no overflow, and its log is never $\log 0$.
 
+
 # %%
 def naive_loss(z, c):
   """Cross-entropy computed the textbook way: softmax, then -log."""
   ez = jnp.exp(z)
   return -jnp.log(ez[c] / jnp.sum(ez))
+
 
 big = logits + 1000.0
 with np.errstate(all="ignore"):
@@ -184,14 +191,16 @@ ax1.set(xlabel="$q_c$", ylim=(-10, 10), title="On probabilities: both blow up at
 ax1.axhline(0, color="gray", lw=0.6)
 ax1.legend()
 
-margin = jnp.linspace(-12, 12, 401)          # z_c minus the other logit (2 classes)
+margin = jnp.linspace(-12, 12, 401)  # z_c minus the other logit (2 classes)
 two = jnp.stack([margin, jnp.zeros_like(margin)], axis=-1)
 y0 = jnp.broadcast_to(jnp.array([1.0, 0.0]), two.shape)
 loss_m = np.asarray(xentjax.softmax_cross_entropy(two, y0))
 grad_m = np.asarray(jax.vmap(jax.grad(xentjax.softmax_cross_entropy))(two, y0))[:, 0]
 ax2.plot(margin, loss_m, label="loss $\\mathrm{LSE}(z) - z_c$")
 ax2.plot(margin, grad_m, label="$\\partial/\\partial z_c = q_c - 1$")
-ax2.set(xlabel="logit margin $z_c - z_{other}$", ylim=(-2, 12), title="On logits: linear, bounded slope")
+ax2.set(
+  xlabel="logit margin $z_c - z_{other}$", ylim=(-2, 12), title="On logits: linear, bounded slope"
+)
 ax2.axhline(0, color="gray", lw=0.6)
 ax2.legend()
 plt.tight_layout()

@@ -11,9 +11,7 @@
 # $$\frac{\partial}{\partial z}\, H\big(y, \operatorname{softmax}(z)\big) = \operatorname{softmax}(z) - y = \hat y - y .$$
 
 # %%
-%matplotlib inline
-import math
-
+# %matplotlib inline
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
@@ -36,6 +34,7 @@ def numeric_grad(f, x, h=1e-6):
     e[i] = h
     g[i] = (f(x + e) - f(x - e)) / (2 * h)
   return g
+
 
 # %% [markdown]
 # ## Step 1: with respect to the probabilities
@@ -120,12 +119,22 @@ auto = jax.vmap(jax.grad(xentjax.softmax_cross_entropy))(z, y)
 auto_int = jax.vmap(jax.grad(xentjax.softmax_cross_entropy_with_integer_labels))(z, labels)
 closed = xentjax.grads.softmax_cross_entropy(z, y)
 closed_int = xentjax.grads.softmax_cross_entropy_with_integer_labels(z, labels)
-numeric = np.stack([
-    numeric_grad(lambda v: np.log(np.sum(np.exp(v))) - v[c], z[b]) for b, c in enumerate(labels.tolist())])
+numeric = np.stack(
+  [
+    numeric_grad(lambda v, c=c: np.log(np.sum(np.exp(v))) - v[c], z[b])
+    for b, c in enumerate(labels.tolist())
+  ]
+)
 
 y_hat = jax.nn.softmax(z)
-for name, g in [("chain rule", chain), ("jax.grad", auto), ("jax.grad, int labels", auto_int),
-                ("xentjax.grads", closed), ("xentjax.grads, int", closed_int), ("finite diff.", numeric)]:
+for name, g in [
+  ("chain rule", chain),
+  ("jax.grad", auto),
+  ("jax.grad, int labels", auto_int),
+  ("xentjax.grads", closed),
+  ("xentjax.grads, int", closed_int),
+  ("finite diff.", numeric),
+]:
   err = float(np.max(np.abs(np.asarray(g) - np.asarray(y_hat - y))))
   print(f"{name:22s} max |g - (y_hat - y)| = {err:.2e}")
   assert err < 1e-4
@@ -157,7 +166,7 @@ assert np.all(np.abs(np.asarray(closed)) <= 1.0)
 qA = jnp.array([0.1, 0.5, 0.1, 0.1, 0.2])
 qB = jnp.array([0.1, 0.6, 0.1, 0.1, 0.1])
 y0 = jnp.array([1.0, 0.0, 0.0, 0.0, 0.0])
-zA, zB = jnp.log(qA), jnp.log(qB)      # logits whose softmax is exactly qA, qB
+zA, zB = jnp.log(qA), jnp.log(qB)  # logits whose softmax is exactly qA, qB
 
 loss_A = float(xentjax.softmax_cross_entropy(zA, y0))
 loss_B = float(xentjax.softmax_cross_entropy(zB, y0))
@@ -205,8 +214,11 @@ for target in (0.0, 0.3, 1.0):
 # it is the two-class softmax with logits (z, 0)
 two = jnp.stack([zs, jnp.zeros_like(zs)], axis=-1)
 yy = jnp.full_like(zs, 1.0)
-assert jnp.allclose(xentjax.sigmoid_binary_cross_entropy(zs, yy),
-                    xentjax.softmax_cross_entropy(two, jnp.stack([yy, 1 - yy], -1)), atol=1e-5)
+assert jnp.allclose(
+  xentjax.sigmoid_binary_cross_entropy(zs, yy),
+  xentjax.softmax_cross_entropy(two, jnp.stack([yy, 1 - yy], -1)),
+  atol=1e-5,
+)
 print("sigmoid BCE gradient = sigma(z) - y for y in {0, 0.3, 1}: checked on", zs.size, "points")
 
 fig, ax = plt.subplots()

@@ -12,8 +12,8 @@
 # distance.
 
 # %%
-%matplotlib inline
-import math
+# %matplotlib inline
+import itertools
 import time
 
 import jax
@@ -63,7 +63,9 @@ assert jnp.allclose(g_ce, a - 1, atol=1e-6)
 assert jnp.allclose(g_mse, 2 * (a - 1) * a * (1 - a), atol=1e-6)
 
 i = 0  # z = -10
-print(f"z = {float(z[i]):.0f}, y = 1:  dCE/dz = {float(g_ce[i]):.6f},  dMSE/dz = {float(g_mse[i]):.3e}")
+print(
+  f"z = {float(z[i]):.0f}, y = 1:  dCE/dz = {float(g_ce[i]):.6f},  dMSE/dz = {float(g_mse[i]):.3e}"
+)
 assert abs(float(g_ce[i]) + 1) < 1e-4
 assert abs(float(g_mse[i])) < 1e-4 and abs(float(g_ce[i]) / float(g_mse[i])) > 1e4
 
@@ -74,8 +76,11 @@ ax1.set(xlabel="logit $z$ (target $y = 1$)", ylabel="loss", title="Loss")
 ax1.legend()
 ax2.plot(z, -g_ce, label="cross-entropy: $1 - a$")
 ax2.plot(z, -g_mse, label="squared error: $2(1-a)a(1-a)$")
-ax2.set(xlabel="logit $z$ (target $y = 1$)", ylabel="$-\\partial L / \\partial z$",
-        title="Gradient: MSE saturates when wrong")
+ax2.set(
+  xlabel="logit $z$ (target $y = 1$)",
+  ylabel="$-\\partial L / \\partial z$",
+  title="Gradient: MSE saturates when wrong",
+)
 ax2.legend()
 plt.tight_layout()
 plt.show()
@@ -94,6 +99,7 @@ plt.show()
 # gradient vanishes while the cross-entropy gradient tends to $e_k - e_c$, of norm
 # $\sqrt 2$.
 
+
 # %%
 def brier(logits, labels):
   """Squared error of the softmax probabilities against the one-hot label, summed over classes."""
@@ -103,20 +109,26 @@ def brier(logits, labels):
 
 rows = []
 for confidence in [0.0, 2.0, 5.0, 10.0, 20.0]:
-  zc = jnp.array([confidence, 0.0, 0.0, 0.0])       # the model favours class 0 ...
-  label = 1                                           # ... but the truth is class 1
+  zc = jnp.array([confidence, 0.0, 0.0, 0.0])  # the model favours class 0 ...
+  label = 1  # ... but the truth is class 1
   g_h = jax.grad(xentjax.softmax_cross_entropy_with_integer_labels)(zc, label)
   g_b = jax.grad(brier)(zc, label)
   yhat, y = jax.nn.softmax(zc), jax.nn.one_hot(label, 4)
   J = jnp.diag(yhat) - jnp.outer(yhat, yhat)
   assert jnp.allclose(g_b, J @ (2 * (yhat - y)), atol=1e-6)
   assert jnp.allclose(g_h, yhat - y, atol=1e-6)
-  rows.append((confidence, float(yhat[label]), float(jnp.linalg.norm(g_h)), float(jnp.linalg.norm(g_b))))
-  print(f"z_0 - z_1 = {confidence:4.0f}: q_true = {rows[-1][1]:.2e}   |grad CE| = {rows[-1][2]:.3f}"
-        f"   |grad Brier| = {rows[-1][3]:.2e}")
+  rows.append(
+    (confidence, float(yhat[label]), float(jnp.linalg.norm(g_h)), float(jnp.linalg.norm(g_b)))
+  )
+  print(
+    f"z_0 - z_1 = {confidence:4.0f}: q_true = {rows[-1][1]:.2e}   |grad CE| = {rows[-1][2]:.3f}"
+    f"   |grad Brier| = {rows[-1][3]:.2e}"
+  )
 
 assert rows[-1][2] > 1.41 and rows[-1][3] < 1e-7
-assert all(r2[2] >= r1[2] for r1, r2 in zip(rows, rows[1:]))   # CE pushes harder the worse it gets
+assert all(
+  r2[2] >= r1[2] for r1, r2 in itertools.pairwise(rows)
+)  # CE pushes harder the worse it gets
 
 # %% [markdown]
 # ## On real data: the `xentjax demo --compare` experiment
@@ -143,17 +155,20 @@ histories, results = {}, {}
 start = time.perf_counter()
 for name in ["ce", "mse", "hinge"]:
   params0 = train.init_linear(jax.random.key(0), 64, 10)
-  params, history = train.fit(params0, optax.adam(0.01), data, epochs=EPOCHS, batch_size=64,
-                              seed=0, loss=name, progress=False)
+  params, history = train.fit(
+    params0, optax.adam(0.01), data, epochs=EPOCHS, batch_size=64, seed=0, loss=name, progress=False
+  )
   histories[name] = history
   results[name] = train.evaluate_classifier(params, x_test, y_test, k=5)
 print(f"trained 3 models in {time.perf_counter() - start:.1f} s\n")
 
 print(f"{'loss':6s} | epochs to 90% train acc. | test accuracy | test top-5")
-for name in histories:
-  reached = train.epochs_to_accuracy(histories[name], 0.9)
-  print(f"{name:6s} | {str(reached):>24s} | {results[name]['accuracy']:13.4f} | "
-        f"{results[name]['top_k_accuracy']:.4f}")
+for name, history in histories.items():
+  reached = train.epochs_to_accuracy(history, 0.9)
+  print(
+    f"{name:6s} | {reached!s:>24} | {results[name]['accuracy']:13.4f} | "
+    f"{results[name]['top_k_accuracy']:.4f}"
+  )
 
 assert results["ce"]["accuracy"] >= 0.9
 assert all(r["accuracy"] >= 0.85 for r in results.values())
@@ -171,8 +186,10 @@ assert results["ce"]["top_k_accuracy"] >= 0.99
 # %%
 params_bad = train.init_linear(jax.random.key(0), 64, 10, scale=1.0)
 q0 = jax.nn.softmax(train.linear_logits(params_bad, x_train))
-print(f"untrained: mean max probability {float(q0.max(-1).mean()):.3f}, "
-      f"accuracy {float(xentjax.metrics.accuracy(train.linear_logits(params_bad, x_train), y_train)):.3f}")
+print(
+  f"untrained: mean max probability {float(q0.max(-1).mean()):.3f}, "
+  f"accuracy {float(xentjax.metrics.accuracy(train.linear_logits(params_bad, x_train), y_train)):.3f}"
+)
 
 
 def mean_grad_norm(loss_fn, params):
@@ -187,11 +204,22 @@ assert gn_ce > 5 * gn_brier
 
 bad = {}
 for name, loss in [("cross-entropy", "ce"), ("Brier (MSE on softmax)", brier)]:
-  _, bad[name] = train.fit(params_bad, optax.sgd(0.3), data, epochs=EPOCHS, batch_size=64,
-                           seed=0, loss=loss, progress=False)
+  _, bad[name] = train.fit(
+    params_bad,
+    optax.sgd(0.3),
+    data,
+    epochs=EPOCHS,
+    batch_size=64,
+    seed=0,
+    loss=loss,
+    progress=False,
+  )
   print(f"{name:24s} test accuracy by epoch:", np.round(bad[name]["test_accuracy"], 2))
 
-assert bad["cross-entropy"]["test_accuracy"][-1] > bad["Brier (MSE on softmax)"]["test_accuracy"][-1] + 0.2
+assert (
+  bad["cross-entropy"]["test_accuracy"][-1]
+  > bad["Brier (MSE on softmax)"]["test_accuracy"][-1] + 0.2
+)
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.0, 3.4), sharey=True)
 epochs = np.arange(1, EPOCHS + 1)
@@ -237,8 +265,10 @@ assert bool(jnp.all(hinge[m >= 1] == 0)) and bool(jnp.all(logistic > 0))
 g_h = jax.grad(lambda v: xentjax.hinge_loss(v, 1.0))(-4.0)
 g_l = jax.grad(lambda v: xentjax.sigmoid_binary_cross_entropy(v, 1.0))(-4.0)
 print(f"slope at m = -4: hinge {float(g_h):.3f}, logistic {float(g_l):.3f}")
-print(f"slope at m = +2: hinge {float(jax.grad(lambda v: xentjax.hinge_loss(v, 1.0))(2.0)) + 0.0:.3f}, "
-      f"logistic {float(jax.grad(lambda v: xentjax.sigmoid_binary_cross_entropy(v, 1.0))(2.0)):.3f}")
+print(
+  f"slope at m = +2: hinge {float(jax.grad(lambda v: xentjax.hinge_loss(v, 1.0))(2.0)) + 0.0:.3f}, "
+  f"logistic {float(jax.grad(lambda v: xentjax.sigmoid_binary_cross_entropy(v, 1.0))(2.0)):.3f}"
+)
 assert float(g_h) == -1.0 and abs(float(g_l) + 1) < 0.02
 
 # multiclass hinge against an independent numpy computation
@@ -247,8 +277,11 @@ C = rng.integers(0, 7, size=200)
 ref = np.max(S + (np.arange(7)[None, :] != C[:, None]), axis=1) - S[np.arange(200), C]
 lib = np.asarray(xentjax.multiclass_hinge_loss(jnp.asarray(S), jnp.asarray(C)))
 assert np.allclose(lib, ref, atol=1e-5) and np.all(lib >= 0)
-print("multiclass hinge matches numpy on 200 random examples; zero for",
-      int(np.sum(lib == 0)), "examples with margin >= 1")
+print(
+  "multiclass hinge matches numpy on 200 random examples; zero for",
+  int(np.sum(lib == 0)),
+  "examples with margin >= 1",
+)
 
 fig, ax = plt.subplots()
 ax.plot(m, hinge, label="hinge $\\max(0, 1 - m)$")
@@ -284,7 +317,7 @@ d = xentjax.cosine_distance(a_vec, b_vec)
 assert np.allclose(np.asarray(xentjax.cosine_similarity(a_vec, b_vec)), cos_ref, atol=1e-5)
 assert np.allclose(np.asarray(d), 1 - cos_ref, atol=1e-5)
 assert bool(jnp.all((d >= 0) & (d <= 2)))
-assert jnp.allclose(xentjax.cosine_distance(7.5 * a_vec, b_vec), d, atol=1e-5)   # scale-invariant
+assert jnp.allclose(xentjax.cosine_distance(7.5 * a_vec, b_vec), d, atol=1e-5)  # scale-invariant
 
 g = jax.vmap(jax.grad(xentjax.cosine_similarity))(a_vec, b_vec)
 na = jnp.linalg.norm(a_vec, axis=-1, keepdims=True)
@@ -296,12 +329,20 @@ assert float(jnp.max(jnp.abs(jnp.sum(a_vec * g, -1)))) < 1e-5
 
 z3 = jnp.array([0.2, 1.0, -0.5])
 onehot = jnp.array([0.0, 1.0, 0.0])
-print(f"cosine distance of z and 10 z to the label: {float(xentjax.cosine_distance(z3, onehot)):.4f}, "
-      f"{float(xentjax.cosine_distance(10 * z3, onehot)):.4f}")
-print(f"cross-entropy   of z and 10 z:              {float(xentjax.softmax_cross_entropy(z3, onehot)):.4f}, "
-      f"{float(xentjax.softmax_cross_entropy(10 * z3, onehot)):.4f}")
-assert abs(float(xentjax.cosine_distance(10 * z3, onehot) - xentjax.cosine_distance(z3, onehot))) < 1e-6
-assert float(xentjax.softmax_cross_entropy(10 * z3, onehot)) < float(xentjax.softmax_cross_entropy(z3, onehot))
+print(
+  f"cosine distance of z and 10 z to the label: {float(xentjax.cosine_distance(z3, onehot)):.4f}, "
+  f"{float(xentjax.cosine_distance(10 * z3, onehot)):.4f}"
+)
+print(
+  f"cross-entropy   of z and 10 z:              {float(xentjax.softmax_cross_entropy(z3, onehot)):.4f}, "
+  f"{float(xentjax.softmax_cross_entropy(10 * z3, onehot)):.4f}"
+)
+assert (
+  abs(float(xentjax.cosine_distance(10 * z3, onehot) - xentjax.cosine_distance(z3, onehot))) < 1e-6
+)
+assert float(xentjax.softmax_cross_entropy(10 * z3, onehot)) < float(
+  xentjax.softmax_cross_entropy(z3, onehot)
+)
 
 # %% [markdown]
 # **Take-aways.** Through a sigmoid or softmax, squared error multiplies the error by

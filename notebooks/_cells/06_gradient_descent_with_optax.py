@@ -10,7 +10,8 @@
 # can be seen.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
+import itertools
 import math
 import time
 
@@ -25,8 +26,16 @@ from xentjax import datasets, metrics, train
 
 plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (6.0, 3.6)})
 rng = np.random.default_rng(0)
-print("xentjax", xentjax.__version__, "| jax", jax.__version__, "| optax", optax.__version__,
-      "| x64:", jax.config.jax_enable_x64)
+print(
+  "xentjax",
+  xentjax.__version__,
+  "| jax",
+  jax.__version__,
+  "| optax",
+  optax.__version__,
+  "| x64:",
+  jax.config.jax_enable_x64,
+)
 
 # %% [markdown]
 # ## The model and its gradient
@@ -106,15 +115,17 @@ start = time.perf_counter()
 p, opt_state = params, optimizer.init(params)
 train_curve, train_ce_curve, test_curve = [], [], []
 for _ in range(STEPS):
-  p, opt_state, loss = step(p, opt_state, x_train, y_train)   # loss: objective before the step
+  p, opt_state, loss = step(p, opt_state, x_train, y_train)  # loss: objective before the step
   train_curve.append(float(loss))
   train_ce_curve.append(float(train_loss(p)))
   test_curve.append(float(test_loss(p)))
 print(f"{STEPS} full-batch steps in {time.perf_counter() - start:.1f} s")
-print(f"objective: {train_curve[0]:.4f} -> {train_curve[-1]:.4f};  test CE: {test_curve[0]:.4f} -> {test_curve[-1]:.4f}")
+print(
+  f"objective: {train_curve[0]:.4f} -> {train_curve[-1]:.4f};  test CE: {test_curve[0]:.4f} -> {test_curve[-1]:.4f}"
+)
 assert train_curve[-1] < 0.5 * train_curve[0] and test_curve[-1] < 0.5 * test_curve[0]
 # with a small enough step, full-batch gradient descent decreases the objective every step
-assert all(b <= a + 1e-6 for a, b in zip(train_curve, train_curve[1:]))
+assert all(b <= a + 1e-6 for a, b in itertools.pairwise(train_curve))
 params_gd = p
 
 # %% [markdown]
@@ -142,8 +153,10 @@ acc_np = np.mean(L.argmax(axis=1) == yt)
 top5_np = np.mean([yt[n] in np.argsort(-L[n])[:5] for n in range(len(yt))])
 lse = L.max(1) + np.log(np.exp(L - L.max(1, keepdims=True)).sum(1))
 ppl_np = math.exp(np.mean(lse - L[np.arange(len(yt)), yt]))
-print(f"test accuracy {acc:.4f} (numpy {acc_np:.4f}), top-5 {top5:.4f} (numpy {top5_np:.4f}), "
-      f"perplexity {ppl:.3f} (numpy {ppl_np:.3f}) of {K} classes")
+print(
+  f"test accuracy {acc:.4f} (numpy {acc_np:.4f}), top-5 {top5:.4f} (numpy {top5_np:.4f}), "
+  f"perplexity {ppl:.3f} (numpy {ppl_np:.3f}) of {K} classes"
+)
 assert abs(acc - acc_np) < 1e-6 and abs(top5 - top5_np) < 1e-6 and abs(ppl - ppl_np) < 1e-3 * ppl_np
 assert acc >= 0.9 and top5 >= 0.99 and ppl < 2.0
 
@@ -168,9 +181,17 @@ EPOCHS = 10
 runs = {}
 start = time.perf_counter()
 for l2 in [0.0, 1e-3, 1e-2]:
-  fitted, history = train.fit(train.init_linear(jax.random.key(0), d, K), optax.adam(0.01),
-                              (x_train, y_train, x_test, y_test), epochs=EPOCHS, batch_size=64,
-                              seed=0, loss="ce", l2=l2, progress=False)
+  fitted, history = train.fit(
+    train.init_linear(jax.random.key(0), d, K),
+    optax.adam(0.01),
+    (x_train, y_train, x_test, y_test),
+    epochs=EPOCHS,
+    batch_size=64,
+    seed=0,
+    loss="ce",
+    l2=l2,
+    progress=False,
+  )
   runs[l2] = (fitted, history)
 print(f"3 x {EPOCHS} epochs in {time.perf_counter() - start:.1f} s\n")
 
@@ -189,12 +210,20 @@ fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.0, 3.4))
 ax1.plot(train_curve, label="train objective (CE + penalty)")
 ax1.plot(train_ce_curve, label="train cross-entropy")
 ax1.plot(test_curve, label="test cross-entropy")
-ax1.set(xlabel="full-batch SGD step", ylabel="nats", yscale="log",
-        title=f"Gradient descent, $\\eta$ = {LR}, $\\lambda$ = {lam:g}")
+ax1.set(
+  xlabel="full-batch SGD step",
+  ylabel="nats",
+  yscale="log",
+  title=f"Gradient descent, $\\eta$ = {LR}, $\\lambda$ = {lam:g}",
+)
 ax1.legend()
 for l2, (_, history) in runs.items():
-  ax2.plot(np.arange(1, EPOCHS + 1), history["loss"], marker="o", ms=3, label=f"$\\lambda$ = {l2:g}")
-ax2.set(xlabel="epoch (Adam, batch 64)", ylabel="mean objective", yscale="log", title="Minibatch training")
+  ax2.plot(
+    np.arange(1, EPOCHS + 1), history["loss"], marker="o", ms=3, label=f"$\\lambda$ = {l2:g}"
+  )
+ax2.set(
+  xlabel="epoch (Adam, batch 64)", ylabel="mean objective", yscale="log", title="Minibatch training"
+)
 ax2.legend()
 plt.tight_layout()
 plt.show()
@@ -262,14 +291,19 @@ fig, ax = plt.subplots(figsize=(5.2, 4.6))
 ax.contourf(gx, gy, pred, levels=[-0.5, 0.5, 1.5, 2.5], colors=["#c6dbef", "#fdd0a2", "#c7e9c0"])
 cs = ax.contour(gx, gy, conf, levels=[0.5, 0.9, 0.99], colors="gray", linewidths=0.6)
 ax.clabel(cs, fmt="%.2f", fontsize=7)
-for (i, j) in [(0, 1), (0, 2), (1, 2)]:
+for i, j in [(0, 1), (0, 2), (1, 2)]:
   dw, db = w[:, i] - w[:, j], b[i] - b[j]
   line_x = np.linspace(-5, 5, 2)
   ax.plot(line_x, -(db + dw[0] * line_x) / dw[1], "k--", lw=0.7)
 for k, color in enumerate(["tab:blue", "tab:orange", "tab:green"]):
   ax.scatter(*x2[y2 == k].T, s=8, color=color, label=f"class {k}")
-ax.set(xlim=(-5, 5), ylim=(-4.5, 5.5), xlabel="$x_1$", ylabel="$x_2$",
-       title="Linear softmax: straight boundaries,\nconfidence contours max $q$ = 0.5, 0.9, 0.99")
+ax.set(
+  xlim=(-5, 5),
+  ylim=(-4.5, 5.5),
+  xlabel="$x_1$",
+  ylabel="$x_2$",
+  title="Linear softmax: straight boundaries,\nconfidence contours max $q$ = 0.5, 0.9, 0.99",
+)
 ax.legend(loc="lower right", fontsize=8)
 plt.show()
 

@@ -13,7 +13,7 @@
 # from the compiled programs — without allocating anything.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import math
 import time
 
@@ -26,8 +26,16 @@ import optax
 import xentjax
 
 plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (6.0, 3.6)})
-print("xentjax", xentjax.__version__, "| jax", jax.__version__, "| x64:", jax.config.jax_enable_x64,
-      "| backend:", jax.default_backend())
+print(
+  "xentjax",
+  xentjax.__version__,
+  "| jax",
+  jax.__version__,
+  "| x64:",
+  jax.config.jax_enable_x64,
+  "| backend:",
+  jax.default_backend(),
+)
 
 # %% [markdown]
 # ## What the loss and its gradient need
@@ -52,13 +60,14 @@ print("xentjax", xentjax.__version__, "| jax", jax.__version__, "| x64:", jax.co
 # Memory then scales with the tile, not with $N\times V$; the price is one extra
 # matrix multiplication in the backward pass.
 
+
 # %%
 def streaming_lse(z, tile):
   """Log-sum-exp over the last axis, one tile of columns at a time (numpy, float64)."""
   m = np.full(z.shape[:-1], -np.inf)
   s = np.zeros(z.shape[:-1])
   for start in range(0, z.shape[-1], tile):
-    zt = z[..., start:start + tile]
+    zt = z[..., start : start + tile]
     m_t = zt.max(-1)
     s_t = np.exp(zt - m_t[..., None]).sum(-1)
     m_new = np.maximum(m, m_t)
@@ -81,6 +90,7 @@ print("streaming log-sum-exp equals the one-shot value for tiles of 1, 7, 128 an
 # $W$ must match the straightforward computation: logits $XW$, then
 # `softmax_cross_entropy_with_integer_labels`, then the mean.
 
+
 # %%
 def materialized_loss(x, w, labels):
   return jnp.mean(xentjax.softmax_cross_entropy_with_integer_labels(x @ w, labels))
@@ -100,13 +110,20 @@ ref_value, (ref_gx, ref_gw) = jax.value_and_grad(materialized_loss, argnums=(0, 
 for strategy in ("recompute", "store"):
   value, (gx, gw) = jax.value_and_grad(fused_loss, argnums=(0, 1))(x, w, labels, strategy)
   err = max(float(jnp.max(jnp.abs(gx - ref_gx))), float(jnp.max(jnp.abs(gw - ref_gw))))
-  print(f"{strategy:9s}: loss {float(value):.6f} vs materialized {float(ref_value):.6f}; "
-        f"max gradient difference {err:.1e}")
+  print(
+    f"{strategy:9s}: loss {float(value):.6f} vs materialized {float(ref_value):.6f}; "
+    f"max gradient difference {err:.1e}"
+  )
   assert abs(float(value) - float(ref_value)) < 1e-4 * abs(float(ref_value))
   assert jnp.allclose(gx, ref_gx, atol=1e-5) and jnp.allclose(gw, ref_gw, atol=1e-6)
 # and the optax reference agrees as well
-assert abs(float(jnp.mean(optax.losses.softmax_cross_entropy_with_integer_labels(x @ w, labels)))
-           - float(ref_value)) < 1e-5
+assert (
+  abs(
+    float(jnp.mean(optax.losses.softmax_cross_entropy_with_integer_labels(x @ w, labels)))
+    - float(ref_value)
+  )
+  < 1e-5
+)
 
 # %% [markdown]
 # ## Measuring memory without allocating it
@@ -127,9 +144,11 @@ VOCABS = [8192, 32768, 131072, 262144]
 
 
 def temp_bytes(loss_fn, n_tokens, dim, vocab):
-  shapes = (jax.ShapeDtypeStruct((n_tokens, dim), jnp.float32),
-            jax.ShapeDtypeStruct((dim, vocab), jnp.float32),
-            jax.ShapeDtypeStruct((n_tokens,), jnp.int32))
+  shapes = (
+    jax.ShapeDtypeStruct((n_tokens, dim), jnp.float32),
+    jax.ShapeDtypeStruct((dim, vocab), jnp.float32),
+    jax.ShapeDtypeStruct((n_tokens,), jnp.int32),
+  )
   compiled = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))).lower(*shapes).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
@@ -146,9 +165,13 @@ print(f"compiled {2 * len(VOCABS) + 1} programs in {time.perf_counter() - start:
 GiB, MiB = 2**30, 2**20
 print(f"{'V':>8s} | logits 4NV | materialized temp | fused temp | fused / materialized")
 for V, mat, fus in table:
-  print(f"{V:8d} | {4 * N * V / GiB:6.2f} GiB | {mat / GiB:13.2f} GiB | {fus / MiB:6.1f} MiB | {fus / mat:8.3%}")
-print(f"\n'store' strategy at V = {VOCABS[-1]}: {store_262k / MiB:.1f} MiB "
-      f"(it keeps a float32 W-sized gradient buffer, 4DV = {4 * D * VOCABS[-1] / MiB:.0f} MiB)")
+  print(
+    f"{V:8d} | {4 * N * V / GiB:6.2f} GiB | {mat / GiB:13.2f} GiB | {fus / MiB:6.1f} MiB | {fus / mat:8.3%}"
+  )
+print(
+  f"\n'store' strategy at V = {VOCABS[-1]}: {store_262k / MiB:.1f} MiB "
+  f"(it keeps a float32 W-sized gradient buffer, 4DV = {4 * D * VOCABS[-1] / MiB:.0f} MiB)"
+)
 
 # %%
 V_big, mat_big, fus_big = table[-1]
@@ -168,8 +191,13 @@ vs = np.array([V for V, _, _ in table])
 ax.plot(vs, [m / GiB for _, m, _ in table], marker="o", label="materialized $XW$ + softmax CE")
 ax.plot(vs, [f / GiB for _, _, f in table], marker="o", label="fused (recompute)")
 ax.plot(vs, 4 * N * vs / GiB, ls=":", color="gray", label="one $N\\times V$ float32 matrix")
-ax.set(xscale="log", yscale="log", xlabel="vocabulary size $V$", ylabel="temporary memory [GiB]",
-       title=f"Loss + gradients, N = {N}, D = {D}, float32 (XLA {jax.default_backend()})")
+ax.set(
+  xscale="log",
+  yscale="log",
+  xlabel="vocabulary size $V$",
+  ylabel="temporary memory [GiB]",
+  title=f"Loss + gradients, N = {N}, D = {D}, float32 (XLA {jax.default_backend()})",
+)
 ax.set_xticks(vs, [f"{v // 1024}K" for v in vs])
 ax.legend()
 plt.show()
