@@ -39,6 +39,9 @@ def test_compare(tmp_path, capsys):
   assert [r[0] for r in rows] == ["ce", "mse", "hinge"]
   assert all(0.5 < float(r[2]) <= 1.0 for r in rows)
   assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+  # Without --optimizer the comparison runs plain SGD (Adam rescales gradients
+  # and would hide the saturation of squared error).
+  assert "optimizer sgd" in out
 
 
 def test_other_loss_and_optimizer_without_plot(tmp_path, capsys, monkeypatch):

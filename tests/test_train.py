@@ -83,7 +83,13 @@ def test_make_loss_focal_hinge_mse():
   onehot = np.eye(4)[y]
   hinge = np.max(z64 + 1 - onehot, axis=-1) - z64[np.arange(len(y)), y]
   np.testing.assert_allclose(train.make_loss("hinge")(z, y), hinge, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(train.make_loss("mse")(z, y), ((z64 - onehot) ** 2).sum(-1), rtol=1e-5)
+  probs = np.exp(_np_log_softmax(z64))
+  np.testing.assert_allclose(
+    train.make_loss("mse")(z, y), ((probs - onehot) ** 2).sum(-1), rtol=1e-5, atol=1e-7
+  )
+  np.testing.assert_allclose(
+    train.make_loss("mse_logits")(z, y), ((z64 - onehot) ** 2).sum(-1), rtol=1e-5
+  )
 
 
 def test_make_loss_bce():
@@ -182,7 +188,7 @@ def test_fit_epoch_loss_weights_every_example_once(digits):
     assert set(h) == {"loss", "train_accuracy"}
 
 
-@pytest.mark.parametrize("loss", ["ce", "smooth", "focal", "hinge", "mse"])
+@pytest.mark.parametrize("loss", ["ce", "smooth", "focal", "hinge", "mse", "mse_logits"])
 def test_every_loss_trains_well_above_chance(digits, loss):
   params = train.init_linear(jax.random.key(0), 64, 10)
   params, h = train.fit(params, ADAM, digits, epochs=3, batch_size=64, seed=0, loss=loss)

@@ -29,13 +29,14 @@ DEFAULT_LR = {
   "rmsprop": 0.003,
   "adagrad": 0.1,
 }
-DEMO_LOSSES = ("ce", "mse", "hinge", "focal", "smooth")
+DEMO_LOSSES = ("ce", "mse", "mse_logits", "hinge", "focal", "smooth")
 COMPARE_LOSSES = ("ce", "mse", "hinge")
 GRAD_TOLERANCE = 1e-5
 TARGET_ACCURACY = 0.9
 LOSS_TITLES = {
   "ce": "cross-entropy",
-  "mse": "squared error",
+  "mse": "squared error (probabilities)",
+  "mse_logits": "squared error (logits)",
   "hinge": "multiclass hinge",
   "focal": "focal (gamma=2)",
   "smooth": "cross-entropy, label smoothing 0.1",
@@ -55,7 +56,10 @@ def register(subparsers) -> None:
     ),
   )
   p.add_argument(
-    "--optimizer", default="adam", help=f"one of {', '.join(DEFAULT_LR)} (default adam)"
+    "--optimizer",
+    default=None,
+    help=f"one of {', '.join(DEFAULT_LR)} (default adam; sgd with --compare, because "
+    "Adam's per-parameter scaling hides how small the squared-error gradient gets)",
   )
   p.add_argument(
     "--lr",
@@ -93,6 +97,8 @@ def _parse_number(name: str, text: str, kind, minimum) -> int | float:
 
 
 def _settings(args) -> dict:
+  if args.optimizer is None:
+    args.optimizer = "sgd" if args.compare else "adam"
   if args.optimizer not in DEFAULT_LR:
     raise CommandError(
       f"unknown optimizer {args.optimizer!r}; choose one of {', '.join(DEFAULT_LR)}"
@@ -270,6 +276,9 @@ def _run_compare(s: dict, data) -> int:
   head = ("loss", f"epochs to {TARGET_ACCURACY:.0%} train accuracy", "final test accuracy")
   widths = [max(len(r[i]) for r in (head, *rows)) for i in range(3)]
   line = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+  print("mse = squared error of the softmax probabilities: its pull on the true class")
+  print("carries a factor p_y and vanishes when the model is confidently wrong;")
+  print("cross-entropy's gradient stays p - y.")
   print(line(head))
   print("-+-".join("-" * w for w in widths))
   for r in rows:

@@ -48,7 +48,7 @@ Params = dict[str, jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 ModelFn = Callable[[Any, jax.Array], jax.Array]
 
-LOSSES = ("ce", "smooth", "focal", "hinge", "mse", "bce")
+LOSSES = ("ce", "smooth", "focal", "hinge", "mse", "mse_logits", "bce")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad")
 
 
@@ -163,8 +163,12 @@ def make_loss(name: str, *, label_smoothing: float = 0.1, gamma: float = 2.0) ->
   - "smooth": the same with labels smoothed by `label_smoothing`;
   - "focal": `softmax_focal_loss` with `gamma`;
   - "hinge": multiclass hinge, :math:`\\max_j (z_j + [j \\ne y]) - z_y`;
-  - "mse": :math:`\\sum_j (z_j - [j = y])^2`, squared error of the logits
-    against the one-hot label.
+  - "mse": :math:`\\sum_j (\\mathrm{softmax}(z)_j - [j = y])^2`, squared
+    error of the predicted probabilities against the one-hot label (the
+    Brier score): the loss of the classic "why not squared error" argument,
+    whose gradient saturates through the softmax;
+  - "mse_logits": :math:`\\sum_j (z_j - [j = y])^2`, squared error of the
+    raw scores against the one-hot label (least-squares classification).
 
   Binary, with labels in {0, 1} `[n]` and one logit per example `[n]`:
 
@@ -189,11 +193,13 @@ def make_loss(name: str, *, label_smoothing: float = 0.1, gamma: float = 2.0) ->
     return lambda z, y: softmax_focal_loss(z, y, gamma=gamma)
   if name == "hinge":
     return multiclass_hinge_loss
-  if name == "mse":
+  if name in ("mse", "mse_logits"):
+    on_probs = name == "mse"
 
     def mse(z, y):
       onehot = jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype)
-      return jnp.sum(squared_error(z, onehot), axis=-1)
+      pred = jax.nn.softmax(z, axis=-1) if on_probs else z
+      return jnp.sum(squared_error(pred, onehot), axis=-1)
 
     return mse
   if name == "bce":

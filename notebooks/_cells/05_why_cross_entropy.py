@@ -134,15 +134,18 @@ assert all(
 # ## On real data: the `xentjax demo --compare` experiment
 #
 # The same linear classifier $z = xW + b$ on the embedded 8×8 digits (1347 training,
-# 450 test images), trained with Adam (learning rate 0.01, batch 64, seed 0) on three
-# losses from `xentjax.train.make_loss`:
+# 450 test images), trained with plain SGD (learning rate 0.05, batch 64, seed 0) on
+# three losses from `xentjax.train.make_loss`:
 #
 # * `"ce"` — softmax cross-entropy;
-# * `"mse"` — squared error of the **logits** against the one-hot label, i.e. linear
-#   regression onto the class indicators (no softmax, so no saturation — but also no
-#   probabilities);
+# * `"mse"` — squared error of the softmax **probabilities** against the one-hot label
+#   (the Brier score), whose gradient on the true class carries a factor $q_y$;
+#   (`"mse_logits"` is the other classic, squared error of the raw scores, i.e. linear
+#   regression onto the class indicators);
 # * `"hinge"` — the multiclass (Crammer–Singer) hinge loss.
 #
+# Plain SGD, because with SGD the size of the gradient is the size of the step; Adam
+# divides each gradient by its running scale and would hide the saturation.
 # This is what `xentjax demo --compare` runs (with more epochs).
 
 # %%
@@ -156,7 +159,7 @@ start = time.perf_counter()
 for name in ["ce", "mse", "hinge"]:
   params0 = train.init_linear(jax.random.key(0), 64, 10)
   params, history = train.fit(
-    params0, optax.adam(0.01), data, epochs=EPOCHS, batch_size=64, seed=0, loss=name, progress=False
+    params0, optax.sgd(0.05), data, epochs=EPOCHS, batch_size=64, seed=0, loss=name, progress=False
   )
   histories[name] = history
   results[name] = train.evaluate_classifier(params, x_test, y_test, k=5)
@@ -170,14 +173,15 @@ for name, history in histories.items():
     f"{results[name]['top_k_accuracy']:.4f}"
   )
 
-assert results["ce"]["accuracy"] >= 0.9
-assert all(r["accuracy"] >= 0.85 for r in results.values())
+reach = {name: train.epochs_to_accuracy(h, 0.9) for name, h in histories.items()}
+assert reach["ce"] is not None and reach["mse"] is None  # CE gets there, MSE does not
+assert results["ce"]["accuracy"] > results["mse"]["accuracy"] + 0.03
 assert results["ce"]["top_k_accuracy"] >= 0.99
 
 # %% [markdown]
-# On this easy, well-initialized problem all three losses do well: the logits start
-# near zero, nothing saturates, and Adam rescales small gradients. The difference
-# appears when the model starts **confidently wrong**. Below, the initial weights are
+# Even from a small, well-behaved initialization, squared error on probabilities lags:
+# every step it takes is scaled down by the softmax. The difference is starker when
+# the model starts **confidently wrong**. Below, the initial weights are
 # large (standard deviation 1, so the untrained logits are spread over several units
 # and the softmax is saturated on most examples), and plain SGD is used so that the
 # size of the gradient is the size of the step. Cross-entropy recovers; the Brier
