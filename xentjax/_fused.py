@@ -336,11 +336,15 @@ def _store_forward_local(x, w, labels, valid, weights, cfg: _Config):
   eps = cfg.label_smoothing
   weights = jnp.where(valid, weights.astype(cdt), 0.0)
   weights = jnp.where(_bad_labels(labels, valid, cfg), jnp.nan, weights)
+  # As in the recompute backward pass: `x` transposed once so every
+  # weight-gradient product is an ordinary matmul (see `_dot_dw`).
+  xT = None if cfg.vd else x.astype(op_dt).T
 
   def token_body(carry, t0, tsize):
     total, lse_all, dx, dw = carry
     sl = lambda v: lax.dynamic_slice_in_dim(v, t0, tsize, 0)
     x_t, y_t, r_t, valid_t = sl(x), sl(labels), sl(weights), sl(valid)
+    xT_t = None if xT is None else lax.dynamic_slice_in_dim(xT, t0, tsize, 1)
     z, col = _logit_tile(x_t, w, offset, cfg, cdt)
     m = jnp.max(z, axis=1)
     if cfg.vocab_axis is not None:
@@ -360,7 +364,7 @@ def _store_forward_local(x, w, labels, valid, weights, cfg: _Config):
     )
     lse_all = lax.dynamic_update_slice_in_dim(lse_all, lse, t0, 0)
     dx = lax.dynamic_update_slice_in_dim(dx, _dot_dx(dz, w, op_dt, cfg, cdt), t0, 0)
-    return total, lse_all, dx, dw + _dot_dw(x_t, dz, op_dt, cfg, cdt)
+    return total, lse_all, dx, dw + _dot_dw(x_t, dz, op_dt, cfg, cdt, xT_t)
 
   init = (
       jnp.zeros((), cdt),
