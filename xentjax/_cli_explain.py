@@ -250,15 +250,23 @@ def _explain_logits(z_list, y_list, label, names, base, log, unit) -> str:
         f"= {_fmt(loss)} / {_fmt(math.log(base))} = {_fmt(loss_b)} {unit}"
       )
   else:
-    h = xentjax.info.entropy(y, base=base)
-    kl = xentjax.info.kl_divergence(y, p, base=base)
-    out.append(f"loss = −Σ y·{log} p = {_fmt(loss_b)} {unit}")
-    out.append(
-      f"     = H(y) + KL(y‖p) = {_fmt(h)} + {_fmt(kl)} (entropy of y + the excess training can remove)"
-    )
+    out += _soft_target_lines(y, p, "p", loss_b, base, log, unit)
   note = "" if base is None else f"; in nats: divide by ln {base:g} for {unit}"
   out.append(f"gradient ∂loss/∂z = ŷ − y with ŷ = p: {_vector(grad)}{note}")
   return "\n".join(out)
+
+
+def _soft_target_lines(y, pred, sym, loss, base, log, unit) -> list[str]:
+  """The loss of a soft target split as H(y) + KL(y || pred)."""
+  import xentjax
+
+  h = xentjax.info.entropy(y, base=base)
+  kl = xentjax.info.kl_divergence(y, pred, base=base)
+  return [
+    f"loss = −Σ y·{log} {sym} = {_fmt(loss)} {unit}",
+    f"     = H(y) + KL(y‖{sym}) = {_fmt(h)} + {_fmt(kl)} "
+    "(entropy of y + the excess training can remove)",
+  ]
 
 
 def _explain_probs(q_list, y_list, label, names, base, log, unit) -> str:
@@ -299,12 +307,7 @@ def _explain_probs(q_list, y_list, label, names, base, log, unit) -> str:
       f"= {_fmt(loss)} {unit}"
     )
   else:
-    h = xentjax.info.entropy(y, base=base)
-    kl = xentjax.info.kl_divergence(y, q, base=base)
-    out.append(f"loss = −Σ y·{log} q = {_fmt(loss)} {unit}")
-    out.append(
-      f"     = H(y) + KL(y‖q) = {_fmt(h)} + {_fmt(kl)} (entropy of y + the excess training can remove)"
-    )
+    out += _soft_target_lines(y, q, "q", loss, base, log, unit)
   out.append(f"if q = softmax(z), the gradient ∂loss/∂z (in nats) is q − y = {_vector(q - y)}")
   return "\n".join(out)
 

@@ -25,8 +25,19 @@ def _check_eps(eps):
   return e
 
 
-def _check_probs(name, probs):
-  V.check_floating(name, probs)
+def _prepare(probs, labels, eps):
+  """Checked `(q, y, eps)` for the probability losses and their gradients.
+
+  `labels` is broadcast to the shape of `probs` and both are promoted to the
+  compute dtype (float32 for 16-bit inputs); `q` is not clipped yet.
+  """
+  V.check_floating("probs", probs)
+  _check_float_labels("labels", labels)
+  e = _check_eps(eps)
+  q = jnp.asarray(probs)
+  y = _broadcast_to_first("probs", q, "labels", jnp.asarray(labels))
+  dt = V.compute_dtype(q.dtype, y.dtype)
+  return q.astype(dt), y.astype(dt), e
 
 
 def _xlogq(y, q):
@@ -84,13 +95,7 @@ def categorical_cross_entropy(
     give 0 with a zero gradient. Probabilities outside ``[0, 1]`` are not
     checked; a negative one gives NaN.
   """
-  _check_probs("probs", probs)
-  _check_float_labels("labels", labels)
-  e = _check_eps(eps)
-  q = jnp.asarray(probs)
-  y = _broadcast_to_first("probs", q, "labels", jnp.asarray(labels))
-  dt = V.compute_dtype(q.dtype, y.dtype)
-  q, y = q.astype(dt), y.astype(dt)
+  q, y, e = _prepare(probs, labels, eps)
   axes = _class_axes(axis, q.ndim)
   mask = _prepare_where(where, q.shape, axis, axes)
   if e is not None:
@@ -131,13 +136,7 @@ def binary_cross_entropy(
     ``y < 1``) gives ``+inf``; ``q = 0`` with ``y = 0`` gives 0 with a finite
     gradient. Integer labels raise ``TypeError``.
   """
-  _check_probs("probs", probs)
-  _check_float_labels("labels", labels)
-  e = _check_eps(eps)
-  q = jnp.asarray(probs)
-  y = _broadcast_to_first("probs", q, "labels", jnp.asarray(labels))
-  dt = V.compute_dtype(q.dtype, y.dtype)
-  q, y = q.astype(dt), y.astype(dt)
+  q, y, e = _prepare(probs, labels, eps)
   if e is not None:
     q = jnp.clip(q, e, 1.0 - e)
   w = 1.0 - y

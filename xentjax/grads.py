@@ -32,13 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from xentjax import _validation as V
-from xentjax._probability import _check_eps
+from xentjax._probability import _prepare as _prepare_probs
 from xentjax._sigmoid import _focal_grad_z
 from xentjax._sigmoid import _prepare as _sigmoid_prepare
 from xentjax._softmax import (
   Axis,
-  _broadcast_to_first,
-  _check_float_labels,
   _class_axes,
   _dense_prepare,
   _jit_public,
@@ -334,13 +332,8 @@ def categorical_cross_entropy(
     The gradient with the shape and dtype of ``probs``: 0 where :math:`p = 0`
     (even at :math:`q = 0`), :math:`-\infty` where :math:`p > 0 = q`.
   """
-  V.check_floating("probs", probs)
-  _check_float_labels("labels", labels)
-  e = _check_eps(eps)
-  q0 = jnp.asarray(probs)
-  y = _broadcast_to_first("probs", q0, "labels", jnp.asarray(labels))
-  dt = V.compute_dtype(q0.dtype, y.dtype)
-  q, y = q0.astype(dt), y.astype(dt)
+  out_dtype = jnp.asarray(probs).dtype
+  q, y, e = _prepare_probs(probs, labels, eps)
   axes = _class_axes(axis, q.ndim)
   mask = _prepare_where(where, q.shape, axis, axes)
   inside = None
@@ -352,7 +345,7 @@ def categorical_cross_entropy(
     g = jnp.where(inside, g, 0.0)
   if mask is not None:
     g = jnp.where(mask, g, 0.0)
-  return g.astype(q0.dtype)
+  return g.astype(out_dtype)
 
 
 @_jit_public("eps")
@@ -373,13 +366,8 @@ def binary_cross_entropy(
     The gradient with the shape and dtype of ``probs``; a term whose label
     weight is 0 contributes 0 (even at :math:`q \in \{0, 1\}`).
   """
-  V.check_floating("probs", probs)
-  _check_float_labels("labels", labels)
-  e = _check_eps(eps)
-  q0 = jnp.asarray(probs)
-  y = _broadcast_to_first("probs", q0, "labels", jnp.asarray(labels))
-  dt = V.compute_dtype(q0.dtype, y.dtype)
-  q, y = q0.astype(dt), y.astype(dt)
+  out_dtype = jnp.asarray(probs).dtype
+  q, y, e = _prepare_probs(probs, labels, eps)
   inside = None
   if e is not None:
     inside = (q >= e) & (q <= 1.0 - e)
@@ -389,7 +377,7 @@ def binary_cross_entropy(
   g = g + jnp.where(w == 0, 0.0, w / jnp.where(w == 0, 1.0, 1.0 - q))
   if inside is not None:
     g = jnp.where(inside, g, 0.0)
-  return g.astype(q0.dtype)
+  return g.astype(out_dtype)
 
 
 def _kl_grad(log_predictions, weights, axis, where, target_name):
