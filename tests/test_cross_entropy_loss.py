@@ -130,13 +130,13 @@ def test_ignore_index_with_probabilities_rejected_like_torch():
     xentjax.cross_entropy_loss(logits, probs, ignore_index=1)
 
 
-def test_all_ignored_mean_differs_from_torch_by_design():
+def test_all_ignored_mean_is_nan_as_in_torch():
   torch = pytest.importorskip("torch")
   logits = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
   labels = np.full((4,), -100)
   expected = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(labels))
   assert torch.isnan(expected)  # torch: 0/0
-  assert float(xentjax.cross_entropy_loss(logits, labels)) == 0.0  # xentjax: 0
+  assert np.isnan(float(xentjax.cross_entropy_loss(logits, labels)))  # the same (zero gradient)
 
 
 def test_torch_raises_where_xentjax_returns_nan():
@@ -267,7 +267,7 @@ def test_ignore_index_naming_a_valid_class():
 
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("eps", [0.0, 0.2])
-def test_all_ignored_gives_zero_and_zero_gradient(weighted, eps):
+def test_all_ignored_gives_nan_mean_zero_sum_and_zero_gradient(weighted, eps):
   logits = jnp.asarray(np.random.default_rng(7).standard_normal((3, 4)), jnp.float32)
   labels = np.full((3,), -100)
   kw = {
@@ -276,15 +276,19 @@ def test_all_ignored_gives_zero_and_zero_gradient(weighted, eps):
   }
   for reduction in REDUCTIONS:
     value = xentjax.cross_entropy_loss(logits, labels, reduction=reduction, **kw)
-    np.testing.assert_array_equal(np.asarray(value), 0.0)
-  grad = jax.grad(lambda z: xentjax.cross_entropy_loss(z, labels, **kw))(logits)
-  np.testing.assert_array_equal(np.asarray(grad), 0.0)
+    # The mean over nothing is NaN (no data); "sum" and "none" are 0.
+    want = np.nan if reduction == "mean" else 0.0
+    np.testing.assert_array_equal(np.asarray(value), want)
+  for reduction in REDUCTIONS:
+    loss = lambda z, r=reduction: jnp.sum(xentjax.cross_entropy_loss(z, labels, reduction=r, **kw))
+    np.testing.assert_array_equal(np.asarray(jax.grad(loss)(logits)), 0.0)
 
 
-def test_empty_batch_mean_is_zero():
+def test_empty_batch_mean_is_nan_sum_is_zero():
   for targets in (np.zeros((0,), np.int32), np.zeros((0, 3), np.float32)):
     logits = jnp.zeros((0, 3), jnp.float32)
-    assert float(xentjax.cross_entropy_loss(logits, targets)) == 0.0
+    assert np.isnan(float(xentjax.cross_entropy_loss(logits, targets)))
+    assert float(xentjax.cross_entropy_loss(logits, targets, reduction="sum")) == 0.0
     grad = jax.grad(lambda z, t=targets: xentjax.cross_entropy_loss(z, t))(logits)
     assert grad.shape == (0, 3)
 

@@ -33,10 +33,18 @@ def _np_ce(logits, labels):
 
 
 def _np_rank_hits(logits, labels, k):
-  """Hit when fewer than k classes score strictly higher, by an explicit loop."""
+  """Expected top-k hit under a uniformly random tie break, by counting positions.
+
+  With g classes strictly above the label and t classes equal to it (label
+  included), the label's place is uniform over g+1, ..., g+t; the credit is
+  the fraction of those places that are <= k.
+  """
   flat_z = logits.reshape(-1, logits.shape[-1])
   flat_y = labels.reshape(-1)
-  hits = [sum(z > z[y]) < k for z, y in zip(flat_z, flat_y)]
+  hits = []
+  for z, y in zip(flat_z, flat_y):
+    g, t = int(np.sum(z > z[y])), int(np.sum(z == z[y]))
+    hits.append(sum(g + j <= k for j in range(1, t + 1)) / t)
   return np.array(hits, float).reshape(labels.shape)
 
 
@@ -57,10 +65,24 @@ def test_accuracy_with_where_matches_boolean_indexing():
   np.testing.assert_allclose(metrics.accuracy(logits, labels, where=keep), want, rtol=RTOL)
 
 
-def test_accuracy_ties_go_to_lowest_index():
+def test_accuracy_shares_ties():
   logits = jnp.array([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0]])
-  np.testing.assert_array_equal(metrics.correct(logits, jnp.array([1, 0])), [1.0, 1.0])
-  np.testing.assert_array_equal(metrics.correct(logits, jnp.array([2, 2])), [0.0, 0.0])
+  # A t-way tie at the top is worth 1/t to each tied class, whichever index.
+  np.testing.assert_allclose(metrics.correct(logits, jnp.array([1, 0])), [1 / 2, 1 / 3])
+  np.testing.assert_allclose(metrics.correct(logits, jnp.array([2, 2])), [1 / 2, 1 / 3])
+  np.testing.assert_array_equal(metrics.correct(logits, jnp.array([0, 1]))[0], 0.0)
+
+
+def test_integer_valued_logits_match_the_counting_reference():
+  rng = np.random.default_rng(12)
+  logits = rng.integers(-2, 3, size=(600, 12)).astype(np.float32)
+  labels = rng.integers(0, 12, size=600)
+  for k in (1, 5):
+    want = np.mean(_np_rank_hits(logits, labels, k))
+    np.testing.assert_allclose(metrics.top_k_accuracy(logits, labels, k=k), want, rtol=1e-5)
+  np.testing.assert_allclose(
+    metrics.accuracy(logits, labels), np.mean(_np_rank_hits(logits, labels, 1)), rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 7])
@@ -73,18 +95,22 @@ def test_top_k_matches_rank_rule_and_argsort(k):
   np.testing.assert_allclose(got, np.mean(np.any(top == labels[:, None], -1)), rtol=RTOL)
 
 
-def test_top_k_ties_favour_a_hit():
+def test_top_k_ties_are_shared():
   logits = jnp.array([[1.0, 1.0, 1.0, 0.0]] * 4)
   labels = jnp.array([0, 2, 3, 1])
-  # Ties at the top: nobody scores strictly higher than classes 0-2, so k=1 hits.
-  np.testing.assert_array_equal(metrics.top_k_correct(logits, labels, k=1), [1, 1, 0, 1])
+  # Three classes tied at the top: each keeps place 1 with probability 1/3.
+  np.testing.assert_allclose(metrics.top_k_correct(logits, labels, k=1), [1 / 3, 1 / 3, 0, 1 / 3])
+  np.testing.assert_allclose(metrics.top_k_correct(logits, labels, k=2), [2 / 3, 2 / 3, 0, 2 / 3])
   # Class 3 has three classes strictly above it: a miss at k=3, a hit at k=4.
   np.testing.assert_array_equal(metrics.top_k_correct(logits, labels, k=3), [1, 1, 0, 1])
   np.testing.assert_array_equal(metrics.top_k_correct(logits, labels, k=4), [1, 1, 1, 1])
-  # All-equal logits are a hit for every k; argmax accuracy only counts class 0.
+  # A constant model scores k/K: never a full hit for a tie.
   flat = jnp.zeros((3, 5))
-  assert float(metrics.top_k_accuracy(flat, jnp.array([0, 3, 4]), k=1)) == 1.0
-  np.testing.assert_allclose(metrics.accuracy(flat, jnp.array([0, 3, 4])), 1 / 3, rtol=RTOL)
+  for k in (1, 2, 5):
+    np.testing.assert_allclose(
+      metrics.top_k_accuracy(flat, jnp.array([0, 3, 4]), k=k), k / 5, rtol=RTOL
+    )
+  np.testing.assert_allclose(metrics.accuracy(flat, jnp.array([0, 3, 4])), 1 / 5, rtol=RTOL)
 
 
 def test_top_k_default_is_rank_5():
@@ -197,7 +223,7 @@ def test_out_of_range_label_gives_nan(bad):
   ):
     assert math.isnan(float(fn(logits, labels))), fn.__name__
   assert math.isnan(float(metrics.correct(logits, labels)[1]))
-  assert float(metrics.correct(logits, labels)[0]) == 1.0
+  np.testing.assert_allclose(metrics.correct(logits, labels)[0], 1 / 5)  # 5-way tie
 
 
 def test_masked_examples_are_never_looked_at():
@@ -213,19 +239,45 @@ def test_masked_examples_are_never_looked_at():
   assert np.all(np.isfinite(g)) and np.all(g[1] == 0)
 
 
-def test_all_masked_gives_zero_with_zero_gradient():
+def test_all_masked_gives_nan_with_zero_gradient():
   logits, labels = _batch(8, n=4, k=3)
   keep = jnp.zeros(4, bool)
-  for fn in (metrics.accuracy, metrics.top_k_accuracy, metrics.cross_entropy_rate):
+  for fn in (
+    metrics.accuracy,
+    metrics.top_k_accuracy,
+    metrics.cross_entropy_rate,
+    metrics.perplexity,
+    metrics.bits_per_token,
+  ):
     kwargs = {"k": 2} if fn is metrics.top_k_accuracy else {}
-    assert float(fn(logits, labels, where=keep, **kwargs)) == 0.0
-  assert float(metrics.perplexity(logits, labels, where=keep)) == 1.0
-  g = jax.grad(lambda z: metrics.perplexity(z, labels, where=keep))(jnp.asarray(logits))
-  np.testing.assert_array_equal(g, np.zeros_like(logits))
+    assert math.isnan(float(fn(logits, labels, where=keep, **kwargs))), fn.__name__
+    g = jax.grad(lambda z, f=fn, kw=kwargs: f(z, labels, where=keep, **kw))(jnp.asarray(logits))
+    np.testing.assert_array_equal(g, np.zeros_like(logits))
 
 
-def test_empty_batch_gives_zero():
-  assert float(metrics.cross_entropy_rate(jnp.zeros((0, 4)), jnp.zeros((0,), jnp.int32))) == 0.0
+def test_empty_batch_gives_nan():
+  empty = (jnp.zeros((0, 4)), jnp.zeros((0,), jnp.int32))
+  assert math.isnan(float(metrics.cross_entropy_rate(*empty)))
+  assert math.isnan(float(metrics.accuracy(*empty)))
+
+
+def test_non_finite_rows():
+  logits = jnp.array([[0.0, 1.0, 2.0], [0.0, jnp.nan, 2.0], [-jnp.inf, -jnp.inf, -jnp.inf]])
+  labels = jnp.array([2, 0, 1])
+  # A NaN logit: that example is NaN in every metric.
+  for out in (metrics.correct(logits, labels), metrics.top_k_correct(logits, labels, k=2)):
+    assert out[0] == 1.0 and math.isnan(out[1])
+  # Every logit -inf: cross-entropy +inf, all K classes tied (credit k/K).
+  np.testing.assert_allclose(metrics.correct(logits[2:], labels[2:]), [1 / 3])
+  np.testing.assert_allclose(metrics.top_k_correct(logits[2:], labels[2:], k=2), [2 / 3])
+  assert float(metrics.cross_entropy_rate(logits[2:], labels[2:])) == np.inf
+  assert math.isnan(float(metrics.accuracy(logits, labels)))
+
+
+def test_large_logits_keep_their_precision():
+  z = 1e7 + np.array([[0.0, 1.0, 2.0]])
+  want = float(_np_ce(np.array([[0.0, 1.0, 2.0]]), np.array([0]))[0])  # shift invariance
+  np.testing.assert_allclose(metrics.cross_entropy_rate(z, jnp.array([0])), want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -272,7 +324,7 @@ def test_shape_mismatch_shows_shapes():
 
 @pytest.mark.parametrize("k", [0, 4, -1])
 def test_bad_k_rejected(k):
-  with pytest.raises(ValueError, match="`k` must lie in"):
+  with pytest.raises(ValueError, match="`k` must"):
     metrics.top_k_accuracy(jnp.zeros((2, 3)), jnp.array([0, 1]), k=k)
 
 
@@ -284,6 +336,6 @@ def test_bad_base_rejected(base):
     metrics.cross_entropy_rate(jnp.zeros((2, 3)), jnp.array([0, 1]), base=base)
 
 
-def test_non_boolean_where_rejected():
+def test_floating_where_rejected():
   with pytest.raises(TypeError, match="boolean"):
-    metrics.accuracy(jnp.zeros((2, 3)), jnp.array([0, 1]), where=jnp.array([1, 0]))
+    metrics.accuracy(jnp.zeros((2, 3)), jnp.array([0, 1]), where=jnp.array([1.0, 0.0]))

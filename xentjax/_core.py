@@ -128,8 +128,24 @@ def mean_or_nan(total, count):
   return jnp.where(empty, jnp.nan, total / safe)
 
 
+def xent(log_s, mass, dot):
+  r"""``mass * log_s - dot``: a cross-entropy from shifted statistics, edge cases decided.
+
+  For a target ``t`` over the classes, ``-sum_c t_c log softmax(z)_c =
+  mass * log_s - dot`` with ``mass = sum_c t_c`` and ``dot = sum_c t_c (z_c -
+  m)`` (`target_dot`). A row with ``log_s == -inf`` (no class has
+  probability: every logit ``-inf`` or masked) gives ``+inf`` with a zero
+  gradient when ``mass > 0`` and 0 when ``mass == 0``. NaN stays NaN.
+  """
+  log_s = jnp.asarray(log_s)
+  mass = jnp.asarray(mass, log_s.dtype)
+  empty = log_s == -jnp.inf
+  loss = mass * jnp.where(empty, 0.0, log_s) - dot
+  return jnp.where(empty & (mass != 0), jnp.inf, loss)
+
+
 def cross_entropy_from_stats(
-    log_s, zy, zmean=None, m=None, *, label_smoothing: float = 0.0, z_loss: float = 0.0
+  log_s, zy, zmean=None, m=None, *, label_smoothing: float = 0.0, z_loss: float = 0.0
 ):
   r"""Per-row cross-entropy from the core statistics.
 
@@ -143,17 +159,29 @@ def cross_entropy_from_stats(
   :math:`\lambda` = ``z_loss``. A term whose coefficient is 0 is left out
   (so ``label_smoothing=1`` never forms ``0 * inf``), and the z-loss gradient
   is formed as ``(2 lambda) * lse`` so it stays finite where ``lse**2``
-  overflows.
+  overflows. A row with ``log_s = -inf`` (every logit ``-inf``) gives
+  ``+inf`` with a zero gradient (`xent`).
   """
   eps = float(label_smoothing)
   loss = 0.0
   if eps < 1.0:
-    loss = (1.0 - eps) * (log_s - zy)
+    loss = (1.0 - eps) * xent(log_s, 1.0, zy)
   if eps > 0.0:
-    loss = loss + eps * (log_s - zmean)
+    loss = loss + eps * xent(log_s, 1.0, zmean)
   if z_loss:
-    loss = loss + _z_loss_term(m + log_s, z_loss)
+    loss = loss + z_loss_term(m, log_s, z_loss)
   return loss
+
+
+def z_loss_term(m, log_s, lam: float):
+  """``lam * lse**2`` with ``lse = m + log_s``; its gradient ``(2 lam) lse`` stays finite.
+
+  A row with ``log_s = -inf`` (nothing to normalize) adds 0: such a row has
+  no normalizer to push towards 0.
+  """
+  empty = log_s == -jnp.inf
+  lse = m + jnp.where(empty, 0.0, log_s)
+  return jnp.where(empty, 0.0, _z_loss_term(lse, float(lam)))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -170,3 +198,135 @@ def _z_loss_term_jvp(lam, primals, tangents):
 def shift(m):
   """The row max as a finite, gradient-free shift (0 where it is not finite)."""
   return lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+
+
+# ---------------------------------------------------------------------------
+# The dense row statistics ([..., K] logits in memory).
+# ---------------------------------------------------------------------------
+
+
+class RowStats(NamedTuple):
+  """Per-row softmax statistics of ``[..., K]`` logits: see the module docstring.
+
+  ``zmean`` is None unless asked for (``mean=True``); ``n_greater`` and
+  ``n_tied`` are None unless asked for (``rank=True``) and are floating
+  counts, NaN in a row with a NaN logit.
+  """
+
+  m: jax.Array
+  log_s: jax.Array
+  zy: jax.Array
+  zmean: jax.Array | None = None
+  n_greater: jax.Array | None = None
+  n_tied: jax.Array | None = None
+
+
+def shifted_logits(z, mask=None):
+  """``(z - m, m)`` over the last axis; masked classes become ``-inf``.
+
+  ``m`` (``[..., 1]``) is the row maximum over the unmasked classes as a
+  finite, gradient-free shift (`shift`).
+  """
+  if mask is not None:
+    z = jnp.where(mask, z, -jnp.inf)
+  m = shift(jnp.max(z, axis=-1, keepdims=True, initial=-jnp.inf))
+  return z - m, m
+
+
+def log_sum_exp_shifted(shifted):
+  """``log sum exp(shifted)`` over the last axis; ``-inf`` where the sum is 0.
+
+  The log is guarded on both sides of a `where`, so an empty row (every
+  entry ``-inf``) puts no NaN into the gradient. A NaN entry gives NaN.
+  """
+  s = jnp.sum(jnp.exp(shifted), axis=-1)
+  empty = s == 0
+  return jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, s)))
+
+
+def target_dot(shifted, t):
+  """``sum_c t_c * shifted_c`` over the last axis with ``0 * (-inf) = 0``.
+
+  A class with no target mass and a non-finite logit adds nothing, and its
+  logit gets a zero gradient (finite logits keep their gradient with respect
+  to ``t``).
+  """
+  drop = (t == 0) & ~jnp.isfinite(shifted)
+  return jnp.sum(t * jnp.where(drop, 0.0, shifted), axis=-1)
+
+
+def mean_shifted(z, shifted, m, mask):
+  """``mean_j z_j - m`` over the unmasked classes, without overflow.
+
+  The mean of the shifted logits is exact in the usual range; where it
+  overflows (logits near the float maximum, ``z_j - m`` beyond it) the
+  mean is taken as ``sum_j (z_j / K) - m``, whose terms cannot overflow.
+  """
+  if mask is None:
+    k = jnp.asarray(z.shape[-1], z.dtype)
+    direct = jnp.sum(shifted, axis=-1) / k
+    fallback = jnp.sum(z / k, axis=-1) - m[..., 0]
+  else:
+    k = jnp.maximum(jnp.sum(mask, axis=-1), 1).astype(z.dtype)
+    direct = jnp.sum(jnp.where(mask, shifted, 0.0), axis=-1) / k
+    fallback = jnp.sum(jnp.where(mask, z / k[..., None], 0.0), axis=-1) - m[..., 0]
+  overflow = jnp.isinf(direct) & jnp.isfinite(fallback)
+  return jnp.where(overflow, fallback, direct)
+
+
+def _rank(shifted, zy, log_s):
+  """Classes strictly above the label and tied with it (label included), as floats."""
+  above = jnp.sum(shifted > zy[..., None], axis=-1)
+  tied = jnp.sum(shifted == zy[..., None], axis=-1)
+  nan_row = jnp.isnan(log_s) | jnp.isnan(zy)
+  dt = shifted.dtype
+  return (
+    jnp.where(nan_row, jnp.nan, above.astype(dt)),
+    jnp.where(nan_row, jnp.nan, tied.astype(dt)),
+  )
+
+
+def row_stats(z, index, mask=None, *, mean: bool = False, rank: bool = False) -> RowStats:
+  """The core statistics of ``[..., K]`` logits and gather-safe labels, in one pass.
+
+  Args:
+    z: floating logits ``[..., K]`` (already in the compute dtype).
+    index: int32 labels ``[...]`` in ``[0, K)`` (`LabelStatus.index`). The
+      label's logit is read even where ``mask`` excludes its class (optax).
+    mask: optional bool ``[..., K]``: excluded classes leave the
+      normalizer, the mean and the rank.
+    mean: also compute ``zmean`` (label smoothing).
+    rank: also compute ``n_greater``/``n_tied`` (accuracy, top-k).
+
+  Returns:
+    `RowStats` with ``[...]``-shaped fields.
+  """
+  shifted, m = shifted_logits(z, mask)
+  log_s = log_sum_exp_shifted(shifted)
+  zy = jnp.take_along_axis(z, index[..., None], axis=-1)[..., 0] - m[..., 0]
+  zmean = mean_shifted(z, shifted, m, mask) if mean else None
+  n_greater = n_tied = None
+  if rank:
+    n_greater, n_tied = _rank(shifted, zy, log_s)
+  return RowStats(m[..., 0], log_s, zy, zmean, n_greater, n_tied)
+
+
+def confidence(log_s, num_classes):
+  """The top softmax probability ``exp(-log_s)`` (calibration).
+
+  A row with ``log_s = -inf`` (every logit ``-inf``: all classes tied) has
+  confidence ``1/K``, matching its tie credit; NaN stays NaN.
+  """
+  empty = log_s == -jnp.inf
+  uniform = 1.0 / jnp.asarray(num_classes, log_s.dtype)
+  return jnp.where(empty, uniform, jnp.exp(-jnp.where(empty, 0.0, log_s)))
+
+
+def neutral_rows(z, counted):
+  """Logits with uncounted rows replaced by zeros (the double-`where` rule).
+
+  An uncounted row may hold anything (``-inf``, NaN, padding); zeroing it
+  before the statistics keeps its value and its gradient exactly 0 in every
+  later step, so no ``0 * inf`` can reach the gradient of the counted rows.
+  """
+  return jnp.where(counted[..., None], z, jnp.zeros((), z.dtype))

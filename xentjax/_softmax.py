@@ -14,151 +14,43 @@ of size ``K`` before anything is computed, so one code path serves an int
 
 from __future__ import annotations
 
-import functools
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
+from xentjax import _core
 from xentjax import _validation as V
+from xentjax._api import (
+  Axis,
+  broadcast_to_first,
+  check_float_labels,
+  class_axes,
+  from_last,
+  gradient_of,
+  prepare_where,
+  public,
+  to_last,
+)
 
-Axis = int | tuple[int, ...] | None
+# Names other modules imported from here before `_api` existed (kept for them).
+_class_axes, _to_last, _prepare_where = class_axes, to_last, prepare_where
+_broadcast_to_first, _check_float_labels = broadcast_to_first, check_float_labels
 
 
 def _jit_public(*static_argnames: str):
-  """Compile a public loss as one XLA program per input signature.
-
-  Argument checks still run, at trace time, on shapes, dtypes and the static
-  (Python) options; an eager call then costs one compilation instead of one
-  per primitive. A list `axis` is turned into a tuple so it can be static.
-  """
-
-  def deco(fn):
-    jitted = jax.jit(fn, static_argnames=static_argnames)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-      # Nested Python sequences as array arguments become NumPy arrays (jit
-      # would otherwise trace each element); `axis` stays a (hashable) tuple.
-      args = list(args)
-      for i in range(min(len(args), 4)):
-        if i == 2:
-          if isinstance(args[i], list):
-            args[i] = tuple(args[i])
-        elif isinstance(args[i], (list, tuple)):
-          args[i] = np.asarray(args[i])
-      for name, value in kwargs.items():
-        if name == "axis" and isinstance(value, list):
-          kwargs[name] = tuple(value)
-        elif name != "axis" and isinstance(value, (list, tuple)):
-          kwargs[name] = np.asarray(value)
-      return jitted(*args, **kwargs)
-
-    return wrapper
-
-  return deco
-
-
-# ---------------------------------------------------------------------------
-# Layout helpers (shared with `_probability`, `_regression` and `grads`).
-# ---------------------------------------------------------------------------
-
-
-def _class_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
-  """The class axes as a tuple of non-negative ints (None: every axis)."""
-  if axis is None:
-    return tuple(range(ndim))
-  if isinstance(axis, (int, np.integer)):
-    return (V.normalize_axis("axis", int(axis), ndim),)
-  if isinstance(axis, (tuple, list)):
-    axes = V.normalize_axis("axis", tuple(int(a) for a in axis), ndim)
-    if len(set(axes)) != len(axes):
-      raise ValueError(f"`axis`={axis} repeats an axis.")
-    return axes
-  raise TypeError(f"`axis` must be an int, a tuple of ints or None, got {axis!r}.")
-
-
-def _to_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-  """Move `axes` to the end (in the given order) and flatten them into one."""
-  batch = tuple(i for i in range(x.ndim) if i not in axes)
-  x = jnp.transpose(x, batch + axes)
-  k = math.prod(x.shape[len(batch) :])
-  return x.reshape(x.shape[: len(batch)] + (k,))
-
-
-def _prepare_where(where, shape: tuple[int, ...], axis: Axis, axes, name="where"):
-  """`where` as a bool mask of `shape` (optax: a batch-shaped mask gets the class axes)."""
-  if where is None:
-    return None
-  where = jnp.asarray(where)
-  if where.dtype != jnp.bool_:
-    where = where.astype(bool)
-  if where.ndim != len(shape):
-    if axis is None:
-      raise ValueError(
-        f"`{name}` must have the shape of the input when axis=None, got "
-        f"{name}.shape={where.shape} and input shape {shape}."
-      )
-    where = jnp.expand_dims(where, axes)
-  try:
-    out = np.broadcast_shapes(where.shape, shape)
-  except ValueError:
-    out = None
-  if out != tuple(shape):
-    raise ValueError(
-      f"`{name}` must broadcast to the input shape {tuple(shape)} (or to its batch "
-      f"shape without the class axes), got {name}.shape={where.shape}."
-    )
-  return jnp.broadcast_to(where, shape)
-
-
-def _broadcast_to_first(name_a, a, name_b, b) -> jax.Array:
-  """Broadcast `b` to `a`'s shape, with a message naming both when impossible."""
-  sa, sb = tuple(a.shape), tuple(np.shape(b))
-  try:
-    out = np.broadcast_shapes(sa, sb)
-  except ValueError:
-    out = None
-  if out != sa:
-    raise ValueError(
-      f"`{name_b}` must have the shape of `{name_a}` (or broadcast to it), got "
-      f"{name_a}.shape={sa} and {name_b}.shape={sb}."
-    )
-  return jnp.broadcast_to(b, sa)
-
-
-def _check_float_labels(name: str, labels) -> None:
-  dt = jnp.asarray(labels).dtype if not hasattr(labels, "dtype") else labels.dtype
-  if not jnp.issubdtype(dt, jnp.floating):
-    raise TypeError(
-      f"`{name}` must hold probabilities (a floating-point array with the shape "
-      f"of the logits), got dtype {dt} with shape {np.shape(labels)}. For integer "
-      "class indices use `softmax_cross_entropy_with_integer_labels`."
-    )
+  """Compatibility name for `xentjax._api.public`."""
+  return public(static_argnames)
 
 
 def _masked_log_softmax(z: jax.Array, mask: jax.Array | None):
-  """Shifted logits and log-normalizer over the last axis, excluding masked entries.
+  """``(z - m, log_s, m)`` over the last axis, masked classes excluded (``[..., 1]`` stats).
 
-  Returns ``(shifted, log_s, m)`` with ``shifted = z - m`` (masked entries
-  ``-inf``), ``log_s = log sum exp(shifted)`` and ``m`` the row maximum, so
-  that ``log softmax(z) = shifted - log_s`` and ``logsumexp(z) = log_s + m``
-  (``log_s`` and ``m`` have shape ``[..., 1]``). ``m`` is held under
-  `stop_gradient`; a row with nothing to normalize (all masked or ``-inf``)
-  gets ``log_s = -inf``. The log is guarded by a `where` on both sides, so no
-  untaken branch can put a NaN into the gradient.
+  ``log softmax(z) = shifted - log_s``; a row with nothing to normalize has
+  ``log_s = -inf``. Built from `_core.shifted_logits` and
+  `_core.log_sum_exp_shifted`.
   """
-  if mask is not None:
-    z = jnp.where(mask, z, -jnp.inf)
-  m = jnp.max(z, axis=-1, keepdims=True, initial=-jnp.inf)
-  m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-  shifted = z - m
-  s = jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True)
-  empty = s == 0  # (NaN is not empty: it must reach the output)
-  log_s = jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, s)))
-  return shifted, log_s, m
+  shifted, m = _core.shifted_logits(z, mask)
+  return shifted, _core.log_sum_exp_shifted(shifted)[..., None], m
 
 
 # ---------------------------------------------------------------------------
@@ -167,16 +59,19 @@ def _masked_log_softmax(z: jax.Array, mask: jax.Array | None):
 
 
 def _dense_prepare(logits, labels, axis, where):
+  """Checked ``(z, y, mask)`` with the classes flattened onto the last axis."""
   V.check_floating("logits", logits)
-  _check_float_labels("labels", labels)
+  check_float_labels("labels", labels)
   logits = jnp.asarray(logits)
-  labels = _broadcast_to_first("logits", logits, "labels", jnp.asarray(labels))
+  labels = broadcast_to_first("logits", logits, "labels", jnp.asarray(labels))
   dt = V.compute_dtype(logits.dtype, labels.dtype)
-  axes = _class_axes(axis, logits.ndim)
-  mask = _prepare_where(where, logits.shape, axis, axes)
-  z = _to_last(logits.astype(dt), axes)
-  y = _to_last(labels.astype(dt), axes)
-  mask = None if mask is None else _to_last(mask, axes)
+  axes = class_axes(axis, logits.ndim)
+  mask = prepare_where(where, logits.shape, axis, axes)
+  z = to_last(logits.astype(dt), axes)
+  y = to_last(labels.astype(dt), axes)
+  mask = None if mask is None else to_last(mask, axes)
+  if mask is not None:
+    y = jnp.where(mask, y, 0.0)
   return z, y, mask
 
 
@@ -191,26 +86,29 @@ def _smooth(y, mask, eps: float):
 
 
 def _dense_ce(z, y, mask, label_smoothing: float, z_loss: float):
-  """Per-row loss for logits/labels laid out as ``[..., K]``."""
-  y = _smooth(y, mask, label_smoothing)
-  shifted, log_s, m = _masked_log_softmax(z, mask)
-  logp = shifted - log_s
-  # 0 * log 0 = 0: a class with no target mass and probability 0 adds nothing,
-  # and the where is on the inside so the untaken branch leaves no NaN.
-  drop = (y == 0) & ~jnp.isfinite(logp)
-  if mask is not None:
-    drop = drop | ~mask
-  logp = jnp.where(drop, 0.0, logp)
-  loss = -jnp.sum(y * logp, axis=-1)
+  """Per-row loss for logits/labels laid out as ``[..., K]``, from the core statistics.
+
+  ``-sum_c ~y_c log softmax(z)_c = (1 - eps) (|y| log_s - <y, z - m>)
+  + eps (log_s - mean(z) + m)``: `_core.xent` of the label part and of the
+  uniform part, the same algebra as the integer-label path.
+  """
+  eps = label_smoothing
+  shifted, m = _core.shifted_logits(z, mask)
+  log_s = _core.log_sum_exp_shifted(shifted)
+  loss = 0.0
+  if eps < 1.0:
+    dot = _core.target_dot(shifted, y)
+    loss = (1.0 - eps) * _core.xent(log_s, jnp.sum(y, axis=-1), dot)
+  if eps > 0.0:
+    has = 1.0 if mask is None else jnp.any(mask, axis=-1)
+    zmean = _core.mean_shifted(z, shifted, m, mask)
+    loss = loss + eps * _core.xent(log_s, has, zmean)
   if z_loss:
-    lse = (log_s + m)[..., 0]
-    if mask is not None:
-      lse = jnp.where(jnp.any(mask, axis=-1), lse, 0.0)
-    loss = loss + z_loss * jnp.square(lse)
+    loss = loss + _core.z_loss_term(m[..., 0], log_s, z_loss)
   return loss
 
 
-@_jit_public("axis", "label_smoothing", "z_loss")
+@public(("axis", "label_smoothing", "z_loss"))
 def softmax_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -278,13 +176,11 @@ def softmax_cross_entropy(
     (label smoothing), 2016. Chowdhery et al., PaLM: Scaling Language Modeling
     with Pathways (z-loss), 2022.
   """
-  eps = V.check_label_smoothing(label_smoothing)
-  lam = V.check_nonnegative("z_loss", z_loss)
   z, y, mask = _dense_prepare(logits, labels, axis, where)
-  return _dense_ce(z, y, mask, eps, lam)
+  return _dense_ce(z, y, mask, label_smoothing, z_loss)
 
 
-@_jit_public()
+@public()
 def safe_softmax_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -325,7 +221,7 @@ def _sparse_prepare(logits, labels, axis, where):
   labels = jnp.asarray(labels)
   if axis is None:
     raise TypeError("`axis` must be an int or a tuple of ints for integer labels, got None.")
-  axes = _class_axes(axis, logits.ndim)
+  axes = class_axes(axis, logits.ndim)
   batch_shape = tuple(d for i, d in enumerate(logits.shape) if i not in axes)
   if tuple(labels.shape) != batch_shape:
     raise ValueError(
@@ -333,48 +229,30 @@ def _sparse_prepare(logits, labels, axis, where):
       f"{axes}: expected {batch_shape}, got labels.shape={tuple(labels.shape)} "
       f"(logits.shape={tuple(logits.shape)})."
     )
-  mask = _prepare_where(where, logits.shape, axis, axes)
+  mask = prepare_where(where, logits.shape, axis, axes)
   dt = V.compute_dtype(logits.dtype)
-  z = _to_last(logits.astype(dt), axes)
-  mask = None if mask is None else _to_last(mask, axes)
+  z = to_last(logits.astype(dt), axes)
+  mask = None if mask is None else to_last(mask, axes)
   return z, labels, mask
 
 
 def _sparse_ce(z, labels, mask, label_smoothing: float, z_loss: float):
-  """Per-row loss for logits ``[..., K]`` and labels ``[...]``."""
-  k = z.shape[-1]
-  valid = (labels >= 0) & (labels < k)
-  idx = jnp.where(valid, labels, 0)
-  z_y = jnp.take_along_axis(z, idx[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  _, log_s, m = _masked_log_softmax(z, mask)
-  log_s, m = log_s[..., 0], m[..., 0]
-  lse = log_s + m
-  # log Z - z_y computed as log(sum exp(z - m)) - (z_y - m): the same arithmetic
-  # as the dense path, so integer and one-hot labels agree to the last bit.
-  loss = log_s - (z_y - m)
-  if label_smoothing:
-    if mask is None:
-      mean_z = jnp.mean(z, axis=-1)
-    else:
-      cnt = jnp.sum(mask, axis=-1).astype(z.dtype)
-      mean_z = jnp.sum(jnp.where(mask, z, 0.0), axis=-1) / jnp.maximum(cnt, 1.0)
-    uniform = lse - mean_z
-    loss = (1.0 - label_smoothing) * loss + label_smoothing * uniform
-  if z_loss:
-    lz = lse
-    if mask is not None:
-      lz = jnp.where(jnp.any(mask, axis=-1), lz, 0.0)
-    loss = loss + z_loss * jnp.square(lz)
-  # Out-of-range labels poison the row (value and gradient), never a finite
-  # number; a fully masked row is ignored whatever its label.
+  """Per-row loss for logits ``[..., K]`` and labels ``[...]``, from the core statistics."""
+  status = _core.label_status(labels, z.shape[-1])
+  st = _core.row_stats(z, status.index, mask, mean=label_smoothing > 0)
+  loss = _core.cross_entropy_from_stats(
+    st.log_s, st.zy, st.zmean, st.m, label_smoothing=label_smoothing, z_loss=z_loss
+  )
+  # An out-of-range label poisons the row (value and gradient): never a
+  # finite number. A fully masked row is ignored whatever its label.
   if mask is None:
-    return loss * jnp.where(valid, 1.0, jnp.nan).astype(loss.dtype)
+    return loss * jnp.where(status.bad, jnp.nan, 1.0).astype(loss.dtype)
   row_has = jnp.any(mask, axis=-1)
-  loss = loss * jnp.where(valid | ~row_has, 1.0, jnp.nan).astype(loss.dtype)
+  loss = loss * jnp.where(status.bad & row_has, jnp.nan, 1.0).astype(loss.dtype)
   return jnp.where(row_has, loss, 0.0)
 
 
-@_jit_public("axis", "label_smoothing", "z_loss")
+@public(("axis", "label_smoothing", "z_loss"))
 def softmax_cross_entropy_with_integer_labels(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -432,13 +310,11 @@ def softmax_cross_entropy_with_integer_labels(
     gradient); ``-inf`` on the true class gives ``+inf`` with a finite
     gradient.
   """
-  eps = V.check_label_smoothing(label_smoothing)
-  lam = V.check_nonnegative("z_loss", z_loss)
   z, labels, mask = _sparse_prepare(logits, labels, axis, where)
-  return _sparse_ce(z, labels, mask, eps, lam)
+  return _sparse_ce(z, labels, mask, label_smoothing, z_loss)
 
 
-@_jit_public("axis")
+@public(("axis",))
 def poly_loss_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -476,11 +352,7 @@ def poly_loss_cross_entropy(
   """
   z, y, mask = _dense_prepare(logits, labels, axis, where)
   ce = _dense_ce(z, y, mask, 0.0, 0.0)
-  shifted, log_s, _ = _masked_log_softmax(z, mask)
-  logp = shifted - log_s
-  keep = jnp.isfinite(logp) if mask is None else (jnp.isfinite(logp) & mask)
-  p = jnp.exp(jnp.where(keep, logp, -jnp.inf))
-  y = y if mask is None else jnp.where(mask, y, 0.0)
+  p = _softmax_probs(z, mask)[0]
   one_minus_pt = jnp.sum(y * (1.0 - p), axis=-1)
   return ce + jnp.asarray(epsilon, ce.dtype) * one_minus_pt
 
@@ -500,12 +372,33 @@ def _kl_prepare(log_predictions, targets, axis, where, target_name):
   dt = V.compute_dtype(lp.dtype, t.dtype)
   lp = jnp.broadcast_to(lp.astype(dt), shape)
   t = jnp.broadcast_to(t.astype(dt), shape)
-  axes = _class_axes(axis, len(shape))
-  mask = _prepare_where(where, shape, axis, axes)
+  axes = class_axes(axis, len(shape))
+  mask = prepare_where(where, shape, axis, axes)
   return lp, t, mask, axes
 
 
-@_jit_public("axis")
+def _kl_terms(lp, t, mask, *, log_targets: bool):
+  """``t (log t - lp)`` per element, 0 where the target is 0 (or masked).
+
+  Returns ``(terms, zero, t)`` with ``t`` the target probabilities (``exp``
+  of the log-targets) and ``zero`` the elements that contribute nothing; the
+  gradient uses the same ``zero``, so value and gradient agree on it.
+  """
+  zero = (t == -jnp.inf) if log_targets else (t == 0)
+  if mask is not None:
+    zero = zero | ~mask
+  lp_safe = jnp.where(zero, 0.0, lp)
+  if log_targets:
+    log_t = jnp.where(zero, 0.0, t)
+    prob = jnp.exp(log_t)
+  else:
+    prob = jnp.where(zero, 1.0, t)
+    log_t = jnp.log(prob)
+  terms = jnp.where(zero, 0.0, prob * (log_t - lp_safe))
+  return terms, zero, prob
+
+
+@public(("axis",))
 def kl_divergence(
   log_predictions: jax.typing.ArrayLike,
   targets: jax.typing.ArrayLike,
@@ -537,16 +430,10 @@ def kl_divergence(
     whose prediction is ``-inf`` gives ``+inf``. Negative targets give NaN.
   """
   lp, t, mask, axes = _kl_prepare(log_predictions, targets, axis, where, "targets")
-  zero = t == 0
-  if mask is not None:
-    zero = zero | ~mask
-  t_safe = jnp.where(zero, 1.0, t)
-  lp_safe = jnp.where(zero, 0.0, lp)
-  term = jnp.where(zero, 0.0, t_safe * (jnp.log(t_safe) - lp_safe))
-  return jnp.sum(term, axis=axes)
+  return jnp.sum(_kl_terms(lp, t, mask, log_targets=False)[0], axis=axes)
 
 
-@_jit_public("axis")
+@public(("axis",))
 def kl_divergence_with_log_targets(
   log_predictions: jax.typing.ArrayLike,
   log_targets: jax.typing.ArrayLike,
@@ -572,10 +459,137 @@ def kl_divergence_with_log_targets(
     value and gradients, even where ``log_predictions`` is ``-inf``.
   """
   lp, lt, mask, axes = _kl_prepare(log_predictions, log_targets, axis, where, "log_targets")
-  zero = lt == -jnp.inf
+  return jnp.sum(_kl_terms(lp, lt, mask, log_targets=True)[0], axis=axes)
+
+
+# ---------------------------------------------------------------------------
+# Closed-form gradients (re-exported by `xentjax.grads` under the loss names).
+# ---------------------------------------------------------------------------
+
+
+def _softmax_probs(z, mask):
+  """softmax over the last axis (masked classes 0) and ``log Z``; empty rows give 0."""
+  shifted, m = _core.shifted_logits(z, mask)
+  log_s = _core.log_sum_exp_shifted(shifted)
+  empty = (log_s == -jnp.inf)[..., None]
+  p = jnp.where(empty, 0.0, jnp.exp(shifted - jnp.where(empty, 0.0, log_s[..., None])))
+  return p, m[..., 0], log_s
+
+
+def _z_loss_grad(p, m, log_s, z_loss):
+  """``2 lam lse p``; 0 for rows with nothing to normalize (as `_core.z_loss_term`)."""
+  lse = jnp.where(log_s == -jnp.inf, 0.0, m + log_s)
+  return (2.0 * z_loss) * lse[..., None] * p
+
+
+def _back(g, logits, axis):
+  x = jnp.asarray(logits)
+  return from_last(g, class_axes(axis, x.ndim), x.shape).astype(x.dtype)
+
+
+@gradient_of(
+  softmax_cross_entropy,
+  wrt="logits",
+  formula=r"\nabla_z \ell = \operatorname{softmax}(z) \sum_k \tilde y_k - \tilde y"
+  r" + 2 \lambda \log Z \operatorname{softmax}(z)",
+  note="Masked entries and all-masked rows get 0; a ``-inf`` logit gets a finite gradient.",
+)
+def softmax_cross_entropy_grad(logits, labels, axis, where, label_smoothing, z_loss):
+  z, y, mask = _dense_prepare(logits, labels, axis, where)
+  y = _smooth(y, mask, label_smoothing)
+  p, m, log_s = _softmax_probs(z, mask)
+  g = p * jnp.sum(y, axis=-1, keepdims=True) - y
+  if z_loss:
+    g = g + _z_loss_grad(p, m, log_s, z_loss)
+  return _back(g, logits, axis)
+
+
+@gradient_of(
+  safe_softmax_cross_entropy,
+  wrt="logits",
+  formula=r"\nabla_z \ell = \operatorname{softmax}(z) \sum_k y_k - y",
+)
+def safe_softmax_cross_entropy_grad(logits, labels):
+  return softmax_cross_entropy_grad(logits, labels)
+
+
+@gradient_of(
+  softmax_cross_entropy_with_integer_labels,
+  wrt="logits",
+  formula=r"\nabla_z \ell = \operatorname{softmax}(z) - (1-\varepsilon)\,\mathrm{onehot}(c)"
+  r" - \varepsilon / K + 2\lambda \log Z \operatorname{softmax}(z)",
+  note="No one-hot is built. An out-of-range label gives a row of NaN; an all-masked row zeros.",
+)
+def softmax_cross_entropy_with_integer_labels_grad(
+  logits, labels, axis, where, label_smoothing, z_loss
+):
+  z, labels, mask = _sparse_prepare(logits, labels, axis, where)
+  eps, k = label_smoothing, z.shape[-1]
+  status = _core.label_status(labels, k)
+  p, m, log_s = _softmax_probs(z, mask)
+  g = p
+  if eps:
+    uniform = 1.0 / k if mask is None else mask / jnp.maximum(jnp.sum(mask, -1, keepdims=True), 1)
+    g = g - eps * uniform
+  if z_loss:
+    g = g + _z_loss_grad(p, m, log_s, z_loss)
+  is_label = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == status.index[..., None]
+  g = jnp.where(is_label, g - (1.0 - eps), g)
+  g = jnp.where(status.bad[..., None], jnp.nan, g)
   if mask is not None:
-    zero = zero | ~mask
-  lt_safe = jnp.where(zero, 0.0, lt)
-  lp_safe = jnp.where(zero, 0.0, lp)
-  term = jnp.where(zero, 0.0, jnp.exp(lt_safe) * (lt_safe - lp_safe))
-  return jnp.sum(term, axis=axes)
+    g = jnp.where(jnp.any(mask, axis=-1, keepdims=True), g, 0.0)
+  return _back(g, logits, axis)
+
+
+@gradient_of(
+  poly_loss_cross_entropy,
+  wrt="logits",
+  formula=r"\nabla_z \ell = p \sum_k y_k - y - \epsilon\, p \odot (y - \langle y, p \rangle),"
+  r" \qquad p = \operatorname{softmax}(z)",
+)
+def poly_loss_cross_entropy_grad(logits, labels, epsilon, axis, where):
+  z, y, mask = _dense_prepare(logits, labels, axis, where)
+  p, _, _ = _softmax_probs(z, mask)
+  yp = jnp.sum(y * p, axis=-1, keepdims=True)
+  g = p * jnp.sum(y, axis=-1, keepdims=True) - y
+  g = g - jnp.asarray(epsilon, z.dtype) * p * (y - yp)
+  return _back(g, logits, axis)
+
+
+def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sum a broadcast result back to the shape of the argument (as autodiff does)."""
+  if x.shape == tuple(shape):
+    return x
+  lead = x.ndim - len(shape)
+  x = jnp.sum(x, axis=tuple(range(lead))) if lead else x
+  axes = tuple(i for i, d in enumerate(shape) if d == 1 and x.shape[i] != 1)
+  return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _kl_grad(log_predictions, targets, axis, where, *, log_targets):
+  name = "log_targets" if log_targets else "targets"
+  lp, t, mask, _ = _kl_prepare(log_predictions, targets, axis, where, name)
+  _, zero, prob = _kl_terms(lp, t, mask, log_targets=log_targets)
+  shape = jnp.shape(log_predictions)
+  g = _sum_to(jnp.where(zero, 0.0, -prob), shape)
+  return g.astype(jnp.asarray(log_predictions).dtype)
+
+
+@gradient_of(
+  kl_divergence,
+  wrt="log_predictions",
+  formula=r"\nabla_{\log q} D = -t",
+  note="0 where the target is 0 or masked (the same test as the value).",
+)
+def kl_divergence_grad(log_predictions, targets, axis, where):
+  return _kl_grad(log_predictions, targets, axis, where, log_targets=False)
+
+
+@gradient_of(
+  kl_divergence_with_log_targets,
+  wrt="log_predictions",
+  formula=r"\nabla_{\log q} D = -e^{\log t}",
+  note="0 where the log-target is ``-inf`` or masked.",
+)
+def kl_divergence_with_log_targets_grad(log_predictions, log_targets, axis, where):
+  return _kl_grad(log_predictions, log_targets, axis, where, log_targets=True)

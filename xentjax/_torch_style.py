@@ -3,9 +3,9 @@
 `cross_entropy_loss` reproduces `torch.nn.functional.cross_entropy` (values
 and gradients) for integer and probability targets, class weights,
 `ignore_index`, label smoothing and the three reductions, with the class axis
-at `axis` (default -1) instead of torch's axis 1. The one deliberate
-difference: a "mean" over nothing (every target ignored) is 0.0 with a zero
-gradient, where torch returns NaN.
+at `axis` (default -1) instead of torch's axis 1. Its numbers come from the
+one softmax-statistics core (`xentjax._core`): a "mean" over nothing (every
+target ignored) is NaN, as in torch, but with a zero gradient.
 
 Label ranges cannot be checked inside `jit` (values are not known at trace
 time), so an out-of-range label makes the loss NaN; `check_labels` raises
@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from xentjax import _core
 from xentjax import _validation as V
+from xentjax._api import int_option, public
 
 
 def _check_targets(logits: jax.Array, targets: jax.Array, axis: int) -> bool:
@@ -74,6 +76,10 @@ def _check_weight(weight, num_classes: int) -> jax.Array:
   return weight
 
 
+@public(
+  ("ignore_index", "reduction", "label_smoothing", "axis"),
+  validators={"axis": lambda v: int_option("axis", v)},
+)
 def cross_entropy_loss(
   logits: ArrayLike,
   targets: ArrayLike,
@@ -152,11 +158,26 @@ def cross_entropy_loss(
       gradient NaN), where torch raises; nothing can raise inside `jit`. Use
       `xentjax.check_labels` to raise eagerly.
     * When the "mean" denominator is 0 (every target ignored, an empty batch,
-      or zero weight on every present class) the result is 0.0 with a zero
-      gradient; torch returns NaN. This is the one deliberate difference.
-    * A probability target of exactly 0 contributes 0 even where the logit is
-      -inf (0·log 0 = 0); torch returns NaN there.
+      or zero weight on every present class) the result is NaN, as in torch,
+      with a zero gradient (nothing was counted).
+    * A probability target or class weight of exactly 0 contributes 0 even
+      where the logit is -inf (0·log 0 = 0); torch returns NaN there. A row
+      whose logits are all -inf has loss +inf (zero gradient); ignored, it
+      contributes 0 and a zero gradient.
   """
+  z, targets, w, is_index = _prepare(logits, targets, weight, ignore_index, axis)
+  if is_index:
+    loss, denom = _index_losses(z, targets, w, ignore_index, label_smoothing)
+  else:
+    loss, denom = _probability_losses(z, targets, w, label_smoothing)
+  if reduction == "none":
+    return loss
+  total = jnp.sum(loss)
+  return total if reduction == "sum" else _core.mean_or_nan(total, denom)
+
+
+def _prepare(logits, targets, weight, ignore_index, axis):
+  """Checked ``(z [..., C] in the compute dtype, targets, weight or None, is_index)``."""
   V.check_floating("logits", logits)
   logits = jnp.asarray(logits)
   targets = jnp.asarray(targets)
@@ -166,10 +187,6 @@ def cross_entropy_loss(
       "shape [num_classes] or [..., num_classes]."
     )
   axis = V.normalize_axis("axis", axis, logits.ndim)
-  reduction = V.check_reduction(reduction)
-  eps = V.check_label_smoothing(label_smoothing)
-  if ignore_index is not None and not isinstance(ignore_index, (int, np.integer)):
-    raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
   is_index = _check_targets(logits, targets, axis)
   if not is_index and ignore_index not in (None, -100):
     raise ValueError(
@@ -177,69 +194,59 @@ def cross_entropy_loss(
       f"got probability targets (dtype {targets.dtype}, shape {targets.shape}). "
       "Leave it at the default -100 (or None), as torch requires."
     )
-  num_classes = logits.shape[axis]
   dtypes = [logits.dtype]
   if weight is not None:
-    weight = _check_weight(weight, num_classes)
+    weight = _check_weight(weight, logits.shape[axis])
     dtypes.append(weight.dtype)
   if not is_index:
     dtypes.append(targets.dtype)
+    targets = jnp.moveaxis(targets, axis, -1)
   dt = V.compute_dtype(*dtypes)
-
-  logp = jax.nn.log_softmax(logits.astype(dt), axis=axis)
+  z = jnp.moveaxis(logits.astype(dt), axis, -1)
   w = None if weight is None else weight.astype(dt)
-  # `w` laid out along the class axis for broadcasting against `logp`.
-  w_b = None if w is None else w.reshape((-1,) + (1,) * (logits.ndim - 1 - axis))
-  if w_b is not None:
-    w_b = jnp.broadcast_to(w_b, logp.shape)
+  return z, targets, w, is_index
 
-  if is_index:
-    labels = targets
-    # Compare with Python ints only where the label dtype can hold them: JAX
-    # would wrap them (uint8 labels == -100 is True for 156).
-    info = jnp.iinfo(labels.dtype)
-    if ignore_index is not None and info.min <= ignore_index <= info.max:
-      ignored = labels == ignore_index
-    else:
-      ignored = jnp.zeros(labels.shape, bool)
-    in_range = labels >= 0
-    if num_classes <= info.max:
-      in_range &= labels < num_classes
-    keep = in_range & ~ignored
-    bad = ~in_range & ~ignored
-    safe = jnp.where(keep, labels, 0)
-    picked = jnp.take_along_axis(logp, jnp.expand_dims(safe, axis), axis=axis)
-    picked = jnp.squeeze(picked, axis)
-    w_y = jnp.ones(labels.shape, dt) if w is None else w[safe]
-    # A bad label gets weight NaN: its loss, the reductions and the gradient
-    # all become NaN instead of a silently finite number.
-    w_y = jnp.where(bad, jnp.asarray(jnp.nan, dt), w_y)
-    loss = -w_y * picked
-    if eps > 0.0:
-      smooth = -jnp.sum(logp if w_b is None else w_b * logp, axis=axis)
-      smooth = jnp.where(bad, jnp.asarray(jnp.nan, dt), smooth)
-      loss = (1.0 - eps) * loss + (eps / num_classes) * smooth
-    # `where`, not a multiplication by 0: ignored rows may hold -inf logits.
-    loss = jnp.where(ignored, jnp.zeros((), dt), loss)
-    denom = jnp.sum(jnp.where(keep, w_y, jnp.zeros((), dt)))
-  else:
-    t = targets.astype(dt)
-    if eps > 0.0:
-      t = (1.0 - eps) * t + eps / num_classes
-    if w_b is not None:
-      t = t * w_b
-    # 0·log 0 = 0; the `where` sits inside so the untaken branch has no NaN grad.
-    terms = t * jnp.where(t == 0, jnp.zeros((), dt), logp)
-    loss = -jnp.sum(terms, axis=axis)
-    denom = jnp.asarray(loss.size, dt)
 
-  if reduction == "none":
-    return loss
-  total = jnp.sum(loss)
-  if reduction == "sum":
-    return total
-  nonzero = denom != 0
-  return jnp.where(nonzero, total / jnp.where(nonzero, denom, 1), jnp.zeros((), dt))
+def _uniform_part(z, shifted, m, log_s, w):
+  r"""``-(1/C) sum_c w_c log softmax(z)_c`` (``w = 1`` when None): the smoothing term."""
+  c = z.shape[-1]
+  if w is None:
+    return _core.xent(log_s, 1.0, _core.mean_shifted(z, shifted, m, None))
+  return _core.xent(
+    log_s, jnp.sum(w) / c, _core.target_dot(shifted, jnp.broadcast_to(w / c, z.shape))
+  )
+
+
+def _index_losses(z, labels, w, ignore_index, eps):
+  """Per-row losses and the "mean" denominator (sum of the counted rows' ``w_y``)."""
+  status = _core.label_status(labels, z.shape[-1], ignore_index=ignore_index)
+  z = _core.neutral_rows(z, status.counted)  # ignored rows: exactly 0, zero gradient
+  st = _core.row_stats(z, status.index)
+  w_y = jnp.ones(labels.shape, z.dtype) if w is None else w[status.index]
+  # w_y * (log_s - zy) with 0 * inf = 0: a zero-weight class adds nothing.
+  label_part = _core.xent(st.log_s, 1.0, st.zy)
+  label_part = jnp.where(w_y == 0, 0.0, w_y * jnp.where(w_y == 0, 0.0, label_part))
+  loss = label_part
+  if eps > 0.0:
+    shifted, m = _core.shifted_logits(z)
+    loss = (1.0 - eps) * label_part + eps * _uniform_part(z, shifted, m, st.log_s, w)
+  # A bad label is NaN in its value, the reductions and the gradient.
+  loss = loss * jnp.where(status.bad, jnp.nan, 1.0).astype(loss.dtype)
+  loss = jnp.where(status.counted, loss, jnp.zeros((), loss.dtype))
+  w_y = jnp.where(status.bad, jnp.nan, w_y)
+  return loss, jnp.sum(jnp.where(status.counted, w_y, jnp.zeros((), w_y.dtype)))
+
+
+def _probability_losses(z, t, w, eps):
+  """Per-row losses ``-sum_c w_c t'_c log softmax(z)_c`` and the denominator N (rows)."""
+  t = t.astype(z.dtype)
+  shifted, m = _core.shifted_logits(z)
+  log_s = _core.log_sum_exp_shifted(shifted)
+  tw = t if w is None else t * jnp.broadcast_to(w, t.shape)
+  loss = _core.xent(log_s, jnp.sum(tw, axis=-1), _core.target_dot(shifted, tw))
+  if eps > 0.0:
+    loss = (1.0 - eps) * loss + eps * _uniform_part(z, shifted, m, log_s, w)
+  return loss, jnp.asarray(loss.size, z.dtype)
 
 
 def check_labels(

@@ -3,34 +3,41 @@
 Accuracy, top-k accuracy, cross-entropy rate, perplexity and bits per token.
 All take `logits` `[..., num_classes]` (floating; 16-bit computed in float32)
 and integer `labels` `[...]`, and average over the examples kept by the
-optional boolean `where` `[...]`.
+optional `where` mask `[...]` (boolean, or integer 0/1).
 
-Conventions, decided once for the whole module:
+Every number comes from the one softmax-statistics core (`xentjax._core`), so
+these functions, the losses and `xentjax.evaluate` agree on the same rows.
+Conventions (the README's conventions table):
 
 * The class axis is the last one.
+* Ties: a label tied with ``t - 1`` other classes at its rank gets
+  fractional credit, ``clip((k - g) / t, 0, 1)`` for top-k with ``g``
+  classes strictly above it: the expected hit when ties are broken at
+  random. A constant model scores exactly ``k / K``; without ties this is
+  the usual 0/1 hit.
 * A label outside `[0, num_classes)` makes that example NaN, so the mean is
-  NaN: a silent finite number would hide a data bug. Masked examples (`where`
-  False) are never looked at, so padding labels such as -1 or -100 are fine
-  there.
-* A batch with no kept example has mean 0 (with a zero gradient), hence
-  perplexity `exp(0) = 1`; never NaN.
+  NaN: a silent finite number would hide a data bug. Masked examples
+  (`where` False) are never looked at, so padding labels such as -1 or -100
+  are fine there.
+* Non-finite rows: a NaN logit makes its example NaN in every metric (so the
+  mean is NaN); a row whose logits are all ``-inf`` has cross-entropy
+  ``+inf`` and, all classes being tied, top-k credit ``k / K``.
+* No kept example: every mean is NaN (there is no data), with a zero
+  gradient, and so is the perplexity.
 * Results are float32 (float64 for float64 logits).
-* Every public function is `jax.jit`-compiled (`k` and `base` static); argument
-  errors are raised while tracing.
-
-The cross-entropy is computed here as `logsumexp(z) - z[label]` in float32, so
-this module depends on nothing else in the package.
+* Every public function is compiled with `xentjax._api.public` (`k` and
+  `base` static); argument errors are raised before tracing.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from xentjax import _core
+from xentjax._api import public, where_mask
 from xentjax._validation import check_floating, check_integer, compute_dtype, log_base_scale
 
 __all__ = [
@@ -44,10 +51,7 @@ __all__ = [
 ]
 
 
-def _prepare(logits: ArrayLike, labels: ArrayLike, where: ArrayLike | None):
-  """Validated float logits, int labels, and a boolean mask (or None)."""
-  logits = jnp.asarray(logits)
-  labels = jnp.asarray(labels)
+def _check_shapes(logits, labels):
   check_floating("logits", logits)
   check_integer("labels", labels)
   if logits.ndim == 0 or logits.shape[:-1] != labels.shape:
@@ -57,171 +61,181 @@ def _prepare(logits: ArrayLike, labels: ArrayLike, where: ArrayLike | None):
     )
   if logits.shape[-1] == 0:
     raise ValueError(f"`logits` needs at least one class, got logits.shape={logits.shape}.")
-  keep = None
-  if where is not None:
-    w = jnp.asarray(where)
-    if w.dtype != jnp.bool_:
-      raise TypeError(f"`where` must be a boolean mask, got dtype {w.dtype} with shape {w.shape}.")
-    try:
-      ok = np.broadcast_shapes(w.shape, labels.shape) == labels.shape
-    except ValueError:
-      ok = False
-    if not ok:
-      raise ValueError(
-        f"`where` must broadcast to the shape of `labels`, got where.shape={w.shape} and "
-        f"labels.shape={labels.shape}."
-      )
-    keep = jnp.broadcast_to(w, labels.shape)
-    # Masked examples are never looked at: neutral logits and label 0.
-    logits = jnp.where(keep[..., None], logits, 0)
-    labels = jnp.where(keep, labels, 0)
-  logits = logits.astype(compute_dtype(logits.dtype))
-  return logits, labels, keep
 
 
-def _label_ok(labels: jax.Array, num_classes: int) -> jax.Array:
-  return (labels >= 0) & (labels < num_classes)
-
-
-def _picked(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  idx = jnp.clip(labels, 0, logits.shape[-1] - 1)
-  return jnp.take_along_axis(logits, idx[..., None], axis=-1)[..., 0]
-
-
-def _mean(values: jax.Array, keep: jax.Array | None) -> jax.Array:
-  """Mean over kept examples; 0 (zero gradient) when none is kept."""
+def _keep(where, shape):
+  keep = where_mask(where)
   if keep is None:
-    if values.size == 0:
-      return jnp.zeros((), values.dtype)
-    return jnp.mean(values)
-  total = jnp.sum(jnp.where(keep, values, 0))
-  count = jnp.sum(keep).astype(values.dtype)
-  return total / jnp.maximum(count, 1)
+    return None
+  try:
+    ok = np.broadcast_shapes(keep.shape, shape) == shape
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(
+      f"`where` must broadcast to the shape of `labels`, got where.shape={keep.shape} and "
+      f"labels.shape={shape}."
+    )
+  return jnp.broadcast_to(keep, shape)
 
 
-def _check_k(k, num_classes: int) -> int:
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-    raise TypeError(f"`k` must be a Python int, got {k!r}.")
+def _stats(logits: ArrayLike, labels: ArrayLike, where, *, rank: bool):
+  """``(stats, status)``: the core statistics of the kept rows and their validity.
+
+  Rows that are not kept are replaced by neutral logits before anything is
+  computed (`_core.neutral_rows`), so whatever they hold reaches neither
+  the value nor the gradient.
+  """
+  logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+  _check_shapes(logits, labels)
+  status = _core.label_status(labels, logits.shape[-1], where=_keep(where, labels.shape))
+  z = _core.neutral_rows(logits.astype(compute_dtype(logits.dtype)), status.counted)
+  return _core.row_stats(z, status.index, rank=rank), status
+
+
+def _per_example(values, status):
+  """NaN for a bad label, 0 for an example that is not kept."""
+  values = jnp.where(status.bad, jnp.nan, values)
+  return jnp.where(status.counted, values, jnp.zeros((), values.dtype))
+
+
+def _mean(values, status):
+  """Mean over the kept examples; NaN (zero gradient) when none is kept."""
+  total = jnp.sum(_per_example(values, status))
+  return _core.mean_or_nan(total, jnp.sum(status.counted))
+
+
+def _check_k(k: int, num_classes: int) -> int:
   if not 1 <= k <= num_classes:
     raise ValueError(f"`k` must lie in [1, num_classes={num_classes}], got k={k}.")
-  return int(k)
+  return k
+
+
+def _credit(logits, labels, k, where):
+  st, status = _stats(logits, labels, where, rank=True)
+  credit = _core.top_k_credit(st.n_greater, st.n_tied, _check_k(k, jnp.shape(logits)[-1]))
+  return credit.astype(st.log_s.dtype), status
+
+
+def _cross_entropy(logits, labels, where):
+  st, status = _stats(logits, labels, where, rank=False)
+  return _core.cross_entropy_from_stats(st.log_s, st.zy), status
 
 
 # Accuracy.
 
 
-@jax.jit
+@public()
 def correct(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None) -> jax.Array:
-  r"""Per-example top-1 hit: 1 where `argmax(logits) == label`, else 0.
+  r"""Per-example top-1 credit: 1 for a hit, 0 for a miss, ``1/t`` for a t-way tie at the top.
 
   .. math::
 
-    c_n = [\arg\max_i z_{n,i} = y_n]
+    c_n = \operatorname{clip}\Big(\frac{1 - g_n}{t_n}, 0, 1\Big),
+    \quad g_n = |\{i : z_{n,i} > z_{n,y_n}\}|,
+    \quad t_n = |\{i : z_{n,i} = z_{n,y_n}\}|
+
+  the expected hit of an argmax whose ties are broken at random.
 
   Args:
     logits: `[..., num_classes]`, floating dtype.
     labels: `[...]`, integer class indices.
-    where: optional boolean `[...]` (broadcastable); masked examples give 0.
+    where: optional mask `[...]` (broadcastable); masked examples give 0.
 
   Returns:
-    `[...]` of 0.0/1.0, float32 (float64 for float64 logits).
+    `[...]` in [0, 1], float32 (float64 for float64 logits).
 
   Note:
-    Ties go to the lowest class index (`jnp.argmax`, as NumPy and PyTorch).
-    An out-of-range label gives NaN.
+    An out-of-range label or a NaN logit gives NaN.
   """
-  z, y, keep = _prepare(logits, labels, where)
-  hit = (jnp.argmax(z, axis=-1) == y).astype(z.dtype)
-  hit = jnp.where(_label_ok(y, z.shape[-1]), hit, jnp.nan)
-  return hit if keep is None else jnp.where(keep, hit, 0)
+  credit, status = _credit(logits, labels, 1, where)
+  return _per_example(credit, status)
 
 
-@jax.jit
+@public()
 def accuracy(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None) -> jax.Array:
-  r"""Top-1 accuracy: the fraction of kept examples whose argmax is the label.
+  r"""Top-1 accuracy: the mean top-1 credit of the kept examples (`correct`).
 
   .. math::
 
-    \mathrm{acc} = \frac{1}{|W|} \sum_{n \in W} [\arg\max_i z_{n,i} = y_n]
+    \mathrm{acc} = \frac{1}{|W|} \sum_{n \in W} c_n
 
   Args:
     logits: `[..., num_classes]`, floating dtype.
     labels: `[...]`, integer class indices.
-    where: optional boolean `[...]` (broadcastable); examples to count.
+    where: optional mask `[...]` (broadcastable); examples to count.
 
   Returns:
     Scalar, float32 (float64 for float64 logits).
 
   Example:
     >>> import jax.numpy as jnp, xentjax
-    >>> logits = jnp.array([[0.1, 0.9], [0.8, 0.2]])
-    >>> print(float(xentjax.metrics.accuracy(logits, jnp.array([1, 1]))))
+    >>> logits = jnp.array([[0.1, 0.9], [0.8, 0.2], [0.5, 0.5]])
+    >>> print(float(xentjax.metrics.accuracy(logits, jnp.array([1, 1, 1]))))
     0.5
 
   Note:
-    Ties go to the lowest class index, so `top_k_accuracy(k=1)`, which counts
-    ties as hits, is never below `accuracy` and equals it when no example has
-    a tie at the top. An out-of-range label gives NaN; no kept example gives 0.
+    A tie at the top is worth ``1/t`` (the third example above: 1/2), so a
+    constant model scores ``1/K``; equal to `top_k_accuracy` with ``k=1``.
+    An out-of-range label or a NaN logit gives NaN; no kept example gives
+    NaN.
   """
-  z, y, keep = _prepare(logits, labels, where)
-  return _mean(correct(z, y), keep)
+  credit, status = _credit(logits, labels, 1, where)
+  return _mean(credit, status)
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
+@public(("k",))
 def top_k_correct(
   logits: ArrayLike, labels: ArrayLike, k: int = 5, *, where: ArrayLike | None = None
 ) -> jax.Array:
-  r"""Per-example top-k hit: 1 when fewer than `k` classes score strictly higher.
+  r"""Per-example top-k credit: 1 when fewer than `k` classes can outrank the label.
 
   .. math::
 
-    c_n = \Big[\, \big|\{ i : z_{n,i} > z_{n,y_n} \}\big| < k \,\Big]
+    c_n = \operatorname{clip}\Big(\frac{k - g_n}{t_n}, 0, 1\Big),
+    \quad g_n = |\{i : z_{n,i} > z_{n,y_n}\}|,
+    \quad t_n = |\{i : z_{n,i} = z_{n,y_n}\}|
 
-  This is the rank-k measure of the ImageNet challenge. Defining it through a
-  count rather than a sort makes ties explicit: a class tied with the label
-  does not push the label out, so ties favour a hit (all-equal logits are a
-  hit for every `k`).
+  The rank-k measure of the ImageNet challenge, with ties shared: when the
+  label is tied with others across the k-th place, it gets the probability
+  that a random tie break keeps it in the top k. Without ties it is the 0/1
+  hit ``g_n < k``.
 
   Args:
     logits: `[..., num_classes]`, floating dtype.
     labels: `[...]`, integer class indices.
     k: Python int in `[1, num_classes]`.
-    where: optional boolean `[...]` (broadcastable); masked examples give 0.
+    where: optional mask `[...]` (broadcastable); masked examples give 0.
 
   Returns:
-    `[...]` of 0.0/1.0, float32 (float64 for float64 logits).
+    `[...]` in [0, 1], float32 (float64 for float64 logits).
 
   Note:
-    An out-of-range label, or a NaN logit at the label, gives NaN.
+    An out-of-range label or a NaN logit gives NaN.
   """
-  z, y, keep = _prepare(logits, labels, where)
-  k = _check_k(k, z.shape[-1])
-  z_y = _picked(z, y)
-  higher = jnp.sum(z > z_y[..., None], axis=-1)
-  hit = (higher < k).astype(z.dtype)
-  hit = jnp.where(_label_ok(y, z.shape[-1]) & ~jnp.isnan(z_y), hit, jnp.nan)
-  return hit if keep is None else jnp.where(keep, hit, 0)
+  credit, status = _credit(logits, labels, k, where)
+  return _per_example(credit, status)
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
+@public(("k",))
 def top_k_accuracy(
   logits: ArrayLike, labels: ArrayLike, k: int = 5, *, where: ArrayLike | None = None
 ) -> jax.Array:
-  r"""Top-k accuracy: the fraction of kept examples whose label ranks in the top k.
+  r"""Top-k accuracy: the mean top-k credit of the kept examples (`top_k_correct`).
 
   .. math::
 
     \mathrm{acc}_k = \frac{1}{|W|} \sum_{n \in W}
-      \Big[\, \big|\{ i : z_{n,i} > z_{n,y_n} \}\big| < k \,\Big]
+      \operatorname{clip}\Big(\frac{k - g_n}{t_n}, 0, 1\Big)
 
-  A hit when fewer than `k` classes score strictly higher than the label (the
-  ImageNet rank-5 measure for `k=5`); ties favour a hit.
+  The ImageNet rank-5 measure for `k=5`; ties are shared, so a constant
+  model scores ``k / K``.
 
   Args:
     logits: `[..., num_classes]`, floating dtype.
     labels: `[...]`, integer class indices.
     k: Python int in `[1, num_classes]` (static).
-    where: optional boolean `[...]` (broadcastable); examples to count.
+    where: optional mask `[...]` (broadcastable); examples to count.
 
   Returns:
     Scalar, float32 (float64 for float64 logits).
@@ -231,29 +245,25 @@ def top_k_accuracy(
     >>> logits = jnp.array([[3.0, 2.0, 1.0, 0.0]])
     >>> print(float(xentjax.metrics.top_k_accuracy(logits, jnp.array([2]), k=2)))
     0.0
+    >>> print(float(xentjax.metrics.top_k_accuracy(jnp.zeros((1, 4)), jnp.array([2]), k=2)))
+    0.5
 
   Note:
     `k > num_classes` or `k < 1` is a `ValueError`. An out-of-range label
-    gives NaN; no kept example gives 0.
+    or a NaN logit gives NaN; no kept example gives NaN.
 
   References:
     O. Russakovsky et al., "ImageNet Large Scale Visual Recognition
     Challenge", 2015 (top-5 error).
   """
-  z, y, keep = _prepare(logits, labels, where)
-  return _mean(top_k_correct(z, y, k), keep)
+  credit, status = _credit(logits, labels, k, where)
+  return _mean(credit, status)
 
 
 # Cross-entropy rate, perplexity, bits per token.
 
 
-def _per_example_ce(z: jax.Array, y: jax.Array) -> jax.Array:
-  """-log softmax(z)[y] = logsumexp(z) - z[y], NaN for out-of-range labels."""
-  ce = jax.nn.logsumexp(z, axis=-1) - _picked(z, y)
-  return jnp.where(_label_ok(y, z.shape[-1]), ce, jnp.nan)
-
-
-@functools.partial(jax.jit, static_argnames=("base",))
+@public(("base",))
 def cross_entropy_rate(
   logits: ArrayLike,
   labels: ArrayLike,
@@ -271,7 +281,7 @@ def cross_entropy_rate(
   Args:
     logits: `[..., num_classes]`, floating dtype.
     labels: `[...]`, integer class indices.
-    where: optional boolean `[...]` (broadcastable), e.g. the non-padding
+    where: optional mask `[...]` (broadcastable), e.g. the non-padding
       tokens.
     base: None for nats, 2 for bits, any number > 0 and != 1.
 
@@ -279,16 +289,18 @@ def cross_entropy_rate(
     Scalar, float32 (float64 for float64 logits).
 
   Note:
-    An out-of-range label gives NaN; a `-inf` logit at the label gives `+inf`;
-    no kept example gives 0 with a zero gradient.
+    An out-of-range label or a NaN logit gives NaN; a `-inf` logit at the
+    label (or every logit `-inf`) gives `+inf`; no kept example gives NaN
+    with a zero gradient. Computed as ``log sum exp(z - m) - (z_y - m)``
+    with ``m`` the row maximum, so large logits lose no precision.
   """
   scale = log_base_scale(base)
-  z, y, keep = _prepare(logits, labels, where)
-  rate = _mean(_per_example_ce(z, y), keep)
+  ce, status = _cross_entropy(logits, labels, where)
+  rate = _mean(ce, status)
   return rate if scale is None else rate * jnp.asarray(scale, rate.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("base",))
+@public(("base",))
 def perplexity(
   logits: ArrayLike,
   labels: ArrayLike,
@@ -315,7 +327,7 @@ def perplexity(
   Args:
     logits: `[..., num_classes]`, floating dtype.
     labels: `[...]`, integer class indices.
-    where: optional boolean `[...]` (broadcastable), e.g. the non-padding
+    where: optional mask `[...]` (broadcastable), e.g. the non-padding
       tokens.
     base: None for the perplexity; a number > 0 and != 1 for its logarithm in
       that base.
@@ -332,8 +344,8 @@ def perplexity(
     3.0
 
   Note:
-    An out-of-range label gives NaN. No kept example gives mean cross-entropy
-    0, hence perplexity 1 (and 0 with `base`).
+    An out-of-range label gives NaN. No kept example gives NaN (there is no
+    data), with a zero gradient.
 
   References:
     F. Jelinek, R. L. Mercer, L. R. Bahl and J. K. Baker, "Perplexity: a
@@ -343,7 +355,7 @@ def perplexity(
   return jnp.exp(rate) if base is None else rate
 
 
-@jax.jit
+@public()
 def bits_per_token(
   logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None
 ) -> jax.Array:
@@ -356,7 +368,7 @@ def bits_per_token(
   Args:
     logits: `[..., num_classes]`, floating dtype.
     labels: `[...]`, integer class indices.
-    where: optional boolean `[...]` (broadcastable), e.g. the non-padding
+    where: optional mask `[...]` (broadcastable), e.g. the non-padding
       tokens.
 
   Returns:

@@ -1,0 +1,161 @@
+"""The one convention for public functions (`xentjax._api`): compilation, inputs, options, masks.
+
+Every public function of the listed modules must be declared with
+`xentjax._api.public`: a plain Python function (its own name, docstring and
+signature for `help()`), compiled, taking anything `numpy.asarray` takes, with
+options validated by name and one `where` rule.
+"""
+
+import inspect
+import pydoc
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import xentjax as L
+from xentjax import _api
+from xentjax import grads as G
+
+
+class Frame:
+  """A stand-in for a pandas DataFrame / xarray DataArray: only `__array__`."""
+
+  def __init__(self, values):
+    self._values = np.asarray(values)
+
+  def __array__(self, dtype=None, copy=None):
+    return self._values if dtype is None else self._values.astype(dtype)
+
+
+# Public functions of the modules that follow the convention (by name).
+SOFTMAX_FAMILY = [
+  "softmax_cross_entropy",
+  "softmax_cross_entropy_with_integer_labels",
+  "safe_softmax_cross_entropy",
+  "poly_loss_cross_entropy",
+  "kl_divergence",
+  "kl_divergence_with_log_targets",
+  "cross_entropy_loss",
+]
+METRICS = [
+  "accuracy",
+  "correct",
+  "top_k_accuracy",
+  "top_k_correct",
+  "cross_entropy_rate",
+  "perplexity",
+  "bits_per_token",
+]
+
+
+def _public_functions():
+  out = [(name, getattr(L, name)) for name in SOFTMAX_FAMILY]
+  out += [(f"metrics.{name}", getattr(L.metrics, name)) for name in METRICS]
+  out += [(f"grads.{name}", getattr(G, name)) for name in SOFTMAX_FAMILY[:6]]
+  return out
+
+
+@pytest.mark.parametrize("name,fn", _public_functions(), ids=[n for n, _ in _public_functions()])
+def test_public_functions_keep_their_face(name, fn):
+  assert inspect.isfunction(fn), f"{name} is a {type(fn).__name__}, not a function"
+  assert fn.__name__ == name.split(".")[-1]
+  assert fn.__doc__ and fn.__doc__.strip()
+  text = pydoc.render_doc(fn, renderer=pydoc.plaintext)
+  assert "PjitFunction" not in text and f"function {fn.__name__}" in text
+  if name.startswith("grads."):  # a closed-form gradient takes its loss's arguments
+    assert inspect.signature(fn) == inspect.signature(getattr(L, fn.__name__))
+  else:
+    assert inspect.signature(fn) == inspect.signature(inspect.unwrap(fn))
+
+
+def test_array_likes_are_accepted_everywhere():
+  z = [[0.5, -1.0, 2.0], [1.0, 1.0, 0.0]]
+  y = [2, 0]
+  expected = np.asarray(L.softmax_cross_entropy_with_integer_labels(np.float32(z), np.int32(y)))
+  for zz, yy in ((z, y), (tuple(map(tuple, z)), tuple(y)), (Frame(np.float32(z)), Frame(y))):
+    np.testing.assert_allclose(L.softmax_cross_entropy_with_integer_labels(zz, yy), expected)
+    np.testing.assert_allclose(L.cross_entropy_loss(zz, yy, reduction="none"), expected)
+    np.testing.assert_allclose(L.metrics.cross_entropy_rate(zz, yy), expected.mean(), rtol=1e-6)
+  onehot = Frame(np.eye(3, dtype=np.float32)[y])
+  np.testing.assert_allclose(L.softmax_cross_entropy(Frame(np.float32(z)), onehot), expected)
+  np.testing.assert_allclose(G.softmax_cross_entropy(Frame(np.float32(z)), onehot).shape, (2, 3))
+
+
+def test_list_axis_is_a_tuple():
+  z = np.arange(24, dtype=np.float32).reshape(2, 3, 4) / 10
+  y = np.full((2, 3, 4), 1 / 12, np.float32)
+  np.testing.assert_allclose(
+    L.softmax_cross_entropy(z, y, axis=[1, 2]), L.softmax_cross_entropy(z, y, axis=(1, 2))
+  )
+
+
+@pytest.mark.parametrize(
+  "call,error,match",
+  [
+    (lambda z, y: L.metrics.cross_entropy_rate(z, y, base="bits"), TypeError, "`base`"),
+    (lambda z, y: L.metrics.cross_entropy_rate(z, y, base=jnp.array(2.0)), TypeError, "`base`"),
+    (lambda z, y: L.metrics.perplexity(z, y, base=1.0), ValueError, "`base`"),
+    (
+      lambda z, y: L.softmax_cross_entropy_with_integer_labels(z, y, label_smoothing="0.1"),
+      TypeError,
+      "`label_smoothing`",
+    ),
+    (
+      lambda z, y: L.cross_entropy_loss(z, y, label_smoothing=1.5),
+      ValueError,
+      "`label_smoothing`",
+    ),
+    (lambda z, y: L.cross_entropy_loss(z, y, reduction="avg"), ValueError, "`reduction`"),
+    (lambda z, y: L.cross_entropy_loss(z, y, ignore_index=1.5), TypeError, "`ignore_index`"),
+    (
+      lambda z, y: L.softmax_cross_entropy_with_integer_labels(z, y, z_loss=-1.0),
+      ValueError,
+      "`z_loss`",
+    ),
+    (lambda z, y: L.metrics.top_k_accuracy(z, y, k=2.0), TypeError, "`k`"),
+    (lambda z, y: L.metrics.top_k_accuracy(z, y, k=7), ValueError, "`k`"),
+    (lambda z, y: L.softmax_cross_entropy_with_integer_labels(z, y, "a"), TypeError, "`axis`"),
+  ],
+)
+def test_options_are_validated_by_name(call, error, match):
+  z = np.zeros((2, 3), np.float32)
+  y = np.array([0, 1])
+  with pytest.raises(error, match=match):
+    call(z, y)
+
+
+def test_where_rule_bool_and_integer_masks_floats_rejected():
+  z = np.array([[2.0, 0.0, -1.0], [0.0, 1.0, 3.0], [1.0, 1.0, 1.0]], np.float32)
+  y = np.array([0, 2, 1])
+  keep = np.array([True, False, True])
+  for fn in (L.metrics.cross_entropy_rate, L.metrics.accuracy):
+    want = fn(z[keep], y[keep])
+    np.testing.assert_allclose(fn(z, y, where=keep), want, rtol=1e-6)
+    np.testing.assert_allclose(fn(z, y, where=keep.astype(np.int32)), want, rtol=1e-6)
+    np.testing.assert_allclose(fn(z, y, where=[1, 0, 1]), want, rtol=1e-6)
+    with pytest.raises(TypeError, match="`where` must be a boolean mask.*weight"):
+      fn(z, y, where=keep.astype(np.float32))
+  per = L.softmax_cross_entropy_with_integer_labels
+  np.testing.assert_allclose(per(z, y, where=keep), per(z, y, where=keep.astype(np.uint8)))
+  with pytest.raises(TypeError, match="`where` must be a boolean mask"):
+    per(z, y, where=keep.astype(np.float32))
+
+
+def test_equal_options_share_one_compiled_program():
+  z = np.zeros((2, 3), np.float32)
+  y = np.array([0, 1])
+  fn = L.softmax_cross_entropy_with_integer_labels
+  a = fn(z, y, label_smoothing=0.25)
+  b = fn(z, y, label_smoothing=np.float32(0.25))
+  np.testing.assert_array_equal(a, b)
+  assert _api.OPTIONS["label_smoothing"](np.float32(0.25)) == 0.25
+  assert type(_api.OPTIONS["label_smoothing"](np.float32(0.25))) is float
+
+
+def test_public_rejects_unknown_static_names():
+  with pytest.raises(TypeError, match="no parameter"):
+
+    @_api.public(("nope",))
+    def f(x):
+      return x

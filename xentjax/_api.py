@@ -1,0 +1,404 @@
+"""The one convention for xentjax's public functions: compilation, inputs, options.
+
+Every public loss, `info` and `metrics` function is declared with `public`::
+
+    @public(static=("axis", "label_smoothing"))
+    def softmax_cross_entropy(logits, labels, axis=-1, where=None, *, label_smoothing=0.0): ...
+
+and so, without writing it again:
+
+* **Compiled once per input signature** with `jax.jit`; the names in
+  ``static`` are compile-time options (Python values, part of the cache key).
+* **Array arguments** (every parameter not in ``static``) accept whatever
+  `numpy.asarray` accepts: JAX and NumPy arrays and scalars pass through;
+  lists, tuples and objects with ``__array__`` (a pandas DataFrame or
+  Series, an xarray DataArray) are converted on the host before `jit` sees
+  them. None stays None.
+* **Options are validated by name** (`OPTIONS`), before tracing, with an
+  error that names the option and shows what it got, and are turned into one
+  canonical hashable value (``axis=[0, 1]`` becomes ``(0, 1)``,
+  ``label_smoothing=np.float32(0.1)`` a Python float), so equal options share
+  one compiled program. An option not in `OPTIONS` only has to be hashable.
+* **The function stays itself** for `help()`, IDEs and `inspect`: the
+  returned function is a plain Python function with the original
+  ``__name__``, ``__qualname__``, ``__doc__``, ``__module__`` and signature
+  (``__wrapped__`` is the undecorated function).
+
+`where_mask` is the one rule for ``where`` masks: a boolean array, or an
+integer 0/1 array read as ``!= 0``; a floating mask is a `TypeError` (a float
+is a weight, and a weight of 0.5 is not a mask: multiply the per-example
+losses by it instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import numbers
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xentjax import _validation as V
+
+__all__ = [
+  "OPTIONS",
+  "as_array_argument",
+  "broadcast_to_first",
+  "check_float_labels",
+  "class_axes",
+  "from_last",
+  "gradient_of",
+  "prepare_where",
+  "public",
+  "to_last",
+  "where_mask",
+]
+
+Axis = int | tuple[int, ...] | None
+
+# ---------------------------------------------------------------------------
+# Option validators: value -> canonical hashable value, or a clear error.
+# ---------------------------------------------------------------------------
+
+
+def _what(value) -> str:
+  if isinstance(value, jax.core.Tracer):
+    return "a traced array (options are compile-time values: pass a Python number)"
+  if isinstance(value, (jax.Array, np.ndarray)):
+    return (
+      f"an array of shape {tuple(np.shape(value))} (options are compile-time values: "
+      "pass a Python number, e.g. float(x))"
+    )
+  return repr(value)
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def real_option(
+  name: str,
+  value,
+  *,
+  low: float | None = None,
+  high: float | None = None,
+  low_open: bool = False,
+  allow_none: bool = False,
+):
+  """`value` as a Python float in [low, high] (or None when allowed), else an error."""
+  if value is None and allow_none:
+    return None
+  if not _is_real(value):
+    none = "None or " if allow_none else ""
+    raise TypeError(f"`{name}` must be {none}a real Python number, got {_what(value)}.")
+  v = float(value)
+  bad = math.isnan(v)
+  bad |= low is not None and (v <= low if low_open else v < low)
+  bad |= high is not None and v > high
+  if bad:
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    hi = "" if high is None else f"<= {high:g}"
+    rule = " and ".join(p for p in (lo, hi) if p)
+    raise ValueError(f"`{name}` must be {rule}, got {value!r}.")
+  return v
+
+
+def int_option(name: str, value, *, low: int | None = None, allow_none: bool = False):
+  """`value` as a Python int >= low (or None when allowed), else an error."""
+  if value is None and allow_none:
+    return None
+  if not _is_int(value):
+    none = "None or " if allow_none else ""
+    raise TypeError(f"`{name}` must be {none}a Python int, got {_what(value)}.")
+  v = int(value)
+  if low is not None and v < low:
+    raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
+  return v
+
+
+def _axis(value):
+  if value is None or _is_int(value):
+    return None if value is None else int(value)
+  if isinstance(value, (tuple, list)) and all(_is_int(a) for a in value):
+    return tuple(int(a) for a in value)
+  raise TypeError(f"`axis` must be an int, a tuple of ints or None, got {_what(value)}.")
+
+
+def _base(value):
+  if value is None:
+    return None
+  if not _is_real(value):
+    raise TypeError(
+      "`base` must be None (nats) or a positive real Python number != 1 (2 for bits), "
+      f"got {_what(value)}."
+    )
+  V.log_base_scale(value)  # ValueError for <= 0, 1, inf, NaN
+  return float(value)
+
+
+def _reduction(value):
+  if not isinstance(value, str):
+    raise TypeError(f"`reduction` must be one of {V.REDUCTIONS}, got {_what(value)}.")
+  return V.check_reduction(value)
+
+
+def _eps(value):
+  if value is None:
+    return None
+  v = real_option("eps", value)
+  if not 0.0 < v < 0.5:
+    raise ValueError(f"`eps` must be None (no clipping) or a number in (0, 0.5), got {value!r}.")
+  return v
+
+
+OPTIONS: dict[str, Callable] = {
+  "axis": _axis,
+  "base": _base,
+  "reduction": _reduction,
+  "label_smoothing": lambda v: real_option("label_smoothing", v, low=0.0, high=1.0),
+  "z_loss": lambda v: real_option("z_loss", v, low=0.0),
+  "k": lambda v: int_option("k", v, low=1),
+  "top_k": lambda v: int_option("top_k", v, low=1),
+  "ignore_index": lambda v: int_option("ignore_index", v, allow_none=True),
+  "eps": _eps,
+}
+"""Validators of the compile-time options, by name (shared by every module)."""
+
+
+def _hashable(name: str):
+  def check(value):
+    try:
+      hash(value)
+    except TypeError:
+      raise TypeError(
+        f"`{name}` is a compile-time option and must be hashable, got {_what(value)}."
+      ) from None
+    return value
+
+  return check
+
+
+# ---------------------------------------------------------------------------
+# Array arguments.
+# ---------------------------------------------------------------------------
+
+_PASS_THROUGH = (jax.Array, np.ndarray, np.generic, numbers.Number, bool)
+
+
+def as_array_argument(value):
+  """What `jit` can take: arrays and scalars unchanged, the rest through `numpy.asarray`.
+
+  Lists, tuples and objects with ``__array__`` (pandas, xarray) become NumPy
+  arrays on the host; None stays None.
+  """
+  if value is None or isinstance(value, _PASS_THROUGH):
+    return value
+  if isinstance(value, (list, tuple)) or hasattr(value, "__array__"):
+    return np.asarray(value)
+  return value  # anything else: `jit` reports it (e.g. a string) with its type
+
+
+# ---------------------------------------------------------------------------
+# The decorator.
+# ---------------------------------------------------------------------------
+
+
+def public(
+  static: Iterable[str] = (),
+  *,
+  validators: dict[str, Callable] | None = None,
+  signature: inspect.Signature | None = None,
+):
+  """Declare a public function: jit with ``static`` options, converted arrays, same face.
+
+  Args:
+    static: parameter names that are compile-time options. Each is validated
+      by ``validators[name]``, else by `OPTIONS[name]`, else only checked to
+      be hashable; the validated (canonical) value is what the function sees.
+    validators: per-function validators that override `OPTIONS`.
+    signature: bind calls with this signature instead of the function's own
+      (`gradient_of` uses it to give a gradient its loss's arguments); the
+      function then receives every parameter by name.
+
+  Returns:
+    A decorator. The decorated function binds its arguments like the
+    original (same errors for a wrong call; defaults filled in), validates
+    the options, converts the array arguments (`as_array_argument`) and
+    calls one `jax.jit` of the original. It keeps the original's name,
+    docstring, module and signature.
+  """
+  static = tuple(static)
+  extra = dict(validators or {})
+
+  def deco(fn):
+    sig = signature or inspect.signature(fn)
+    unknown = [n for n in static if n not in sig.parameters]
+    if unknown:
+      raise TypeError(f"{fn.__name__} has no parameter(s) {unknown} to make static.")
+    check = {n: extra.get(n) or OPTIONS.get(n) or _hashable(n) for n in static}
+    jitted = jax.jit(fn, static_argnames=static)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+      bound = sig.bind(*args, **kwargs)
+      bound.apply_defaults()
+      call = {}
+      for name, value in bound.arguments.items():
+        call[name] = check[name](value) if name in check else as_array_argument(value)
+      return jitted(**call)
+
+    wrapper.__signature__ = sig
+    wrapper.static_argnames = static
+    return wrapper
+
+  return deco
+
+
+def gradient_of(loss, *, wrt: str, formula: str, note: str = "", module: str = "xentjax.grads"):
+  """Declare the closed-form gradient of the public `loss` beside it.
+
+  The decorated function computes ``d sum(loss(...)) / d wrt`` and takes the
+  loss's parameters by name (defaults filled in). The result is a public
+  function named like the loss, with the loss's signature, compiled options
+  and argument handling, and a docstring built from ``formula`` (a
+  ``.. math::`` body) and ``note``; it lives in ``module`` (`xentjax.grads`).
+  """
+
+  def deco(fn):
+    name = loss.__name__
+    doc = (
+      f"Gradient of `xentjax.{name}` with respect to ``{wrt}``.\n\n"
+      f"  .. math::\n    {formula}\n\n"
+      f"  Takes the arguments of `xentjax.{name}` (see there).\n\n"
+      f"  Returns:\n    The gradient of the summed per-example loss, with the shape and dtype "
+      f"of ``{wrt}``.\n"
+    )
+    if note:
+      doc += f"\n  Note:\n    {note}\n"
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
+    fn.__module__ = module
+    fn.__annotations__ = dict(loss.__annotations__)
+    return public(loss.static_argnames, signature=inspect.signature(loss))(fn)
+
+  return deco
+
+
+# ---------------------------------------------------------------------------
+# `where` masks.
+# ---------------------------------------------------------------------------
+
+
+def where_mask(where, name: str = "where"):
+  """``where`` as a boolean array (None stays None): the one mask rule.
+
+  A boolean array is used as given; an integer array is read as ``!= 0``
+  (0/1 masks from data pipelines). A floating (or complex) array raises
+  `TypeError`: a float is a weight, not a mask (multiply the per-example
+  losses by it, or use ``weight=`` where a function has one).
+  """
+  if where is None:
+    return None
+  w = jnp.asarray(as_array_argument(where))
+  if w.dtype == jnp.bool_:
+    return w
+  if jnp.issubdtype(w.dtype, jnp.integer):
+    return w != 0
+  raise TypeError(
+    f"`{name}` must be a boolean mask (or an integer 0/1 mask), got dtype {w.dtype} with "
+    f"shape {w.shape}. A floating array is a weight, not a mask: multiply the "
+    "per-example values by it instead."
+  )
+
+
+# ---------------------------------------------------------------------------
+# Layout: class axes to the end, masks broadcast (shared by every loss module).
+# ---------------------------------------------------------------------------
+
+
+def class_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
+  """The class axes as a tuple of non-negative ints (None: every axis)."""
+  if axis is None:
+    return tuple(range(ndim))
+  if isinstance(axis, (int, np.integer)):
+    return (V.normalize_axis("axis", int(axis), ndim),)
+  if isinstance(axis, (tuple, list)):
+    axes = V.normalize_axis("axis", tuple(int(a) for a in axis), ndim)
+    if len(set(axes)) != len(axes):
+      raise ValueError(f"`axis`={axis} repeats an axis.")
+    return axes
+  raise TypeError(f"`axis` must be an int, a tuple of ints or None, got {axis!r}.")
+
+
+def to_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """Move `axes` to the end (in the given order) and flatten them into one."""
+  batch = tuple(i for i in range(x.ndim) if i not in axes)
+  x = jnp.transpose(x, batch + axes)
+  k = math.prod(x.shape[len(batch) :])
+  return x.reshape(x.shape[: len(batch)] + (k,))
+
+
+def from_last(g: jax.Array, axes: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
+  """Inverse of `to_last`: unflatten the class axis and put it back."""
+  batch = tuple(i for i in range(len(shape)) if i not in axes)
+  g = g.reshape(tuple(shape[i] for i in batch) + tuple(shape[i] for i in axes))
+  perm = batch + tuple(axes)
+  return jnp.transpose(g, tuple(int(i) for i in np.argsort(perm)))
+
+
+def prepare_where(where, shape: tuple[int, ...], axis: Axis, axes, name="where"):
+  """`where` (`where_mask`) broadcast to `shape`; a batch-shaped mask gets the class axes."""
+  where = where_mask(where, name)
+  if where is None:
+    return None
+  if where.ndim != len(shape):
+    if axis is None:
+      raise ValueError(
+        f"`{name}` must have the shape of the input when axis=None, got "
+        f"{name}.shape={where.shape} and input shape {shape}."
+      )
+    where = jnp.expand_dims(where, axes)
+  try:
+    out = np.broadcast_shapes(where.shape, shape)
+  except ValueError:
+    out = None
+  if out != tuple(shape):
+    raise ValueError(
+      f"`{name}` must broadcast to the input shape {tuple(shape)} (or to its batch "
+      f"shape without the class axes), got {name}.shape={where.shape}."
+    )
+  return jnp.broadcast_to(where, shape)
+
+
+def broadcast_to_first(name_a, a, name_b, b) -> jax.Array:
+  """Broadcast `b` to `a`'s shape, with a message naming both when impossible."""
+  sa, sb = tuple(a.shape), tuple(np.shape(b))
+  try:
+    out = np.broadcast_shapes(sa, sb)
+  except ValueError:
+    out = None
+  if out != sa:
+    raise ValueError(
+      f"`{name_b}` must have the shape of `{name_a}` (or broadcast to it), got "
+      f"{name_a}.shape={sa} and {name_b}.shape={sb}."
+    )
+  return jnp.broadcast_to(b, sa)
+
+
+def check_float_labels(name: str, labels) -> None:
+  """`TypeError` unless `labels` holds probabilities (floating), naming the integer-label function."""
+  dt = jnp.asarray(labels).dtype if not hasattr(labels, "dtype") else labels.dtype
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(
+      f"`{name}` must hold probabilities (a floating-point array with the shape "
+      f"of the logits), got dtype {dt} with shape {np.shape(labels)}. For integer "
+      "class indices use `softmax_cross_entropy_with_integer_labels`."
+    )
