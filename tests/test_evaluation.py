@@ -18,6 +18,19 @@ from xentjax import _evaluation
 # Float64 NumPy reference (independent of the implementation).
 
 
+def tie_credit(z, z_t, k):
+  """Expected top-k hit with ties broken uniformly at random, by counting places.
+
+  With g classes strictly above the target and t equal to it (target
+  included), the target's place is uniform over g+1, ..., g+t.
+  """
+  out = []
+  for row, zt in zip(z, z_t):
+    g, t = int((row > zt).sum()), int((row == zt).sum())
+    out.append(sum(g + j <= k for j in range(1, t + 1)) / t)
+  return np.array(out, np.float64)
+
+
 def reference(logits, labels, mask=None, *, top_k=5, num_bins=15, ignore_index=-100):
   """Dataset metrics in float64 by boolean indexing; labels integer or soft."""
   z = np.asarray(logits, np.float64)
@@ -40,8 +53,7 @@ def reference(logits, labels, mask=None, *, top_k=5, num_bins=15, ignore_index=-
   rows = np.arange(z.shape[0])
   nll = -(y * logp).sum(-1) if soft else -logp[rows, target]
   z_t = z[rows, target]
-  higher = (z > z_t[:, None]).sum(-1)
-  correct = higher == 0
+  correct = tie_credit(z, z_t, 1)
   conf = np.exp(m - lse)
   bins = np.minimum((conf * num_bins).astype(int), num_bins - 1)
   ece = sum(abs(correct[bins == b].sum() - conf[bins == b].sum()) for b in range(num_bins))
@@ -51,7 +63,7 @@ def reference(logits, labels, mask=None, *, top_k=5, num_bins=15, ignore_index=-
     "nll_sum": nll.sum(),
     "cross_entropy": nll.mean(),
     "accuracy": correct.mean(),
-    "top_k_accuracy": (higher < top_k).mean(),
+    "top_k_accuracy": tie_credit(z, z_t, top_k).mean(),
     "expected_calibration_error": ece / n,
   }
 
@@ -65,8 +77,10 @@ def assert_matches(result, ref, rtol=1e-6):
   assert result.count == ref["count"]
   np.testing.assert_allclose(result.cross_entropy, ref["cross_entropy"], rtol=rtol)
   np.testing.assert_allclose(result.negative_log_likelihood_sum, ref["nll_sum"], rtol=rtol)
-  np.testing.assert_allclose(result.accuracy, ref["accuracy"], rtol=1e-12)
-  np.testing.assert_allclose(result.top_k_accuracy, ref["top_k_accuracy"], rtol=1e-12)
+  # Credits are 0/1 (exact) without ties; a shared tie's 1/t is rounded to
+  # the logits' precision (float32: 6e-8 relative) before it is summed.
+  np.testing.assert_allclose(result.accuracy, ref["accuracy"], rtol=2e-7)
+  np.testing.assert_allclose(result.top_k_accuracy, ref["top_k_accuracy"], rtol=2e-7)
   np.testing.assert_allclose(
     result.expected_calibration_error, ref["expected_calibration_error"], rtol=1e-5, atol=1e-7
   )
@@ -127,9 +141,9 @@ def test_all_metrics_against_reference_with_ragged_last_batch():
 
 def test_ragged_last_batch_does_not_recompile():
   logits, labels = make_data(3 * 37 + 5, 11, seed=3)  # a shape no other test uses
-  before = _evaluation._TRACE_COUNT
+  before = _evaluation._step._cache_size()
   r = xentjax.evaluate(batched(logits, labels, size=37), progress=False)
-  assert _evaluation._TRACE_COUNT - before == 1
+  assert _evaluation._step._cache_size() - before == 1
   assert_matches(r, reference(logits, labels))
 
 
@@ -137,9 +151,9 @@ def test_larger_later_batches_are_split_to_the_first_size():
   logits, labels = make_data(300, seed=4)
   cuts = [0, 64, 200, 203, 300]  # 64, then 136 (split into 64, 64, 8), 3, 97
   stream = [(logits[a:b], labels[a:b]) for a, b in itertools.pairwise(cuts)]
-  before = _evaluation._TRACE_COUNT
+  before = _evaluation._step._cache_size()
   r = xentjax.evaluate(stream, progress=False)
-  assert _evaluation._TRACE_COUNT - before <= 1
+  assert _evaluation._step._cache_size() - before <= 1
   assert_matches(r, reference(logits, labels))
 
 
@@ -171,9 +185,9 @@ def test_mask_triples_and_ignore_index_match_boolean_indexing():
 
   # A custom ignore_index; None counts every (in-range) label.
   labels2 = np.where(labels == -100, 3, labels)
-  before = _evaluation._TRACE_COUNT
+  before = _evaluation._step._cache_size()
   r3 = xentjax.evaluate(batched(logits, labels2, size=B), ignore_index=3, progress=False)
-  assert _evaluation._TRACE_COUNT == before  # ignore_index is a traced value
+  assert _evaluation._step._cache_size() == before  # ignore_index is a traced value
   assert_matches(r3, reference(logits, labels2, ignore_index=3))
   rn = xentjax.evaluate(batched(logits, labels2, size=B), ignore_index=None, progress=False)
   assert rn.count == 500
@@ -224,13 +238,37 @@ def test_soft_label_zero_target_on_minus_inf_logit_is_finite():
 # Edge cases.
 
 
-def test_ties_count_as_hits():
+def test_ties_are_shared():
   logits = np.array([[1.0, 1.0, 0.0], [2.0, 2.0, 2.0], [0.0, 1.0, 1.0]], np.float32)
   labels = np.array([1, 2, 0])
   r = xentjax.evaluate([(logits, labels)], top_k=2, progress=False)
-  assert r.accuracy == pytest.approx(2 / 3)  # rows 0 and 1: nothing strictly higher
-  assert r.top_k_accuracy == pytest.approx(2 / 3)  # row 2: two classes strictly higher
+  assert r.accuracy == pytest.approx((1 / 2 + 1 / 3 + 0) / 3)  # a t-way tie at the top: 1/t
+  assert r.top_k_accuracy == pytest.approx((1 + 2 / 3 + 0) / 3)  # row 2: two classes higher
   assert_matches(r, reference(logits, labels, top_k=2))
+
+
+def test_a_constant_model_scores_one_over_k():
+  logits = np.zeros((50, 10), np.float32)
+  r = xentjax.evaluate([(logits, np.arange(50) % 10)], progress=False)
+  assert r.accuracy == pytest.approx(0.1) and r.top_k_accuracy == pytest.approx(0.5)
+  assert r.expected_calibration_error == pytest.approx(0.0, abs=1e-7)  # confidence 1/10 too
+
+
+def test_non_finite_rows_follow_the_conventions():
+  logits = np.array([[0.0, 1.0, 2.0], [-np.inf, -np.inf, -np.inf]], np.float32)
+  r = xentjax.evaluate([(logits, np.array([2, 1]))], top_k=2, progress=False)
+  # Every logit -inf: loss +inf, all classes tied (credit 1/3, 2/3), confidence 1/3.
+  assert r.cross_entropy == math.inf
+  assert r.accuracy == pytest.approx((1 + 1 / 3) / 2)
+  assert r.top_k_accuracy == pytest.approx((1 + 2 / 3) / 2)
+  assert math.isfinite(r.expected_calibration_error)
+
+
+def test_negative_soft_labels_give_nan_not_a_negative_loss():
+  logits = np.array([[0.0, 5.0, 0.0], [1.0, 0.0, 0.0]], np.float32)
+  soft = np.array([[1.5, -0.5, 0.0], [1.0, 0.0, 0.0]], np.float32)
+  r = xentjax.evaluate([(logits, soft)], progress=False)
+  assert math.isnan(r.cross_entropy) and math.isnan(r.accuracy)
 
 
 def test_out_of_range_label_gives_nan():

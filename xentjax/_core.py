@@ -76,6 +76,9 @@ def label_status(labels, num_classes: int, *, ignore_index=None, where=None) -> 
     num_classes: the number of classes ``K`` (a Python int).
     ignore_index: a Python int (or None): rows with this label do not count.
       A value the labels' dtype cannot hold matches no row (no wraparound).
+      A 0-d array (a traced value, to share one compiled program between
+      values) must already hold a value of the labels' dtype: the caller
+      checks that it fits.
     where: optional bool mask broadcastable to ``labels``: rows where it is
       False do not count.
 
@@ -85,7 +88,9 @@ def label_status(labels, num_classes: int, *, ignore_index=None, where=None) -> 
   labels = jnp.asarray(labels)
   dt = labels.dtype
   counted = jnp.ones(labels.shape, bool)
-  if ignore_index is not None and _in_range_of(int(ignore_index), dt):
+  if isinstance(ignore_index, (jax.Array, np.ndarray)):
+    counted = labels != ignore_index.astype(dt)
+  elif ignore_index is not None and _in_range_of(int(ignore_index), dt):
     counted = labels != jnp.asarray(ignore_index, dt)
   if where is not None:
     counted = counted & jnp.broadcast_to(jnp.asarray(where, bool), labels.shape)
@@ -274,15 +279,25 @@ def mean_shifted(z, shifted, m, mask):
   return jnp.where(overflow, fallback, direct)
 
 
+def nan_row(log_s, zy):
+  """Rows whose cross-entropy is NaN: a NaN logit, or ``+inf`` at the label.
+
+  Such a row is NaN in every metric (rank, credit, confidence), not only in
+  its loss. A row whose logits are all ``-inf`` is not one (its loss is
+  ``+inf``).
+  """
+  return jnp.isnan(log_s - zy) & (log_s != -jnp.inf)
+
+
 def _rank(shifted, zy, log_s):
   """Classes strictly above the label and tied with it (label included), as floats."""
   above = jnp.sum(shifted > zy[..., None], axis=-1)
   tied = jnp.sum(shifted == zy[..., None], axis=-1)
-  nan_row = jnp.isnan(log_s) | jnp.isnan(zy)
+  nan = nan_row(log_s, zy)
   dt = shifted.dtype
   return (
-    jnp.where(nan_row, jnp.nan, above.astype(dt)),
-    jnp.where(nan_row, jnp.nan, tied.astype(dt)),
+    jnp.where(nan, jnp.nan, above.astype(dt)),
+    jnp.where(nan, jnp.nan, tied.astype(dt)),
   )
 
 
@@ -320,6 +335,44 @@ def confidence(log_s, num_classes):
   empty = log_s == -jnp.inf
   uniform = 1.0 / jnp.asarray(num_classes, log_s.dtype)
   return jnp.where(empty, uniform, jnp.exp(-jnp.where(empty, 0.0, log_s)))
+
+
+class RowMetrics(NamedTuple):
+  """Per-row classification numbers: what `xentjax.metrics` averages and `evaluate` sums."""
+
+  nll: jax.Array  # cross-entropy of the label (NaN for a bad label or a NaN row)
+  credit: jax.Array  # top-1 credit (`top_k_credit` with k = 1)
+  credit_k: jax.Array  # top-k credit
+  confidence: jax.Array  # top softmax probability
+  counted: jax.Array  # bool: the row counts; the fields above are 0 where it does not
+
+
+def row_metrics(z, status: LabelStatus, top_k: int, nll=None) -> RowMetrics:
+  """Loss, top-1/top-k credit and confidence of each row, from one `row_stats` pass.
+
+  ``z`` ``[..., K]`` logits, ``status`` from `label_status`. Rows that do
+  not count are neutralized first (`neutral_rows`) and reported as 0; a bad
+  label, or a NaN row (`nan_row`), is NaN in every field. ``nll``, when
+  given, replaces the integer-label loss (soft labels); it must already be
+  computed from neutralized rows.
+  """
+  z = neutral_rows(z, status.counted)
+  st = row_stats(z, status.index, rank=True)
+  own = cross_entropy_from_stats(st.log_s, st.zy)
+  nll = own if nll is None else nll
+  conf = jnp.where(nan_row(st.log_s, st.zy), jnp.nan, confidence(st.log_s, z.shape[-1]))
+  fields = (
+    nll,
+    top_k_credit(st.n_greater, st.n_tied, 1),
+    top_k_credit(st.n_greater, st.n_tied, min(int(top_k), z.shape[-1])),
+    conf,
+  )
+
+  def finish(v):
+    v = jnp.where(status.bad, jnp.nan, v.astype(z.dtype))
+    return jnp.where(status.counted, v, jnp.zeros((), z.dtype))
+
+  return RowMetrics(*(finish(v) for v in fields), status.counted)
 
 
 def neutral_rows(z, counted):

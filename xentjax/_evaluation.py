@@ -35,12 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from xentjax import _validation
-
-# Number of times the per-batch step has been traced (a Python side effect
-# that runs only while tracing): the tests use it to show that the ragged last
-# batch reuses the compiled step.
-_TRACE_COUNT = 0
+from xentjax import _core, _validation
 
 # Integer counters are int32 when x64 is off: the host folds the device
 # accumulators into Python numbers before this many (padded) rows pass.
@@ -65,10 +60,11 @@ class EvaluationResult:
       `base`.
     perplexity: `exp(cross_entropy in nats)`.
     bits_per_token: cross-entropy in bits (`nats / ln 2`).
-    accuracy: fraction of examples whose target class has the top score
-      (ties count as correct).
-    top_k_accuracy: fraction whose target class is among the `top_k` highest
-      scores (fewer than `top_k` classes score strictly higher).
+    accuracy: mean top-1 credit: 1 when the target class has the top score
+      alone, ``1/t`` when it shares it with ``t - 1`` others (the
+      expected hit of a random tie break; `xentjax.metrics.accuracy`).
+    top_k_accuracy: mean top-k credit, ties shared the same way
+      (`xentjax.metrics.top_k_accuracy`).
     expected_calibration_error: `sum_b (n_b / N) |acc_b - conf_b|` over
       `num_bins` equal-width confidence bins on [0, 1].
     negative_log_likelihood_sum: total negative log-likelihood in nats.
@@ -175,37 +171,35 @@ def _acc_add(acc, part):
 class _Config(NamedTuple):
   top_k: int
   num_bins: int
-  has_ignore_index: bool
+  ignore: bool  # compare labels with the (traced) ignore value
   groups: int
   soft: bool
 
 
 def _zero_accumulators(num_bins: int) -> dict:
+  """The running totals: a flat dict of (hi, lo) float sums and integer counts.
+
+  Every entry is a sum over counted rows, so a new quantity is one more
+  entry here, one more per-row value in `_batch_sums` and one more line in
+  `_result` (`_HostTotals` folds any entry of these two kinds).
+  """
   f = jnp.zeros((), dtype=float)  # float32, or float64 under x64
-  i = jnp.zeros((), dtype=int)  # int32, or int64 under x64
   fb = jnp.zeros((num_bins,), dtype=float)
-  ib = jnp.zeros((num_bins,), dtype=int)
+  ib = jnp.zeros((num_bins,), dtype=int)  # int32, or int64 under x64
   return {
-    "nll": (f, f),
-    "resid": (fb, fb),
-    "top_k": i,
-    "bin_count": ib,
-    "bin_correct": ib,
+    "nll": (f, f),  # sum of per-row cross-entropy (nats)
+    "top_k": (f, f),  # sum of top-k credit
+    "bin_count": ib,  # counted rows per confidence bin
+    "bin_credit": (fb, fb),  # sum of top-1 credit per bin
+    "resid": (fb, fb),  # sum of (confidence - bin reference) per bin
   }
 
 
-@functools.partial(jax.jit, static_argnames=("model", "config"))
-def _step(acc, params, x, labels, mask, num_real, ignore_index, *, model, config: _Config):
-  """Fold one padded batch into the accumulators (one compile per shape)."""
-  global _TRACE_COUNT
-  _TRACE_COUNT += 1
-
-  logits = x if model is None else model(params, x)
+def _check_batch(logits, labels, mask, soft: bool):
   _validation.check_floating("logits", logits)
   if logits.ndim < 2:
     raise ValueError(f"`logits` must have shape [batch, ..., num_classes], got {logits.shape}.")
-  num_classes = logits.shape[-1]
-  if config.soft:
+  if soft:
     _validation.check_same_shape("logits", logits, "labels", labels)
   elif labels.shape != logits.shape[:-1]:
     raise ValueError(
@@ -218,68 +212,89 @@ def _step(acc, params, x, labels, mask, num_real, ignore_index, *, model, config
       f"`mask` must have shape {row_shape} (logits without the class axis), got {mask.shape}."
     )
 
-  dtype = _validation.compute_dtype(logits.dtype)
-  acc_dtype = acc["nll"][0].dtype
-  z = logits.astype(dtype).reshape(-1, num_classes)
-  n = z.shape[0]
 
-  # Rows that count: real (not padding), not masked, not ignore_index.
+def _real_rows(row_shape, mask, num_real):
+  """Rows that exist and are not masked: padding (beyond `num_real`) never counts."""
   batch = row_shape[0]
   real = jnp.arange(batch) < num_real
-  valid = jnp.broadcast_to(real.reshape((batch,) + (1,) * (len(row_shape) - 1)), row_shape)
-  if mask is not None:
-    valid = valid & mask.astype(bool)
-  valid = valid.reshape(n)
+  keep = jnp.broadcast_to(real.reshape((batch,) + (1,) * (len(row_shape) - 1)), row_shape)
+  return keep if mask is None else keep & mask.astype(bool)
 
-  m = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))  # [n, 1]
-  sum_exp = jnp.sum(jnp.exp(z - m), axis=-1)  # [n]
-  log_sum_exp = jnp.log(sum_exp)  # logsumexp(z) - max(z)
-  confidence = 1.0 / sum_exp  # max softmax probability
 
+def _soft_rows(z, y, keep):
+  """Per-row metrics for soft labels: loss ``-sum_c y_c log softmax(z)_c``, rank of argmax(y).
+
+  A row with a negative target entry is bad (NaN), never a negative loss.
+  """
+  bad_target = jnp.any(y < 0, axis=-1)
+  status = _core.LabelStatus(keep, keep & bad_target, jnp.argmax(y, axis=-1).astype(jnp.int32))
+  zn = _core.neutral_rows(z, keep)
+  shifted, _ = _core.shifted_logits(zn)
+  log_s = _core.log_sum_exp_shifted(shifted)
+  yn = jnp.where(keep[..., None], y, jnp.zeros((), y.dtype))
+  nll = _core.xent(log_s, jnp.sum(yn, axis=-1), _core.target_dot(shifted, yn))
+  return status, nll
+
+
+def _rows(logits, labels, keep, ignore_value, config: _Config) -> _core.RowMetrics:
+  """The core's per-row metrics of a flattened batch (`_core.row_metrics`)."""
+  num_classes = logits.shape[-1]
+  z = logits.astype(_validation.compute_dtype(logits.dtype)).reshape(-1, num_classes)
+  keep = keep.reshape(-1)
   if config.soft:
-    y = labels.astype(dtype).reshape(n, num_classes)
-    # -sum_c y_c log softmax(z)_c = sum_c y_c (max - z_c) + (sum_c y_c) log sum exp(z - max);
-    # a zero target never multiplies an infinite gap (0 * inf would be NaN).
-    gap = jnp.where(y == 0, jnp.zeros_like(z), y * (m - z))
-    nll = jnp.sum(gap, axis=-1) + jnp.sum(y, axis=-1) * log_sum_exp
-    target = jnp.argmax(y, axis=-1)  # accuracy is measured against the argmax class
-    in_range = jnp.ones((n,), dtype=bool)
-  else:
-    y = labels.reshape(n)
-    if config.has_ignore_index:  # a traced value: no compile per ignore_index
-      valid = valid & (y != ignore_index)
-    in_range = (y >= 0) & (y < num_classes)
-    target = jnp.where(in_range, y, 0)
-  z_target = jnp.take_along_axis(z, target.reshape(n, 1), axis=-1)  # [n, 1]
-  if not config.soft:
-    # (max - z_y) + log sum exp(z - max): no cancellation against a large max.
-    nll = (m[:, 0] - z_target[:, 0]) + log_sum_exp
-    nll = jnp.where(in_range, nll, jnp.nan)
+    y = labels.astype(z.dtype).reshape(-1, num_classes)
+    status, nll = _soft_rows(z, y, keep)
+    return _core.row_metrics(z, status, config.top_k, nll=nll)
+  ignore = ignore_value if config.ignore else None
+  status = _core.label_status(labels.reshape(-1), num_classes, ignore_index=ignore, where=keep)
+  return _core.row_metrics(z, status, config.top_k)
 
-  higher = jnp.sum(z > z_target, axis=-1)  # classes strictly above the target
-  correct = (higher == 0) & in_range & valid
-  hit_k = (higher < config.top_k) & in_range & valid
 
-  # Calibration bins: counts by segment sums (integers, exact); confidences
-  # as residuals from a dyadic reference per bin (the host adds back
-  # count * reference exactly), summed in the accumulator dtype.
-  bins = jnp.clip(jnp.floor(confidence * config.num_bins).astype(jnp.int32), 0, config.num_bins - 1)
+def _batch_sums(rows: _core.RowMetrics, acc_dtype, config: _Config) -> dict:
+  """The batch's contribution to each accumulator (same keys as `_zero_accumulators`).
+
+  Calibration bins: counts by integer segment sums (exact); confidences as
+  residuals from a dyadic reference per bin (the host adds back count *
+  reference exactly), so the plain per-bin sums only see small numbers.
+  """
+  nb = config.num_bins
+  conf = rows.confidence
+  bins = jnp.clip(jnp.floor(conf * nb).astype(jnp.int32), 0, nb - 1)
+  refs = jnp.asarray(_bin_references(nb), acc_dtype)
   zero = jnp.zeros((), acc_dtype)
-  refs = jnp.asarray(_bin_references(config.num_bins), acc_dtype)
-  resid = jnp.where(valid, confidence.astype(acc_dtype) - refs[bins], zero)
-  resid_part = jax.ops.segment_sum(resid, bins, config.num_bins)
-  nll_part = _grouped_sum(jnp.where(valid, nll.astype(acc_dtype), zero), config.groups)
+  resid = jnp.where(rows.counted, conf.astype(acc_dtype) - refs[bins], zero)
+  int_dtype = jnp.zeros((), dtype=int).dtype
 
-  int_dtype = acc["top_k"].dtype
+  def binned(v):
+    return jax.ops.segment_sum(v, bins, nb)
+
+  def pair(v):
+    return (v, jnp.zeros_like(v))
+
   return {
-    "nll": _acc_add(acc["nll"], nll_part),
-    "resid": _acc_add(acc["resid"], (resid_part, jnp.zeros_like(resid_part))),
-    "top_k": acc["top_k"] + jnp.sum(hit_k, dtype=int_dtype),
-    "bin_count": acc["bin_count"]
-    + jax.ops.segment_sum(valid.astype(int_dtype), bins, config.num_bins),
-    "bin_correct": acc["bin_correct"]
-    + jax.ops.segment_sum(correct.astype(int_dtype), bins, config.num_bins),
+    "nll": _grouped_sum(rows.nll.astype(acc_dtype), config.groups),
+    "top_k": _grouped_sum(rows.credit_k.astype(acc_dtype), config.groups),
+    "bin_count": binned(rows.counted.astype(int_dtype)),
+    "bin_credit": pair(binned(rows.credit.astype(acc_dtype))),
+    "resid": pair(binned(resid)),
   }
+
+
+def _fold(acc: dict, part: dict) -> dict:
+  """Add a batch's sums to the running totals: (hi, lo) pairs without losing digits."""
+  return {
+    k: _acc_add(acc[k], part[k]) if isinstance(acc[k], tuple) else acc[k] + part[k] for k in acc
+  }
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config"))
+def _step(acc, params, x, labels, mask, num_real, ignore_value, *, model, config: _Config):
+  """Fold one padded batch into the accumulators (one compile per shape)."""
+  logits = x if model is None else model(params, x)
+  _check_batch(logits, labels, mask, config.soft)
+  keep = _real_rows(logits.shape[:-1], mask, num_real)
+  rows = _rows(logits, labels, keep, ignore_value, config)
+  return _fold(acc, _batch_sums(rows, acc["nll"][0].dtype, config))
 
 
 # ---------------------------------------------------------------------------
@@ -293,6 +308,7 @@ class _Prepared(NamedTuple):
   num_real: Any
   rows: int  # real rows along the batch axis (for the progress bar)
   soft: bool
+  ignore: Any  # the ignore value as a device scalar of the labels' dtype, or None
 
 
 def _num_rows(tree) -> int:
@@ -335,58 +351,83 @@ def _split(batch) -> tuple[Any, Any, Any]:
   return x, labels, mask
 
 
-def _prepare(batches: Iterable, *, model, mesh: Mesh) -> Iterator[_Prepared]:
+def _check_parts(batch, model):
+  """``(x, labels, mask, soft, rows)`` of one batch as arrays, checked."""
+  x, labels, mask = _split(batch)
+  x = jax.tree_util.tree_map(_as_array, x)
+  labels = _as_array(labels)
+  mask = None if mask is None else _as_array(mask)
+  if model is None:
+    _validation.check_floating("logits", x)
+  if jnp.issubdtype(labels.dtype, jnp.integer):
+    soft = False
+  elif jnp.issubdtype(labels.dtype, jnp.floating):
+    soft = True
+  else:
+    raise TypeError(
+      f"`labels` must be integer class indices or floating soft labels, got dtype {labels.dtype}."
+    )
+  rows = _num_rows(x)
+  parts = [labels] if mask is None else [labels, mask]
+  if any(np.ndim(p) == 0 or np.shape(p)[0] != rows for p in parts):
+    raise ValueError(
+      f"labels (and mask) must have the batch's {rows} rows along their first axis, got "
+      f"labels.shape={np.shape(labels)}"
+      + ("" if mask is None else f", mask.shape={np.shape(mask)}")
+      + "."
+    )
+  return x, labels, mask, soft, rows
+
+
+class _DeviceScalars:
+  """Replicated device scalars, made once per distinct value and reused."""
+
+  def __init__(self, mesh: Mesh):
+    self._sharding = NamedSharding(mesh, P())
+    self._cache: dict = {}
+
+  def __call__(self, value, dtype):
+    key = (int(value), np.dtype(dtype).str)
+    if key not in self._cache:
+      if len(self._cache) > 64:
+        self._cache.clear()
+      self._cache[key] = jax.device_put(np.asarray(value, dtype=dtype), self._sharding)
+    return self._cache[key]
+
+
+def _ignore_value(scalars, ignore_index, labels, soft):
+  """`ignore_index` in the labels' dtype, or None when nothing can equal it (no wraparound)."""
+  if soft or ignore_index is None:
+    return None
+  info = np.iinfo(labels.dtype)
+  return scalars(ignore_index, labels.dtype) if info.min <= ignore_index <= info.max else None
+
+
+def _prepare(batches: Iterable, *, model, mesh: Mesh, ignore_index) -> Iterator[_Prepared]:
   """Yield padded, device-placed pieces of fixed batch size (the first batch's)."""
   groups = mesh.devices.size
   rows_sharding = NamedSharding(mesh, P("data"))
-  replicated = NamedSharding(mesh, P())
+  scalars = _DeviceScalars(mesh)
   size = None
-  real_rows: dict[int, jax.Array] = {}
   for batch in batches:
-    if len(real_rows) > 64:
-      real_rows.clear()
-    x, labels, mask = _split(batch)
-    x = jax.tree_util.tree_map(_as_array, x)
-    labels = _as_array(labels)
-    mask = None if mask is None else _as_array(mask)
-    if model is None:
-      _validation.check_floating("logits", x)
-    if jnp.issubdtype(labels.dtype, jnp.integer):
-      soft = False
-    elif jnp.issubdtype(labels.dtype, jnp.floating):
-      soft = True
-    else:
-      raise TypeError(
-        f"`labels` must be integer class indices or floating soft labels, got dtype {labels.dtype}."
-      )
-    rows = _num_rows(x)
-    parts = [labels] if mask is None else [labels, mask]
-    if any(np.ndim(p) == 0 or np.shape(p)[0] != rows for p in parts):
-      raise ValueError(
-        f"labels (and mask) must have the batch's {rows} rows along their first axis, got "
-        f"labels.shape={np.shape(labels)}"
-        + ("" if mask is None else f", mask.shape={np.shape(mask)}")
-        + "."
-      )
+    x, labels, mask, soft, rows = _check_parts(batch, model)
     if rows == 0:
       continue
     if size is None:  # the first batch fixes the compiled size
       size = -(-rows // groups) * groups
+    ignore = _ignore_value(scalars, ignore_index, labels, soft)
     for start in range(0, rows, size):
       stop = min(start + size, rows)
-      real = stop - start
 
       def piece(a, edge=False, start=start, stop=stop, size=size):
         a = a if (start == 0 and stop == a.shape[0]) else a[start:stop]
         return _pad_rows(a, size, edge)
 
       xp = jax.tree_util.tree_map(functools.partial(piece, edge=model is not None), x)
-      lp = piece(labels)
       mp = None if mask is None else piece(mask)
-      xd, ld, md = jax.device_put((xp, lp, mp), rows_sharding)  # one call, async
-      if real not in real_rows:  # a device scalar per distinct count, reused
-        real_rows[real] = jax.device_put(np.asarray(real, dtype=np.int32), replicated)
-      yield _Prepared(x=xd, labels=ld, mask=md, num_real=real_rows[real], rows=real, soft=soft)
+      xd, ld, md = jax.device_put((xp, piece(labels), mp), rows_sharding)  # one call, async
+      real = scalars(stop - start, np.int32)
+      yield _Prepared(xd, ld, md, real, rows=stop - start, soft=soft, ignore=ignore)
 
 
 _DONE = object()
@@ -467,30 +508,38 @@ def _progress_bar(show: bool, total: int | None):
 
 
 class _HostTotals:
-  """Python-number totals the device accumulators are folded into."""
+  """Python-number totals the device accumulators are folded into.
 
-  def __init__(self, num_bins: int):
-    self.nll: list[float] = []
-    self.resid: list[np.ndarray] = []
-    self.top_k = 0
-    self.bin_count = np.zeros(num_bins, dtype=np.int64)
-    self.bin_correct = np.zeros(num_bins, dtype=np.int64)
+  ``pairs[name]`` keeps every (hi, lo) part of a float sum as float64 arrays
+  (summed exactly at the end by `_total`); ``counts[name]`` is an int64 sum.
+  Any accumulator entry of these two kinds is folded without code here.
+  """
+
+  def __init__(self):
+    self.pairs: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+    self.counts: dict[str, np.ndarray] = {}
 
   def add(self, acc):
-    acc = jax.device_get(acc)
-    self.nll += [float(acc["nll"][0]), float(acc["nll"][1])]
-    self.resid += [np.asarray(acc["resid"][0], np.float64), np.asarray(acc["resid"][1], np.float64)]
-    self.top_k += int(acc["top_k"])
-    self.bin_count += np.asarray(acc["bin_count"], np.int64)
-    self.bin_correct += np.asarray(acc["bin_correct"], np.int64)
+    for name, value in jax.device_get(acc).items():
+      if isinstance(value, tuple):
+        self.pairs[name] += [np.asarray(v, np.float64) for v in value]
+      else:
+        v = np.asarray(value, np.int64)
+        self.counts[name] = self.counts.get(name, 0) + v
+
+  def sum(self, name: str, index=None, extra: float = 0.0) -> float:
+    """The exact total of a float sum (of one bin with ``index``), plus ``extra``."""
+    parts = [np.ravel(p if index is None else p[index]) for p in self.pairs[name]]
+    his = [float(v) for p in parts[0::2] for v in p] + [float(extra)]
+    los = [float(v) for p in parts[1::2] for v in p]
+    return _total(his, los)
 
 
-def _total(parts: list[float]) -> float:
+def _total(his: list[float], los: list[float]) -> float:
   """Exact sum of (hi, lo) parts; a non-finite hi wins (its lo is then NaN)."""
-  his = parts[0::2]
   if not all(math.isfinite(h) for h in his):
     return float(sum(his))  # inf, or NaN for NaN / inf - inf
-  return math.fsum(parts)
+  return math.fsum(his + los)
 
 
 # ---------------------------------------------------------------------------
@@ -577,15 +626,20 @@ def evaluate(
     An `EvaluationResult` of Python numbers; `str()` of it is a table.
 
   Note:
-    * A counted example with a NaN loss (an integer label outside
-      ``[0, num_classes)`` other than `ignore_index`, or NaN logits) makes
-      `cross_entropy`, `perplexity`, `bits_per_token`, the NLL sum,
-      `accuracy`, `top_k_accuracy` and the ECE NaN (never a silent finite
-      number); `count` still counts it. The command line checks labels
+    * A counted example with an integer label outside ``[0, num_classes)``
+      other than `ignore_index` (or a NaN row) makes `cross_entropy`,
+      `perplexity`, `bits_per_token`, the NLL sum, `accuracy`,
+      `top_k_accuracy` and the ECE NaN (never a silent finite number);
+      `count` still counts it. The command line checks labels
       eagerly instead. A target logit of -inf gives an infinite loss.
-    * Ties count in the target's favour: an example is correct when no class
-      scores strictly higher than its target, and a top-k hit when fewer
-      than `k` classes do.
+    * Ties are shared (as in `xentjax.metrics`): with ``g`` classes above
+      the target and ``t`` tied with it, the top-k credit is
+      ``clip((k - g) / t, 0, 1)``, so a constant model scores ``k / K``.
+      Every per-example number comes from the same core as the metrics.
+    * Non-finite rows: a NaN logit (or ``+inf`` at the target) makes that
+      example NaN in every metric; a row whose logits are all ``-inf`` has
+      loss ``+inf``, all classes tied (credit ``k / K``) and confidence
+      ``1 / K``. A soft label with a negative entry is NaN.
     * Soft labels: accuracy, top-k and the ECE use the argmax of the target
       distribution as the class; each example counts once whatever its
       target's total mass.
@@ -602,73 +656,91 @@ def evaluate(
     >>> import numpy as np, xentjax
     >>> logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]], np.float32))
     >>> r = xentjax.evaluate([(logits, np.array([0, 2]))], top_k=2, progress=False)
-    >>> r.count, r.accuracy, r.top_k_accuracy  # row 2: only class 1 is above class 2
-    (2, 0.5, 1.0)
+    >>> r.count, r.accuracy, r.top_k_accuracy  # row 2: class 2 ties class 0 for 2nd place
+    (2, 0.5, 0.75)
     >>> round(r.cross_entropy, 4)  # (-log 0.7 - log 0.1) / 2
     1.3296
   """
+  _check_options(top_k=top_k, num_bins=num_bins, ignore_index=ignore_index, prefetch=prefetch)
   scale = _validation.log_base_scale(base)
-  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-    raise ValueError(f"`top_k` must be an integer >= 1, got {top_k!r}.")
-  if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
-    raise ValueError(f"`num_bins` must be an integer >= 1, got {num_bins!r}.")
-  if ignore_index is not None and (
-    isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer))
-  ):
-    raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
-  if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
-    raise ValueError(f"`prefetch` must be an integer >= 0, got {prefetch!r}.")
   top_k, num_bins = int(top_k), int(num_bins)
-
   devices = list(jax.local_devices() if devices is None else devices)
   if not devices:
     raise ValueError("`devices` must name at least one device.")
   mesh = Mesh(np.asarray(devices), ("data",))
-  replicated = NamedSharding(mesh, P())
   if model is not None:
-    params = jax.device_put(params, replicated)
-
-  def fresh():
-    return jax.device_put(_zero_accumulators(num_bins), replicated)
-
-  host = _HostTotals(num_bins)
-  acc = fresh()
-  ignore_value = jax.device_put(np.asarray(0 if ignore_index is None else ignore_index), replicated)
-  in_flight: collections.deque = collections.deque()
-  rows_since_flush = 0
-  prepared = _prepare(batches, model=model, mesh=mesh)
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+  prepared = _prepare(batches, model=model, mesh=mesh, ignore_index=ignore_index)
   source = _Prefetcher(prepared, prefetch) if prefetch > 0 else None
   bar = _progress_bar(_want_progress(progress), total)
   try:
+    run = _Run(mesh, top_k=top_k, num_bins=num_bins, model=model, params=params)
     for item in source if source is not None else prepared:
-      size = jax.tree_util.tree_leaves(item.x)[0].shape[0]
-      if rows_since_flush + size * _rows_per_batch_row(item) > _FLUSH_ROWS:
-        host.add(acc)  # rare: keeps int32 counters from overflowing
-        acc, rows_since_flush = fresh(), 0
-        in_flight.clear()
-      config = _Config(top_k, num_bins, ignore_index is not None, mesh.devices.size, item.soft)
-      acc = _step(
-        acc,
-        params,
-        item.x,
-        item.labels,
-        item.mask,
-        item.num_real,
-        ignore_value,
-        model=model,
-        config=config,
-      )
-      rows_since_flush += size * _rows_per_batch_row(item)
-      in_flight.append(acc["top_k"])
-      if len(in_flight) > _MAX_IN_FLIGHT:
-        in_flight.popleft().block_until_ready()  # back-pressure, not a transfer
+      run.step(item)
       bar.update(item.rows)
   finally:
     if source is not None:
       source.close()
     bar.close()
-  host.add(acc)
-  return _result(host, top_k=top_k, num_bins=num_bins, base=base, scale=scale)
+  return _result(run.finish(), top_k=top_k, num_bins=num_bins, base=base, scale=scale)
+
+
+def _check_options(*, top_k, num_bins, ignore_index, prefetch) -> None:
+  def count(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+      raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+
+  count("top_k", top_k, 1)
+  count("num_bins", num_bins, 1)
+  count("prefetch", prefetch, 0)
+  if ignore_index is not None and (
+    isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer))
+  ):
+    raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
+
+
+class _Run:
+  """The device side of one `evaluate` call: accumulators, steps in flight, flushes."""
+
+  def __init__(self, mesh: Mesh, *, top_k: int, num_bins: int, model, params):
+    self.mesh, self.model, self.params = mesh, model, params
+    self.top_k, self.num_bins = top_k, num_bins
+    self.host = _HostTotals()
+    self.acc = self._fresh()
+    self.in_flight: collections.deque = collections.deque()
+    self.rows_since_flush = 0
+
+  def _fresh(self):
+    return jax.device_put(_zero_accumulators(self.num_bins), NamedSharding(self.mesh, P()))
+
+  def step(self, item: _Prepared) -> None:
+    size = jax.tree_util.tree_leaves(item.x)[0].shape[0] * _rows_per_batch_row(item)
+    if self.rows_since_flush + size > _FLUSH_ROWS:
+      self.host.add(self.acc)  # rare: keeps int32 counters from overflowing
+      self.acc, self.rows_since_flush = self._fresh(), 0
+      self.in_flight.clear()
+    config = _Config(
+      self.top_k, self.num_bins, item.ignore is not None, self.mesh.devices.size, item.soft
+    )
+    self.acc = _step(
+      self.acc,
+      self.params,
+      item.x,
+      item.labels,
+      item.mask,
+      item.num_real,
+      item.ignore,
+      model=self.model,
+      config=config,
+    )
+    self.rows_since_flush += size
+    self.in_flight.append(self.acc["bin_count"])
+    if len(self.in_flight) > _MAX_IN_FLIGHT:
+      self.in_flight.popleft().block_until_ready()  # back-pressure, not a transfer
+
+  def finish(self) -> _HostTotals:
+    self.host.add(self.acc)
+    return self.host
 
 
 def _rows_per_batch_row(item: _Prepared) -> int:
@@ -678,26 +750,19 @@ def _rows_per_batch_row(item: _Prepared) -> int:
 
 
 def _result(host: _HostTotals, *, top_k, num_bins, base, scale) -> EvaluationResult:
-  count = int(host.bin_count.sum())  # every counted example lands in one bin
-  nll_sum = _total(host.nll)
-  nan = math.nan
-  if count == 0:
-    ce = acc = acc_k = ece = nan
-  else:
+  """Dataset metrics from the exact totals; every mean of nothing is NaN."""
+  bin_count = host.counts.get("bin_count", np.zeros(num_bins, np.int64))
+  count = int(bin_count.sum())  # every counted example lands in one bin
+  nll_sum = host.sum("nll")
+  ce = acc = acc_k = ece = math.nan
+  if count:
     ce = nll_sum / count
-    acc = int(host.bin_correct.sum()) / count
-    acc_k = host.top_k / count
-    refs = _bin_references(num_bins)
-    conf = np.zeros(num_bins)
-    for b in range(num_bins):
-      parts = [float(part[b]) for part in host.resid]
-      conf[b] = _total([float(host.bin_count[b] * refs[b]), 0.0] + parts)
-    ece = math.fsum(abs(float(c) - float(s)) for c, s in zip(host.bin_correct, conf)) / count
-  if math.isnan(nll_sum):  # out-of-range label or NaN logits: no silent finite numbers
-    acc = acc_k = ece = nan
+    acc = host.sum("bin_credit") / count
+    acc_k = host.sum("top_k") / count
+    ece = _calibration_error(host, bin_count, num_bins) / count
   perplexity = math.exp(ce) if ce < 709.0 or math.isnan(ce) else math.inf
   return EvaluationResult(
-    count=int(count),
+    count=count,
     cross_entropy=ce if scale is None else ce * scale,
     perplexity=perplexity,
     bits_per_token=ce / math.log(2.0),
@@ -709,3 +774,13 @@ def _result(host: _HostTotals, *, top_k, num_bins, base, scale) -> EvaluationRes
     num_bins=num_bins,
     base=None if base is None else float(base),
   )
+
+
+def _calibration_error(host: _HostTotals, bin_count, num_bins: int) -> float:
+  """``sum_b |credit_b - confidence_b|`` (not yet divided by the count)."""
+  refs = _bin_references(num_bins)
+  gaps = []
+  for b in range(num_bins):
+    conf = host.sum("resid", b, extra=float(bin_count[b] * refs[b]))
+    gaps.append(abs(host.sum("bin_credit", b) - conf))
+  return math.fsum(gaps)

@@ -79,47 +79,28 @@ def _keep(where, shape):
   return jnp.broadcast_to(keep, shape)
 
 
-def _stats(logits: ArrayLike, labels: ArrayLike, where, *, rank: bool):
-  """``(stats, status)``: the core statistics of the kept rows and their validity.
+def _rows(logits: ArrayLike, labels: ArrayLike, where, k: int = 1) -> _core.RowMetrics:
+  """Per-example loss, credit and confidence from the core (`_core.row_metrics`).
 
-  Rows that are not kept are replaced by neutral logits before anything is
-  computed (`_core.neutral_rows`), so whatever they hold reaches neither
-  the value nor the gradient.
+  Examples that are not kept are neutralized before anything is computed, so
+  whatever they hold reaches neither the value nor the gradient.
   """
   logits, labels = jnp.asarray(logits), jnp.asarray(labels)
   _check_shapes(logits, labels)
   status = _core.label_status(labels, logits.shape[-1], where=_keep(where, labels.shape))
-  z = _core.neutral_rows(logits.astype(compute_dtype(logits.dtype)), status.counted)
-  return _core.row_stats(z, status.index, rank=rank), status
+  z = logits.astype(compute_dtype(logits.dtype))
+  return _core.row_metrics(z, status, _check_k(k, logits.shape[-1]))
 
 
-def _per_example(values, status):
-  """NaN for a bad label, 0 for an example that is not kept."""
-  values = jnp.where(status.bad, jnp.nan, values)
-  return jnp.where(status.counted, values, jnp.zeros((), values.dtype))
-
-
-def _mean(values, status):
+def _mean(values, rows: _core.RowMetrics):
   """Mean over the kept examples; NaN (zero gradient) when none is kept."""
-  total = jnp.sum(_per_example(values, status))
-  return _core.mean_or_nan(total, jnp.sum(status.counted))
+  return _core.mean_or_nan(jnp.sum(values), jnp.sum(rows.counted))
 
 
 def _check_k(k: int, num_classes: int) -> int:
   if not 1 <= k <= num_classes:
     raise ValueError(f"`k` must lie in [1, num_classes={num_classes}], got k={k}.")
   return k
-
-
-def _credit(logits, labels, k, where):
-  st, status = _stats(logits, labels, where, rank=True)
-  credit = _core.top_k_credit(st.n_greater, st.n_tied, _check_k(k, jnp.shape(logits)[-1]))
-  return credit.astype(st.log_s.dtype), status
-
-
-def _cross_entropy(logits, labels, where):
-  st, status = _stats(logits, labels, where, rank=False)
-  return _core.cross_entropy_from_stats(st.log_s, st.zy), status
 
 
 # Accuracy.
@@ -148,8 +129,7 @@ def correct(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = N
   Note:
     An out-of-range label or a NaN logit gives NaN.
   """
-  credit, status = _credit(logits, labels, 1, where)
-  return _per_example(credit, status)
+  return _rows(logits, labels, where).credit
 
 
 @public()
@@ -180,8 +160,8 @@ def accuracy(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = 
     An out-of-range label or a NaN logit gives NaN; no kept example gives
     NaN.
   """
-  credit, status = _credit(logits, labels, 1, where)
-  return _mean(credit, status)
+  rows = _rows(logits, labels, where)
+  return _mean(rows.credit, rows)
 
 
 @public(("k",))
@@ -213,8 +193,7 @@ def top_k_correct(
   Note:
     An out-of-range label or a NaN logit gives NaN.
   """
-  credit, status = _credit(logits, labels, k, where)
-  return _per_example(credit, status)
+  return _rows(logits, labels, where, k).credit_k
 
 
 @public(("k",))
@@ -256,8 +235,8 @@ def top_k_accuracy(
     O. Russakovsky et al., "ImageNet Large Scale Visual Recognition
     Challenge", 2015 (top-5 error).
   """
-  credit, status = _credit(logits, labels, k, where)
-  return _mean(credit, status)
+  rows = _rows(logits, labels, where, k)
+  return _mean(rows.credit_k, rows)
 
 
 # Cross-entropy rate, perplexity, bits per token.
@@ -295,8 +274,8 @@ def cross_entropy_rate(
     with ``m`` the row maximum, so large logits lose no precision.
   """
   scale = log_base_scale(base)
-  ce, status = _cross_entropy(logits, labels, where)
-  rate = _mean(ce, status)
+  rows = _rows(logits, labels, where)
+  rate = _mean(rows.nll, rows)
   return rate if scale is None else rate * jnp.asarray(scale, rate.dtype)
 
 

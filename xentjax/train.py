@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from xentjax import metrics
+from xentjax import _core, metrics
 from xentjax._margin import multiclass_hinge_loss
 from xentjax._regression import squared_error
 from xentjax._sigmoid import sigmoid_binary_cross_entropy
@@ -132,9 +132,11 @@ def softmax_focal_loss(
     \\ell(z, y) = -(1 - p_y)^\\gamma \\log p_y, \\qquad p = \\mathrm{softmax}(z)
 
   :math:`\\gamma = 0` is the softmax cross-entropy; larger :math:`\\gamma`
-  down-weights examples that are already well classified. :math:`\\log p_y`
-  comes from `log_softmax` and :math:`1 - p_y` from `-expm1(log p_y)`, so a
-  confident correct example gives an exact small weight, not `1 - 0.99999...`.
+  down-weights examples that are already well classified. :math:`-\\log p_y`
+  is the core's cross-entropy (`xentjax._core`, the same numbers as
+  `softmax_cross_entropy_with_integer_labels`) and :math:`1 - p_y` comes from
+  `-expm1(log p_y)`, so a confident correct example gives an exact small
+  weight, not `1 - 0.99999...`.
 
   Args:
     logits: `[..., K]` floating logits.
@@ -142,15 +144,18 @@ def softmax_focal_loss(
     gamma: focusing parameter :math:`\\gamma \\ge 0`.
 
   Returns:
-    Per-example losses `[...]`.
+    Per-example losses `[...]`; NaN for a label outside `[0, K)`.
 
   References:
     T.-Y. Lin, P. Goyal, R. Girshick, K. He, P. Dollar, "Focal Loss for Dense
     Object Detection", ICCV 2017.
   """
-  logp = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
-  logp_y = jnp.take_along_axis(logp, jnp.asarray(labels)[..., None], axis=-1)[..., 0]
-  return -((-jnp.expm1(logp_y)) ** gamma) * logp_y
+  z = jnp.asarray(logits)
+  status = _core.label_status(jnp.asarray(labels), z.shape[-1])
+  st = _core.row_stats(z, status.index)
+  ce = _core.cross_entropy_from_stats(st.log_s, st.zy)
+  ce = jnp.where(status.bad, jnp.nan, ce)
+  return (-jnp.expm1(-ce)) ** gamma * ce
 
 
 @functools.cache
@@ -478,9 +483,10 @@ def evaluate_classifier(
 ) -> dict[str, float]:
   """Accuracy and top-k accuracy of a classifier.
 
-  Both come from `xentjax.metrics`: accuracy takes the argmax (ties to the
-  lowest class), top-k accuracy counts a hit when fewer than `k` classes score
-  strictly higher than the label. `k` is capped at the number of classes.
+  Both come from `xentjax.metrics`, so they follow its tie rule: a label tied
+  with ``t - 1`` other classes across the k-th place gets the fractional
+  credit of a random tie break (a constant model scores ``k / K``). `k` is
+  capped at the number of classes.
 
   Args:
     params: model parameters.
