@@ -72,6 +72,7 @@ html_theme = "sphinx_book_theme"
 html_title = f"xentjax {version}"
 html_static_path = ["_static"]
 html_css_files = ["xentjax.css"]
+html_js_files = ["xentjax.js"]
 html_theme_options = {
   "show_toc_level": 2,
   "navigation_with_keys": False,

@@ -33,6 +33,8 @@ from pathlib import Path
 
 from docutils import nodes
 from docutils.parsers.rst import directives
+from sphinx.pycode import ModuleAnalyzer
+from sphinx.pycode import PycodeError
 from sphinx.util.docutils import SphinxDirective
 
 PACKAGE = "xentjax"
@@ -109,15 +111,39 @@ def _heading(text: str, char: str) -> list[str]:
   return [text, char * len(text), ""]
 
 
+def _constant_doc(modname: str, name: str) -> list[str]:
+  """The `#:` comment above a module-level constant, if the source has one."""
+  try:
+    docs = ModuleAnalyzer.for_module(modname).find_attr_docs()
+  except PycodeError:
+    return []
+  return [line for line in docs.get(("", name), []) if line.strip()]
+
+
 def _entries(modname: str, names: list[str], module) -> list[str]:
-  lines = [".. autosummary::", ""]
-  lines += [f"   {n}" for n in names]
-  lines.append("")
+  """An autosummary table, then one autodoc entry per name.
+
+  Constants are written as `py:data` with their value (autodoc would show the
+  docstring of their type, e.g. `int`'s) and the `#:` comment when there is one.
+  """
+  kinds = {n: _kind(getattr(module, n)) for n in names}
+  code = [n for n in names if kinds[n] != "data"]
+  lines = []
+  if code:
+    lines += [".. autosummary::", "   :nosignatures:", ""]
+    lines += [f"   {n}" for n in code]
+    lines.append("")
   for name in names:
-    kind = _kind(getattr(module, name))
-    lines.append(f".. auto{kind}:: {modname}.{name}")
-    if kind == "class":
-      lines.append("   :members:")
+    kind = kinds[name]
+    if kind == "data":
+      lines.append(f".. py:data:: {name}")
+      lines.append(f"   :value: {getattr(module, name)!r}")
+      lines.append("")
+      lines += [f"   {line}" for line in _constant_doc(modname, name)]
+    else:
+      lines.append(f".. auto{kind}:: {modname}.{name}")
+      if kind == "class":
+        lines.append("   :members:")
     lines.append("")
   return lines
 
@@ -216,7 +242,7 @@ class CliHelp(SphinxDirective):
   def run(self):
     from xentjax._cli import build_parser
 
-    width = self.options.get("width", 88)
+    width = self.options.get("width", 76)
     with _columns(width):  # argparse wraps to $COLUMNS
       parser = build_parser()
       try:
@@ -248,7 +274,11 @@ def copy_mathjax(app, exception) -> None:
     return
   target = Path(app.outdir) / "_static" / "mathjax"
   if not (target / "tex-chtml.js").exists():
-    shutil.copytree(_mathjax_source(), target, dirs_exist_ok=True)
+    # Everything tex-chtml.js may load (TeX extensions, fonts, menu, speech), not
+    # the other combined builds (SVG output, MathML input), which it never loads.
+    unused = shutil.ignore_patterns("mml-*.js", "tex-svg*.js", "tex-mml-*.js", "tex-chtml-full*.js",
+                                    "node-main.js", "svg")
+    shutil.copytree(_mathjax_source(), target, ignore=unused, dirs_exist_ok=True)
 
 
 def setup(app):
