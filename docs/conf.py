@@ -13,7 +13,7 @@ sys.path.insert(0, str(DOCS.parent))  # the checkout's xentjax, even without an 
 sys.path.insert(0, str(DOCS / "_ext"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # autodoc imports jax: no accelerator probing
 
-import xentjax  # noqa: E402
+import xentjax
 
 project = "xentjax"
 author = "the xentjax authors"

@@ -30,11 +30,11 @@ import pkgutil
 import shutil
 import types
 from pathlib import Path
+from typing import ClassVar
 
 from docutils import nodes
 from docutils.parsers.rst import directives
-from sphinx.pycode import ModuleAnalyzer
-from sphinx.pycode import PycodeError
+from sphinx.pycode import ModuleAnalyzer, PycodeError
 from sphinx.util.docutils import SphinxDirective
 
 PACKAGE = "xentjax"
@@ -56,7 +56,8 @@ def public_modules() -> list[str]:
     if hasattr(module, "__path__"):
       names |= {m.name for m in pkgutil.iter_modules(module.__path__)}
     names |= {
-      n for n, v in vars(module).items()
+      n
+      for n, v in vars(module).items()
       if isinstance(v, types.ModuleType) and v.__name__ == f"{module.__name__}.{n}"
     }
     for name in sorted(names):
@@ -215,7 +216,9 @@ def _find_parser(parser: argparse.ArgumentParser, path: list[str]) -> argparse.A
     subactions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     choices = {k: v for a in subactions for k, v in a.choices.items()}
     if word not in choices:
-      raise ValueError(f"`xentjax {' '.join(path)}`: no subcommand {word!r} (have {sorted(choices)})")
+      raise ValueError(
+        f"`xentjax {' '.join(path)}`: no subcommand {word!r} (have {sorted(choices)})"
+      )
     parser = choices[word]
   return parser
 
@@ -237,7 +240,7 @@ class CliHelp(SphinxDirective):
   """``.. xentjax-cli-help:: [SUBCOMMAND ...]``: the `--help` of that command, as text."""
 
   optional_arguments = 8
-  option_spec = {"width": directives.positive_int}
+  option_spec: ClassVar = {"width": directives.positive_int}
 
   def run(self):
     from xentjax._cli import build_parser
@@ -263,8 +266,8 @@ def _mathjax_source() -> Path:
   spec = importlib.util.find_spec("sphinx-mathjax-offline")
   if spec is None or spec.origin is None:
     raise RuntimeError(
-        "the docs need the `sphinx-mathjax-offline` package (MathJax 3 served locally): "
-        'pip install -e ".[docs]"'
+      "the docs need the `sphinx-mathjax-offline` package (MathJax 3 served locally): "
+      'pip install -e ".[docs]"'
     )
   return Path(spec.origin).parent / "static" / "mathjax"
 
@@ -276,8 +279,9 @@ def copy_mathjax(app, exception) -> None:
   if not (target / "tex-chtml.js").exists():
     # Everything tex-chtml.js may load (TeX extensions, fonts, menu, speech), not
     # the other combined builds (SVG output, MathML input), which it never loads.
-    unused = shutil.ignore_patterns("mml-*.js", "tex-svg*.js", "tex-mml-*.js", "tex-chtml-full*.js",
-                                    "node-main.js", "svg")
+    unused = shutil.ignore_patterns(
+      "mml-*.js", "tex-svg*.js", "tex-mml-*.js", "tex-chtml-full*.js", "node-main.js", "svg"
+    )
     shutil.copytree(_mathjax_source(), target, ignore=unused, dirs_exist_ok=True)
 
 
