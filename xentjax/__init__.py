@@ -10,43 +10,76 @@ cross-entropy (`xentjax.parallel`) and exact streaming evaluation.
 
 __version__ = "0.1.0"
 
+__all__ = [  # kept sorted (ruff RUF022); the grouped imports below say what each is
+  "EvaluationResult",
+  "binary_cross_entropy",
+  "categorical_cross_entropy",
+  "check_labels",
+  "cosine_distance",
+  "cosine_similarity",
+  "cross_entropy_loss",
+  "datasets",
+  "evaluate",
+  "grads",
+  "hinge_loss",
+  "info",
+  "kl_divergence",
+  "kl_divergence_with_log_targets",
+  "linear_softmax_cross_entropy",
+  "metrics",
+  "multiclass_hinge_loss",
+  "multiclass_perceptron_loss",
+  "parallel",
+  "perceptron_loss",
+  "poly_loss_cross_entropy",
+  "safe_softmax_cross_entropy",
+  "sigmoid_binary_cross_entropy",
+  "sigmoid_focal_loss",
+  "smooth_labels",
+  "softmax_cross_entropy",
+  "softmax_cross_entropy_with_integer_labels",
+  "squared_error",
+  "train",
+]
+
 # --- softmax, sigmoid, margin and probability losses (optax-compatible) ---
-from xentjax._softmax import softmax_cross_entropy as softmax_cross_entropy
-from xentjax._softmax import softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels
-from xentjax._softmax import safe_softmax_cross_entropy as safe_softmax_cross_entropy
-from xentjax._softmax import poly_loss_cross_entropy as poly_loss_cross_entropy
-from xentjax._softmax import kl_divergence as kl_divergence
-from xentjax._softmax import kl_divergence_with_log_targets as kl_divergence_with_log_targets
-from xentjax._smoothing import smooth_labels as smooth_labels
-from xentjax._sigmoid import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
-from xentjax._sigmoid import sigmoid_focal_loss as sigmoid_focal_loss
-from xentjax._margin import hinge_loss as hinge_loss
-from xentjax._margin import multiclass_hinge_loss as multiclass_hinge_loss
-from xentjax._margin import perceptron_loss as perceptron_loss
-from xentjax._margin import multiclass_perceptron_loss as multiclass_perceptron_loss
-from xentjax._regression import cosine_similarity as cosine_similarity
-from xentjax._regression import cosine_distance as cosine_distance
-from xentjax._regression import squared_error as squared_error
-from xentjax._probability import categorical_cross_entropy as categorical_cross_entropy
-from xentjax._probability import binary_cross_entropy as binary_cross_entropy
+# --- training demos and data ---
+from xentjax import datasets as datasets
 from xentjax import grads as grads
 
 # --- information theory and metrics (submodules) ---
 from xentjax import info as info
 from xentjax import metrics as metrics
-
-# --- PyTorch-style cross-entropy with reduction; eager label check ---
-from xentjax._torch_style import check_labels as check_labels
-from xentjax._torch_style import cross_entropy_loss as cross_entropy_loss
-
-# --- large vocabularies: fused linear cross-entropy ---
-from xentjax._fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from xentjax import parallel as parallel
+from xentjax import train as train
 
 # --- streaming evaluation ---
 from xentjax._evaluation import EvaluationResult as EvaluationResult
 from xentjax._evaluation import evaluate as evaluate
 
-# --- training demos and data ---
-from xentjax import datasets as datasets
-from xentjax import train as train
+# --- large vocabularies: fused linear cross-entropy ---
+from xentjax._fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy
+from xentjax._margin import hinge_loss as hinge_loss
+from xentjax._margin import multiclass_hinge_loss as multiclass_hinge_loss
+from xentjax._margin import multiclass_perceptron_loss as multiclass_perceptron_loss
+from xentjax._margin import perceptron_loss as perceptron_loss
+from xentjax._probability import binary_cross_entropy as binary_cross_entropy
+from xentjax._probability import categorical_cross_entropy as categorical_cross_entropy
+from xentjax._regression import cosine_distance as cosine_distance
+from xentjax._regression import cosine_similarity as cosine_similarity
+from xentjax._regression import squared_error as squared_error
+from xentjax._sigmoid import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from xentjax._sigmoid import sigmoid_focal_loss as sigmoid_focal_loss
+from xentjax._smoothing import smooth_labels as smooth_labels
+from xentjax._softmax import kl_divergence as kl_divergence
+from xentjax._softmax import kl_divergence_with_log_targets as kl_divergence_with_log_targets
+from xentjax._softmax import poly_loss_cross_entropy as poly_loss_cross_entropy
+from xentjax._softmax import safe_softmax_cross_entropy as safe_softmax_cross_entropy
+from xentjax._softmax import softmax_cross_entropy as softmax_cross_entropy
+from xentjax._softmax import (
+  softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
+)
+
+# --- PyTorch-style cross-entropy with reduction; eager label check ---
+from xentjax._torch_style import check_labels as check_labels
+from xentjax._torch_style import cross_entropy_loss as cross_entropy_loss

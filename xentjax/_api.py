@@ -46,6 +46,9 @@ from xentjax import _validation as V
 
 __all__ = [
   "OPTIONS",
+  "ArrayLike",
+  "Axis",
+  "Mask",
   "as_array_argument",
   "broadcast_to_first",
   "check_float_labels",
@@ -59,95 +62,28 @@ __all__ = [
 ]
 
 Axis = int | tuple[int, ...] | None
+ArrayLike = jax.typing.ArrayLike
+Mask = jax.typing.ArrayLike | None  # a `where` mask (see `where_mask`)
 
 # ---------------------------------------------------------------------------
 # Option validators: value -> canonical hashable value, or a clear error.
 # ---------------------------------------------------------------------------
 
 
-def _what(value) -> str:
-  if isinstance(value, jax.core.Tracer):
-    return "a traced array (options are compile-time values: pass a Python number)"
-  if isinstance(value, (jax.Array, np.ndarray)):
-    return (
-      f"an array of shape {tuple(np.shape(value))} (options are compile-time values: "
-      "pass a Python number, e.g. float(x))"
-    )
-  return repr(value)
-
-
-def _is_real(value) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def real_option(
-  name: str,
-  value,
-  *,
-  low: float | None = None,
-  high: float | None = None,
-  low_open: bool = False,
-  allow_none: bool = False,
-):
-  """`value` as a Python float in [low, high] (or None when allowed), else an error."""
-  if value is None and allow_none:
-    return None
-  if not _is_real(value):
-    none = "None or " if allow_none else ""
-    raise TypeError(f"`{name}` must be {none}a real Python number, got {_what(value)}.")
-  v = float(value)
-  bad = math.isnan(v)
-  bad |= low is not None and (v <= low if low_open else v < low)
-  bad |= high is not None and v > high
-  if bad:
-    lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-    hi = "" if high is None else f"<= {high:g}"
-    rule = " and ".join(p for p in (lo, hi) if p)
-    raise ValueError(f"`{name}` must be {rule}, got {value!r}.")
-  return v
-
-
-def int_option(name: str, value, *, low: int | None = None, allow_none: bool = False):
-  """`value` as a Python int >= low (or None when allowed), else an error."""
-  if value is None and allow_none:
-    return None
-  if not _is_int(value):
-    none = "None or " if allow_none else ""
-    raise TypeError(f"`{name}` must be {none}a Python int, got {_what(value)}.")
-  v = int(value)
-  if low is not None and v < low:
-    raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
-  return v
+real_option, int_option, describe = V.real_option, V.int_option, V.describe
 
 
 def _axis(value):
-  if value is None or _is_int(value):
+  if value is None or V.is_int(value):
     return None if value is None else int(value)
-  if isinstance(value, (tuple, list)) and all(_is_int(a) for a in value):
+  if isinstance(value, (tuple, list)) and all(V.is_int(a) for a in value):
     return tuple(int(a) for a in value)
-  raise TypeError(f"`axis` must be an int, a tuple of ints or None, got {_what(value)}.")
+  raise TypeError(f"`axis` must be an int, a tuple of ints or None, got {describe(value)}.")
 
 
 def _base(value):
-  if value is None:
-    return None
-  if not _is_real(value):
-    raise TypeError(
-      "`base` must be None (nats) or a positive real Python number != 1 (2 for bits), "
-      f"got {_what(value)}."
-    )
-  V.log_base_scale(value)  # ValueError for <= 0, 1, inf, NaN
-  return float(value)
-
-
-def _reduction(value):
-  if not isinstance(value, str):
-    raise TypeError(f"`reduction` must be one of {V.REDUCTIONS}, got {_what(value)}.")
-  return V.check_reduction(value)
+  V.log_base_scale(value)  # the one rule for `base`: None, or a real number > 0 and != 1
+  return None if value is None else float(value)
 
 
 def _eps(value):
@@ -162,9 +98,9 @@ def _eps(value):
 OPTIONS: dict[str, Callable] = {
   "axis": _axis,
   "base": _base,
-  "reduction": _reduction,
-  "label_smoothing": lambda v: real_option("label_smoothing", v, low=0.0, high=1.0),
-  "z_loss": lambda v: real_option("z_loss", v, low=0.0),
+  "reduction": V.check_reduction,
+  "label_smoothing": V.check_label_smoothing,
+  "z_loss": lambda v: V.check_nonnegative("z_loss", v),
   "k": lambda v: int_option("k", v, low=1),
   "top_k": lambda v: int_option("top_k", v, low=1),
   "ignore_index": lambda v: int_option("ignore_index", v, allow_none=True),
@@ -179,7 +115,7 @@ def _hashable(name: str):
       hash(value)
     except TypeError:
       raise TypeError(
-        f"`{name}` is a compile-time option and must be hashable, got {_what(value)}."
+        f"`{name}` is a compile-time option and must be hashable, got {describe(value)}."
       ) from None
     return value
 
@@ -223,7 +159,10 @@ def public(
     static: parameter names that are compile-time options. Each is validated
       by ``validators[name]``, else by `OPTIONS[name]`, else only checked to
       be hashable; the validated (canonical) value is what the function sees.
-    validators: per-function validators that override `OPTIONS`.
+    validators: per-function validators that override `OPTIONS`; a name
+      that is not in ``static`` (an array argument) is checked by its
+      validator before conversion, on the raw value, and stays traced (e.g. a
+      Python number that must lie in a range, where arrays are also fine).
     signature: bind calls with this signature instead of the function's own
       (`gradient_of` uses it to give a gradient its loss's arguments); the
       function then receives every parameter by name.
@@ -244,6 +183,7 @@ def public(
     if unknown:
       raise TypeError(f"{fn.__name__} has no parameter(s) {unknown} to make static.")
     check = {n: extra.get(n) or OPTIONS.get(n) or _hashable(n) for n in static}
+    pre = {n: v for n, v in extra.items() if n not in static}
     jitted = jax.jit(fn, static_argnames=static)
 
     @functools.wraps(fn)
@@ -252,7 +192,10 @@ def public(
       bound.apply_defaults()
       call = {}
       for name, value in bound.arguments.items():
-        call[name] = check[name](value) if name in check else as_array_argument(value)
+        if name in check:
+          call[name] = check[name](value)
+        else:
+          call[name] = as_array_argument(pre[name](value) if name in pre else value)
       return jitted(**call)
 
     wrapper.__signature__ = sig

@@ -21,19 +21,13 @@ class CommandError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="xentjax",
-      description="Cross-entropy, explained and demonstrated (JAX).",
+    prog="xentjax",
+    description="Cross-entropy, explained and demonstrated (JAX).",
   )
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   sub.required = True
   for name in _SUBCOMMANDS:
-    try:
-      module = importlib.import_module(f"xentjax._cli_{name}")
-    except ModuleNotFoundError as e:  # a subcommand still being written
-      if e.name != f"xentjax._cli_{name}":
-        raise
-      continue
-    module.register(sub)
+    importlib.import_module(f"xentjax._cli_{name}").register(sub)
   return parser
 
 

@@ -8,15 +8,21 @@ import jax
 import jax.numpy as jnp
 
 from xentjax import _validation as V
-from xentjax._softmax import Axis, _class_axes, _prepare_where
+from xentjax._api import ArrayLike, Axis, Mask, class_axes, prepare_where, public, real_option
 
 
+def _check_alpha(alpha):
+  """A Python number must lie in [0, 1]; an array is used as given (it may be traced)."""
+  if isinstance(alpha, (str, bytes)) or (
+    isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+  ):
+    real_option("alpha", alpha, low=0.0, high=1.0)
+  return alpha
+
+
+@public(("axis",), validators={"alpha": _check_alpha})
 def smooth_labels(
-  labels: jax.typing.ArrayLike,
-  alpha: jax.typing.ArrayLike,
-  *,
-  axis: Axis = -1,
-  where: jax.typing.ArrayLike | None = None,
+  labels: ArrayLike, alpha: ArrayLike, *, axis: Axis = -1, where: Mask = None
 ) -> jax.Array:
   r"""Mix probability labels with the uniform distribution over the classes.
 
@@ -50,13 +56,11 @@ def smooth_labels(
     2016. Mueller, Kornblith and Hinton, When does label smoothing help?, 2019.
   """
   V.check_floating("labels", labels)
-  if isinstance(alpha, (int, float)):
-    V.check_label_smoothing(alpha)
   labels = jnp.asarray(labels)
-  axes = _class_axes(axis, labels.ndim)
+  axes = class_axes(axis, labels.ndim)
   if where is None:
     k = math.prod(labels.shape[a] for a in axes)
   else:
-    mask = _prepare_where(where, labels.shape, axis, axes)
+    mask = prepare_where(where, labels.shape, axis, axes)
     k = jnp.sum(mask, axis=axes, keepdims=True).astype(labels.dtype)
   return (1.0 - alpha) * labels + alpha / k

@@ -21,7 +21,9 @@ import numpy as np
 from xentjax import _core
 from xentjax import _validation as V
 from xentjax._api import (
+  ArrayLike,
   Axis,
+  Mask,
   broadcast_to_first,
   check_float_labels,
   class_axes,
@@ -110,10 +112,10 @@ def _dense_ce(z, y, mask, label_smoothing: float, z_loss: float):
 
 @public(("axis", "label_smoothing", "z_loss"))
 def softmax_cross_entropy(
-  logits: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
+  logits: ArrayLike,
+  labels: ArrayLike,
   axis: Axis = -1,
-  where: jax.typing.ArrayLike | None = None,
+  where: Mask = None,
   *,
   label_smoothing: float = 0.0,
   z_loss: float = 0.0,
@@ -181,10 +183,7 @@ def softmax_cross_entropy(
 
 
 @public()
-def safe_softmax_cross_entropy(
-  logits: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
-) -> jax.Array:
+def safe_softmax_cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
   r"""Softmax cross-entropy with :math:`0 \log 0 = 0` (optax's safe variant).
 
   Kept for compatibility with `optax.losses.safe_softmax_cross_entropy`; in
@@ -254,10 +253,10 @@ def _sparse_ce(z, labels, mask, label_smoothing: float, z_loss: float):
 
 @public(("axis", "label_smoothing", "z_loss"))
 def softmax_cross_entropy_with_integer_labels(
-  logits: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
+  logits: ArrayLike,
+  labels: ArrayLike,
   axis: int | tuple[int, ...] = -1,
-  where: jax.typing.ArrayLike | None = None,
+  where: Mask = None,
   *,
   label_smoothing: float = 0.0,
   z_loss: float = 0.0,
@@ -316,12 +315,12 @@ def softmax_cross_entropy_with_integer_labels(
 
 @public(("axis",))
 def poly_loss_cross_entropy(
-  logits: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
+  logits: ArrayLike,
+  labels: ArrayLike,
   *,
-  epsilon: jax.typing.ArrayLike = 2.0,
+  epsilon: ArrayLike = 2.0,
   axis: Axis = -1,
-  where: jax.typing.ArrayLike | None = None,
+  where: Mask = None,
 ) -> jax.Array:
   r"""Poly-1 loss: cross-entropy plus :math:`\epsilon` times the first Taylor term.
 
@@ -400,10 +399,7 @@ def _kl_terms(lp, t, mask, *, log_targets: bool):
 
 @public(("axis",))
 def kl_divergence(
-  log_predictions: jax.typing.ArrayLike,
-  targets: jax.typing.ArrayLike,
-  axis: Axis = -1,
-  where: jax.typing.ArrayLike | None = None,
+  log_predictions: ArrayLike, targets: ArrayLike, axis: Axis = -1, where: Mask = None
 ) -> jax.Array:
   r"""Kullback-Leibler divergence of predictions from targets, safe at zero targets.
 
@@ -435,10 +431,7 @@ def kl_divergence(
 
 @public(("axis",))
 def kl_divergence_with_log_targets(
-  log_predictions: jax.typing.ArrayLike,
-  log_targets: jax.typing.ArrayLike,
-  axis: Axis = -1,
-  where: jax.typing.ArrayLike | None = None,
+  log_predictions: ArrayLike, log_targets: ArrayLike, axis: Axis = -1, where: Mask = None
 ) -> jax.Array:
   r"""Kullback-Leibler divergence with the targets given as log-probabilities.
 
@@ -575,21 +568,25 @@ def _kl_grad(log_predictions, targets, axis, where, *, log_targets):
   return g.astype(jnp.asarray(log_predictions).dtype)
 
 
-@gradient_of(
+def _kl_gradient(loss, *, log_targets: bool, formula: str, note: str):
+  """The closed-form gradient of one of the two KL losses (they differ in the target form)."""
+  target = "log_targets" if log_targets else "targets"
+
+  def grad(log_predictions, axis, where, **target_arg):
+    return _kl_grad(log_predictions, target_arg[target], axis, where, log_targets=log_targets)
+
+  return gradient_of(loss, wrt="log_predictions", formula=formula, note=note)(grad)
+
+
+kl_divergence_grad = _kl_gradient(
   kl_divergence,
-  wrt="log_predictions",
+  log_targets=False,
   formula=r"\nabla_{\log q} D = -t",
   note="0 where the target is 0 or masked (the same test as the value).",
 )
-def kl_divergence_grad(log_predictions, targets, axis, where):
-  return _kl_grad(log_predictions, targets, axis, where, log_targets=False)
-
-
-@gradient_of(
+kl_divergence_with_log_targets_grad = _kl_gradient(
   kl_divergence_with_log_targets,
-  wrt="log_predictions",
+  log_targets=True,
   formula=r"\nabla_{\log q} D = -e^{\log t}",
   note="0 where the log-target is ``-inf`` or masked.",
 )
-def kl_divergence_with_log_targets_grad(log_predictions, log_targets, axis, where):
-  return _kl_grad(log_predictions, log_targets, axis, where, log_targets=True)

@@ -226,10 +226,7 @@ def _index_losses(z, labels, w, ignore_index, eps):
   # w_y * (log_s - zy) with 0 * inf = 0: a zero-weight class adds nothing.
   label_part = _core.xent(st.log_s, 1.0, st.zy)
   label_part = jnp.where(w_y == 0, 0.0, w_y * jnp.where(w_y == 0, 0.0, label_part))
-  loss = label_part
-  if eps > 0.0:
-    shifted, m = _core.shifted_logits(z)
-    loss = (1.0 - eps) * label_part + eps * _uniform_part(z, shifted, m, st.log_s, w)
+  loss = _mix(label_part, eps, lambda: _uniform_part(z, *_core.shifted_logits(z), st.log_s, w))
   # A bad label is NaN in its value, the reductions and the gradient.
   loss = loss * jnp.where(status.bad, jnp.nan, 1.0).astype(loss.dtype)
   loss = jnp.where(status.counted, loss, jnp.zeros((), loss.dtype))
@@ -244,9 +241,17 @@ def _probability_losses(z, t, w, eps):
   log_s = _core.log_sum_exp_shifted(shifted)
   tw = t if w is None else t * jnp.broadcast_to(w, t.shape)
   loss = _core.xent(log_s, jnp.sum(tw, axis=-1), _core.target_dot(shifted, tw))
-  if eps > 0.0:
-    loss = (1.0 - eps) * loss + eps * _uniform_part(z, shifted, m, log_s, w)
+  loss = _mix(loss, eps, lambda: _uniform_part(z, shifted, m, log_s, w))
   return loss, jnp.asarray(loss.size, z.dtype)
+
+
+def _mix(target_part, eps: float, uniform_part):
+  """``(1 - eps) target + eps uniform``, leaving out a term whose weight is 0 (no 0 * inf)."""
+  if eps == 0.0:
+    return target_part
+  if eps == 1.0:
+    return uniform_part()
+  return (1.0 - eps) * target_part + eps * uniform_part()
 
 
 def check_labels(

@@ -10,8 +10,10 @@ check of label ranges).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,25 +28,21 @@ def _shape(x):
   return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
 
 
+def _check_kind(name: str, x, kind, what: str, hint: str = "") -> None:
+  dt = _dtype(x)
+  if not jnp.issubdtype(dt, kind):
+    raise TypeError(f"`{name}` must be {what}, got dtype {dt} with shape {_shape(x)}.{hint}")
+
+
 def check_floating(name: str, x) -> None:
   """Raise `TypeError` unless `x` has a floating dtype."""
-  dt = _dtype(x)
-  if not jnp.issubdtype(dt, jnp.floating):
-    raise TypeError(
-        f"`{name}` must be a floating-point array (logits or probabilities), "
-        f"got dtype {dt} with shape {_shape(x)}."
-    )
+  _check_kind(name, x, jnp.floating, "a floating-point array (logits or probabilities)")
 
 
 def check_integer(name: str, x) -> None:
   """Raise `TypeError` unless `x` has an integer dtype (class indices)."""
-  dt = _dtype(x)
-  if not jnp.issubdtype(dt, jnp.integer):
-    raise TypeError(
-        f"`{name}` must be an integer array of class indices, got dtype {dt} "
-        f"with shape {_shape(x)}. For probability targets use the function "
-        "that takes one-hot or soft labels."
-    )
+  hint = " For probability targets use the function that takes one-hot or soft labels."
+  _check_kind(name, x, jnp.integer, "an integer array of class indices", hint)
 
 
 def check_same_shape(name_a: str, a, name_b: str, b) -> None:
@@ -52,8 +50,8 @@ def check_same_shape(name_a: str, a, name_b: str, b) -> None:
   sa, sb = _shape(a), _shape(b)
   if sa != sb:
     raise ValueError(
-        f"`{name_a}` and `{name_b}` must have the same shape, got "
-        f"{name_a}.shape={sa} and {name_b}.shape={sb}."
+      f"`{name_a}` and `{name_b}` must have the same shape, got "
+      f"{name_a}.shape={sa} and {name_b}.shape={sb}."
     )
 
 
@@ -64,8 +62,8 @@ def check_broadcastable(name_a: str, a, name_b: str, b) -> None:
     np.broadcast_shapes(sa, sb)
   except ValueError:
     raise ValueError(
-        f"`{name_a}` and `{name_b}` must have broadcastable shapes, got "
-        f"{name_a}.shape={sa} and {name_b}.shape={sb}."
+      f"`{name_a}` and `{name_b}` must have broadcastable shapes, got "
+      f"{name_a}.shape={sa} and {name_b}.shape={sb}."
     ) from None
 
 
@@ -80,55 +78,92 @@ def normalize_axis(name: str, axis, ndim: int):
   return out[0] if isinstance(axis, int) else tuple(out)
 
 
+# ---------------------------------------------------------------------------
+# Options: Python values checked before tracing, returned in canonical form.
+# ---------------------------------------------------------------------------
+
+
+def describe(value) -> str:
+  """How an error message shows a bad option value."""
+  if isinstance(value, jax.core.Tracer):
+    return "a traced array (options are compile-time values: pass a Python number)"
+  if isinstance(value, (jax.Array, np.ndarray)):
+    return (
+      f"an array of shape {tuple(np.shape(value))} (options are compile-time values: "
+      "pass a Python number, e.g. float(x))"
+    )
+  return repr(value)
+
+
+def is_real(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def real_option(name: str, value, *, low=None, high=None, integer=False, allow_none=False):
+  """`value` as a Python float (int with ``integer``) in ``[low, high]``, else a named error.
+
+  Strings, bools and arrays are refused with a `TypeError` (``"0.1"`` is not
+  silently read as a number); a number out of range (or NaN) is a
+  `ValueError`. None is returned as None when ``allow_none``.
+  """
+  if value is None and allow_none:
+    return None
+  kind = "a Python int" if integer else "a real Python number"
+  if not (is_int(value) if integer else is_real(value)):
+    raise TypeError(f"`{name}` must be {'None or ' * allow_none}{kind}, got {describe(value)}.")
+  v = int(value) if integer else float(value)
+  if math.isnan(v) or (low is not None and v < low) or (high is not None and v > high):
+    rule = " and ".join(
+      p for p in (low is not None and f">= {low:g}", high is not None and f"<= {high:g}") if p
+    )
+    raise ValueError(f"`{name}` must be {rule}, got {value!r}.")
+  return v
+
+
+def int_option(name: str, value, *, low=None, allow_none=False):
+  """`value` as a Python int >= ``low`` (or None when allowed), else a named error."""
+  return real_option(name, value, low=low, integer=True, allow_none=allow_none)
+
+
 def check_reduction(reduction: str) -> str:
   """Return `reduction` if it is one of "none", "mean", "sum"."""
-  if reduction not in REDUCTIONS:
-    raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
+  if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+    raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {describe(reduction)}.")
   return reduction
 
 
 def check_label_smoothing(label_smoothing) -> float:
   """Return `label_smoothing` as a float in [0, 1]."""
-  try:
-    eps = float(label_smoothing)
-  except TypeError:
-    raise TypeError(
-        f"`label_smoothing` must be a Python number in [0, 1], got {label_smoothing!r}."
-    ) from None
-  if not 0.0 <= eps <= 1.0 or math.isnan(eps):
-    raise ValueError(f"`label_smoothing` must lie in [0, 1], got {label_smoothing!r}.")
-  return eps
+  return real_option("label_smoothing", label_smoothing, low=0.0, high=1.0)
 
 
 def check_nonnegative(name: str, value) -> float:
   """Return `value` as a float >= 0 (for penalties such as `z_loss`)."""
-  v = float(value)
-  if not v >= 0.0:
-    raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
-  return v
+  return real_option(name, value, low=0.0)
 
 
 def log_base_scale(base) -> float | None:
   """Return 1 / ln(base), the factor that turns nats into units of `base`.
 
   `None` (nats) returns `None` so callers skip the multiplication entirely.
-  Raises `ValueError` for a base <= 0 or == 1 (no logarithm exists there).
+  A string or an array is a `TypeError`; a base <= 0, == 1 or infinite a
+  `ValueError` (no logarithm exists there).
   """
   if base is None:
     return None
-  try:
-    b = float(base)
-  except TypeError:
-    raise TypeError(f"`base` must be None or a positive number != 1, got {base!r}.") from None
+  if not is_real(base):
+    raise TypeError(
+      "`base` must be None (nats) or a positive real Python number != 1 (2 for bits), "
+      f"got {describe(base)}."
+    )
+  b = float(base)
   if not b > 0.0 or b == 1.0 or math.isinf(b):
     raise ValueError(f"`base` must be None (nats) or a finite number > 0 and != 1, got {base!r}.")
   return 1.0 / math.log(b)
-
-
-def to_base(x, base):
-  """Convert a quantity in nats to units of `base` (identity for None)."""
-  scale = log_base_scale(base)
-  return x if scale is None else x * jnp.asarray(scale, dtype=x.dtype)
 
 
 def compute_dtype(*dtypes):
