@@ -105,3 +105,103 @@ def test_library_across_two_processes(tmp_path):
   # The global count is the single-process count: 1003 rows, 90% kept, -100 labels dropped.
   assert results[0]["split_result"]["count"] > 800
   print(json.dumps(results[0]["measured"], indent=1))
+
+
+# ---------------------------------------------------------------------------
+# The command line: `xentjax evaluate` in two processes.
+
+
+@pytest.fixture
+def shards(tmp_path):
+  """Three (logits, labels) file pairs of different sizes, and their float64 reference."""
+  rng = np.random.default_rng(3)
+  zs, ys = [], []
+  for i, n in enumerate((300, 250, 123)):
+    z = (rng.standard_normal((n, 10)) * 2).astype(np.float32)
+    y = rng.integers(0, 10, n)
+    y[::41] = -100
+    np.save(tmp_path / f"z{i}.npy", z)
+    np.save(tmp_path / f"y{i}.npy", y)
+    zs.append(z)
+    ys.append(y)
+  return tmp_path, np.concatenate(zs), np.concatenate(ys)
+
+
+def files_argv(d, names=(0, 1, 2)):
+  argv = []
+  for i in names:
+    argv += ["--logits", str(d / f"z{i}.npy"), "--labels", str(d / f"y{i}.npy")]
+  return argv
+
+
+def cli(port, i, *argv, n=2):
+  return [
+    sys.executable, "-m", "xentjax", "evaluate", "--coordinator", f"127.0.0.1:{port}",
+    "--num-processes", str(n), "--process-id", str(i), "--timeout", "20", *argv,
+  ]  # fmt: skip
+
+
+def test_cli_two_processes_print_once_and_match_one_process(shards, capsys):
+  d, z, y = shards
+  port = free_port()
+  runs = launch([cli(port, i, *files_argv(d), "--json", "--top-k", "3") for i in range(2)], cwd=d)
+  (code0, out0, err0, _), (code1, out1, err1, _) = runs
+  assert code0 == 0 and code1 == 0, (err0, err1)
+  assert out1 == "" and err0 == "" and err1 == ""  # no gloo or JAX log on the user's streams
+  got = json.loads(out0)
+
+  from xentjax._cli import main
+
+  assert main(["evaluate", "--no-progress", *files_argv(d), "--json", "--top-k", "3"]) == 0
+  one = json.loads(capsys.readouterr().out)
+  assert got.keys() == one.keys()
+  for key, want in one.items():
+    if isinstance(want, float):
+      np.testing.assert_allclose(got[key], want, rtol=1e-12, atol=1e-9, err_msg=key)
+    else:
+      assert got[key] == want, key
+  keep = y != -100
+  zk = z[keep].astype(np.float64)
+  nll = np.logaddexp.reduce(zk, axis=-1) - zk[np.arange(keep.sum()), y[keep]]
+  assert got["count"] == int(keep.sum()) == 655
+  np.testing.assert_allclose(got["cross_entropy"], nll.mean(), rtol=1e-6)
+
+
+def test_cli_failures_are_one_line_in_every_process(shards):
+  d, _, _ = shards
+  bad = np.load(d / "y1.npy")
+  bad[7] = 10
+  np.save(d / "y1.npy", bad)
+  # Process 1's own file (the {process} placeholder) has a label out of range.
+  port = free_port()
+  runs = launch(
+    [
+      cli(port, i, "--logits", str(d / "z{process}.npy"), "--labels", str(d / "y{process}.npy"))
+      for i in range(2)
+    ],
+    cwd=d,
+  )
+  (code0, out0, err0, _), (code1, out1, err1, _) = runs
+  assert out0 == "" and out1 == "", "no partial result may be printed"
+  assert code1 == 2 and err1.count("\n") == 1 and "label 10 is out of range" in err1, err1
+  assert code0 == 1 and err0.count("\n") == 1, err0
+  assert "failed in process 1 of 2" in err0 and "label 10 is out of range" in err0, err0
+
+  # Different options in the two processes: an error in both, nothing printed.
+  port = free_port()
+  runs = launch(
+    [cli(port, i, *files_argv(d, (0, 2)), "--num-bins", str(10 + i)) for i in range(2)], cwd=d
+  )
+  for code, out, err, _ in runs:
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "`num_bins` differs between processes" in err, err
+
+
+def test_cli_unreachable_coordinator_fails_in_bounded_time(shards):
+  d, _, _ = shards
+  cmd = cli(free_port(), 1, *files_argv(d), "--json")
+  cmd[cmd.index("--timeout") + 1] = "2"
+  ((code, out, err, seconds),) = launch([cmd], cwd=d, deadline=60)
+  assert code == 1 and out == "", err
+  assert err.count("\n") == 1 and "could not join the job within --timeout 2 s" in err, err
+  assert seconds < 40, seconds

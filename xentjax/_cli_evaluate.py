@@ -78,7 +78,7 @@ def register(subparsers) -> None:
   )
   p.add_argument(
     "--shape", default=None,
-    help="shape of raw logits, e.g. 1000000,64 (a leading -1: rows from the file size)",
+    help="shape of raw logits, e.g. 1000000,64 (--shape=-1,64: rows from the file size)",
   )  # fmt: skip
   p.add_argument("--dtype", default=None, help="dtype of raw logits (default float32)")
   p.add_argument("--labels-dtype", default=None, help="dtype of raw labels (default int64)")
@@ -250,8 +250,6 @@ def _open_npz(path: str, key: str | None, what: str) -> np.ndarray:
 def _open_raw(path: str, what: str, dtype: np.dtype, shape: tuple[int, ...] | None):
   try:
     size = os.path.getsize(path)
-    with open(path, "rb"):
-      pass  # readable?
   except OSError as e:
     raise CommandError(f"cannot read {what} file {path!r}: {e.strerror or e}") from None
   if shape is None or shape[0] == -1:  # rows from the file size
@@ -267,9 +265,10 @@ def _open_raw(path: str, what: str, dtype: np.dtype, shape: tuple[int, ...] | No
     raise CommandError(
       f"{what} file {path!r} has {size} bytes but shape {shape} of {dtype} needs {expected}"
     )
-  if size == 0:
-    return np.zeros(shape, dtype)
   try:
+    if size == 0:
+      with open(path, "rb"):  # readable?
+        return np.zeros(shape, dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=shape)
   except OSError as e:
     raise CommandError(f"cannot read {what} file {path!r}: {e.strerror or e}") from None
@@ -577,6 +576,8 @@ def _worker(args, job: _Job) -> int:
     _fail(args, f"xentjax evaluate: error: {e}" + ("" if n == 1 else f" (process {pid} of {n})"), 2)
   except dist.ProcessFailedError as e:
     _fail(args, f"xentjax evaluate: error: {e}", 1)
+  except ValueError as e:  # the processes were given different options
+    _fail(args, f"xentjax evaluate: error: {e}", 2)
   except Exception as e:  # noqa: BLE001 -- one line, never a traceback
     _fail(args, f"xentjax evaluate: error: process {pid} of {n}: {type(e).__name__}: {e}", 1)
   return 0  # not reached
