@@ -20,21 +20,21 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax
 
 PID, NPROC, PORT, OUT = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 
-import xentjax  # noqa: E402
+import xentjax
 
 xentjax.distributed.initialize(f"127.0.0.1:{PORT}", NPROC, PID, timeout=30, heartbeat_timeout=20)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 RESULTS: dict = {"process_index": jax.process_index(), "measured": {}}
 
@@ -96,7 +96,7 @@ def batches(rows, size, soft=False):
 
 
 # Process 0: rows [0, 600) in batches of 100; process 1: [600, 1003) in batches of 64.
-MINE = range(0, 600) if PID == 0 else range(600, N)
+MINE = range(600) if PID == 0 else range(600, N)
 MY_BATCH = 100 if PID == 0 else 64
 
 
@@ -160,7 +160,7 @@ def main():
       for i in range(rows.start, rows.stop, 50):
         yield LOGITS[i : i + 50], LABELS[i : min(i + 50, rows.stop)]
 
-    model = lambda w, x: x @ w  # noqa: E731
+    model = lambda w, x: x @ w
     got = xentjax.evaluate(stream(MINE), model=model, params=W_MODEL, progress=False)
     one = xentjax.evaluate(
       stream(range(N)), model=model, params=W_MODEL, progress=False, across_processes=False
@@ -179,7 +179,7 @@ def main():
   @check("evaluate_failure_in_one_process_raises_everywhere")
   def _():
     def failing():
-      yield from batches(range(0, 200), 100)
+      yield from batches(range(200), 100)
       if PID == 1:
         raise OSError("disk vanished")
       yield from batches(range(200, 300), 100)

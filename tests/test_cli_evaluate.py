@@ -253,7 +253,7 @@ def test_top_k_above_the_number_of_classes(files, capsys):
 
 
 def test_nan_logits_are_an_error_naming_the_row(files, capsys):
-  d, logits, labels = files
+  d, logits, _ = files
   bad = logits.copy()
   bad[3, 4] = np.nan  # labels[0] is -100 (ignored), row 3 counts
   np.save(d / "nan.npy", bad)
@@ -353,7 +353,7 @@ def test_directory_is_not_reported_as_missing(files, capsys):
 
 
 def test_raw_labels_dtype_hint(files, capsys):
-  d, logits, labels = files
+  d, _, labels = files
   labels.astype(np.int32).tofile(d / "labels32.bin")
   assert_error(
     capsys, "try --labels-dtype int32", "--logits", d / "logits.npy", "--labels", d / "labels32.bin"

@@ -47,9 +47,14 @@ def launch(commands, cwd, deadline=DEADLINE):
   start = time.monotonic()
   procs = [
     subprocess.Popen(
-      cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      stdin=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+      cmd,
+      cwd=cwd,
+      env=env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      stdin=subprocess.DEVNULL,
+      start_new_session=True,
+    )
     for cmd in commands
   ]
   results = []
@@ -61,7 +66,9 @@ def launch(commands, cwd, deadline=DEADLINE):
       except subprocess.TimeoutExpired:
         kill_all(procs)
         outs = [q.communicate() for q in procs]
-        report = "\n".join(f"--- process {i}:\n{e.decode()[-2000:]}" for i, (_, e) in enumerate(outs))
+        report = "\n".join(
+          f"--- process {i}:\n{e.decode()[-2000:]}" for i, (_, e) in enumerate(outs)
+        )
         pytest.fail(f"processes still running after {deadline} s; killed.\n{report}")
       results.append((p.returncode, out.decode(), err.decode(), time.monotonic() - start))
   finally:

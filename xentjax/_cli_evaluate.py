@@ -169,7 +169,11 @@ def _job(args) -> _Job | None:
   if not args.distributed:
     missing = [
       flag
-      for flag, v in (("--coordinator", coordinator), ("--num-processes", num), ("--process-id", pid))
+      for flag, v in (
+        ("--coordinator", coordinator),
+        ("--num-processes", num),
+        ("--process-id", pid),
+      )
       if v is None
     ]
     if missing:
@@ -235,8 +239,7 @@ def _open_npz(path: str, key: str | None, what: str) -> np.ndarray:
           key = names[0]
         else:
           raise CommandError(
-            f"{what} archive {path!r} holds {len(names)} arrays {names}; name one as "
-            f"{path}:NAME"
+            f"{what} archive {path!r} holds {len(names)} arrays {names}; name one as {path}:NAME"
           )
       if key not in names:
         raise CommandError(f"{what} archive {path!r} has no array {key!r}; it has {names}")
@@ -257,7 +260,11 @@ def _open_raw(path: str, what: str, dtype: np.dtype, shape: tuple[int, ...] | No
     if size % row:
       raise CommandError(
         f"{what} file {path!r} has {size} bytes, not a multiple of "
-        + (f"{dtype} ({dtype.itemsize})" if shape is None else f"a row of {shape[1:]} {dtype} ({row})")
+        + (
+          f"{dtype} ({dtype.itemsize})"
+          if shape is None
+          else f"a row of {shape[1:]} {dtype} ({row})"
+        )
       )
     shape = (size // row,) + (() if shape is None else tuple(shape[1:]))
   expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -276,7 +283,7 @@ def _open_raw(path: str, what: str, dtype: np.dtype, shape: tuple[int, ...] | No
 
 def _is_raw(path: str) -> bool:
   low = path.lower()
-  return not (low.endswith(".npy") or low.endswith(".npz") or ".npz:" in low)
+  return not (low.endswith((".npy", ".npz")) or ".npz:" in low)
 
 
 def _open(path: str, what: str, args, *, raw_shape=None) -> np.ndarray:
@@ -299,9 +306,7 @@ def _open(path: str, what: str, args, *, raw_shape=None) -> np.ndarray:
   if given_shape is not None:
     want = _shape(given_shape)
     if len(want) != a.ndim or any(w not in (-1, s) for w, s in zip(want, a.shape)):
-      raise CommandError(
-        f"--shape {given_shape} is for raw files; {path!r} holds shape {a.shape}"
-      )
+      raise CommandError(f"--shape {given_shape} is for raw files; {path!r} holds shape {a.shape}")
   if given_dtype is not None:
     flag = "--dtype" if what == "logits" else "--labels-dtype"
     if _dtype(given_dtype, flag, "float32") != a.dtype.newbyteorder("="):
@@ -516,8 +521,7 @@ def _evaluate(args, *, sources, pairs, job) -> int:
       + (
         f"every one of the {rows:,} labels is ignored (--ignore-index {args.ignore_index})"
         if rows and job is None
-        else "the files have 0 rows, or every label equals --ignore-index "
-        f"{args.ignore_index}"
+        else f"the files have 0 rows, or every label equals --ignore-index {args.ignore_index}"
       )
     )
   if math.isnan(result.cross_entropy):
@@ -600,7 +604,9 @@ def _summarize_fatal(log: str, job: _Job) -> str:
   text = "\n".join(lines[-40:])
   who = "" if job.process_id is None else f"process {job.process_id}: "
   if "RegisterTask" in text or ("DEADLINE_EXCEEDED" in text and "connect" in text.lower()):
-    everyone = "all processes" if job.num_processes is None else f"all {job.num_processes} processes"
+    everyone = (
+      "all processes" if job.num_processes is None else f"all {job.num_processes} processes"
+    )
     return (
       f"{who}could not join the job within --timeout {job.timeout} s: the coordinator "
       f"{job.coordinator or '(detected)'} is unreachable, or not {everyone} started"
@@ -625,7 +631,8 @@ def _supervise(args, job: _Job) -> int:
   sys.stdout.flush()
   sys.stderr.flush()
   user = (os.dup(sys.stdout.fileno()), os.dup(sys.stderr.fileno()))
-  log = tempfile.NamedTemporaryFile(prefix="xentjax-evaluate-", suffix=".log", delete=False)
+  # Kept past this function when the child fails (its path is in the message).
+  log = tempfile.NamedTemporaryFile(prefix="xentjax-evaluate-", suffix=".log", delete=False)  # noqa: SIM115
   env = dict(os.environ, **{_WORKER_ENV: f"{user[0]},{user[1]}"})
   try:
     child = subprocess.Popen(
@@ -640,7 +647,9 @@ def _supervise(args, job: _Job) -> int:
     del frame
     child.send_signal(signum)
 
-  old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+  # Ctrl-C reaches the child directly (same process group); SIGTERM is passed on.
+  old = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+         signal.SIGTERM: signal.signal(signal.SIGTERM, forward)}  # fmt: skip
   try:
     code = child.wait()
   finally:
@@ -671,5 +680,5 @@ def use_user_streams() -> None:
   fds = os.environ.get(_WORKER_ENV)
   if fds is not None:
     out, err = (int(fd) for fd in fds.split(","))
-    sys.stdout = open(out, "w", buffering=1, closefd=False)
-    sys.stderr = open(err, "w", buffering=1, closefd=False)
+    sys.stdout = open(out, "w", buffering=1, closefd=False)  # noqa: SIM115 -- for the process's life
+    sys.stderr = open(err, "w", buffering=1, closefd=False)  # noqa: SIM115

@@ -90,7 +90,9 @@ def initialize(
   )
 
 
-def process_share(items: Sequence, *, process_id: int | None = None, num_processes: int | None = None) -> list:
+def process_share(
+  items: Sequence, *, process_id: int | None = None, num_processes: int | None = None
+) -> list:
   """This process's round-robin share of `items`: ``items[process_id::num_processes]``.
 
   Item ``i`` belongs to process ``i mod P``, so every item is read by exactly
@@ -142,7 +144,7 @@ def _encode(tree) -> Any:
 
 
 def _decode(obj) -> Any:
-  (kind, v), = obj.items()
+  ((kind, v),) = obj.items()
   if kind == "d":
     return {k: _decode(x) for k, x in v.items()}
   if kind == "l":
@@ -246,7 +248,7 @@ def combine_evaluation(totals, *, options: dict, failure: BaseException | None):
   }
   try:
     everyone = allgather(payload)
-  except Exception as e:  # noqa: BLE001 -- a broken collective: name it, whatever JAX raised
+  except Exception as e:
     raise ProcessFailedError(
       f"process {me} of {n}: lost contact with the other processes while combining "
       f"xentjax.evaluate's totals ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
