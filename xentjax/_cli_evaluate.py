@@ -406,12 +406,7 @@ def _native(a) -> np.ndarray:
 
 def _pairs(args, process_id: int, num_processes: int) -> list[tuple[str, str]]:
   """This process's (logits, labels) file pairs."""
-  if len(args.logits) != len(args.labels):
-    raise CommandError(
-      f"give one --labels per --logits, got {len(args.logits)} --logits and "
-      f"{len(args.labels)} --labels"
-    )
-  pairs = list(zip(args.logits, args.labels))
+  pairs = list(zip(args.logits, args.labels, strict=True))  # counts checked by _check_options
   if any(PLACEHOLDER in p for pair in pairs for p in pair):  # each process names its own files
     return [tuple(p.replace(PLACEHOLDER, str(process_id)) for p in pair) for pair in pairs]
   return pairs[process_id::num_processes]
@@ -470,6 +465,11 @@ def _check_options(args) -> None:
     raise CommandError(f"--base must be a finite number > 0 and != 1, got {args.base}")
   if args.shape is not None:
     _shape(args.shape)
+  if len(args.logits) != len(args.labels):
+    raise CommandError(
+      f"give one --labels per --logits, got {len(args.logits)} --logits and "
+      f"{len(args.labels)} --labels"
+    )
   _dtype(args.dtype, "--dtype", "float32")
   _dtype(args.labels_dtype, "--labels-dtype", "int64")
 

@@ -40,8 +40,9 @@ import numpy as np
 
 __all__ = ["ProcessFailedError", "initialize", "process_share"]
 
-# Seconds `initialize` waits for every process to join (JAX's default is 300).
-DEFAULT_TIMEOUT = 60
+# Seconds `initialize` waits for every process to join (JAX's default: a pod
+# slice can take minutes to start all its workers).
+DEFAULT_TIMEOUT = 300
 
 
 class ProcessFailedError(RuntimeError):
@@ -71,8 +72,9 @@ def initialize(
       ``JAX_COORDINATOR_ADDRESS`` or cluster detection).
     num_processes: number of processes in the job (None: detected).
     process_id: this process's index in ``[0, num_processes)`` (None: detected).
-    timeout: seconds to wait for every process to join; past it JAX ends the
-      process (it does not raise).
+    timeout: seconds to wait for every process to join (default 300, JAX's);
+      past it JAX ends the process from C++ (it does not raise; the
+      `xentjax evaluate` command turns that into one line).
     heartbeat_timeout: seconds of silence after which a process is declared
       dead and the others end (None: JAX's default, 100).
     **kwargs: passed on to `jax.distributed.initialize`.
