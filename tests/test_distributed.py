@@ -16,7 +16,7 @@ def test_process_share_round_robin_covers_every_item_once():
   items = [f"shard{i}" for i in range(7)]
   shares = [dist.process_share(items, process_id=p, num_processes=3) for p in range(3)]
   assert shares == [["shard0", "shard3", "shard6"], ["shard1", "shard4"], ["shard2", "shard5"]]
-  assert sorted(sum(shares, [])) == sorted(items)
+  assert sorted(s for share in shares for s in share) == sorted(items)
   assert dist.process_share(items[:1], process_id=1, num_processes=2) == []
   assert dist.process_share(items) == items  # one process: everything
   with pytest.raises(ValueError, match="process_id < num_processes"):
