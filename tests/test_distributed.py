@@ -28,6 +28,8 @@ def test_exchange_format_is_exact():
     "nll": [0.1, -1e-300, math.inf, math.nan, 1 / 3],
     "count": 2**70 + 1,
     "bins": np.arange(5, dtype=np.int64) * 3,
+    "scalar": np.asarray(7, np.int64),
+    "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
     "resid": [np.array([1e-8, -2.5], np.float64), np.array([0.1], np.float32)],
     "flag": True,
     "name": None,
@@ -38,6 +40,8 @@ def test_exchange_format_is_exact():
   assert [x.hex() for x in back["nll"][:3]] == [x.hex() for x in tree["nll"][:3]]
   assert math.isnan(back["nll"][3]) and back["nll"][4] == 1 / 3
   assert back["bins"].dtype == np.int64 and back["bins"].tolist() == [0, 3, 6, 9, 12]
+  assert back["scalar"].shape == () and int(back["scalar"]) == 7
+  assert back["fortran"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
   assert back["resid"][1].dtype == np.float32 and back["resid"][1][0] == np.float32(0.1)
   assert back["nested"] == {"a": [1, 2.5]}
   with pytest.raises(TypeError, match="cannot send a object"):
@@ -76,3 +80,17 @@ def test_evaluate_failure_in_a_single_process_job_is_raised_as_is():
 
   with pytest.raises(OSError, match="disk vanished"):
     xentjax.evaluate(failing(), progress=False, across_processes=True)
+
+
+def test_combined_totals_keep_their_types():
+  import collections
+
+  class Totals:
+    def __init__(self):
+      self.pairs = collections.defaultdict(list, {"nll": [np.float64(1.5), np.float64(0.0)]})
+      self.counts = {"n": np.asarray(3, np.int64)}
+
+  out = dist.combine_evaluation(Totals(), options={"top_k": 5}, failure=None)
+  assert type(out) is Totals and isinstance(out.pairs, collections.defaultdict)
+  assert out.pairs["nll"] == [1.5, 0.0] and out.pairs["missing"] == []
+  assert int(out.counts["n"]) == 3

@@ -29,6 +29,7 @@ with ``PROCESS=1``)::
 from __future__ import annotations
 
 import base64
+import collections
 import itertools
 import json
 import math
@@ -132,7 +133,7 @@ def _encode(tree) -> Any:
   if isinstance(tree, (list, tuple)):
     return {"l": [_encode(v) for v in tree]}
   if isinstance(tree, np.ndarray):
-    a = np.ascontiguousarray(tree)
+    a = tree  # tobytes() is C order for any layout; 0-d arrays stay 0-d
     return {"a": [a.dtype.str, list(a.shape), base64.b64encode(a.tobytes()).decode()]}
   if isinstance(tree, (bool, np.bool_)):
     return {"b": bool(tree)}
@@ -276,5 +277,15 @@ def combine_evaluation(totals, *, options: dict, failure: BaseException | None):
       )
   merged = merge_sums([p["totals"] for p in everyone])
   out = object.__new__(type(totals))
-  out.__dict__.update(merged)
+  out.__dict__.update({k: _like(getattr(totals, k), v) for k, v in merged.items()})
   return out
+
+
+def _like(local, merged):
+  """`merged` with the dict types of `local` (a `defaultdict` stays one)."""
+  if isinstance(local, dict) and isinstance(merged, dict):
+    items = {k: _like(local.get(k), v) for k, v in merged.items()}
+    if isinstance(local, collections.defaultdict):
+      return collections.defaultdict(local.default_factory, items)
+    return items
+  return merged
