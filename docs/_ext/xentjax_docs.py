@@ -182,10 +182,11 @@ def render_index(modules: list[str]) -> str:
     "in a module's ``__all__`` (or, without one, every public name it defines) is listed",
     "and documented from its docstring.",
     "",
-    ".. toctree::",
-    "   :maxdepth: 1",
+    ".. autosummary::",
     "",
   ]
+  lines += [f"   {m}" for m in modules]
+  lines += ["", ".. toctree::", "   :hidden:", ""]
   lines += [f"   {m}" for m in modules]
   return "\n".join(lines) + "\n"
 
