@@ -52,6 +52,9 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 napoleon_use_ivar = True
+# Attribute types would be printed from evaluated annotations (`jax.Array` becomes
+# `jax.jaxlib._jax.Array`); the Attributes sections give shapes and dtypes in words.
+napoleon_attr_annotations = False
 # Single backticks in docstrings mean code (Markdown habit): render them as code,
 # linked when they name a documented object.
 default_role = "py:obj"
