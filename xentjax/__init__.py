@@ -56,6 +56,7 @@ from xentjax import train as train
 # --- streaming evaluation ---
 from xentjax._evaluation import EvaluationResult as EvaluationResult
 from xentjax._evaluation import evaluate as evaluate
+from xentjax import distributed as distributed
 
 # --- large vocabularies: fused linear cross-entropy ---
 from xentjax._fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy

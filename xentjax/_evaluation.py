@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from xentjax import _core, _validation
+from xentjax import distributed as _distributed
 
 # Integer counters are int32 when x64 is off: the host folds the device
 # accumulators into Python numbers before this many (padded) rows pass.
@@ -559,6 +560,7 @@ def evaluate(
   total: int | None = None,
   devices: Sequence[jax.Device] | None = None,
   prefetch: int = 2,
+  across_processes: bool | None = None,
 ) -> EvaluationResult:
   r"""Exact dataset-level cross-entropy, accuracy and calibration, streamed.
 
@@ -621,6 +623,15 @@ def evaluate(
       progress bar, which counts rows.
     devices: devices to shard the batch over (default: all local devices).
     prefetch: batches prepared ahead in the background (0: no thread).
+    across_processes: combine the totals of every process of a
+      `jax.distributed` job, so that each returns the global result (None:
+      when `jax.process_count() > 1`). Every process must then call
+      `evaluate` with the same options, each with its own batches (any
+      number, none included); the call returns when the slowest process
+      is done. An exception in one process is raised in every process (the
+      others raise `xentjax.distributed.ProcessFailedError`), and different
+      options raise `ValueError`, in every process. See
+      `xentjax.distributed`.
 
   Returns:
     An `EvaluationResult` of Python numbers; `str()` of it is a table.
@@ -670,19 +681,31 @@ def evaluate(
   mesh = Mesh(np.asarray(devices), ("data",))
   if model is not None:
     params = jax.device_put(params, NamedSharding(mesh, P()))
+  across = jax.process_count() > 1 if across_processes is None else bool(across_processes)
+  failure = None
   prepared = _prepare(batches, model=model, mesh=mesh, ignore_index=ignore_index)
   source = _Prefetcher(prepared, prefetch) if prefetch > 0 else None
   bar = _progress_bar(_want_progress(progress), total)
+  run = _Run(mesh, top_k=top_k, num_bins=num_bins, model=model, params=params)
   try:
-    run = _Run(mesh, top_k=top_k, num_bins=num_bins, model=model, params=params)
     for item in source if source is not None else prepared:
       run.step(item)
       bar.update(item.rows)
+  except Exception as e:
+    if not across:
+      raise
+    failure = e  # the other processes must hear of it before anyone raises
   finally:
     if source is not None:
       source.close()
     bar.close()
-  return _result(run.finish(), top_k=top_k, num_bins=num_bins, base=base, scale=scale)
+  host = run.finish() if failure is None else run.host
+  if across:
+    # Every field of the totals is a partial sum: merged over the processes
+    # field by field (`merge_sums`), so fields added later combine too.
+    options = {"top_k": top_k, "num_bins": num_bins, "base": base, "ignore_index": ignore_index}
+    host = _distributed.combine_evaluation(host, options=options, failure=failure)
+  return _result(host, top_k=top_k, num_bins=num_bins, base=base, scale=scale)
 
 
 def _check_options(*, top_k, num_bins, ignore_index, prefetch) -> None:
