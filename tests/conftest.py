@@ -4,6 +4,7 @@ import jax
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-# Not a test module: a script the parallel tests run in a subprocess (importing
-# it for doctest collection would set its XLA flags in this process).
-collect_ignore = ["_parallel_checks.py"]
+# `_*.py` files here are scripts that tests run in subprocesses, not test
+# modules: importing them for doctest collection would run them (set their XLA
+# flags, read their command line) in this process.
+collect_ignore_glob = ["_*.py"]
