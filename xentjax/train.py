@@ -380,6 +380,20 @@ def _progress_bar(total: int, progress: bool | None, desc: str):
   return tqdm(total=total, desc=desc, unit="epoch", file=sys.stderr, leave=False)
 
 
+def _report(bar, callback, epoch: int, params, record: Mapping[str, float]) -> None:
+  """Show an epoch's record on the bar and hand it to the callback."""
+  if bar is not None:
+    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['train_accuracy']:.3f}")
+    bar.update(1)
+  if callback is None:
+    return
+  if bar is None:
+    callback(epoch, params, record)
+  else:  # let the callback print without tearing the bar
+    with type(bar).external_write_mode():
+      callback(epoch, params, record)
+
+
 def fit(
   params: Any,
   optimizer: optax.GradientTransformation,
@@ -453,15 +467,7 @@ def fit(
         record["test_accuracy"] = float(accuracy(params, *test))
       for name, value in record.items():
         history[name].append(value)
-      if bar is not None:
-        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['train_accuracy']:.3f}")
-        bar.update(1)
-      if callback is not None:
-        if bar is None:
-          callback(epoch, params, record)
-        else:  # let the callback print without tearing the bar
-          with type(bar).external_write_mode():
-            callback(epoch, params, record)
+      _report(bar, callback, epoch, params, record)
   finally:
     if bar is not None:
       bar.close()
