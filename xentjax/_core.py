@@ -39,9 +39,20 @@ Conventions decided here (the README's conventions table says the same):
   toward the lowest index, as NumPy and PyTorch do.
 * **Nothing counted.** The mean over no counted rows is NaN (there is no
   data), with a zero gradient; ``reduction="sum"`` of nothing is 0.
-* **Non-finite rows.** A NaN logit makes every statistic of its row NaN (loss,
-  credit, confidence). A row whose logits are all ``-inf`` has ``lse = -inf``:
-  its loss is ``+inf``, all classes are tied (credit ``k/K``).
+* **Non-finite rows.** A NaN logit (or ``+inf`` at the label: `nan_row`)
+  makes every statistic of its row NaN (loss, credit, confidence). A row
+  whose logits are all ``-inf`` has ``lse = -inf``: its loss is ``+inf``
+  with a zero gradient, all classes are tied (credit ``k/K``, confidence
+  ``1/K``).
+* **No 0 * inf.** A term whose weight is 0 is left out, never multiplied
+  (`xent`, `target_dot`); rows that do not count are replaced by zeros
+  before anything is computed (`neutral_rows`), so whatever they hold
+  reaches neither the value nor the gradient.
+
+Reading order for a newcomer: `label_status` (which rows count), `row_stats`
+(the statistics), `cross_entropy_from_stats`/`xent` (the loss from them),
+`top_k_credit` and `row_metrics` (what `xentjax.metrics` averages and
+`xentjax.evaluate` sums), `mean_or_nan` (the reduction).
 """
 
 from __future__ import annotations
