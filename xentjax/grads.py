@@ -25,7 +25,7 @@ Edge cases follow the losses: masked entries and all-masked rows get 0, an
 out-of-range integer label a NaN row, a ``-inf`` logit a finite gradient.
 
 Each closed form is written beside the loss it differentiates (the softmax
-family in `xentjax._softmax`, declared with `xentjax._api.gradient_of`, which
+family in ``xentjax._softmax``, declared with ``xentjax._api.gradient_of``, which
 gives it the loss's signature, options and argument handling); this module
 only collects them under the loss names.
 """

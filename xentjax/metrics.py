@@ -5,7 +5,7 @@ All take `logits` `[..., num_classes]` (floating; 16-bit computed in float32)
 and integer `labels` `[...]`, and average over the examples kept by the
 optional `where` mask `[...]` (boolean, or integer 0/1).
 
-Every number comes from the one softmax-statistics core (`xentjax._core`), so
+Every number comes from the one softmax-statistics core (``xentjax._core``), so
 these functions, the losses and `xentjax.evaluate` agree on the same rows.
 Conventions (the README's conventions table):
 
@@ -25,7 +25,7 @@ Conventions (the README's conventions table):
 * No kept example: every mean is NaN (there is no data), with a zero
   gradient, and so is the perplexity.
 * Results are float32 (float64 for float64 logits).
-* Every public function is compiled with `xentjax._api.public` (`k` and
+* Every public function is compiled with ``xentjax._api.public`` (`k` and
   `base` static); argument errors are raised before tracing.
 """
 

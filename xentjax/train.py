@@ -133,7 +133,7 @@ def softmax_focal_loss(
 
   :math:`\\gamma = 0` is the softmax cross-entropy; larger :math:`\\gamma`
   down-weights examples that are already well classified. :math:`-\\log p_y`
-  is the core's cross-entropy (`xentjax._core`, the same numbers as
+  is the core's cross-entropy (``xentjax._core``, the same numbers as
   `softmax_cross_entropy_with_integer_labels`) and :math:`1 - p_y` comes from
   `-expm1(log p_y)`, so a confident correct example gives an exact small
   weight, not `1 - 0.99999...`.
