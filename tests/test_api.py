@@ -162,3 +162,11 @@ def test_public_rejects_unknown_static_names():
     @_api.public(("nope",))
     def f(x):
       return x
+
+
+def test_package_declares_its_public_names_and_types():
+  import pathlib
+
+  public = {n for n in vars(L) if not n.startswith("_")}
+  assert set(L.__all__) == public
+  assert (pathlib.Path(L.__file__).parent / "py.typed").is_file()

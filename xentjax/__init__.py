@@ -6,11 +6,18 @@
 information theory (`xentjax.info`), metrics (`xentjax.metrics`), a fused
 linear cross-entropy for large vocabularies, vocabulary-parallel
 cross-entropy (`xentjax.parallel`) and exact streaming evaluation.
+
+The public surface is `__all__`: the optax-compatible losses (softmax,
+sigmoid, margin, regression and probability-space), `cross_entropy_loss` and
+`check_labels` (PyTorch semantics), `linear_softmax_cross_entropy` (large
+vocabularies), `evaluate`/`EvaluationResult` (streaming evaluation), and the
+submodules `grads`, `info`, `metrics`, `parallel`, `distributed`, `datasets`
+and `train`. The imports below are kept sorted (ruff).
 """
 
 __version__ = "0.1.0"
 
-__all__ = [  # kept sorted (ruff RUF022); the grouped imports below say what each is
+__all__ = [  # kept sorted (ruff RUF022)
   "EvaluationResult",
   "binary_cross_entropy",
   "categorical_cross_entropy",
@@ -19,6 +26,7 @@ __all__ = [  # kept sorted (ruff RUF022); the grouped imports below say what eac
   "cosine_similarity",
   "cross_entropy_loss",
   "datasets",
+  "distributed",
   "evaluate",
   "grads",
   "hinge_loss",
@@ -42,23 +50,15 @@ __all__ = [  # kept sorted (ruff RUF022); the grouped imports below say what eac
   "train",
 ]
 
-# --- softmax, sigmoid, margin and probability losses (optax-compatible) ---
-# --- training demos and data ---
 from xentjax import datasets as datasets
+from xentjax import distributed as distributed
 from xentjax import grads as grads
-
-# --- information theory and metrics (submodules) ---
 from xentjax import info as info
 from xentjax import metrics as metrics
 from xentjax import parallel as parallel
 from xentjax import train as train
-
-# --- streaming evaluation ---
 from xentjax._evaluation import EvaluationResult as EvaluationResult
 from xentjax._evaluation import evaluate as evaluate
-from xentjax import distributed as distributed
-
-# --- large vocabularies: fused linear cross-entropy ---
 from xentjax._fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from xentjax._margin import hinge_loss as hinge_loss
 from xentjax._margin import multiclass_hinge_loss as multiclass_hinge_loss
@@ -80,7 +80,5 @@ from xentjax._softmax import softmax_cross_entropy as softmax_cross_entropy
 from xentjax._softmax import (
   softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
-
-# --- PyTorch-style cross-entropy with reduction; eager label check ---
 from xentjax._torch_style import check_labels as check_labels
 from xentjax._torch_style import cross_entropy_loss as cross_entropy_loss
