@@ -59,3 +59,23 @@ def log_add(a: jax.Array, b: jax.Array) -> jax.Array:
   s = jnp.exp(a - m) + jnp.exp(b - m)
   empty = s == 0
   return jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, s)) + m)
+
+
+def astype_exact(x: jax.Array, dtype) -> jax.Array:
+  """``x.astype(dtype)``, keeping float32 subnormals when widening to float64.
+
+  XLA's float32 -> float64 conversion flushes a subnormal input to 0 (the
+  float64 result would be a normal number); here its value is rebuilt from
+  its bits, ``mantissa * 2**-149``, which is exact in float64.
+  """
+  x = jnp.asarray(x)
+  dtype = jnp.dtype(dtype)
+  if x.dtype != jnp.float32 or dtype != jnp.float64:
+    return x.astype(dtype)
+  bits = lax.bitcast_convert_type(x, jnp.uint32)
+  mant = bits & np.uint32((1 << 23) - 1)
+  top = bits >> np.uint32(23)
+  sub = ((top == 0) | (top == np.uint32(256))) & (mant != 0)  # subnormal, either sign
+  sign = jnp.where(top == 0, 1.0, -1.0).astype(dtype)
+  value = sign * mant.astype(dtype) * jnp.asarray(2.0**-149, dtype)
+  return jnp.where(sub, value, x.astype(dtype))

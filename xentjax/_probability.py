@@ -10,7 +10,7 @@ import numpy as np
 
 from xentjax import _validation as V
 from xentjax._core import label_status
-from xentjax._logspace import log_prob
+from xentjax._logspace import astype_exact, log_prob
 from xentjax._softmax import (
   Axis,
   _broadcast_to_first,
@@ -48,7 +48,7 @@ def _prepare(probs, labels, eps, label_smoothing=0.0):
   q = jnp.asarray(probs)
   y = _broadcast_to_first("probs", q, "labels", jnp.asarray(labels))
   dt = V.compute_dtype(q.dtype, y.dtype)
-  return q.astype(dt), y.astype(dt), e, ls
+  return astype_exact(q, dt), y.astype(dt), e, ls
 
 
 # The logarithms. Each guards its own 0 * log 0 case (`skip`: the weight is 0

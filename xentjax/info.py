@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from xentjax._logspace import log_add, log_prob
+from xentjax._logspace import astype_exact, log_add, log_prob
 from xentjax._validation import (
   check_broadcastable,
   check_floating,
@@ -294,8 +294,8 @@ def _pair(name_p, p, name_q, q, axis, where, normalize=False):
   shape, axes = _common_shape(name_p, p, name_q, q, axis)
   keep = _mask(where, shape, name_p)
   dt = compute_dtype(p.dtype, q.dtype)
-  p = jnp.broadcast_to(p.astype(dt), shape)
-  q = jnp.broadcast_to(q.astype(dt), shape)
+  p = jnp.broadcast_to(astype_exact(p, dt), shape)
+  q = jnp.broadcast_to(astype_exact(q, dt), shape)
   if _check_normalize(normalize):
     p, q = _normalized(p, axes, keep), _normalized(q, axes, keep)
   return p, q, axes, keep
