@@ -40,6 +40,7 @@ from xentjax import grads as grads
 # --- information theory and metrics (submodules) ---
 from xentjax import info as info
 from xentjax import metrics as metrics
+from xentjax import calibration as calibration
 
 # --- PyTorch-style cross-entropy with reduction; eager label check ---
 from xentjax._torch_style import check_labels as check_labels
