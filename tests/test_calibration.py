@@ -211,3 +211,22 @@ def test_reliability_diagram_bins_and_plot(tmp_path):
     C.reliability_diagram(Z, Y, binning="equal")
   with pytest.raises(ValueError, match="num_bins"):
     C.expected_calibration_error(Z, Y, num_bins=0)
+
+
+def test_one_pass_grid_temperature_matches_the_newton_fit():
+  z, y = _overconfident(n=4000, scale=5.0, seed=5)
+  exact = float(C.fit_temperature(z, y))
+  grid = C.temperature_grid(float(C.fit_temperature(z[:500], y[:500])))  # first batch only
+  assert grid.shape == (16,) and np.any(grid == 0.0)  # T = 1 is a node
+  st = None
+  for i in range(0, len(y), 1000):
+    part = C.temperature_statistics(z[i : i + 1000], y[i : i + 1000], grid)
+    st = part if st is None else st.add(part)
+  t, h = C.temperature_from_statistics(st)
+  np.testing.assert_allclose(t, exact, rtol=1e-6)
+  assert h <= 0.03 + 1e-6  # bracketed on the fine part of the grid
+  # A first estimate far off still brackets the minimum on the coarse nodes.
+  st_far = C.temperature_statistics(z, y, C.temperature_grid(0.2))
+  t_far, h_far = C.temperature_from_statistics(st_far)
+  np.testing.assert_allclose(t_far, exact, rtol=2e-3)
+  assert h_far > 0.03
