@@ -216,7 +216,7 @@ def categorical_cross_entropy_with_integer_labels(
 
   Note:
     A label outside ``[0, num_classes)`` gives NaN (the library's validity
-    rule, `xentjax._core.label_status`); a masked row gives 0 with a zero
+    rule of ``xentjax._core.label_status``); a masked row gives 0 with a zero
     gradient.
   """
   V.check_floating("probs", probs)

@@ -17,7 +17,7 @@ and fix the simplest miscalibration, a single temperature:
 Conventions (the same as `xentjax.evaluate` and `xentjax.metrics`):
 
 * The confidence of a prediction is its largest softmax probability.
-* Its correctness is the fractional top-1 credit of `xentjax._core.top_k_credit`:
+* Its correctness is the fractional top-1 credit of ``xentjax._core.top_k_credit``:
   with ``g`` classes strictly above the label and ``t`` tied with it (label
   included), the credit is ``clip((1 - g) / t, 0, 1)``, so a tie for the top
   among ``t`` classes counts ``1 / t`` (the expected hit under a random tie
