@@ -41,7 +41,7 @@ def reference(x, w, labels, *, reduction="mean", ignore_index=-100, where=None,
   if reduction == "sum":
     loss = jnp.sum(loss)
   elif reduction == "mean":
-    loss = jnp.sum(loss) / jnp.maximum(jnp.sum(valid), 1)
+    loss = jnp.sum(loss) / jnp.sum(valid)
   return loss, lse
 
 
@@ -210,12 +210,16 @@ def test_mixed_input_dtypes(strategy):
     ("mean", "recompute"), ("sum", "recompute"), ("none", "recompute"),
     ("mean", "store"), ("sum", "store"),
 ])
-def test_all_ignored_is_zero_with_zero_gradient(reduction, strategy):
+def test_nothing_counted_mean_is_nan_with_zero_gradient(reduction, strategy):
+  """The library's convention: the mean over nothing counted is NaN, a sum is 0."""
   x, w, y = make_inputs()
   for labels, where in ((jnp.full_like(y, -100), None), (y, jnp.zeros(y.shape, bool))):
     loss, (gx, gw) = fused_value_and_grads(
         x, w, labels, where, reduction=reduction, strategy=strategy)
-    assert float(loss) == 0.0
+    if reduction == "mean":
+      assert np.isnan(float(loss))
+    else:
+      assert float(loss) == 0.0
     assert not np.any(np.asarray(gx)) and not np.any(np.asarray(gw))
 
 
@@ -224,8 +228,41 @@ def test_empty_batch():
   w = jnp.ones((16, 10))
   y = jnp.zeros((0,), jnp.int32)
   loss, (gx, gw) = fused_value_and_grads(x, w, y)
-  assert float(loss) == 0.0 and gx.shape == (0, 16) and not np.any(np.asarray(gw))
+  assert np.isnan(float(loss)) and gx.shape == (0, 16) and not np.any(np.asarray(gw))
+  assert float(fused_value_and_grads(x, w, y, reduction="sum")[0]) == 0.0
   assert fused_ce(x, w, y, reduction="none").shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16"])
+def test_unsigned_labels_do_not_wrap(dtype):
+  """-100 is no uint16 value: every token counts (it used to match 65436)."""
+  v = 200 if dtype != "uint16" else 65536
+  x = jnp.ones((3, 1))
+  w = jnp.zeros((1, v))
+  labels = np.array([v - 100 if dtype != "int16" else 5, 5, 0]).astype(dtype)
+  got = fused_ce(x, w, jnp.asarray(labels), reduction="none")
+  np.testing.assert_allclose(np.asarray(got), np.full(3, np.log(v)), rtol=1e-6)
+
+
+def test_64_bit_labels_out_of_range_are_nan():
+  if not jax.config.jax_enable_x64:
+    labels = jnp.array([2**31 - 1, 1], jnp.int32)  # the widest label without x64
+  else:
+    labels = jnp.array([2**32 + 1, 1], jnp.int64)  # was cast to int32 -> class 1
+  x, w, _ = make_inputs(shape=(2,), v=10)
+  got = np.asarray(fused_ce(x, w, labels, reduction="none"))
+  assert np.isnan(got[0]) and np.isfinite(got[1])
+
+
+def test_large_logits_keep_precision():
+  """lse - z_y is formed from max-shifted statistics: exact for logits near 1e7."""
+  x = jnp.ones((1, 1))
+  for big in (1e4, 1e5, 1e7):
+    w = big + jnp.array([[0.0, 1.0, 2.0]])
+    want = np.log(np.exp([0.0, 1.0, 2.0]).sum())  # lse - z_0 of (0, 1, 2): 2.4076
+    for strategy in ("recompute", "store"):
+      got = float(fused_ce(x, w, jnp.array([0]), strategy=strategy))
+      np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("strategy", ["recompute", "store"])
