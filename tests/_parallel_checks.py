@@ -23,6 +23,7 @@ import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import xentjax
 import xentjax.parallel as par
 from xentjax._fused import linear_softmax_cross_entropy as fused_ce
 
@@ -226,6 +227,79 @@ def main():
     f2 = jax.jit(lambda x, w: x @ w, out_shardings=NamedSharding(auto, P()))
     text = f.lower(xs, ws).compile().as_text() + f2.lower(xs, ws).compile().as_text()
     assert vocab_sized_all_gathers(text), "expected an all-gather of the logits"
+
+  @check("weights_class_weights_bias_temperature")
+  def _():
+    rng = np.random.default_rng(1)
+    opts = {"weights": rng.uniform(0.0, 2.0, (4, 6)).astype(np.float32),
+            "class_weights": rng.uniform(0.2, 2.0, (V,)).astype(np.float32),
+            "bias": rng.normal(size=(V,)).astype(np.float32), "temperature": 0.7,
+            "label_smoothing": 0.1, "_ignore": True}
+    run_case(explicit, "recompute", dict(opts), hlo=True)
+    run_case(explicit, "store", dict(opts))
+
+  @check("token_stats_hlo")
+  def _():
+    x, w, y = inputs()
+    b = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (V,)))
+    adv = np.asarray(jax.random.normal(jax.random.PRNGKey(5), y.shape))
+    where = np.arange(24).reshape(4, 6) % 5 != 2
+    kw = dict(temperature=0.8, top_k=3, logit_soft_cap=2.5, where=where, **CHUNKS["recompute"])
+    xs = jax.device_put(x, NamedSharding(explicit, P("data")))
+    ws = jax.device_put(w, NamedSharding(explicit, P(None, "vocab")))
+    bs = jax.device_put(b, NamedSharding(explicit, P("vocab")))
+
+    def pg(stats):  # a policy-gradient loss with an entropy bonus
+      return jnp.sum(-adv * stats.logprob - 0.1 * stats.entropy + 0.01 * stats.lse), stats
+
+    def par_loss(x, w, b):
+      return pg(par.linear_token_stats(x, w, y, bias=b, mesh=explicit, **kw))
+
+    def one_loss(x, w, b):
+      return pg(xentjax.linear_token_stats(x, w, y, bias=b, **kw))
+
+    vg = jax.jit(jax.value_and_grad(par_loss, (0, 1, 2), has_aux=True))
+    (_, s), g = vg(xs, ws, bs)
+    (_, s1), g1 = jax.jit(jax.value_and_grad(one_loss, (0, 1, 2), has_aux=True))(
+        jnp.asarray(x), jnp.asarray(w), jnp.asarray(b))
+    for name in ("logprob", "entropy", "lse", "top_k_logprobs"):
+      close(getattr(s, name), getattr(s1, name), name)
+    for name in ("argmax", "top_k_indices"):
+      np.testing.assert_array_equal(getattr(s, name), getattr(s1, name), err_msg=name)
+    for a, r, what in zip(g, g1, ("grad x", "grad w", "grad bias")):
+      close(a, r, what)
+    assert g[2].sharding.is_equivalent_to(bs.sharding, 1), g[2].sharding
+    bad = vocab_sized_all_gathers(vg.lower(xs, ws, bs).compile().as_text())
+    assert not bad, bad
+
+  @check("argmax_ties_across_shards")
+  def _():
+    # Equal maxima on several vocabulary shards: the lowest global index wins.
+    x = np.ones((8, 1), np.float32)
+    w = np.zeros((1, V), np.float32)
+    w[0, [7, 27, 47]] = 1.0  # shards 0, 1 and 2
+    ws = jax.device_put(w, NamedSharding(explicit, P(None, "vocab")))
+    s = par.linear_token_stats(x, ws, np.zeros(8, np.int32), mesh=explicit, top_k=3)
+    np.testing.assert_array_equal(s.argmax, np.full(8, 7))
+    np.testing.assert_array_equal(s.top_k_indices, np.tile([7, 27, 47], (8, 1)))
+
+  @check("gradient_filtering")
+  def _():
+    x, w, y = inputs()
+    b = np.where(np.arange(V) < 10, 3.0, -14.0).astype(np.float32)  # cols >= 10: p < 1e-6
+    y = y % 10
+    xs = jax.device_put(x, NamedSharding(explicit, P("data")))
+    ws = jax.device_put(w, NamedSharding(explicit, P(None, "vocab")))
+    kw = dict(bias=b, **CHUNKS["recompute"])
+    f = jax.jit(jax.value_and_grad(lambda x, w, eps: par.linear_softmax_cross_entropy(
+        x, w, y, mesh=explicit, filter_eps=eps, **kw), (0, 1)), static_argnums=2)
+    loss, (gx, gw) = f(xs, ws, 1e-5)
+    loss1, (gx1, gw1) = f(xs, ws, None)
+    close(loss, loss1, "loss")
+    close(gx, gx1, "grad x", tol=1e-5)
+    close(gw, gw1, "grad w", tol=1e-5)
+    gw = np.asarray(gw)
+    assert not np.any(gw[:, 24:]) and np.any(np.asarray(gw1)[:, 24:]), "tiles were not skipped"
 
   @check("errors")
   def _():

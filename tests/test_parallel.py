@@ -32,6 +32,10 @@ CHECKS = [
     "sharded_logits_hlo",
     "single_device_api_on_explicitly_sharded_inputs",
     "hlo_checker_detects_vocab_gather",
+    "weights_class_weights_bias_temperature",
+    "token_stats_hlo",
+    "argmax_ties_across_shards",
+    "gradient_filtering",
     "errors",
 ]
 
