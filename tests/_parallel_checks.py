@@ -13,7 +13,8 @@ import sys
 import traceback
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
@@ -32,8 +33,10 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 N_DATA, N_VOCAB = 2, 4
 D, V = 12, 80  # V / 4 = 20 columns per device: two chunks of 8 and a tail of 4
 V_LOCAL = V // N_VOCAB
-CHUNKS = {"recompute": {"token_chunk_size": 4, "vocab_chunk_size": 8},
-          "store": {"token_chunk_size": 4}}
+CHUNKS = {
+  "recompute": {"token_chunk_size": 4, "vocab_chunk_size": 8},
+  "store": {"token_chunk_size": 4},
+}
 
 RESULTS = {}
 
@@ -46,6 +49,7 @@ def check(name):
     except Exception:  # noqa: BLE001 -- reported to the test, which fails
       RESULTS[name] = traceback.format_exc(limit=6)
     return fn
+
   return wrap
 
 
@@ -77,8 +81,9 @@ def vocab_sized_all_gathers(hlo_text):
   return bad
 
 
-def run_case(mesh, strategy, opts, *, w_layout="dv", cotangent=False, data_axis="data",
-             jit=True, hlo=False):
+def run_case(
+  mesh, strategy, opts, *, w_layout="dv", cotangent=False, data_axis="data", jit=True, hlo=False
+):
   """Parallel value and gradients vs the single-device kernel on plain arrays."""
   x, w, y = inputs(w_layout=w_layout)
   where = opts.pop("_where", None)
@@ -94,8 +99,11 @@ def run_case(mesh, strategy, opts, *, w_layout="dv", cotangent=False, data_axis=
     return jnp.sum(loss * cot) if cotangent else loss
 
   def par_loss(x, w):
-    return scalar(par.linear_softmax_cross_entropy(
-        x, w, y, where=where, mesh=mesh, data_axis=data_axis, vocab_axis="vocab", **kw))
+    return scalar(
+      par.linear_softmax_cross_entropy(
+        x, w, y, where=where, mesh=mesh, data_axis=data_axis, vocab_axis="vocab", **kw
+      )
+    )
 
   def one_loss(x, w):
     return scalar(fused_ce(x, w, y, where=where, **kw))
@@ -116,15 +124,22 @@ def run_case(mesh, strategy, opts, *, w_layout="dv", cotangent=False, data_axis=
     assert "all-reduce" in text  # the lse really is combined across devices
 
 
-EVERYTHING = {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_soft_cap": 2.0, "_ignore": True,
-              "_where": np.arange(24).reshape(4, 6) % 5 != 2}
+EVERYTHING = {
+  "label_smoothing": 0.1,
+  "z_loss": 1e-3,
+  "logit_soft_cap": 2.0,
+  "_ignore": True,
+  "_where": np.arange(24).reshape(4, 6) % 5 != 2,
+}
 
 
 def main():
-  explicit = jax.make_mesh((N_DATA, N_VOCAB), ("data", "vocab"),
-                           axis_types=(AxisType.Explicit, AxisType.Explicit))
-  auto = jax.make_mesh((N_DATA, N_VOCAB), ("data", "vocab"),
-                       axis_types=(AxisType.Auto, AxisType.Auto))
+  explicit = jax.make_mesh(
+    (N_DATA, N_VOCAB), ("data", "vocab"), axis_types=(AxisType.Explicit, AxisType.Explicit)
+  )
+  auto = jax.make_mesh(
+    (N_DATA, N_VOCAB), ("data", "vocab"), axis_types=(AxisType.Auto, AxisType.Auto)
+  )
 
   @check("recompute_mean_hlo")
   def _():
@@ -162,10 +177,15 @@ def main():
     ws = jax.device_put(w_pad, NamedSharding(explicit, P(None, "vocab")))
     xs = jax.device_put(x, NamedSharding(explicit, P("data")))
     kw = dict(label_smoothing=0.1, **CHUNKS["recompute"])
-    loss, (gx, gw) = jax.jit(jax.value_and_grad(lambda x, w: par.linear_softmax_cross_entropy(
-        x, w, y, mesh=explicit, vocab_size=78, **kw), (0, 1)))(xs, ws)
+    loss, (gx, gw) = jax.jit(
+      jax.value_and_grad(
+        lambda x, w: par.linear_softmax_cross_entropy(x, w, y, mesh=explicit, vocab_size=78, **kw),
+        (0, 1),
+      )
+    )(xs, ws)
     loss1, (gx1, gw1) = jax.value_and_grad(lambda x, w: fused_ce(x, w, y, **kw), (0, 1))(
-        jnp.asarray(x), jnp.asarray(w))
+      jnp.asarray(x), jnp.asarray(w)
+    )
     close(loss, loss1, "loss")
     close(gx, gx1, "grad x")
     gw = np.asarray(gw)
@@ -185,9 +205,13 @@ def main():
 
     vg = jax.jit(jax.value_and_grad(f, has_aux=True))
     (_, loss), gz = vg(zs)
-    (_, loss1), gz1 = jax.value_and_grad(lambda z: (
+    (_, loss1), gz1 = jax.value_and_grad(
+      lambda z: (
         jnp.sum(optax.softmax_cross_entropy_with_integer_labels(z, y) * cot),
-        optax.softmax_cross_entropy_with_integer_labels(z, y)), has_aux=True)(jnp.asarray(logits))
+        optax.softmax_cross_entropy_with_integer_labels(z, y),
+      ),
+      has_aux=True,
+    )(jnp.asarray(logits))
     close(loss, loss1, "loss")
     close(gz, gz1, "grad logits")
     assert gz.sharding.is_equivalent_to(zs.sharding, 3), gz.sharding
@@ -206,10 +230,12 @@ def main():
     xs = jax.device_put(x, NamedSharding(explicit, P("data")))
     ws = jax.device_put(w, NamedSharding(explicit, P()))
     kw = dict(z_loss=1e-3, **CHUNKS["recompute"])
-    loss, (gx, gw) = jax.jit(jax.value_and_grad(
-        lambda x, w: fused_ce(x, w, y, **kw), (0, 1)))(xs, ws)
-    loss1, (gx1, gw1) = jax.jit(jax.value_and_grad(
-        lambda x, w: fused_ce(x, w, y, **kw), (0, 1)))(jnp.asarray(x), jnp.asarray(w))
+    loss, (gx, gw) = jax.jit(jax.value_and_grad(lambda x, w: fused_ce(x, w, y, **kw), (0, 1)))(
+      xs, ws
+    )
+    loss1, (gx1, gw1) = jax.jit(jax.value_and_grad(lambda x, w: fused_ce(x, w, y, **kw), (0, 1)))(
+      jnp.asarray(x), jnp.asarray(w)
+    )
     close(loss, loss1, "loss")
     close(gx, gx1, "grad x")
     close(gw, gw1, "grad w")
@@ -222,8 +248,9 @@ def main():
     x, w, _ = inputs()
     xs = jax.device_put(x, NamedSharding(auto, P("data")))
     ws = jax.device_put(w, NamedSharding(auto, P(None, "vocab")))
-    f = jax.jit(lambda x, w: jax.nn.logsumexp(x @ w, axis=-1),
-                out_shardings=NamedSharding(auto, P()))
+    f = jax.jit(
+      lambda x, w: jax.nn.logsumexp(x @ w, axis=-1), out_shardings=NamedSharding(auto, P())
+    )
     f2 = jax.jit(lambda x, w: x @ w, out_shardings=NamedSharding(auto, P()))
     text = f.lower(xs, ws).compile().as_text() + f2.lower(xs, ws).compile().as_text()
     assert vocab_sized_all_gathers(text), "expected an all-gather of the logits"
@@ -231,10 +258,14 @@ def main():
   @check("weights_class_weights_bias_temperature")
   def _():
     rng = np.random.default_rng(1)
-    opts = {"weights": rng.uniform(0.0, 2.0, (4, 6)).astype(np.float32),
-            "class_weights": rng.uniform(0.2, 2.0, (V,)).astype(np.float32),
-            "bias": rng.normal(size=(V,)).astype(np.float32), "temperature": 0.7,
-            "label_smoothing": 0.1, "_ignore": True}
+    opts = {
+      "weights": rng.uniform(0.0, 2.0, (4, 6)).astype(np.float32),
+      "class_weights": rng.uniform(0.2, 2.0, (V,)).astype(np.float32),
+      "bias": rng.normal(size=(V,)).astype(np.float32),
+      "temperature": 0.7,
+      "label_smoothing": 0.1,
+      "_ignore": True,
+    }
     run_case(explicit, "recompute", dict(opts), hlo=True)
     run_case(explicit, "store", dict(opts))
 
@@ -261,7 +292,8 @@ def main():
     vg = jax.jit(jax.value_and_grad(par_loss, (0, 1, 2), has_aux=True))
     (_, s), g = vg(xs, ws, bs)
     (_, s1), g1 = jax.jit(jax.value_and_grad(one_loss, (0, 1, 2), has_aux=True))(
-        jnp.asarray(x), jnp.asarray(w), jnp.asarray(b))
+      jnp.asarray(x), jnp.asarray(w), jnp.asarray(b)
+    )
     for name in ("logprob", "entropy", "lse", "top_k_logprobs"):
       close(getattr(s, name), getattr(s1, name), name)
     for name in ("argmax", "top_k_indices"):
@@ -291,8 +323,15 @@ def main():
     xs = jax.device_put(x, NamedSharding(explicit, P("data")))
     ws = jax.device_put(w, NamedSharding(explicit, P(None, "vocab")))
     kw = dict(bias=b, **CHUNKS["recompute"])
-    f = jax.jit(jax.value_and_grad(lambda x, w, eps: par.linear_softmax_cross_entropy(
-        x, w, y, mesh=explicit, filter_eps=eps, **kw), (0, 1)), static_argnums=2)
+    f = jax.jit(
+      jax.value_and_grad(
+        lambda x, w, eps: par.linear_softmax_cross_entropy(
+          x, w, y, mesh=explicit, filter_eps=eps, **kw
+        ),
+        (0, 1),
+      ),
+      static_argnums=2,
+    )
     loss, (gx, gw) = f(xs, ws, 1e-5)
     loss1, (gx1, gw1) = f(xs, ws, None)
     close(loss, loss1, "loss")
@@ -305,20 +344,32 @@ def main():
   def _():
     x, w, y = inputs()
     cases = [
-        (lambda: par.linear_softmax_cross_entropy(
-            x, w, y, mesh=jax.make_mesh((8,), ("model",))), "vocab_axis.*'vocab'.*'model'"),
-        (lambda: par.linear_softmax_cross_entropy(
-            x, w, y, mesh=explicit, data_axis="batch"), "data_axis.*'batch'"),
-        (lambda: par.linear_softmax_cross_entropy(
-            x, w[:, :78], y, mesh=explicit), r"vocab_size=78"),
-        (lambda: par.linear_softmax_cross_entropy(
-            x[:3, :5], w, y[:3, :5], mesh=explicit), "15 tokens"),
-        (lambda: par.linear_softmax_cross_entropy(
-            x, w[:-1], y, mesh=explicit), "hidden size"),
-        (lambda: par.softmax_cross_entropy_with_integer_labels(
-            np.zeros((4, 78), np.float32), y[:, 0], mesh=explicit), "V=78"),
-        (lambda: par.softmax_cross_entropy_with_integer_labels(
-            np.zeros((4, 80), np.float32), y, mesh=explicit), "labels.shape"),
+      (
+        lambda: par.linear_softmax_cross_entropy(x, w, y, mesh=jax.make_mesh((8,), ("model",))),
+        "vocab_axis.*'vocab'.*'model'",
+      ),
+      (
+        lambda: par.linear_softmax_cross_entropy(x, w, y, mesh=explicit, data_axis="batch"),
+        "data_axis.*'batch'",
+      ),
+      (lambda: par.linear_softmax_cross_entropy(x, w[:, :78], y, mesh=explicit), r"vocab_size=78"),
+      (
+        lambda: par.linear_softmax_cross_entropy(x[:3, :5], w, y[:3, :5], mesh=explicit),
+        "15 tokens",
+      ),
+      (lambda: par.linear_softmax_cross_entropy(x, w[:-1], y, mesh=explicit), "hidden size"),
+      (
+        lambda: par.softmax_cross_entropy_with_integer_labels(
+          np.zeros((4, 78), np.float32), y[:, 0], mesh=explicit
+        ),
+        "V=78",
+      ),
+      (
+        lambda: par.softmax_cross_entropy_with_integer_labels(
+          np.zeros((4, 80), np.float32), y, mesh=explicit
+        ),
+        "labels.shape",
+      ),
     ]
     for i, (fn, pattern) in enumerate(cases):
       try:

@@ -35,8 +35,19 @@ def close(a, b, tol=2e-5):
   np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale)
 
 
-def materialized_ce(x, w, y, *, bias=None, temperature=1.0, logit_soft_cap=None, weights=None,
-                    where=None, z_loss=0.0, reduction="mean"):
+def materialized_ce(
+  x,
+  w,
+  y,
+  *,
+  bias=None,
+  temperature=1.0,
+  logit_soft_cap=None,
+  weights=None,
+  where=None,
+  z_loss=0.0,
+  reduction="mean",
+):
   z = x @ w
   if bias is not None:
     z = z + bias.reshape((1,) * (z.ndim - 1) + (-1,))
@@ -56,34 +67,44 @@ def materialized_ce(x, w, y, *, bias=None, temperature=1.0, logit_soft_cap=None,
 
 
 OPTIONS = {
-    "temperature": {"temperature": 0.6},
-    "temperature_soft_cap_bias": {"temperature": 2.5, "logit_soft_cap": 3.0, "_bias": True},
-    "weights_mean": {"_weights": True, "_where": True, "z_loss": 1e-2},
-    "weights_sum_bias": {"_weights": True, "reduction": "sum", "_bias": True},
-    "weights_none": {"_weights": True, "reduction": "none", "temperature": 1.5},
+  "temperature": {"temperature": 0.6},
+  "temperature_soft_cap_bias": {"temperature": 2.5, "logit_soft_cap": 3.0, "_bias": True},
+  "weights_mean": {"_weights": True, "_where": True, "z_loss": 1e-2},
+  "weights_sum_bias": {"_weights": True, "reduction": "sum", "_bias": True},
+  "weights_none": {"_weights": True, "reduction": "none", "temperature": 1.5},
 }
 
 
 # "store" needs a scalar reduction ("none" is an error, tested in test_fused.py).
-@pytest.mark.parametrize("name, strategy", [
-    (n, s) for s in ("recompute", "store") for n in OPTIONS
-    if not (s == "store" and OPTIONS[n].get("reduction") == "none")])
+@pytest.mark.parametrize(
+  "name, strategy",
+  [
+    (n, s)
+    for s in ("recompute", "store")
+    for n in OPTIONS
+    if not (s == "store" and OPTIONS[n].get("reduction") == "none")
+  ],
+)
 def test_options_match_materialized(name, strategy):
   opts = dict(OPTIONS[name])
   x, w, b, y, t = make()
   bias = b if opts.pop("_bias", False) else None
   weights = t if opts.pop("_weights", False) else None
   where = (jnp.arange(y.size).reshape(y.shape) % 5 != 3) if opts.pop("_where", False) else None
-  chunks = {"token_chunk_size": 4} if strategy == "store" else {
-      "token_chunk_size": 4, "vocab_chunk_size": 8}
+  chunks = (
+    {"token_chunk_size": 4}
+    if strategy == "store"
+    else {"token_chunk_size": 4, "vocab_chunk_size": 8}
+  )
   cot = jax.random.normal(jax.random.PRNGKey(2), y.shape)
 
   def scalar(loss):
     return jnp.sum(loss * cot) if loss.ndim else loss
 
   def ours(x, w, b):
-    return scalar(fused_ce(x, w, y, bias=b, weights=weights, where=where, strategy=strategy,
-                           **chunks, **opts))
+    return scalar(
+      fused_ce(x, w, y, bias=b, weights=weights, where=where, strategy=strategy, **chunks, **opts)
+    )
 
   def theirs(x, w, b):
     return scalar(materialized_ce(x, w, y, bias=b, weights=weights, where=where, **opts))
@@ -108,10 +129,17 @@ def test_zero_total_weight_is_nan_with_zero_gradient():
 # Class weights: PyTorch's `weight=` exactly.
 
 
-@pytest.mark.parametrize("reduction, eps, ignore, strategy", [
-    ("mean", 0.0, True, "recompute"), ("mean", 0.2, True, "recompute"),
-    ("sum", 0.1, False, "recompute"), ("none", 0.3, True, "recompute"),
-    ("mean", 0.2, True, "store"), ("sum", 0.0, True, "store")])
+@pytest.mark.parametrize(
+  "reduction, eps, ignore, strategy",
+  [
+    ("mean", 0.0, True, "recompute"),
+    ("mean", 0.2, True, "recompute"),
+    ("sum", 0.1, False, "recompute"),
+    ("none", 0.3, True, "recompute"),
+    ("mean", 0.2, True, "store"),
+    ("sum", 0.0, True, "store"),
+  ],
+)
 def test_class_weights_match_torch(reduction, eps, ignore, strategy):
   torch = pytest.importorskip("torch")
   x, w, _, y, _ = make(shape=(14,), v=11)
@@ -119,20 +147,36 @@ def test_class_weights_match_torch(reduction, eps, ignore, strategy):
     y = y.at[:3].set(-100)
   cw = jax.random.uniform(jax.random.PRNGKey(4), (11,), minval=0.1, maxval=3.0)
   cot = jax.random.normal(jax.random.PRNGKey(6), y.shape)
-  chunks = {"token_chunk_size": 4} if strategy == "store" else {
-      "token_chunk_size": 4, "vocab_chunk_size": 4}
+  chunks = (
+    {"token_chunk_size": 4}
+    if strategy == "store"
+    else {"token_chunk_size": 4, "vocab_chunk_size": 4}
+  )
 
   def ours(x, w):
-    loss = fused_ce(x, w, y, class_weights=cw, label_smoothing=eps, reduction=reduction,
-                    strategy=strategy, **chunks)
+    loss = fused_ce(
+      x,
+      w,
+      y,
+      class_weights=cw,
+      label_smoothing=eps,
+      reduction=reduction,
+      strategy=strategy,
+      **chunks,
+    )
     return jnp.sum(loss * cot) if loss.ndim else loss
 
   v, (gx, gw) = jax.value_and_grad(ours, (0, 1))(x, w)
   xt = torch.tensor(np.asarray(x, np.float64), requires_grad=True)
   wt = torch.tensor(np.asarray(w, np.float64), requires_grad=True)
   lt = torch.nn.functional.cross_entropy(
-      xt @ wt, torch.tensor(np.asarray(y, np.int64)), weight=torch.tensor(np.asarray(cw, np.float64)),
-      ignore_index=-100, label_smoothing=eps, reduction=reduction)
+    xt @ wt,
+    torch.tensor(np.asarray(y, np.int64)),
+    weight=torch.tensor(np.asarray(cw, np.float64)),
+    ignore_index=-100,
+    label_smoothing=eps,
+    reduction=reduction,
+  )
   if reduction == "none":
     lt = (lt * torch.tensor(np.asarray(cot, np.float64))).sum()
   lt.backward()
@@ -158,8 +202,10 @@ def _peaked(n=64, d=16, v=256, seed=0):
 @functools.partial(jax.jit, static_argnames=("filter_eps",))
 def _filtered(x, w, b, y, filter_eps=None):
   def loss(x, w, b):
-    return fused_ce(x, w, y, bias=b, filter_eps=filter_eps, z_loss=1e-3,
-                    token_chunk_size=16, vocab_chunk_size=32)
+    return fused_ce(
+      x, w, y, bias=b, filter_eps=filter_eps, z_loss=1e-3, token_chunk_size=16, vocab_chunk_size=32
+    )
+
   return jax.value_and_grad(loss, (0, 1, 2))(x, w, b)
 
 
@@ -194,7 +240,9 @@ def test_filtering_never_skips_a_tile_holding_a_label():
   close(g_f[1], g_exact[1], tol=1e-4)
 
 
-@pytest.mark.parametrize("kw, err, match", [
+@pytest.mark.parametrize(
+  "kw, err, match",
+  [
     ({"temperature": 0.0}, ValueError, "temperature"),
     ({"temperature": float("inf")}, ValueError, "temperature"),
     ({"weights": jnp.ones((4,))}, ValueError, r"weights.*\(4,\)"),
@@ -208,7 +256,8 @@ def test_filtering_never_skips_a_tile_holding_a_label():
     ({"filter_eps": 1e-3, "strategy": "store"}, ValueError, "filter_eps"),
     ({"filter_eps": 1e-3, "label_smoothing": 0.1}, ValueError, "filter_eps"),
     ({"data_axis": "data"}, ValueError, "mesh"),
-])
+  ],
+)
 def test_bad_input(kw, err, match):
   x, w, _, y, _ = make()
   with pytest.raises(err, match=match):

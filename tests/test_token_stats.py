@@ -17,8 +17,9 @@ import xentjax
 from xentjax import linear_token_stats
 
 
-def logits64(x, w, *, bias=None, temperature=1.0, logit_soft_cap=None, w_layout="dv",
-             vocab_size=None):
+def logits64(
+  x, w, *, bias=None, temperature=1.0, logit_soft_cap=None, w_layout="dv", vocab_size=None
+):
   x = np.asarray(x, np.float64)
   w = np.asarray(w, np.float64)
   z = x @ (w.T if w_layout == "vd" else w)
@@ -46,8 +47,18 @@ def reference64(x, w, labels, *, counted=None, top_k=0, **kw):
   return (logprob, entropy, lse, np.argmax(z, -1), np.take_along_axis(logp, order, -1), order)
 
 
-def materialized(x, w, labels, counted, *, bias=None, temperature=1.0, logit_soft_cap=None,
-                 w_layout="dv", vocab_size=None):
+def materialized(
+  x,
+  w,
+  labels,
+  counted,
+  *,
+  bias=None,
+  temperature=1.0,
+  logit_soft_cap=None,
+  w_layout="dv",
+  vocab_size=None,
+):
   """The same statistics from materialized logits in JAX (for autodiff)."""
   z = x @ (w.T if w_layout == "vd" else w)
   if bias is not None:
@@ -83,13 +94,13 @@ def close(a, b, tol=2e-5):
 # Named option sets; tiles of 8 tokens x 16 columns (a ragged tail of both
 # with 18 tokens and V = 37) unless a case sets its own.
 CASES = {
-    "plain": {},
-    "temperature_bias": {"temperature": 0.7, "_bias": True},
-    "soft_cap_temperature": {"logit_soft_cap": 1.5, "temperature": 1.8, "_bias": True},
-    "ignore_where": {"_ignore": True, "_where": True, "temperature": 1.3},
-    "ragged_tiles": {"token_chunk_size": 5, "vocab_chunk_size": 7, "top_k": 4},
-    "batch_dims_vd": {"_shape": (2, 3, 4), "w_layout": "vd", "top_k": 2},
-    "vocab_padding": {"vocab_size": 30, "top_k": 3, "logit_soft_cap": 4.0},
+  "plain": {},
+  "temperature_bias": {"temperature": 0.7, "_bias": True},
+  "soft_cap_temperature": {"logit_soft_cap": 1.5, "temperature": 1.8, "_bias": True},
+  "ignore_where": {"_ignore": True, "_where": True, "temperature": 1.3},
+  "ragged_tiles": {"token_chunk_size": 5, "vocab_chunk_size": 7, "top_k": 4},
+  "batch_dims_vd": {"_shape": (2, 3, 4), "w_layout": "vd", "top_k": 2},
+  "vocab_padding": {"vocab_size": 30, "top_k": 3, "logit_soft_cap": 4.0},
 }
 
 
@@ -148,8 +159,17 @@ def _grads(x, w, b, y, where, coef, opts):
   return jax.grad(loss, (0, 1, 2))(x, w, b)
 
 
-@pytest.mark.parametrize("name", ["plain", "soft_cap_temperature", "ignore_where",
-                                  "ragged_tiles", "batch_dims_vd", "vocab_padding"])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "plain",
+    "soft_cap_temperature",
+    "ignore_where",
+    "ragged_tiles",
+    "batch_dims_vd",
+    "vocab_padding",
+  ],
+)
 def test_policy_gradient_matches_autodiff(name):
   """grad of sum(-A logprob - beta H + c lse) equals autodiff of the materialized one."""
   x, w, bias, y, where, counted, opts = _setup(name)
@@ -177,8 +197,7 @@ def test_entropy_gradient_alone_and_bias_gradient():
   x, w, b, y = make(shape=(12,), v=23)
 
   def ours(x, w, b):
-    s = linear_token_stats(x, w, y, bias=b, temperature=0.5, token_chunk_size=4,
-                           vocab_chunk_size=8)
+    s = linear_token_stats(x, w, y, bias=b, temperature=0.5, token_chunk_size=4, vocab_chunk_size=8)
     return jnp.sum(s.entropy)
 
   def theirs(x, w, b):
@@ -189,7 +208,7 @@ def test_entropy_gradient_alone_and_bias_gradient():
 
 
 def test_bfloat16_inputs():
-  x, w, b, y = make(shape=(4, 8), d=32, v=300, dtype=jnp.bfloat16)
+  x, w, _, y = make(shape=(4, 8), d=32, v=300, dtype=jnp.bfloat16)
   s = linear_token_stats(x, w, y, top_k=3)
   assert s.logprob.dtype == jnp.float32
   want = reference64(x.astype(jnp.float32), w.astype(jnp.float32), y, top_k=3)
@@ -198,8 +217,9 @@ def test_bfloat16_inputs():
   np.testing.assert_array_equal(s.top_k_indices, want[5])
   gx, gw = jax.grad(lambda x, w: jnp.sum(linear_token_stats(x, w, y).entropy), (0, 1))(x, w)
   assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
-  rx, rw = jax.grad(lambda x, w: jnp.sum(materialized(
-      x, w, y, jnp.ones(y.shape, bool))[1]), (0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
+  rx, rw = jax.grad(
+    lambda x, w: jnp.sum(materialized(x, w, y, jnp.ones(y.shape, bool))[1]), (0, 1)
+  )(x.astype(jnp.float32), w.astype(jnp.float32))
   close(gx.astype(jnp.float32), rx, tol=3e-2)
   close(gw.astype(jnp.float32), rw, tol=3e-2)
 
@@ -224,7 +244,9 @@ def test_bad_labels_and_unsigned_labels():
   close(s16.logprob, linear_token_stats(x, w, y).logprob)
 
 
-@pytest.mark.parametrize("kw, err, match", [
+@pytest.mark.parametrize(
+  "kw, err, match",
+  [
     ({"temperature": 0.0}, ValueError, "temperature"),
     ({"temperature": -1.0}, ValueError, "temperature"),
     ({"top_k": 38}, ValueError, "top_k"),
@@ -234,7 +256,8 @@ def test_bad_labels_and_unsigned_labels():
     ({"logit_soft_cap": -2.0}, ValueError, "logit_soft_cap"),
     ({"vocab_chunk_size": 0}, ValueError, "vocab_chunk_size"),
     ({"vocab_axis": "vocab"}, ValueError, "mesh"),
-])
+  ],
+)
 def test_bad_input(kw, err, match):
   x, w, _, y = make()
   with pytest.raises(err, match=match):

@@ -70,26 +70,26 @@ from jax import lax
 from xentjax import _core
 from xentjax import _validation as V
 from xentjax._tiles import (  # noqa: F401 -- also the import point of the fused distillation
-    _FILTER_TOKEN_CHUNK,
-    _Config,
-    _auto_chunks,
-    _axis_size,
-    _combine_lse,
-    _dot_dw,
-    _dot_dx,
-    _explicit_layout,
-    _fold,
-    _logit_tile,
-    _mesh_axes,
-    _positive_int,
-    _raw_cotangent,
-    _safe,
-    _sharded,
-    _spec_tree,
-    _specs,
-    _vocab_offset,
-    _w_chunk,
-    place,
+  _FILTER_TOKEN_CHUNK,
+  _auto_chunks,
+  _axis_size,
+  _combine_lse,
+  _Config,
+  _dot_dw,
+  _dot_dx,
+  _explicit_layout,
+  _fold,
+  _logit_tile,
+  _mesh_axes,
+  _positive_int,
+  _raw_cotangent,
+  _safe,
+  _sharded,
+  _spec_tree,
+  _specs,
+  _vocab_offset,
+  _w_chunk,
+  place,
 )
 
 Strategy = Literal["recompute", "store"]
@@ -139,8 +139,11 @@ def _update(st: dict, z, col, y, u_c, u_seen, chunk, cfg: _Config) -> dict:
   ms_old, ms_new = _safe(m_old), _safe(m_new)
   scale = jnp.exp(m_old - ms_new)  # 0 while m_old is -inf
   e = jnp.exp(z - ms_new[:, None])
-  new = {"m": m_new, "s": st["s"] * scale + jnp.sum(e, axis=1),
-         "zy": st["zy"] + jnp.sum(jnp.where(col == y[:, None], z, 0.0), axis=1)}
+  new = {
+    "m": m_new,
+    "s": st["s"] * scale + jnp.sum(e, axis=1),
+    "zy": st["zy"] + jnp.sum(jnp.where(col == y[:, None], z, 0.0), axis=1),
+  }
   if "zu" in st or "t" in st:
     zr = jnp.where(jnp.isfinite(z), z - ms_new[:, None], 0.0)
   if "zu" in st:
@@ -210,11 +213,16 @@ def _forward_local(a: dict, cfg: _Config) -> dict:
 
   def vocab_body(carry, v0, vsize):
     st, u_seen = carry
-    w_c, b_c, u_c = _w_chunk(w, v0, vsize, cfg), _col_slice(bias, v0, vsize), _col_slice(u, v0, vsize)
+    w_c, b_c, u_c = (
+      _w_chunk(w, v0, vsize, cfg),
+      _col_slice(bias, v0, vsize),
+      _col_slice(u, v0, vsize),
+    )
 
     def token_body(st, t0, tsize):
-      z, col = _logit_tile(lax.dynamic_slice_in_dim(x, t0, tsize, 0), w_c, offset + v0, cfg, cdt,
-                           b_c)
+      z, col = _logit_tile(
+        lax.dynamic_slice_in_dim(x, t0, tsize, 0), w_c, offset + v0, cfg, cdt, b_c
+      )
       y_t = lax.dynamic_slice_in_dim(labels, t0, tsize, 0)
       rows = _update(_rows(st, t0, tsize), z, col, y_t, u_c, u_seen, v0 // cfg.vocab_chunk, cfg)
       return _put_rows(st, rows, t0)
@@ -295,7 +303,11 @@ def _backward_local(a: dict, cfg: _Config) -> dict:
 
   def vocab_body(carry, v0, vsize):
     dx, dw, db = carry
-    w_c, b_c, u_c = _w_chunk(w, v0, vsize, cfg), _col_slice(bias, v0, vsize), _col_slice(u, v0, vsize)
+    w_c, b_c, u_c = (
+      _w_chunk(w, v0, vsize, cfg),
+      _col_slice(bias, v0, vsize),
+      _col_slice(u, v0, vsize),
+    )
 
     def tile(carry, t0, tsize):
       dx, dw_c, db_c = carry
@@ -324,8 +336,11 @@ def _backward_local(a: dict, cfg: _Config) -> dict:
       db = lax.dynamic_update_slice_in_dim(db, db_c.astype(bias.dtype), v0, 0)
     return dx, dw, db
 
-  init = (jnp.zeros(x.shape, cdt), jnp.zeros(w.shape, w.dtype),
-          None if bias is None else jnp.zeros(bias.shape, bias.dtype))
+  init = (
+    jnp.zeros(x.shape, cdt),
+    jnp.zeros(w.shape, w.dtype),
+    None if bias is None else jnp.zeros(bias.shape, bias.dtype),
+  )
   dx, dw, db = _fold(n_cols, cfg.vocab_chunk, vocab_body, init)
   if cfg.vocab_axis is not None:  # each shard saw part of the vocabulary
     dx = lax.psum(dx, cfg.vocab_axis)
@@ -351,8 +366,12 @@ def _engine(args: dict, cfg: _Config) -> dict:
 
 def _engine_fwd(args: dict, cfg: _Config):
   keys = _stat_keys(cfg)
-  fwd = _sharded(functools.partial(_forward_local, cfg=cfg), cfg,
-                 (_spec_tree(args, cfg),), _spec_tree(dict.fromkeys(keys), cfg))
+  fwd = _sharded(
+    functools.partial(_forward_local, cfg=cfg),
+    cfg,
+    (_spec_tree(args, cfg),),
+    _spec_tree(dict.fromkeys(keys), cfg),
+  )
   out = fwd(args)
   res = {k: v for k, v in args.items()}
   res.update(ms=out["m"], lse=out["m"] + out["log_s"])
@@ -368,8 +387,12 @@ def _engine_bwd(cfg: _Config, res: dict, cts: dict):
   for stat, name in (("log_s", "g_logs"), ("zy", "g_zy"), ("zu", "g_zu"), ("ent", "g_ent")):
     if stat in cts:
       a[name] = cts[stat].astype(cdt)
-  bwd = _sharded(functools.partial(_backward_local, cfg=cfg), cfg, (_spec_tree(a, cfg),),
-                 _spec_tree(dict.fromkeys(["dx", "dw"] + ["db"] * cfg.has_bias), cfg))
+  bwd = _sharded(
+    functools.partial(_backward_local, cfg=cfg),
+    cfg,
+    (_spec_tree(a, cfg),),
+    _spec_tree(dict.fromkeys(["dx", "dw"] + ["db"] * cfg.has_bias), cfg),
+  )
   g = bwd(a)
   grads = {k: None for k in res if k in ("x", "w", "bias", "u", "labels")}
   grads.update(x=g["dx"], w=g["dw"])
@@ -401,7 +424,10 @@ def _store_local(a: dict, cfg: _Config, token_loss) -> dict:
 
   def token_body(carry, t0, tsize):
     total, lse_all, dx, dw, db = carry
-    x_t, y_t = lax.dynamic_slice_in_dim(x, t0, tsize, 0), lax.dynamic_slice_in_dim(labels, t0, tsize, 0)
+    x_t, y_t = (
+      lax.dynamic_slice_in_dim(x, t0, tsize, 0),
+      lax.dynamic_slice_in_dim(labels, t0, tsize, 0),
+    )
     aux_t = _rows(aux, t0, tsize)
     z, col = _logit_tile(x_t, w, offset, cfg, cdt, bias)
     st = _update(_init_state(tsize, cfg, cdt, 1), z, col, y_t, u, 0.0, 0, cfg)
@@ -409,17 +435,34 @@ def _store_local(a: dict, cfg: _Config, token_loss) -> dict:
     loss_t, vjp = jax.vjp(lambda s: token_loss(s, aux_t), stats)
     (g,) = vjp(jnp.ones_like(loss_t))
     lse = stats.m + stats.log_s
-    r = {"lse": lse, "ms": stats.m, "ent": stats.ent, "labels": y_t, "g_logs": g.log_s,
-         "g_zy": g.zy, "g_zu": g.zu, "g_ent": g.ent}
+    r = {
+      "lse": lse,
+      "ms": stats.m,
+      "ent": stats.ent,
+      "labels": y_t,
+      "g_logs": g.log_s,
+      "g_zy": g.zy,
+      "g_zu": g.zu,
+      "g_ent": g.ent,
+    }
     dz = _dz(z, col, r, u, cfg)
     xT_t = None if xT is None else lax.dynamic_slice_in_dim(xT, t0, tsize, 1)
     db = None if db is None else db + jnp.sum(dz, axis=0)
-    return (total + jnp.sum(loss_t), lax.dynamic_update_slice_in_dim(lse_all, lse, t0, 0),
-            lax.dynamic_update_slice_in_dim(dx, _dot_dx(dz, w, op_dt, cfg, cdt), t0, 0),
-            dw + _dot_dw(x_t, dz, op_dt, cfg, cdt, xT_t), db)
+    return (
+      total + jnp.sum(loss_t),
+      lax.dynamic_update_slice_in_dim(lse_all, lse, t0, 0),
+      lax.dynamic_update_slice_in_dim(dx, _dot_dx(dz, w, op_dt, cfg, cdt), t0, 0),
+      dw + _dot_dw(x_t, dz, op_dt, cfg, cdt, xT_t),
+      db,
+    )
 
-  init = (jnp.zeros((), cdt), jnp.zeros((n,), cdt), jnp.zeros(x.shape, cdt),
-          jnp.zeros(w.shape, cdt), None if bias is None else jnp.zeros(bias.shape, cdt))
+  init = (
+    jnp.zeros((), cdt),
+    jnp.zeros((n,), cdt),
+    jnp.zeros(x.shape, cdt),
+    jnp.zeros(w.shape, cdt),
+    None if bias is None else jnp.zeros(bias.shape, cdt),
+  )
   total, lse, dx, dw, db = _fold(n, cfg.token_chunk, token_body, init)
   if cfg.vocab_axis is not None:
     dx = lax.psum(dx, cfg.vocab_axis)
@@ -446,8 +489,12 @@ def _store_layout(args: dict):
 def _store_fwd(args: dict, cfg: _Config, token_loss, layout):
   del layout
   keys = ["total", "lse", "dx", "dw"] + ["db"] * cfg.has_bias
-  fwd = _sharded(functools.partial(_store_local, cfg=cfg, token_loss=token_loss), cfg,
-                 (_spec_tree(args, cfg),), _spec_tree(dict.fromkeys(keys), cfg))
+  fwd = _sharded(
+    functools.partial(_store_local, cfg=cfg, token_loss=token_loss),
+    cfg,
+    (_spec_tree(args, cfg),),
+    _spec_tree(dict.fromkeys(keys), cfg),
+  )
   out = fwd(args)
   return (out["total"], out["lse"]), out
 
@@ -469,8 +516,17 @@ _store.defvjp(_store_fwd, _store_bwd)
 # Argument checks and the flattened tokens, shared by the entry points.
 
 
-@dataclasses.dataclass(frozen=True)
-class _Tokens:
+class _Placement(NamedTuple):
+  """Where one call runs: a mesh with its token and vocabulary axes, or one device."""
+
+  mesh: Any = None
+  data_axis: Any = None
+  vocab_axis: Any = None
+  data_shards: int = 1
+  vocab_shards: int = 1
+
+
+class _Tokens(NamedTuple):
   """The validated, flattened inputs of one call and their placement."""
 
   x: Any  # [n, D]
@@ -481,11 +537,7 @@ class _Tokens:
   n_cols: int
   vocab_size: int
   cdt: Any
-  mesh: Any = None
-  data_axis: Any = None
-  vocab_axis: Any = None
-  data_shards: int = 1
-  vocab_shards: int = 1
+  where: _Placement
 
 
 def _check_arrays(x, w, labels, w_layout):
@@ -496,31 +548,33 @@ def _check_arrays(x, w, labels, w_layout):
   x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
   if w_layout not in ("dv", "vd"):
     raise ValueError(
-        f'`w_layout` must be "dv" (w is [D, V]) or "vd" (w is [V, D], a tied '
-        f"embedding table), got {w_layout!r}."
+      f'`w_layout` must be "dv" (w is [D, V]) or "vd" (w is [V, D], a tied '
+      f"embedding table), got {w_layout!r}."
     )
   vd = w_layout == "vd"
   if x.ndim < 1 or w.ndim != 2:
     raise ValueError(
-        f"`x` must be [..., D] and `w` a matrix ([D, V], or [V, D] with "
-        f'w_layout="vd"), got x.shape={x.shape} and w.shape={w.shape}.'
+      f"`x` must be [..., D] and `w` a matrix ([D, V], or [V, D] with "
+      f'w_layout="vd"), got x.shape={x.shape} and w.shape={w.shape}.'
     )
   d = x.shape[-1]
   w_d = w.shape[1] if vd else w.shape[0]
   if w_d != d:
     hint = (
-        ' (w looks like a [V, D] embedding table: pass w_layout="vd")'
-        if not vd and w.shape[1] == d else
-        ' (w looks like [D, V]: pass w_layout="dv")' if vd and w.shape[0] == d else ""
+      ' (w looks like a [V, D] embedding table: pass w_layout="vd")'
+      if not vd and w.shape[1] == d
+      else ' (w looks like [D, V]: pass w_layout="dv")'
+      if vd and w.shape[0] == d
+      else ""
     )
     raise ValueError(
-        f"The hidden size of `x` and `w` must agree: x.shape={x.shape} has D={d} but "
-        f"w.shape={w.shape} with w_layout={w_layout!r} has D={w_d}{hint}."
+      f"The hidden size of `x` and `w` must agree: x.shape={x.shape} has D={d} but "
+      f"w.shape={w.shape} with w_layout={w_layout!r} has D={w_d}{hint}."
     )
   if labels.shape != x.shape[:-1]:
     raise ValueError(
-        f"`labels` must have the shape of `x` without its last axis, got "
-        f"labels.shape={labels.shape} for x.shape={x.shape} (expected {x.shape[:-1]})."
+      f"`labels` must have the shape of `x` without its last axis, got "
+      f"labels.shape={labels.shape} for x.shape={x.shape} (expected {x.shape[:-1]})."
     )
   return x, w, labels, vd
 
@@ -528,43 +582,58 @@ def _check_arrays(x, w, labels, w_layout):
 def _check_vocab_size(vocab_size, n_cols: int) -> int:
   if vocab_size is None:
     return n_cols
-  if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= n_cols:
+  if (
+    isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= n_cols
+  ):
     raise ValueError(
-        f"`vocab_size` must be an int in [1, {n_cols}] (the number of real classes "
-        f"among the {n_cols} columns of `w`), got {vocab_size!r}."
+      f"`vocab_size` must be an int in [1, {n_cols}] (the number of real classes "
+      f"among the {n_cols} columns of `w`), got {vocab_size!r}."
     )
   return vocab_size
 
 
-def _placement(x, w, n: int, n_cols: int, vocab_size: int, vd: bool, mesh, data_axis, vocab_axis):
-  """`(mesh, data_axis, vocab_axis, data_shards, vocab_shards)` of one call, checked."""
+def _placement(
+  x, w, n: int, n_cols: int, vocab_size: int, vd: bool, mesh, data_axis, vocab_axis
+) -> _Placement:
+  """The placement of one call, checked against the shapes."""
   if mesh is None:
     if data_axis is not None or vocab_axis is not None:
       raise ValueError("`data_axis` and `vocab_axis` need a `mesh`.")
     layout = _explicit_layout(x, w, vd)
     if layout is None:
-      return None, None, None, 1, 1
+      return _Placement()
     mesh, data_axis, vocab_axis = layout
   data_shards, vocab_shards = _mesh_axes(mesh, data_axis, vocab_axis)
   if n_cols % vocab_shards:
     padded = -(-n_cols // vocab_shards) * vocab_shards
     raise ValueError(
-        f"The vocabulary of `w` (w.shape={w.shape}, V={n_cols}) is not divisible by "
-        f"the {vocab_shards} devices of mesh axis {vocab_axis!r}. Pad `w` with "
-        f"{padded - n_cols} zero {'rows' if vd else 'columns'} to V={padded} and pass "
-        f"vocab_size={vocab_size}: padding classes are then excluded exactly."
+      f"The vocabulary of `w` (w.shape={w.shape}, V={n_cols}) is not divisible by "
+      f"the {vocab_shards} devices of mesh axis {vocab_axis!r}. Pad `w` with "
+      f"{padded - n_cols} zero {'rows' if vd else 'columns'} to V={padded} and pass "
+      f"vocab_size={vocab_size}: padding classes are then excluded exactly."
     )
   if n % data_shards:
     raise ValueError(
-        f"The {n} tokens of `labels` (labels.shape={x.shape[:-1]}) are not divisible by the "
-        f"{data_shards} devices of mesh axis {data_axis!r}; pad the batch and mask the "
-        "padding with `where` (or `ignore_index`)."
+      f"The {n} tokens of `labels` (labels.shape={x.shape[:-1]}) are not divisible by the "
+      f"{data_shards} devices of mesh axis {data_axis!r}; pad the batch and mask the "
+      "padding with `where` (or `ignore_index`)."
     )
-  return mesh, data_axis, vocab_axis, data_shards, vocab_shards
+  return _Placement(mesh, data_axis, vocab_axis, data_shards, vocab_shards)
 
 
-def _prepare(x, w, labels, *, ignore_index, where, w_layout, vocab_size, mesh=None,
-             data_axis=None, vocab_axis=None) -> _Tokens:
+def _prepare(
+  x,
+  w,
+  labels,
+  *,
+  ignore_index,
+  where,
+  w_layout,
+  vocab_size,
+  mesh=None,
+  data_axis=None,
+  vocab_axis=None,
+) -> _Tokens:
   """Checks the common arguments and flattens the tokens."""
   x, w, labels, vd = _check_arrays(x, w, labels, w_layout)
   if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -577,15 +646,24 @@ def _prepare(x, w, labels, *, ignore_index, where, w_layout, vocab_size, mesh=No
     where = jnp.asarray(where)
     if where.ndim > labels.ndim or jnp.broadcast_shapes(where.shape, batch_shape) != batch_shape:
       raise ValueError(
-          f"`where` must broadcast to the shape of `labels`, got where.shape={where.shape} "
-          f"and labels.shape={batch_shape}."
+        f"`where` must broadcast to the shape of `labels`, got where.shape={where.shape} "
+        f"and labels.shape={batch_shape}."
       )
   n = math.prod(batch_shape)
   placement = _placement(x, w, n, n_cols, vocab_size, vd, mesh, data_axis, vocab_axis)
   status = _core.label_status(labels, vocab_size, ignore_index=ignore_index, where=where)
   status = _core.LabelStatus(*(a.reshape(n) for a in status))
-  return _Tokens(x.reshape(n, x.shape[-1]), w, status, batch_shape, vd, n_cols, vocab_size,
-                 V.compute_dtype(x.dtype, w.dtype), *placement)
+  return _Tokens(
+    x.reshape(n, x.shape[-1]),
+    w,
+    status,
+    batch_shape,
+    vd,
+    n_cols,
+    vocab_size,
+    V.compute_dtype(x.dtype, w.dtype),
+    placement,
+  )
 
 
 def _check_temperature(temperature) -> float:
@@ -626,24 +704,48 @@ def _check_weights(weights, batch_shape):
     ok = False
   if not ok or weights.ndim > len(batch_shape):
     raise ValueError(
-        f"`weights` must broadcast to the shape of `labels`, got weights.shape={weights.shape} "
-        f"and labels.shape={batch_shape}."
+      f"`weights` must broadcast to the shape of `labels`, got weights.shape={weights.shape} "
+      f"and labels.shape={batch_shape}."
     )
   return jnp.broadcast_to(weights, batch_shape)
 
 
-def _config(tok: _Tokens, strategy, token_chunk_size, vocab_chunk_size, precision, *,
-            soft_cap, temperature, has_bias, **stats) -> _Config:
+def _config(
+  tok: _Tokens,
+  strategy,
+  token_chunk_size,
+  vocab_chunk_size,
+  precision,
+  *,
+  soft_cap,
+  temperature,
+  has_bias,
+  **stats,
+) -> _Config:
   filtered = stats.get("filter_eps") is not None
-  tc, vc = _auto_chunks(strategy, tok.x.shape[0] // tok.data_shards,
-                        tok.n_cols // tok.vocab_shards,
-                        _positive_int("token_chunk_size", token_chunk_size),
-                        _positive_int("vocab_chunk_size", vocab_chunk_size), filtered=filtered)
+  pl = tok.where
+  tc, vc = _auto_chunks(
+    strategy,
+    tok.x.shape[0] // pl.data_shards,
+    tok.n_cols // pl.vocab_shards,
+    _positive_int("token_chunk_size", token_chunk_size),
+    _positive_int("vocab_chunk_size", vocab_chunk_size),
+    filtered=filtered,
+  )
   return _Config(
-      num_classes=tok.vocab_size, num_columns=tok.n_cols, soft_cap=soft_cap, vd=tok.vd,
-      token_chunk=tc, vocab_chunk=vc, precision=precision, mesh=tok.mesh,
-      data_axis=tok.data_axis, vocab_axis=tok.vocab_axis, temperature=temperature,
-      has_bias=has_bias, **stats,
+    num_classes=tok.vocab_size,
+    num_columns=tok.n_cols,
+    soft_cap=soft_cap,
+    vd=tok.vd,
+    token_chunk=tc,
+    vocab_chunk=vc,
+    precision=precision,
+    mesh=pl.mesh,
+    data_axis=pl.data_axis,
+    vocab_axis=pl.vocab_axis,
+    temperature=temperature,
+    has_bias=has_bias,
+    **stats,
   )
 
 
@@ -654,8 +756,7 @@ def _placed(args: dict, cfg: _Config) -> dict:
   specs = _spec_tree(args, cfg)
 
   def go(a, s):
-    return {k: go(a[k], s[k]) if isinstance(a[k], dict) else place(a[k], cfg.mesh, s[k])
-            for k in a}
+    return {k: go(a[k], s[k]) if isinstance(a[k], dict) else place(a[k], cfg.mesh, s[k]) for k in a}
 
   return go(args, specs)
 
@@ -696,7 +797,8 @@ class _CELoss:
     eps, lam = self.label_smoothing, self.z_loss
     if not self.class_weighted:
       ell = _core.cross_entropy_from_stats(
-          s.log_s, s.zy, s.zu, s.m, label_smoothing=eps, z_loss=lam)
+        s.log_s, s.zy, s.zu, s.m, label_smoothing=eps, z_loss=lam
+      )
     else:
       ell = 0.0
       if eps < 1.0:
@@ -705,26 +807,32 @@ class _CELoss:
         ell = ell + eps * (aux["usum"] * s.log_s - s.zu)
       if lam:
         ell = ell + _core.cross_entropy_from_stats(
-            jnp.zeros_like(s.log_s), jnp.zeros_like(s.zy), None, s.m + s.log_s,
-            label_smoothing=0.0, z_loss=lam)
+          jnp.zeros_like(s.log_s),
+          jnp.zeros_like(s.zy),
+          None,
+          s.m + s.log_s,
+          label_smoothing=0.0,
+          z_loss=lam,
+        )
     return jnp.where(aux["counted"], aux["coef"] * ell, 0.0)
 
 
-def _ce_options(tok: _Tokens, *, reduction, strategy, vocab_chunk_size, label_smoothing, z_loss,
-                filter_eps):
+def _ce_options(
+  tok: _Tokens, *, reduction, strategy, vocab_chunk_size, label_smoothing, z_loss, filter_eps
+):
   V.check_reduction(reduction)
   if strategy not in ("recompute", "store"):
     raise ValueError(f'`strategy` must be "recompute" or "store", got {strategy!r}.')
   if strategy == "store" and reduction == "none":
     raise ValueError(
-        'strategy="store" forms the weight gradient in the forward pass, which needs a '
-        'scalar loss: use reduction="mean" or "sum", or strategy="recompute" for '
-        'reduction="none".'
+      'strategy="store" forms the weight gradient in the forward pass, which needs a '
+      'scalar loss: use reduction="mean" or "sum", or strategy="recompute" for '
+      'reduction="none".'
     )
   if strategy == "store" and vocab_chunk_size is not None:
     raise ValueError(
-        'strategy="store" works on whole vocabulary rows; `vocab_chunk_size` only applies '
-        'to strategy="recompute".'
+      'strategy="store" works on whole vocabulary rows; `vocab_chunk_size` only applies '
+      'to strategy="recompute".'
     )
   eps = V.check_label_smoothing(label_smoothing)
   lam = V.check_nonnegative("z_loss", z_loss)
@@ -733,11 +841,14 @@ def _ce_options(tok: _Tokens, *, reduction, strategy, vocab_chunk_size, label_sm
     if not 0.0 < f < 1.0:
       raise ValueError(f"`filter_eps` must be None or a number in (0, 1), got {filter_eps!r}.")
     if strategy == "store":
-      raise ValueError('`filter_eps` filters the backward pass of strategy="recompute"; '
-                       'strategy="store" has none.')
+      raise ValueError(
+        '`filter_eps` filters the backward pass of strategy="recompute"; strategy="store" has none.'
+      )
     if eps:
-      raise ValueError("`filter_eps` does not combine with `label_smoothing`: the smoothing "
-                       "term puts gradient on every column, so no tile could be skipped.")
+      raise ValueError(
+        "`filter_eps` does not combine with `label_smoothing`: the smoothing "
+        "term puts gradient on every column, so no tile could be skipped."
+      )
     filter_eps = f
   return eps, lam, filter_eps
 
@@ -775,31 +886,31 @@ def _column_weights(tok: _Tokens, class_weights, eps):
 
 
 def linear_softmax_cross_entropy(
-    x: jax.typing.ArrayLike,
-    w: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    reduction: str = "mean",
-    ignore_index: int = -100,
-    where: jax.typing.ArrayLike | None = None,
-    weights: jax.typing.ArrayLike | None = None,
-    class_weights: jax.typing.ArrayLike | None = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    logit_soft_cap: float | None = None,
-    temperature: float = 1.0,
-    bias: jax.typing.ArrayLike | None = None,
-    filter_eps: float | None = None,
-    return_lse: bool = False,
-    strategy: Strategy = "recompute",
-    w_layout: WLayout = "dv",
-    vocab_size: int | None = None,
-    token_chunk_size: int | None = None,
-    vocab_chunk_size: int | None = None,
-    precision: Any = None,
-    mesh: jax.sharding.Mesh | None = None,
-    data_axis: Any = None,
-    vocab_axis: Any = None,
+  x: jax.typing.ArrayLike,
+  w: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  reduction: str = "mean",
+  ignore_index: int = -100,
+  where: jax.typing.ArrayLike | None = None,
+  weights: jax.typing.ArrayLike | None = None,
+  class_weights: jax.typing.ArrayLike | None = None,
+  label_smoothing: float = 0.0,
+  z_loss: float = 0.0,
+  logit_soft_cap: float | None = None,
+  temperature: float = 1.0,
+  bias: jax.typing.ArrayLike | None = None,
+  filter_eps: float | None = None,
+  return_lse: bool = False,
+  strategy: Strategy = "recompute",
+  w_layout: WLayout = "dv",
+  vocab_size: int | None = None,
+  token_chunk_size: int | None = None,
+  vocab_chunk_size: int | None = None,
+  precision: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
+  data_axis: Any = None,
+  vocab_axis: Any = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Softmax cross-entropy of the logits ``x @ w``, without forming them.
 
@@ -940,18 +1051,42 @@ def linear_softmax_cross_entropy(
     "Online normalizer calculation for softmax", 2018. Chowdhery et al.,
     "PaLM", 2022 (z-loss). Gemma Team, "Gemma 2", 2024 (logit soft-capping).
   """
-  tok = _prepare(x, w, labels, ignore_index=ignore_index, where=where, w_layout=w_layout,
-                 vocab_size=vocab_size, mesh=mesh, data_axis=data_axis, vocab_axis=vocab_axis)
+  tok = _prepare(
+    x,
+    w,
+    labels,
+    ignore_index=ignore_index,
+    where=where,
+    w_layout=w_layout,
+    vocab_size=vocab_size,
+    mesh=mesh,
+    data_axis=data_axis,
+    vocab_axis=vocab_axis,
+  )
   eps, lam, filter_eps = _ce_options(
-      tok, reduction=reduction, strategy=strategy, vocab_chunk_size=vocab_chunk_size,
-      label_smoothing=label_smoothing, z_loss=z_loss, filter_eps=filter_eps)
+    tok,
+    reduction=reduction,
+    strategy=strategy,
+    vocab_chunk_size=vocab_chunk_size,
+    label_smoothing=label_smoothing,
+    z_loss=z_loss,
+    filter_eps=filter_eps,
+  )
   bias = _check_vector("bias", bias, tok.n_cols, "one per column of `w`")
   class_weights = _check_vector("class_weights", class_weights, tok.vocab_size, "one per class")
   weights = _check_weights(weights, tok.batch_shape)
-  cfg = _config(tok, strategy, token_chunk_size, vocab_chunk_size, precision,
-                soft_cap=_check_soft_cap(logit_soft_cap),
-                temperature=_check_temperature(temperature), has_bias=bias is not None,
-                weighted_sum=bool(eps), filter_eps=filter_eps)
+  cfg = _config(
+    tok,
+    strategy,
+    token_chunk_size,
+    vocab_chunk_size,
+    precision,
+    soft_cap=_check_soft_cap(logit_soft_cap),
+    temperature=_check_temperature(temperature),
+    has_bias=bias is not None,
+    weighted_sum=bool(eps),
+    filter_eps=filter_eps,
+  )
   token_loss = _CELoss(eps, lam, class_weights is not None)
   aux, denom = _ce_aux(tok, weights, class_weights, reduction, strategy, eps)
   u = _column_weights(tok, class_weights, eps)

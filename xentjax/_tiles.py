@@ -112,8 +112,11 @@ def _logit_tile(x_t, w_c, col0, cfg: _Config, cdt, bias_c=None):
   op_dt = jnp.result_type(x_t.dtype, w_c.dtype)
   dims = (((1,), (1 if cfg.vd else 0,)), ((), ()))
   z = lax.dot_general(
-      x_t.astype(op_dt), w_c.astype(op_dt), dims,
-      precision=cfg.precision, preferred_element_type=cdt,
+    x_t.astype(op_dt),
+    w_c.astype(op_dt),
+    dims,
+    precision=cfg.precision,
+    preferred_element_type=cdt,
   ).astype(cdt)
   if bias_c is not None:
     z = z + bias_c.astype(cdt)[None, :]
@@ -154,8 +157,11 @@ def _dot_dx(dz, w_c, op_dt, cfg: _Config, cdt):
   """
   dims = (((1,), (0 if cfg.vd else 1,)), ((), ()))
   return lax.dot_general(
-      dz.astype(op_dt), w_c.astype(op_dt), dims, precision=cfg.precision,
-      preferred_element_type=cdt,
+    dz.astype(op_dt),
+    w_c.astype(op_dt),
+    dims,
+    precision=cfg.precision,
+    preferred_element_type=cdt,
   ).astype(cdt)
 
 
@@ -169,15 +175,18 @@ def _dot_dw(x_t, dz, op_dt, cfg: _Config, cdt, xT_t=None):
   """
   if xT_t is not None:
     return lax.dot_general(
-        xT_t.astype(op_dt), dz.astype(op_dt), (((1,), (0,)), ((), ())),
-        precision=cfg.precision, preferred_element_type=cdt,
+      xT_t.astype(op_dt),
+      dz.astype(op_dt),
+      (((1,), (0,)), ((), ())),
+      precision=cfg.precision,
+      preferred_element_type=cdt,
     ).astype(cdt)
   dims = (((0,), (0,)), ((), ()))
   x_t = x_t.astype(op_dt)
   a, b = (dz.astype(op_dt), x_t) if cfg.vd else (x_t, dz.astype(op_dt))
-  return lax.dot_general(
-      a, b, dims, precision=cfg.precision, preferred_element_type=cdt
-  ).astype(cdt)
+  return lax.dot_general(a, b, dims, precision=cfg.precision, preferred_element_type=cdt).astype(
+    cdt
+  )
 
 
 def _safe(m):
@@ -209,16 +218,36 @@ def _specs(cfg: _Config):
 def _spec_tree(tree, cfg: _Config):
   """PartitionSpecs for a dict of named engine arrays (see `_ROLE`)."""
   xs, ws, tok = _specs(cfg)
-  by_role = {"x": xs, "w": ws, "col": P(cfg.vocab_axis), "tile": P(cfg.data_axis, cfg.vocab_axis),
-             "rowk": P(cfg.data_axis, None), "scalar": P(), "tok": tok}
-  return {k: _spec_tree(v, cfg) if isinstance(v, dict) else by_role[_ROLE.get(k, "tok")]
-          for k, v in tree.items()}
+  by_role = {
+    "x": xs,
+    "w": ws,
+    "col": P(cfg.vocab_axis),
+    "tile": P(cfg.data_axis, cfg.vocab_axis),
+    "rowk": P(cfg.data_axis, None),
+    "scalar": P(),
+    "tok": tok,
+  }
+  return {
+    k: _spec_tree(v, cfg) if isinstance(v, dict) else by_role[_ROLE.get(k, "tok")]
+    for k, v in tree.items()
+  }
 
 
 # The layout of each named array the engine passes through `shard_map`;
 # everything else is a per-token vector.
-_ROLE = {"x": "x", "dx": "x", "w": "w", "dw": "w", "bias": "col", "db": "col", "u": "col",
-         "tmax": "tile", "topv": "rowk", "topi": "rowk", "total": "scalar"}
+_ROLE = {
+  "x": "x",
+  "dx": "x",
+  "w": "w",
+  "dw": "w",
+  "bias": "col",
+  "db": "col",
+  "u": "col",
+  "tmax": "tile",
+  "topv": "rowk",
+  "topi": "rowk",
+  "total": "scalar",
+}
 
 
 def _sharded(fn, cfg: _Config, in_specs, out_specs):
@@ -230,9 +259,7 @@ def _sharded(fn, cfg: _Config, in_specs, out_specs):
   """
   if cfg.mesh is None:
     return fn
-  return jax.shard_map(
-      fn, mesh=cfg.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
-  )
+  return jax.shard_map(fn, mesh=cfg.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def _explicit_layout(x, w, vd: bool):
@@ -250,8 +277,11 @@ def _explicit_layout(x, w, vd: bool):
     sharding = getattr(jax.typeof(a), "sharding", None)
     m = getattr(sharding, "mesh", None)
     explicit = jax.sharding.AxisType.Explicit
-    if m is None or getattr(m, "empty", True) or not any(
-        t == explicit for t in getattr(m, "axis_types", ())):
+    if (
+      m is None
+      or getattr(m, "empty", True)
+      or not any(t == explicit for t in getattr(m, "axis_types", ()))
+    ):
       specs.append(())
       continue
     mesh = mesh or m
@@ -262,8 +292,11 @@ def _explicit_layout(x, w, vd: bool):
   data_axis = sx[0] if sx else None
   vdim = 0 if vd else 1
   vocab_axis = sw[vdim] if len(sw) > vdim else None
-  if vocab_axis is not None and data_axis is not None and (
-      set(V.as_sequence(vocab_axis)) & set(V.as_sequence(data_axis))):
+  if (
+    vocab_axis is not None
+    and data_axis is not None
+    and (set(V.as_sequence(vocab_axis)) & set(V.as_sequence(data_axis)))
+  ):
     vocab_axis = None
   return getattr(mesh, "abstract_mesh", mesh), data_axis, vocab_axis
 
@@ -283,11 +316,14 @@ def _mesh_axes(mesh, data_axis, vocab_axis) -> tuple[int, int]:
     for a in () if axis is None else V.as_sequence(axis):
       if a not in shape:
         raise ValueError(
-            f"`{arg}`={axis!r} is not an axis of the mesh, whose axes are "
-            f"{dict(shape)}. Pass the name of an existing mesh axis."
+          f"`{arg}`={axis!r} is not an axis of the mesh, whose axes are "
+          f"{dict(shape)}. Pass the name of an existing mesh axis."
         )
-  if data_axis is not None and vocab_axis is not None and (
-      set(V.as_sequence(data_axis)) & set(V.as_sequence(vocab_axis))):
+  if (
+    data_axis is not None
+    and vocab_axis is not None
+    and (set(V.as_sequence(data_axis)) & set(V.as_sequence(vocab_axis)))
+  ):
     raise ValueError(f"`data_axis`={data_axis!r} and `vocab_axis`={vocab_axis!r} must differ.")
   return _axis_size(mesh, data_axis), _axis_size(mesh, vocab_axis)
 

@@ -52,24 +52,24 @@ def _check_top_k(top_k, vocab_size: int) -> int:
 
 
 def linear_token_stats(
-    x: jax.typing.ArrayLike,
-    w: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    bias: jax.typing.ArrayLike | None = None,
-    ignore_index: int = -100,
-    where: jax.typing.ArrayLike | None = None,
-    logit_soft_cap: float | None = None,
-    w_layout: WLayout = "dv",
-    vocab_size: int | None = None,
-    token_chunk_size: int | None = None,
-    vocab_chunk_size: int | None = None,
-    precision: Any = None,
-    mesh: jax.sharding.Mesh | None = None,
-    data_axis: Any = None,
-    vocab_axis: Any = None,
+  x: jax.typing.ArrayLike,
+  w: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  bias: jax.typing.ArrayLike | None = None,
+  ignore_index: int = -100,
+  where: jax.typing.ArrayLike | None = None,
+  logit_soft_cap: float | None = None,
+  w_layout: WLayout = "dv",
+  vocab_size: int | None = None,
+  token_chunk_size: int | None = None,
+  vocab_chunk_size: int | None = None,
+  precision: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
+  data_axis: Any = None,
+  vocab_axis: Any = None,
 ) -> TokenStats:
   r"""Per-token log-probability, entropy, log-normalizer, argmax and top-k of ``x @ w``.
 
@@ -129,16 +129,33 @@ def linear_token_stats(
     "Proximal Policy Optimization Algorithms", 2017. Wijmans et al., "Cut Your
     Losses in Large-Vocabulary Language Models", 2024.
   """
-  tok = _fused._prepare(x, w, labels, ignore_index=ignore_index, where=where,
-                        w_layout=w_layout, vocab_size=vocab_size, mesh=mesh,
-                        data_axis=data_axis, vocab_axis=vocab_axis)
+  tok = _fused._prepare(
+    x,
+    w,
+    labels,
+    ignore_index=ignore_index,
+    where=where,
+    w_layout=w_layout,
+    vocab_size=vocab_size,
+    mesh=mesh,
+    data_axis=data_axis,
+    vocab_axis=vocab_axis,
+  )
   top_k = _check_top_k(top_k, tok.vocab_size)
   bias = _fused._check_vector("bias", bias, tok.n_cols, "one per column of `w`")
   cfg = _fused._config(
-      tok, "recompute", token_chunk_size, vocab_chunk_size, precision,
-      soft_cap=_fused._check_soft_cap(logit_soft_cap),
-      temperature=_fused._check_temperature(temperature), has_bias=bias is not None,
-      entropy=True, argmax=True, top_k=top_k)
+    tok,
+    "recompute",
+    token_chunk_size,
+    vocab_chunk_size,
+    precision,
+    soft_cap=_fused._check_soft_cap(logit_soft_cap),
+    temperature=_fused._check_temperature(temperature),
+    has_bias=bias is not None,
+    entropy=True,
+    argmax=True,
+    top_k=top_k,
+  )
   out = _fused.statistics(tok, cfg, bias)
   m = lax.stop_gradient(out["m"])
   lse = m + out["log_s"]
@@ -150,7 +167,14 @@ def linear_token_stats(
   top_lp = top_i = None
   if top_k:
     top_lp = (lax.stop_gradient(out["topv"]) - lax.stop_gradient(lse)[:, None]).reshape(
-        *shape, top_k)
+      *shape, top_k
+    )
     top_i = out["topi"].reshape(*shape, top_k)
-  return TokenStats(logprob.reshape(shape), entropy.reshape(shape), lse.reshape(shape),
-                    out["amax"].reshape(shape), top_lp, top_i)
+  return TokenStats(
+    logprob.reshape(shape),
+    entropy.reshape(shape),
+    lse.reshape(shape),
+    out["amax"].reshape(shape),
+    top_lp,
+    top_i,
+  )

@@ -44,15 +44,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from xentjax import _core
-from xentjax import _fused
+from xentjax import _core, _fused, _token_stats
 from xentjax import _validation as V
 from xentjax._tiles import _mesh_axes, place
 
 __all__ = [
-    "linear_softmax_cross_entropy",
-    "linear_token_stats",
-    "softmax_cross_entropy_with_integer_labels",
+  "linear_softmax_cross_entropy",
+  "linear_token_stats",
+  "softmax_cross_entropy_with_integer_labels",
 ]
 
 
@@ -62,7 +61,10 @@ def _require_vocab_axis(mesh, data_axis, vocab_axis):
   return _mesh_axes(mesh, data_axis, vocab_axis)
 
 
-def linear_softmax_cross_entropy(
+def _on_mesh(fn, doc: str):
+  """`fn` with the placement keywords required, defaulting to "data" and "vocab"."""
+
+  def placed(
     x: jax.typing.ArrayLike,
     w: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -71,17 +73,28 @@ def linear_softmax_cross_entropy(
     data_axis: Any = "data",
     vocab_axis: Any = "vocab",
     **options: Any,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+  ):
+    _require_vocab_axis(mesh, data_axis, vocab_axis)
+    return fn(x, w, labels, mesh=mesh, data_axis=data_axis, vocab_axis=vocab_axis, **options)
+
+  placed.__name__ = placed.__qualname__ = fn.__name__
+  placed.__doc__ = doc
+  return placed
+
+
+linear_softmax_cross_entropy = _on_mesh(
+  _fused.linear_softmax_cross_entropy,
   r"""`xentjax.linear_softmax_cross_entropy` with `w` sharded over its vocabulary.
 
-  The same function with the placement ``mesh=``, ``data_axis=``,
-  ``vocab_axis=`` (defaults ``"data"`` and ``"vocab"``); every other keyword
-  (``reduction``, ``where``, ``weights``, ``class_weights``, ``bias``,
-  ``temperature``, ``filter_eps``, ...) is passed through, with the same
-  formula, results and edge cases. Device :math:`(i, k)` of the mesh holds
-  tokens shard :math:`i` and vocabulary shard :math:`k` (columns
-  :math:`[kV/K, (k+1)V/K)`) and runs the fused engine on it; its local
-  running maximum :math:`m_k` and scaled sum :math:`s_k` combine as
+  ``linear_softmax_cross_entropy(x, w, labels, *, mesh, data_axis="data",
+  vocab_axis="vocab", **options)``: the single-device function with its
+  placement options required; every other keyword (``reduction``, ``where``,
+  ``weights``, ``class_weights``, ``bias``, ``temperature``, ``filter_eps``,
+  ...) is passed through, with the same formula, results and edge cases.
+  Device :math:`(i, k)` of the mesh holds tokens shard :math:`i` and
+  vocabulary shard :math:`k` (columns :math:`[kV/K, (k+1)V/K)`) and runs the
+  fused engine on it; its local running maximum :math:`m_k` and scaled sum
+  :math:`s_k` combine as
 
   .. math::
 
@@ -122,33 +135,21 @@ def linear_softmax_cross_entropy(
   References:
     Shoeybi et al., "Megatron-LM: Training Multi-Billion Parameter Language
     Models Using Model Parallelism", 2019 (vocabulary-parallel cross-entropy).
-  """
-  _require_vocab_axis(mesh, data_axis, vocab_axis)
-  return _fused.linear_softmax_cross_entropy(
-      x, w, labels, mesh=mesh, data_axis=data_axis, vocab_axis=vocab_axis, **options)
+  """,
+)
 
-
-def linear_token_stats(
-    x: jax.typing.ArrayLike,
-    w: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    mesh: jax.sharding.Mesh,
-    data_axis: Any = "data",
-    vocab_axis: Any = "vocab",
-    **options: Any,
-):
+linear_token_stats = _on_mesh(
+  _token_stats.linear_token_stats,
   """`xentjax.linear_token_stats` with `w` sharded over its vocabulary.
 
-  The same function with the placement ``mesh=``, ``data_axis=``,
-  ``vocab_axis=`` (defaults ``"data"`` and ``"vocab"``): entropy, argmax and
-  top-k are combined across vocabulary shards from per-token vectors (the
-  top-k from ``k`` candidates per shard), never from gathered logits.
-  """
-  from xentjax._token_stats import linear_token_stats as stats
-
-  _require_vocab_axis(mesh, data_axis, vocab_axis)
-  return stats(x, w, labels, mesh=mesh, data_axis=data_axis, vocab_axis=vocab_axis, **options)
+  ``linear_token_stats(x, w, labels, *, mesh, data_axis="data",
+  vocab_axis="vocab", **options)``: the single-device function with its
+  placement options required. Entropy, argmax and top-k are combined across
+  vocabulary shards from per-token vectors (the top-k from ``k`` candidates
+  per shard, all-gathered: ``k`` numbers per token and shard), never from
+  gathered logits.
+  """,
+)
 
 
 # ----------------------------------------------------------------------------
@@ -158,8 +159,17 @@ def linear_token_stats(
 def _logits_config(mesh, data_axis, vocab_axis, num_classes) -> _fused._Config:
   """The engine's configuration for logits given as one tile per device."""
   return _fused._Config(
-      num_classes=num_classes, num_columns=num_classes, soft_cap=None, vd=False, token_chunk=1,
-      vocab_chunk=1, precision=None, mesh=mesh, data_axis=data_axis, vocab_axis=vocab_axis)
+    num_classes=num_classes,
+    num_columns=num_classes,
+    soft_cap=None,
+    vd=False,
+    token_chunk=1,
+    vocab_chunk=1,
+    precision=None,
+    mesh=mesh,
+    data_axis=data_axis,
+    vocab_axis=vocab_axis,
+  )
 
 
 def _specs(cfg: _fused._Config):
@@ -170,8 +180,9 @@ def _logits_fwd_local(z, labels, cfg: _fused._Config):
   """`(lse - z_y, lse)` of local logits `[n, V/K]`, from the engine's shifted statistics."""
   z = z.astype(V.compute_dtype(z.dtype))
   col = _fused._vocab_offset(cfg, z.shape[1]) + lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
-  st = _fused._update(_fused._init_state(z.shape[0], cfg, z.dtype, 1), z, col, labels, None,
-                      0.0, 0, cfg)
+  st = _fused._update(
+    _fused._init_state(z.shape[0], cfg, z.dtype, 1), z, col, labels, None, 0.0, 0, cfg
+  )
   stats, _ = _fused._finish(st, None, cfg)
   return stats.log_s - stats.zy, stats.m + stats.log_s
 
@@ -186,8 +197,11 @@ def _logits_bwd_local(logits, labels, lse, g, cfg: _fused._Config):
 
 def _shard(fn, cfg, in_specs, out_specs):
   return jax.shard_map(
-      functools.partial(fn, cfg=cfg), mesh=cfg.mesh, in_specs=in_specs,
-      out_specs=out_specs, check_vma=False,
+    functools.partial(fn, cfg=cfg),
+    mesh=cfg.mesh,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    check_vma=False,
   )
 
 
@@ -213,12 +227,12 @@ _sharded_ce.defvjp(_sharded_ce_fwd, _sharded_ce_bwd)
 
 
 def softmax_cross_entropy_with_integer_labels(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    mesh: jax.sharding.Mesh,
-    data_axis: str | None = "data",
-    vocab_axis: str = "vocab",
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  mesh: jax.sharding.Mesh,
+  data_axis: str | None = "data",
+  vocab_axis: str = "vocab",
 ) -> jax.Array:
   r"""Per-example softmax cross-entropy of logits sharded over the vocabulary.
 
@@ -261,22 +275,22 @@ def softmax_cross_entropy_with_integer_labels(
   labels = jnp.asarray(labels)
   if logits.ndim < 1 or labels.shape != logits.shape[:-1]:
     raise ValueError(
-        f"`labels` must have the shape of `logits` without its last axis, got "
-        f"labels.shape={labels.shape} and logits.shape={logits.shape}."
+      f"`labels` must have the shape of `logits` without its last axis, got "
+      f"labels.shape={labels.shape} and logits.shape={logits.shape}."
     )
   num_classes = logits.shape[-1]
   if num_classes % n_vocab:
     raise ValueError(
-        f"The vocabulary of `logits` (logits.shape={logits.shape}, V={num_classes}) is not "
-        f"divisible by the {n_vocab} devices of mesh axis {vocab_axis!r}; compute the logits "
-        "from a vocabulary padded to a multiple of it and give padding columns the value -inf."
+      f"The vocabulary of `logits` (logits.shape={logits.shape}, V={num_classes}) is not "
+      f"divisible by the {n_vocab} devices of mesh axis {vocab_axis!r}; compute the logits "
+      "from a vocabulary padded to a multiple of it and give padding columns the value -inf."
     )
   batch_shape = labels.shape
   n = math.prod(batch_shape)
   if n % n_data:
     raise ValueError(
-        f"The {n} examples of `labels` (labels.shape={batch_shape}) are not divisible by the "
-        f"{n_data} devices of mesh axis {data_axis!r}."
+      f"The {n} examples of `labels` (labels.shape={batch_shape}) are not divisible by the "
+      f"{n_data} devices of mesh axis {data_axis!r}."
     )
   cfg = _logits_config(mesh, data_axis, vocab_axis, num_classes)
   zs, ts = _specs(cfg)
