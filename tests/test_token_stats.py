@@ -128,16 +128,31 @@ def _ref_kw(opts, bias):
   return {"bias": bias, **{k: v for k, v in opts.items() if k in keep}}
 
 
+@functools.partial(jax.jit, static_argnames=("opts",))
+def _stats_and_grads(x, w, b, y, where, coef, opts):
+  """The statistics and the gradient of sum(-A logprob - beta H + c lse), in one compile."""
+
+  def loss(x, w, b):
+    s = linear_token_stats(x, w, y, where=where, bias=b, **dict(opts))
+    return jnp.sum(-coef[0] * s.logprob - coef[1] * s.entropy + coef[2] * s.lse), s
+
+  (_, s), g = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(x, w, b)
+  return s, g
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_values_match_float64(name):
+def test_matches_materialized(name):
+  """Values against float64 NumPy; gradients against autodiff of the materialized logits."""
   x, w, bias, y, where, counted, opts = _setup(name)
-  s = jax.jit(lambda x, w, b: linear_token_stats(x, w, y, bias=b, where=where, **opts))(x, w, bias)
+  ks = jax.random.split(jax.random.PRNGKey(5), 3)
+  coef = [jax.random.normal(k, y.shape) for k in ks]  # per-token advantages etc.
+  s, got = _stats_and_grads(x, w, bias, y, where, coef, tuple(sorted(opts.items())))
   k = opts.get("top_k", 0)
   want = reference64(x, w, y, counted=counted, top_k=k, **_ref_kw(opts, bias))
   assert isinstance(s, xentjax.TokenStats)
-  for got, ref, what in zip(s[:3], want[:3], ("logprob", "entropy", "lse")):
-    assert got.shape == y.shape and got.dtype == jnp.float32, what
-    close(got, ref)
+  for value, ref, what in zip(s[:3], want[:3], ("logprob", "entropy", "lse")):
+    assert value.shape == y.shape and value.dtype == jnp.float32, what
+    close(value, ref)
   assert s.argmax.dtype == jnp.int32
   np.testing.assert_array_equal(s.argmax, want[3])
   if k:
@@ -146,45 +161,14 @@ def test_values_match_float64(name):
     np.testing.assert_array_equal(s.top_k_indices, want[5])
   else:
     assert s.top_k_logprobs is None and s.top_k_indices is None
-
-
-@functools.partial(jax.jit, static_argnames=("opts",))
-def _grads(x, w, b, y, where, coef, opts):
-  opts = dict(opts)
-
-  def loss(x, w, b):
-    s = linear_token_stats(x, w, y, where=where, bias=b, **opts)
-    return jnp.sum(-coef[0] * s.logprob - coef[1] * s.entropy + coef[2] * s.lse)
-
-  return jax.grad(loss, (0, 1, 2))(x, w, b)
-
-
-@pytest.mark.parametrize(
-  "name",
-  [
-    "plain",
-    "soft_cap_temperature",
-    "ignore_where",
-    "ragged_tiles",
-    "batch_dims_vd",
-    "vocab_padding",
-  ],
-)
-def test_policy_gradient_matches_autodiff(name):
-  """grad of sum(-A logprob - beta H + c lse) equals autodiff of the materialized one."""
-  x, w, bias, y, where, counted, opts = _setup(name)
-  opts.pop("top_k", None)
-  ks = jax.random.split(jax.random.PRNGKey(5), 3)
-  coef = [jax.random.normal(k, y.shape) for k in ks]  # per-token advantages etc.
-  got = _grads(x, w, bias, y, where, coef, tuple(sorted(opts.items())))
   ref_kw = {k: v for k, v in _ref_kw(opts, None).items() if k != "bias"}
 
   def ref_loss(x, w, b):
     lp, h, lse = materialized(x, w, y, jnp.asarray(counted), bias=b, **ref_kw)
     return jnp.sum(-coef[0] * lp - coef[1] * h + coef[2] * lse)
 
-  want = jax.grad(ref_loss, (0, 1, 2))(x, w, bias)
-  for g, r, arg in zip(got, want, (x, w, bias)):
+  ref_grads = jax.grad(ref_loss, (0, 1, 2))(x, w, bias)
+  for g, r, arg in zip(got, ref_grads, (x, w, bias)):
     if arg is None:
       assert g is None
       continue
