@@ -111,8 +111,10 @@ def alternate(fns, repeats, warmup):
 
 def pg_tables(memory_size, timing, repeats, warmup):
   rows = [
-    "| loss `mean(-A·logprob - 0.01·entropy)`, float32 | size (N, D, V) | value | "
-    "vs materialized |",
+    (
+      "| loss `mean(-A·logprob - 0.01·entropy)`, float32 | size (N, D, V) | value | "
+      "vs materialized |"
+    ),
     "|---|---|---:|---:|",
   ]
   if memory_size is not None:
@@ -186,8 +188,10 @@ def filter_table(size, repeats, warmup):
   n, d, v = size
   tc, vc = _tiles._FILTER_TOKEN_CHUNK, _tiles._FILTER_VOCAB_CHUNK
   rows = [
-    f"| setting (N={n}, D={d}, V={v}, float32) | mean max p | entropy (nats) | method | "
-    "fwd+bwd median | vs optax | tiles skipped | grad rel. error |",
+    (
+      f"| setting (N={n}, D={d}, V={v}, float32) | mean max p | entropy (nats) | method | "
+      "fwd+bwd median | vs optax | tiles skipped | grad rel. error |"
+    ),
     "|---|---:|---:|---|---:|---:|---:|---:|",
   ]
 
