@@ -49,6 +49,7 @@ from xentjax import parallel as parallel
 # --- streaming evaluation ---
 from xentjax._evaluation import EvaluationResult as EvaluationResult
 from xentjax._evaluation import evaluate as evaluate
+from xentjax import distributed as distributed
 
 # --- training demos and data ---
 from xentjax import datasets as datasets

@@ -106,10 +106,17 @@ def linear_token_stats(
     where: optional boolean token mask broadcastable to ``labels``.
     logit_soft_cap: :math:`c > 0`: logits :math:`c \tanh(z/c)` before the
       temperature.
-    w_layout, vocab_size, token_chunk_size, vocab_chunk_size, precision, mesh,
-    data_axis, vocab_axis: as in `xentjax.linear_softmax_cross_entropy` (with
-      ``mesh=`` the vocabulary is sharded over ``vocab_axis``; entropy, argmax
-      and top-k are combined across shards without gathering the vocabulary).
+    w_layout: ``"dv"`` (``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``).
+    vocab_size: number of real classes (trailing padding columns excluded).
+    token_chunk_size: tokens per tile (as in `xentjax.linear_softmax_cross_entropy`).
+    vocab_chunk_size: vocabulary columns per tile.
+    precision: passed to `lax.dot_general`.
+    mesh: optional `jax.sharding.Mesh`: the vocabulary of ``w`` (and
+      ``bias``) sharded over ``vocab_axis``, the tokens over ``data_axis``;
+      entropy, argmax and top-k are combined across shards without
+      gathering the vocabulary.
+    data_axis: mesh axis (or axes) of the tokens, or None.
+    vocab_axis: mesh axis (or axes) of the vocabulary, or None.
 
   Returns:
     `TokenStats` ``(logprob, entropy, lse, argmax, top_k_logprobs,
