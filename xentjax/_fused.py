@@ -4,7 +4,7 @@ For a vocabulary of V words and N tokens the logits `x @ w` hold N·V numbers
 (8 GiB in float32 for 8192 tokens and V = 262,144) and their gradient as many
 again. Every loss of the cross-entropy family, and the information quantities
 around it, need only a few numbers per token: the statistics of the one core
-(`xentjax._core`), computed here tile by tile (`xentjax._tiles`) under a
+(``xentjax._core``), computed here tile by tile (``xentjax._tiles``) under a
 `jax.custom_vjp`:
 
 ==========  ==================================================================
@@ -939,7 +939,7 @@ def linear_softmax_cross_entropy(
   :math:`w_i`, ``"sum"`` is :math:`\sum_i w_i \ell_i` and ``"mean"`` is
   :math:`\sum_i w_i \ell_i / \sum_i w_i c_{y_i}` over the tokens that count.
   The loss is ordinary JAX code on per-token statistics of the fused engine
-  (`xentjax._fused`), which computes them in tiles of
+  (``xentjax._fused``), which computes them in tiles of
   ``[token_chunk_size, vocab_chunk_size]`` with a streaming log-sum-exp.
 
   Args:

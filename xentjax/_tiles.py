@@ -1,6 +1,6 @@
 """Tiles of `x @ w` and where they run: the low-level pieces of the fused engine.
 
-Shared by the fused statistics engine (`xentjax._fused`) and the fused
+Shared by the fused statistics engine (``xentjax._fused``) and the fused
 distillation losses. Nothing here knows about a loss: a tile is a block
 ``[tokens, columns]`` of the (biased, soft-capped, tempered) logits, formed by
 one matmul in float32 accumulation, and the two gradient matmuls that take a

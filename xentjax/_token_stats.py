@@ -4,7 +4,7 @@ The information family at vocabulary scale: what a policy-gradient trainer
 (PPO/GRPO-style) needs per token -- the log-probability of the sampled token
 under a temperature and the entropy of the policy, both differentiable -- plus
 the log-normalizer, the argmax and the top-k, from the fused statistics
-engine (`xentjax._fused`) without ever forming the ``[tokens, vocab]``
+engine (``xentjax._fused``) without ever forming the ``[tokens, vocab]``
 logits.
 """
 
