@@ -58,7 +58,14 @@ BETA_ENTROPY = 0.01
 # (name, alpha, beta): the Zipf exponent of the unigram bias, the boost of each
 # token's preferred column.
 SETTINGS = (("peaked", 1.5, 9.0), ("realistic", 1.5, 4.0))
-FILTER_EPS = (2.0**-12, 2.0**-16)
+# (filter_eps, token_chunk_size, vocab_chunk_size): None chunks are the automatic
+# filtering tiles (256 x 512); two other shapes show the trade-off.
+VARIANTS = (
+  (2.0**-12, None, None),
+  (2.0**-16, None, None),
+  (2.0**-12, 128, 512),
+  (2.0**-12, 512, 1024),
+)
 
 
 # ----------------------------------------------------------------------------
@@ -198,8 +205,14 @@ def filter_table(size, repeats, warmup):
   def optax_loss(x, w, b, y):
     return optax.softmax_cross_entropy_with_integer_labels(x @ w + b, y).mean()
 
-  def fused_loss(x, w, b, y, eps=None):
-    return xentjax.linear_softmax_cross_entropy(x, w, y, bias=b, filter_eps=eps)
+  def fused_loss(x, w, b, y, eps=None, tc=None, vc=None):
+    return xentjax.linear_softmax_cross_entropy(
+      x, w, y, bias=b, filter_eps=eps, token_chunk_size=tc, vocab_chunk_size=vc
+    )
+
+  def label(eps, tc_, vc_):
+    tiles = "" if tc_ is None else f", tiles {tc_}x{vc_}"
+    return f"fused, filter_eps=2^{round(math.log2(eps))}{tiles}"
 
   for name, alpha, beta in SETTINGS:
     x, w, b, y = lm_like(n, d, v, alpha, beta)
@@ -212,16 +225,14 @@ def filter_table(size, repeats, warmup):
       "optax (materialized)": (value_and_grad(optax_loss), args),
       "fused, no filter": (value_and_grad(fused_loss), args),
     }
-    for eps in FILTER_EPS:
-      fns[f"fused, filter_eps=2^{round(math.log2(eps))}"] = (
-        value_and_grad(lambda x, w, b, y, eps=eps: fused_loss(x, w, b, y, eps)),
+    skipped = {}
+    for eps, tc_, vc_ in VARIANTS:
+      fns[label(eps, tc_, vc_)] = (
+        value_and_grad(lambda x, w, b, y, e=eps, t=tc_, c=vc_: fused_loss(x, w, b, y, e, t, c)),
         args,
       )
+      skipped[label(eps, tc_, vc_)] = tiles_skipped(logits, y, eps, tc_ or tc, vc_ or vc)
     grads = {k: f(*a)[1] for k, (f, a) in fns.items()}
-    skipped = {
-      f"fused, filter_eps=2^{round(math.log2(e))}": tiles_skipped(logits, y, e, tc, vc)
-      for e in FILTER_EPS
-    }
     del logits, p
     t = alternate(fns, repeats, warmup)
     base = t["optax (materialized)"][0]

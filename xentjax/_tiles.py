@@ -73,6 +73,11 @@ class _Config:
   argmax: bool = False
   top_k: int = 0
   filter_eps: float | None = None
+  # Loss parameters are no part of the engine (losses are code on its
+  # statistics); these two are still accepted, and ignored, so configurations
+  # written for the earlier loss-aware kernels keep constructing.
+  label_smoothing: float = 0.0
+  z_loss: float = 0.0
 
 
 def _fold(total: int, chunk: int, body, carry):
