@@ -178,6 +178,32 @@ def test_train_evaluate_classifier(name):
   _close(out["top_k_accuracy"], _mean(c2, counted), "top-2")
 
 
+def _fused_rows(z, y, mask):
+  """The fused loss fed each row's logits exactly, as ``[[1.]] @ z[i:i+1]`` (no 0 * inf)."""
+  out = []
+  for i in range(len(y)):
+    where = None if mask is None else mask[i : i + 1]
+    out.append(
+      L.linear_softmax_cross_entropy(
+        jnp.ones((1, 1)), z[i : i + 1], y[i : i + 1], where=where, reduction="none"
+      )[0]
+    )
+  return np.array(out, np.float64)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fused(name):
+  z, y, mask = _case(name)
+  loss, _, _, counted = _ref_rows(z, y, mask, 2)
+  _close(_fused_rows(z, y, mask), np.where(counted, loss, 0.0), "fused none (per row)")
+  if np.isfinite(z).all():  # identity @ logits is exact only for finite logits
+    x = jnp.eye(len(y), dtype=jnp.float32)
+    got = L.linear_softmax_cross_entropy(x, z, y, where=mask)
+    _close(got, _mean(loss, counted), "fused mean")
+    got = L.linear_softmax_cross_entropy(x, z.T, y, where=mask, reduction="sum", w_layout="vd")
+    _close(got, loss[counted].sum(), "fused sum")
+
+
 @pytest.mark.parametrize("name", ["all_masked", "all_ignored", "bad_rows_masked"])
 def test_nothing_counted_or_masked_rows_have_a_zero_gradient(name):
   z, y, mask = _case(name)

@@ -4,23 +4,28 @@
 (same calls, same answers, finite where optax returns NaN) and adds PyTorch's
 `cross_entropy` semantics, closed-form gradients (`xentjax.grads`),
 information theory (`xentjax.info`), metrics (`xentjax.metrics`), a fused
-linear cross-entropy for large vocabularies, vocabulary-parallel
+linear cross-entropy and per-token statistics (log-probabilities, entropy,
+top-k) for large vocabularies, vocabulary-parallel
 cross-entropy (`xentjax.parallel`) and exact streaming evaluation.
 
 The public surface is `__all__`: the optax-compatible losses (softmax,
 sigmoid, margin, regression and probability-space), `cross_entropy_loss` and
-`check_labels` (PyTorch semantics), `linear_softmax_cross_entropy` (large
-vocabularies), `evaluate`/`EvaluationResult` (streaming evaluation), and the
-submodules `grads`, `info`, `metrics`, `parallel`, `distributed`, `datasets`
-and `train`. The imports below are kept sorted (ruff).
+`check_labels` (PyTorch semantics), the fused large-vocabulary functions,
+`evaluate`/`EvaluationResult` (streaming evaluation), and the submodules.
+The imports below are kept sorted (ruff).
 """
 
 __version__ = "0.1.0"
 
 __all__ = [  # kept sorted (ruff RUF022)
   "EvaluationResult",
+  "TokenStats",
   "binary_cross_entropy",
+  "calibration",
   "categorical_cross_entropy",
+  "categorical_cross_entropy_with_integer_labels",
+  "categorical_focal_cross_entropy",
+  "categorical_hinge_loss",
   "check_labels",
   "cosine_distance",
   "cosine_similarity",
@@ -34,9 +39,11 @@ __all__ = [  # kept sorted (ruff RUF022)
   "kl_divergence",
   "kl_divergence_with_log_targets",
   "linear_softmax_cross_entropy",
+  "linear_token_stats",
   "metrics",
   "multiclass_hinge_loss",
   "multiclass_perceptron_loss",
+  "nll_loss",
   "parallel",
   "perceptron_loss",
   "poly_loss_cross_entropy",
@@ -46,10 +53,13 @@ __all__ = [  # kept sorted (ruff RUF022)
   "smooth_labels",
   "softmax_cross_entropy",
   "softmax_cross_entropy_with_integer_labels",
+  "softmax_focal_loss",
   "squared_error",
+  "squared_hinge_loss",
   "train",
 ]
 
+from xentjax import calibration as calibration
 from xentjax import datasets as datasets
 from xentjax import distributed as distributed
 from xentjax import grads as grads
@@ -59,13 +69,21 @@ from xentjax import parallel as parallel
 from xentjax import train as train
 from xentjax._evaluation import EvaluationResult as EvaluationResult
 from xentjax._evaluation import evaluate as evaluate
+from xentjax._focal import categorical_focal_cross_entropy as categorical_focal_cross_entropy
+from xentjax._focal import softmax_focal_loss as softmax_focal_loss
 from xentjax._fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy
+from xentjax._margin import categorical_hinge_loss as categorical_hinge_loss
 from xentjax._margin import hinge_loss as hinge_loss
 from xentjax._margin import multiclass_hinge_loss as multiclass_hinge_loss
 from xentjax._margin import multiclass_perceptron_loss as multiclass_perceptron_loss
 from xentjax._margin import perceptron_loss as perceptron_loss
+from xentjax._margin import squared_hinge_loss as squared_hinge_loss
+from xentjax._nll import nll_loss as nll_loss
 from xentjax._probability import binary_cross_entropy as binary_cross_entropy
 from xentjax._probability import categorical_cross_entropy as categorical_cross_entropy
+from xentjax._probability import (
+  categorical_cross_entropy_with_integer_labels as categorical_cross_entropy_with_integer_labels,
+)
 from xentjax._regression import cosine_distance as cosine_distance
 from xentjax._regression import cosine_similarity as cosine_similarity
 from xentjax._regression import squared_error as squared_error
@@ -80,5 +98,7 @@ from xentjax._softmax import softmax_cross_entropy as softmax_cross_entropy
 from xentjax._softmax import (
   softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
+from xentjax._token_stats import TokenStats as TokenStats
+from xentjax._token_stats import linear_token_stats as linear_token_stats
 from xentjax._torch_style import check_labels as check_labels
 from xentjax._torch_style import cross_entropy_loss as cross_entropy_loss

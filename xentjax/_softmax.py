@@ -383,7 +383,9 @@ def _kl_terms(lp, t, mask, *, log_targets: bool):
   of the log-targets) and ``zero`` the elements that contribute nothing; the
   gradient uses the same ``zero``, so value and gradient agree on it.
   """
-  zero = (t == -jnp.inf) if log_targets else (t == 0)
+  # A subnormal target counts as 0 (its term is below 1e-36): XLA flushes it in
+  # some ops and not others, so `t == 0` alone disagreed between value and gradient.
+  zero = (t == -jnp.inf) if log_targets else ((t >= 0) & (t < jnp.finfo(t.dtype).tiny))
   if mask is not None:
     zero = zero | ~mask
   lp_safe = jnp.where(zero, 0.0, lp)
