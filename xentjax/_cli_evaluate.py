@@ -15,6 +15,7 @@ line and a non-zero exit instead of a page of log.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import zipfile
 
 import numpy as np
@@ -40,14 +42,15 @@ def register(subparsers) -> None:
   p = subparsers.add_parser(
     "evaluate",
     help="cross-entropy, perplexity, accuracy and calibration of saved logits",
-    description=(
+    description=textwrap.fill(
       "Stream logits and labels from .npy files (memory-mapped), .npz archives or raw "
       "binary files through xentjax.evaluate and print cross-entropy, perplexity, "
       "accuracy, top-k accuracy and expected calibration error. Labels are integer "
       "class indices [N, ...] or soft labels with the logits' shape. Repeat --logits "
       "and --labels to evaluate several files as one data set. Several processes "
       "(--coordinator/--num-processes/--process-id) evaluate one data set together: "
-      "each reads its share of the files and process 0 prints the result."
+      "each reads its share of the files and process 0 prints the result.",
+      width=78,
     ),
     epilog=(
       "Two processes on one machine, each with half of the files:\n"
@@ -55,10 +58,13 @@ def register(subparsers) -> None:
       "    --logits a.npy --labels a_y.npy --logits b.npy --labels b_y.npy &\n"
       "  xentjax evaluate --coordinator 127.0.0.1:12345 --num-processes 2 --process-id 1 \\\n"
       "    --logits a.npy --labels a_y.npy --logits b.npy --labels b_y.npy\n"
-      "File pair i goes to process i mod N; a path with {process} names each process's "
-      "own file instead (--logits part{process}.npy)."
+      + textwrap.fill(
+        "File pair i goes to process i mod N; a path with {process} names each "
+        "process's own file instead (--logits part{process}.npy).",
+        width=78,
+      )
     ),
-    formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   p.add_argument(
     "--logits", action="append", required=True,
@@ -91,8 +97,11 @@ def register(subparsers) -> None:
   bar.add_argument("--no-progress", dest="progress", action="store_false")
   job = p.add_argument_group(
     "several processes",
-    "join a jax.distributed job; the environment variables JAX_COORDINATOR_ADDRESS, "
-    "JAX_NUM_PROCESSES and JAX_PROCESS_ID stand for the options",
+    textwrap.fill(
+      "join a jax.distributed job; the environment variables JAX_COORDINATOR_ADDRESS, "
+      "JAX_NUM_PROCESSES and JAX_PROCESS_ID stand for the options",
+      width=76,
+    ),
   )
   job.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, which serves it")
   job.add_argument("--num-processes", type=int, default=None, help="processes in the job")
