@@ -575,10 +575,14 @@ def _worker(args, job: _Job) -> int:
   """Join the job, evaluate this process's files; exit at once on failure."""
   import xentjax.distributed as dist
 
-  dist.initialize(
-    job.coordinator, job.num_processes, job.process_id,
-    timeout=job.timeout, heartbeat_timeout=job.timeout,
-  )  # fmt: skip
+  try:
+    dist.initialize(
+      job.coordinator, job.num_processes, job.process_id,
+      timeout=job.timeout, heartbeat_timeout=job.timeout,
+    )  # fmt: skip
+  except (ValueError, TypeError, RuntimeError) as e:  # e.g. no cluster detected
+    hint = " (no cluster detected: pass --coordinator, --num-processes, --process-id)"
+    _fail(args, f"xentjax evaluate: error: cannot join the job: {e}" + hint * job.detect, 2)
   import jax
 
   pid, n = jax.process_index(), jax.process_count()
