@@ -587,6 +587,14 @@ def _worker(args, job: _Job) -> int:
 
   pid, n = jax.process_index(), jax.process_count()
   try:
+    # Round-robin shares are only right when every process has the same list.
+    lists = dist.allgather([args.logits, args.labels])
+    if any(other != lists[0] for other in lists):
+      raise CommandError(
+        "the processes were given different --logits/--labels lists; give every process "
+        "the same list (file pair i goes to process i mod N), or name each process's own "
+        f"files with {PLACEHOLDER} in the path"
+      )
     pairs = _pairs(args, pid, n)
     return _evaluate(args, sources=None, pairs=pairs, job=job)
   except CommandError as e:
