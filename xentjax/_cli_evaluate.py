@@ -401,12 +401,6 @@ def open_source(logits_path: str, labels_path: str, args) -> _Source:
   return _Source(logits_path, labels_path, logits, labels)
 
 
-def load(args) -> tuple[np.ndarray, np.ndarray]:
-  """Open and check the first pair of files (kept for callers of the old API)."""
-  s = open_source(args.logits[0], args.labels[0], args)
-  return s.logits, s.labels
-
-
 def _native(a) -> np.ndarray:
   """A batch in native byte order (JAX takes no big-endian arrays)."""
   a = np.asarray(a)
