@@ -140,7 +140,7 @@ def main():
     # The same batches in one process (process 0's, then process 1's): the
     # calibration sums are then the same float32 sums, and agree to float64 rounding.
     same = xentjax.evaluate(
-      (*batches(range(0, 600), 100), *batches(range(600, N), 64)),
+      (*batches(range(600), 100), *batches(range(600, N), 64)),
       top_k=3, num_bins=10, progress=False, across_processes=False,
     )  # fmt: skip
     measure("evaluate_vs_same_batches.expected_calibration_error",
