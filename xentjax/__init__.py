@@ -43,6 +43,11 @@ from xentjax._torch_style import cross_entropy_loss as cross_entropy_loss
 from xentjax._fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from xentjax import parallel as parallel
 
+# --- large vocabularies: fused teacher-student distillation ---
+from xentjax._distill import linear_distillation_loss as linear_distillation_loss
+from xentjax._distill import linear_topk_distillation_loss as linear_topk_distillation_loss
+from xentjax._distill import check_topk_teacher as check_topk_teacher
+
 # --- streaming evaluation ---
 from xentjax._evaluation import EvaluationResult as EvaluationResult
 from xentjax._evaluation import evaluate as evaluate
