@@ -8,7 +8,12 @@ JAX x64 setting. Tiles are small and ragged (token chunk 4, vocabulary chunk
 8, V = 37) so every loop runs full chunks and a tail.
 """
 
+import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -386,3 +391,30 @@ def test_argument_errors():
     K(x, w, idx[:1], lp[:1])
   with pytest.raises(ValueError, match="temperature"):
     K(x, w, idx, lp, temperature=0)
+
+
+# ----------------------------------------------------------------------------
+# Vocabulary parallelism: 8 simulated CPU devices, in one subprocess.
+
+PARALLEL_CHECKS = [
+    "recompute_beta_0.0_hlo", "recompute_beta_0.4_hlo", "recompute_beta_1.0_hlo",
+    "store_jsd_hlo", "padded_vocabulary", "topk_recompute_hlo", "topk_store",
+    "none_reduction_sharded_over_data", "hlo_checker_detects_vocab_gather", "errors",
+]
+
+
+def test_parallel_checks():
+  """Both heads sharded over the vocabulary on a 2 x 4 mesh = one device, no vocab gather."""
+  here = pathlib.Path(__file__).resolve().parent
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(here.parent), env.get("PYTHONPATH", "")])
+  env["JAX_PLATFORMS"] = "cpu"
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  proc = subprocess.run([sys.executable, str(here / "_distill_parallel_checks.py")],
+                        capture_output=True, text=True, env=env, timeout=600, check=False)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS=")]
+  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+  results = json.loads(lines[-1][len("RESULTS="):])
+  assert sorted(results) == sorted(PARALLEL_CHECKS)
+  failed = {k: v for k, v in results.items() if v != "ok"}
+  assert not failed, failed
