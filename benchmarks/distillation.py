@@ -65,11 +65,16 @@ def losses(beta, temperature):
   def fused(strategy):
     def loss(x, w, tx, tw):
       return xentjax.linear_distillation_loss(
-          x, w, tx, tw, beta=beta, temperature=temperature, strategy=strategy)
+        x, w, tx, tw, beta=beta, temperature=temperature, strategy=strategy
+      )
+
     return loss
 
-  return {"materialized (2 logit arrays)": materialized(beta, temperature),
-          "fused recompute (default)": fused("recompute"), "fused store": fused("store")}
+  return {
+    "materialized (2 logit arrays)": materialized(beta, temperature),
+    "fused recompute (default)": fused("recompute"),
+    "fused store": fused("store"),
+  }
 
 
 def value_and_grad(loss):
@@ -90,8 +95,10 @@ def fmt_bytes(b):
 
 
 def memory_table(sizes, beta, temperature):
-  rows = ["| size (N, D=D_t, V), float32 | method | temp memory | vs materialized |",
-          "|---|---|---:|---:|"]
+  rows = [
+    "| size (N, D=D_t, V), float32 | method | temp memory | vs materialized |",
+    "|---|---|---:|---:|",
+  ]
   for n, d, v in sizes:
     base = None
     for name, loss in losses(beta, temperature).items():
@@ -120,22 +127,30 @@ def time_table(n, d, v, beta, temperature, repeats, warmup):
       times[name].append(time.perf_counter() - t0)
   med = {name: statistics.median(ts) for name, ts in times.items()}
   base = med["materialized (2 logit arrays)"]
-  rows = [f"| method (N={n}, D=D_t={d}, V={v}, float32) | loss | fwd+bwd median | "
-          "min - max | vs materialized |",
-          "|---|---:|---:|---:|---:|"]
+  rows = [
+    (
+      f"| method (N={n}, D=D_t={d}, V={v}, float32) | loss | fwd+bwd median | "
+      "min - max | vs materialized |"
+    ),
+    "|---|---:|---:|---:|---:|",
+  ]
   for name in fns:
-    rows.append(f"| {name} | {values[name]:.6f} | {med[name] * 1e3:.1f} ms | "
-                f"{min(times[name]) * 1e3:.0f} - {max(times[name]) * 1e3:.0f} ms | "
-                f"**{med[name] / base:.3f}x** |")
+    rows.append(
+      f"| {name} | {values[name]:.6f} | {med[name] * 1e3:.1f} ms | "
+      f"{min(times[name]) * 1e3:.0f} - {max(times[name]) * 1e3:.0f} ms | "
+      f"**{med[name] / base:.3f}x** |"
+    )
   return "\n".join(rows)
 
 
 def machine():
   dev = jax.devices()[0]
   load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-  return (f"{platform.platform()}; {platform.processor() or platform.machine()}; "
-          f"{os.cpu_count()} CPUs; load average {load[0]:.1f}; jax {jax.__version__}; "
-          f"backend {jax.default_backend()} ({dev.device_kind}, {jax.device_count()} device(s))")
+  return (
+    f"{platform.platform()}; {platform.processor() or platform.machine()}; "
+    f"{os.cpu_count()} CPUs; load average {load[0]:.1f}; jax {jax.__version__}; "
+    f"backend {jax.default_backend()} ({dev.device_kind}, {jax.device_count()} device(s))"
+  )
 
 
 def main(argv=None):

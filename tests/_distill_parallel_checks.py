@@ -16,7 +16,8 @@ import re
 import traceback
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
@@ -32,8 +33,10 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 D, D_T, V = 6, 10, 80  # 20 columns per device: chunks of 8, 8 and a tail of 4
 V_LOCAL = V // 4
 SHAPE = (4, 6)
-CHUNKS = {"recompute": {"token_chunk_size": 4, "vocab_chunk_size": 8},
-          "store": {"token_chunk_size": 4}}
+CHUNKS = {
+  "recompute": {"token_chunk_size": 4, "vocab_chunk_size": 8},
+  "store": {"token_chunk_size": 4},
+}
 RESULTS = {}
 
 
@@ -45,6 +48,7 @@ def check(name):
     except Exception:  # noqa: BLE001 -- reported to the test, which fails
       RESULTS[name] = traceback.format_exc(limit=6)
     return fn
+
   return wrap
 
 
@@ -92,7 +96,8 @@ def compare(loss_fn, strategy, hlo=False, **opts):
   vg = jax.jit(jax.value_and_grad(par, (0, 1)))
   loss, (gx, gw) = vg(xs, ws)
   loss1, (gx1, gw1) = jax.jit(jax.value_and_grad(lambda x, w: loss_fn(x, w, **kw), (0, 1)))(
-      jnp.asarray(X), jnp.asarray(W))
+    jnp.asarray(X), jnp.asarray(W)
+  )
   close(loss, loss1, "loss")
   close(gx, gx1, "grad x")
   close(gw, gw1, "grad w")
@@ -105,8 +110,7 @@ def compare(loss_fn, strategy, hlo=False, **opts):
 
 
 def full(x, w, **kw):
-  return xentjax.linear_distillation_loss(x, w, TX, TW, Y, teacher_w_layout="vd", where=WHERE,
-                                          **kw)
+  return xentjax.linear_distillation_loss(x, w, TX, TW, Y, teacher_w_layout="vd", where=WHERE, **kw)
 
 
 def topk(x, w, **kw):
@@ -114,14 +118,20 @@ def topk(x, w, **kw):
 
 
 for _beta in (0.0, 0.4, 1.0):
-  check(f"recompute_beta_{_beta}_hlo")(lambda b=_beta: compare(
-      full, "recompute", hlo=True, beta=b, temperature=2.0, hard_weight=0.3))
-check("store_jsd_hlo")(lambda: compare(full, "store", hlo=True, beta=0.4, temperature=0.5,
-                                       hard_weight=0.2, reduction="sum"))
-check("padded_vocabulary")(lambda: compare(full, "recompute", beta=0.0, vocab_size=V - 4,
-                                           hard_weight=0.5))
-check("topk_recompute_hlo")(lambda: compare(topk, "recompute", hlo=True, temperature=2.0,
-                                            hard_weight=0.3))
+  check(f"recompute_beta_{_beta}_hlo")(
+    lambda b=_beta: compare(full, "recompute", hlo=True, beta=b, temperature=2.0, hard_weight=0.3)
+  )
+check("store_jsd_hlo")(
+  lambda: compare(
+    full, "store", hlo=True, beta=0.4, temperature=0.5, hard_weight=0.2, reduction="sum"
+  )
+)
+check("padded_vocabulary")(
+  lambda: compare(full, "recompute", beta=0.0, vocab_size=V - 4, hard_weight=0.5)
+)
+check("topk_recompute_hlo")(
+  lambda: compare(topk, "recompute", hlo=True, temperature=2.0, hard_weight=0.3)
+)
 check("topk_store")(lambda: compare(topk, "store", temperature=1.0))
 
 
@@ -149,8 +159,7 @@ def _errors():
   else:
     raise AssertionError("no error for a vocabulary not divisible by the mesh")
   try:
-    xentjax.linear_distillation_loss(X[:1, :3], W, TX[:1, :3], TW, teacher_w_layout="vd",
-                                     mesh=MESH)
+    xentjax.linear_distillation_loss(X[:1, :3], W, TX[:1, :3], TW, teacher_w_layout="vd", mesh=MESH)
   except ValueError as e:
     assert "not divisible" in str(e) and "data" in str(e), e
   else:

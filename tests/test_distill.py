@@ -24,8 +24,10 @@ import torch
 import xentjax
 
 SHAPE, D, D_T, V = (2, 7), 5, 6, 37
-CHUNKS = {"recompute": {"token_chunk_size": 4, "vocab_chunk_size": 8},
-          "store": {"token_chunk_size": 4}}
+CHUNKS = {
+  "recompute": {"token_chunk_size": 4, "vocab_chunk_size": 8},
+  "store": {"token_chunk_size": 4},
+}
 
 
 def inputs(seed=0, v=V, w_vd=False, tw_vd=False, d_t=D_T):
@@ -38,9 +40,24 @@ def inputs(seed=0, v=V, w_vd=False, tw_vd=False, d_t=D_T):
   return x, w, tx, tw, y
 
 
-def torch_reference(x, w, tx, tw, labels=None, *, beta=0.0, temperature=1.0, hard_weight=0.0,
-                    counted=None, reduction="mean", cotangent=None, w_vd=False, tw_vd=False,
-                    vocab_size=None, topk=None):
+def torch_reference(
+  x,
+  w,
+  tx,
+  tw,
+  labels=None,
+  *,
+  beta=0.0,
+  temperature=1.0,
+  hard_weight=0.0,
+  counted=None,
+  reduction="mean",
+  cotangent=None,
+  w_vd=False,
+  tw_vd=False,
+  vocab_size=None,
+  topk=None,
+):
   """Loss and (dx, dw) of the materialized computation in float64 PyTorch.
 
   `topk=(indices, logprobs)` replaces the teacher by the renormalized top-k
@@ -129,11 +146,12 @@ def test_every_beta_with_temperature_hard_labels_and_masks(beta, strategy):
   y[0, :2] = -100
   where = (np.arange(14).reshape(SHAPE) % 5) != 3
   counted = (y != -100) & where
-  opts = dict(beta=beta, temperature=2.5, hard_weight=0.3)
+  opts = {"beta": beta, "temperature": 2.5, "hard_weight": 0.3}
 
   def fn(x, w):
     return xentjax.linear_distillation_loss(
-        x, w, tx, tw, y, where=where, strategy=strategy, **opts, **CHUNKS[strategy])
+      x, w, tx, tw, y, where=where, strategy=strategy, **opts, **CHUNKS[strategy]
+    )
 
   check_against_reference(fn, dict(opts, counted=counted), x, w, tx, tw, y)
 
@@ -144,36 +162,49 @@ def test_sum_without_labels_at_temperature_one(beta):
 
   def fn(x, w):
     return xentjax.linear_distillation_loss(
-        x, w, tx, tw, beta=beta, reduction="sum", **CHUNKS["recompute"])
+      x, w, tx, tw, beta=beta, reduction="sum", **CHUNKS["recompute"]
+    )
 
-  check_against_reference(fn, dict(beta=beta, reduction="sum"), x, w, tx, tw, None)
+  check_against_reference(fn, {"beta": beta, "reduction": "sum"}, x, w, tx, tw, None)
 
 
 def test_reduction_none_with_a_cotangent():
   x, w, tx, tw, y = inputs(seed=2)
   y[1, 3] = -100
   cot = np.random.default_rng(5).normal(size=SHAPE)
-  opts = dict(beta=1.0, temperature=0.7, hard_weight=0.5)
+  opts = {"beta": 1.0, "temperature": 0.7, "hard_weight": 0.5}
 
   def fn(x, w):
-    return xentjax.linear_distillation_loss(x, w, tx, tw, y, reduction="none", **opts,
-                                            **CHUNKS["recompute"])
+    return xentjax.linear_distillation_loss(
+      x, w, tx, tw, y, reduction="none", **opts, **CHUNKS["recompute"]
+    )
 
   out = jax.jit(fn)(x, w)
   assert out.shape == SHAPE and float(out[1, 3]) == 0.0
-  check_against_reference(fn, dict(opts, counted=y != -100, reduction="none"), x, w, tx, tw, y,
-                          cotangent=cot)
+  check_against_reference(
+    fn, dict(opts, counted=y != -100, reduction="none"), x, w, tx, tw, y, cotangent=cot
+  )
 
 
 @pytest.mark.parametrize("strategy", ["recompute", "store"])
 def test_tied_layouts_padding_and_different_hidden_sizes(strategy):
   x, w, tx, tw, y = inputs(seed=3, v=40, w_vd=True, tw_vd=True, d_t=9)
-  opts = dict(beta=0.5, temperature=1.5, hard_weight=0.2)
+  opts = {"beta": 0.5, "temperature": 1.5, "hard_weight": 0.2}
 
   def fn(x, w):
     return xentjax.linear_distillation_loss(
-        x, w, tx, tw, y % 33, w_layout="vd", teacher_w_layout="vd", vocab_size=33,
-        strategy=strategy, **opts, **CHUNKS[strategy])
+      x,
+      w,
+      tx,
+      tw,
+      y % 33,
+      w_layout="vd",
+      teacher_w_layout="vd",
+      vocab_size=33,
+      strategy=strategy,
+      **opts,
+      **CHUNKS[strategy],
+    )
 
   ref = dict(opts, w_vd=True, tw_vd=True, vocab_size=33)
   check_against_reference(fn, ref, x, w, tx, tw, y % 33)
@@ -181,12 +212,13 @@ def test_tied_layouts_padding_and_different_hidden_sizes(strategy):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_16_bit_inputs_accumulate_in_float32(dtype):
-  x, w, tx, tw, y = (jnp.asarray(a) for a in inputs(seed=4))
+  x, w, tx, tw, _y = (jnp.asarray(a) for a in inputs(seed=4))
   x, w, tx, tw = (a.astype(dtype) for a in (x, w, tx, tw))
 
   def fn(x, w):
-    return xentjax.linear_distillation_loss(x, w, tx, tw, beta=0.5, temperature=2.0,
-                                            **CHUNKS["recompute"])
+    return xentjax.linear_distillation_loss(
+      x, w, tx, tw, beta=0.5, temperature=2.0, **CHUNKS["recompute"]
+    )
 
   loss, (gx, gw) = jax.value_and_grad(fn, (0, 1))(x, w)
   assert loss.dtype == jnp.float32 and gx.dtype == dtype and gw.dtype == dtype
@@ -211,32 +243,36 @@ def topk_teacher(seed=0, k=5, v=V):
   return idx, np.take_along_axis(logp, idx, -1).astype(np.float32)
 
 
-@pytest.mark.parametrize(("strategy", "temperature", "hard_weight"),
-                         [("recompute", 1.0, 0.0), ("recompute", 2.0, 0.4), ("store", 0.5, 0.3)])
+@pytest.mark.parametrize(
+  ("strategy", "temperature", "hard_weight"),
+  [("recompute", 1.0, 0.0), ("recompute", 2.0, 0.4), ("store", 0.5, 0.3)],
+)
 def test_topk_matches_the_renormalized_reference(strategy, temperature, hard_weight):
   x, w, _, _, y = inputs(seed=6)
   idx, lp = topk_teacher(seed=6)
   lp[0, 0, 4] = -np.inf  # a saved probability of 0
   y[1, 0] = -100
-  opts = dict(temperature=temperature, hard_weight=hard_weight)
+  opts = {"temperature": temperature, "hard_weight": hard_weight}
 
   def fn(x, w):
-    return xentjax.linear_topk_distillation_loss(x, w, idx, lp, y, strategy=strategy, **opts,
-                                                 **CHUNKS[strategy])
+    return xentjax.linear_topk_distillation_loss(
+      x, w, idx, lp, y, strategy=strategy, **opts, **CHUNKS[strategy]
+    )
 
   ref = dict(opts, topk=(idx, lp), counted=y != -100)
   check_against_reference(fn, ref, x, w, None, None, y)
 
 
 def test_topk_tied_layout_and_padding():
-  x, w, _, _, y = inputs(seed=7, v=40, w_vd=True)
+  x, w, _, _, _y = inputs(seed=7, v=40, w_vd=True)
   idx, lp = topk_teacher(seed=7, k=3, v=33)
 
   def fn(x, w):
     return xentjax.linear_topk_distillation_loss(
-        x, w, idx, lp, w_layout="vd", vocab_size=33, reduction="sum", **CHUNKS["recompute"])
+      x, w, idx, lp, w_layout="vd", vocab_size=33, reduction="sum", **CHUNKS["recompute"]
+    )
 
-  ref = dict(topk=(idx, lp), w_vd=True, vocab_size=33, reduction="sum")
+  ref = {"topk": (idx, lp), "w_vd": True, "vocab_size": 33, "reduction": "sum"}
   check_against_reference(fn, ref, x, w, None, None, None)
 
 
@@ -246,8 +282,9 @@ def test_topk_with_the_whole_vocabulary_is_the_full_kl():
   lp = jax.nn.log_softmax(jnp.asarray(tx) @ jnp.asarray(tw) / 1.7, axis=-1) * 1.7
   idx = jnp.broadcast_to(jnp.arange(V), (*SHAPE, V))
   full = xentjax.linear_distillation_loss(x, w, tx, tw, temperature=1.7, **CHUNKS["recompute"])
-  topk = xentjax.linear_topk_distillation_loss(x, w, idx, lp, temperature=1.7,
-                                               **CHUNKS["recompute"])
+  topk = xentjax.linear_topk_distillation_loss(
+    x, w, idx, lp, temperature=1.7, **CHUNKS["recompute"]
+  )
   assert_close(topk, full, "top-k with k = V vs full KL", 1e-5)
 
 
@@ -268,8 +305,9 @@ def test_identical_teacher_gives_zero_loss_and_gradient():
   x, w, _, _, _ = inputs(seed=10)
   for beta in (0.0, 0.5, 1.0):
     loss, (gx, gw) = jax.value_and_grad(
-        lambda x, w, b=beta: xentjax.linear_distillation_loss(x, w, x, w, beta=b,
-                                                              temperature=3.0), (0, 1))(x, w)
+      lambda x, w, b=beta: xentjax.linear_distillation_loss(x, w, x, w, beta=b, temperature=3.0),
+      (0, 1),
+    )(x, w)
     assert abs(float(loss)) < 1e-5
     assert float(jnp.max(jnp.abs(gx))) < 1e-5 and float(jnp.max(jnp.abs(gw))) < 1e-5
 
@@ -277,8 +315,9 @@ def test_identical_teacher_gives_zero_loss_and_gradient():
 @pytest.mark.parametrize("strategy", ["recompute", "store"])
 def test_teacher_gets_no_gradient(strategy):
   x, w, tx, tw, _ = inputs(seed=11)
-  g = jax.grad(lambda tx, tw: xentjax.linear_distillation_loss(x, w, tx, tw, strategy=strategy),
-               (0, 1))(jnp.asarray(tx), jnp.asarray(tw))
+  g = jax.grad(
+    lambda tx, tw: xentjax.linear_distillation_loss(x, w, tx, tw, strategy=strategy), (0, 1)
+  )(jnp.asarray(tx), jnp.asarray(tw))
   assert all(float(jnp.max(jnp.abs(a))) == 0.0 for a in g)
 
 
@@ -288,16 +327,18 @@ def test_backward_pass_has_no_teacher_cotangent_matmul():
   A teacher cotangent would add `d teacher_x` and `d teacher_w` products.
   """
   x, w, tx, tw, _ = inputs(seed=11)
-  jaxpr = jax.make_jaxpr(jax.value_and_grad(
-      lambda x, w: xentjax.linear_distillation_loss(x, w, tx, tw), (0, 1)))(x, w)
+  jaxpr = jax.make_jaxpr(
+    jax.value_and_grad(lambda x, w: xentjax.linear_distillation_loss(x, w, tx, tw), (0, 1))
+  )(x, w)
   assert str(jaxpr).count("dot_general") == 6
 
 
 @pytest.mark.parametrize("strategy", ["recompute", "store"])
 def test_nothing_counted_mean_is_nan_with_zero_gradient(strategy):
-  x, w, tx, tw, y = inputs(seed=12)
-  fn = lambda x, w, red="mean": xentjax.linear_distillation_loss(  # noqa: E731
-      x, w, tx, tw, np.full(SHAPE, -100), hard_weight=0.5, reduction=red, strategy=strategy)
+  x, w, tx, tw, _y = inputs(seed=12)
+  fn = lambda x, w, red="mean": xentjax.linear_distillation_loss(
+    x, w, tx, tw, np.full(SHAPE, -100), hard_weight=0.5, reduction=red, strategy=strategy
+  )
   loss, (gx, gw) = jax.value_and_grad(fn, (0, 1))(x, w)
   assert np.isnan(float(loss))
   assert float(jnp.max(jnp.abs(gx))) == 0.0 and float(jnp.max(jnp.abs(gw))) == 0.0
@@ -307,20 +348,21 @@ def test_nothing_counted_mean_is_nan_with_zero_gradient(strategy):
 def test_out_of_range_label_is_nan_only_on_its_token():
   x, w, tx, tw, y = inputs(seed=13)
   y[0, 1] = V
-  per_token = xentjax.linear_distillation_loss(x, w, tx, tw, y, hard_weight=0.5,
-                                               reduction="none")
+  per_token = xentjax.linear_distillation_loss(x, w, tx, tw, y, hard_weight=0.5, reduction="none")
   bad = np.isnan(np.asarray(per_token))
   assert bad[0, 1] and bad.sum() == 1
-  gx, gw = jax.grad(lambda x, w: xentjax.linear_distillation_loss(
-      x, w, tx, tw, y, hard_weight=0.5), (0, 1))(x, w)
+  gx, gw = jax.grad(
+    lambda x, w: xentjax.linear_distillation_loss(x, w, tx, tw, y, hard_weight=0.5), (0, 1)
+  )(x, w)
   # NaN in the bad token's row of dx, and everywhere in dw (which sums over tokens).
   assert np.all(np.isnan(np.asarray(gx)) == bad[..., None]) and np.all(np.isnan(np.asarray(gw)))
 
 
 def test_unsigned_labels_do_not_wrap_around():
   x, w, tx, tw, y = inputs(seed=14)
-  per_token = xentjax.linear_distillation_loss(x, w, tx, tw, y.astype(np.uint8),
-                                               hard_weight=0.5, reduction="none")
+  per_token = xentjax.linear_distillation_loss(
+    x, w, tx, tw, y.astype(np.uint8), hard_weight=0.5, reduction="none"
+  )
   assert np.all(np.isfinite(np.asarray(per_token)))  # -100 is not a uint8: nothing ignored
 
 
@@ -397,9 +439,16 @@ def test_argument_errors():
 # Vocabulary parallelism: 8 simulated CPU devices, in one subprocess.
 
 PARALLEL_CHECKS = [
-    "recompute_beta_0.0_hlo", "recompute_beta_0.4_hlo", "recompute_beta_1.0_hlo",
-    "store_jsd_hlo", "padded_vocabulary", "topk_recompute_hlo", "topk_store",
-    "none_reduction_sharded_over_data", "hlo_checker_detects_vocab_gather", "errors",
+  "recompute_beta_0.0_hlo",
+  "recompute_beta_0.4_hlo",
+  "recompute_beta_1.0_hlo",
+  "store_jsd_hlo",
+  "padded_vocabulary",
+  "topk_recompute_hlo",
+  "topk_store",
+  "none_reduction_sharded_over_data",
+  "hlo_checker_detects_vocab_gather",
+  "errors",
 ]
 
 
@@ -410,11 +459,49 @@ def test_parallel_checks():
   env["PYTHONPATH"] = os.pathsep.join([str(here.parent), env.get("PYTHONPATH", "")])
   env["JAX_PLATFORMS"] = "cpu"
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  proc = subprocess.run([sys.executable, str(here / "_distill_parallel_checks.py")],
-                        capture_output=True, text=True, env=env, timeout=600, check=False)
+  proc = subprocess.run(
+    [sys.executable, str(here / "_distill_parallel_checks.py")],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+    check=False,
+  )
   lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS=")]
   assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-  results = json.loads(lines[-1][len("RESULTS="):])
+  results = json.loads(lines[-1][len("RESULTS=") :])
   assert sorted(results) == sorted(PARALLEL_CHECKS)
   failed = {k: v for k, v in results.items() if v != "ok"}
   assert not failed, failed
+
+
+# ----------------------------------------------------------------------------
+# The worked example: `xentjax demo --distill`.
+
+
+def test_demo_distill_prints_the_comparison(capsys):
+  import re
+
+  from xentjax import _cli
+
+  assert _cli.main(["demo", "--distill"]) == 0
+  out = capsys.readouterr().out
+  teacher = float(re.search(r"^teacher test accuracy: ([0-9.]+)$", out, re.MULTILINE).group(1))
+  alone = float(re.search(r"labels alone: ([0-9.]+)$", out, re.MULTILINE).group(1))
+  assert re.search(
+    r"^student test accuracy +\| forward KL +\| JSD\(0\.5\) +\| reverse KL$", out, re.MULTILINE
+  )
+  rows = re.findall(
+    r"^distilled, T=(\d+) +\| ([0-9.]+) +\| ([0-9.]+) +\| ([0-9.]+)$", out, re.MULTILINE
+  )
+  assert [r[0] for r in rows] == ["1", "2", "4"]
+  accuracies = [float(a) for r in rows for a in r[1:]]
+  assert teacher > 0.93 and 0.5 < alone < teacher
+  assert max(accuracies) > alone + 0.02  # the teacher's soft outputs help the student
+
+
+def test_demo_distill_rejects_other_modes(capsys):
+  from xentjax import _cli
+
+  assert _cli.main(["demo", "--distill", "--compare"]) != 0
+  assert "--distill" in capsys.readouterr().err

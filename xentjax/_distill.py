@@ -54,20 +54,20 @@ from jax.sharding import PartitionSpec as P
 from xentjax import _validation as V
 from xentjax._core import cross_entropy_from_stats, label_status, mean_or_nan
 from xentjax._fused import (
-    _auto_chunks,
-    _axis_size,
-    _combine_lse,
-    _Config,
-    _dot_dw,
-    _dot_dx,
-    _explicit_layout,
-    _fold,
-    _logit_tile,
-    _positive_int,
-    _sharded,
-    _vocab_offset,
-    _w_chunk,
-    place,
+  _auto_chunks,
+  _axis_size,
+  _combine_lse,
+  _Config,
+  _dot_dw,
+  _dot_dx,
+  _explicit_layout,
+  _fold,
+  _logit_tile,
+  _positive_int,
+  _sharded,
+  _vocab_offset,
+  _w_chunk,
+  place,
 )
 
 Strategy = Literal["recompute", "store"]
@@ -373,8 +373,7 @@ def _forward_local(x, w, teacher, per_tok, d: _Distill):
     res["lse_z"] = fin["lse_z"]
   if d.jsd:
     zero = jnp.zeros((x.shape[0],), cdt)
-    acc = _sweep(x, w, teacher, dict(per_tok, **res), {"kt": zero, "ks": zero},
-                 _update_jsd, d, cdt)
+    acc = _sweep(x, w, teacher, dict(per_tok, **res), {"kt": zero, "ks": zero}, _update_jsd, d, cdt)
     div, res["aux"] = _finish_jsd(acc, d)
   elif not d.topk and d.beta == 1.0:
     res["aux"] = div
@@ -423,8 +422,9 @@ def _backward_local(x, w, teacher, per_tok, res, g, d: _Distill):
     dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(w.dtype), v0, 0 if s.vd else 1)
     return dx, dw
 
-  dx, dw = _fold(n_cols, s.vocab_chunk, vocab_body,
-                 (jnp.zeros(x.shape, cdt), jnp.zeros(w.shape, w.dtype)))
+  dx, dw = _fold(
+    n_cols, s.vocab_chunk, vocab_body, (jnp.zeros(x.shape, cdt), jnp.zeros(w.shape, w.dtype))
+  )
   if s.vocab_axis is not None:
     dx = lax.psum(dx, s.vocab_axis)
   return dx.astype(x.dtype), dw
@@ -435,7 +435,7 @@ def _store_local(x, w, teacher, per_tok, weights, d: _Distill):
   s = d.student
   cdt = V.compute_dtype(x.dtype, w.dtype, *(a.dtype for a in teacher))
   op_dt = jnp.result_type(x.dtype, w.dtype)
-  n, n_cols, tile = _tiles(x, w, teacher, d, cdt)
+  n, _n_cols, tile = _tiles(x, w, teacher, d, cdt)
   xT = None if s.vd else x.astype(op_dt).T
   tw = None if d.topk else teacher[1]
 
@@ -500,8 +500,7 @@ def _mask_loss(loss, counted, bad):
 
 def _recompute_fwd(x, w, teacher, per_tok, counted, bad, d: _Distill):
   xs, ws, ts, tok = _specs(d, teacher)
-  fwd = _sharded(functools.partial(_forward_local, d=d), d.student,
-                 (xs, ws, ts, tok), (tok, tok))
+  fwd = _sharded(functools.partial(_forward_local, d=d), d.student, (xs, ws, ts, tok), (tok, tok))
   loss, res = fwd(x, w, teacher, per_tok)
   return _mask_loss(loss, counted, bad), (x, w, teacher, per_tok, counted, bad, res)
 
@@ -510,8 +509,9 @@ def _recompute_bwd(d: _Distill, saved, g):
   x, w, teacher, per_tok, counted, bad, res = saved
   g = jnp.where(bad, jnp.nan, jnp.where(counted, g, 0.0))
   xs, ws, ts, tok = _specs(d, teacher)
-  bwd = _sharded(functools.partial(_backward_local, d=d), d.student,
-                 (xs, ws, ts, tok, tok, tok), (xs, ws))
+  bwd = _sharded(
+    functools.partial(_backward_local, d=d), d.student, (xs, ws, ts, tok, tok, tok), (xs, ws)
+  )
   dx, dw = bwd(x, w, teacher, per_tok, res, g)
   nones = lambda tree: jax.tree.map(lambda _: None, tree)
   return dx, dw, nones(teacher), nones(per_tok), None, None
@@ -528,8 +528,9 @@ def _store(x, w, teacher, per_tok, weights, d: _Distill, dtypes):
 def _store_fwd(x, w, teacher, per_tok, weights, d: _Distill, dtypes):
   del dtypes
   xs, ws, ts, tok = _specs(d, teacher)
-  fwd = _sharded(functools.partial(_store_local, d=d), d.student,
-                 (xs, ws, ts, tok, tok), (P(), xs, ws))
+  fwd = _sharded(
+    functools.partial(_store_local, d=d), d.student, (xs, ws, ts, tok, tok), (P(), xs, ws)
+  )
   total, dx, dw = fwd(x, w, teacher, per_tok, weights)
   return total, (dx, dw, teacher, per_tok)
 
@@ -555,28 +556,29 @@ def _check_head(x_name, x, w_name, w, layout_name, layout):
   V.check_floating(w_name, w)
   if layout not in ("dv", "vd"):
     raise ValueError(
-        f'`{layout_name}` must be "dv" ({w_name} is [D, V]) or "vd" ({w_name} is [V, D], a '
-        f"tied embedding table), got {layout!r}."
+      f'`{layout_name}` must be "dv" ({w_name} is [D, V]) or "vd" ({w_name} is [V, D], a '
+      f"tied embedding table), got {layout!r}."
     )
   x, w = jnp.asarray(x), jnp.asarray(w)
   vd = layout == "vd"
   if x.ndim < 1 or w.ndim != 2:
     raise ValueError(
-        f"`{x_name}` must be [..., D] and `{w_name}` a matrix ([D, V], or [V, D] with "
-        f'{layout_name}="vd"), got {x_name}.shape={x.shape} and {w_name}.shape={w.shape}.'
+      f"`{x_name}` must be [..., D] and `{w_name}` a matrix ([D, V], or [V, D] with "
+      f'{layout_name}="vd"), got {x_name}.shape={x.shape} and {w_name}.shape={w.shape}.'
     )
   d = x.shape[-1]
   w_d, n_cols = (w.shape[1], w.shape[0]) if vd else w.shape
   if w_d != d:
     hint = (
-        f' ({w_name} looks like a [V, D] embedding table: pass {layout_name}="vd")'
-        if not vd and w.shape[1] == d else
-        f' ({w_name} looks like [D, V]: pass {layout_name}="dv")' if vd and w.shape[0] == d
-        else ""
+      f' ({w_name} looks like a [V, D] embedding table: pass {layout_name}="vd")'
+      if not vd and w.shape[1] == d
+      else f' ({w_name} looks like [D, V]: pass {layout_name}="dv")'
+      if vd and w.shape[0] == d
+      else ""
     )
     raise ValueError(
-        f"The hidden size of `{x_name}` and `{w_name}` must agree: {x_name}.shape={x.shape} has "
-        f"D={d} but {w_name}.shape={w.shape} with {layout_name}={layout!r} has D={w_d}{hint}."
+      f"The hidden size of `{x_name}` and `{w_name}` must agree: {x_name}.shape={x.shape} has "
+      f"D={d} but {w_name}.shape={w.shape} with {layout_name}={layout!r} has D={w_d}{hint}."
     )
   return x, w, vd, n_cols
 
@@ -592,7 +594,8 @@ def _unit_interval(name, value):
 
 def _check_temperature(temperature):
   if isinstance(temperature, bool) or not isinstance(
-      temperature, (int, float, np.floating, np.integer)):
+    temperature, (int, float, np.floating, np.integer)
+  ):
     raise TypeError(f"`temperature` must be a Python number > 0, got {temperature!r}.")
   t = float(temperature)
   if not (t > 0.0 and math.isfinite(t)):
@@ -600,9 +603,25 @@ def _check_temperature(temperature):
   return t
 
 
-def _prepare(x, w, labels, *, w_layout, hard_weight, temperature, reduction, ignore_index,
-             where, strategy, vocab_size, token_chunk_size, vocab_chunk_size, mesh, data_axis,
-             vocab_axis):
+def _prepare(
+  x,
+  w,
+  labels,
+  *,
+  w_layout,
+  hard_weight,
+  temperature,
+  reduction,
+  ignore_index,
+  where,
+  strategy,
+  vocab_size,
+  token_chunk_size,
+  vocab_chunk_size,
+  mesh,
+  data_axis,
+  vocab_axis,
+):
   """Checks shared by both losses; returns the flattened student side and the plan."""
   x, w, vd, n_cols = _check_head("x", x, "w", w, "w_layout", w_layout)
   batch_shape = x.shape[:-1]
@@ -611,30 +630,30 @@ def _prepare(x, w, labels, *, w_layout, hard_weight, temperature, reduction, ign
   if labels is None:
     if alpha > 0.0:
       raise ValueError(
-          f"`hard_weight`={hard_weight!r} mixes in the cross-entropy with `labels`, but "
-          "labels=None: pass integer labels [...] or hard_weight=0."
+        f"`hard_weight`={hard_weight!r} mixes in the cross-entropy with `labels`, but "
+        "labels=None: pass integer labels [...] or hard_weight=0."
       )
   else:
     V.check_integer("labels", labels)
     labels = jnp.asarray(labels)
     if labels.shape != batch_shape:
       raise ValueError(
-          f"`labels` must have the shape of `x` without its last axis, got "
-          f"labels.shape={labels.shape} for x.shape={x.shape} (expected {batch_shape})."
+        f"`labels` must have the shape of `x` without its last axis, got "
+        f"labels.shape={labels.shape} for x.shape={x.shape} (expected {batch_shape})."
       )
   V.check_reduction(reduction)
   if strategy not in ("recompute", "store"):
     raise ValueError(f'`strategy` must be "recompute" or "store", got {strategy!r}.')
   if strategy == "store" and reduction == "none":
     raise ValueError(
-        'strategy="store" forms the weight gradient in the forward pass, which needs a '
-        'scalar loss: use reduction="mean" or "sum", or strategy="recompute" for '
-        'reduction="none".'
+      'strategy="store" forms the weight gradient in the forward pass, which needs a '
+      'scalar loss: use reduction="mean" or "sum", or strategy="recompute" for '
+      'reduction="none".'
     )
   if strategy == "store" and vocab_chunk_size is not None:
     raise ValueError(
-        'strategy="store" works on whole vocabulary rows; `vocab_chunk_size` only applies '
-        'to strategy="recompute".'
+      'strategy="store" works on whole vocabulary rows; `vocab_chunk_size` only applies '
+      'to strategy="recompute".'
     )
   if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
     raise TypeError(f"`ignore_index` must be a Python int, got {ignore_index!r}.")
@@ -642,16 +661,19 @@ def _prepare(x, w, labels, *, w_layout, hard_weight, temperature, reduction, ign
   vocab_chunk_size = _positive_int("vocab_chunk_size", vocab_chunk_size)
   if vocab_size is None:
     vocab_size = n_cols
-  elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not (
-      1 <= vocab_size <= n_cols):
+  elif (
+    isinstance(vocab_size, bool)
+    or not isinstance(vocab_size, int)
+    or not (1 <= vocab_size <= n_cols)
+  ):
     raise ValueError(
-        f"`vocab_size` must be an int in [1, {n_cols}] (the number of real classes among "
-        f"the {n_cols} columns of `w`), got {vocab_size!r}."
+      f"`vocab_size` must be an int in [1, {n_cols}] (the number of real classes among "
+      f"the {n_cols} columns of `w`), got {vocab_size!r}."
     )
   n = math.prod(batch_shape)
   data_shards = vocab_shards = 1
   if mesh is not None:
-    from xentjax.parallel import _axis_sizes  # noqa: PLC0415 -- parallel imports _fused only
+    from xentjax.parallel import _axis_sizes
 
     data_shards, vocab_shards = _axis_sizes(mesh, data_axis, vocab_axis)
   else:
@@ -664,26 +686,28 @@ def _prepare(x, w, labels, *, w_layout, hard_weight, temperature, reduction, ign
     if n_cols % vocab_shards:
       padded = -(-n_cols // vocab_shards) * vocab_shards
       raise ValueError(
-          f"The vocabulary of `w` (w.shape={w.shape}, V={n_cols}) is not divisible by the "
-          f"{vocab_shards} devices of mesh axis {vocab_axis!r}. Pad `w` (and the teacher's "
-          f"head) with {padded - n_cols} zero {'rows' if vd else 'columns'} to V={padded} and "
-          f"pass vocab_size={vocab_size}: padding classes are then excluded exactly."
+        f"The vocabulary of `w` (w.shape={w.shape}, V={n_cols}) is not divisible by the "
+        f"{vocab_shards} devices of mesh axis {vocab_axis!r}. Pad `w` (and the teacher's "
+        f"head) with {padded - n_cols} zero {'rows' if vd else 'columns'} to V={padded} and "
+        f"pass vocab_size={vocab_size}: padding classes are then excluded exactly."
       )
     if n % data_shards:
       raise ValueError(
-          f"The {n} tokens of `x` (x.shape={x.shape}) are not divisible by the {data_shards} "
-          f"devices of mesh axis {data_axis!r}; pad the batch and mask the padding with "
-          "`where`."
+        f"The {n} tokens of `x` (x.shape={x.shape}) are not divisible by the {data_shards} "
+        f"devices of mesh axis {data_axis!r}; pad the batch and mask the padding with "
+        "`where`."
       )
   if where is not None:
-    V.check_broadcastable("where", where, "x without its last axis",
-                          jax.ShapeDtypeStruct(batch_shape, bool))
+    V.check_broadcastable(
+      "where", where, "x without its last axis", jax.ShapeDtypeStruct(batch_shape, bool)
+    )
     where = jnp.asarray(where)
-    if where.ndim > len(batch_shape) or jnp.broadcast_shapes(where.shape,
-                                                             batch_shape) != batch_shape:
+    if (
+      where.ndim > len(batch_shape) or jnp.broadcast_shapes(where.shape, batch_shape) != batch_shape
+    ):
       raise ValueError(
-          f"`where` must broadcast to the token shape of `x`, got where.shape={where.shape} "
-          f"and x.shape={x.shape} (tokens {batch_shape})."
+        f"`where` must broadcast to the token shape of `x`, got where.shape={where.shape} "
+        f"and x.shape={x.shape} (tokens {batch_shape})."
       )
   if labels is not None:
     status = label_status(labels, vocab_size, ignore_index=ignore_index, where=where)
@@ -699,26 +723,45 @@ def _prepare(x, w, labels, *, w_layout, hard_weight, temperature, reduction, ign
     tc = token_chunk_size or max(_MIN_TOKEN_CHUNK, _STORE_TILE // max(n_cols // vocab_shards, 1))
     tc, vc = min(tc, max(n_local, 1)), max(n_cols // vocab_shards, 1)
   else:
-    tc, vc = _auto_chunks(strategy, n_local, n_cols // vocab_shards, token_chunk_size,
-                          vocab_chunk_size)
-  plan = dict(
-      batch_shape=batch_shape, x_shape=x.shape, n=n, vd=vd, n_cols=n_cols, vocab_size=vocab_size, alpha=alpha,
-      temperature=t, tc=tc, vc=vc, mesh=mesh, data_axis=data_axis, vocab_axis=vocab_axis,
-  )
+    tc, vc = _auto_chunks(
+      strategy, n_local, n_cols // vocab_shards, token_chunk_size, vocab_chunk_size
+    )
+  plan = {
+    "batch_shape": batch_shape,
+    "x_shape": x.shape,
+    "n": n,
+    "vd": vd,
+    "n_cols": n_cols,
+    "vocab_size": vocab_size,
+    "alpha": alpha,
+    "temperature": t,
+    "tc": tc,
+    "vc": vc,
+    "mesh": mesh,
+    "data_axis": data_axis,
+    "vocab_axis": vocab_axis,
+  }
   return x.reshape(n, x.shape[-1]), w, y.reshape(n), counted.reshape(n), bad.reshape(n), plan
 
 
 def _head_config(plan, vd, precision):
   return _Config(
-      num_classes=plan["vocab_size"], num_columns=plan["n_cols"], label_smoothing=0.0,
-      z_loss=0.0, soft_cap=None, vd=vd, token_chunk=plan["tc"], vocab_chunk=plan["vc"],
-      precision=precision, mesh=plan["mesh"], data_axis=plan["data_axis"],
-      vocab_axis=plan["vocab_axis"],
+    num_classes=plan["vocab_size"],
+    num_columns=plan["n_cols"],
+    label_smoothing=0.0,
+    z_loss=0.0,
+    soft_cap=None,
+    vd=vd,
+    token_chunk=plan["tc"],
+    vocab_chunk=plan["vc"],
+    precision=precision,
+    mesh=plan["mesh"],
+    data_axis=plan["data_axis"],
+    vocab_axis=plan["vocab_axis"],
   )
 
 
-def _run(x2, w, teacher, per_tok, counted, bad, d: _Distill, plan, strategy, reduction,
-         dtypes):
+def _run(x2, w, teacher, per_tok, counted, bad, d: _Distill, plan, strategy, reduction, dtypes):
   """Places the arrays, runs the kernel and reduces."""
   cdt = V.compute_dtype(*dtypes)
   mesh = plan["mesh"]
@@ -726,8 +769,9 @@ def _run(x2, w, teacher, per_tok, counted, bad, d: _Distill, plan, strategy, red
     xs, ws, ts, tok = _specs(d, teacher)
     x2, w = place(x2, mesh, xs), place(w, mesh, ws)
     teacher = tuple(place(a, mesh, s) for a, s in zip(teacher, ts))
-    per_tok = {k: place(v, mesh, P(plan["data_axis"], *([None] * (v.ndim - 1))))
-               for k, v in per_tok.items()}
+    per_tok = {
+      k: place(v, mesh, P(plan["data_axis"], *([None] * (v.ndim - 1)))) for k, v in per_tok.items()
+    }
     counted, bad = place(counted, mesh, tok), place(bad, mesh, tok)
   count = jnp.sum(counted).astype(cdt)
   if strategy == "store":
@@ -748,28 +792,28 @@ def _run(x2, w, teacher, per_tok, counted, bad, d: _Distill, plan, strategy, red
 
 
 def linear_distillation_loss(
-    x: jax.typing.ArrayLike,
-    w: jax.typing.ArrayLike,
-    teacher_x: jax.typing.ArrayLike,
-    teacher_w: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike | None = None,
-    *,
-    beta: float = 0.0,
-    temperature: float = 1.0,
-    hard_weight: float = 0.0,
-    ignore_index: int = -100,
-    where: jax.typing.ArrayLike | None = None,
-    reduction: str = "mean",
-    strategy: Strategy = "recompute",
-    w_layout: WLayout = "dv",
-    teacher_w_layout: WLayout = "dv",
-    vocab_size: int | None = None,
-    token_chunk_size: int | None = None,
-    vocab_chunk_size: int | None = None,
-    precision: Any = None,
-    mesh: jax.sharding.Mesh | None = None,
-    data_axis: str | None = "data",
-    vocab_axis: str = "vocab",
+  x: jax.typing.ArrayLike,
+  w: jax.typing.ArrayLike,
+  teacher_x: jax.typing.ArrayLike,
+  teacher_w: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike | None = None,
+  *,
+  beta: float = 0.0,
+  temperature: float = 1.0,
+  hard_weight: float = 0.0,
+  ignore_index: int = -100,
+  where: jax.typing.ArrayLike | None = None,
+  reduction: str = "mean",
+  strategy: Strategy = "recompute",
+  w_layout: WLayout = "dv",
+  teacher_w_layout: WLayout = "dv",
+  vocab_size: int | None = None,
+  token_chunk_size: int | None = None,
+  vocab_chunk_size: int | None = None,
+  precision: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
+  data_axis: str | None = "data",
+  vocab_axis: str = "vocab",
 ) -> jax.Array:
   r"""Teacher-student divergence of the logits ``x @ w`` and ``teacher_x @ teacher_w``, fused.
 
@@ -873,36 +917,62 @@ def linear_distillation_loss(
     calculation for softmax", 2018.
   """
   x2, w, y, counted, bad, plan = _prepare(
-      x, w, labels, w_layout=w_layout, hard_weight=hard_weight, temperature=temperature,
-      reduction=reduction, ignore_index=ignore_index, where=where, strategy=strategy,
-      vocab_size=vocab_size, token_chunk_size=token_chunk_size,
-      vocab_chunk_size=vocab_chunk_size, mesh=mesh, data_axis=data_axis, vocab_axis=vocab_axis,
+    x,
+    w,
+    labels,
+    w_layout=w_layout,
+    hard_weight=hard_weight,
+    temperature=temperature,
+    reduction=reduction,
+    ignore_index=ignore_index,
+    where=where,
+    strategy=strategy,
+    vocab_size=vocab_size,
+    token_chunk_size=token_chunk_size,
+    vocab_chunk_size=vocab_chunk_size,
+    mesh=mesh,
+    data_axis=data_axis,
+    vocab_axis=vocab_axis,
   )
   b = _unit_interval("beta", beta)
   tx, tw, tvd, t_cols = _check_head(
-      "teacher_x", teacher_x, "teacher_w", teacher_w, "teacher_w_layout", teacher_w_layout)
+    "teacher_x", teacher_x, "teacher_w", teacher_w, "teacher_w_layout", teacher_w_layout
+  )
   if tx.shape[:-1] != plan["batch_shape"]:
     raise ValueError(
-        f"`teacher_x` must have the leading (token) shape of `x`, got "
-        f"teacher_x.shape={tx.shape} and x.shape={plan['x_shape']}."
+      f"`teacher_x` must have the leading (token) shape of `x`, got "
+      f"teacher_x.shape={tx.shape} and x.shape={plan['x_shape']}."
     )
   if t_cols != plan["n_cols"]:
     raise ValueError(
-        f"The student and teacher vocabularies differ: `w` has V={plan['n_cols']} columns "
-        f"(w.shape={w.shape}, w_layout={w_layout!r}) and `teacher_w` has V={t_cols} "
-        f"(teacher_w.shape={tw.shape}, teacher_w_layout={teacher_w_layout!r}). Both heads must "
-        "map into the same vocabulary; pad the smaller one with zero columns and pass "
-        "vocab_size=... to exclude the padding."
+      f"The student and teacher vocabularies differ: `w` has V={plan['n_cols']} columns "
+      f"(w.shape={w.shape}, w_layout={w_layout!r}) and `teacher_w` has V={t_cols} "
+      f"(teacher_w.shape={tw.shape}, teacher_w_layout={teacher_w_layout!r}). Both heads must "
+      "map into the same vocabulary; pad the smaller one with zero columns and pass "
+      "vocab_size=... to exclude the padding."
     )
   teacher = (lax.stop_gradient(tx.reshape(plan["n"], tx.shape[-1])), lax.stop_gradient(tw))
   d = _Distill(
-      student=_head_config(plan, plan["vd"], precision),
-      teacher=_head_config(plan, tvd, precision), beta=b, temperature=plan["temperature"],
-      hard_weight=plan["alpha"],
+    student=_head_config(plan, plan["vd"], precision),
+    teacher=_head_config(plan, tvd, precision),
+    beta=b,
+    temperature=plan["temperature"],
+    hard_weight=plan["alpha"],
   )
   per_tok = {"y": y} if d.ce else {}
-  return _run(x2, w, teacher, per_tok, counted, bad, d, plan, strategy, reduction,
-              (x2.dtype, w.dtype, tx.dtype, tw.dtype))
+  return _run(
+    x2,
+    w,
+    teacher,
+    per_tok,
+    counted,
+    bad,
+    d,
+    plan,
+    strategy,
+    reduction,
+    (x2.dtype, w.dtype, tx.dtype, tw.dtype),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -928,11 +998,11 @@ def _topk_teacher(idx, logprobs, temperature, vocab_size, cdt):
 
 
 def check_topk_teacher(
-    teacher_indices: jax.typing.ArrayLike,
-    teacher_logprobs: jax.typing.ArrayLike,
-    vocab_size: int,
-    *,
-    atol: float = 1e-2,
+  teacher_indices: jax.typing.ArrayLike,
+  teacher_logprobs: jax.typing.ArrayLike,
+  vocab_size: int,
+  *,
+  atol: float = 1e-2,
 ) -> None:
   """Eagerly checks a saved top-k teacher; raises `ValueError` naming the bad argument.
 
@@ -958,14 +1028,14 @@ def check_topk_teacher(
   if out.any():
     pos = tuple(int(i) for i in np.argwhere(out)[0])
     raise ValueError(
-        f"`teacher_indices` has {int(out.sum())} entries outside [0, {vocab_size}), e.g. "
-        f"{idx[pos]} at {pos}."
+      f"`teacher_indices` has {int(out.sum())} entries outside [0, {vocab_size}), e.g. "
+      f"{idx[pos]} at {pos}."
     )
   for what, badv in (("NaN", np.isnan(lp)), ("positive (not a log-probability)", lp > 0.0)):
     if badv.any():
       pos = tuple(int(i) for i in np.argwhere(badv)[0])
       raise ValueError(
-          f"`teacher_logprobs` has {int(badv.sum())} {what} entries, e.g. {lp[pos]!r} at {pos}."
+        f"`teacher_logprobs` has {int(badv.sum())} {what} entries, e.g. {lp[pos]!r} at {pos}."
       )
   dead = np.all(lp == -np.inf, axis=-1)
   if dead.any():
@@ -976,32 +1046,32 @@ def check_topk_teacher(
   if over.any():
     pos = tuple(int(i) for i in np.argwhere(over)[0])
     raise ValueError(
-        f"`teacher_logprobs` are not log-probabilities of one distribution: row {pos} sums "
-        f"to probability {mass[pos]:.4f} > 1 + {atol:g}."
+      f"`teacher_logprobs` are not log-probabilities of one distribution: row {pos} sums "
+      f"to probability {mass[pos]:.4f} > 1 + {atol:g}."
     )
 
 
 def linear_topk_distillation_loss(
-    x: jax.typing.ArrayLike,
-    w: jax.typing.ArrayLike,
-    teacher_indices: jax.typing.ArrayLike,
-    teacher_logprobs: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike | None = None,
-    *,
-    temperature: float = 1.0,
-    hard_weight: float = 0.0,
-    ignore_index: int = -100,
-    where: jax.typing.ArrayLike | None = None,
-    reduction: str = "mean",
-    strategy: Strategy = "recompute",
-    w_layout: WLayout = "dv",
-    vocab_size: int | None = None,
-    token_chunk_size: int | None = None,
-    vocab_chunk_size: int | None = None,
-    precision: Any = None,
-    mesh: jax.sharding.Mesh | None = None,
-    data_axis: str | None = "data",
-    vocab_axis: str = "vocab",
+  x: jax.typing.ArrayLike,
+  w: jax.typing.ArrayLike,
+  teacher_indices: jax.typing.ArrayLike,
+  teacher_logprobs: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike | None = None,
+  *,
+  temperature: float = 1.0,
+  hard_weight: float = 0.0,
+  ignore_index: int = -100,
+  where: jax.typing.ArrayLike | None = None,
+  reduction: str = "mean",
+  strategy: Strategy = "recompute",
+  w_layout: WLayout = "dv",
+  vocab_size: int | None = None,
+  token_chunk_size: int | None = None,
+  vocab_chunk_size: int | None = None,
+  precision: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
+  data_axis: str | None = "data",
+  vocab_axis: str = "vocab",
 ) -> jax.Array:
   r"""Offline distillation from a saved top-k teacher, without the student's logits.
 
@@ -1066,10 +1136,22 @@ def linear_topk_distillation_loss(
     Not All You Need", 2023 (top-k logit distillation).
   """
   x2, w, y, counted, bad, plan = _prepare(
-      x, w, labels, w_layout=w_layout, hard_weight=hard_weight, temperature=temperature,
-      reduction=reduction, ignore_index=ignore_index, where=where, strategy=strategy,
-      vocab_size=vocab_size, token_chunk_size=token_chunk_size,
-      vocab_chunk_size=vocab_chunk_size, mesh=mesh, data_axis=data_axis, vocab_axis=vocab_axis,
+    x,
+    w,
+    labels,
+    w_layout=w_layout,
+    hard_weight=hard_weight,
+    temperature=temperature,
+    reduction=reduction,
+    ignore_index=ignore_index,
+    where=where,
+    strategy=strategy,
+    vocab_size=vocab_size,
+    token_chunk_size=token_chunk_size,
+    vocab_chunk_size=vocab_chunk_size,
+    mesh=mesh,
+    data_axis=data_axis,
+    vocab_axis=vocab_axis,
   )
   V.check_integer("teacher_indices", teacher_indices)
   V.check_floating("teacher_logprobs", teacher_logprobs)
@@ -1078,25 +1160,31 @@ def linear_topk_distillation_loss(
   k = idx.shape[-1] if idx.ndim else 0
   if idx.shape[:-1] != plan["batch_shape"] or k < 1:
     raise ValueError(
-        f"`teacher_indices` and `teacher_logprobs` must be [..., k] (k >= 1) with the token "
-        f"shape of `x` {plan['batch_shape']}, got teacher_indices.shape={idx.shape}."
+      f"`teacher_indices` and `teacher_logprobs` must be [..., k] (k >= 1) with the token "
+      f"shape of `x` {plan['batch_shape']}, got teacher_indices.shape={idx.shape}."
     )
   if k > plan["vocab_size"]:
     raise ValueError(
-        f"`teacher_indices` has k={k} entries per token, more than the vocabulary "
-        f"({plan['vocab_size']})."
+      f"`teacher_indices` has k={k} entries per token, more than the vocabulary "
+      f"({plan['vocab_size']})."
     )
   cdt = V.compute_dtype(x2.dtype, w.dtype)
   idx2, q, qlogq, bad_t = _topk_teacher(
-      idx.reshape(plan["n"], k), lax.stop_gradient(lp.reshape(plan["n"], k)),
-      plan["temperature"], plan["vocab_size"], cdt)
+    idx.reshape(plan["n"], k),
+    lax.stop_gradient(lp.reshape(plan["n"], k)),
+    plan["temperature"],
+    plan["vocab_size"],
+    cdt,
+  )
   bad = bad | (counted & bad_t)
   d = _Distill(
-      student=_head_config(plan, plan["vd"], precision), teacher=None, beta=0.0,
-      temperature=plan["temperature"], hard_weight=plan["alpha"],
+    student=_head_config(plan, plan["vd"], precision),
+    teacher=None,
+    beta=0.0,
+    temperature=plan["temperature"],
+    hard_weight=plan["alpha"],
   )
   per_tok = {"idx": idx2, "q": q, "qlogq": qlogq}
   if d.ce:
     per_tok["y"] = y
-  return _run(x2, w, (), per_tok, counted, bad, d, plan, strategy, reduction,
-              (x2.dtype, w.dtype))
+  return _run(x2, w, (), per_tok, counted, bad, d, plan, strategy, reduction, (x2.dtype, w.dtype))
