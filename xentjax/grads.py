@@ -5,16 +5,16 @@ returns :math:`\\partial \\sum \\ell / \\partial x` for the first argument
 :math:`x` (the gradient of the summed per-example loss: what `jax.grad` of
 ``loss(...).sum()`` returns), with the shape and dtype of that argument:
 
-=========================================  =====================================================
-loss                                       gradient
-=========================================  =====================================================
-`softmax_cross_entropy`                    :math:`\\mathrm{softmax}(z)\\sum_k \\tilde y_k - \\tilde y
-                                           + 2\\lambda \\log Z\\, \\mathrm{softmax}(z)`
-`softmax_cross_entropy_with_integer_labels` :math:`\\mathrm{softmax}(z) - \\tilde y` (no one-hot)
-`sigmoid_binary_cross_entropy`             :math:`\\sigma(z) - y`
-`categorical_cross_entropy`                :math:`-p / q`
-`binary_cross_entropy`                     :math:`-y/q + (1-y)/(1-q)`
-=========================================  =====================================================
+===========================================  =====================================================
+loss                                         gradient
+===========================================  =====================================================
+`softmax_cross_entropy`                      :math:`\\mathrm{softmax}(z)\\sum_k \\tilde y_k - \\tilde y
+                                             + 2\\lambda \\log Z\\, \\mathrm{softmax}(z)`
+`softmax_cross_entropy_with_integer_labels`  :math:`\\mathrm{softmax}(z) - \\tilde y` (no one-hot)
+`sigmoid_binary_cross_entropy`               :math:`\\sigma(z) - y`
+`categorical_cross_entropy`                  :math:`-p / q`
+`binary_cross_entropy`                       :math:`-y/q + (1-y)/(1-q)`
+===========================================  =====================================================
 
 (:math:`\\tilde y` the smoothed labels, :math:`\\lambda` the z-loss weight.)
 They are what backpropagation computes, written out: use them to read the

@@ -129,11 +129,11 @@ def linear_softmax_cross_entropy(
     data_axis: mesh axis (or tuple of axes) the tokens are sharded over, or
       ``None`` for replicated tokens.
     vocab_axis: mesh axis (or tuple of axes) the vocabulary is sharded over.
-    reduction, ignore_index, where, label_smoothing, z_loss, logit_soft_cap,
-    return_lse, strategy, w_layout, vocab_size, token_chunk_size,
-    vocab_chunk_size, precision: as in
-      `xentjax.linear_softmax_cross_entropy`; chunk sizes refer to the
-      per-device shard.
+    reduction, ignore_index, where, label_smoothing, z_loss: as in
+      `xentjax.linear_softmax_cross_entropy`.
+    logit_soft_cap, return_lse, strategy, w_layout, vocab_size: likewise.
+    token_chunk_size, vocab_chunk_size, precision: likewise; chunk sizes
+      refer to the per-device shard.
 
   Returns:
     As `xentjax.linear_softmax_cross_entropy`: a scalar (replicated) for

@@ -1,0 +1,225 @@
+"""The documentation site: builds with no warnings, documents every public name.
+
+The site is built once (`sphinx-build -W --keep-going`, so any warning fails) into a
+temporary folder, or taken from `$XENTJAX_DOCS_HTML` when CI has just built it with
+the same command. Its object inventory (`objects.inv`) must then hold every public
+name of every public module, found here independently of the generator in
+`docs/_ext/xentjax_docs.py`: a module's `__all__`, or, without one, the
+non-underscore names it defines (functions, classes, constants).
+
+Outside CI the test is skipped when the `docs` extra is not installed; in CI
+(`CI` set) a missing Sphinx is a failure, since `.ci/run` installs the extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import types
+import zlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+# --- what must be documented ----------------------------------------------------
+
+
+def public_modules() -> list[str]:
+  """`xentjax` and every submodule with no underscore in its dotted path."""
+  import xentjax
+
+  names = {"xentjax"}
+  for info in pkgutil.walk_packages(xentjax.__path__, "xentjax."):
+    if not any(part.startswith("_") for part in info.name.split(".")[1:]):
+      names.add(info.name)
+  for attr, value in vars(xentjax).items():  # modules the package imports under a public name
+    is_submodule = isinstance(value, types.ModuleType) and value.__name__.startswith("xentjax.")
+    if (
+      is_submodule
+      and not attr.startswith("_")
+      and not value.__name__.rpartition(".")[2].startswith("_")
+    ):
+      names.add(value.__name__)
+  return sorted(names)
+
+
+def public_names(module: types.ModuleType) -> list[str]:
+  """Dotted names that the module's API page must document."""
+  if hasattr(module, "__all__"):
+    names = [n for n in module.__all__ if not isinstance(getattr(module, n), types.ModuleType)]
+  else:
+    is_package = hasattr(module, "__path__")
+    names = []
+    for name, value in vars(module).items():
+      if name.startswith("_") or isinstance(value, types.ModuleType):
+        continue
+      owner = getattr(value, "__module__", None)
+      if owner is None:
+        if not callable(value):  # a constant: 10, "sha256...", ("ce", "mse")
+          names.append(name)
+      elif owner == module.__name__ or (is_package and owner.startswith(module.__name__ + "._")):
+        names.append(name)
+  return [f"{module.__name__}.{n}" for n in names]
+
+
+# --- what is documented ----------------------------------------------------------
+
+
+def read_inventory(path: Path) -> dict[str, tuple[str, str]]:
+  """`objects.inv` (Sphinx's format, version 2) as {name: (domain:role, uri)}."""
+  data = path.read_bytes()
+  header_end = 0
+  for _ in range(4):  # four '#' header lines, then a zlib stream
+    header_end = data.index(b"\n", header_end) + 1
+  assert data.startswith(b"# Sphinx inventory version 2"), data[:40]
+  entries = {}
+  for line in zlib.decompress(data[header_end:]).decode().splitlines():
+    m = re.match(r"(.+?)\s+(\S+:\S+)\s+(-?\d+)\s+(\S*)\s+(.*)", line)
+    if m:
+      name, role, _, uri, _ = m.groups()
+      if uri.endswith("$"):
+        uri = uri[:-1] + name
+      entries[name] = (role, uri)
+  return entries
+
+
+def undocumented(names: list[str], inventory: dict[str, tuple[str, str]], html: Path) -> list[str]:
+  """Names with no Python entry in the inventory, or whose entry points at no anchor."""
+  missing = []
+  for name in names:
+    entry = inventory.get(name)
+    if entry is None or not entry[0].startswith("py:"):
+      missing.append(name)
+      continue
+    page, _, anchor = entry[1].partition("#")
+    target = html / page
+    if not target.exists() or (anchor and f'id="{anchor}"' not in target.read_text()):
+      missing.append(f"{name} (inventory points at {entry[1]}, which is not there)")
+  return missing
+
+
+def test_undocumented_finds_a_missing_name(tmp_path):
+  # The checker itself: a module with two public names, a site documenting one.
+  module = types.ModuleType("xentjax_fake")
+  module.__all__ = ["documented", "forgotten"]
+  module.documented = module.forgotten = lambda: None
+  (tmp_path / "api.html").write_text('<dt id="xentjax_fake.documented">')
+  inventory = {"xentjax_fake.documented": ("py:function", "api.html#xentjax_fake.documented")}
+  names = public_names(module)
+  assert names == ["xentjax_fake.documented", "xentjax_fake.forgotten"]
+  assert undocumented(names, inventory, tmp_path) == ["xentjax_fake.forgotten"]
+  inventory["xentjax_fake.forgotten"] = ("py:function", "gone.html#xentjax_fake.forgotten")
+  assert undocumented(names, inventory, tmp_path) == [
+    "xentjax_fake.forgotten (inventory points at gone.html#xentjax_fake.forgotten, which is not there)"
+  ]
+
+
+# --- the built site ----------------------------------------------------------------
+
+
+def _require_docs_extra():
+  if os.environ.get("CI"):
+    import myst_nb  # noqa: F401  (CI installs the docs extra: missing is a failure)
+    import sphinx  # noqa: F401
+  else:
+    pytest.importorskip(
+      "sphinx", reason='the docs extra is not installed: pip install -e ".[docs]"'
+    )
+    pytest.importorskip(
+      "myst_nb", reason='the docs extra is not installed: pip install -e ".[docs]"'
+    )
+
+
+def _built_site(tmp_path: Path) -> Path:
+  prebuilt = os.environ.get("XENTJAX_DOCS_HTML")
+  if prebuilt:
+    html = Path(prebuilt)
+    if not html.is_absolute():
+      html = ROOT / html
+    assert (html / "objects.inv").exists(), f"XENTJAX_DOCS_HTML={prebuilt} holds no built site"
+    return html
+  html = tmp_path / "html"
+  cmd = [
+    sys.executable,
+    "-m",
+    "sphinx",
+    "-W",
+    "--keep-going",
+    "-q",
+    "-b",
+    "html",
+    "-d",
+    str(tmp_path / "doctrees"),
+    str(DOCS),
+    str(html),
+  ]
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  done = subprocess.run(
+    cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
+  assert done.returncode == 0, f"sphinx-build failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+  return html
+
+
+def test_site_builds_and_documents_every_public_name(tmp_path):
+  _require_docs_extra()
+  html = _built_site(tmp_path)
+  inventory = read_inventory(html / "objects.inv")
+
+  modules = public_modules()
+  assert {
+    "xentjax",
+    "xentjax.grads",
+    "xentjax.info",
+    "xentjax.metrics",
+    "xentjax.parallel",
+    "xentjax.train",
+    "xentjax.datasets",
+  } <= set(modules)
+  missing = [m for m in modules if inventory.get(m, ("",))[0] != "py:module"]
+  assert not missing, f"public modules without an API page: {missing}"
+  for modname in modules:
+    names = public_names(importlib.import_module(modname))
+    assert names, f"{modname} has no public names"
+    missing = undocumented(names, inventory, html)
+    assert not missing, f"public names of {modname} not in the built documentation: {missing}"
+
+  # Notebooks: every one has a page showing each stored plot.
+  for nb_path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+    page = html / "notebooks" / f"{nb_path.stem}.html"
+    assert page.exists(), f"no page for {nb_path.name}"
+    plots = sum(
+      "image/png" in out.get("data", {})
+      for cell in json.loads(nb_path.read_text())["cells"]
+      for out in cell.get("outputs", [])
+    )
+    shown = len(re.findall(r'<img[^>]+src="\.\./_images/[^"]+\.png"', page.read_text()))
+    assert shown == plots, f"{page.name}: {shown} plots shown, the notebook stores {plots}"
+
+  # The CLI page carries each subcommand's --help from the parser.
+  from xentjax._cli import build_parser
+
+  cli = (html / "cli.html").read_text()
+  commands = [a for a in build_parser()._actions if hasattr(a, "choices") and a.choices]
+  for name in commands[0].choices:
+    assert f"usage: xentjax {name}" in cli, f"`xentjax {name} --help` is not on the CLI page"
+
+  # Offline: the math is typeset by the MathJax copy inside the site, and no page
+  # loads a script or a stylesheet from the network.
+  assert (html / "_static" / "mathjax" / "tex-chtml.js").exists()
+  api_page = (html / "api" / "xentjax.html").read_text()
+  assert "_static/mathjax/tex-chtml.js" in api_page and r"\(" in api_page
+  for page in html.rglob("*.html"):
+    remote = re.findall(
+      r'<(?:script|link)[^>]+(?:src|href)="(?:https?:)?//[^"]+"', page.read_text()
+    )
+    assert not remote, f"{page.relative_to(html)} loads {remote}"
