@@ -1,10 +1,10 @@
 """Tests of `xentjax.linear_distillation_loss` and `xentjax.linear_topk_distillation_loss`.
 
-The reference materializes both logit arrays in float64 PyTorch, writes each
-divergence out from `log_softmax` (the mixture ``m`` of the generalized JSD
-as ``log(beta p_t + (1 - beta) p_s)``), and takes its gradients by PyTorch
-autograd: independent of the fused kernels, of their custom VJPs and of the
-JAX x64 setting. Tiles are small and ragged (token chunk 4, vocabulary chunk
+The reference materializes both logit arrays in float64 (under
+`jax.enable_x64`, whatever the suite's setting), writes each divergence out
+from `jax.nn.log_softmax` (the mixture ``m`` of the generalized JSD as
+``log(beta p_t + (1 - beta) p_s)``), and takes its gradients by plain
+autodiff: independent of the fused kernels and of their custom VJPs. Tiles are small and ragged (token chunk 4, vocabulary chunk
 8, V = 37) so every loop runs full chunks and a tail.
 """
 
@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import xentjax
 
@@ -40,7 +39,7 @@ def inputs(seed=0, v=V, w_vd=False, tw_vd=False, d_t=D_T):
   return x, w, tx, tw, y
 
 
-def torch_reference(
+def reference(
   x,
   w,
   tx,
@@ -58,55 +57,58 @@ def torch_reference(
   vocab_size=None,
   topk=None,
 ):
-  """Loss and (dx, dw) of the materialized computation in float64 PyTorch.
+  """Loss and (dx, dw) of the materialized computation, in float64 JAX autodiff.
 
-  `topk=(indices, logprobs)` replaces the teacher by the renormalized top-k
-  distribution (then `tx`, `tw` are unused).
+  Runs under `jax.enable_x64(True)` whatever the suite's setting. `topk=(indices,
+  logprobs)` replaces the teacher by the renormalized top-k distribution (then
+  `tx`, `tw` are unused).
   """
-  f64 = torch.float64
-  X = torch.tensor(np.asarray(x, np.float64), dtype=f64, requires_grad=True)
-  W = torch.tensor(np.asarray(w, np.float64), dtype=f64, requires_grad=True)
-  zs = X @ (W.T if w_vd else W)
-  if vocab_size is not None:
-    zs = zs[..., :vocab_size]
-  T, alpha = temperature, hard_weight
-  a = torch.log_softmax(zs / T, -1)
-  if topk is None:
-    TX = torch.tensor(np.asarray(tx, np.float64), dtype=f64)
-    TW = torch.tensor(np.asarray(tw, np.float64), dtype=f64)
-    zt = TX @ (TW.T if tw_vd else TW)
-    if vocab_size is not None:
-      zt = zt[..., :vocab_size]
-    b = torch.log_softmax(zt / T, -1)
-    pa, pb = a.exp(), b.exp()
-    if beta == 0.0:
-      div = (pb * (b - a)).sum(-1)
-    elif beta == 1.0:
-      div = (pa * (a - b)).sum(-1)
-    else:
-      lm = torch.log(beta * pb + (1 - beta) * pa)
-      div = beta * (pb * (b - lm)).sum(-1) + (1 - beta) * (pa * (a - lm)).sum(-1)
-  else:
-    idx, lp = topk
-    q = torch.softmax(torch.tensor(np.asarray(lp, np.float64)) / T, -1)
-    la = torch.gather(a, -1, torch.tensor(np.asarray(idx, np.int64)))
-    logq = torch.log(torch.where(q > 0, q, torch.ones_like(q)))
-    div = torch.where(q > 0, q * (logq - la), torch.zeros_like(q)).sum(-1)
-  loss = (1 - alpha) * T**2 * div
-  if alpha:
-    y = torch.tensor(np.clip(np.asarray(labels), 0, zs.shape[-1] - 1), dtype=torch.int64)
-    ce = torch.logsumexp(zs, -1) - torch.gather(zs, -1, y[..., None])[..., 0]
-    loss = loss + alpha * ce
-  c = torch.ones(loss.shape, dtype=torch.bool) if counted is None else torch.tensor(counted)
-  loss = torch.where(c, loss, torch.zeros_like(loss))
-  if reduction == "none":
-    out = loss.detach().numpy()
-    (loss * torch.tensor(np.asarray(cotangent, np.float64))).sum().backward()
-  else:
-    loss = loss.sum() / (c.sum() if reduction == "mean" else 1)
-    out = loss.item()
-    loss.backward()
-  return out, X.grad.numpy(), W.grad.numpy()
+  with jax.enable_x64(True):
+    f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))
+    T, alpha = temperature, hard_weight
+    c = np.ones(np.shape(x)[:-1], bool) if counted is None else np.asarray(counted)
+
+    def per_token(xx, ww):
+      zs = xx @ (ww.T if w_vd else ww)
+      if vocab_size is not None:
+        zs = zs[..., :vocab_size]
+      a = jax.nn.log_softmax(zs / T, axis=-1)
+      if topk is None:
+        zt = f64(tx) @ (f64(tw).T if tw_vd else f64(tw))
+        if vocab_size is not None:
+          zt = zt[..., :vocab_size]
+        b = jax.nn.log_softmax(zt / T, axis=-1)
+        pa, pb = jnp.exp(a), jnp.exp(b)
+        if beta == 0.0:
+          div = jnp.sum(pb * (b - a), -1)
+        elif beta == 1.0:
+          div = jnp.sum(pa * (a - b), -1)
+        else:
+          lm = jnp.log(beta * pb + (1 - beta) * pa)
+          div = beta * jnp.sum(pb * (b - lm), -1) + (1 - beta) * jnp.sum(pa * (a - lm), -1)
+      else:
+        idx, lp = topk
+        q = jax.nn.softmax(f64(lp) / T, axis=-1)
+        la = jnp.take_along_axis(a, jnp.asarray(np.asarray(idx)), -1)
+        logq = jnp.log(jnp.where(q > 0, q, 1.0))
+        div = jnp.sum(jnp.where(q > 0, q * (logq - la), 0.0), -1)
+      loss = (1 - alpha) * T**2 * div
+      if alpha:
+        y = np.clip(np.asarray(labels), 0, zs.shape[-1] - 1)
+        ce = jax.nn.logsumexp(zs, -1) - jnp.take_along_axis(zs, y[..., None], -1)[..., 0]
+        loss = loss + alpha * ce
+      return jnp.where(c, loss, 0.0)
+
+    def scalar(xx, ww):
+      loss = per_token(xx, ww)
+      if reduction == "none":
+        return jnp.sum(loss * f64(cotangent))
+      return jnp.sum(loss) / (c.sum() if reduction == "mean" else 1)
+
+    xx, ww = f64(x), f64(w)
+    value, (gx, gw) = jax.value_and_grad(scalar, (0, 1))(xx, ww)
+    out = per_token(xx, ww) if reduction == "none" else value
+    return np.asarray(out), np.asarray(gx), np.asarray(gw)
 
 
 def assert_close(a, b, what, rtol=3e-5):
@@ -128,7 +130,7 @@ def jax_value_and_grads(fn, x, w, cotangent=None):
 
 def check_against_reference(fn, ref_kwargs, x, w, tx, tw, y, cotangent=None, rtol=3e-5):
   out, gx, gw = jax_value_and_grads(fn, jnp.asarray(x), jnp.asarray(w), cotangent)
-  r_out, r_gx, r_gw = torch_reference(x, w, tx, tw, y, cotangent=cotangent, **ref_kwargs)
+  r_out, r_gx, r_gw = reference(x, w, tx, tw, y, cotangent=cotangent, **ref_kwargs)
   assert_close(out, r_out, "loss", rtol)
   assert_close(gx, r_gx, "grad x", rtol)
   assert_close(gw, r_gw, "grad w", rtol)
@@ -225,7 +227,7 @@ def test_16_bit_inputs_accumulate_in_float32(dtype):
   # The reference on the same (rounded) values in float64: only the
   # 16-bit rounding of each logit-gradient tile before its matmul differs.
   up = [np.asarray(a, np.float32) for a in (x, w, tx, tw)]
-  r_loss, r_gx, r_gw = torch_reference(*up, beta=0.5, temperature=2.0)
+  r_loss, r_gx, r_gw = reference(*up, beta=0.5, temperature=2.0)
   assert_close(loss, r_loss, "loss", 1e-5)
   assert_close(gx, r_gx, "grad x", 2e-2)
   assert_close(gw, r_gw, "grad w", 2e-2)
