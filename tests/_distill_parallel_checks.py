@@ -143,6 +143,19 @@ def _none():
   close(out, full(X, W, reduction="none"), "per-token")
 
 
+@check("explicit_shardings_without_mesh_argument")
+def _explicit():
+  """Explicitly sharded inputs and no `mesh=`: the layout is read from `x` and `w`."""
+  xs = jax.device_put(X, NamedSharding(MESH, P("data")))
+  ws = jax.device_put(W, NamedSharding(MESH, P(None, "vocab")))
+  kw = dict(beta=0.0, temperature=2.0, hard_weight=0.3, **CHUNKS["recompute"])
+  loss, (gx, gw) = jax.jit(jax.value_and_grad(lambda x, w: full(x, w, **kw), (0, 1)))(xs, ws)
+  loss1, (gx1, gw1) = jax.value_and_grad(lambda x, w: full(x, w, **kw), (0, 1))(X, W)
+  close(loss, loss1, "loss")
+  close(gx, gx1, "grad x")
+  close(gw, gw1, "grad w")
+
+
 @check("hlo_checker_detects_vocab_gather")
 def _detector():
   line = "  %all-gather.3 = f32[6,80]{1,0} all-gather(f32[6,20]{1,0} %p), dimensions={1}"

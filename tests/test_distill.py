@@ -449,6 +449,7 @@ PARALLEL_CHECKS = [
   "topk_recompute_hlo",
   "topk_store",
   "none_reduction_sharded_over_data",
+  "explicit_shardings_without_mesh_argument",
   "hlo_checker_detects_vocab_gather",
   "errors",
 ]
