@@ -1111,9 +1111,10 @@ def linear_topk_distillation_loss(
     teacher_indices: integer ``[..., k]``, the teacher's top-k token ids.
     teacher_logprobs: float ``[..., k]``, their log-probabilities (``<= 0``;
       ``-inf`` allowed for probability 0).
-    labels, temperature, hard_weight, ignore_index, where, reduction, strategy,
-    w_layout, vocab_size, token_chunk_size, vocab_chunk_size, precision, mesh,
-    data_axis, vocab_axis: as in `xentjax.linear_distillation_loss`.
+    labels, temperature, hard_weight: as in `xentjax.linear_distillation_loss`.
+    ignore_index, where, reduction, strategy: likewise.
+    w_layout, vocab_size, token_chunk_size, vocab_chunk_size: likewise.
+    precision, mesh, data_axis, vocab_axis: likewise.
 
   Returns:
     As `xentjax.linear_distillation_loss`.
