@@ -52,9 +52,20 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 napoleon_use_ivar = True
+# Attribute types would be printed from evaluated annotations (`jax.Array` becomes
+# `jax.jaxlib._jax.Array`); the Attributes sections give shapes and dtypes in words.
+napoleon_attr_annotations = False
 # Single backticks in docstrings mean code (Markdown habit): render them as code,
 # linked when they name a documented object.
 default_role = "py:obj"
+# A reference to a xentjax name that does not exist (a renamed function in a page
+# or a docstring) is a warning, hence an error in CI. Other targets (`logits`,
+# `jax.jit`: no intersphinx, by design) and file paths stay plain code.
+nitpicky = True
+nitpick_ignore_regex = [
+  (r"py:.*", r"(?s)(?!xentjax\.).*"),  # (?s): a backtick span may break across lines
+  (r"py:.*", r"xentjax/.*"),
+]
 
 # MathJax 3 served from the built site's _static/ (copied there by xentjax_docs
 # from the sphinx-mathjax-offline package), not from a CDN: the pages render

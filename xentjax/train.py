@@ -69,7 +69,7 @@ def init_linear(
     scale: standard deviation of the normal initial weights.
 
   Returns:
-    `{"w": [d, K], "b": [K]}`, float32 (float64 under x64); `b` is zero.
+    ``{"w": [d, K], "b": [K]}``, float32 (float64 under x64); `b` is zero.
   """
   w = scale * jax.random.normal(key, (num_features, num_classes), dtype=float)
   return {"w": w, "b": jnp.zeros((num_classes,), dtype=w.dtype)}
@@ -99,7 +99,7 @@ def init_logistic(key: jax.Array, num_features: int, *, scale: float = 0.01) -> 
     scale: standard deviation of the normal initial weights.
 
   Returns:
-    `{"w": [d], "b": []}`; `b` is zero.
+    ``{"w": [d], "b": []}``; `b` is zero.
   """
   w = scale * jax.random.normal(key, (num_features,), dtype=float)
   return {"w": w, "b": jnp.zeros((), dtype=w.dtype)}
@@ -491,7 +491,7 @@ def evaluate_classifier(
       reports only "accuracy").
 
   Returns:
-    `{"accuracy": float, "top_k_accuracy": float}`.
+    ``{"accuracy": float, "top_k_accuracy": float}``.
   """
   logits = model(params, jnp.asarray(x))
   y = jnp.asarray(y)

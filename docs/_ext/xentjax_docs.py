@@ -182,10 +182,11 @@ def render_index(modules: list[str]) -> str:
     "in a module's ``__all__`` (or, without one, every public name it defines) is listed",
     "and documented from its docstring.",
     "",
-    ".. toctree::",
-    "   :maxdepth: 1",
+    ".. autosummary::",
     "",
   ]
+  lines += [f"   {m}" for m in modules]
+  lines += ["", ".. toctree::", "   :hidden:", ""]
   lines += [f"   {m}" for m in modules]
   return "\n".join(lines) + "\n"
 
@@ -285,9 +286,17 @@ def copy_mathjax(app, exception) -> None:
     shutil.copytree(_mathjax_source(), target, ignore=unused, dirs_exist_ok=True)
 
 
+def skip_namedtuple_fields(app, what, name, obj, skip, options):
+  """A NamedTuple's fields come with "Alias for field number N": its Attributes say more."""
+  if what == "class" and (getattr(obj, "__doc__", None) or "").startswith("Alias for field number"):
+    return True
+  return None
+
+
 def setup(app):
   _mathjax_source()  # fail at start, not after the build, when the package is missing
   app.connect("builder-inited", generate_api_pages)
   app.connect("build-finished", copy_mathjax)
+  app.connect("autodoc-skip-member", skip_namedtuple_fields)
   app.add_directive("xentjax-cli-help", CliHelp)
   return {"parallel_read_safe": True, "parallel_write_safe": True}
