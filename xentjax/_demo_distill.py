@@ -22,6 +22,7 @@ TEACHER_WIDTH = 128
 STUDENT_WIDTH = 12
 TEMPERATURES = (1.0, 2.0, 4.0)
 BETAS = (0.0, 0.5, 1.0)
+STEPS = 300  # full-batch Adam steps per model
 BETA_NAMES = {0.0: "forward KL", 0.5: "JSD(0.5)", 1.0: "reverse KL"}
 
 
@@ -170,7 +171,7 @@ def run(args) -> int:
     "on the 8x8 digits with xentjax.linear_distillation_loss",
     flush=True,
   )
-  r = compare(seed=seed)
+  r = compare(temperatures=TEMPERATURES, betas=BETAS, steps=STEPS, seed=seed)
   print(
     f"the student sees the labels of {r['n_labelled']} of the {r['n_train']} training digits; "
     f"distilled students see the teacher's outputs on all {r['n_train']} instead"
