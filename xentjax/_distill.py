@@ -745,20 +745,26 @@ def _prepare(
 
 
 def _head_config(plan, vd, precision):
-  return _Config(
-    num_classes=plan["vocab_size"],
-    num_columns=plan["n_cols"],
-    label_smoothing=0.0,
-    z_loss=0.0,
-    soft_cap=None,
-    vd=vd,
-    token_chunk=plan["tc"],
-    vocab_chunk=plan["vc"],
-    precision=precision,
-    mesh=plan["mesh"],
-    data_axis=plan["data_axis"],
-    vocab_axis=plan["vocab_axis"],
-  )
+  """The tile engine's `_Config` for one head (no label smoothing, z-loss or soft cap).
+
+  Only the fields the engine's config has are passed: the loss options it
+  may carry beyond the tiles (label smoothing, z-loss) are all off here.
+  """
+  kw = {
+    "num_classes": plan["vocab_size"],
+    "num_columns": plan["n_cols"],
+    "soft_cap": None,
+    "vd": vd,
+    "token_chunk": plan["tc"],
+    "vocab_chunk": plan["vc"],
+    "precision": precision,
+    "mesh": plan["mesh"],
+    "data_axis": plan["data_axis"],
+    "vocab_axis": plan["vocab_axis"],
+  }
+  fields = {f.name for f in dataclasses.fields(_Config)}
+  kw.update({k: 0.0 for k in ("label_smoothing", "z_loss") if k in fields})
+  return _Config(**kw)
 
 
 def _run(x2, w, teacher, per_tok, counted, bad, d: _Distill, plan, strategy, reduction, dtypes):
