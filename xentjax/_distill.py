@@ -199,8 +199,9 @@ def _combine_weighted(m, s, u, axis):
 def _finish_stats(st, d: _Distill):
   """Per-token normalizers and divergence (FKL, RKL, top-k) of the whole vocabulary.
 
-  Returns `(fin, div)`: `fin` holds `lse_a`, `lse_b`, `lse_z`, `zy` as the
-  call needs them; `div` is None for the generalized JSD (a second pass).
+  Returns `(fin, div)`: `fin` holds `lse_a`, `lse_b` and, with the hard-label
+  term, the shifted statistics `log_sz`, `zy_shift` and `lse_z` of the
+  untempered logits; `div` is None for the generalized JSD (a second pass).
   """
   axis = d.student.vocab_axis
   cfg = d.student
@@ -224,7 +225,7 @@ def _finish_stats(st, d: _Distill):
       fin["lse_b"] = _combine_lse(st["mb"], st["sb"], cfg)
   if d.topk:
     cross = st["cross"] if axis is None else lax.psum(st["cross"], axis)
-    div = None if d.jsd else cross  # finished in `_per_token_loss` (needs q log q)
+    div = cross  # sum_k q_k a_{idx_k}; `_per_token_loss` finishes the KL (needs q log q)
   if d.ce:
     zy = st["zy"] if axis is None else lax.psum(st["zy"], axis)
     if d.own_z_stats:
