@@ -13,7 +13,8 @@ import sys
 import traceback
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
@@ -23,6 +24,7 @@ import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import xentjax
 import xentjax.parallel as par
 from xentjax._fused import linear_softmax_cross_entropy as fused_ce
 
@@ -31,8 +33,10 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 N_DATA, N_VOCAB = 2, 4
 D, V = 12, 80  # V / 4 = 20 columns per device: two chunks of 8 and a tail of 4
 V_LOCAL = V // N_VOCAB
-CHUNKS = {"recompute": {"token_chunk_size": 4, "vocab_chunk_size": 8},
-          "store": {"token_chunk_size": 4}}
+CHUNKS = {
+  "recompute": {"token_chunk_size": 4, "vocab_chunk_size": 8},
+  "store": {"token_chunk_size": 4},
+}
 
 RESULTS = {}
 
@@ -45,6 +49,7 @@ def check(name):
     except Exception:  # noqa: BLE001 -- reported to the test, which fails
       RESULTS[name] = traceback.format_exc(limit=6)
     return fn
+
   return wrap
 
 
@@ -76,8 +81,9 @@ def vocab_sized_all_gathers(hlo_text):
   return bad
 
 
-def run_case(mesh, strategy, opts, *, w_layout="dv", cotangent=False, data_axis="data",
-             jit=True, hlo=False):
+def run_case(
+  mesh, strategy, opts, *, w_layout="dv", cotangent=False, data_axis="data", jit=True, hlo=False
+):
   """Parallel value and gradients vs the single-device kernel on plain arrays."""
   x, w, y = inputs(w_layout=w_layout)
   where = opts.pop("_where", None)
@@ -93,8 +99,11 @@ def run_case(mesh, strategy, opts, *, w_layout="dv", cotangent=False, data_axis=
     return jnp.sum(loss * cot) if cotangent else loss
 
   def par_loss(x, w):
-    return scalar(par.linear_softmax_cross_entropy(
-        x, w, y, where=where, mesh=mesh, data_axis=data_axis, vocab_axis="vocab", **kw))
+    return scalar(
+      par.linear_softmax_cross_entropy(
+        x, w, y, where=where, mesh=mesh, data_axis=data_axis, vocab_axis="vocab", **kw
+      )
+    )
 
   def one_loss(x, w):
     return scalar(fused_ce(x, w, y, where=where, **kw))
@@ -115,15 +124,22 @@ def run_case(mesh, strategy, opts, *, w_layout="dv", cotangent=False, data_axis=
     assert "all-reduce" in text  # the lse really is combined across devices
 
 
-EVERYTHING = {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_soft_cap": 2.0, "_ignore": True,
-              "_where": np.arange(24).reshape(4, 6) % 5 != 2}
+EVERYTHING = {
+  "label_smoothing": 0.1,
+  "z_loss": 1e-3,
+  "logit_soft_cap": 2.0,
+  "_ignore": True,
+  "_where": np.arange(24).reshape(4, 6) % 5 != 2,
+}
 
 
 def main():
-  explicit = jax.make_mesh((N_DATA, N_VOCAB), ("data", "vocab"),
-                           axis_types=(AxisType.Explicit, AxisType.Explicit))
-  auto = jax.make_mesh((N_DATA, N_VOCAB), ("data", "vocab"),
-                       axis_types=(AxisType.Auto, AxisType.Auto))
+  explicit = jax.make_mesh(
+    (N_DATA, N_VOCAB), ("data", "vocab"), axis_types=(AxisType.Explicit, AxisType.Explicit)
+  )
+  auto = jax.make_mesh(
+    (N_DATA, N_VOCAB), ("data", "vocab"), axis_types=(AxisType.Auto, AxisType.Auto)
+  )
 
   @check("recompute_mean_hlo")
   def _():
@@ -161,10 +177,15 @@ def main():
     ws = jax.device_put(w_pad, NamedSharding(explicit, P(None, "vocab")))
     xs = jax.device_put(x, NamedSharding(explicit, P("data")))
     kw = dict(label_smoothing=0.1, **CHUNKS["recompute"])
-    loss, (gx, gw) = jax.jit(jax.value_and_grad(lambda x, w: par.linear_softmax_cross_entropy(
-        x, w, y, mesh=explicit, vocab_size=78, **kw), (0, 1)))(xs, ws)
+    loss, (gx, gw) = jax.jit(
+      jax.value_and_grad(
+        lambda x, w: par.linear_softmax_cross_entropy(x, w, y, mesh=explicit, vocab_size=78, **kw),
+        (0, 1),
+      )
+    )(xs, ws)
     loss1, (gx1, gw1) = jax.value_and_grad(lambda x, w: fused_ce(x, w, y, **kw), (0, 1))(
-        jnp.asarray(x), jnp.asarray(w))
+      jnp.asarray(x), jnp.asarray(w)
+    )
     close(loss, loss1, "loss")
     close(gx, gx1, "grad x")
     gw = np.asarray(gw)
@@ -184,9 +205,13 @@ def main():
 
     vg = jax.jit(jax.value_and_grad(f, has_aux=True))
     (_, loss), gz = vg(zs)
-    (_, loss1), gz1 = jax.value_and_grad(lambda z: (
+    (_, loss1), gz1 = jax.value_and_grad(
+      lambda z: (
         jnp.sum(optax.softmax_cross_entropy_with_integer_labels(z, y) * cot),
-        optax.softmax_cross_entropy_with_integer_labels(z, y)), has_aux=True)(jnp.asarray(logits))
+        optax.softmax_cross_entropy_with_integer_labels(z, y),
+      ),
+      has_aux=True,
+    )(jnp.asarray(logits))
     close(loss, loss1, "loss")
     close(gz, gz1, "grad logits")
     assert gz.sharding.is_equivalent_to(zs.sharding, 3), gz.sharding
@@ -205,10 +230,12 @@ def main():
     xs = jax.device_put(x, NamedSharding(explicit, P("data")))
     ws = jax.device_put(w, NamedSharding(explicit, P()))
     kw = dict(z_loss=1e-3, **CHUNKS["recompute"])
-    loss, (gx, gw) = jax.jit(jax.value_and_grad(
-        lambda x, w: fused_ce(x, w, y, **kw), (0, 1)))(xs, ws)
-    loss1, (gx1, gw1) = jax.jit(jax.value_and_grad(
-        lambda x, w: fused_ce(x, w, y, **kw), (0, 1)))(jnp.asarray(x), jnp.asarray(w))
+    loss, (gx, gw) = jax.jit(jax.value_and_grad(lambda x, w: fused_ce(x, w, y, **kw), (0, 1)))(
+      xs, ws
+    )
+    loss1, (gx1, gw1) = jax.jit(jax.value_and_grad(lambda x, w: fused_ce(x, w, y, **kw), (0, 1)))(
+      jnp.asarray(x), jnp.asarray(w)
+    )
     close(loss, loss1, "loss")
     close(gx, gx1, "grad x")
     close(gw, gw1, "grad w")
@@ -221,30 +248,128 @@ def main():
     x, w, _ = inputs()
     xs = jax.device_put(x, NamedSharding(auto, P("data")))
     ws = jax.device_put(w, NamedSharding(auto, P(None, "vocab")))
-    f = jax.jit(lambda x, w: jax.nn.logsumexp(x @ w, axis=-1),
-                out_shardings=NamedSharding(auto, P()))
+    f = jax.jit(
+      lambda x, w: jax.nn.logsumexp(x @ w, axis=-1), out_shardings=NamedSharding(auto, P())
+    )
     f2 = jax.jit(lambda x, w: x @ w, out_shardings=NamedSharding(auto, P()))
     text = f.lower(xs, ws).compile().as_text() + f2.lower(xs, ws).compile().as_text()
     assert vocab_sized_all_gathers(text), "expected an all-gather of the logits"
+
+  @check("weights_class_weights_bias_temperature")
+  def _():
+    rng = np.random.default_rng(1)
+    opts = {
+      "weights": rng.uniform(0.0, 2.0, (4, 6)).astype(np.float32),
+      "class_weights": rng.uniform(0.2, 2.0, (V,)).astype(np.float32),
+      "bias": rng.normal(size=(V,)).astype(np.float32),
+      "temperature": 0.7,
+      "label_smoothing": 0.1,
+      "_ignore": True,
+    }
+    run_case(explicit, "recompute", dict(opts), hlo=True)
+    run_case(explicit, "store", dict(opts))
+
+  @check("token_stats_hlo")
+  def _():
+    x, w, y = inputs()
+    b = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (V,)))
+    adv = np.asarray(jax.random.normal(jax.random.PRNGKey(5), y.shape))
+    where = np.arange(24).reshape(4, 6) % 5 != 2
+    kw = dict(temperature=0.8, top_k=3, logit_soft_cap=2.5, where=where, **CHUNKS["recompute"])
+    xs = jax.device_put(x, NamedSharding(explicit, P("data")))
+    ws = jax.device_put(w, NamedSharding(explicit, P(None, "vocab")))
+    bs = jax.device_put(b, NamedSharding(explicit, P("vocab")))
+
+    def pg(stats):  # a policy-gradient loss with an entropy bonus
+      return jnp.sum(-adv * stats.logprob - 0.1 * stats.entropy + 0.01 * stats.lse), stats
+
+    def par_loss(x, w, b):
+      return pg(par.linear_token_stats(x, w, y, bias=b, mesh=explicit, **kw))
+
+    def one_loss(x, w, b):
+      return pg(xentjax.linear_token_stats(x, w, y, bias=b, **kw))
+
+    vg = jax.jit(jax.value_and_grad(par_loss, (0, 1, 2), has_aux=True))
+    (_, s), g = vg(xs, ws, bs)
+    (_, s1), g1 = jax.jit(jax.value_and_grad(one_loss, (0, 1, 2), has_aux=True))(
+      jnp.asarray(x), jnp.asarray(w), jnp.asarray(b)
+    )
+    for name in ("logprob", "entropy", "lse", "top_k_logprobs"):
+      close(getattr(s, name), getattr(s1, name), name)
+    for name in ("argmax", "top_k_indices"):
+      np.testing.assert_array_equal(getattr(s, name), getattr(s1, name), err_msg=name)
+    for a, r, what in zip(g, g1, ("grad x", "grad w", "grad bias")):
+      close(a, r, what)
+    assert g[2].sharding.is_equivalent_to(bs.sharding, 1), g[2].sharding
+    bad = vocab_sized_all_gathers(vg.lower(xs, ws, bs).compile().as_text())
+    assert not bad, bad
+
+  @check("argmax_ties_across_shards")
+  def _():
+    # Equal maxima on several vocabulary shards: the lowest global index wins.
+    x = np.ones((8, 1), np.float32)
+    w = np.zeros((1, V), np.float32)
+    w[0, [7, 27, 47]] = 1.0  # shards 0, 1 and 2
+    ws = jax.device_put(w, NamedSharding(explicit, P(None, "vocab")))
+    s = par.linear_token_stats(x, ws, np.zeros(8, np.int32), mesh=explicit, top_k=3)
+    np.testing.assert_array_equal(s.argmax, np.full(8, 7))
+    np.testing.assert_array_equal(s.top_k_indices, np.tile([7, 27, 47], (8, 1)))
+
+  @check("gradient_filtering")
+  def _():
+    x, w, y = inputs()
+    b = np.where(np.arange(V) < 10, 3.0, -14.0).astype(np.float32)  # cols >= 10: p < 1e-6
+    y = y % 10
+    xs = jax.device_put(x, NamedSharding(explicit, P("data")))
+    ws = jax.device_put(w, NamedSharding(explicit, P(None, "vocab")))
+    kw = dict(bias=b, **CHUNKS["recompute"])
+    f = jax.jit(
+      jax.value_and_grad(
+        lambda x, w, eps: par.linear_softmax_cross_entropy(
+          x, w, y, mesh=explicit, filter_eps=eps, **kw
+        ),
+        (0, 1),
+      ),
+      static_argnums=2,
+    )
+    loss, (gx, gw) = f(xs, ws, 1e-5)
+    loss1, (gx1, gw1) = f(xs, ws, None)
+    close(loss, loss1, "loss")
+    close(gx, gx1, "grad x", tol=1e-5)
+    close(gw, gw1, "grad w", tol=1e-5)
+    gw = np.asarray(gw)
+    assert not np.any(gw[:, 24:]) and np.any(np.asarray(gw1)[:, 24:]), "tiles were not skipped"
 
   @check("errors")
   def _():
     x, w, y = inputs()
     cases = [
-        (lambda: par.linear_softmax_cross_entropy(
-            x, w, y, mesh=jax.make_mesh((8,), ("model",))), "vocab_axis.*'vocab'.*'model'"),
-        (lambda: par.linear_softmax_cross_entropy(
-            x, w, y, mesh=explicit, data_axis="batch"), "data_axis.*'batch'"),
-        (lambda: par.linear_softmax_cross_entropy(
-            x, w[:, :78], y, mesh=explicit), r"vocab_size=78"),
-        (lambda: par.linear_softmax_cross_entropy(
-            x[:3, :5], w, y[:3, :5], mesh=explicit), "15 tokens"),
-        (lambda: par.linear_softmax_cross_entropy(
-            x, w[:-1], y, mesh=explicit), "hidden size"),
-        (lambda: par.softmax_cross_entropy_with_integer_labels(
-            np.zeros((4, 78), np.float32), y[:, 0], mesh=explicit), "V=78"),
-        (lambda: par.softmax_cross_entropy_with_integer_labels(
-            np.zeros((4, 80), np.float32), y, mesh=explicit), "labels.shape"),
+      (
+        lambda: par.linear_softmax_cross_entropy(x, w, y, mesh=jax.make_mesh((8,), ("model",))),
+        "vocab_axis.*'vocab'.*'model'",
+      ),
+      (
+        lambda: par.linear_softmax_cross_entropy(x, w, y, mesh=explicit, data_axis="batch"),
+        "data_axis.*'batch'",
+      ),
+      (lambda: par.linear_softmax_cross_entropy(x, w[:, :78], y, mesh=explicit), r"vocab_size=78"),
+      (
+        lambda: par.linear_softmax_cross_entropy(x[:3, :5], w, y[:3, :5], mesh=explicit),
+        "15 tokens",
+      ),
+      (lambda: par.linear_softmax_cross_entropy(x, w[:-1], y, mesh=explicit), "hidden size"),
+      (
+        lambda: par.softmax_cross_entropy_with_integer_labels(
+          np.zeros((4, 78), np.float32), y[:, 0], mesh=explicit
+        ),
+        "V=78",
+      ),
+      (
+        lambda: par.softmax_cross_entropy_with_integer_labels(
+          np.zeros((4, 80), np.float32), y, mesh=explicit
+        ),
+        "labels.shape",
+      ),
     ]
     for i, (fn, pattern) in enumerate(cases):
       try:

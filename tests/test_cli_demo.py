@@ -93,3 +93,25 @@ def test_out_that_is_a_file_is_an_error(tmp_path, capsys):
   target.write_text("x")
   assert _cli.main(["demo", "--out", str(target)]) == 2
   assert "not a directory" in capsys.readouterr().err
+
+
+def test_out_is_checked_before_training(tmp_path, capsys):
+  # A missing parent: nothing is created, and the error comes before any training line.
+  assert _cli.main(["demo", "--out", str(tmp_path / "a" / "b")]) == 2
+  captured = capsys.readouterr()
+  assert captured.out == "" and "parent directory" in captured.err
+  assert "\n" not in captured.err.strip() and not (tmp_path / "a").exists()
+  # A place where nothing can be written (/proc refuses new entries, even to root).
+  assert _cli.main(["demo", "--out", "/proc/xentjax-out"]) == 2
+  captured = capsys.readouterr()
+  assert captured.out == "" and captured.err.startswith("xentjax demo: error: --out")
+  assert "\n" not in captured.err.strip()
+  assert _cli.main(["demo", "--out", "/proc"]) == 2
+  assert "cannot write there" in capsys.readouterr().err
+
+
+def test_out_creates_only_the_last_directory(tmp_path):
+  from xentjax._cli_demo import _prepare_out
+
+  _prepare_out(str(tmp_path / "new"))
+  assert (tmp_path / "new").is_dir() and list((tmp_path / "new").iterdir()) == []

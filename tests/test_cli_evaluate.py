@@ -178,3 +178,233 @@ def test_bad_options(files, capsys):
   assert_error(capsys, "--batch-size", *common, "--batch-size", 0)
   assert_error(capsys, "--top-k", *common, "--top-k", 0)
   assert_error(capsys, "--base", *common, "--base", 1)
+
+
+# ---------------------------------------------------------------------------
+# What a first session with the command tripped on (one regression test each).
+
+
+def test_npz_archives(files, capsys):
+  d, logits, labels = files
+  np.savez(d / "one.npz", logits)  # a single array: taken whatever its name
+  np.savez(d / "both.npz", logits=logits, labels=labels)  # named by role
+  ref = float64_reference(logits, labels)
+  for argv in (
+    ["--logits", d / "one.npz", "--labels", d / "labels.npy"],
+    ["--logits", d / "both.npz", "--labels", d / "both.npz"],
+    ["--logits", f"{d / 'both.npz'}:logits", "--labels", f"{d / 'both.npz'}:labels"],
+  ):
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    np.testing.assert_allclose(json.loads(out)["cross_entropy"], ref["cross_entropy"], rtol=1e-6)
+  np.savez(d / "many.npz", a=logits, b=logits)
+  assert_error(capsys, "holds 2 arrays", "--logits", d / "many.npz", "--labels", d / "labels.npy")
+  assert_error(
+    capsys, "no array 'c'", "--logits", f"{d / 'many.npz'}:c", "--labels", d / "labels.npy"
+  )
+
+
+def test_text_file_named_npy(files, capsys):
+  d, _, _ = files
+  (d / "text.npy").write_text("0.1, 0.2\n")
+  assert_error(capsys, "not a .npy file", "--logits", d / "text.npy", "--labels", d / "labels.npy")
+
+
+@pytest.mark.parametrize("shape", ["10,x", "1000,", "1000,10,x", "-1", "1000,-10"])
+def test_shape_is_parsed_strictly(files, capsys, shape):
+  d, logits, _ = files
+  logits.tofile(d / "logits.bin")
+  assert_error(
+    capsys, "--shape", "--logits", d / "logits.bin", "--labels", d / "labels.npy", "--shape", shape
+  )
+
+
+def test_shape_rows_from_file_size_and_x_separator(files, capsys):
+  d, logits, labels = files
+  logits.tofile(d / "logits.bin")
+  ref = float64_reference(logits, labels)
+  for shape in ("--shape=-1,10", "--shape=1000x10"):
+    code, out, err = run(
+      capsys, "--logits", d / "logits.bin", "--labels", d / "labels.npy", shape, "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["count"] == ref["count"]
+
+
+def test_shape_and_dtype_are_not_ignored_for_npy(files, capsys):
+  d, _, _ = files
+  common = ["--logits", d / "logits.npy", "--labels", d / "labels.npy"]
+  assert_error(capsys, "holds shape (1000, 10)", *common, "--shape", "1000,12")
+  assert_error(capsys, "holds float32", *common, "--dtype", "float16")
+  code, _, err = run(capsys, *common, "--shape", "1000,10", "--dtype", "float32")  # agree: fine
+  assert code == 0, err
+
+
+def test_top_k_above_the_number_of_classes(files, capsys):
+  d, _, _ = files
+  assert_error(
+    capsys, "--top-k 99 is more than the 10 classes", "--logits", d / "logits.npy",
+    "--labels", d / "labels.npy", "--top-k", 99,
+  )  # fmt: skip
+  code, out, _ = run(
+    capsys, "--logits", d / "logits.npy", "--labels", d / "labels.npy", "--top-k", 10, "--json"
+  )
+  assert code == 0 and json.loads(out)["top_k_accuracy"] == 1.0
+
+
+def test_nan_logits_are_an_error_naming_the_row(files, capsys):
+  d, logits, _ = files
+  bad = logits.copy()
+  bad[3, 4] = np.nan  # labels[0] is -100 (ignored), row 3 counts
+  np.save(d / "nan.npy", bad)
+  assert_error(capsys, "row [3]", "--logits", d / "nan.npy", "--labels", d / "labels.npy")
+  bad = logits.copy()
+  bad[7] = np.inf
+  np.save(d / "inf.npy", bad)
+  assert_error(capsys, "is NaN", "--logits", d / "inf.npy", "--labels", d / "labels.npy")
+
+
+def test_header_counts_every_position(tmp_path, capsys):
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((50, 20, 30)).astype(np.float32)
+  labels = rng.integers(0, 30, (50, 20))
+  np.save(tmp_path / "z.npy", logits)
+  np.save(tmp_path / "y.npy", labels)
+  code, out, err = run(capsys, "--logits", tmp_path / "z.npy", "--labels", tmp_path / "y.npy")
+  assert code == 0, err
+  header = out.splitlines()[0]
+  assert "1,000 examples" in header and "50 x 20 positions" in header and "30 classes" in header
+  assert "1,000" in next(x for x in out.splitlines() if x.startswith("examples"))
+
+
+def test_unknown_subcommand_flag_prints_that_subcommands_usage(capsys):
+  with pytest.raises(SystemExit) as e:
+    main(["explain", "--logits", "1", "2", "--lable", "1"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "usage: xentjax explain" in err and "unrecognized arguments: --lable 1" in err
+
+
+def test_version(capsys):
+  import xentjax
+
+  with pytest.raises(SystemExit) as e:
+    main(["--version"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert out.startswith(f"xentjax {xentjax.__version__} (jax ")
+
+
+def test_empty_npy_file(files, capsys):
+  d, _, _ = files
+  (d / "empty.npy").write_bytes(b"")
+  assert_error(capsys, "empty (0 bytes)", "--logits", d / "empty.npy", "--labels", d / "labels.npy")
+
+
+def test_big_endian_npy_is_read(files, capsys):
+  d, logits, labels = files
+  np.save(d / "be.npy", logits.astype(">f4"))
+  np.save(d / "be_labels.npy", labels.astype(">i8"))
+  code, out, err = run(capsys, "--logits", d / "be.npy", "--labels", d / "be_labels.npy", "--json")
+  assert code == 0, err
+  ref = float64_reference(logits, labels)
+  np.testing.assert_allclose(json.loads(out)["cross_entropy"], ref["cross_entropy"], rtol=1e-6)
+
+
+def test_unreadable_raw_file(files, capsys, monkeypatch):
+  d, logits, _ = files
+  logits.tofile(d / "logits.bin")
+
+  def denied(*args, **kwargs):  # the test runs as root, where chmod does not stop a read
+    raise PermissionError(13, "Permission denied")
+
+  monkeypatch.setattr(np, "memmap", denied)
+  assert_error(
+    capsys, "Permission denied", "--logits", d / "logits.bin", "--labels", d / "labels.npy",
+    "--shape", "1000,10",
+  )  # fmt: skip
+
+
+def test_zero_classes(tmp_path, capsys):
+  np.save(tmp_path / "z.npy", np.zeros((4, 0), np.float32))
+  np.save(tmp_path / "y.npy", np.full(4, -100))
+  assert_error(capsys, "0 classes", "--logits", tmp_path / "z.npy", "--labels", tmp_path / "y.npy")
+
+
+def test_json_has_no_nan_or_infinity(files, capsys):
+  d, logits, labels = files
+  z = logits.copy()
+  i = int(np.flatnonzero(labels != -100)[0])
+  z[i, labels[i]] = -np.inf  # the target has probability 0: an infinite loss, no NaN
+  np.save(d / "neginf.npy", z)
+  code, out, err = run(capsys, "--logits", d / "neginf.npy", "--labels", d / "labels.npy", "--json")
+  assert code == 0, err
+
+  def reject(constant):
+    raise AssertionError(f"not JSON: {constant}")
+
+  got = json.loads(out, parse_constant=reject)
+  assert got["cross_entropy"] is None and got["perplexity"] is None and got["count"] == 980
+
+
+def test_directory_is_not_reported_as_missing(files, capsys):
+  d, _, _ = files
+  assert_error(capsys, "is a directory", "--logits", d, "--labels", d / "labels.npy")
+
+
+def test_raw_labels_dtype_hint(files, capsys):
+  d, _, labels = files
+  labels.astype(np.int32).tofile(d / "labels32.bin")
+  assert_error(
+    capsys, "try --labels-dtype int32", "--logits", d / "logits.npy", "--labels", d / "labels32.bin"
+  )
+
+
+def test_no_examples_is_an_error(tmp_path, capsys):
+  np.save(tmp_path / "z0.npy", np.zeros((0, 5), np.float32))
+  np.save(tmp_path / "y0.npy", np.zeros(0, np.int64))
+  np.save(tmp_path / "z.npy", np.zeros((6, 5), np.float32))
+  np.save(tmp_path / "y.npy", np.full(6, -100))
+  assert_error(capsys, "no examples", "--logits", tmp_path / "z0.npy", "--labels", tmp_path / "y0.npy")
+  assert_error(
+    capsys, "every one of the 6 labels is ignored", "--logits", tmp_path / "z.npy",
+    "--labels", tmp_path / "y.npy",
+  )  # fmt: skip
+
+
+def test_several_files_are_one_data_set(files, capsys):
+  d, logits, labels = files
+  for i, (a, b) in enumerate(((0, 400), (400, 1000))):
+    np.save(d / f"z{i}.npy", logits[a:b])
+    np.save(d / f"y{i}.npy", labels[a:b])
+  code, out, err = run(
+    capsys, "--logits", d / "z0.npy", "--labels", d / "y0.npy",
+    "--logits", d / "z1.npy", "--labels", d / "y1.npy", "--json", "--top-k", 3,
+  )  # fmt: skip
+  assert code == 0, err
+  got, ref = json.loads(out), float64_reference(logits, labels, top_k=3)
+  assert got["count"] == ref["count"] and got["top_k_accuracy"] == ref["top_k_accuracy"]
+  np.testing.assert_allclose(got["cross_entropy"], ref["cross_entropy"], rtol=1e-6)
+  # {process} names this process's own file (process 0 when alone).
+  code, out, err = run(capsys, "--logits", d / "z{process}.npy", "--labels", d / "y{process}.npy")
+  assert code == 0, err
+  assert "z0.npy" in out and "400 examples" in out
+  assert_error(
+    capsys, "one --labels per --logits", "--logits", d / "z0.npy", "--logits", d / "z1.npy",
+    "--labels", d / "y0.npy",
+  )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["--num-processes", "2"], "missing --coordinator, --process-id"),
+    (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "0..1"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "0", "--timeout", "0"],
+     "--timeout"),
+  ],
+)  # fmt: skip
+def test_bad_job_options(files, capsys, argv, message):
+  d, _, _ = files
+  assert_error(capsys, message, "--logits", d / "logits.npy", "--labels", d / "labels.npy", *argv)

@@ -16,9 +16,20 @@ import pytest
 from xentjax._fused import linear_softmax_cross_entropy as fused_ce
 
 
-def reference(x, w, labels, *, reduction="mean", ignore_index=-100, where=None,
-              label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None, w_layout="dv",
-              vocab_size=None):
+def reference(
+  x,
+  w,
+  labels,
+  *,
+  reduction="mean",
+  ignore_index=-100,
+  where=None,
+  label_smoothing=0.0,
+  z_loss=0.0,
+  logit_soft_cap=None,
+  w_layout="dv",
+  vocab_size=None,
+):
   """Materialized logits, then the loss written out term by term (float32+)."""
   cdt = jnp.promote_types(jnp.result_type(x, w), jnp.float32)
   x = x.astype(cdt)
@@ -31,8 +42,9 @@ def reference(x, w, labels, *, reduction="mean", ignore_index=-100, where=None,
   num_classes = z.shape[-1]
   lse = jax.scipy.special.logsumexp(z, axis=-1)
   logp = jax.nn.log_softmax(z, axis=-1)
-  target = ((1.0 - label_smoothing) * jax.nn.one_hot(labels, num_classes, dtype=cdt)
-            + label_smoothing / num_classes)
+  target = (1.0 - label_smoothing) * jax.nn.one_hot(
+    labels, num_classes, dtype=cdt
+  ) + label_smoothing / num_classes
   loss = -jnp.sum(target * logp, axis=-1) + z_loss * lse**2
   valid = labels != ignore_index
   if where is not None:
@@ -41,12 +53,11 @@ def reference(x, w, labels, *, reduction="mean", ignore_index=-100, where=None,
   if reduction == "sum":
     loss = jnp.sum(loss)
   elif reduction == "mean":
-    loss = jnp.sum(loss) / jnp.maximum(jnp.sum(valid), 1)
+    loss = jnp.sum(loss) / jnp.sum(valid)
   return loss, lse
 
 
-def make_inputs(shape=(3, 5), d=16, v=37, dtype=jnp.float32, seed=0, scale=0.5,
-                w_layout="dv"):
+def make_inputs(shape=(3, 5), d=16, v=37, dtype=jnp.float32, seed=0, scale=0.5, w_layout="dv"):
   kx, kw, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
   x = jax.random.normal(kx, (*shape, d), jnp.float32).astype(dtype)
   w_shape = (v, d) if w_layout == "vd" else (d, v)
@@ -66,20 +77,29 @@ def assert_close(a, b, rtol=2e-5, atol=2e-5):
 # gradients. Tiles: 16 tokens in chunks of 8, V = 37 in chunks of 16 (a tail
 # chunk); the "tails" case also has a token tail (N = 15 in chunks of 4).
 OPTIONS = {
-    "plain": {},
-    "none": {"reduction": "none"},
-    "ignore_where_sum": {"reduction": "sum", "ignore_index": 3, "_ignore": True,
-                         "_where": True},
-    "label_smoothing": {"label_smoothing": 0.2},
-    "z_loss": {"z_loss": 1e-2},
-    "soft_cap": {"logit_soft_cap": 1.5},
-    "vd_layout": {"w_layout": "vd", "label_smoothing": 0.1},
-    "vocab_padding": {"vocab_size": 30, "label_smoothing": 0.3, "logit_soft_cap": 3.0},
-    "tails": {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_soft_cap": 2.0, "_ignore": True,
-              "_where": True, "_shape": (3, 5), "token_chunk_size": 4, "vocab_chunk_size": 8},
+  "plain": {},
+  "none": {"reduction": "none"},
+  "ignore_where_sum": {"reduction": "sum", "ignore_index": 3, "_ignore": True, "_where": True},
+  "label_smoothing": {"label_smoothing": 0.2},
+  "z_loss": {"z_loss": 1e-2},
+  "soft_cap": {"logit_soft_cap": 1.5},
+  "vd_layout": {"w_layout": "vd", "label_smoothing": 0.1},
+  "vocab_padding": {"vocab_size": 30, "label_smoothing": 0.3, "logit_soft_cap": 3.0},
+  "tails": {
+    "label_smoothing": 0.1,
+    "z_loss": 1e-3,
+    "logit_soft_cap": 2.0,
+    "_ignore": True,
+    "_where": True,
+    "_shape": (3, 5),
+    "token_chunk_size": 4,
+    "vocab_chunk_size": 8,
+  },
 }
-CHUNKS = {"recompute": {"token_chunk_size": 8, "vocab_chunk_size": 16},
-          "store": {"token_chunk_size": 8}}
+CHUNKS = {
+  "recompute": {"token_chunk_size": 8, "vocab_chunk_size": 16},
+  "store": {"token_chunk_size": 8},
+}
 
 
 def _split(opts, y):
@@ -97,8 +117,12 @@ def _split(opts, y):
 
 
 # "store" needs a scalar reduction ("none" raises: see test_bad_input).
-CASES = [(name, strategy) for strategy in ("recompute", "store") for name in OPTIONS
-         if not (strategy == "store" and OPTIONS[name].get("reduction") == "none")]
+CASES = [
+  (name, strategy)
+  for strategy in ("recompute", "store")
+  for name in OPTIONS
+  if not (strategy == "store" and OPTIONS[name].get("reduction") == "none")
+]
 
 
 @pytest.mark.parametrize("name, strategy", CASES)
@@ -119,8 +143,9 @@ def test_matches_materialized(name, strategy):
     return scalarize(loss), loss
 
   def theirs(x, w):
-    loss, _ = reference(x, w, y, where=where, **{k: v for k, v in opts.items()
-                                                 if not k.endswith("chunk_size")})
+    loss, _ = reference(
+      x, w, y, where=where, **{k: v for k, v in opts.items() if not k.endswith("chunk_size")}
+    )
     return scalarize(loss), loss
 
   (_, loss), grads = jax.jit(jax.value_and_grad(ours, (0, 1), has_aux=True))(x, w)
@@ -168,8 +193,10 @@ def test_lse_value_and_gradient(strategy):
 @functools.partial(jax.jit, static_argnames=("reduction", "strategy"))
 def fused_value_and_grads(x, w, y, where=None, *, reduction="mean", strategy="recompute"):
   """Jitted once per shape and options; labels and mask are arguments."""
+
   def f(x, w):
     return jnp.sum(fused_ce(x, w, y, where=where, reduction=reduction, strategy=strategy))
+
   return jax.value_and_grad(f, (0, 1))(x, w)
 
 
@@ -186,8 +213,7 @@ def test_half_precision_inputs(dtype, strategy):
   assert loss.dtype == jnp.float32
   assert gx.dtype == dtype and gw.dtype == dtype
   # Reference: the same (rounded) inputs, materialized in float32.
-  loss_r, (gx_r, gw_r) = reference_value_and_grads(
-      x.astype(jnp.float32), w.astype(jnp.float32), y)
+  loss_r, (gx_r, gw_r) = reference_value_and_grads(x.astype(jnp.float32), w.astype(jnp.float32), y)
   assert_close(loss, loss_r, rtol=1e-2, atol=1e-2)
   assert_close(gx.astype(jnp.float32), gx_r, rtol=2e-2, atol=2e-2)
   assert_close(gw.astype(jnp.float32), gw_r, rtol=2e-2, atol=2e-2)
@@ -206,16 +232,27 @@ def test_mixed_input_dtypes(strategy):
   assert_close(gw.astype(jnp.float32), gw_r, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("reduction, strategy", [
-    ("mean", "recompute"), ("sum", "recompute"), ("none", "recompute"),
-    ("mean", "store"), ("sum", "store"),
-])
-def test_all_ignored_is_zero_with_zero_gradient(reduction, strategy):
+@pytest.mark.parametrize(
+  "reduction, strategy",
+  [
+    ("mean", "recompute"),
+    ("sum", "recompute"),
+    ("none", "recompute"),
+    ("mean", "store"),
+    ("sum", "store"),
+  ],
+)
+def test_nothing_counted_mean_is_nan_with_zero_gradient(reduction, strategy):
+  """The library's convention: the mean over nothing counted is NaN, a sum is 0."""
   x, w, y = make_inputs()
   for labels, where in ((jnp.full_like(y, -100), None), (y, jnp.zeros(y.shape, bool))):
     loss, (gx, gw) = fused_value_and_grads(
-        x, w, labels, where, reduction=reduction, strategy=strategy)
-    assert float(loss) == 0.0
+      x, w, labels, where, reduction=reduction, strategy=strategy
+    )
+    if reduction == "mean":
+      assert np.isnan(float(loss))
+    else:
+      assert float(loss) == 0.0
     assert not np.any(np.asarray(gx)) and not np.any(np.asarray(gw))
 
 
@@ -224,8 +261,41 @@ def test_empty_batch():
   w = jnp.ones((16, 10))
   y = jnp.zeros((0,), jnp.int32)
   loss, (gx, gw) = fused_value_and_grads(x, w, y)
-  assert float(loss) == 0.0 and gx.shape == (0, 16) and not np.any(np.asarray(gw))
+  assert np.isnan(float(loss)) and gx.shape == (0, 16) and not np.any(np.asarray(gw))
+  assert float(fused_value_and_grads(x, w, y, reduction="sum")[0]) == 0.0
   assert fused_ce(x, w, y, reduction="none").shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16"])
+def test_unsigned_labels_do_not_wrap(dtype):
+  """-100 is no uint16 value: every token counts (it used to match 65436)."""
+  v = 200 if dtype != "uint16" else 65536
+  x = jnp.ones((3, 1))
+  w = jnp.zeros((1, v))
+  labels = np.array([v - 100 if dtype != "int16" else 5, 5, 0]).astype(dtype)
+  got = fused_ce(x, w, jnp.asarray(labels), reduction="none")
+  np.testing.assert_allclose(np.asarray(got), np.full(3, np.log(v)), rtol=1e-6)
+
+
+def test_64_bit_labels_out_of_range_are_nan():
+  if not jax.config.jax_enable_x64:
+    labels = jnp.array([2**31 - 1, 1], jnp.int32)  # the widest label without x64
+  else:
+    labels = jnp.array([2**32 + 1, 1], jnp.int64)  # was cast to int32 -> class 1
+  x, w, _ = make_inputs(shape=(2,), v=10)
+  got = np.asarray(fused_ce(x, w, labels, reduction="none"))
+  assert np.isnan(got[0]) and np.isfinite(got[1])
+
+
+def test_large_logits_keep_precision():
+  """lse - z_y is formed from max-shifted statistics: exact for logits near 1e7."""
+  x = jnp.ones((1, 1))
+  for big in (1e4, 1e5, 1e7):
+    w = big + jnp.array([[0.0, 1.0, 2.0]])
+    want = np.log(np.exp([0.0, 1.0, 2.0]).sum())  # lse - z_0 of (0, 1, 2): 2.4076
+    for strategy in ("recompute", "store"):
+      got = float(fused_ce(x, w, jnp.array([0]), strategy=strategy))
+      np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("strategy", ["recompute", "store"])
@@ -252,8 +322,10 @@ def test_out_of_range_label_is_nan(strategy):
 def test_default_chunks_and_layouts_agree():
   """Automatic tiles (two vocabulary chunks) and both layouts give one answer."""
   x, w, y = make_inputs(shape=(2, 40), d=8, v=2048)
-  g = jax.jit(jax.value_and_grad(
-      lambda x, w, **kw: fused_ce(x, w, y, **kw), (0, 1)), static_argnames=("w_layout",))
+  g = jax.jit(
+    jax.value_and_grad(lambda x, w, **kw: fused_ce(x, w, y, **kw), (0, 1)),
+    static_argnames=("w_layout",),
+  )
   loss_a, (gx_a, gw_a) = g(x, w)
   loss_b, (gx_b, gw_b) = g(x, w.T, w_layout="vd")
   loss_r, (gx_r, gw_r) = reference_value_and_grads(x, w, y)
@@ -273,10 +345,11 @@ def test_float64_under_x64():
     return
   x, w, y = make_inputs(v=20, dtype=jnp.float64)
   loss, (gx, gw) = jax.value_and_grad(
-      lambda x, w: fused_ce(x, w, y, z_loss=1e-2, token_chunk_size=4, vocab_chunk_size=8),
-      (0, 1))(x, w)
+    lambda x, w: fused_ce(x, w, y, z_loss=1e-2, token_chunk_size=4, vocab_chunk_size=8), (0, 1)
+  )(x, w)
   loss_r, (gx_r, gw_r) = jax.value_and_grad(
-      lambda x, w: reference(x, w, y, z_loss=1e-2)[0], (0, 1))(x, w)
+    lambda x, w: reference(x, w, y, z_loss=1e-2)[0], (0, 1)
+  )(x, w)
   assert loss.dtype == jnp.float64 and gx.dtype == jnp.float64
   assert_close(loss, loss_r, rtol=1e-12, atol=1e-12)
   assert_close(gx, gx_r, rtol=1e-12, atol=1e-12)
@@ -299,7 +372,9 @@ def test_recompute_never_materializes_logits():
 # Bad input: clear errors at trace time.
 
 
-@pytest.mark.parametrize("call, err, match", [
+@pytest.mark.parametrize(
+  "call, err, match",
+  [
     (lambda x, w, y: fused_ce(x, w[:-1], y), ValueError, r"hidden size.*x.shape=\(3, 5, 16\)"),
     (lambda x, w, y: fused_ce(x, w.T, y), ValueError, 'w_layout="vd"'),
     (lambda x, w, y: fused_ce(x, w, y, w_layout="vd"), ValueError, 'w_layout="dv"'),
@@ -308,10 +383,16 @@ def test_recompute_never_materializes_logits():
     (lambda x, w, y: fused_ce(x.astype(jnp.int32), w, y), TypeError, "`x`"),
     (lambda x, w, y: fused_ce(x, w[None], y), ValueError, "w.shape"),
     (lambda x, w, y: fused_ce(x, w, y, reduction="avg"), ValueError, "reduction"),
-    (lambda x, w, y: fused_ce(x, w, y, strategy="store", reduction="none"), ValueError,
-     "scalar loss"),
-    (lambda x, w, y: fused_ce(x, w, y, strategy="store", vocab_chunk_size=8), ValueError,
-     "vocab_chunk_size"),
+    (
+      lambda x, w, y: fused_ce(x, w, y, strategy="store", reduction="none"),
+      ValueError,
+      "scalar loss",
+    ),
+    (
+      lambda x, w, y: fused_ce(x, w, y, strategy="store", vocab_chunk_size=8),
+      ValueError,
+      "vocab_chunk_size",
+    ),
     (lambda x, w, y: fused_ce(x, w, y, strategy="fast"), ValueError, "strategy"),
     (lambda x, w, y: fused_ce(x, w, y, logit_soft_cap=0.0), ValueError, "logit_soft_cap"),
     (lambda x, w, y: fused_ce(x, w, y, label_smoothing=1.5), ValueError, "label_smoothing"),
@@ -320,7 +401,8 @@ def test_recompute_never_materializes_logits():
     (lambda x, w, y: fused_ce(x, w, y, vocab_size=38), ValueError, "vocab_size"),
     (lambda x, w, y: fused_ce(x, w, y, where=jnp.ones((4,), bool)), ValueError, "where"),
     (lambda x, w, y: fused_ce(x, w, y, ignore_index=1.5), TypeError, "ignore_index"),
-])
+  ],
+)
 def test_bad_input(call, err, match):
   x, w, y = make_inputs()
   with pytest.raises(err, match=match):

@@ -34,6 +34,7 @@ EXPECTED = [
   "05_why_cross_entropy",
   "06_gradient_descent_with_optax",
   "07_large_vocabularies",
+  "08_policy_gradients",
 ]
 
 # Inline math `$...$` or display math `$$...$$` containing at least one LaTeX command.

@@ -21,18 +21,22 @@ import pytest
 import xentjax.parallel as par
 
 CHECKS = [
-    "recompute_mean_hlo",
-    "recompute_sum_all_options",
-    "recompute_none_cotangent",
-    "store_mean_all_options_hlo",
-    "auto_mesh_vd_layout",
-    "auto_mesh_store_eager",
-    "replicated_tokens",
-    "padded_vocabulary",
-    "sharded_logits_hlo",
-    "single_device_api_on_explicitly_sharded_inputs",
-    "hlo_checker_detects_vocab_gather",
-    "errors",
+  "recompute_mean_hlo",
+  "recompute_sum_all_options",
+  "recompute_none_cotangent",
+  "store_mean_all_options_hlo",
+  "auto_mesh_vd_layout",
+  "auto_mesh_store_eager",
+  "replicated_tokens",
+  "padded_vocabulary",
+  "sharded_logits_hlo",
+  "single_device_api_on_explicitly_sharded_inputs",
+  "hlo_checker_detects_vocab_gather",
+  "weights_class_weights_bias_temperature",
+  "token_stats_hlo",
+  "argmax_ties_across_shards",
+  "gradient_filtering",
+  "errors",
 ]
 
 
@@ -43,12 +47,16 @@ def results():
   env["PYTHONPATH"] = os.pathsep.join([str(here.parent), env.get("PYTHONPATH", "")])
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run(
-      [sys.executable, str(here / "_parallel_checks.py")],
-      capture_output=True, text=True, env=env, timeout=600, check=False,
+    [sys.executable, str(here / "_parallel_checks.py")],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+    check=False,
   )
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS=")]
   assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return json.loads(lines[-1][len("RESULTS="):])
+  return json.loads(lines[-1][len("RESULTS=") :])
 
 
 @pytest.mark.parametrize("name", CHECKS)

@@ -4,7 +4,8 @@
 (same calls, same answers, finite where optax returns NaN) and adds PyTorch's
 `cross_entropy` semantics, closed-form gradients (`xentjax.grads`),
 information theory (`xentjax.info`), metrics (`xentjax.metrics`), a fused
-linear cross-entropy for large vocabularies, vocabulary-parallel
+linear cross-entropy and per-token statistics (log-probabilities, entropy,
+top-k) for large vocabularies, vocabulary-parallel
 cross-entropy (`xentjax.parallel`) and exact streaming evaluation.
 """
 
@@ -41,6 +42,8 @@ from xentjax._torch_style import cross_entropy_loss as cross_entropy_loss
 
 # --- large vocabularies: fused linear cross-entropy ---
 from xentjax._fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy
+from xentjax._token_stats import TokenStats as TokenStats
+from xentjax._token_stats import linear_token_stats as linear_token_stats
 from xentjax import parallel as parallel
 
 # --- large vocabularies: fused teacher-student distillation ---
@@ -51,6 +54,7 @@ from xentjax._distill import check_topk_teacher as check_topk_teacher
 # --- streaming evaluation ---
 from xentjax._evaluation import EvaluationResult as EvaluationResult
 from xentjax._evaluation import evaluate as evaluate
+from xentjax import distributed as distributed
 
 # --- training demos and data ---
 from xentjax import datasets as datasets

@@ -19,11 +19,24 @@ class CommandError(Exception):
   """A user-facing error: printed as one line, exit status 2."""
 
 
+def _version() -> str:
+  from importlib import metadata
+
+  from xentjax import __version__
+
+  try:
+    jax_version = metadata.version("jax")
+  except metadata.PackageNotFoundError:
+    jax_version = "not installed"
+  return f"xentjax {__version__} (jax {jax_version}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="xentjax",
       description="Cross-entropy, explained and demonstrated (JAX).",
   )
+  parser.add_argument("--version", action="version", version=_version())
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   sub.required = True
   for name in _SUBCOMMANDS:
@@ -38,8 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+  from xentjax import _cli_evaluate
+
+  _cli_evaluate.use_user_streams()  # a supervised `evaluate` child: see there
   parser = build_parser()
-  args = parser.parse_args(argv)
+  args, extra = parser.parse_known_args(argv)
+  if extra:  # the subcommand's own usage, not the top level's
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+  args.argv = argv
   try:
     return int(args.func(args) or 0)
   except CommandError as e:

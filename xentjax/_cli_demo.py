@@ -14,6 +14,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import time
 
 from xentjax._cli import CommandError
@@ -117,8 +118,8 @@ def _settings(args) -> dict:
   if lr <= 0:
     raise CommandError(f"--lr must be > 0, got {args.lr!r}")
   out = args.out
-  if not args.no_plot and os.path.exists(out) and not os.path.isdir(out):
-    raise CommandError(f"--out {out!r} exists and is not a directory")
+  if not args.no_plot:
+    _prepare_out(out)
   return {
     "optimizer": args.optimizer,
     "lr": lr,
@@ -129,6 +130,33 @@ def _settings(args) -> dict:
     "out": out,
     "plot": not args.no_plot,
   }
+
+
+def _prepare_out(out: str) -> None:
+  """Check `--out` before training: create only that directory, never its parents.
+
+  A missing `out` is created when its parent directory exists; then a file is
+  created in it and removed, so an unwritable place fails now in one line
+  rather than after training.
+  """
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise CommandError(f"--out {out!r} exists and is not a directory")
+  if not os.path.isdir(out):
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+      raise CommandError(
+        f"--out {out!r}: its parent directory {parent!r} does not exist (only the last "
+        "directory of --out is created)"
+      )
+    try:
+      os.mkdir(out)
+    except OSError as e:
+      raise CommandError(f"--out {out!r}: cannot create the directory: {e.strerror or e}") from None
+  try:
+    with tempfile.TemporaryFile(dir=out):
+      pass
+  except OSError as e:
+    raise CommandError(f"--out {out!r}: cannot write there: {e.strerror or e}") from None
 
 
 def _train(s: dict, loss: str, data, *, verbose: bool):
@@ -170,7 +198,6 @@ def _pyplot_free_figure(figsize):
 
 
 def _save(fig, out: str, name: str) -> str:
-  os.makedirs(out, exist_ok=True)
   path = os.path.abspath(os.path.join(out, name))
   fig.savefig(path, dpi=120)
   return path

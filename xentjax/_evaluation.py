@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from xentjax import _validation
+from xentjax import distributed as _distributed
 
 # Number of times the per-batch step has been traced (a Python side effect
 # that runs only while tracing): the tests use it to show that the ragged last
@@ -510,6 +511,7 @@ def evaluate(
   total: int | None = None,
   devices: Sequence[jax.Device] | None = None,
   prefetch: int = 2,
+  across_processes: bool | None = None,
 ) -> EvaluationResult:
   r"""Exact dataset-level cross-entropy, accuracy and calibration, streamed.
 
@@ -572,6 +574,15 @@ def evaluate(
       progress bar, which counts rows.
     devices: devices to shard the batch over (default: all local devices).
     prefetch: batches prepared ahead in the background (0: no thread).
+    across_processes: combine the totals of every process of a
+      `jax.distributed` job, so that each returns the global result (None:
+      when `jax.process_count() > 1`). Every process must then call
+      `evaluate` with the same options, each with its own batches (any
+      number, none included); the call returns when the slowest process
+      is done. An exception in one process is raised in every process (the
+      others raise `xentjax.distributed.ProcessFailedError`), and different
+      options raise `ValueError`, in every process. See
+      `xentjax.distributed`.
 
   Returns:
     An `EvaluationResult` of Python numbers; `str()` of it is a table.
@@ -632,6 +643,8 @@ def evaluate(
     return jax.device_put(_zero_accumulators(num_bins), replicated)
 
   host = _HostTotals(num_bins)
+  across = jax.process_count() > 1 if across_processes is None else bool(across_processes)
+  failure = None
   acc = fresh()
   ignore_value = jax.device_put(np.asarray(0 if ignore_index is None else ignore_index), replicated)
   in_flight: collections.deque = collections.deque()
@@ -663,11 +676,21 @@ def evaluate(
       if len(in_flight) > _MAX_IN_FLIGHT:
         in_flight.popleft().block_until_ready()  # back-pressure, not a transfer
       bar.update(item.rows)
+  except Exception as e:
+    if not across:
+      raise
+    failure = e  # the other processes must hear of it before anyone raises
   finally:
     if source is not None:
       source.close()
     bar.close()
-  host.add(acc)
+  if failure is None:
+    host.add(acc)
+  if across:
+    # Every field of the totals is a partial sum: merged over the processes
+    # field by field (`merge_sums`), so fields added later combine too.
+    options = {"top_k": top_k, "num_bins": num_bins, "base": base, "ignore_index": ignore_index}
+    host = _distributed.combine_evaluation(host, options=options, failure=failure)
   return _result(host, top_k=top_k, num_bins=num_bins, base=base, scale=scale)
 
 

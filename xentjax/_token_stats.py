@@ -1,0 +1,187 @@
+"""Per-token statistics of `softmax((x @ w + bias) / T)`: log-probabilities, entropy, top-k.
+
+The information family at vocabulary scale: what a policy-gradient trainer
+(PPO/GRPO-style) needs per token -- the log-probability of the sampled token
+under a temperature and the entropy of the policy, both differentiable -- plus
+the log-normalizer, the argmax and the top-k, from the fused statistics
+engine (``xentjax._fused``) without ever forming the ``[tokens, vocab]``
+logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from xentjax import _fused
+from xentjax._fused import WLayout
+
+
+class TokenStats(NamedTuple):
+  """Per-token statistics returned by `xentjax.linear_token_stats` (shapes ``[...]``).
+
+  Attributes:
+    logprob: ``log p(label)``; 0 for tokens that do not count, NaN for a
+      label outside ``[0, vocab_size)`` on a token that counts.
+    entropy: ``H(p) = lse - sum_j p_j z_j`` in nats; 0 for tokens that do not
+      count.
+    lse: the log-normalizer of the tempered logits (every token).
+    argmax: int32, the most likely class (ties: the lowest index).
+    top_k_logprobs: ``[..., k]`` log-probabilities of the ``k`` most likely
+      classes, descending, or None when ``top_k=0``.
+    top_k_indices: ``[..., k]`` int32 classes of those, or None.
+  """
+
+  logprob: jax.Array
+  entropy: jax.Array
+  lse: jax.Array
+  argmax: jax.Array
+  top_k_logprobs: jax.Array | None
+  top_k_indices: jax.Array | None
+
+
+def _check_top_k(top_k, vocab_size: int) -> int:
+  if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    raise ValueError(f"`top_k` must be an int >= 0, got {top_k!r}.")
+  if top_k > vocab_size:
+    raise ValueError(f"`top_k`={top_k} exceeds the vocabulary size V={vocab_size}.")
+  return top_k
+
+
+def linear_token_stats(
+  x: jax.typing.ArrayLike,
+  w: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  bias: jax.typing.ArrayLike | None = None,
+  ignore_index: int = -100,
+  where: jax.typing.ArrayLike | None = None,
+  logit_soft_cap: float | None = None,
+  w_layout: WLayout = "dv",
+  vocab_size: int | None = None,
+  token_chunk_size: int | None = None,
+  vocab_chunk_size: int | None = None,
+  precision: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
+  data_axis: Any = None,
+  vocab_axis: Any = None,
+) -> TokenStats:
+  r"""Per-token log-probability, entropy, log-normalizer, argmax and top-k of ``x @ w``.
+
+  For each token with hidden state :math:`x` and label :math:`y`, with logits
+  :math:`z_j = c \tanh((x^\top w_{:,j} + b_j)/c)\,/\,T` (no cap:
+  :math:`(x^\top w_{:,j} + b_j)/T`) and :math:`p = \mathrm{softmax}(z)`:
+
+  .. math::
+
+    \mathrm{lse} = \log \sum_j e^{z_j}, \qquad
+    \log p_y = z_y - \mathrm{lse}, \qquad
+    H(p) = \mathrm{lse} - \sum_j p_j z_j,
+
+  computed by the fused engine in tiles of
+  ``[token_chunk_size, vocab_chunk_size]``: the ``[..., V]`` logits are never
+  formed, neither in the forward nor in the backward pass. `jax.grad` of any
+  differentiable combination of ``logprob``, ``entropy`` and ``lse`` (for
+  example the policy-gradient loss ``-A * logprob - beta * entropy``) with
+  respect to ``x``, ``w`` and ``bias`` is exact: the backward pass rebuilds
+  each tile of :math:`\partial/\partial z_j = g_{\mathrm{lse}}\, p_j +
+  g_{\log p}([j=y] - p_j) - g_H\, p_j (z_j - \sum_k p_k z_k)`.
+  ``argmax`` and the top-k carry no gradient.
+
+  Args:
+    x: hidden states ``[..., D]``, any float dtype.
+    w: ``[D, V]`` (or ``[V, D]`` with ``w_layout="vd"``).
+    labels: integer classes ``[...]`` (e.g. the sampled tokens).
+    temperature: :math:`T > 0`, divides the (capped) logits.
+    top_k: ``k >= 0``; with ``k > 0`` also return the ``k`` most likely
+      classes and their log-probabilities (sorted, descending; ties: lower
+      index first).
+    bias: optional ``[V]`` output bias (one per column of ``w``).
+    ignore_index: label value of tokens that do not count.
+    where: optional boolean token mask broadcastable to ``labels``.
+    logit_soft_cap: :math:`c > 0`: logits :math:`c \tanh(z/c)` before the
+      temperature.
+    w_layout: ``"dv"`` (``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``).
+    vocab_size: number of real classes (trailing padding columns excluded).
+    token_chunk_size: tokens per tile (as in `xentjax.linear_softmax_cross_entropy`).
+    vocab_chunk_size: vocabulary columns per tile.
+    precision: passed to `lax.dot_general`.
+    mesh: optional `jax.sharding.Mesh`: the vocabulary of ``w`` (and
+      ``bias``) sharded over ``vocab_axis``, the tokens over ``data_axis``;
+      entropy, argmax and top-k are combined across shards without
+      gathering the vocabulary.
+    data_axis: mesh axis (or axes) of the tokens, or None.
+    vocab_axis: mesh axis (or axes) of the vocabulary, or None.
+
+  Returns:
+    `TokenStats` ``(logprob, entropy, lse, argmax, top_k_logprobs,
+    top_k_indices)``: float32 for 16-bit inputs (else the promoted dtype),
+    shapes ``[...]`` (``[..., k]`` for the top-k).
+
+  Example:
+    >>> import jax.numpy as jnp, xentjax
+    >>> x = jnp.ones((2, 4)); w = jnp.zeros((4, 8)); y = jnp.array([1, 3])
+    >>> s = xentjax.linear_token_stats(x, w, y)
+    >>> [round(float(v), 4) for v in (s.logprob[0], s.entropy[0])]  # log(1/8), log 8
+    [-2.0794, 2.0794]
+
+  References:
+    Williams, "Simple statistical gradient-following algorithms for
+    connectionist reinforcement learning", 1992 (REINFORCE). Schulman et al.,
+    "Proximal Policy Optimization Algorithms", 2017. Wijmans et al., "Cut Your
+    Losses in Large-Vocabulary Language Models", 2024.
+  """
+  tok = _fused._prepare(
+    x,
+    w,
+    labels,
+    ignore_index=ignore_index,
+    where=where,
+    w_layout=w_layout,
+    vocab_size=vocab_size,
+    mesh=mesh,
+    data_axis=data_axis,
+    vocab_axis=vocab_axis,
+  )
+  top_k = _check_top_k(top_k, tok.vocab_size)
+  bias = _fused._check_vector("bias", bias, tok.n_cols, "one per column of `w`")
+  cfg = _fused._config(
+    tok,
+    "recompute",
+    token_chunk_size,
+    vocab_chunk_size,
+    precision,
+    soft_cap=_fused._check_soft_cap(logit_soft_cap),
+    temperature=_fused._check_temperature(temperature),
+    has_bias=bias is not None,
+    entropy=True,
+    argmax=True,
+    top_k=top_k,
+  )
+  out = _fused.statistics(tok, cfg, bias)
+  m = lax.stop_gradient(out["m"])
+  lse = m + out["log_s"]
+  counted, bad = tok.status.counted, tok.status.bad
+  logprob = jnp.where(counted, out["zy"] - out["log_s"], 0.0)
+  logprob = logprob * jnp.where(bad, jnp.nan, 1.0).astype(logprob.dtype)
+  entropy = jnp.where(counted, out["log_s"] - out["ent"], 0.0)
+  shape = tok.batch_shape
+  top_lp = top_i = None
+  if top_k:
+    top_lp = (lax.stop_gradient(out["topv"]) - lax.stop_gradient(lse)[:, None]).reshape(
+      *shape, top_k
+    )
+    top_i = out["topi"].reshape(*shape, top_k)
+  return TokenStats(
+    logprob.reshape(shape),
+    entropy.reshape(shape),
+    lse.reshape(shape),
+    out["amax"].reshape(shape),
+    top_lp,
+    top_i,
+  )
