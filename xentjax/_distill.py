@@ -63,6 +63,7 @@ from xentjax._fused import (
   _explicit_layout,
   _fold,
   _logit_tile,
+  _mesh_axes,
   _positive_int,
   _sharded,
   _vocab_offset,
@@ -674,9 +675,7 @@ def _prepare(
   n = math.prod(batch_shape)
   data_shards = vocab_shards = 1
   if mesh is not None:
-    from xentjax.parallel import _axis_sizes
-
-    data_shards, vocab_shards = _axis_sizes(mesh, data_axis, vocab_axis)
+    data_shards, vocab_shards = _mesh_axes(mesh, data_axis, vocab_axis)
   else:
     data_axis = vocab_axis = None
     layout = _explicit_layout(x, w, vd)
