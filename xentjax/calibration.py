@@ -462,13 +462,8 @@ def _streaming_terms(z, y, counted, log_t):
 
 def _hermite_d1(stats, s):
   """The piecewise cubic Hermite interpolant of ``d1`` (slopes ``d2``) at points ``s``."""
-  x = np.asarray(stats.log_t, np.float64)
-  order = np.argsort(x)
-  x, f, g = (
-    x[order],
-    np.asarray(stats.d1, np.float64)[order],
-    np.asarray(stats.d2, np.float64)[order],
-  )
+  x, keep = np.unique(np.asarray(stats.log_t, np.float64), return_index=True)  # sorted, no repeats
+  f, g = np.asarray(stats.d1, np.float64)[keep], np.asarray(stats.d2, np.float64)[keep]
   s = np.clip(s, x[0], x[-1])
   i = np.clip(np.searchsorted(x, s, side="right") - 1, 0, len(x) - 2)
   h = x[i + 1] - x[i]
@@ -522,7 +517,7 @@ def temperature_from_statistics(
 
 
 def _spacing_at(stats, s) -> float:
-  x = np.sort(np.asarray(stats.log_t, np.float64))
+  x = np.unique(np.asarray(stats.log_t, np.float64))
   i = int(np.clip(np.searchsorted(x, s, side="right") - 1, 0, len(x) - 2))
   return float(x[i + 1] - x[i])
 
