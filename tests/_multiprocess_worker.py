@@ -137,6 +137,17 @@ def main():
       batches(range(N), 128), top_k=3, num_bins=10, progress=False, across_processes=False
     )
     same_result(got, one, "split")
+    # The same batches in one process (process 0's, then process 1's): the
+    # calibration sums are then the same float32 sums, and agree to float64 rounding.
+    same = xentjax.evaluate(
+      (*batches(range(600), 100), *batches(range(600, N), 64)),
+      top_k=3, num_bins=10, progress=False, across_processes=False,
+    )  # fmt: skip
+    measure("evaluate_vs_same_batches.expected_calibration_error",
+            got.expected_calibration_error, same.expected_calibration_error)  # fmt: skip
+    np.testing.assert_allclose(
+      got.expected_calibration_error, same.expected_calibration_error, rtol=1e-12, atol=1e-15
+    )
     ref = float64_reference(LOGITS, LABELS, MASK, top_k=3)
     assert got.count == ref["count"]
     assert got.accuracy == ref["accuracy"] and got.top_k_accuracy == ref["top_k_accuracy"]
