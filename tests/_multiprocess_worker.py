@@ -121,7 +121,10 @@ def same_result(got, want, tag):
       if math.isfinite(w):
         measure(f"evaluate_vs_single_process.{key}", g, w)
         atol = CALIBRATION_ATOL if "calibration" in key else 1e-13
-        np.testing.assert_allclose(g, w, rtol=1e-12, atol=atol, err_msg=f"{tag} {key}")
+        # The one-pass temperature interpolates on grids centred on each process's first
+        # batch: it agrees with one process to the interpolation's accuracy, not to rounding.
+        rtol = 1e-2 if key == "temperature" else 1e-12
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=f"{tag} {key}")
     else:
       assert g == w, (tag, key, g, w)
 

@@ -164,7 +164,10 @@ def test_cli_two_processes_print_once_and_match_one_process(shards, capsys):
   assert got.keys() == one.keys()
   for key, want in one.items():
     if isinstance(want, float):
-      np.testing.assert_allclose(got[key], want, rtol=1e-12, atol=1e-9, err_msg=key)
+      # The one-pass temperature interpolates on per-process grids: here (random logits,
+      # T ~ 33) on coarse nodes, so it agrees to the interpolation's 1e-2, not to rounding.
+      rtol = 1e-2 if key == "temperature" else 1e-12
+      np.testing.assert_allclose(got[key], want, rtol=rtol, atol=1e-9, err_msg=key)
     else:
       assert got[key] == want, key
   keep = y != -100

@@ -27,6 +27,7 @@ __all__ = [  # kept sorted (ruff RUF022)
   "categorical_focal_cross_entropy",
   "categorical_hinge_loss",
   "check_labels",
+  "check_topk_teacher",
   "cosine_distance",
   "cosine_similarity",
   "cross_entropy_loss",
@@ -38,8 +39,10 @@ __all__ = [  # kept sorted (ruff RUF022)
   "info",
   "kl_divergence",
   "kl_divergence_with_log_targets",
+  "linear_distillation_loss",
   "linear_softmax_cross_entropy",
   "linear_token_stats",
+  "linear_topk_distillation_loss",
   "metrics",
   "multiclass_hinge_loss",
   "multiclass_perceptron_loss",
@@ -67,6 +70,9 @@ from xentjax import info as info
 from xentjax import metrics as metrics
 from xentjax import parallel as parallel
 from xentjax import train as train
+from xentjax._distill import check_topk_teacher as check_topk_teacher
+from xentjax._distill import linear_distillation_loss as linear_distillation_loss
+from xentjax._distill import linear_topk_distillation_loss as linear_topk_distillation_loss
 from xentjax._evaluation import EvaluationResult as EvaluationResult
 from xentjax._evaluation import evaluate as evaluate
 from xentjax._focal import categorical_focal_cross_entropy as categorical_focal_cross_entropy

@@ -78,6 +78,10 @@ def register(subparsers) -> None:
   p.add_argument("--batch-size", type=int, default=50_000, help="rows per batch (default 50000)")
   p.add_argument("--top-k", type=int, default=5, help="k of the top-k accuracy (default 5)")
   p.add_argument("--num-bins", type=int, default=15, help="calibration bins (default 15)")
+  p.add_argument(
+    "--plot", metavar="FILE.png", default=None,
+    help="also write the reliability diagram of the ECE's bins to this image (matplotlib)",
+  )  # fmt: skip
   p.add_argument("--base", type=float, default=None, help="log base of the cross-entropy")
   p.add_argument(
     "--ignore-index", type=int, default=-100, help="label value not counted (default -100)"
@@ -552,7 +556,29 @@ def _evaluate(args, *, sources, pairs, job) -> int:
     for s in opened:
       print(_describe(s))
     print(result)
+  if args.plot:
+    _write_plot(result, args.plot)
   return 0
+
+
+def _write_plot(result, path: str) -> None:
+  """The reliability diagram of `result`'s bins, saved to `path`."""
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    raise CommandError("--plot needs matplotlib: pip install 'xentjax[plots]'") from None
+  diagram = result.reliability_diagram()
+  ax = diagram.plot(title=f"reliability: ECE {diagram.ece:.4f}, T = {result.temperature:.3g}")
+  try:
+    ax.figure.savefig(path, dpi=100, bbox_inches="tight")
+  except OSError as e:
+    raise CommandError(f"cannot write --plot {path}: {e.strerror or e}") from None
+  finally:
+    plt.close(ax.figure)
+  print(f"wrote {path}", file=sys.stderr)
 
 
 def _process_index() -> int:
