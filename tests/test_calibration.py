@@ -241,7 +241,7 @@ def test_evaluate_reports_brier_and_temperature_in_one_pass():
   y[::10] = -100  # ignored rows leave every calibration figure
   keep = y != -100
   batches = [(z[i : i + 700], y[i : i + 700]) for i in range(0, len(y), 700)]  # ragged last
-  r = L.evaluate(batches, progress=False)
+  r = L.evaluate(batches, progress=False, temperature=True)
   np.testing.assert_allclose(r.brier_score, C.brier_score(z[keep], y[keep]), rtol=1e-5)
   exact = _scipy_temperature(z[keep], y[keep])
   np.testing.assert_allclose(r.temperature, exact, rtol=1e-5)  # one pass, no second
@@ -250,7 +250,7 @@ def test_evaluate_reports_brier_and_temperature_in_one_pass():
   np.testing.assert_allclose(d.ece, r.expected_calibration_error, rtol=1e-9)
   # Soft (one-hot) labels give the same figures.
   soft = np.eye(8, dtype=np.float32)[y[keep]]
-  r2 = L.evaluate([(z[keep], soft)], progress=False)
+  r2 = L.evaluate([(z[keep], soft)], progress=False, temperature=True)
   np.testing.assert_allclose(
     [r2.brier_score, r2.temperature], [r.brier_score, r.temperature], rtol=1e-5
   )
@@ -258,9 +258,10 @@ def test_evaluate_reports_brier_and_temperature_in_one_pass():
 
 def test_evaluate_calibration_fields_nan_without_data_or_with_bad_labels():
   z = np.zeros((4, 3), np.float32)
-  r = L.evaluate([(z, np.full(4, -100))], progress=False)
+  r = L.evaluate([(z, np.full(4, -100))], progress=False, temperature=True)
   assert np.isnan(r.brier_score) and np.isnan(r.temperature)
-  r = L.evaluate([(z, np.array([0, 1, 2, 3]))], progress=False)
+  assert np.isnan(L.evaluate([(z, np.zeros(4, int))], progress=False).temperature)  # opt-in
+  r = L.evaluate([(z, np.array([0, 1, 2, 3]))], progress=False, temperature=True)
   assert np.isnan(r.brier_score) and np.isnan(r.temperature)
 
 
