@@ -151,7 +151,9 @@ def _update(st: dict, z, col, y, u_c, u_seen, chunk, cfg: _Config) -> dict:
   if "t" in st:
     new["t"] = scale * (st["t"] - (ms_new - ms_old) * st["s"]) + jnp.sum(e * zr, axis=1)
   if "amax" in st:  # strictly greater: the lowest index wins ties
-    new["amax"] = jnp.where(zmax > m_old, col[0, 0] + jnp.argmax(z, axis=1), st["amax"])
+    new["amax"] = jnp.where(
+      zmax > m_old, col[0, 0] + jnp.argmax(z, axis=1).astype(jnp.int32), st["amax"]
+    )
   if "topv" in st:
     tv, ti = lax.top_k(z, min(cfg.top_k, z.shape[1]))
     vals = jnp.concatenate([st["topv"], tv], axis=1)  # earlier (lower) columns first
