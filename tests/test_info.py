@@ -532,3 +532,23 @@ def test_vmap_equals_loop_and_jit_equals_eager(pq):
   loop = jnp.stack([info.entropy(p[i]) for i in range(p.shape[0])])
   np.testing.assert_allclose(jax.vmap(info.entropy)(p), loop, rtol=RTOL, atol=ATOL)
   np.testing.assert_allclose(jax.jit(info.entropy)(p), info.entropy(p), rtol=RTOL, atol=ATOL)
+
+
+# Subnormal probabilities (XLA flushes them to zero on CPU): issue 8.
+
+
+def test_js_divergence_with_a_subnormal_midpoint_is_finite_and_tiny():
+  q = jax.nn.softmax(jnp.array([0.0, -87.0]))  # q[1] ≈ 1.6e-38, so m[1] is subnormal
+  got = info.js_divergence(jnp.array([1.0, 0.0]), q)
+  ref = scipy.spatial.distance.jensenshannon([1.0, 0.0], np.asarray(q, np.float64)) ** 2
+  assert np.isfinite(got) and got <= math.log(2)
+  np.testing.assert_allclose(got, ref, atol=1e-38)  # 5.7e-39, itself subnormal
+
+
+def test_cross_entropy_and_kl_of_a_subnormal_q_are_exact():
+  q = jnp.array([1e-45, 1.0], jnp.float32)  # 2**-149
+  expected = -math.log(float(np.float32(1e-45)))  # 103.28
+  np.testing.assert_allclose(info.cross_entropy(jnp.array([1.0, 0.0]), q), expected, rtol=1e-6)
+  np.testing.assert_allclose(info.kl_divergence(jnp.array([1.0, 0.0]), q), expected, rtol=1e-6)
+  g = jax.grad(info.cross_entropy, argnums=1)(jnp.array([0.5, 0.5]), jnp.array([2e-38, 1.0]))
+  np.testing.assert_allclose(g[0], -0.5 / 2e-38, rtol=1e-5)  # -p / q, finite

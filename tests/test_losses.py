@@ -172,6 +172,58 @@ def test_16bit_logits_computed_in_float32(dtype):
   )
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16bit_rule_margin_and_regression_losses(dtype):
+  """One rule for the library: 16-bit inputs are computed, and returned, in float32."""
+  s16 = jnp.asarray(Z, dtype)
+  s32 = s16.astype(jnp.float32)  # the same values
+  t = np.sign(Y - 0.2).astype(np.float32)
+  y16 = jnp.asarray(Y, dtype)
+  cases = [
+    (L.hinge_loss, (s16, t), (s32, t)),
+    (L.perceptron_loss, (s16, t), (s32, t)),
+    (L.squared_hinge_loss, (s16, t), (s32, t)),
+    (L.multiclass_hinge_loss, (s16, C), (s32, C)),
+    (L.multiclass_perceptron_loss, (s16, C), (s32, C)),
+    (L.categorical_hinge_loss, (s16, ONEHOT), (s32, ONEHOT)),
+    (L.cosine_similarity, (s16, y16), (s32, y16.astype(jnp.float32))),
+    (L.squared_error, (s16, y16), (s32, y16.astype(jnp.float32))),
+    (L.squared_error, (s16,), (s32,)),
+  ]
+  for fn, low_args, ref_args in cases:
+    low, ref = fn(*low_args), fn(*ref_args)
+    assert low.dtype == jnp.float32, fn.__name__
+    np.testing.assert_allclose(low, ref, rtol=1e-6, err_msg=fn.__name__)
+  # The float32 computation is visible: bfloat16 arithmetic would round the
+  # squared error of these values.
+  x = jnp.asarray([1.0078125], dtype)  # 1 + 2**-7, exact in both 16-bit types
+  np.testing.assert_allclose(L.squared_error(x), 1.0078125**2, rtol=1e-7)
+
+
+def test_subnormal_probabilities_are_exact_in_categorical_cross_entropy():
+  # 1e-38 is subnormal in float32; XLA flushes it, so log(q) would be -inf.
+  got = L.categorical_cross_entropy(jnp.array([1e-38, 1.0]), jnp.array([1.0, 0.0]))
+  np.testing.assert_allclose(got, -np.log(np.float64(np.float32(1e-38))), rtol=1e-6)  # 87.50
+  got = L.categorical_cross_entropy_with_integer_labels(jnp.array([[1e-38, 1.0]]), jnp.array([0]))
+  np.testing.assert_allclose(got, [87.49823], rtol=1e-6)
+  got = L.binary_cross_entropy(jnp.array([1e-40]), jnp.array([1.0]))
+  np.testing.assert_allclose(got, [-np.log(np.float64(np.float32(1e-40)))], rtol=1e-6)
+  g = L.grads.categorical_cross_entropy(jnp.array([2e-38, 1.0]), jnp.array([1.0, 0.0]))
+  np.testing.assert_allclose(g, [-1 / 2e-38, 0.0], rtol=1e-5)  # finite, not -inf
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kl_divergence_zero_target_guard_agrees_between_value_and_gradient(dtype):
+  t = jnp.array([1e-38, 1.0], dtype)  # subnormal: flushed in some XLA ops, not in others
+  lp = jnp.log(jnp.array([0.5, 0.5]))
+  np.testing.assert_allclose(L.kl_divergence(lp, t), np.log(2), rtol=1e-6)
+  g_lp, g_t = jax.grad(L.kl_divergence, argnums=(0, 1))(lp, t)
+  # The subnormal target is a zero target in value and in both gradients.
+  np.testing.assert_allclose(g_lp, [0.0, -1.0], atol=1e-30)
+  assert float(g_t[0]) == 0.0
+  np.testing.assert_allclose(float(g_t[1]), 1.0 + np.log(2), rtol=1e-2)
+
+
 # --- laws (hypothesis) ----------------------------------------------------------
 
 # A fixed shape keeps compilation to once per test; hypothesis explores the values.

@@ -35,6 +35,7 @@ EXPECTED = [
   "06_gradient_descent_with_optax",
   "07_large_vocabularies",
   "08_policy_gradients",
+  "10_calibration",
 ]
 
 # Inline math `$...$` or display math `$$...$$` containing at least one LaTeX command.

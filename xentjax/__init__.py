@@ -30,11 +30,18 @@ from xentjax._regression import cosine_distance as cosine_distance
 from xentjax._regression import squared_error as squared_error
 from xentjax._probability import categorical_cross_entropy as categorical_cross_entropy
 from xentjax._probability import binary_cross_entropy as binary_cross_entropy
+from xentjax._probability import categorical_cross_entropy_with_integer_labels as categorical_cross_entropy_with_integer_labels
+from xentjax._focal import softmax_focal_loss as softmax_focal_loss
+from xentjax._focal import categorical_focal_cross_entropy as categorical_focal_cross_entropy
+from xentjax._margin import squared_hinge_loss as squared_hinge_loss
+from xentjax._margin import categorical_hinge_loss as categorical_hinge_loss
+from xentjax._nll import nll_loss as nll_loss
 from xentjax import grads as grads
 
 # --- information theory and metrics (submodules) ---
 from xentjax import info as info
 from xentjax import metrics as metrics
+from xentjax import calibration as calibration
 
 # --- PyTorch-style cross-entropy with reduction; eager label check ---
 from xentjax._torch_style import check_labels as check_labels

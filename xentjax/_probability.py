@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xentjax import _validation as V
+from xentjax._core import label_status
+from xentjax._logspace import astype_exact, log_prob
 from xentjax._softmax import (
   Axis,
   _broadcast_to_first,
@@ -19,14 +24,19 @@ from xentjax._softmax import (
 def _check_eps(eps):
   if eps is None:
     return None
-  e = float(eps)
-  if not 0.0 < e < 0.5:
-    raise ValueError(f"`eps` must be None (no clipping) or a number in (0, 0.5), got {eps!r}.")
+  try:
+    e = float(eps)
+  except (TypeError, ValueError):
+    raise TypeError(
+      f"`eps` must be None or a Python number in [1e-37, 0.5), got {eps!r}."
+    ) from None
+  if not 1e-37 <= e < 0.5:
+    raise ValueError(f"`eps` must be None (no clipping) or a number in [1e-37, 0.5), got {eps!r}.")
   return e
 
 
-def _prepare(probs, labels, eps):
-  """Checked `(q, y, eps)` for the probability losses and their gradients.
+def _prepare(probs, labels, eps, label_smoothing=0.0):
+  """Checked `(q, y, eps, label_smoothing)` for the probability losses and their gradients.
 
   `labels` is broadcast to the shape of `probs` and both are promoted to the
   compute dtype (float32 for 16-bit inputs); `q` is not clipped yet.
@@ -34,23 +44,74 @@ def _prepare(probs, labels, eps):
   V.check_floating("probs", probs)
   _check_float_labels("labels", labels)
   e = _check_eps(eps)
+  ls = V.check_label_smoothing(label_smoothing)
   q = jnp.asarray(probs)
   y = _broadcast_to_first("probs", q, "labels", jnp.asarray(labels))
   dt = V.compute_dtype(q.dtype, y.dtype)
-  return q.astype(dt), y.astype(dt), e
+  return astype_exact(q, dt), y.astype(dt), e, ls
 
 
-def _xlogq(y, q):
-  """y * log(q) with 0 * log 0 = 0.
+# The logarithms. Each guards its own 0 * log 0 case (`skip`: the weight is 0
+# and the probability is 0) inside the log, so the untaken branch leaves no
+# NaN in the gradient; q = 0 under a positive weight keeps its true value,
+# -inf, and gradient. With `eps`, the clip to [eps, 1 - eps] happens in log
+# space: `1 - eps` is never formed (float32 rounds it to 1 for eps < 6e-8), so
+# both ends are protected in every dtype, and the gradient is 0 where a clip
+# is active. `log_prob` is exact for subnormal q (XLA flushes those to 0).
 
-  Only the 0 * log 0 case is guarded (a `where` inside the log, so its gradient
-  is 0, not NaN); q = 0 under y > 0 keeps its true value, -inf, and gradient.
-  """
-  zero = (y == 0) & (q == 0)
-  return y * jnp.log(jnp.where(zero, 1.0, q))
+
+def _log_q(q, e, skip):
+  if e is None:
+    return log_prob(jnp.where(skip, 1.0, q))
+  low = q < e
+  log_q = jnp.where(low, np.log(e), log_prob(jnp.where(low, 1.0, q)))
+  return jnp.minimum(log_q, np.log1p(-e))
 
 
-@_jit_public("axis", "eps")
+def _log_one_minus_q(q, e, skip):
+  if e is None:
+    return jnp.log1p(-jnp.where(skip, 0.0, q))
+  high = (1.0 - q) < e  # exact: 1 - q has no rounding error for q >= 1/2
+  log_r = jnp.where(high, np.log(e), jnp.log1p(-jnp.where(high, 0.0, q)))
+  return jnp.minimum(log_r, np.log1p(-e))
+
+
+def _unclipped(q, e):
+  """Where no `eps` clip is active (the gradient flows), for `xentjax.grads`."""
+  if e is None:
+    return None
+  lo_ok = (q >= e) & (log_prob(q) <= np.log1p(-e))
+  hi_ok = ((1.0 - q) >= e) & (jnp.log1p(-q) <= np.log1p(-e))
+  return lo_ok & hi_ok
+
+
+def _smooth_classes(y, mask, axes, eps: float):
+  """``(1 - eps) y + eps / K`` over the (unmasked) classes of `axes` (Keras, PyTorch)."""
+  if eps == 0.0:
+    return y
+  if mask is None:
+    return (1.0 - eps) * y + eps / math.prod(y.shape[a] for a in axes)
+  k = jnp.sum(mask, axis=axes, keepdims=True).astype(y.dtype)
+  return jnp.where(mask, (1.0 - eps) * y + eps / jnp.maximum(k, 1.0), 0.0)
+
+
+def _smooth_binary(y, eps: float):
+  """``(1 - eps) y + eps / 2`` (Keras's `BinaryCrossentropy(label_smoothing=)`)."""
+  return y if eps == 0.0 else (1.0 - eps) * y + 0.5 * eps
+
+
+def _categorical_terms(q, y, axis, where, e, ls):
+  """Smoothed, masked ``y`` and ``log q`` (clipped with `eps`), for the loss and its gradient."""
+  axes = _class_axes(axis, q.ndim)
+  mask = _prepare_where(where, q.shape, axis, axes)
+  y = _smooth_classes(y, mask, axes, ls)
+  if mask is not None:
+    y = jnp.where(mask, y, 0.0)
+    q = jnp.where(mask, q, 1.0)
+  return y, q, _log_q(q, e, (y == 0) & (q == 0)), axes, mask
+
+
+@_jit_public("axis", "eps", "label_smoothing")
 def categorical_cross_entropy(
   probs: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -58,26 +119,32 @@ def categorical_cross_entropy(
   where: jax.typing.ArrayLike | None = None,
   *,
   eps: float | None = None,
+  label_smoothing: float = 0.0,
 ) -> jax.Array:
   r"""Cross-entropy between target probabilities and predicted probabilities.
 
   .. math::
-    H(p, q) = -\sum_k p_k \log q_k, \qquad 0 \log 0 = 0,
+    H(\tilde p, q) = -\sum_k \tilde p_k \log q_k, \qquad 0 \log 0 = 0,
+    \qquad \tilde p = (1 - \varepsilon) p + \varepsilon / K,
 
-  with ``labels`` holding :math:`p` and ``probs`` holding :math:`q`. No
-  clipping by default: a class with :math:`p_k > 0` and :math:`q_k = 0` gives
-  ``+inf``. The gradient with respect to ``probs`` is :math:`-p / q`.
+  with ``labels`` holding :math:`p`, ``probs`` holding :math:`q` and
+  :math:`\varepsilon` = ``label_smoothing`` (Keras's
+  `CategoricalCrossentropy` convention, :math:`K` the number of unmasked
+  classes). No clipping by default: a class with :math:`\tilde p_k > 0` and
+  :math:`q_k = 0` gives ``+inf``. The gradient with respect to ``probs`` is
+  :math:`-\tilde p / q`.
 
   Args:
     probs: predicted probabilities ``[..., num_classes]`` (floating), used as
-      given (not renormalized).
+      given (not renormalized; Keras divides by their sum first).
     labels: target probabilities (one-hot or soft), floating, with the shape of
       ``probs`` or broadcastable to it.
     axis: class axis, tuple of axes or None.
     where: elements to include (input shape or batch shape).
     eps: keyword-only opt-in clipping of ``probs`` to ``[eps, 1 - eps]`` before
-      the log (the Keras / scikit-learn behaviour); None (default) does not
-      clip.
+      the log (the Keras / scikit-learn behaviour), done in log space so that
+      it protects both ends in every dtype; None (default) does not clip.
+    label_smoothing: keyword-only :math:`\varepsilon \in [0, 1]`.
 
   Returns:
     Per-example cross-entropy ``[...]`` in nats (float32 for 16-bit inputs).
@@ -90,43 +157,124 @@ def categorical_cross_entropy(
     2.303
 
   Note:
-    Integer labels raise ``TypeError`` (use one-hot labels or
-    `softmax_cross_entropy_with_integer_labels` on logits). All-masked rows
-    give 0 with a zero gradient. Probabilities outside ``[0, 1]`` are not
-    checked; a negative one gives NaN.
+    Integer labels raise ``TypeError`` (see
+    `categorical_cross_entropy_with_integer_labels`). All-masked rows give 0
+    with a zero gradient. Probabilities outside ``[0, 1]`` are not checked; a
+    negative one gives NaN. Subnormal probabilities are exact (``1e-38`` gives
+    87.50 nats, not ``+inf``, although XLA flushes subnormals to zero).
   """
-  q, y, e = _prepare(probs, labels, eps)
-  axes = _class_axes(axis, q.ndim)
-  mask = _prepare_where(where, q.shape, axis, axes)
-  if e is not None:
-    q = jnp.clip(q, e, 1.0 - e)
-  if mask is not None:
-    y = jnp.where(mask, y, 0.0)
-    q = jnp.where(mask, q, 1.0)
-  return 0.0 - jnp.sum(_xlogq(y, q), axis=axes)
+  q, y, e, ls = _prepare(probs, labels, eps, label_smoothing)
+  y, _, log_q, axes, _ = _categorical_terms(q, y, axis, where, e, ls)
+  return 0.0 - jnp.sum(y * log_q, axis=axes)
 
 
-@_jit_public("eps")
+def _check_class_axis(axis, ndim: int) -> int:
+  if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+    raise TypeError(f"`axis` must be an int (the class axis), got {axis!r}.")
+  return V.normalize_axis("axis", int(axis), ndim)
+
+
+@_jit_public("axis", "eps")
+def categorical_cross_entropy_with_integer_labels(
+  probs: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  axis: int = -1,
+  where: jax.typing.ArrayLike | None = None,
+  *,
+  eps: float | None = None,
+) -> jax.Array:
+  r"""Cross-entropy of predicted probabilities against integer class labels.
+
+  .. math::
+    \ell(q, c) = -\log q_c
+
+  (Keras's `SparseCategoricalCrossentropy(from_logits=False)`, without its
+  silent clipping). No one-hot is built; ``q_c = 0`` gives ``+inf`` unless
+  ``eps`` opts into clipping ``q`` to ``[eps, 1 - eps]`` (in log space, as in
+  `categorical_cross_entropy`). The gradient with respect to ``probs`` is
+  :math:`-1/q_c` at the label and 0 elsewhere.
+
+  Args:
+    probs: predicted probabilities ``[..., num_classes]`` (floating), used as
+      given.
+    labels: integer class indices, the shape of ``probs`` without ``axis``.
+    axis: the class axis (an int).
+    where: rows to include, the shape of ``labels`` (bool).
+    eps: keyword-only opt-in clipping bound, or None (default, no clipping).
+
+  Returns:
+    Per-example loss ``[...]`` in nats (float32 for 16-bit inputs); 0 for a
+    masked row.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import xentjax as L
+    >>> q = jnp.array([[0.1, 0.5, 0.4], [0.7, 0.2, 0.1]])
+    >>> with jnp.printoptions(precision=4):
+    ...   print(L.categorical_cross_entropy_with_integer_labels(q, jnp.array([1, 0])))
+    [0.6931 0.3567]
+
+  Note:
+    A label outside ``[0, num_classes)`` gives NaN (the library's validity
+    rule of ``xentjax._core.label_status``); a masked row gives 0 with a zero
+    gradient.
+  """
+  V.check_floating("probs", probs)
+  V.check_integer("labels", labels)
+  e = _check_eps(eps)
+  q = jnp.asarray(probs)
+  q = q.astype(V.compute_dtype(q.dtype))
+  labels = jnp.asarray(labels)
+  ax = _check_class_axis(axis, q.ndim)
+  q = jnp.moveaxis(q, ax, -1)
+  if tuple(labels.shape) != q.shape[:-1]:
+    raise ValueError(
+      "`labels` must have the shape of `probs` without the class axis: expected "
+      f"{q.shape[:-1]}, got labels.shape={tuple(labels.shape)}."
+    )
+  if where is not None:
+    where = _broadcast_to_first("labels", labels, "where", jnp.asarray(where, bool))
+  st = label_status(labels, q.shape[-1], where=where)
+  q_c = jnp.take_along_axis(q, st.index[..., None], axis=-1)[..., 0]
+  loss = -_log_q(jnp.where(st.counted, q_c, 1.0), e, False)
+  return jnp.where(st.bad, jnp.nan, jnp.where(st.counted, loss, 0.0))
+
+
+def _binary_terms(q, y, e, ls):
+  y = _smooth_binary(y, ls)
+  w = 1.0 - y
+  log_q = _log_q(q, e, (y == 0) & (q == 0))
+  log_r = _log_one_minus_q(q, e, (w == 0) & (q == 1))
+  return y, w, log_q, log_r
+
+
+@_jit_public("eps", "label_smoothing")
 def binary_cross_entropy(
   probs: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
   *,
   eps: float | None = None,
+  label_smoothing: float = 0.0,
 ) -> jax.Array:
   r"""Element-wise binary cross-entropy on probabilities.
 
   .. math::
-    \ell(q, y) = -y \log q - (1 - y) \log(1 - q), \qquad 0 \log 0 = 0,
+    \ell(q, y) = -\tilde y \log q - (1 - \tilde y) \log(1 - q), \qquad
+    \tilde y = (1 - \varepsilon)\, y + \varepsilon / 2, \qquad 0 \log 0 = 0,
 
-  with :math:`\log(1-q)` computed as ``log1p(-q)``. The gradient with respect
-  to ``probs`` is :math:`-y/q + (1-y)/(1-q)`.
+  with :math:`\log(1-q)` computed as ``log1p(-q)`` and :math:`\varepsilon` =
+  ``label_smoothing`` (Keras's `BinaryCrossentropy` convention). The gradient
+  with respect to ``probs`` is :math:`-\tilde y/q + (1-\tilde y)/(1-q)`.
 
   Args:
     probs: predicted probabilities of the positive class ``[...]`` (floating).
     labels: labels in ``{0, 1}`` or target probabilities, floating,
       broadcastable to ``probs``.
     eps: keyword-only opt-in clipping of ``probs`` to ``[eps, 1 - eps]`` (the
-      Keras / scikit-learn behaviour); None (default) does not clip.
+      Keras / scikit-learn behaviour), done on both logarithms in log space so
+      that both sides are protected in every dtype (``1 - eps`` is never
+      formed); None (default) does not clip.
+    label_smoothing: keyword-only :math:`\varepsilon \in [0, 1]`.
 
   Returns:
     Loss with the shape of ``probs`` (float32 for 16-bit inputs).
@@ -136,11 +284,84 @@ def binary_cross_entropy(
     ``y < 1``) gives ``+inf``; ``q = 0`` with ``y = 0`` gives 0 with a finite
     gradient. Integer labels raise ``TypeError``.
   """
-  q, y, e = _prepare(probs, labels, eps)
-  if e is not None:
-    q = jnp.clip(q, e, 1.0 - e)
+  q, y, e, ls = _prepare(probs, labels, eps, label_smoothing)
+  y, w, log_q, log_r = _binary_terms(q, y, e, ls)
+  return 0.0 - (y * log_q + w * log_r)
+
+
+# Closed-form gradients with respect to the probabilities (re-exported by
+# `xentjax.grads` under the loss names).
+
+
+def _reciprocal(q):
+  """``1 / q`` as ``exp(-log q)``: finite for subnormal ``q`` that XLA flushes to 0."""
+  return jnp.exp(-log_prob(q))
+
+
+@_jit_public("axis", "eps", "label_smoothing")
+def categorical_cross_entropy_grad(
+  probs: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  axis: Axis = -1,
+  where: jax.typing.ArrayLike | None = None,
+  *,
+  eps: float | None = None,
+  label_smoothing: float = 0.0,
+) -> jax.Array:
+  r"""Gradient of `xentjax.categorical_cross_entropy` w.r.t. the probabilities: :math:`-p/q`.
+
+  Args:
+    probs: predicted probabilities :math:`q`, ``[..., num_classes]``.
+    labels: target probabilities :math:`p` broadcastable to ``probs``.
+    axis: class axis, tuple of axes or None.
+    where: elements to include.
+    eps: keyword-only clipping bound (the gradient is 0 where ``probs`` is
+      clipped).
+    label_smoothing: keyword-only :math:`\varepsilon` (:math:`p` is smoothed).
+
+  Returns:
+    The gradient with the shape and dtype of ``probs``: 0 where :math:`p = 0`
+    (even at :math:`q = 0`), :math:`-\infty` where :math:`p > 0 = q`.
+  """
+  out_dtype = jnp.asarray(probs).dtype
+  q, y, e, ls = _prepare(probs, labels, eps, label_smoothing)
+  y, q, _, _, mask = _categorical_terms(q, y, axis, where, e, ls)
+  g = jnp.where(y == 0, 0.0, -y * _reciprocal(jnp.where(y == 0, 1.0, q)))
+  inside = _unclipped(q, e)
+  if inside is not None:
+    g = jnp.where(inside, g, 0.0)
+  if mask is not None:
+    g = jnp.where(mask, g, 0.0)
+  return g.astype(out_dtype)
+
+
+@_jit_public("eps", "label_smoothing")
+def binary_cross_entropy_grad(
+  probs: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  eps: float | None = None,
+  label_smoothing: float = 0.0,
+) -> jax.Array:
+  r"""Gradient of `xentjax.binary_cross_entropy`: :math:`-y/q + (1-y)/(1-q)`.
+
+  Args:
+    probs: predicted probabilities ``[...]``.
+    labels: labels or target probabilities broadcastable to ``probs``.
+    eps: keyword-only clipping bound (gradient 0 where clipped).
+    label_smoothing: keyword-only :math:`\varepsilon` (:math:`y` is smoothed).
+
+  Returns:
+    The gradient with the shape and dtype of ``probs``; a term whose label
+    weight is 0 contributes 0 (even at :math:`q \in \{0, 1\}`).
+  """
+  out_dtype = jnp.asarray(probs).dtype
+  q, y, e, ls = _prepare(probs, labels, eps, label_smoothing)
+  y = _smooth_binary(y, ls)
   w = 1.0 - y
-  # log(1 - q) as log1p(-q), with the 0 * log 0 case (y = 1, q = 1) guarded.
-  term0 = w * jnp.log1p(-jnp.where((w == 0) & (q == 1), 0.0, q))
-  term1 = _xlogq(y, q)
-  return 0.0 - (term1 + term0)
+  g = jnp.where(y == 0, 0.0, -y * _reciprocal(jnp.where(y == 0, 1.0, q)))
+  g = g + jnp.where(w == 0, 0.0, w / jnp.where(w == 0, 1.0, 1.0 - q))
+  inside = _unclipped(q, e)
+  if inside is not None:
+    g = jnp.where(inside, g, 0.0)
+  return g.astype(out_dtype)

@@ -25,7 +25,8 @@ def squared_error(
     targets: targets with the same shape, or None for zeros.
 
   Returns:
-    Element-wise squared differences with the shape of ``predictions``.
+    Element-wise squared differences with the shape of ``predictions``;
+    float32 for 16-bit inputs, else the promoted dtype.
 
   Note:
     Shapes must match exactly (no broadcasting), as in optax: a mismatch raises
@@ -34,10 +35,11 @@ def squared_error(
   V.check_floating("predictions", predictions)
   x = jnp.asarray(predictions)
   if targets is None:
-    return jnp.square(x)
+    return jnp.square(x.astype(V.compute_dtype(x.dtype)))
   t = jnp.asarray(targets)
   V.check_same_shape("predictions", x, "targets", t)
-  return jnp.square(x - t)
+  dt = V.compute_dtype(x.dtype, t.dtype)  # 16-bit inputs: float32
+  return jnp.square(x.astype(dt) - t.astype(dt))
 
 
 @_jit_public("axis")
@@ -63,7 +65,7 @@ def cosine_similarity(
     where: keyword-only elements to include (input shape or batch shape).
 
   Returns:
-    Similarities ``[...]`` in ``[-1, 1]``.
+    Similarities ``[...]`` in ``[-1, 1]``; float32 for 16-bit inputs.
 
   Note:
     With ``epsilon=0`` a zero vector gives NaN (0/0), as in optax; pass a small
@@ -74,6 +76,8 @@ def cosine_similarity(
   a = jnp.asarray(predictions)
   b = jnp.asarray(targets)
   V.check_same_shape("predictions", a, "targets", b)
+  dt = V.compute_dtype(a.dtype, b.dtype)  # 16-bit inputs: float32
+  a, b = a.astype(dt), b.astype(dt)
   axes = _class_axes(axis, a.ndim)
   mask = _prepare_where(where, a.shape, axis, axes)
   a_norm = jnp.sqrt(jnp.square(a).sum(axis=axes, where=mask, keepdims=True).clip(epsilon))

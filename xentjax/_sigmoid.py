@@ -8,10 +8,13 @@ import jax
 import jax.numpy as jnp
 
 from xentjax import _validation as V
+from xentjax._logspace import log_add
+from xentjax._probability import _smooth_binary
 from xentjax._softmax import _jit_public
 
 
-def _prepare(logits, labels):
+def _prepare(logits, labels, label_smoothing=0.0):
+  """Checked `(z, y)` in the compute dtype, ``y`` broadcast to ``z`` and smoothed."""
   V.check_floating("logits", logits)
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
@@ -26,7 +29,41 @@ def _prepare(logits, labels):
   y = jnp.broadcast_to(labels.astype(dt), jnp.broadcast_shapes(z.shape, labels.shape))
   if y.shape != z.shape:
     z = jnp.broadcast_to(z, y.shape)
-  return z, y
+  return z, _smooth_binary(y, V.check_label_smoothing(label_smoothing))
+
+
+def _prepare_pos_weight(pos_weight, z):
+  """`pos_weight` as an array broadcastable to the logits (PyTorch's convention)."""
+  if pos_weight is None:
+    return None
+  V.check_floating("pos_weight", pos_weight)
+  w = jnp.asarray(pos_weight)
+  try:
+    ok = jnp.broadcast_shapes(w.shape, z.shape) == z.shape
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(
+      "`pos_weight` must broadcast to the shape of `logits` (e.g. one weight per "
+      f"class on the last axis), got pos_weight.shape={w.shape} and logits.shape={z.shape}."
+    )
+  return jnp.broadcast_to(w.astype(z.dtype), z.shape)
+
+
+def _bce(z, y, pos_weight):
+  """-w y log sigma(z) - (1 - y) log sigma(-z) with 0 * log 0 = 0."""
+  pos = _safe_term(y, jax.nn.log_sigmoid(z))
+  if pos_weight is not None:
+    pos = pos_weight * pos
+  return -pos - _safe_term(1.0 - y, jax.nn.log_sigmoid(-z))
+
+
+def _bce_grad(z, y, pos_weight):
+  """sigma(z) (w y + 1 - y) - w y: the closed form of `_bce`'s logit derivative."""
+  if pos_weight is None:
+    return jax.nn.sigmoid(z) - y
+  wy = pos_weight * y
+  return jax.nn.sigmoid(z) * (wy + 1.0 - y) - wy
 
 
 def _safe_term(weight, log_prob):
@@ -35,23 +72,37 @@ def _safe_term(weight, log_prob):
   return weight * jnp.where(drop, 0.0, log_prob)
 
 
-@_jit_public()
+@_jit_public("label_smoothing")
 def sigmoid_binary_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
+  *,
+  label_smoothing: float = 0.0,
+  pos_weight: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Element-wise sigmoid (binary) cross-entropy from logits.
 
   .. math::
-    \ell(z, y) = -y \log \sigma(z) - (1 - y) \log \sigma(-z),
+    \ell(z, y) = -w\, \tilde y \log \sigma(z) - (1 - \tilde y) \log \sigma(-z),
+    \qquad \tilde y = (1 - \varepsilon)\, y + \varepsilon / 2,
 
-  computed with ``log_sigmoid`` (never ``log(sigmoid(z))``). The gradient with
-  respect to ``z`` is :math:`\sigma(z) - y`.
+  computed with ``log_sigmoid`` (never ``log(sigmoid(z))``), with
+  :math:`w` = ``pos_weight`` (1 when None) and :math:`\varepsilon` =
+  ``label_smoothing``. The gradient with respect to ``z`` is
+  :math:`\sigma(z)(w \tilde y + 1 - \tilde y) - w \tilde y`, which is
+  :math:`\sigma(z) - y` without the options.
 
   Args:
     logits: logits of the positive class, any shape ``[...]`` (floating).
     labels: binary labels in ``{0, 1}`` or target probabilities in ``[0, 1]``,
       broadcastable to ``logits``.
+    label_smoothing: keyword-only :math:`\varepsilon \in [0, 1]`, Keras's
+      binary convention (``BinaryCrossentropy(label_smoothing=)``: the
+      labels move towards 1/2).
+    pos_weight: keyword-only weight of the positive term, broadcastable to
+      ``logits`` (e.g. one per class ``[num_classes]``): PyTorch's
+      ``BCEWithLogitsLoss(pos_weight=)``, the usual answer to class imbalance
+      (``num_negatives / num_positives`` per class).
 
   Returns:
     The loss of each binary prediction with the shape of ``logits``; float32
@@ -69,8 +120,8 @@ def sigmoid_binary_cross_entropy(
     ``y = 1``) gives 0 with a zero gradient, the opposite label gives
     ``+inf`` with a finite gradient (optax returns NaN for the first case).
   """
-  z, y = _prepare(logits, labels)
-  return -_safe_term(y, jax.nn.log_sigmoid(z)) - _safe_term(1.0 - y, jax.nn.log_sigmoid(-z))
+  z, y = _prepare(logits, labels, label_smoothing)
+  return _bce(z, y, _prepare_pos_weight(pos_weight, z))
 
 
 def _log_one_minus_pt(z, y):
@@ -79,7 +130,7 @@ def _log_one_minus_pt(z, y):
   log_q = jax.nn.log_sigmoid(-z)
   a = _safe_log(1.0 - y) + log_p
   b = _safe_log(y) + log_q
-  return _safe_logaddexp(a, b)
+  return log_add(a, b)
 
 
 def _safe_log(x):
@@ -87,22 +138,14 @@ def _safe_log(x):
   return jnp.where(pos, jnp.log(jnp.where(pos, x, 1.0)), jnp.where(x == 0, -jnp.inf, jnp.nan))
 
 
-def _safe_logaddexp(a, b):
-  """logaddexp whose gradient is finite when one argument is -inf."""
-  m = jax.lax.stop_gradient(jnp.maximum(a, b))
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  s = jnp.exp(a - m) + jnp.exp(b - m)
-  empty = s == 0
-  return jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, s))) + m
-
-
-@_jit_public()
+@_jit_public("label_smoothing")
 def sigmoid_focal_loss(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
   *,
   alpha: jax.typing.ArrayLike | None = None,
   gamma: jax.typing.ArrayLike = 2.0,
+  label_smoothing: float = 0.0,
 ) -> jax.Array:
   r"""Sigmoid focal loss: binary cross-entropy scaled by :math:`(1 - p_t)^\gamma`.
 
@@ -113,7 +156,10 @@ def sigmoid_focal_loss(
   with :math:`1 - p_t = (1-y)\,\sigma(z) + y\,\sigma(-z)` (the probability given
   to the wrong outcome; for binary labels :math:`p_t` is the probability of
   the true one) and :math:`\alpha_t = \alpha y + (1-\alpha)(1-y)`
-  (:math:`\alpha_t = 1` when ``alpha`` is None). The weight is computed as
+  (:math:`\alpha_t = 1` when ``alpha`` is None); with ``label_smoothing``
+  :math:`\varepsilon`, :math:`y` is first replaced by
+  :math:`(1-\varepsilon) y + \varepsilon/2` everywhere (Keras's
+  ``BinaryFocalCrossentropy`` convention). The weight is computed as
   :math:`\exp(\gamma \log(1 - p_t))` from log-sigmoids, so it stays finite, with
   finite first and second derivatives, for extreme logits and :math:`\gamma < 1`.
 
@@ -124,6 +170,7 @@ def sigmoid_focal_loss(
     alpha: keyword-only weight of the positive class in ``(0, 1)``, or None.
     gamma: keyword-only focusing exponent :math:`\gamma \ge 0`; 0 gives the
       (alpha-weighted) binary cross-entropy.
+    label_smoothing: keyword-only :math:`\varepsilon \in [0, 1]`.
 
   Returns:
     Loss with the shape of ``logits`` (float32 for 16-bit logits).
@@ -134,7 +181,7 @@ def sigmoid_focal_loss(
   References:
     Lin et al., Focal Loss for Dense Object Detection, ICCV 2017.
   """
-  z, y = _prepare(logits, labels)
+  z, y = _prepare(logits, labels, label_smoothing)
   loss = _focal(z, y, jnp.asarray(gamma, z.dtype))
   if alpha is None:
     return loss
@@ -142,7 +189,7 @@ def sigmoid_focal_loss(
 
 
 def _focal_value(z, y, gamma):
-  ce = -_safe_term(y, jax.nn.log_sigmoid(z)) - _safe_term(1.0 - y, jax.nn.log_sigmoid(-z))
+  ce = _bce(z, y, None)
   log_u = _log_one_minus_pt(z, y)
   # (1 - p_t)^gamma = exp(gamma log(1 - p_t)), with 0^0 = 1 and a NaN-free gradient.
   zero_u = log_u == -jnp.inf
@@ -195,3 +242,84 @@ def _focal_jvp(primals, tangents):
     dgamma = jnp.zeros_like(gamma) if isinstance(dgamma, zero) else dgamma
     t = t + jax.jvp(lambda a, b: _focal_value(z, a, b), (y, gamma), (dy, dgamma))[1]
   return out, t
+
+
+# Closed-form gradients (re-exported by `xentjax.grads` under the loss names).
+
+
+def _sum_to_shape(g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sum a gradient over the dimensions the labels broadcast (as autodiff does)."""
+  if g.shape == tuple(shape):
+    return g
+  g = jnp.sum(g, axis=tuple(range(g.ndim - len(shape))))
+  axes = tuple(i for i, d in enumerate(shape) if d == 1 and g.shape[i] != 1)
+  return jnp.sum(g, axis=axes, keepdims=True)
+
+
+@_jit_public("label_smoothing")
+def sigmoid_binary_cross_entropy_grad(
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  label_smoothing: float = 0.0,
+  pos_weight: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  r"""Gradient of `xentjax.sigmoid_binary_cross_entropy`: :math:`\sigma(z) - y`.
+
+  With the options, :math:`\sigma(z)(w \tilde y + 1 - \tilde y) - w \tilde y`
+  (:math:`w` = ``pos_weight``, :math:`\tilde y` the smoothed labels).
+
+  Args:
+    logits: ``[...]`` (floating).
+    labels: labels or probabilities broadcastable to ``logits``.
+    label_smoothing: keyword-only :math:`\varepsilon` (labels move to 1/2).
+    pos_weight: keyword-only weight of the positive term, or None.
+
+  Returns:
+    The gradient with the shape and dtype of ``logits`` (summed over any
+    broadcast dimensions, as autodiff does).
+  """
+  x = jnp.asarray(logits)
+  z, y = _prepare(logits, labels, label_smoothing)
+  g = _bce_grad(z, y, _prepare_pos_weight(pos_weight, z))
+  return _sum_to_shape(g, x.shape).astype(x.dtype)
+
+
+@_jit_public("label_smoothing")
+def sigmoid_focal_loss_grad(
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  alpha: jax.typing.ArrayLike | None = None,
+  gamma: jax.typing.ArrayLike = 2.0,
+  label_smoothing: float = 0.0,
+) -> jax.Array:
+  r"""Gradient of `xentjax.sigmoid_focal_loss` with respect to the logits.
+
+  With :math:`u = 1 - p_t = y + (1 - 2y)\sigma(z)` and :math:`c` the binary
+  cross-entropy,
+
+  .. math::
+    \nabla_z \ell = \alpha_t \big[\gamma\, u^{\gamma-1} (1-2y)\,
+      \sigma(z)\sigma(-z)\, c + u^\gamma (\sigma(z) - y)\big],
+
+  where :math:`u^{\gamma-1}\sigma(z)\sigma(-z)` is evaluated in log space (it
+  stays finite for :math:`\gamma < 1` and extreme logits); :math:`y` is the
+  smoothed label with ``label_smoothing``.
+
+  Args:
+    logits: ``[...]`` (floating).
+    labels: labels in ``{0, 1}`` or ``[0, 1]``, broadcastable to ``logits``.
+    alpha: keyword-only positive-class weight or None.
+    gamma: keyword-only focusing exponent.
+    label_smoothing: keyword-only :math:`\varepsilon \in [0, 1]`.
+
+  Returns:
+    The gradient with the shape and dtype of ``logits``.
+  """
+  x = jnp.asarray(logits)
+  z, y = _prepare(logits, labels, label_smoothing)
+  g = _focal_grad_z(z, y, jnp.asarray(gamma, z.dtype))
+  if alpha is not None:
+    g = (alpha * y + (1.0 - alpha) * (1.0 - y)) * g
+  return _sum_to_shape(g, x.shape).astype(x.dtype)

@@ -537,7 +537,9 @@ def kl_divergence(
     whose prediction is ``-inf`` gives ``+inf``. Negative targets give NaN.
   """
   lp, t, mask, axes = _kl_prepare(log_predictions, targets, axis, where, "targets")
-  zero = t == 0
+  # A subnormal target counts as 0 (its term is below 1e-36): XLA flushes it in
+  # some ops and not others, so `t == 0` alone disagreed between value and gradient.
+  zero = (t >= 0) & (t < jnp.finfo(t.dtype).tiny)
   if mask is not None:
     zero = zero | ~mask
   t_safe = jnp.where(zero, 1.0, t)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from xentjax._logspace import astype_exact, log_add, log_prob
 from xentjax._validation import (
   check_broadcastable,
   check_floating,
@@ -127,8 +128,8 @@ def _rel_entr_terms(p: jax.Array, q: jax.Array, keep: jax.Array | None) -> jax.A
     p = jnp.where(keep, p, 0)
   else:
     q_ok = ~both_zero
-  log_p = jnp.log(jnp.where(p_pos, p, 1))
-  log_q = jnp.log(jnp.where(q_ok, q, 1))
+  log_p = log_prob(jnp.where(p_pos, p, 1))
+  log_q = log_prob(jnp.where(q_ok, q, 1))
   return p * (log_p - log_q)
 
 
@@ -140,7 +141,7 @@ def _cross_entropy_terms(p: jax.Array, q: jax.Array, keep: jax.Array | None) -> 
     p = jnp.where(keep, p, 0)
   else:
     q_ok = ~both_zero
-  return -p * jnp.log(jnp.where(q_ok, q, 1))
+  return -p * log_prob(jnp.where(q_ok, q, 1))
 
 
 def _entropy_terms(p: jax.Array, keep: jax.Array | None) -> jax.Array:
@@ -149,7 +150,31 @@ def _entropy_terms(p: jax.Array, keep: jax.Array | None) -> jax.Array:
   if keep is not None:
     p_pos = p_pos & keep
     p = jnp.where(keep, p, 0)
-  return -p * jnp.log(jnp.where(p_pos, p, 1))
+  return -p * log_prob(jnp.where(p_pos, p, 1))
+
+
+def _js_terms(p: jax.Array, q: jax.Array, keep: jax.Array | None) -> jax.Array:
+  """½[p·(log p − log m) + q·(log q − log m)], m = ½(p + q), with log m in log space.
+
+  ``m`` itself is never formed: for ``p = 0`` and ``q = 1.6e-38`` it is a
+  subnormal that XLA flushes to 0, which would make the term ``+inf``.
+  """
+  if keep is not None:
+    p, q = jnp.where(keep, p, 0), jnp.where(keep, q, 0)
+  p_pos, q_pos = p > 0, q > 0
+  log_p = jnp.where(p_pos, log_prob(jnp.where(p_pos, p, 1)), -jnp.inf)
+  log_q = jnp.where(q_pos, log_prob(jnp.where(q_pos, q, 1)), -jnp.inf)
+  any_pos = p_pos | q_pos
+  log_m = jnp.where(any_pos, log_add(log_p, log_q), 0) - np.log(2.0)
+  p_term = jnp.where(p_pos, p * (jnp.where(p_pos, log_p, 0) - log_m), 0)
+  q_term = jnp.where(q_pos, q * (jnp.where(q_pos, log_q, 0) - log_m), 0)
+  return 0.5 * (p_term + q_term)
+
+
+def _normalized(x: jax.Array, axes, keep: jax.Array | None) -> jax.Array:
+  """``x / sum(x)`` over `axes` (kept elements only): SciPy's ``entropy`` normalization."""
+  total = jnp.sum(x if keep is None else jnp.where(keep, x, 0), axis=axes, keepdims=True)
+  return x / total
 
 
 # Public functions.
@@ -197,12 +222,14 @@ def information(
   return _in_base(out, scale)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "base"))
+@functools.partial(jax.jit, static_argnames=("axis", "base", "normalize"))
 def entropy(
   p: ArrayLike,
   axis: Axis = -1,
   where: ArrayLike | None = None,
   base: float | None = None,
+  *,
+  normalize: bool = False,
 ) -> jax.Array:
   r"""Shannon entropy of probability vectors.
 
@@ -222,6 +249,9 @@ def entropy(
     where: optional boolean mask broadcastable to `p`; masked elements are
       left out of the sum.
     base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
+    normalize: keyword-only; if True, divide `p` by their sums along `axis`
+      (over the kept elements) first, as `scipy.stats.entropy` does. Default
+      False: the inputs are used as given.
 
   Returns:
     Array of `p`'s shape without `axis`: float32 for 16-bit inputs, otherwise
@@ -247,27 +277,39 @@ def entropy(
   axes = normalize_axis("axis", axis, p.ndim)
   keep = _mask(where, p.shape, "p")
   p = p.astype(compute_dtype(p.dtype))
+  if _check_normalize(normalize):
+    p = _normalized(p, axes, keep)
   return _in_base(jnp.sum(_entropy_terms(p, keep), axis=axes), scale)
 
 
-def _pair(name_p, p, name_q, q, axis, where):
+def _check_normalize(normalize) -> bool:
+  if not isinstance(normalize, (bool, np.bool_)):
+    raise TypeError(f"`normalize` must be True or False, got {normalize!r}.")
+  return bool(normalize)
+
+
+def _pair(name_p, p, name_q, q, axis, where, normalize=False):
   p = _as_float(name_p, p)
   q = _as_float(name_q, q)
   shape, axes = _common_shape(name_p, p, name_q, q, axis)
   keep = _mask(where, shape, name_p)
   dt = compute_dtype(p.dtype, q.dtype)
-  p = jnp.broadcast_to(p.astype(dt), shape)
-  q = jnp.broadcast_to(q.astype(dt), shape)
+  p = jnp.broadcast_to(astype_exact(p, dt), shape)
+  q = jnp.broadcast_to(astype_exact(q, dt), shape)
+  if _check_normalize(normalize):
+    p, q = _normalized(p, axes, keep), _normalized(q, axes, keep)
   return p, q, axes, keep
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "base"))
+@functools.partial(jax.jit, static_argnames=("axis", "base", "normalize"))
 def cross_entropy(
   p: ArrayLike,
   q: ArrayLike,
   axis: Axis = -1,
   where: ArrayLike | None = None,
   base: float | None = None,
+  *,
+  normalize: bool = False,
 ) -> jax.Array:
   r"""Cross-entropy of `q` relative to `p`: the cost of coding `p` with `q`.
 
@@ -287,6 +329,9 @@ def cross_entropy(
     where: optional boolean mask broadcastable to the broadcast shape of `p`
       and `q`; masked elements are left out of the sum.
     base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
+    normalize: keyword-only; if True, divide `p` and `q` by their sums along `axis`
+      (over the kept elements) first, as `scipy.stats.entropy` does. Default
+      False: the inputs are used as given.
 
   Returns:
     Array of the broadcast shape without `axis`: float32 for 16-bit inputs,
@@ -308,17 +353,19 @@ def cross_entropy(
     2006, section 2.3.
   """
   scale = log_base_scale(base)
-  p, q, axes, keep = _pair("p", p, "q", q, axis, where)
+  p, q, axes, keep = _pair("p", p, "q", q, axis, where, normalize)
   return _in_base(jnp.sum(_cross_entropy_terms(p, q, keep), axis=axes), scale)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "base"))
+@functools.partial(jax.jit, static_argnames=("axis", "base", "normalize"))
 def kl_divergence(
   p: ArrayLike,
   q: ArrayLike,
   axis: Axis = -1,
   where: ArrayLike | None = None,
   base: float | None = None,
+  *,
+  normalize: bool = False,
 ) -> jax.Array:
   r"""Kullback-Leibler divergence `D_KL(p || q)` between probability vectors.
 
@@ -339,6 +386,9 @@ def kl_divergence(
     where: optional boolean mask broadcastable to the broadcast shape of `p`
       and `q`; masked elements are left out of the sum.
     base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
+    normalize: keyword-only; if True, divide `p` and `q` by their sums along `axis`
+      (over the kept elements) first, as `scipy.stats.entropy` does. Default
+      False: the inputs are used as given.
 
   Returns:
     Array of the broadcast shape without `axis`: float32 for 16-bit inputs,
@@ -360,17 +410,19 @@ def kl_divergence(
     S. Kullback and R. A. Leibler, "On Information and Sufficiency", 1951.
   """
   scale = log_base_scale(base)
-  p, q, axes, keep = _pair("p", p, "q", q, axis, where)
+  p, q, axes, keep = _pair("p", p, "q", q, axis, where, normalize)
   return _in_base(jnp.sum(_rel_entr_terms(p, q, keep), axis=axes), scale)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "base"))
+@functools.partial(jax.jit, static_argnames=("axis", "base", "normalize"))
 def js_divergence(
   p: ArrayLike,
   q: ArrayLike,
   axis: Axis = -1,
   where: ArrayLike | None = None,
   base: float | None = None,
+  *,
+  normalize: bool = False,
 ) -> jax.Array:
   r"""Jensen-Shannon divergence: the symmetric, bounded relative of KL.
 
@@ -391,6 +443,9 @@ def js_divergence(
     where: optional boolean mask broadcastable to the broadcast shape of `p`
       and `q`; masked elements are left out of the sum.
     base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
+    normalize: keyword-only; if True, divide `p` and `q` by their sums along `axis`
+      (over the kept elements) first, as `scipy.stats.entropy` does. Default
+      False: the inputs are used as given.
 
   Returns:
     Array of the broadcast shape without `axis`: float32 for 16-bit inputs,
@@ -410,10 +465,8 @@ def js_divergence(
     J. Lin, "Divergence Measures Based on the Shannon Entropy", 1991.
   """
   scale = log_base_scale(base)
-  p, q, axes, keep = _pair("p", p, "q", q, axis, where)
-  m = 0.5 * (p + q)
-  terms = 0.5 * (_rel_entr_terms(p, m, keep) + _rel_entr_terms(q, m, keep))
-  return _in_base(jnp.sum(terms, axis=axes), scale)
+  p, q, axes, keep = _pair("p", p, "q", q, axis, where, normalize)
+  return _in_base(jnp.sum(_js_terms(p, q, keep), axis=axes), scale)
 
 
 def _masked_log_softmax(z: jax.Array, axes, keep: jax.Array | None) -> jax.Array:
