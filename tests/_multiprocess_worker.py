@@ -121,7 +121,10 @@ def same_result(got, want, tag):
       if math.isfinite(w):
         measure(f"evaluate_vs_single_process.{key}", g, w)
         atol = CALIBRATION_ATOL if "calibration" in key else 1e-13
-        np.testing.assert_allclose(g, w, rtol=1e-12, atol=atol, err_msg=f"{tag} {key}")
+        # The one-pass temperature interpolates on grids centred on each process's first
+        # batch: it agrees with one process to the interpolation's accuracy, not to rounding.
+        rtol = 1e-2 if key == "temperature" else 1e-12
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=f"{tag} {key}")
     else:
       assert g == w, (tag, key, g, w)
 
@@ -137,6 +140,17 @@ def main():
       batches(range(N), 128), top_k=3, num_bins=10, progress=False, across_processes=False
     )
     same_result(got, one, "split")
+    # The same batches in one process (process 0's, then process 1's): the
+    # calibration sums are then the same float32 sums, and agree to float64 rounding.
+    same = xentjax.evaluate(
+      (*batches(range(600), 100), *batches(range(600, N), 64)),
+      top_k=3, num_bins=10, progress=False, across_processes=False,
+    )  # fmt: skip
+    measure("evaluate_vs_same_batches.expected_calibration_error",
+            got.expected_calibration_error, same.expected_calibration_error)  # fmt: skip
+    np.testing.assert_allclose(
+      got.expected_calibration_error, same.expected_calibration_error, rtol=1e-12, atol=1e-15
+    )
     ref = float64_reference(LOGITS, LABELS, MASK, top_k=3)
     assert got.count == ref["count"]
     assert got.accuracy == ref["accuracy"] and got.top_k_accuracy == ref["top_k_accuracy"]

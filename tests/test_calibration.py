@@ -217,7 +217,7 @@ def test_one_pass_grid_temperature_matches_the_newton_fit():
   z, y = _overconfident(n=4000, scale=5.0, seed=5)
   exact = float(C.fit_temperature(z, y))
   grid = C.temperature_grid(float(C.fit_temperature(z[:500], y[:500])))  # first batch only
-  assert grid.shape == (16,) and np.any(grid == 0.0)  # T = 1 is a node
+  assert grid.shape == (20,) and np.any(grid == 0.0)  # T = 1 is a node
   st = None
   for i in range(0, len(y), 1000):
     part = C.temperature_statistics(z[i : i + 1000], y[i : i + 1000], grid)
@@ -230,3 +230,54 @@ def test_one_pass_grid_temperature_matches_the_newton_fit():
   t_far, h_far = C.temperature_from_statistics(st_far)
   np.testing.assert_allclose(t_far, exact, rtol=2e-3)
   assert h_far > 0.03
+
+
+# --- evaluate: Brier score, temperature, reliability; `xentjax evaluate --plot` ----------
+
+
+def test_evaluate_reports_brier_and_temperature_in_one_pass():
+  z, y = _overconfident(n=3000, scale=5.0, seed=9)
+  y = y.copy()
+  y[::10] = -100  # ignored rows leave every calibration figure
+  keep = y != -100
+  batches = [(z[i : i + 700], y[i : i + 700]) for i in range(0, len(y), 700)]  # ragged last
+  r = L.evaluate(batches, progress=False, temperature=True)
+  np.testing.assert_allclose(r.brier_score, C.brier_score(z[keep], y[keep]), rtol=1e-5)
+  exact = _scipy_temperature(z[keep], y[keep])
+  np.testing.assert_allclose(r.temperature, exact, rtol=1e-5)  # one pass, no second
+  d = r.reliability_diagram()
+  assert d.count.sum() == keep.sum()
+  np.testing.assert_allclose(d.ece, r.expected_calibration_error, rtol=1e-9)
+  # Soft (one-hot) labels give the same figures.
+  soft = np.eye(8, dtype=np.float32)[y[keep]]
+  r2 = L.evaluate([(z[keep], soft)], progress=False, temperature=True)
+  np.testing.assert_allclose(
+    [r2.brier_score, r2.temperature], [r.brier_score, r.temperature], rtol=1e-5
+  )
+
+
+def test_evaluate_calibration_fields_nan_without_data_or_with_bad_labels():
+  z = np.zeros((4, 3), np.float32)
+  r = L.evaluate([(z, np.full(4, -100))], progress=False, temperature=True)
+  assert np.isnan(r.brier_score) and np.isnan(r.temperature)
+  assert np.isnan(L.evaluate([(z, np.zeros(4, int))], progress=False).temperature)  # opt-in
+  r = L.evaluate([(z, np.array([0, 1, 2, 3]))], progress=False, temperature=True)
+  assert np.isnan(r.brier_score) and np.isnan(r.temperature)
+
+
+def test_cli_evaluate_plot_writes_the_reliability_diagram(tmp_path, capsys):
+  from xentjax._cli import main
+
+  z, y = _overconfident(n=500, seed=4)
+  np.save(tmp_path / "z.npy", z)
+  np.save(tmp_path / "y.npy", y)
+  png = tmp_path / "reliability.png"
+  argv = ["evaluate", "--no-progress", "--logits", str(tmp_path / "z.npy")]
+  code = main([*argv, "--labels", str(tmp_path / "y.npy"), "--plot", str(png)])
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "Brier score" in out and "temperature" in out and str(png) in err
+  code = main([*argv, "--labels", str(tmp_path / "y.npy"), "--plot", str(tmp_path / "no/x.png")])
+  out, err = capsys.readouterr()
+  assert code != 0 and "--plot" in err

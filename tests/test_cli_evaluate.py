@@ -408,3 +408,20 @@ def test_several_files_are_one_data_set(files, capsys):
 def test_bad_job_options(files, capsys, argv, message):
   d, _, _ = files
   assert_error(capsys, message, "--logits", d / "logits.npy", "--labels", d / "labels.npy", *argv)
+
+
+def test_distributed_without_a_cluster_is_one_line(files):
+  import os
+  import subprocess
+  import sys
+
+  d, _, _ = files
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "JAX_COORD"))}
+  env["PYTHONPATH"] = os.pathsep.join(sys.path)
+  proc = subprocess.run(
+    [sys.executable, "-m", "xentjax", "evaluate", "--distributed", "--logits", str(d / "logits.npy"),
+     "--labels", str(d / "labels.npy")],
+    capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL, check=False,
+  )  # fmt: skip
+  assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+  assert proc.stderr.count("\n") == 1 and "no cluster detected" in proc.stderr, proc.stderr

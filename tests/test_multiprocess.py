@@ -164,7 +164,10 @@ def test_cli_two_processes_print_once_and_match_one_process(shards, capsys):
   assert got.keys() == one.keys()
   for key, want in one.items():
     if isinstance(want, float):
-      np.testing.assert_allclose(got[key], want, rtol=1e-12, atol=1e-9, err_msg=key)
+      # The one-pass temperature interpolates on per-process grids: here (random logits,
+      # T ~ 33) on coarse nodes, so it agrees to the interpolation's 1e-2, not to rounding.
+      rtol = 1e-2 if key == "temperature" else 1e-12
+      np.testing.assert_allclose(got[key], want, rtol=rtol, atol=1e-9, err_msg=key)
     else:
       assert got[key] == want, key
   keep = y != -100
@@ -203,6 +206,13 @@ def test_cli_failures_are_one_line_in_every_process(shards):
     assert code == 2 and out == "" and err.count("\n") == 1, err
     assert "`num_bins` differs between processes" in err, err
 
+  # Different file lists (without {process}): the round-robin shares would be wrong.
+  port = free_port()
+  runs = launch([cli(port, i, *files_argv(d, (i,))) for i in range(2)], cwd=d)
+  for code, out, err, _ in runs:
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "different --logits/--labels lists" in err, err
+
 
 def test_cli_unreachable_coordinator_fails_in_bounded_time(shards):
   d, _, _ = shards
@@ -212,3 +222,47 @@ def test_cli_unreachable_coordinator_fails_in_bounded_time(shards):
   assert code == 1 and out == "", err
   assert err.count("\n") == 1 and "could not join the job within --timeout 2 s" in err, err
   assert seconds < 40, seconds
+
+
+def test_cli_peer_killed_after_joining_ends_the_other_in_one_line(shards):
+  d, _, _ = shards
+  fifo = d / "z1.npy"
+  fifo.unlink()
+  os.mkfifo(fifo)  # process 1 blocks reading it once it has joined the job
+  port = free_port()
+  own = ["--logits", str(d / "z{process}.npy"), "--labels", str(d / "y{process}.npy")]
+  commands = [cli(port, i, *own) for i in range(2)]
+  for c in commands:
+    c[c.index("--timeout") + 1] = "5"
+  procs = [
+    subprocess.Popen(
+      c,
+      cwd=d,
+      env=env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      stdin=subprocess.DEVNULL,
+      start_new_session=True,
+    )
+    for c in commands
+  ]
+  try:
+    start = time.monotonic()
+    while True:  # a non-blocking open for writing succeeds once process 1 reads the fifo
+      try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        break
+      except OSError:
+        assert time.monotonic() - start < DEADLINE, "process 1 never joined"
+        assert procs[1].poll() is None, procs[1].communicate()
+        time.sleep(0.1)
+    os.killpg(procs[1].pid, signal.SIGKILL)  # the supervisor and the worker
+    os.close(fd)
+    out, err = procs[0].communicate(timeout=60)
+  finally:
+    kill_all(procs)
+  assert procs[0].returncode == 1 and out == b"", err
+  err = err.decode()
+  # The collective breaks at once (gloo: connection closed), or JAX's heartbeat ends the process.
+  assert err.count("\n") == 1, err
+  assert "lost contact with the other processes" in err or "stopped responding" in err, err

@@ -53,6 +53,11 @@ from xentjax._token_stats import TokenStats as TokenStats
 from xentjax._token_stats import linear_token_stats as linear_token_stats
 from xentjax import parallel as parallel
 
+# --- large vocabularies: fused teacher-student distillation ---
+from xentjax._distill import linear_distillation_loss as linear_distillation_loss
+from xentjax._distill import linear_topk_distillation_loss as linear_topk_distillation_loss
+from xentjax._distill import check_topk_teacher as check_topk_teacher
+
 # --- streaming evaluation ---
 from xentjax._evaluation import EvaluationResult as EvaluationResult
 from xentjax._evaluation import evaluate as evaluate

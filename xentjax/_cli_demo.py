@@ -84,6 +84,12 @@ def register(subparsers) -> None:
     action="store_true",
     help="train with ce, mse and hinge and print one comparison table",
   )
+  p.add_argument(
+    "--distill",
+    action="store_true",
+    help="distill a teacher MLP into a smaller student at several temperatures and divergences "
+    "and print one table (xentjax.linear_distillation_loss)",
+  )
   p.set_defaults(func=run)
 
 
@@ -316,6 +322,10 @@ def _run_compare(s: dict, data) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+  if getattr(args, "distill", False):
+    from xentjax._demo_distill import run as run_distill
+
+    return run_distill(args)
   s = _settings(args)
   start = time.perf_counter()
   from xentjax import datasets

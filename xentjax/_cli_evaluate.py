@@ -15,6 +15,7 @@ line and a non-zero exit instead of a page of log.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import zipfile
 
 import numpy as np
@@ -40,14 +42,15 @@ def register(subparsers) -> None:
   p = subparsers.add_parser(
     "evaluate",
     help="cross-entropy, perplexity, accuracy and calibration of saved logits",
-    description=(
+    description=textwrap.fill(
       "Stream logits and labels from .npy files (memory-mapped), .npz archives or raw "
       "binary files through xentjax.evaluate and print cross-entropy, perplexity, "
       "accuracy, top-k accuracy and expected calibration error. Labels are integer "
       "class indices [N, ...] or soft labels with the logits' shape. Repeat --logits "
       "and --labels to evaluate several files as one data set. Several processes "
       "(--coordinator/--num-processes/--process-id) evaluate one data set together: "
-      "each reads its share of the files and process 0 prints the result."
+      "each reads its share of the files and process 0 prints the result.",
+      width=78,
     ),
     epilog=(
       "Two processes on one machine, each with half of the files:\n"
@@ -55,10 +58,13 @@ def register(subparsers) -> None:
       "    --logits a.npy --labels a_y.npy --logits b.npy --labels b_y.npy &\n"
       "  xentjax evaluate --coordinator 127.0.0.1:12345 --num-processes 2 --process-id 1 \\\n"
       "    --logits a.npy --labels a_y.npy --logits b.npy --labels b_y.npy\n"
-      "File pair i goes to process i mod N; a path with {process} names each process's "
-      "own file instead (--logits part{process}.npy)."
+      + textwrap.fill(
+        "File pair i goes to process i mod N; a path with {process} names each "
+        "process's own file instead (--logits part{process}.npy).",
+        width=78,
+      )
     ),
-    formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   p.add_argument(
     "--logits", action="append", required=True,
@@ -72,6 +78,10 @@ def register(subparsers) -> None:
   p.add_argument("--batch-size", type=int, default=50_000, help="rows per batch (default 50000)")
   p.add_argument("--top-k", type=int, default=5, help="k of the top-k accuracy (default 5)")
   p.add_argument("--num-bins", type=int, default=15, help="calibration bins (default 15)")
+  p.add_argument(
+    "--plot", metavar="FILE.png", default=None,
+    help="also write the reliability diagram of the ECE's bins to this image (matplotlib)",
+  )  # fmt: skip
   p.add_argument("--base", type=float, default=None, help="log base of the cross-entropy")
   p.add_argument(
     "--ignore-index", type=int, default=-100, help="label value not counted (default -100)"
@@ -91,8 +101,11 @@ def register(subparsers) -> None:
   bar.add_argument("--no-progress", dest="progress", action="store_false")
   job = p.add_argument_group(
     "several processes",
-    "join a jax.distributed job; the environment variables JAX_COORDINATOR_ADDRESS, "
-    "JAX_NUM_PROCESSES and JAX_PROCESS_ID stand for the options",
+    textwrap.fill(
+      "join a jax.distributed job; the environment variables JAX_COORDINATOR_ADDRESS, "
+      "JAX_NUM_PROCESSES and JAX_PROCESS_ID stand for the options",
+      width=76,
+    ),
   )
   job.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, which serves it")
   job.add_argument("--num-processes", type=int, default=None, help="processes in the job")
@@ -392,12 +405,6 @@ def open_source(logits_path: str, labels_path: str, args) -> _Source:
   return _Source(logits_path, labels_path, logits, labels)
 
 
-def load(args) -> tuple[np.ndarray, np.ndarray]:
-  """Open and check the first pair of files (kept for callers of the old API)."""
-  s = open_source(args.logits[0], args.labels[0], args)
-  return s.logits, s.labels
-
-
 def _native(a) -> np.ndarray:
   """A batch in native byte order (JAX takes no big-endian arrays)."""
   a = np.asarray(a)
@@ -549,7 +556,29 @@ def _evaluate(args, *, sources, pairs, job) -> int:
     for s in opened:
       print(_describe(s))
     print(result)
+  if args.plot:
+    _write_plot(result, args.plot)
   return 0
+
+
+def _write_plot(result, path: str) -> None:
+  """The reliability diagram of `result`'s bins, saved to `path`."""
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    raise CommandError("--plot needs matplotlib: pip install 'xentjax[plots]'") from None
+  diagram = result.reliability_diagram()
+  ax = diagram.plot(title=f"reliability: ECE {diagram.ece:.4f}, T = {result.temperature:.3g}")
+  try:
+    ax.figure.savefig(path, dpi=100, bbox_inches="tight")
+  except OSError as e:
+    raise CommandError(f"cannot write --plot {path}: {e.strerror or e}") from None
+  finally:
+    plt.close(ax.figure)
+  print(f"wrote {path}", file=sys.stderr)
 
 
 def _process_index() -> int:
@@ -566,14 +595,26 @@ def _worker(args, job: _Job) -> int:
   """Join the job, evaluate this process's files; exit at once on failure."""
   import xentjax.distributed as dist
 
-  dist.initialize(
-    job.coordinator, job.num_processes, job.process_id,
-    timeout=job.timeout, heartbeat_timeout=job.timeout,
-  )  # fmt: skip
+  try:
+    dist.initialize(
+      job.coordinator, job.num_processes, job.process_id,
+      timeout=job.timeout, heartbeat_timeout=job.timeout,
+    )  # fmt: skip
+  except (ValueError, TypeError, RuntimeError) as e:  # e.g. no cluster detected
+    hint = " (no cluster detected: pass --coordinator, --num-processes, --process-id)"
+    _fail(args, f"xentjax evaluate: error: cannot join the job: {e}" + hint * job.detect, 2)
   import jax
 
   pid, n = jax.process_index(), jax.process_count()
   try:
+    # Round-robin shares are only right when every process has the same list.
+    lists = dist.allgather([args.logits, args.labels])
+    if any(other != lists[0] for other in lists):
+      raise CommandError(
+        "the processes were given different --logits/--labels lists; give every process "
+        "the same list (file pair i goes to process i mod N), or name each process's own "
+        f"files with {PLACEHOLDER} in the path"
+      )
     pairs = _pairs(args, pid, n)
     return _evaluate(args, sources=None, pairs=pairs, job=job)
   except CommandError as e:

@@ -421,59 +421,105 @@ def fit_temperature_streaming(
 # One pass, no second pass: the grid used by `xentjax.evaluate`.
 
 _FINE_OFFSETS = 0.03 * np.arange(-3, 4)  # around a first estimate: +-9% in T, steps of 3%
-_COARSE_LOG_T = np.log([0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0, 25.0])
+_COARSE_LOG_T = np.log([1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0, 25.0, 100.0, 1e3])
 
 
 def temperature_grid(first_estimate: float) -> np.ndarray:
-  """The log-temperatures a one-pass fit accumulates (sorted, ``[16]``).
+  """The log-temperatures a one-pass fit accumulates (sorted, ``[20]``).
 
   Seven nodes 0.03 apart in ``log T`` around ``first_estimate`` (a fit on
-  the first batch) and nine fixed nodes from ``T = 0.05`` to ``25`` (which
-  include ``T = 1``), so the minimum is bracketed even when the first batch
-  misjudges it.
+  the first batch) and thirteen fixed nodes from ``T = 1e-3`` to ``1e3``
+  (the bounds of `fit_temperature`; they include ``T = 1``), so the minimum
+  is bracketed even when the first batch misjudges it.
   """
   s0 = float(np.log(first_estimate)) if np.isfinite(first_estimate) else 0.0
-  s0 = float(np.clip(s0, _COARSE_LOG_T[0], _COARSE_LOG_T[-1]))
+  edge = _FINE_OFFSETS[-1]
+  s0 = float(np.clip(s0, _COARSE_LOG_T[0] + edge, _COARSE_LOG_T[-1] - edge))
   return np.sort(np.concatenate([s0 + _FINE_OFFSETS, _COARSE_LOG_T]))
 
 
-def temperature_from_statistics(stats: TemperatureStats) -> tuple[float, float]:
+def _streaming_terms(z, y, counted, log_t):
+  """What `xentjax.evaluate` accumulates per batch for the Brier score and the temperature.
+
+  Args:
+    z: logits ``[n, K]`` (compute dtype).
+    y: target probabilities ``[n, K]`` (one-hot for integer labels).
+    counted: bool ``[n]``: rows that count.
+    log_t: ``[G]`` grid of log-temperatures (`temperature_grid`).
+
+  Returns:
+    ``(brier, stats)``: the per-row Brier terms ``[n]`` (0 where not
+    counted) and the ``[3, G]`` sums (loss, d1, d2) of `temperature_statistics`.
+  """
+  y = jnp.where(counted[:, None], y, 0.0)
+  n = z.shape[0]
+  rows = _Rows(z, y, jnp.zeros((n,), jnp.int32), counted, jnp.zeros((n,), bool))
+  p = jax.nn.softmax(z, axis=-1)
+  brier = jnp.where(counted, jnp.sum(jnp.square(p - y), axis=-1), 0.0)
+  stats = jax.vmap(lambda s: jnp.stack(_ce_derivatives(rows, s)), out_axes=1)(log_t)
+  return brier, stats
+
+
+def _hermite_d1(stats, s):
+  """The piecewise cubic Hermite interpolant of ``d1`` (slopes ``d2``) at points ``s``."""
+  x, keep = np.unique(np.asarray(stats.log_t, np.float64), return_index=True)  # sorted, no repeats
+  f, g = np.asarray(stats.d1, np.float64)[keep], np.asarray(stats.d2, np.float64)[keep]
+  s = np.clip(s, x[0], x[-1])
+  i = np.clip(np.searchsorted(x, s, side="right") - 1, 0, len(x) - 2)
+  h = x[i + 1] - x[i]
+  t = (s - x[i]) / h
+  h00, h10 = 2 * t**3 - 3 * t**2 + 1, t**3 - 2 * t**2 + t
+  h01, h11 = -2 * t**3 + 3 * t**2, t**3 - t**2
+  return h00 * f[i] + h10 * h * g[i] + h01 * f[i + 1] + h11 * h * g[i + 1]
+
+
+def temperature_from_statistics(
+  stats: TemperatureStats | list[TemperatureStats],
+) -> tuple[float, float]:
   """The minimizing temperature from statistics on a grid (no further pass).
 
   The derivative of the loss in ``s = log T`` is known exactly at every node
   (the sums of `temperature_statistics`, accumulated over all batches), with
-  its own derivative. Between the two nodes where it changes sign, the
-  minimum is taken as the root of the cubic Hermite interpolant of these
-  values: exact at the nodes, with an error of order ``h**4`` for node
-  spacing ``h`` (0.03 on the fine part of `temperature_grid`, where a
-  one-pass fit agrees with the multi-pass Newton fit to about 1e-7
-  relative). A minimum outside the grid returns the end node.
+  its own derivative. The minimum is taken as the root of the piecewise
+  cubic Hermite interpolant of these values: exact at the nodes, with an
+  error of order ``h**4`` for node spacing ``h`` (0.03 on the fine part of
+  `temperature_grid`, where a one-pass fit agrees with the multi-pass Newton
+  fit to about 1e-7 relative). Several statistics on different grids (one
+  per process of a distributed evaluation, each around its own first batch)
+  are combined by summing their interpolants. A minimum outside the grids
+  returns the end node.
 
   Returns:
-    ``(T, spacing)``: the temperature and the spacing ``h`` of the bracketing
-    nodes in ``log T`` (a measure of how exact ``T`` is). ``(nan, nan)``
+    ``(T, spacing)``: the temperature and the largest node spacing ``h`` in
+    ``log T`` around it (a measure of how exact ``T`` is). ``(nan, nan)``
     without data.
   """
-  s = np.asarray(stats.log_t, np.float64)
-  f, d1, d2 = (np.asarray(a, np.float64) for a in (stats.loss, stats.d1, stats.d2))
-  order = np.argsort(s)
-  s, f, d1, d2 = s[order], f[order], d1[order], d2[order]
-  if int(stats.count) == 0 or not np.all(np.isfinite(d1)):
+  parts = [stats] if isinstance(stats, TemperatureStats) else list(stats)
+  parts = [p for p in parts if int(p.count) > 0]
+  if not parts or not all(np.all(np.isfinite(np.asarray(p.d1, np.float64))) for p in parts):
     return float("nan"), float("nan")
-  cross = np.nonzero((d1[:-1] < 0) & (d1[1:] >= 0))[0]
+  nodes = np.unique(np.concatenate([np.asarray(p.log_t, np.float64) for p in parts]))
+
+  def d1(s):
+    return sum(_hermite_d1(p, s) for p in parts)
+
+  v = d1(nodes)
+  cross = np.nonzero((v[:-1] < 0) & (v[1:] >= 0))[0]
   if cross.size == 0:
-    end = 0 if d1[0] >= 0 else len(s) - 1
-    return float(np.exp(s[end])), float("inf")
-  i = int(cross[0])
-  h = s[i + 1] - s[i]
-  # Hermite basis on t in [0, 1]: d1(t) = a t^3 + b t^2 + c t + d.
-  p0, p1, m0, m1 = d1[i], d1[i + 1], d2[i] * h, d2[i + 1] * h
-  coeffs = [2 * p0 + m0 - 2 * p1 + m1, -3 * p0 - 2 * m0 + 3 * p1 - m1, m0, p0]
-  roots = np.roots(coeffs) if np.any(coeffs[:3]) else np.array([-p0 / (p1 - p0)])
-  real = roots[(np.abs(roots.imag) < 1e-12) & (roots.real >= 0) & (roots.real <= 1)].real
-  linear = -p0 / (p1 - p0)
-  t = real[np.argmin(np.abs(real - linear))] if real.size else linear
-  return float(np.exp(s[i] + t * h)), float(h)
+    return float(np.exp(nodes[0] if v[0] >= 0 else nodes[-1])), float("inf")
+  lo, hi = nodes[cross[0]], nodes[cross[0] + 1]
+  for _ in range(100):  # bisection on the interpolant: to float64 resolution
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if d1(mid) < 0 else (lo, mid)
+  s = 0.5 * (lo + hi)
+  spacing = max(_spacing_at(p, s) for p in parts)
+  return float(np.exp(s)), float(spacing)
+
+
+def _spacing_at(stats, s) -> float:
+  x = np.unique(np.asarray(stats.log_t, np.float64))
+  i = int(np.clip(np.searchsorted(x, s, side="right") - 1, 0, len(x) - 2))
+  return float(x[i + 1] - x[i])
 
 
 # ---------------------------------------------------------------------------
