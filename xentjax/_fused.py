@@ -151,7 +151,9 @@ def _update(st: dict, z, col, y, u_c, u_seen, chunk, cfg: _Config) -> dict:
   if "t" in st:
     new["t"] = scale * (st["t"] - (ms_new - ms_old) * st["s"]) + jnp.sum(e * zr, axis=1)
   if "amax" in st:  # strictly greater: the lowest index wins ties
-    new["amax"] = jnp.where(zmax > m_old, col[0, 0] + jnp.argmax(z, axis=1), st["amax"])
+    new["amax"] = jnp.where(
+      zmax > m_old, col[0, 0] + jnp.argmax(z, axis=1).astype(jnp.int32), st["amax"]
+    )
   if "topv" in st:
     tv, ti = lax.top_k(z, min(cfg.top_k, z.shape[1]))
     vals = jnp.concatenate([st["topv"], tv], axis=1)  # earlier (lower) columns first
@@ -961,7 +963,7 @@ def linear_softmax_cross_entropy(
     class_weights: optional ``[vocab_size]`` float class weights with
       PyTorch's ``weight=`` semantics (the mean divides by the summed weights
       of the targets; the smoothing term weights each class). The z-loss is
-      not class-weighted.
+      not class-weighted; no gradient flows into them.
     label_smoothing: :math:`\varepsilon \in [0, 1]`, target
       :math:`(1-\varepsilon)\,y + \varepsilon/V` (PyTorch/Keras convention).
     z_loss: :math:`\lambda \ge 0`, adds :math:`\lambda\,\mathrm{lse}^2` per token.
@@ -1075,6 +1077,8 @@ def linear_softmax_cross_entropy(
   bias = _check_vector("bias", bias, tok.n_cols, "one per column of `w`")
   class_weights = _check_vector("class_weights", class_weights, tok.vocab_size, "one per class")
   weights = _check_weights(weights, tok.batch_shape)
+  # Weights are data, not parameters: no gradient flows into them.
+  weights, class_weights = lax.stop_gradient((weights, class_weights))
   cfg = _config(
     tok,
     strategy,

@@ -107,6 +107,14 @@ def _w_chunk(w, start, size, cfg: _Config):
   return lax.dynamic_slice_in_dim(w, start, size, axis=0 if cfg.vd else 1)
 
 
+def _matmul(a, b, a_axis: int, b_axis: int, op_dt, cfg: _Config, cdt):
+  """`a` contracted with `b` over one axis each: operands in `op_dt`, sums in `cdt`."""
+  dims = (((a_axis,), (b_axis,)), ((), ()))
+  return lax.dot_general(
+    a.astype(op_dt), b.astype(op_dt), dims, precision=cfg.precision, preferred_element_type=cdt
+  ).astype(cdt)
+
+
 def _logit_tile(x_t, w_c, col0, cfg: _Config, cdt, bias_c=None):
   """Logits of one tile, `[tokens, columns]` in the compute dtype.
 
@@ -115,14 +123,7 @@ def _logit_tile(x_t, w_c, col0, cfg: _Config, cdt, bias_c=None):
   (`[1, columns]`).
   """
   op_dt = jnp.result_type(x_t.dtype, w_c.dtype)
-  dims = (((1,), (1 if cfg.vd else 0,)), ((), ()))
-  z = lax.dot_general(
-    x_t.astype(op_dt),
-    w_c.astype(op_dt),
-    dims,
-    precision=cfg.precision,
-    preferred_element_type=cdt,
-  ).astype(cdt)
+  z = _matmul(x_t, w_c, 1, 1 if cfg.vd else 0, op_dt, cfg, cdt)
   if bias_c is not None:
     z = z + bias_c.astype(cdt)[None, :]
   if cfg.soft_cap is not None:
@@ -160,14 +161,7 @@ def _dot_dx(dz, w_c, op_dt, cfg: _Config, cdt):
   (promoted) dtype `op_dt`: for 16-bit inputs the logit-gradient tile is
   rounded to it, and the products are accumulated in float32.
   """
-  dims = (((1,), (0 if cfg.vd else 1,)), ((), ()))
-  return lax.dot_general(
-    dz.astype(op_dt),
-    w_c.astype(op_dt),
-    dims,
-    precision=cfg.precision,
-    preferred_element_type=cdt,
-  ).astype(cdt)
+  return _matmul(dz, w_c, 1, 0 if cfg.vd else 1, op_dt, cfg, cdt)
 
 
 def _dot_dw(x_t, dz, op_dt, cfg: _Config, cdt, xT_t=None):
@@ -179,19 +173,9 @@ def _dot_dw(x_t, dz, op_dt, cfg: _Config, cdt, xT_t=None):
   transposed-operand form falls back to a slower one.
   """
   if xT_t is not None:
-    return lax.dot_general(
-      xT_t.astype(op_dt),
-      dz.astype(op_dt),
-      (((1,), (0,)), ((), ())),
-      precision=cfg.precision,
-      preferred_element_type=cdt,
-    ).astype(cdt)
-  dims = (((0,), (0,)), ((), ()))
-  x_t = x_t.astype(op_dt)
-  a, b = (dz.astype(op_dt), x_t) if cfg.vd else (x_t, dz.astype(op_dt))
-  return lax.dot_general(a, b, dims, precision=cfg.precision, preferred_element_type=cdt).astype(
-    cdt
-  )
+    return _matmul(xT_t, dz, 1, 0, op_dt, cfg, cdt)
+  a, b = (dz, x_t) if cfg.vd else (x_t, dz)
+  return _matmul(a, b, 0, 0, op_dt, cfg, cdt)
 
 
 def _safe(m):
