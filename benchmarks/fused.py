@@ -52,8 +52,11 @@ def losses(strategy_kwargs=None):
   def store(x, w, y):
     return xentjax.linear_softmax_cross_entropy(x, w, y, strategy="store")
 
-  return {"optax (materialized)": baseline, "fused recompute (default)": recompute,
-          "fused store": store}
+  return {
+    "optax (materialized)": baseline,
+    "fused recompute (default)": recompute,
+    "fused store": store,
+  }
 
 
 def value_and_grad(loss):
@@ -62,8 +65,9 @@ def value_and_grad(loss):
 
 def temp_bytes(loss, n, d, v, dtype=jnp.float32):
   s = jax.ShapeDtypeStruct
-  compiled = value_and_grad(loss).lower(
-      s((n, d), dtype), s((d, v), dtype), s((n,), jnp.int32)).compile()
+  compiled = (
+    value_and_grad(loss).lower(s((n, d), dtype), s((d, v), dtype), s((n,), jnp.int32)).compile()
+  )
   return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -75,8 +79,7 @@ def fmt_bytes(b):
 
 
 def memory_table(sizes):
-  rows = ["| size (N, D, V), float32 | method | temp memory | vs optax |",
-          "|---|---|---:|---:|"]
+  rows = ["| size (N, D, V), float32 | method | temp memory | vs optax |", "|---|---|---:|---:|"]
   for n, d, v in sizes:
     base = None
     for name, loss in losses().items():
@@ -90,8 +93,10 @@ def memory_table(sizes):
   for name, loss in list(losses().items())[:2]:
     b = temp_bytes(loss, n, d, v, jnp.bfloat16)
     b32 = temp_bytes(losses()["optax (materialized)"], n, d, v)
-    rows.append(f"| {n}, {d}, {v}, bfloat16 ({jax.default_backend()}) | {name} | "
-                f"{fmt_bytes(b)} | {100 * b / b32:.2f}% of float32 optax |")
+    rows.append(
+      f"| {n}, {d}, {v}, bfloat16 ({jax.default_backend()}) | {name} | "
+      f"{fmt_bytes(b)} | {100 * b / b32:.2f}% of float32 optax |"
+    )
   return "\n".join(rows), None
 
 
@@ -99,6 +104,7 @@ def floor_fn():
   @jax.jit
   def three_matmuls(x, w, dlogits):
     return x @ w, dlogits @ w.T, x.T @ dlogits
+
   return three_matmuls
 
 
@@ -121,20 +127,26 @@ def time_table(n, d, v, repeats, warmup):
       times[name].append(time.perf_counter() - t0)
   med = {name: statistics.median(ts) for name, ts in times.items()}
   base, floor = med["optax (materialized)"], med["3-matmul floor"]
-  rows = [f"| method (N={n}, D={d}, V={v}, float32) | fwd+bwd median | min | vs optax | vs 3-matmul floor |",
-          "|---|---:|---:|---:|---:|"]
+  rows = [
+    f"| method (N={n}, D={d}, V={v}, float32) | fwd+bwd median | min | vs optax | vs 3-matmul floor |",
+    "|---|---:|---:|---:|---:|",
+  ]
   for name in fns:
-    rows.append(f"| {name} | {med[name] * 1e3:.1f} ms | {min(times[name]) * 1e3:.1f} ms | "
-                f"{med[name] / base:.3f}x | {med[name] / floor:.3f}x |")
+    rows.append(
+      f"| {name} | {med[name] * 1e3:.1f} ms | {min(times[name]) * 1e3:.1f} ms | "
+      f"{med[name] / base:.3f}x | {med[name] / floor:.3f}x |"
+    )
   return "\n".join(rows), med
 
 
 def machine():
   dev = jax.devices()[0]
   load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-  return (f"{platform.platform()}; {platform.processor() or platform.machine()}; "
-          f"{os.cpu_count()} CPUs; load average {load[0]:.1f}; jax {jax.__version__}; "
-          f"backend {jax.default_backend()} ({dev.device_kind}, {jax.device_count()} device(s))")
+  return (
+    f"{platform.platform()}; {platform.processor() or platform.machine()}; "
+    f"{os.cpu_count()} CPUs; load average {load[0]:.1f}; jax {jax.__version__}; "
+    f"backend {jax.default_backend()} ({dev.device_kind}, {jax.device_count()} device(s))"
+  )
 
 
 def main(argv=None):
@@ -153,8 +165,10 @@ def main(argv=None):
   if not args.no_memory:
     sizes = [GEMMA, timing]
     table, _ = memory_table(sizes)
-    print("Temporary memory of jit(value_and_grad(loss, argnums=(0, 1))) "
-          "(memory_analysis().temp_size_in_bytes; the Gemma size is compiled, not run):")
+    print(
+      "Temporary memory of jit(value_and_grad(loss, argnums=(0, 1))) "
+      "(memory_analysis().temp_size_in_bytes; the Gemma size is compiled, not run):"
+    )
     print()
     print(table)
     print()

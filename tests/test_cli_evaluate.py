@@ -365,7 +365,9 @@ def test_no_examples_is_an_error(tmp_path, capsys):
   np.save(tmp_path / "y0.npy", np.zeros(0, np.int64))
   np.save(tmp_path / "z.npy", np.zeros((6, 5), np.float32))
   np.save(tmp_path / "y.npy", np.full(6, -100))
-  assert_error(capsys, "no examples", "--logits", tmp_path / "z0.npy", "--labels", tmp_path / "y0.npy")
+  assert_error(
+    capsys, "no examples", "--logits", tmp_path / "z0.npy", "--labels", tmp_path / "y0.npy"
+  )
   assert_error(
     capsys, "every one of the 6 labels is ignored", "--logits", tmp_path / "z.npy",
     "--labels", tmp_path / "y.npy",

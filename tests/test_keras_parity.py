@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.special as sp
 import scipy.spatial.distance
+import scipy.special as sp
 import scipy.stats
 
 import xentjax as L
@@ -98,7 +98,7 @@ def test_softmax_focal_matches_keras(gamma, alpha, ls):
   a = np.array([0.1, 0.2, 0.3, 0.4]) if alpha == "vector" else (1.0 if alpha is None else alpha)
   for y in (ONEHOT, SOFT):
     expected = _keras_categorical_focal(y, _softmax64(Z), a, gamma, ls)
-    kw = dict(gamma=gamma, alpha=None if alpha is None else a, label_smoothing=ls)
+    kw = {"gamma": gamma, "alpha": None if alpha is None else a, "label_smoothing": ls}
     got = L.softmax_focal_loss(_f(Z), _f(y), **kw)
     # Keras clips at 1e-7; these logits keep every probability far from it.
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
@@ -109,7 +109,7 @@ def test_softmax_focal_matches_keras(gamma, alpha, ls):
 @pytest.mark.parametrize("gamma", [0.0, 0.3, 2.0])
 def test_softmax_focal_gradient_closed_form_equals_autodiff(gamma):
   z, y = _f(Z), _f(SOFT)
-  kw = dict(gamma=gamma, alpha=np.array([0.1, 0.2, 0.3, 0.4]), label_smoothing=0.05)
+  kw = {"gamma": gamma, "alpha": np.array([0.1, 0.2, 0.3, 0.4]), "label_smoothing": 0.05}
   auto = jax.grad(lambda z: L.softmax_focal_loss(z, y, **kw).sum())(z)
   np.testing.assert_allclose(L.grads.softmax_focal_loss(z, y, **kw), auto, rtol=RTOL, atol=ATOL)
   # The closed form is itself differentiated by the custom_jvp: check it
@@ -131,7 +131,7 @@ def test_softmax_focal_edge_cases_finite_gradient():
   y = jnp.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
   for gamma in (0.0, 0.5, 2.0):
     val = L.softmax_focal_loss(z, y, gamma=gamma)
-    g = jax.grad(lambda z: L.softmax_focal_loss(z, y, gamma=gamma).sum())(z)
+    g = jax.grad(lambda z, gamma=gamma: L.softmax_focal_loss(z, y, gamma=gamma).sum())(z)
     assert np.isfinite(val[:2]).all() and val[2] == np.inf
     assert np.isfinite(g).all(), (gamma, g)
     # -inf on a zero-mass class changes nothing: same as dropping that class.
@@ -299,7 +299,7 @@ def test_nll_loss_matches_torch(reduction, weighted):
   ref = torch.nn.functional.nll_loss(x_t, torch.tensor(y), weight=w_t, reduction=reduction)
   cot = np.arange(1.0, 1.0 + ref.numel()).reshape(ref.shape)
   (g_t,) = torch.autograd.grad(ref, x_t, torch.tensor(cot))
-  kw = dict(weight=None if w is None else _f(w), reduction=reduction)
+  kw = {"weight": None if w is None else _f(w), "reduction": reduction}
   got, vjp = jax.vjp(lambda x: L.nll_loss(x, y, **kw), _f(x))
   np.testing.assert_allclose(got, ref.detach().numpy(), rtol=RTOL, atol=ATOL)
   np.testing.assert_allclose(vjp(jnp.asarray(cot, got.dtype))[0], g_t.numpy(), rtol=RTOL, atol=ATOL)

@@ -264,8 +264,10 @@ def _soft_target_lines(y, pred, sym, loss, base, log, unit) -> list[str]:
   kl = xentjax.info.kl_divergence(y, pred, base=base)
   return [
     f"loss = −Σ y·{log} {sym} = {_fmt(loss)} {unit}",
-    f"     = H(y) + KL(y‖{sym}) = {_fmt(h)} + {_fmt(kl)} "
-    "(entropy of y + the excess training can remove)",
+    (
+      f"     = H(y) + KL(y‖{sym}) = {_fmt(h)} + {_fmt(kl)} "
+      "(entropy of y + the excess training can remove)"
+    ),
   ]
 
 
