@@ -30,13 +30,12 @@ propagates.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from xentjax._api import public
 from xentjax._logspace import astype_exact, log_add, log_prob
 from xentjax._validation import (
   check_broadcastable,
@@ -180,7 +179,7 @@ def _normalized(x: jax.Array, axes, keep: jax.Array | None) -> jax.Array:
 # Public functions.
 
 
-@functools.partial(jax.jit, static_argnames=("base",))
+@public(("base",))
 def information(
   p: ArrayLike,
   where: ArrayLike | None = None,
@@ -222,7 +221,7 @@ def information(
   return _in_base(out, scale)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "base", "normalize"))
+@public(("axis", "base", "normalize"))
 def entropy(
   p: ArrayLike,
   axis: Axis = -1,
@@ -301,7 +300,7 @@ def _pair(name_p, p, name_q, q, axis, where, normalize=False):
   return p, q, axes, keep
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "base", "normalize"))
+@public(("axis", "base", "normalize"))
 def cross_entropy(
   p: ArrayLike,
   q: ArrayLike,
@@ -357,7 +356,7 @@ def cross_entropy(
   return _in_base(jnp.sum(_cross_entropy_terms(p, q, keep), axis=axes), scale)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "base", "normalize"))
+@public(("axis", "base", "normalize"))
 def kl_divergence(
   p: ArrayLike,
   q: ArrayLike,
@@ -414,7 +413,7 @@ def kl_divergence(
   return _in_base(jnp.sum(_rel_entr_terms(p, q, keep), axis=axes), scale)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "base", "normalize"))
+@public(("axis", "base", "normalize"))
 def js_divergence(
   p: ArrayLike,
   q: ArrayLike,
@@ -487,7 +486,7 @@ def _masked_log_softmax(z: jax.Array, axes, keep: jax.Array | None) -> jax.Array
   return shifted - jnp.log(s)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "base"))
+@public(("axis", "base"))
 def kl_divergence_from_logits(
   p_logits: ArrayLike,
   q_logits: ArrayLike,
