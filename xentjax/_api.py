@@ -53,10 +53,13 @@ __all__ = [
   "broadcast_to_first",
   "check_float_labels",
   "class_axes",
+  "closed_form_jvp",
+  "doc_parts",
   "from_last",
   "gradient_of",
   "prepare_where",
   "public",
+  "public_like",
   "to_last",
   "where_mask",
 ]
@@ -229,10 +232,82 @@ def gradient_of(loss, *, wrt: str, formula: str, note: str = "", module: str = "
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = doc
     fn.__module__ = module
-    fn.__annotations__ = dict(loss.__annotations__)
-    return public(loss.static_argnames, signature=inspect.signature(loss))(fn)
+    return public_like(loss)(fn)
 
   return deco
+
+
+def public_like(model):
+  """Declare a public function that takes exactly the arguments of the public `model`.
+
+  The decorated function keeps its own name and docstring; it gets `model`'s
+  signature (annotations and defaults included, so `help()` shows the same
+  arguments), compiled options and argument handling, and receives every
+  parameter by name: ``def f(logits, labels, axis, where, label_smoothing)``.
+  For a function that is defined by its model's arguments, such as a
+  closed-form gradient beside its loss.
+  """
+
+  def deco(fn):
+    fn.__annotations__ = dict(model.__annotations__)
+    return public(model.static_argnames, signature=inspect.signature(model))(fn)
+
+  return deco
+
+
+def doc_parts(**parts: str):
+  """Fill the ``{name}`` placeholders of a docstring with text shared by several functions.
+
+  For the Args and Returns that functions with the same arguments describe
+  alike: each ``{name}`` line of the docstring becomes ``parts[name]``, written
+  with the indentation it needs. Apply it below `public` (first), so that the
+  public function and `help()` see the filled docstring. A placeholder that is
+  not in the docstring is an error (at import).
+  """
+
+  def deco(fn):
+    doc = fn.__doc__
+    for name, text in parts.items():
+      marker = "{" + name + "}"
+      if marker not in doc:
+        raise ValueError(f"the docstring of {fn.__name__} has no {marker} to fill.")
+      doc = doc.replace(marker, text)
+    fn.__doc__ = doc
+    return fn
+
+  return deco
+
+
+def closed_form_jvp(value, grad, contract):
+  """``f(z, a, b) = value(z, a, b)`` as a `jax.custom_jvp` whose ``z`` tangent is a closed form.
+
+  The tangent in ``z`` is ``contract(grad(z, a, b), dz)`` (e.g. a sum over the
+  class axis of ``grad * dz``), finite where the product rule through
+  ``value`` would give ``inf * 0 = NaN``; the tangents in ``a`` and ``b``
+  (weights, labels, an exponent) go through `jax.jvp` of ``value``. Symbolic
+  zeros skip the parts that are not asked for.
+  """
+
+  @jax.custom_jvp
+  def f(z, a, b):
+    return value(z, a, b)
+
+  @functools.partial(f.defjvp, symbolic_zeros=True)
+  def f_jvp(primals, tangents):
+    z, a, b = primals
+    dz, da, db = tangents
+    out = value(z, a, b)
+    zero = jax.custom_derivatives.SymbolicZero
+    t = jnp.zeros_like(out)
+    if not isinstance(dz, zero):
+      t = t + contract(grad(z, a, b), dz)
+    if not (isinstance(da, zero) and isinstance(db, zero)):
+      da = jnp.zeros_like(a) if isinstance(da, zero) else da
+      db = jnp.zeros_like(b) if isinstance(db, zero) else db
+      t = t + jax.jvp(lambda a_, b_: value(z, a_, b_), (a, b), (da, db))[1]
+    return out, t
+
+  return f
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,17 @@ class CommandError(Exception):
   """A user-facing error: printed as one line, exit status 2."""
 
 
+def add_command(subparsers, name: str, *, help: str, description: str, epilog: str):
+  """A subcommand whose description and epilog (examples) are printed as written."""
+  return subparsers.add_parser(
+    name,
+    help=help,
+    description=description,
+    epilog=epilog,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+
+
 def _version() -> str:
   from importlib import metadata
 

@@ -43,18 +43,20 @@ LOSS_TITLES = {
   "smooth": "cross-entropy, label smoothing 0.1",
 }
 
+_DESCRIPTION = (
+  "Train a linear softmax classifier on the 8x8 handwritten digits "
+  "shipped with xentjax (UCI, CC BY 4.0; 1347 train / 450 test) with "
+  "optax. Prints the loss per epoch, train/test/top-5 accuracy and the "
+  "gap between jax.grad of the cross-entropy and softmax - onehot; "
+  "writes loss_curve.png (or compare.png with --compare)."
+)
+
 
 def register(subparsers) -> None:
   p = subparsers.add_parser(
     "demo",
     help="train a softmax classifier on the shipped 8x8 digits with optax",
-    description=(
-      "Train a linear softmax classifier on the 8x8 handwritten digits "
-      "shipped with xentjax (UCI, CC BY 4.0; 1347 train / 450 test) with "
-      "optax. Prints the loss per epoch, train/test/top-5 accuracy and the "
-      "gap between jax.grad of the cross-entropy and softmax - onehot; "
-      "writes loss_curve.png (or compare.png with --compare)."
-    ),
+    description=_DESCRIPTION,
   )
   p.add_argument(
     "--optimizer",

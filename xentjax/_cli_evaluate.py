@@ -15,7 +15,6 @@ line and a non-zero exit instead of a page of log.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -30,7 +29,7 @@ import zipfile
 
 import numpy as np
 
-from xentjax._cli import CommandError
+from xentjax._cli import CommandError, add_command
 
 _CHECK_CHUNK = 1 << 22  # values examined per chunk by the eager checks
 _WORKER_ENV = "_XENTJAX_EVALUATE_FDS"  # in a supervised child: "stdout_fd,stderr_fd" of the user
@@ -38,34 +37,42 @@ DEFAULT_TIMEOUT = 60
 PLACEHOLDER = "{process}"
 
 
-def register(subparsers) -> None:
-  p = subparsers.add_parser(
-    "evaluate",
-    help="cross-entropy, perplexity, accuracy and calibration of saved logits",
-    description=textwrap.fill(
-      "Stream logits and labels from .npy files (memory-mapped), .npz archives or raw "
-      "binary files through xentjax.evaluate and print cross-entropy, perplexity, "
-      "accuracy, top-k accuracy and expected calibration error. Labels are integer "
-      "class indices [N, ...] or soft labels with the logits' shape. Repeat --logits "
-      "and --labels to evaluate several files as one data set. Several processes "
-      "(--coordinator/--num-processes/--process-id) evaluate one data set together: "
-      "each reads its share of the files and process 0 prints the result.",
-      width=78,
-    ),
-    epilog=(
-      "Two processes on one machine, each with half of the files:\n"
-      "  xentjax evaluate --coordinator 127.0.0.1:12345 --num-processes 2 --process-id 0 \\\n"
-      "    --logits a.npy --labels a_y.npy --logits b.npy --labels b_y.npy &\n"
-      "  xentjax evaluate --coordinator 127.0.0.1:12345 --num-processes 2 --process-id 1 \\\n"
-      "    --logits a.npy --labels a_y.npy --logits b.npy --labels b_y.npy\n"
-      + textwrap.fill(
-        "File pair i goes to process i mod N; a path with {process} names each "
-        "process's own file instead (--logits part{process}.npy).",
-        width=78,
-      )
-    ),
-    formatter_class=argparse.RawDescriptionHelpFormatter,
+_HELP = "cross-entropy, perplexity, accuracy and calibration of saved logits"
+_DESCRIPTION = textwrap.fill(
+  "Stream logits and labels from .npy files (memory-mapped), .npz archives or raw "
+  "binary files through xentjax.evaluate and print cross-entropy, perplexity, "
+  "accuracy, top-k accuracy and expected calibration error. Labels are integer "
+  "class indices [N, ...] or soft labels with the logits' shape. Repeat --logits "
+  "and --labels to evaluate several files as one data set. Several processes "
+  "(--coordinator/--num-processes/--process-id) evaluate one data set together: "
+  "each reads its share of the files and process 0 prints the result.",
+  width=78,
+)
+_EPILOG = (
+  "Two processes on one machine, each with half of the files:\n"
+  "  xentjax evaluate --coordinator 127.0.0.1:12345 --num-processes 2 --process-id 0 \\\n"
+  "    --logits a.npy --labels a_y.npy --logits b.npy --labels b_y.npy &\n"
+  "  xentjax evaluate --coordinator 127.0.0.1:12345 --num-processes 2 --process-id 1 \\\n"
+  "    --logits a.npy --labels a_y.npy --logits b.npy --labels b_y.npy\n"
+  + textwrap.fill(
+    "File pair i goes to process i mod N; a path with {process} names each "
+    "process's own file instead (--logits part{process}.npy).",
+    width=78,
   )
+)
+
+
+def register(subparsers) -> None:
+  p = add_command(subparsers, "evaluate", help=_HELP, description=_DESCRIPTION, epilog=_EPILOG)
+  _add_file_options(p)
+  _add_metric_options(p)
+  _add_raw_options(p)
+  _add_output_options(p)
+  _add_job_options(p)
+  p.set_defaults(func=run)
+
+
+def _add_file_options(p) -> None:
   p.add_argument(
     "--logits", action="append", required=True,
     help="logits [N, ..., C]: .npy, .npz (FILE.npz or FILE.npz:KEY), or raw with --shape; "
@@ -75,6 +82,9 @@ def register(subparsers) -> None:
     "--labels", action="append", required=True,
     help="labels [N, ...] (.npy, .npz, or raw binary), one per --logits",
   )  # fmt: skip
+
+
+def _add_metric_options(p) -> None:
   p.add_argument("--batch-size", type=int, default=50_000, help="rows per batch (default 50000)")
   p.add_argument("--top-k", type=int, default=5, help="k of the top-k accuracy (default 5)")
   p.add_argument("--num-bins", type=int, default=15, help="calibration bins (default 15)")
@@ -86,12 +96,18 @@ def register(subparsers) -> None:
   p.add_argument(
     "--ignore-index", type=int, default=-100, help="label value not counted (default -100)"
   )
+
+
+def _add_raw_options(p) -> None:
   p.add_argument(
     "--shape", default=None,
     help="shape of raw logits, e.g. 1000000,64 (--shape=-1,64: rows from the file size)",
   )  # fmt: skip
   p.add_argument("--dtype", default=None, help="dtype of raw logits (default float32)")
   p.add_argument("--labels-dtype", default=None, help="dtype of raw labels (default int64)")
+
+
+def _add_output_options(p) -> None:
   p.add_argument(
     "--json", action="store_true",
     help="print the result as JSON (non-finite numbers as null)",
@@ -99,6 +115,9 @@ def register(subparsers) -> None:
   bar = p.add_mutually_exclusive_group()
   bar.add_argument("--progress", dest="progress", action="store_true", default=None)
   bar.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_job_options(p) -> None:
   job = p.add_argument_group(
     "several processes",
     textwrap.fill(
@@ -119,7 +138,6 @@ def register(subparsers) -> None:
     help=f"seconds to wait for every process to join, and for a silent process before "
     f"it is declared dead (default {DEFAULT_TIMEOUT})",
   )  # fmt: skip
-  p.set_defaults(func=run)
 
 
 # ---------------------------------------------------------------------------
@@ -520,6 +538,17 @@ def _evaluate(args, *, sources, pairs, job) -> int:
     progress=args.progress if leader else False,
     total=total,
   )
+  _check_result(result, opened, args, job)
+  if not leader:
+    return 0
+  _print_result(result, opened, args, job)
+  if args.plot:
+    _write_plot(result, args.plot)
+  return 0
+
+
+def _check_result(result, opened: list[_Source], args, job) -> None:
+  """One CommandError line for a result that has nothing to say: no examples, or NaN."""
   where = "" if job is None else " in any process"
   if result.count == 0:
     rows = sum(math.prod(s.logits.shape[:-1]) for s in opened)
@@ -541,24 +570,22 @@ def _evaluate(args, *, sources, pairs, job) -> int:
         else "the logits (or soft labels) of another process hold NaN, +inf or only -inf"
       )
     )
-  if not leader:
-    return 0
+
+
+def _print_result(result, opened: list[_Source], args, job) -> None:
   if args.json:
     print(json.dumps(_json_safe(result.to_dict()), indent=2, allow_nan=False))
-  else:
-    if job is not None:
-      import jax
+    return
+  if job is not None:
+    import jax
 
-      print(
-        f"{jax.process_count()} processes, {jax.device_count()} devices; process 0 read "
-        f"{len(opened)} of the files:"
-      )
-    for s in opened:
-      print(_describe(s))
-    print(result)
-  if args.plot:
-    _write_plot(result, args.plot)
-  return 0
+    print(
+      f"{jax.process_count()} processes, {jax.device_count()} devices; process 0 read "
+      f"{len(opened)} of the files:"
+    )
+  for s in opened:
+    print(_describe(s))
+  print(result)
 
 
 def _write_plot(result, path: str) -> None:

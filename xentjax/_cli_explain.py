@@ -9,12 +9,11 @@ validates, calls and prints.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import re
 
-from xentjax._cli import CommandError
+from xentjax._cli import CommandError, add_command
 
 SUM_TOLERANCE = 1e-6
 
@@ -23,6 +22,14 @@ SUM_TOLERANCE = 1e-6
 # them. Falls back to argparse's default if the attribute ever disappears.
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.IGNORECASE)
 
+_HELP = "print a cross-entropy calculation step by step"
+_DESCRIPTION = (
+  "Print the cross-entropy of one example as a table, step by step:\n"
+  "from scores (--logits) through exp, the softmax probabilities and\n"
+  "-ln p to the loss and the gradient p - y; or from probabilities\n"
+  "(--probs) through the terms -y·log q to their sum. Give the true\n"
+  "class with --label, or a (soft) target distribution with --target."
+)
 _EPILOG = """\
 examples:
   xentjax explain --logits -3.44 1.16 3.91 --label 2 --classes dog cat panda
@@ -33,19 +40,7 @@ examples:
 
 
 def register(subparsers) -> None:
-  p = subparsers.add_parser(
-    "explain",
-    help="print a cross-entropy calculation step by step",
-    description=(
-      "Print the cross-entropy of one example as a table, step by step:\n"
-      "from scores (--logits) through exp, the softmax probabilities and\n"
-      "-ln p to the loss and the gradient p - y; or from probabilities\n"
-      "(--probs) through the terms -y·log q to their sum. Give the true\n"
-      "class with --label, or a (soft) target distribution with --target."
-    ),
-    epilog=_EPILOG,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
+  p = add_command(subparsers, "explain", help=_HELP, description=_DESCRIPTION, epilog=_EPILOG)
   p.add_argument(
     "--logits",
     nargs="+",
@@ -241,19 +236,25 @@ def _explain_logits(z_list, y_list, label, names, base, log, unit) -> str:
   out.append("  (subtracting m first keeps exp from overflowing; then −ln p = ln Σ exp(z) − z)")
   loss_b = float(loss) * scale
   if not soft:
-    in_nats = f"ln Σ exp(z) − z[{names[label]}] = {_fmt(lse)} − {_fmt(z[label])}"
-    if base is None:
-      out.append(f"loss = −ln p[{names[label]}] = {in_nats} = {_fmt(loss)} nats")
-    else:
-      out.append(
-        f"loss = −{log} p[{names[label]}] = ({in_nats}) / ln {base:g} "
-        f"= {_fmt(loss)} / {_fmt(math.log(base))} = {_fmt(loss_b)} {unit}"
-      )
+    out += _label_loss_lines(names[label], lse, z[label], loss, loss_b, base, log, unit)
   else:
     out += _soft_target_lines(y, p, "p", loss_b, base, log, unit)
   note = "" if base is None else f"; in nats: divide by ln {base:g} for {unit}"
   out.append(f"gradient ∂loss/∂z = ŷ − y with ŷ = p: {_vector(grad)}{note}")
   return "\n".join(out)
+
+
+def _label_loss_lines(name, lse, z_label, loss, loss_b, base, log, unit) -> list[str]:
+  """The loss of a class label: log-sum-exp minus the label's score (nats, then `base`)."""
+  in_nats = f"ln Σ exp(z) − z[{name}] = {_fmt(lse)} − {_fmt(z_label)}"
+  if base is None:
+    return [f"loss = −ln p[{name}] = {in_nats} = {_fmt(loss)} nats"]
+  return [
+    (
+      f"loss = −{log} p[{name}] = ({in_nats}) / ln {base:g} "
+      f"= {_fmt(loss)} / {_fmt(math.log(base))} = {_fmt(loss_b)} {unit}"
+    )
+  ]
 
 
 def _soft_target_lines(y, pred, sym, loss, base, log, unit) -> list[str]:

@@ -18,14 +18,13 @@ loss is, including a ``-inf`` logit on a target class and ``gamma < 1``.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from xentjax import _validation as V
+from xentjax._api import closed_form_jvp, public_like
 from xentjax._probability import _categorical_terms, _log_one_minus_q
 from xentjax._probability import _prepare as _prepare_probs
 from xentjax._softmax import Axis, _class_axes, _dense_prepare, _jit_public, _smooth
@@ -127,25 +126,8 @@ def _focal_grad(z, a, gamma):
   return c - st.p * jnp.sum(c, axis=-1, keepdims=True)
 
 
-@jax.custom_jvp
-def _focal(z, a, gamma):
-  return _focal_value(z, a, gamma)
-
-
-@functools.partial(_focal.defjvp, symbolic_zeros=True)
-def _focal_jvp(primals, tangents):
-  z, a, gamma = primals
-  dz, da, dgamma = tangents
-  out = _focal_value(z, a, gamma)
-  zero = jax.custom_derivatives.SymbolicZero
-  t = jnp.zeros_like(out)
-  if not isinstance(dz, zero):
-    t = t + jnp.sum(_focal_grad(z, a, gamma) * dz, axis=-1)
-  if not (isinstance(da, zero) and isinstance(dgamma, zero)):
-    da = jnp.zeros_like(a) if isinstance(da, zero) else da
-    dgamma = jnp.zeros_like(gamma) if isinstance(dgamma, zero) else dgamma
-    t = t + jax.jvp(lambda b, g: _focal_value(z, b, g), (a, gamma), (da, dgamma))[1]
-  return out, t
+# The loss over the class axis, with the closed-form gradient as its logit derivative.
+_focal = closed_form_jvp(_focal_value, _focal_grad, lambda g, dz: jnp.sum(g * dz, axis=-1))
 
 
 @_jit_public("axis", "label_smoothing")
@@ -210,17 +192,8 @@ def softmax_focal_loss(
   return _focal(z, a, jnp.asarray(gamma, z.dtype))
 
 
-@_jit_public("axis", "label_smoothing")
-def softmax_focal_loss_grad(
-  logits: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
-  axis: Axis = -1,
-  where: jax.typing.ArrayLike | None = None,
-  *,
-  gamma: jax.typing.ArrayLike = 2.0,
-  alpha: jax.typing.ArrayLike | None = None,
-  label_smoothing: float = 0.0,
-) -> jax.Array:
+@public_like(softmax_focal_loss)
+def softmax_focal_loss_grad(logits, labels, axis, where, gamma, alpha, label_smoothing):
   r"""Gradient of `xentjax.softmax_focal_loss` with respect to the logits.
 
   With :math:`a_k = \alpha_k \tilde y_k`, :math:`u_k = 1 - p_k` and

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from xentjax import _validation as V
+from xentjax._api import doc_parts
 from xentjax._softmax import _jit_public
 
 
@@ -147,6 +148,15 @@ def categorical_hinge_loss(
   return jnp.maximum(0.0, neg - pos + 1.0)
 
 
+# The Args and Returns of the multiclass losses (their docstrings' ``{multiclass_args}``).
+_MULTICLASS_ARGS = """Args:
+    scores: scores ``[..., num_classes]`` (floating).
+    labels: integer class indices ``[...]``.
+
+  Returns:
+    Loss ``[...]``; float32 for 16-bit scores, else the scores' dtype."""
+
+
 def _multiclass_prepare(scores, labels):
   V.check_floating("scores", scores)
   V.check_integer("labels", labels)
@@ -168,6 +178,7 @@ def _multiclass_prepare(scores, labels):
 
 
 @_jit_public()
+@doc_parts(multiclass_args=_MULTICLASS_ARGS)
 def multiclass_hinge_loss(
   scores: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -177,12 +188,7 @@ def multiclass_hinge_loss(
   .. math::
     \ell(s, c) = \max_k \big(s_k + [k \ne c]\big) - s_c.
 
-  Args:
-    scores: scores ``[..., num_classes]`` (floating).
-    labels: integer class indices ``[...]``.
-
-  Returns:
-    Loss ``[...]``; float32 for 16-bit scores, else the scores' dtype.
+  {multiclass_args}
 
   Note:
     An out-of-range label gives NaN. No one-hot of the batch is built beyond a
@@ -198,6 +204,7 @@ def multiclass_hinge_loss(
 
 
 @_jit_public()
+@doc_parts(multiclass_args=_MULTICLASS_ARGS)
 def multiclass_perceptron_loss(
   scores: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -207,12 +214,7 @@ def multiclass_perceptron_loss(
   .. math::
     \ell(s, c) = \max_k s_k - s_c.
 
-  Args:
-    scores: scores ``[..., num_classes]`` (floating).
-    labels: integer class indices ``[...]``.
-
-  Returns:
-    Loss ``[...]``; float32 for 16-bit scores, else the scores' dtype.
+  {multiclass_args}
 
   Note:
     An out-of-range label gives NaN.

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xentjax import _validation as V
+from xentjax._api import public_like
 from xentjax._core import label_status
 from xentjax._logspace import astype_exact, log_prob
 from xentjax._softmax import (
@@ -76,13 +77,13 @@ def _log_one_minus_q(q, e, skip):
   return jnp.minimum(log_r, np.log1p(-e))
 
 
-def _unclipped(q, e):
-  """Where no `eps` clip is active (the gradient flows), for `xentjax.grads`."""
+def _zero_where_clipped(g, q, e):
+  """`g` with 0 where an `eps` clip is active (no gradient flows there), for `xentjax.grads`."""
   if e is None:
-    return None
+    return g
   lo_ok = (q >= e) & (log_prob(q) <= np.log1p(-e))
   hi_ok = ((1.0 - q) >= e) & (jnp.log1p(-q) <= np.log1p(-e))
-  return lo_ok & hi_ok
+  return jnp.where(lo_ok & hi_ok, g, 0.0)
 
 
 def _smooth_classes(y, mask, axes, eps: float):
@@ -293,21 +294,13 @@ def binary_cross_entropy(
 # `xentjax.grads` under the loss names).
 
 
-def _reciprocal(q):
-  """``1 / q`` as ``exp(-log q)``: finite for subnormal ``q`` that XLA flushes to 0."""
-  return jnp.exp(-log_prob(q))
+def _minus_y_over_q(y, q):
+  """``-y / q``, 0 where ``y = 0``; ``1 / q`` as ``exp(-log q)``, finite for subnormal ``q``."""
+  return jnp.where(y == 0, 0.0, -y * jnp.exp(-log_prob(jnp.where(y == 0, 1.0, q))))
 
 
-@_jit_public("axis", "eps", "label_smoothing")
-def categorical_cross_entropy_grad(
-  probs: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
-  axis: Axis = -1,
-  where: jax.typing.ArrayLike | None = None,
-  *,
-  eps: float | None = None,
-  label_smoothing: float = 0.0,
-) -> jax.Array:
+@public_like(categorical_cross_entropy)
+def categorical_cross_entropy_grad(probs, labels, axis, where, eps, label_smoothing):
   r"""Gradient of `xentjax.categorical_cross_entropy` w.r.t. the probabilities: :math:`-p/q`.
 
   Args:
@@ -326,23 +319,14 @@ def categorical_cross_entropy_grad(
   out_dtype = jnp.asarray(probs).dtype
   q, y, e, ls = _prepare(probs, labels, eps, label_smoothing)
   y, q, _, _, mask = _categorical_terms(q, y, axis, where, e, ls)
-  g = jnp.where(y == 0, 0.0, -y * _reciprocal(jnp.where(y == 0, 1.0, q)))
-  inside = _unclipped(q, e)
-  if inside is not None:
-    g = jnp.where(inside, g, 0.0)
+  g = _zero_where_clipped(_minus_y_over_q(y, q), q, e)
   if mask is not None:
     g = jnp.where(mask, g, 0.0)
   return g.astype(out_dtype)
 
 
-@_jit_public("eps", "label_smoothing")
-def binary_cross_entropy_grad(
-  probs: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
-  *,
-  eps: float | None = None,
-  label_smoothing: float = 0.0,
-) -> jax.Array:
+@public_like(binary_cross_entropy)
+def binary_cross_entropy_grad(probs, labels, eps, label_smoothing):
   r"""Gradient of `xentjax.binary_cross_entropy`: :math:`-y/q + (1-y)/(1-q)`.
 
   Args:
@@ -359,9 +343,5 @@ def binary_cross_entropy_grad(
   q, y, e, ls = _prepare(probs, labels, eps, label_smoothing)
   y = _smooth_binary(y, ls)
   w = 1.0 - y
-  g = jnp.where(y == 0, 0.0, -y * _reciprocal(jnp.where(y == 0, 1.0, q)))
-  g = g + jnp.where(w == 0, 0.0, w / jnp.where(w == 0, 1.0, 1.0 - q))
-  inside = _unclipped(q, e)
-  if inside is not None:
-    g = jnp.where(inside, g, 0.0)
-  return g.astype(out_dtype)
+  g = _minus_y_over_q(y, q) + jnp.where(w == 0, 0.0, w / jnp.where(w == 0, 1.0, 1.0 - q))
+  return _zero_where_clipped(g, q, e).astype(out_dtype)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import functools
+import operator
 
 import jax
 import jax.numpy as jnp
 
 from xentjax import _validation as V
+from xentjax._api import closed_form_jvp, public_like
 from xentjax._logspace import log_add
 from xentjax._probability import _smooth_binary
 from xentjax._softmax import _jit_public
@@ -221,27 +222,9 @@ def _focal_grad_z(z, y, gamma):
   return first + weight * (jax.nn.sigmoid(z) - y)
 
 
-@jax.custom_jvp
-def _focal(z, y, gamma):
-  return _focal_value(z, y, gamma)
-
-
-@functools.partial(_focal.defjvp, symbolic_zeros=True)
-def _focal_jvp(primals, tangents):
-  # The closed-form logit derivative stays finite on an infinite loss (-inf logit
-  # on the true class), where the product rule would give inf * 0 = NaN.
-  z, y, gamma = primals
-  dz, dy, dgamma = tangents
-  out = _focal_value(z, y, gamma)
-  zero = jax.custom_derivatives.SymbolicZero
-  t = jnp.zeros_like(out)
-  if not isinstance(dz, zero):
-    t = t + _focal_grad_z(z, y, gamma) * dz
-  if not (isinstance(dy, zero) and isinstance(dgamma, zero)):
-    dy = jnp.zeros_like(y) if isinstance(dy, zero) else dy
-    dgamma = jnp.zeros_like(gamma) if isinstance(dgamma, zero) else dgamma
-    t = t + jax.jvp(lambda a, b: _focal_value(z, a, b), (y, gamma), (dy, dgamma))[1]
-  return out, t
+# The closed-form logit derivative stays finite on an infinite loss (-inf logit
+# on the true class), where the product rule would give inf * 0 = NaN.
+_focal = closed_form_jvp(_focal_value, _focal_grad_z, operator.mul)
 
 
 # Closed-form gradients (re-exported by `xentjax.grads` under the loss names).
@@ -256,14 +239,8 @@ def _sum_to_shape(g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jnp.sum(g, axis=axes, keepdims=True)
 
 
-@_jit_public("label_smoothing")
-def sigmoid_binary_cross_entropy_grad(
-  logits: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
-  *,
-  label_smoothing: float = 0.0,
-  pos_weight: jax.typing.ArrayLike | None = None,
-) -> jax.Array:
+@public_like(sigmoid_binary_cross_entropy)
+def sigmoid_binary_cross_entropy_grad(logits, labels, label_smoothing, pos_weight):
   r"""Gradient of `xentjax.sigmoid_binary_cross_entropy`: :math:`\sigma(z) - y`.
 
   With the options, :math:`\sigma(z)(w \tilde y + 1 - \tilde y) - w \tilde y`
@@ -285,15 +262,8 @@ def sigmoid_binary_cross_entropy_grad(
   return _sum_to_shape(g, x.shape).astype(x.dtype)
 
 
-@_jit_public("label_smoothing")
-def sigmoid_focal_loss_grad(
-  logits: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
-  *,
-  alpha: jax.typing.ArrayLike | None = None,
-  gamma: jax.typing.ArrayLike = 2.0,
-  label_smoothing: float = 0.0,
-) -> jax.Array:
+@public_like(sigmoid_focal_loss)
+def sigmoid_focal_loss_grad(logits, labels, alpha, gamma, label_smoothing):
   r"""Gradient of `xentjax.sigmoid_focal_loss` with respect to the logits.
 
   With :math:`u = 1 - p_t = y + (1 - 2y)\sigma(z)` and :math:`c` the binary

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from xentjax._api import public
+from xentjax._api import doc_parts, public, public_like
 from xentjax._logspace import astype_exact, log_add, log_prob
 from xentjax._validation import (
   check_broadcastable,
@@ -300,7 +300,30 @@ def _pair(name_p, p, name_q, q, axis, where, normalize=False):
   return p, q, axes, keep
 
 
+def _pair_sum(terms, p, q, axis, where, base, normalize) -> jax.Array:
+  """``sum(terms(p, q))`` over `axis`, in `base`: the divergences of `p` from `q` alike."""
+  scale = log_base_scale(base)
+  p, q, axes, keep = _pair("p", p, "q", q, axis, where, normalize)
+  return _in_base(jnp.sum(terms(p, q, keep), axis=axes), scale)
+
+
+# The arguments after `p` and `q`, and the result, of `cross_entropy`,
+# `kl_divergence` and `js_divergence` (their docstrings' ``{pair_options}``).
+_PAIR_OPTIONS = """axis: the class axis (or a tuple of axes) to sum over.
+    where: optional boolean mask broadcastable to the broadcast shape of `p`
+      and `q`; masked elements are left out of the sum.
+    base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
+    normalize: keyword-only; if True, divide `p` and `q` by their sums along `axis`
+      (over the kept elements) first, as `scipy.stats.entropy` does. Default
+      False: the inputs are used as given.
+
+  Returns:
+    Array of the broadcast shape without `axis`: float32 for 16-bit inputs,
+    otherwise the promoted dtype of `p` and `q`."""
+
+
 @public(("axis", "base", "normalize"))
+@doc_parts(pair_options=_PAIR_OPTIONS)
 def cross_entropy(
   p: ArrayLike,
   q: ArrayLike,
@@ -324,17 +347,7 @@ def cross_entropy(
     p: the true (target) distribution `[..., num_classes]`, floating dtype.
     q: the model distribution, broadcastable to `p` with the same size along
       `axis`, floating dtype.
-    axis: the class axis (or a tuple of axes) to sum over.
-    where: optional boolean mask broadcastable to the broadcast shape of `p`
-      and `q`; masked elements are left out of the sum.
-    base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
-    normalize: keyword-only; if True, divide `p` and `q` by their sums along `axis`
-      (over the kept elements) first, as `scipy.stats.entropy` does. Default
-      False: the inputs are used as given.
-
-  Returns:
-    Array of the broadcast shape without `axis`: float32 for 16-bit inputs,
-    otherwise the promoted dtype of `p` and `q`.
+    {pair_options}
 
   Example:
     >>> import xentjax
@@ -351,21 +364,12 @@ def cross_entropy(
     T. M. Cover and J. A. Thomas, "Elements of Information Theory", 2nd ed.,
     2006, section 2.3.
   """
-  scale = log_base_scale(base)
-  p, q, axes, keep = _pair("p", p, "q", q, axis, where, normalize)
-  return _in_base(jnp.sum(_cross_entropy_terms(p, q, keep), axis=axes), scale)
+  return _pair_sum(_cross_entropy_terms, p, q, axis, where, base, normalize)
 
 
-@public(("axis", "base", "normalize"))
-def kl_divergence(
-  p: ArrayLike,
-  q: ArrayLike,
-  axis: Axis = -1,
-  where: ArrayLike | None = None,
-  base: float | None = None,
-  *,
-  normalize: bool = False,
-) -> jax.Array:
+@public_like(cross_entropy)
+@doc_parts(pair_options=_PAIR_OPTIONS)
+def kl_divergence(p, q, axis, where, base, normalize):
   r"""Kullback-Leibler divergence `D_KL(p || q)` between probability vectors.
 
   .. math::
@@ -381,17 +385,7 @@ def kl_divergence(
     p: the reference distribution `[..., num_classes]`, floating dtype.
     q: the approximating distribution, broadcastable to `p` with the same size
       along `axis`, floating dtype.
-    axis: the class axis (or a tuple of axes) to sum over.
-    where: optional boolean mask broadcastable to the broadcast shape of `p`
-      and `q`; masked elements are left out of the sum.
-    base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
-    normalize: keyword-only; if True, divide `p` and `q` by their sums along `axis`
-      (over the kept elements) first, as `scipy.stats.entropy` does. Default
-      False: the inputs are used as given.
-
-  Returns:
-    Array of the broadcast shape without `axis`: float32 for 16-bit inputs,
-    otherwise the promoted dtype of `p` and `q`.
+    {pair_options}
 
   Example:
     >>> import xentjax
@@ -408,21 +402,12 @@ def kl_divergence(
   References:
     S. Kullback and R. A. Leibler, "On Information and Sufficiency", 1951.
   """
-  scale = log_base_scale(base)
-  p, q, axes, keep = _pair("p", p, "q", q, axis, where, normalize)
-  return _in_base(jnp.sum(_rel_entr_terms(p, q, keep), axis=axes), scale)
+  return _pair_sum(_rel_entr_terms, p, q, axis, where, base, normalize)
 
 
-@public(("axis", "base", "normalize"))
-def js_divergence(
-  p: ArrayLike,
-  q: ArrayLike,
-  axis: Axis = -1,
-  where: ArrayLike | None = None,
-  base: float | None = None,
-  *,
-  normalize: bool = False,
-) -> jax.Array:
+@public_like(cross_entropy)
+@doc_parts(pair_options=_PAIR_OPTIONS)
+def js_divergence(p, q, axis, where, base, normalize):
   r"""Jensen-Shannon divergence: the symmetric, bounded relative of KL.
 
   .. math::
@@ -438,17 +423,7 @@ def js_divergence(
     p: a distribution `[..., num_classes]`, floating dtype.
     q: another, broadcastable to `p` with the same size along `axis`,
       floating dtype.
-    axis: the class axis (or a tuple of axes) to sum over.
-    where: optional boolean mask broadcastable to the broadcast shape of `p`
-      and `q`; masked elements are left out of the sum.
-    base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
-    normalize: keyword-only; if True, divide `p` and `q` by their sums along `axis`
-      (over the kept elements) first, as `scipy.stats.entropy` does. Default
-      False: the inputs are used as given.
-
-  Returns:
-    Array of the broadcast shape without `axis`: float32 for 16-bit inputs,
-    otherwise the promoted dtype of `p` and `q`.
+    {pair_options}
 
   Example:
     >>> import xentjax
@@ -463,9 +438,7 @@ def js_divergence(
   References:
     J. Lin, "Divergence Measures Based on the Shannon Entropy", 1991.
   """
-  scale = log_base_scale(base)
-  p, q, axes, keep = _pair("p", p, "q", q, axis, where, normalize)
-  return _in_base(jnp.sum(_js_terms(p, q, keep), axis=axes), scale)
+  return _pair_sum(_js_terms, p, q, axis, where, base, normalize)
 
 
 def _masked_log_softmax(z: jax.Array, axes, keep: jax.Array | None) -> jax.Array:
