@@ -164,6 +164,71 @@ def test_public_rejects_unknown_static_names():
       return x
 
 
+# Gradients declared beside their loss with `public_like` (their own name and docstring).
+GRADIENTS_LIKE = [
+  "softmax_focal_loss",
+  "categorical_cross_entropy",
+  "binary_cross_entropy",
+  "sigmoid_binary_cross_entropy",
+  "sigmoid_focal_loss",
+]
+
+
+@pytest.mark.parametrize("name", GRADIENTS_LIKE)
+def test_gradients_declared_like_their_loss(name):
+  grad, loss = getattr(G, name), getattr(L, name)
+  assert inspect.isfunction(grad) and grad.__name__ == f"{name}_grad"
+  assert inspect.signature(grad) == inspect.signature(loss)
+  assert grad.static_argnames == loss.static_argnames
+  assert grad.__doc__.startswith(f"Gradient of `xentjax.{name}`")
+  text = pydoc.render_doc(grad, renderer=pydoc.plaintext)
+  assert f"{name}_grad(logits" in text or f"{name}_grad(probs" in text
+  # A wrong call fails like a call of the loss.
+  with pytest.raises(TypeError, match="unexpected keyword argument 'nope'"):
+    grad(np.zeros(3, np.float32), np.zeros(3, np.float32), nope=1)
+
+
+def test_public_like_takes_the_model_arguments_by_name():
+  @_api.public(("n",))
+  def model(x, y=2.0, *, n=1):
+    return x * y * n
+
+  @_api.public_like(model)
+  def like(x, y, n):
+    return x + y + n
+
+  assert inspect.signature(like) == inspect.signature(model)
+  assert like.static_argnames == ("n",)
+  assert float(like(1.0)) == 4.0 and float(like(1.0, 3.0, n=5)) == 9.0
+  with pytest.raises(TypeError, match="`n` is a compile-time option"):
+    like(1.0, n=[1])
+
+
+def test_doc_parts_fill_placeholders_and_refuse_missing_ones():
+  @_api.doc_parts(args="x: a number.\n    y: another.")
+  def f(x, y):
+    """Sum.
+
+    Args:
+      {args}
+    """
+
+  assert f.__doc__ == "Sum.\n\n    Args:\n      x: a number.\n    y: another.\n    "
+  with pytest.raises(ValueError, match="has no {args}"):
+
+    @_api.doc_parts(args="x")
+    def g(x):
+      """No placeholder."""
+
+
+def test_no_public_docstring_keeps_a_placeholder():
+  for mod in (L, L.info, L.metrics, G):
+    for name in mod.__all__:
+      doc = getattr(getattr(mod, name), "__doc__", None) or ""
+      for marker in ("{pair_options}", "{multiclass_args}"):
+        assert marker not in doc, f"{mod.__name__}.{name}"
+
+
 def test_package_declares_its_public_names_and_types():
   import pathlib
 

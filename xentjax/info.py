@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from xentjax._api import doc_parts, public, public_like
+from xentjax._api import doc_parts, public
 from xentjax._logspace import astype_exact, log_add, log_prob
 from xentjax._validation import (
   check_broadcastable,
@@ -367,9 +367,17 @@ def cross_entropy(
   return _pair_sum(_cross_entropy_terms, p, q, axis, where, base, normalize)
 
 
-@public_like(cross_entropy)
+@public(("axis", "base", "normalize"))
 @doc_parts(pair_options=_PAIR_OPTIONS)
-def kl_divergence(p, q, axis, where, base, normalize):
+def kl_divergence(
+  p: ArrayLike,
+  q: ArrayLike,
+  axis: Axis = -1,
+  where: ArrayLike | None = None,
+  base: float | None = None,
+  *,
+  normalize: bool = False,
+) -> jax.Array:
   r"""Kullback-Leibler divergence `D_KL(p || q)` between probability vectors.
 
   .. math::
@@ -405,9 +413,17 @@ def kl_divergence(p, q, axis, where, base, normalize):
   return _pair_sum(_rel_entr_terms, p, q, axis, where, base, normalize)
 
 
-@public_like(cross_entropy)
+@public(("axis", "base", "normalize"))
 @doc_parts(pair_options=_PAIR_OPTIONS)
-def js_divergence(p, q, axis, where, base, normalize):
+def js_divergence(
+  p: ArrayLike,
+  q: ArrayLike,
+  axis: Axis = -1,
+  where: ArrayLike | None = None,
+  base: float | None = None,
+  *,
+  normalize: bool = False,
+) -> jax.Array:
   r"""Jensen-Shannon divergence: the symmetric, bounded relative of KL.
 
   .. math::

@@ -37,7 +37,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from xentjax import _core
-from xentjax._api import public, public_like, where_mask
+from xentjax._api import public, where_mask
 from xentjax._validation import check_floating, check_integer, compute_dtype, log_base_scale
 
 __all__ = [
@@ -279,8 +279,14 @@ def cross_entropy_rate(
   return rate if scale is None else rate * jnp.asarray(scale, rate.dtype)
 
 
-@public_like(cross_entropy_rate)
-def perplexity(logits, labels, where, base):
+@public(("base",))
+def perplexity(
+  logits: ArrayLike,
+  labels: ArrayLike,
+  *,
+  where: ArrayLike | None = None,
+  base: float | None = None,
+) -> jax.Array:
   r"""Perplexity `exp(mean cross-entropy)`, or its logarithm in base `base`.
 
   .. math::
