@@ -167,7 +167,7 @@ def public(
       validator before conversion, on the raw value, and stays traced (e.g. a
       Python number that must lie in a range, where arrays are also fine).
     signature: bind calls with this signature instead of the function's own
-      (`gradient_of` uses it to give a gradient its loss's arguments); the
+      (`public_like` uses it to give a gradient its loss's arguments); the
       function then receives every parameter by name.
 
   Returns:
