@@ -384,11 +384,7 @@ def prepare_where(where, shape: tuple[int, ...], axis: Axis, axes, name="where")
         f"{name}.shape={where.shape} and input shape {shape}."
       )
     where = jnp.expand_dims(where, axes)
-  try:
-    out = np.broadcast_shapes(where.shape, shape)
-  except ValueError:
-    out = None
-  if out != tuple(shape):
+  if not V.broadcasts_to(where.shape, shape):
     raise ValueError(
       f"`{name}` must broadcast to the input shape {tuple(shape)} (or to its batch "
       f"shape without the class axes), got {name}.shape={where.shape}."
@@ -399,11 +395,7 @@ def prepare_where(where, shape: tuple[int, ...], axis: Axis, axes, name="where")
 def broadcast_to_first(name_a, a, name_b, b) -> jax.Array:
   """Broadcast `b` to `a`'s shape, with a message naming both when impossible."""
   sa, sb = tuple(a.shape), tuple(np.shape(b))
-  try:
-    out = np.broadcast_shapes(sa, sb)
-  except ValueError:
-    out = None
-  if out != sa:
+  if not V.broadcasts_to(sb, sa):
     raise ValueError(
       f"`{name_b}` must have the shape of `{name_a}` (or broadcast to it), got "
       f"{name_a}.shape={sa} and {name_b}.shape={sb}."

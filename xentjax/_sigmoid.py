@@ -39,11 +39,7 @@ def _prepare_pos_weight(pos_weight, z):
     return None
   V.check_floating("pos_weight", pos_weight)
   w = jnp.asarray(pos_weight)
-  try:
-    ok = jnp.broadcast_shapes(w.shape, z.shape) == z.shape
-  except ValueError:
-    ok = False
-  if not ok:
+  if not V.broadcasts_to(w.shape, z.shape):
     raise ValueError(
       "`pos_weight` must broadcast to the shape of `logits` (e.g. one weight per "
       f"class on the last axis), got pos_weight.shape={w.shape} and logits.shape={z.shape}."

@@ -67,6 +67,14 @@ def check_broadcastable(name_a: str, a, name_b: str, b) -> None:
     ) from None
 
 
+def broadcasts_to(shape, target) -> bool:
+  """Whether an array of `shape` broadcasts to exactly `target` (no new or larger dimensions)."""
+  try:
+    return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
+  except ValueError:
+    return False
+
+
 def normalize_axis(name: str, axis, ndim: int):
   """Return `axis` as non-negative int(s); raise `ValueError` when out of range."""
   axes = (axis,) if isinstance(axis, int) else tuple(axis)

@@ -38,6 +38,7 @@ from jax.typing import ArrayLike
 from xentjax._api import doc_parts, public
 from xentjax._logspace import astype_exact, log_add, log_prob
 from xentjax._validation import (
+  broadcasts_to,
   check_broadcastable,
   check_floating,
   compute_dtype,
@@ -96,11 +97,7 @@ def _mask(where: ArrayLike | None, shape: tuple[int, ...], name: str) -> jax.Arr
   w = jnp.asarray(where)
   if w.dtype != jnp.bool_:
     raise TypeError(f"`where` must be a boolean mask, got dtype {w.dtype} with shape {w.shape}.")
-  try:
-    ok = np.broadcast_shapes(w.shape, shape) == tuple(shape)
-  except ValueError:
-    ok = False
-  if not ok:
+  if not broadcasts_to(w.shape, shape):
     raise ValueError(
       f"`where` must broadcast to the shape of `{name}`, got where.shape={w.shape} and "
       f"{name}.shape={tuple(shape)}."

@@ -33,12 +33,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from xentjax import _core
 from xentjax._api import public, where_mask
-from xentjax._validation import check_floating, check_integer, compute_dtype, log_base_scale
+from xentjax._validation import (
+  broadcasts_to,
+  check_floating,
+  check_integer,
+  compute_dtype,
+  log_base_scale,
+)
 
 __all__ = [
   "accuracy",
@@ -67,11 +72,7 @@ def _keep(where, shape):
   keep = where_mask(where)
   if keep is None:
     return None
-  try:
-    ok = np.broadcast_shapes(keep.shape, shape) == shape
-  except ValueError:
-    ok = False
-  if not ok:
+  if not broadcasts_to(keep.shape, shape):
     raise ValueError(
       f"`where` must broadcast to the shape of `labels`, got where.shape={keep.shape} and "
       f"labels.shape={shape}."
