@@ -202,7 +202,9 @@ def test_brier_of_confident_and_non_finite_rows():
     np.testing.assert_allclose(C.brier_score(z[i : i + 1], y[i : i + 1]), per_row[i], rtol=1e-5)
   res = L.evaluate([(z, y)])
   np.testing.assert_allclose(res.brier_score, per_row.mean(), rtol=1e-5)
-  np.testing.assert_allclose(L.evaluate([(z[:2], y[:2])]).brier_score, per_row[:2].mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+    L.evaluate([(z[:2], y[:2])]).brier_score, per_row[:2].mean(), rtol=1e-5
+  )
   # A row with no finite logit has no softmax: NaN, in both.
   bad = np.array([[-np.inf] * 4], np.float32)
   assert np.isnan(C.brier_score(bad, np.array([1])))

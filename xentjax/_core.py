@@ -311,11 +311,15 @@ def _rank(z, z_label, nan):
   Compared in the logits' own values (``z`` with masked classes at ``-inf``,
   ``z_label`` ``[..., 1]``), not after the shift: subtracting the row
   maximum can round two different logits to one value and invent a tie.
-  (Comparing against the gathered logit also keeps XLA from recomputing the
-  gather per element: 4x faster on CPU.)
+  Both counts come from one integer sum, ``(K + 1) * above + tied``, when
+  it fits in int32 (K < 46340): one pass over the row instead of two.
   """
-  above = jnp.sum(z > z_label, axis=-1)
-  tied = jnp.sum(z == z_label, axis=-1)
+  k = z.shape[-1]
+  if (k + 1) ** 2 < 2**31:
+    code = jnp.sum(jnp.where(z > z_label, k + 1, (z == z_label).astype(jnp.int32)), axis=-1)
+    above, tied = code // (k + 1), code % (k + 1)
+  else:
+    above, tied = jnp.sum(z > z_label, axis=-1), jnp.sum(z == z_label, axis=-1)
   dt = z.dtype
   return (
     jnp.where(nan, jnp.nan, above.astype(dt)),
