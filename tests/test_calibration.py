@@ -186,6 +186,31 @@ def test_brier_matches_numpy_and_masks():
   assert np.isnan(C.brier_score(Z[:2], np.array([0, 8])))
 
 
+def test_brier_of_confident_and_non_finite_rows():
+  # Confident rows: 1 - softmax(z)_y, or sum_j p_j^2 - 2 p_y + 1, is a
+  # difference of numbers near 1 (absolute error ~1e-7 in float32: row 0's
+  # Brier score 2.5e-17 would come out 8.5e-18); the core sums the other
+  # classes' probabilities instead.
+  z = np.array(
+    [[20.0, 0, 0, -30], [9.0, 0, 0, -1], [12.0, 2, 1, 0], [7.0, 7, 0, 0], [0.5, 0, 8, 1]],
+    np.float32,
+  )
+  y = np.array([0, 0, 1, 0, 2])
+  p = _np_softmax(z)
+  per_row = ((p - np.eye(4)[y]) ** 2).sum(-1)
+  for i in range(len(y)):
+    np.testing.assert_allclose(C.brier_score(z[i : i + 1], y[i : i + 1]), per_row[i], rtol=1e-5)
+  res = L.evaluate([(z, y)])
+  np.testing.assert_allclose(res.brier_score, per_row.mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+    L.evaluate([(z[:2], y[:2])]).brier_score, per_row[:2].mean(), rtol=1e-5
+  )
+  # A row with no finite logit has no softmax: NaN, in both.
+  bad = np.array([[-np.inf] * 4], np.float32)
+  assert np.isnan(C.brier_score(bad, np.array([1])))
+  assert np.isnan(L.evaluate([(bad, np.array([1]))]).brier_score)
+
+
 def test_reliability_diagram_bins_and_plot(tmp_path):
   import matplotlib
 

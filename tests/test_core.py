@@ -33,6 +33,34 @@ def test_row_stats_match_numpy():
   np.testing.assert_array_equal(st.n_tied, [2, 1])
 
 
+@pytest.mark.parametrize("k", [7, 46341])  # one packed integer sum, and two sums past int32
+def test_rank_counts_match_numpy_on_both_paths(k):
+  rng = np.random.default_rng(k)
+  z = rng.integers(-3, 4, (3, k)).astype(np.float32)  # integer logits: many ties
+  z[2, 5] = np.nan
+  y = np.array([1, 4, 5])
+  st = _core.row_stats(jnp.asarray(z), jnp.asarray(y, jnp.int32), rank=True)
+  zy = z[np.arange(3), y][:, None]
+  np.testing.assert_array_equal(st.n_greater[:2], (z > zy).sum(-1)[:2])
+  np.testing.assert_array_equal(st.n_tied[:2], (z == zy).sum(-1)[:2])
+  assert np.isnan(st.n_greater[2]) and np.isnan(st.n_tied[2])
+
+
+def test_row_stats_brier_terms_match_float64():
+  z = np.array([[20.0, 0, -1, 3], [0.5, -1.0, 2.0, 2.0]], np.float32)
+  y = np.array([0, 3])
+  st = _core.row_stats(jnp.asarray(z), jnp.asarray(y, jnp.int32), brier=True)
+  e = np.exp(z.astype(np.float64) - z.max(-1, keepdims=True))
+  other = np.where(np.arange(4) == y[:, None], 0.0, e)
+  np.testing.assert_allclose(st.s_other, other.sum(-1), rtol=1e-6)
+  np.testing.assert_allclose(st.sq_other, (other**2).sum(-1), rtol=1e-6)
+  p = e / e.sum(-1, keepdims=True)
+  brier = ((p - np.eye(4)[y]) ** 2).sum(-1)
+  np.testing.assert_allclose(
+    _core.brier_from_stats(st.log_s, st.s_other, st.sq_other), brier, rtol=1e-6
+  )
+
+
 def test_label_status_has_no_wraparound():
   for dt in (np.uint8, np.uint16):
     labels = jnp.asarray(np.array([156, 65436 % (np.iinfo(dt).max + 1), 2]).astype(dt))

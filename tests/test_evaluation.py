@@ -139,6 +139,48 @@ def test_all_metrics_against_reference_with_ragged_last_batch():
   np.testing.assert_allclose(r.bits_per_token, r.cross_entropy / math.log(2), rtol=1e-12)
 
 
+def float64_brier(logits, labels, keep):
+  z = np.asarray(logits, np.float64).reshape(-1, logits.shape[-1])[keep]
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  onehot = np.eye(z.shape[-1])[np.asarray(labels).reshape(-1)[keep]]
+  return ((p - onehot) ** 2).sum(-1).mean()
+
+
+def test_a_batch_folded_in_chunks_matches_float64_and_one_chunk(monkeypatch):
+  # The step folds a batch in cache-sized chunks of rows (`_fold_chunks`): with
+  # 24-row chunks a [40, 5] batch of 200 rows is 8 chunks and a tail of 8.
+  rng = np.random.default_rng(12)
+  logits = (rng.standard_normal((120, 5, C)) * 3).astype(np.float32)
+  labels = rng.integers(0, C, (120, 5))
+  labels[rng.random((120, 5)) < 0.1] = -100
+  mask = rng.random((120, 5)) < 0.85
+  keep = (mask & (labels != -100)).reshape(-1)
+
+  def run():
+    _evaluation._step.clear_cache()
+    try:
+      return xentjax.evaluate(batched(logits, labels, mask, size=40), top_k=3, progress=False)
+    finally:
+      _evaluation._step.clear_cache()
+
+  whole = run()  # 200 rows: below the default chunk, one piece
+  monkeypatch.setattr(_evaluation, "_MIN_CHUNK_ROWS", 8)
+  monkeypatch.setattr(_evaluation, "_CHUNK_LOGITS", 24 * C)
+  chunked = run()
+  ref = reference(logits, labels, mask, top_k=3)
+  for r in (whole, chunked):
+    assert_matches(r, ref)
+    np.testing.assert_allclose(r.brier_score, float64_brier(logits, labels, keep), rtol=1e-6)
+  assert (chunked.count, chunked.accuracy, chunked.top_k_accuracy) == (
+    whole.count,
+    whole.accuracy,
+    whole.top_k_accuracy,
+  )
+  for key in ("cross_entropy", "expected_calibration_error", "brier_score"):
+    np.testing.assert_allclose(getattr(chunked, key), getattr(whole, key), rtol=1e-9, atol=1e-12)
+
+
 def test_ragged_last_batch_does_not_recompile():
   logits, labels = make_data(3 * 37 + 5, 11, seed=3)  # a shape no other test uses
   before = _evaluation._step._cache_size()

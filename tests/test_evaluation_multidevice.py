@@ -52,6 +52,10 @@ SCRIPT = textwrap.dedent(
           model=lambda p, x: x @ p, params=w, devices=devs, progress=False,
       )
       out[name] = {"hard": hard.to_dict(), "soft": soft_r.to_dict(), "model": model.to_dict()}
+    # Each device folds its 13 rows in chunks of 4 rows and a tail of 1 (`_fold_chunks`).
+    _evaluation._MIN_CHUNK_ROWS, _evaluation._CHUNK_LOGITS = 4, 4 * 12
+    _evaluation._step.clear_cache()
+    out["chunked"] = xentjax.evaluate(stream(labels), top_k=3, devices=devices, progress=False).to_dict()
     out["w"] = w.tolist()
     print(json.dumps(out))
     """
@@ -109,6 +113,12 @@ def test_eight_simulated_devices_match_one_and_float64(tmp_path):
     # The model's float32 matmul may round a near-tie either way: allow one example.
     ref = float64_metrics(logits.astype(np.float64) @ w, labels)
     check(out[name]["model"], ref, rtol=1e-5, atol=1.5 / 1003)
+
+  check(out["chunked"], float64_metrics(logits, labels, mask, top_k=3))
+  for key in ("count", "accuracy", "top_k_accuracy"):
+    assert out["chunked"][key] == out["all"]["hard"][key], key
+  for key in ("cross_entropy", "expected_calibration_error", "brier_score"):
+    np.testing.assert_allclose(out["chunked"][key], out["all"]["hard"][key], rtol=1e-9, atol=1e-12)
 
   # Sharded and single-device runs agree beyond the float64 tolerance above.
   for kind in ("hard", "soft", "model"):

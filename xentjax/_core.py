@@ -222,11 +222,14 @@ def shift(m):
 
 
 class RowStats(NamedTuple):
-  """Per-row softmax statistics of ``[..., K]`` logits: see the module docstring.
+  r"""Per-row softmax statistics of ``[..., K]`` logits: see the module docstring.
 
   ``zmean`` is None unless asked for (``mean=True``); ``n_greater`` and
   ``n_tied`` are None unless asked for (``rank=True``) and are floating
-  counts, NaN in a row with a NaN logit.
+  counts, NaN in a row with a NaN logit; ``s_other`` and ``sq_other``
+  (``brier=True``) are :math:`\sum_{j \ne y} e^{z_j - m}` and
+  :math:`\sum_{j \ne y} e^{2(z_j - m)}`, the other classes' probability
+  mass and squared probabilities times :math:`s` and :math:`s^2`.
   """
 
   m: jax.Array
@@ -235,6 +238,8 @@ class RowStats(NamedTuple):
   zmean: jax.Array | None = None
   n_greater: jax.Array | None = None
   n_tied: jax.Array | None = None
+  s_other: jax.Array | None = None
+  sq_other: jax.Array | None = None
 
 
 def shifted_logits(z, mask=None):
@@ -300,19 +305,31 @@ def nan_row(log_s, zy):
   return jnp.isnan(log_s - zy) & (log_s != -jnp.inf)
 
 
-def _rank(shifted, zy, log_s):
-  """Classes strictly above the label and tied with it (label included), as floats."""
-  above = jnp.sum(shifted > zy[..., None], axis=-1)
-  tied = jnp.sum(shifted == zy[..., None], axis=-1)
-  nan = nan_row(log_s, zy)
-  dt = shifted.dtype
+def _rank(z, z_label, nan):
+  """Classes strictly above the label and tied with it (label included), as floats.
+
+  Compared in the logits' own values (``z`` with masked classes at ``-inf``,
+  ``z_label`` ``[..., 1]``), not after the shift: subtracting the row
+  maximum can round two different logits to one value and invent a tie.
+  Both counts come from one integer sum, ``(K + 1) * above + tied``, when
+  it fits in int32 (K < 46340): one pass over the row instead of two.
+  """
+  k = z.shape[-1]
+  if (k + 1) ** 2 < 2**31:
+    code = jnp.sum(jnp.where(z > z_label, k + 1, (z == z_label).astype(jnp.int32)), axis=-1)
+    above, tied = code // (k + 1), code % (k + 1)
+  else:
+    above, tied = jnp.sum(z > z_label, axis=-1), jnp.sum(z == z_label, axis=-1)
+  dt = z.dtype
   return (
     jnp.where(nan, jnp.nan, above.astype(dt)),
     jnp.where(nan, jnp.nan, tied.astype(dt)),
   )
 
 
-def row_stats(z, index, mask=None, *, mean: bool = False, rank: bool = False) -> RowStats:
+def row_stats(
+  z, index, mask=None, *, mean: bool = False, rank: bool = False, brier: bool = False
+) -> RowStats:
   """The core statistics of ``[..., K]`` logits and gather-safe labels, in one pass.
 
   Args:
@@ -323,18 +340,40 @@ def row_stats(z, index, mask=None, *, mean: bool = False, rank: bool = False) ->
       normalizer, the mean and the rank.
     mean: also compute ``zmean`` (label smoothing).
     rank: also compute ``n_greater``/``n_tied`` (accuracy, top-k).
+    brier: also compute ``s_other``/``sq_other`` (the Brier score, `brier_from_stats`).
 
   Returns:
     `RowStats` with ``[...]``-shaped fields.
   """
   shifted, m = shifted_logits(z, mask)
   log_s = log_sum_exp_shifted(shifted)
-  zy = jnp.take_along_axis(z, index[..., None], axis=-1)[..., 0] - m[..., 0]
+  z_label = jnp.take_along_axis(z, index[..., None], axis=-1)
+  zy = z_label[..., 0] - m[..., 0]
   zmean = mean_shifted(z, shifted, m, mask) if mean else None
   n_greater = n_tied = None
   if rank:
-    n_greater, n_tied = _rank(shifted, zy, log_s)
-  return RowStats(m[..., 0], log_s, zy, zmean, n_greater, n_tied)
+    ranked = z if mask is None else jnp.where(mask, z, -jnp.inf)
+    n_greater, n_tied = _rank(ranked, z_label, nan_row(log_s, zy))
+  s_other = sq_other = None
+  if brier:
+    label = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == index[..., None]
+    other = jnp.where(label, 0.0, jnp.exp(shifted))
+    s_other, sq_other = jnp.sum(other, axis=-1), jnp.sum(jnp.square(other), axis=-1)
+  return RowStats(m[..., 0], log_s, zy, zmean, n_greater, n_tied, s_other, sq_other)
+
+
+def brier_from_stats(log_s, s_other, sq_other):
+  r"""The Brier score of a row, :math:`\sum_j (p_j - [j = y])^2`, from `row_stats`.
+
+  Written as :math:`(1 - p_y)^2 + \sum_{j \ne y} p_j^2
+  = (s_{\ne y}^2 + \sum_{j \ne y} e^{2(z_j - m)}) / s^2` with
+  :math:`1 - p_y = s_{\ne y} / s` summed over the other classes: no term is
+  a difference of numbers near 1, so a confident row keeps its relative
+  precision (``1 - softmax(z)[y]``, or :math:`\sum_j p_j^2 - 2 p_y + 1`,
+  has an absolute error of about 1e-7 in float32). A row with no finite
+  logit (``log_s = -inf``) or a NaN one is NaN, like its softmax.
+  """
+  return (jnp.square(s_other) + sq_other) * jnp.exp(-2.0 * log_s)
 
 
 def confidence(log_s, num_classes):
@@ -356,19 +395,21 @@ class RowMetrics(NamedTuple):
   credit_k: jax.Array  # top-k credit
   confidence: jax.Array  # top softmax probability
   counted: jax.Array  # bool: the row counts; the fields above are 0 where it does not
+  brier: jax.Array | None = None  # Brier score against the label (when asked for)
 
 
-def row_metrics(z, status: LabelStatus, top_k: int, nll=None) -> RowMetrics:
+def row_metrics(z, status: LabelStatus, top_k: int, nll=None, *, brier=False) -> RowMetrics:
   """Loss, top-1/top-k credit and confidence of each row, from one `row_stats` pass.
 
   ``z`` ``[..., K]`` logits, ``status`` from `label_status`. Rows that do
   not count are neutralized first (`neutral_rows`) and reported as 0; a bad
   label, or a NaN row (`nan_row`), is NaN in every field. ``nll``, when
   given, replaces the integer-label loss (soft labels); it must already be
-  computed from neutralized rows.
+  computed from neutralized rows. ``brier=True`` adds the Brier score
+  (`brier_from_stats`) of the label.
   """
   z = neutral_rows(z, status.counted)
-  st = row_stats(z, status.index, rank=True)
+  st = row_stats(z, status.index, rank=True, brier=brier)
   own = cross_entropy_from_stats(st.log_s, st.zy)
   nll = own if nll is None else nll
   conf = jnp.where(nan_row(st.log_s, st.zy), jnp.nan, confidence(st.log_s, z.shape[-1]))
@@ -378,12 +419,15 @@ def row_metrics(z, status: LabelStatus, top_k: int, nll=None) -> RowMetrics:
     top_k_credit(st.n_greater, st.n_tied, min(int(top_k), z.shape[-1])),
     conf,
   )
+  if brier:
+    fields += (brier_from_stats(st.log_s, st.s_other, st.sq_other),)
 
   def finish(v):
     v = jnp.where(status.bad, jnp.nan, v.astype(z.dtype))
     return jnp.where(status.counted, v, jnp.zeros((), z.dtype))
 
-  return RowMetrics(*(finish(v) for v in fields), status.counted)
+  nll, credit, credit_k, conf, *rest = (finish(v) for v in fields)
+  return RowMetrics(nll, credit, credit_k, conf, status.counted, *rest)
 
 
 def neutral_rows(z, counted):

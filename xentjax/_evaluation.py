@@ -272,7 +272,7 @@ def _rows(logits, labels, keep, ignore_value, config: _Config) -> _core.RowMetri
     return _core.row_metrics(z, status, config.top_k, nll=nll)
   ignore = ignore_value if config.ignore else None
   status = _core.label_status(labels.reshape(-1), num_classes, ignore_index=ignore, where=keep)
-  return _core.row_metrics(z, status, config.top_k)
+  return _core.row_metrics(z, status, config.top_k, brier=True)
 
 
 def _batch_sums(rows: _core.RowMetrics, acc_dtype, config: _Config) -> dict:
@@ -318,25 +318,82 @@ def _step(acc, params, x, labels, mask, num_real, ignore_value, log_t, *, model,
   logits = x if model is None else model(params, x)
   _check_batch(logits, labels, mask, config.soft)
   keep = _real_rows(logits.shape[:-1], mask, num_real)
-  rows = _rows(logits, labels, keep, ignore_value, config)
-  sums = _batch_sums(rows, acc["nll"][0].dtype, config)
-  sums.update(_calibration_sums(logits, labels, keep, rows, log_t, acc["nll"][0].dtype, config))
-  return _fold(acc, sums)
+  num_classes = logits.shape[-1]
+  flat = (
+    logits.reshape(-1, num_classes),
+    labels.reshape(-1, num_classes) if config.soft else labels.reshape(-1),
+    keep.reshape(-1),
+  )
+  acc_dtype = acc["nll"][0].dtype
+
+  def part_sums(z, y, k):
+    rows = _rows(z, y, k, ignore_value, config)
+    sums = _batch_sums(rows, acc_dtype, config)
+    sums.update(_calibration_sums(z, y, k, rows, log_t, acc_dtype, config))
+    return sums
+
+  return _fold_chunks(acc, flat, part_sums, config.groups)
+
+
+# Rows per chunk of a batch: about 2**18 logits (1 MiB in float32), so every
+# pass over a chunk's [rows, K] logits reads from the cache. Unchunked, the
+# dozen passes of a [50000, 64] batch each went out to memory: 4-5x slower
+# on a 2-core CPU (benchmarks/evaluate.py).
+_CHUNK_LOGITS = 1 << 18
+_MIN_CHUNK_ROWS = 64
+
+
+def _fold_chunks(acc, flat, part_sums, groups: int):
+  """Fold ``part_sums(*rows)`` of each chunk of rows of ``flat`` into ``acc``.
+
+  ``flat`` are row-aligned arrays (``[n, K]`` logits first) whose rows are
+  split into ``groups`` contiguous device blocks; a chunk takes the same rows
+  of every block (`lax.dynamic_slice` on the block's own axis), so a sharded
+  batch stays on its devices. The remainder is one last, smaller chunk. The
+  sums are exact two-float sums, so the totals do not depend on the chunking
+  beyond rounding.
+  """
+  local = flat[0].shape[0] // groups
+  size = max(_MIN_CHUNK_ROWS, _CHUNK_LOGITS // max(flat[0].shape[-1], 1))
+  if local <= size:
+    return _fold(acc, part_sums(*flat))
+  blocks = [a.reshape(groups, local, *a.shape[1:]) for a in flat]
+
+  def rows(start, count):
+    return [
+      jax.lax.dynamic_slice_in_dim(b, start, count, axis=1).reshape(groups * count, *b.shape[2:])
+      for b in blocks
+    ]
+
+  full = local // size
+  acc = jax.lax.fori_loop(0, full, lambda i, a: _fold(a, part_sums(*rows(i * size, size))), acc)
+  if local % size:
+    acc = _fold(acc, part_sums(*rows(full * size, local % size)))
+  return acc
 
 
 def _calibration_sums(logits, labels, keep, rows, log_t, acc_dtype, config: _Config) -> dict:
-  """Brier score and temperature statistics of the counted rows (`xentjax.calibration`)."""
+  """Brier score and temperature statistics of the counted rows (`xentjax.calibration`).
+
+  The Brier score of integer labels is the core's (`_core.brier_from_stats`,
+  in `rows`); soft labels and the temperature statistics need the
+  probabilities themselves (`calibration._streaming_terms`).
+  """
   num_classes = logits.shape[-1]
   z = logits.astype(_validation.compute_dtype(logits.dtype)).reshape(-1, num_classes)
-  valid = rows.counted
-  if config.soft:
-    y_prob = labels.astype(z.dtype).reshape(z.shape)
-  else:
-    y = labels.reshape(-1)
-    ok = (y >= 0) & (y < num_classes)
-    y_prob = jax.nn.one_hot(jnp.where(ok, y, 0), num_classes, dtype=z.dtype)
-    valid = rows.counted & ok
-  brier, temp = calibration._streaming_terms(z, y_prob, valid, log_t)
+  brier = rows.brier
+  temp = jnp.zeros((3, log_t.shape[0]), acc_dtype)
+  if config.soft or log_t.shape[0]:
+    valid = rows.counted
+    if config.soft:
+      y_prob = labels.astype(z.dtype).reshape(z.shape)
+    else:
+      y = labels.reshape(-1)
+      ok = (y >= 0) & (y < num_classes)
+      y_prob = jax.nn.one_hot(jnp.where(ok, y, 0), num_classes, dtype=z.dtype)
+      valid = rows.counted & ok
+    soft_brier, temp = calibration._streaming_terms(z, y_prob, valid, log_t)
+    brier = soft_brier if config.soft else brier
   temp = temp.astype(acc_dtype)
   return {
     "brier": _grouped_sum(brier.astype(acc_dtype), config.groups),

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from xentjax import _core
 from xentjax import _validation as V
 from xentjax._core import label_status, mean_or_nan, top_k_credit
 
@@ -641,8 +642,12 @@ def expected_calibration_error(
 @jax.jit
 def _brier_jit(logits, labels, where):
   rows = _rows(logits, labels, where)
-  p = jax.nn.softmax(rows.z, axis=-1)
-  per_row = jnp.sum(jnp.square(p - rows.y), axis=-1)
+  if jnp.issubdtype(jnp.asarray(labels).dtype, jnp.floating):
+    p = jax.nn.softmax(rows.z, axis=-1)
+    per_row = jnp.sum(jnp.square(p - rows.y), axis=-1)
+  else:  # the core's form: no cancellation in confident rows
+    st = _core.row_stats(_core.neutral_rows(rows.z, rows.counted), rows.label, brier=True)
+    per_row = _core.brier_from_stats(st.log_s, st.s_other, st.sq_other)
   total = jnp.sum(jnp.where(rows.counted, per_row, 0.0))
   return _poison(mean_or_nan(total, jnp.sum(rows.counted)), rows)
 
