@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,32 +53,24 @@ from jax.sharding import PartitionSpec as P
 
 from xentjax import _validation as V
 from xentjax._core import cross_entropy_from_stats, label_status, mean_or_nan
-from xentjax._fused import (
-  _auto_chunks,
-  _axis_size,
+from xentjax._fused import Strategy, WLayout, _check_head, _check_strategy, _head, _Tokens
+from xentjax._tiles import (
   _combine_lse,
   _Config,
   _dot_dw,
   _dot_dx,
-  _explicit_layout,
   _fold,
   _logit_tile,
-  _mesh_axes,
-  _positive_int,
   _sharded,
   _vocab_offset,
   _w_chunk,
   place,
 )
 
-Strategy = Literal["recompute", "store"]
-WLayout = Literal["dv", "vd"]
-
 # The store strategy holds two whole-row logit tiles (student and teacher)
 # and their softmaxes at once, so its automatic token chunk is half the fused
 # cross-entropy's (32 MiB per float32 tile).
 _STORE_TILE = 1 << 23
-_MIN_TOKEN_CHUNK = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -553,38 +545,6 @@ _store.defvjp(_store_fwd, _store_bwd)
 # Argument checks and the shared entry point.
 
 
-def _check_head(x_name, x, w_name, w, layout_name, layout):
-  V.check_floating(x_name, x)
-  V.check_floating(w_name, w)
-  if layout not in ("dv", "vd"):
-    raise ValueError(
-      f'`{layout_name}` must be "dv" ({w_name} is [D, V]) or "vd" ({w_name} is [V, D], a '
-      f"tied embedding table), got {layout!r}."
-    )
-  x, w = jnp.asarray(x), jnp.asarray(w)
-  vd = layout == "vd"
-  if x.ndim < 1 or w.ndim != 2:
-    raise ValueError(
-      f"`{x_name}` must be [..., D] and `{w_name}` a matrix ([D, V], or [V, D] with "
-      f'{layout_name}="vd"), got {x_name}.shape={x.shape} and {w_name}.shape={w.shape}.'
-    )
-  d = x.shape[-1]
-  w_d, n_cols = (w.shape[1], w.shape[0]) if vd else w.shape
-  if w_d != d:
-    hint = (
-      f' ({w_name} looks like a [V, D] embedding table: pass {layout_name}="vd")'
-      if not vd and w.shape[1] == d
-      else f' ({w_name} looks like [D, V]: pass {layout_name}="dv")'
-      if vd and w.shape[0] == d
-      else ""
-    )
-    raise ValueError(
-      f"The hidden size of `{x_name}` and `{w_name}` must agree: {x_name}.shape={x.shape} has "
-      f"D={d} but {w_name}.shape={w.shape} with {layout_name}={layout!r} has D={w_d}{hint}."
-    )
-  return x, w, vd, n_cols
-
-
 def _unit_interval(name, value):
   if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
     raise TypeError(f"`{name}` must be a Python number in [0, 1], got {value!r}.")
@@ -605,180 +565,50 @@ def _check_temperature(temperature):
   return t
 
 
-def _prepare(
-  x,
-  w,
-  labels,
-  *,
-  w_layout,
-  hard_weight,
-  temperature,
-  reduction,
-  ignore_index,
-  where,
-  strategy,
-  vocab_size,
-  token_chunk_size,
-  vocab_chunk_size,
-  mesh,
-  data_axis,
-  vocab_axis,
-):
-  """Checks shared by both losses; returns the flattened student side and the plan."""
-  x, w, vd, n_cols = _check_head("x", x, "w", w, "w_layout", w_layout)
-  batch_shape = x.shape[:-1]
+def _student(
+  x, w, labels, *, hard_weight, temperature, reduction, strategy, vocab_chunk_size, **head
+) -> tuple[_Tokens, _Distill]:
+  """`(tok, d)`: the student's tokens, and the call's `_Distill` with a top-k teacher.
+
+  The checks both losses share; `head` are the keywords of `xentjax._fused._head`
+  (the tokens, tile sizes, precision and placement). `linear_distillation_loss`
+  puts its teacher's head and `beta` into `d`.
+  """
   alpha = _unit_interval("hard_weight", hard_weight)
   t = _check_temperature(temperature)
-  if labels is None:
-    if alpha > 0.0:
-      raise ValueError(
-        f"`hard_weight`={hard_weight!r} mixes in the cross-entropy with `labels`, but "
-        "labels=None: pass integer labels [...] or hard_weight=0."
-      )
-  else:
-    V.check_integer("labels", labels)
-    labels = jnp.asarray(labels)
-    if labels.shape != batch_shape:
-      raise ValueError(
-        f"`labels` must have the shape of `x` without its last axis, got "
-        f"labels.shape={labels.shape} for x.shape={x.shape} (expected {batch_shape})."
-      )
-  V.check_reduction(reduction)
-  if strategy not in ("recompute", "store"):
-    raise ValueError(f'`strategy` must be "recompute" or "store", got {strategy!r}.')
-  if strategy == "store" and reduction == "none":
+  if labels is None and alpha > 0.0:
     raise ValueError(
-      'strategy="store" forms the weight gradient in the forward pass, which needs a '
-      'scalar loss: use reduction="mean" or "sum", or strategy="recompute" for '
-      'reduction="none".'
+      f"`hard_weight`={hard_weight!r} mixes in the cross-entropy with `labels`, but "
+      "labels=None: pass integer labels [...] or hard_weight=0."
     )
-  if strategy == "store" and vocab_chunk_size is not None:
-    raise ValueError(
-      'strategy="store" works on whole vocabulary rows; `vocab_chunk_size` only applies '
-      'to strategy="recompute".'
-    )
-  if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-    raise TypeError(f"`ignore_index` must be a Python int, got {ignore_index!r}.")
-  token_chunk_size = _positive_int("token_chunk_size", token_chunk_size)
-  vocab_chunk_size = _positive_int("vocab_chunk_size", vocab_chunk_size)
-  if vocab_size is None:
-    vocab_size = n_cols
-  elif (
-    isinstance(vocab_size, bool)
-    or not isinstance(vocab_size, int)
-    or not (1 <= vocab_size <= n_cols)
-  ):
-    raise ValueError(
-      f"`vocab_size` must be an int in [1, {n_cols}] (the number of real classes among "
-      f"the {n_cols} columns of `w`), got {vocab_size!r}."
-    )
-  n = math.prod(batch_shape)
-  data_shards = vocab_shards = 1
-  if mesh is not None:
-    data_shards, vocab_shards = _mesh_axes(mesh, data_axis, vocab_axis)
-  else:
-    data_axis = vocab_axis = None
-    layout = _explicit_layout(x, w, vd)
-    if layout is not None:
-      mesh, data_axis, vocab_axis = layout
-      data_shards, vocab_shards = _axis_size(mesh, data_axis), _axis_size(mesh, vocab_axis)
-  if mesh is not None:
-    if n_cols % vocab_shards:
-      padded = -(-n_cols // vocab_shards) * vocab_shards
-      raise ValueError(
-        f"The vocabulary of `w` (w.shape={w.shape}, V={n_cols}) is not divisible by the "
-        f"{vocab_shards} devices of mesh axis {vocab_axis!r}. Pad `w` (and the teacher's "
-        f"head) with {padded - n_cols} zero {'rows' if vd else 'columns'} to V={padded} and "
-        f"pass vocab_size={vocab_size}: padding classes are then excluded exactly."
-      )
-    if n % data_shards:
-      raise ValueError(
-        f"The {n} tokens of `x` (x.shape={x.shape}) are not divisible by the {data_shards} "
-        f"devices of mesh axis {data_axis!r}; pad the batch and mask the padding with "
-        "`where`."
-      )
-  if where is not None:
-    V.check_broadcastable(
-      "where", where, "x without its last axis", jax.ShapeDtypeStruct(batch_shape, bool)
-    )
-    where = jnp.asarray(where)
-    if (
-      where.ndim > len(batch_shape) or jnp.broadcast_shapes(where.shape, batch_shape) != batch_shape
-    ):
-      raise ValueError(
-        f"`where` must broadcast to the token shape of `x`, got where.shape={where.shape} "
-        f"and x.shape={x.shape} (tokens {batch_shape})."
-      )
-  if labels is not None:
-    status = label_status(labels, vocab_size, ignore_index=ignore_index, where=where)
-    counted, bad, y = status.counted, status.bad, status.index
-  else:
-    counted = jnp.ones(batch_shape, bool)
-    if where is not None:
-      counted = counted & jnp.broadcast_to(where.astype(bool), batch_shape)
-    bad = jnp.zeros(batch_shape, bool)
-    y = jnp.zeros(batch_shape, jnp.int32)
-  n_local = n // data_shards
-  if strategy == "store":
-    tc = token_chunk_size or max(_MIN_TOKEN_CHUNK, _STORE_TILE // max(n_cols // vocab_shards, 1))
-    tc, vc = min(tc, max(n_local, 1)), max(n_cols // vocab_shards, 1)
-  else:
-    tc, vc = _auto_chunks(
-      strategy, n_local, n_cols // vocab_shards, token_chunk_size, vocab_chunk_size
-    )
-  plan = {
-    "batch_shape": batch_shape,
-    "x_shape": x.shape,
-    "n": n,
-    "vd": vd,
-    "n_cols": n_cols,
-    "vocab_size": vocab_size,
-    "alpha": alpha,
-    "temperature": t,
-    "tc": tc,
-    "vc": vc,
-    "mesh": mesh,
-    "data_axis": data_axis,
-    "vocab_axis": vocab_axis,
-  }
-  return x.reshape(n, x.shape[-1]), w, y.reshape(n), counted.reshape(n), bad.reshape(n), plan
+  _check_strategy(reduction, strategy, vocab_chunk_size)
+  tok, cfg, _ = _head(
+    x,
+    w,
+    labels,
+    strategy=strategy,
+    vocab_chunk_size=vocab_chunk_size,
+    store_tile=_STORE_TILE,
+    student=True,
+    **head,
+  )
+  return tok, _Distill(student=cfg, teacher=None, beta=0.0, temperature=t, hard_weight=alpha)
 
 
-def _head_config(plan, vd, precision):
-  """The tile engine's `_Config` for one head (no label smoothing, z-loss or soft cap).
-
-  Only the fields the engine's config has are passed: the loss options it
-  may carry beyond the tiles (label smoothing, z-loss) are all off here.
-  """
-  kw = {
-    "num_classes": plan["vocab_size"],
-    "num_columns": plan["n_cols"],
-    "soft_cap": None,
-    "vd": vd,
-    "token_chunk": plan["tc"],
-    "vocab_chunk": plan["vc"],
-    "precision": precision,
-    "mesh": plan["mesh"],
-    "data_axis": plan["data_axis"],
-    "vocab_axis": plan["vocab_axis"],
-  }
-  fields = {f.name for f in dataclasses.fields(_Config)}
-  kw.update({k: 0.0 for k in ("label_smoothing", "z_loss") if k in fields})
-  return _Config(**kw)
-
-
-def _run(x2, w, teacher, per_tok, counted, bad, d: _Distill, plan, strategy, reduction, dtypes):
+def _run(tok: _Tokens, teacher, per_tok, d: _Distill, strategy, reduction):
   """Places the arrays, runs the kernel and reduces."""
+  dtypes = (tok.x.dtype, tok.w.dtype, *(a.dtype for a in teacher))
   cdt = V.compute_dtype(*dtypes)
-  mesh = plan["mesh"]
+  x2, w, counted, bad = tok.x, tok.w, tok.status.counted, tok.status.bad
+  mesh, data_axis = d.student.mesh, d.student.data_axis
   if mesh is not None:
-    xs, ws, ts, tok = _specs(d, teacher)
+    xs, ws, ts, tok_spec = _specs(d, teacher)
     x2, w = place(x2, mesh, xs), place(w, mesh, ws)
     teacher = tuple(place(a, mesh, s) for a, s in zip(teacher, ts))
     per_tok = {
-      k: place(v, mesh, P(plan["data_axis"], *([None] * (v.ndim - 1)))) for k, v in per_tok.items()
+      k: place(v, mesh, P(data_axis, *([None] * (v.ndim - 1)))) for k, v in per_tok.items()
     }
-    counted, bad = place(counted, mesh, tok), place(bad, mesh, tok)
+    counted, bad = place(counted, mesh, tok_spec), place(bad, mesh, tok_spec)
   count = jnp.sum(counted).astype(cdt)
   if strategy == "store":
     weights = jnp.where(counted, 1.0, 0.0).astype(cdt)
@@ -786,12 +616,12 @@ def _run(x2, w, teacher, per_tok, counted, bad, d: _Distill, plan, strategy, red
       weights = weights / jnp.maximum(count, 1.0)
     weights = jnp.where(bad, jnp.nan, weights)
     if mesh is not None:
-      weights = place(weights, mesh, P(plan["data_axis"]))
+      weights = place(weights, mesh, P(data_axis))
     total = _store(x2, w, teacher, per_tok, weights, d, dtypes[:2])
     return jnp.where(count == 0, jnp.nan, total) if reduction == "mean" else total
   per_token = _recompute(x2, w, teacher, per_tok, counted, bad, d)
   if reduction == "none":
-    return per_token.reshape(plan["batch_shape"])
+    return per_token.reshape(tok.batch_shape)
   if reduction == "sum":
     return jnp.sum(per_token)
   return mean_or_nan(jnp.sum(per_token), count)
@@ -922,63 +752,42 @@ def linear_distillation_loss(
     Kernel", 2024 (fused linear JSD). Milakov & Gimelshein, "Online normalizer
     calculation for softmax", 2018.
   """
-  x2, w, y, counted, bad, plan = _prepare(
-    x,
-    w,
-    labels,
-    w_layout=w_layout,
-    hard_weight=hard_weight,
-    temperature=temperature,
-    reduction=reduction,
-    ignore_index=ignore_index,
-    where=where,
-    strategy=strategy,
-    vocab_size=vocab_size,
-    token_chunk_size=token_chunk_size,
-    vocab_chunk_size=vocab_chunk_size,
-    mesh=mesh,
-    data_axis=data_axis,
-    vocab_axis=vocab_axis,
-  )
+  return _linear_distillation_loss(**locals())
+
+
+def _linear_distillation_loss(
+  x, w, teacher_x, teacher_w, labels, *, beta, teacher_w_layout, reduction, strategy, **student
+):
+  """`linear_distillation_loss`, its arguments by name (`student`: the keywords of `_student`)."""
+  tok, d = _student(x, w, labels, reduction=reduction, strategy=strategy, **student)
   b = _unit_interval("beta", beta)
+  teacher, tvd = _full_teacher(tok, teacher_x, teacher_w, teacher_w_layout)
+  d = dataclasses.replace(d, teacher=dataclasses.replace(d.student, vd=tvd), beta=b)
+  per_tok = {"y": tok.status.index} if d.ce else {}
+  return _run(tok, teacher, per_tok, d, strategy, reduction)
+
+
+def _full_teacher(tok: _Tokens, teacher_x, teacher_w, teacher_w_layout):
+  """`((teacher_x [n, D_t], teacher_w), vd)`: the teacher as constants, checked against `tok`."""
   tx, tw, tvd, t_cols = _check_head(
     "teacher_x", teacher_x, "teacher_w", teacher_w, "teacher_w_layout", teacher_w_layout
   )
-  if tx.shape[:-1] != plan["batch_shape"]:
+  if tx.shape[:-1] != tok.batch_shape:
     raise ValueError(
       f"`teacher_x` must have the leading (token) shape of `x`, got "
-      f"teacher_x.shape={tx.shape} and x.shape={plan['x_shape']}."
+      f"teacher_x.shape={tx.shape} and x.shape={(*tok.batch_shape, tok.x.shape[1])}."
     )
-  if t_cols != plan["n_cols"]:
+  if t_cols != tok.n_cols:
+    w_layout = "vd" if tok.vd else "dv"
     raise ValueError(
-      f"The student and teacher vocabularies differ: `w` has V={plan['n_cols']} columns "
-      f"(w.shape={w.shape}, w_layout={w_layout!r}) and `teacher_w` has V={t_cols} "
+      f"The student and teacher vocabularies differ: `w` has V={tok.n_cols} columns "
+      f"(w.shape={tok.w.shape}, w_layout={w_layout!r}) and `teacher_w` has V={t_cols} "
       f"(teacher_w.shape={tw.shape}, teacher_w_layout={teacher_w_layout!r}). Both heads must "
       "map into the same vocabulary; pad the smaller one with zero columns and pass "
       "vocab_size=... to exclude the padding."
     )
-  teacher = (lax.stop_gradient(tx.reshape(plan["n"], tx.shape[-1])), lax.stop_gradient(tw))
-  d = _Distill(
-    student=_head_config(plan, plan["vd"], precision),
-    teacher=_head_config(plan, tvd, precision),
-    beta=b,
-    temperature=plan["temperature"],
-    hard_weight=plan["alpha"],
-  )
-  per_tok = {"y": y} if d.ce else {}
-  return _run(
-    x2,
-    w,
-    teacher,
-    per_tok,
-    counted,
-    bad,
-    d,
-    plan,
-    strategy,
-    reduction,
-    (x2.dtype, w.dtype, tx.dtype, tw.dtype),
-  )
+  teacher = (lax.stop_gradient(tx.reshape(tok.x.shape[0], tx.shape[-1])), lax.stop_gradient(tw))
+  return teacher, tvd
 
 
 # ----------------------------------------------------------------------------
@@ -1142,56 +951,41 @@ def linear_topk_distillation_loss(
     Hinton, Vinyals & Dean, 2015. Raman et al., "For Distillation, Tokens Are
     Not All You Need", 2023 (top-k logit distillation).
   """
-  x2, w, y, counted, bad, plan = _prepare(
-    x,
-    w,
-    labels,
-    w_layout=w_layout,
-    hard_weight=hard_weight,
-    temperature=temperature,
-    reduction=reduction,
-    ignore_index=ignore_index,
-    where=where,
-    strategy=strategy,
-    vocab_size=vocab_size,
-    token_chunk_size=token_chunk_size,
-    vocab_chunk_size=vocab_chunk_size,
-    mesh=mesh,
-    data_axis=data_axis,
-    vocab_axis=vocab_axis,
+  return _linear_topk_distillation_loss(**locals())
+
+
+def _linear_topk_distillation_loss(
+  x, w, teacher_indices, teacher_logprobs, labels, *, reduction, strategy, **student
+):
+  """`linear_topk_distillation_loss`, its arguments by name (`student`: see `_student`)."""
+  tok, d = _student(x, w, labels, reduction=reduction, strategy=strategy, **student)
+  idx, lp = _check_topk_shapes(tok, teacher_indices, teacher_logprobs)
+  idx, q, qlogq, bad_t = _topk_teacher(
+    idx, lax.stop_gradient(lp), d.temperature, tok.vocab_size, tok.cdt
   )
+  st = tok.status  # a token that counts with a bad teacher entry is a bad token
+  tok = tok._replace(status=st._replace(bad=st.bad | (st.counted & bad_t)))
+  per_tok = {"idx": idx, "q": q, "qlogq": qlogq}
+  if d.ce:
+    per_tok["y"] = tok.status.index
+  return _run(tok, (), per_tok, d, strategy, reduction)
+
+
+def _check_topk_shapes(tok: _Tokens, teacher_indices, teacher_logprobs):
+  """The saved teacher's `(indices, logprobs)`, each flattened to `[n, k]`."""
   V.check_integer("teacher_indices", teacher_indices)
   V.check_floating("teacher_logprobs", teacher_logprobs)
   idx, lp = jnp.asarray(teacher_indices), jnp.asarray(teacher_logprobs)
   V.check_same_shape("teacher_indices", idx, "teacher_logprobs", lp)
   k = idx.shape[-1] if idx.ndim else 0
-  if idx.shape[:-1] != plan["batch_shape"] or k < 1:
+  if idx.shape[:-1] != tok.batch_shape or k < 1:
     raise ValueError(
       f"`teacher_indices` and `teacher_logprobs` must be [..., k] (k >= 1) with the token "
-      f"shape of `x` {plan['batch_shape']}, got teacher_indices.shape={idx.shape}."
+      f"shape of `x` {tok.batch_shape}, got teacher_indices.shape={idx.shape}."
     )
-  if k > plan["vocab_size"]:
+  if k > tok.vocab_size:
     raise ValueError(
-      f"`teacher_indices` has k={k} entries per token, more than the vocabulary "
-      f"({plan['vocab_size']})."
+      f"`teacher_indices` has k={k} entries per token, more than the vocabulary ({tok.vocab_size})."
     )
-  cdt = V.compute_dtype(x2.dtype, w.dtype)
-  idx2, q, qlogq, bad_t = _topk_teacher(
-    idx.reshape(plan["n"], k),
-    lax.stop_gradient(lp.reshape(plan["n"], k)),
-    plan["temperature"],
-    plan["vocab_size"],
-    cdt,
-  )
-  bad = bad | (counted & bad_t)
-  d = _Distill(
-    student=_head_config(plan, plan["vd"], precision),
-    teacher=None,
-    beta=0.0,
-    temperature=plan["temperature"],
-    hard_weight=plan["alpha"],
-  )
-  per_tok = {"idx": idx2, "q": q, "qlogq": qlogq}
-  if d.ce:
-    per_tok["y"] = y
-  return _run(x2, w, (), per_tok, counted, bad, d, plan, strategy, reduction, (x2.dtype, w.dtype))
+  n = tok.x.shape[0]
+  return idx.reshape(n, k), lp.reshape(n, k)

@@ -69,11 +69,9 @@ from jax import lax
 
 from xentjax import _core
 from xentjax import _validation as V
-from xentjax._tiles import (  # noqa: F401 -- also the import point of the fused distillation
-  _FILTER_TOKEN_CHUNK,
+from xentjax._tiles import (
+  _STORE_TILE,
   _auto_chunks,
-  _axis_size,
-  _combine_lse,
   _Config,
   _dot_dw,
   _dot_dx,
@@ -86,7 +84,6 @@ from xentjax._tiles import (  # noqa: F401 -- also the import point of the fused
   _safe,
   _sharded,
   _spec_tree,
-  _specs,
   _vocab_offset,
   _w_chunk,
   place,
@@ -542,43 +539,55 @@ class _Tokens(NamedTuple):
   where: _Placement
 
 
-def _check_arrays(x, w, labels, w_layout):
-  """`(x, w, labels, vd)` as arrays, with clear errors on dtypes and shapes."""
-  V.check_floating("x", x)
-  V.check_floating("w", w)
-  V.check_integer("labels", labels)
-  x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
-  if w_layout not in ("dv", "vd"):
+def _check_head(x_name, x, w_name, w, layout_name, layout):
+  """`(x, w, vd, n_cols)`: hidden states `[..., D]` and their output head, as arrays.
+
+  The errors name the arguments (`x`, `w`, `w_layout` of every entry point; the
+  distillation losses check their teacher's head under its own names).
+  """
+  V.check_floating(x_name, x)
+  V.check_floating(w_name, w)
+  if layout not in ("dv", "vd"):
     raise ValueError(
-      f'`w_layout` must be "dv" (w is [D, V]) or "vd" (w is [V, D], a tied '
-      f"embedding table), got {w_layout!r}."
+      f'`{layout_name}` must be "dv" ({w_name} is [D, V]) or "vd" ({w_name} is [V, D], a '
+      f"tied embedding table), got {layout!r}."
     )
-  vd = w_layout == "vd"
+  x, w = jnp.asarray(x), jnp.asarray(w)
+  vd = layout == "vd"
   if x.ndim < 1 or w.ndim != 2:
     raise ValueError(
-      f"`x` must be [..., D] and `w` a matrix ([D, V], or [V, D] with "
-      f'w_layout="vd"), got x.shape={x.shape} and w.shape={w.shape}.'
+      f"`{x_name}` must be [..., D] and `{w_name}` a matrix ([D, V], or [V, D] with "
+      f'{layout_name}="vd"), got {x_name}.shape={x.shape} and {w_name}.shape={w.shape}.'
     )
   d = x.shape[-1]
-  w_d = w.shape[1] if vd else w.shape[0]
+  w_d, n_cols = (w.shape[1], w.shape[0]) if vd else w.shape
   if w_d != d:
     hint = (
-      ' (w looks like a [V, D] embedding table: pass w_layout="vd")'
+      f' ({w_name} looks like a [V, D] embedding table: pass {layout_name}="vd")'
       if not vd and w.shape[1] == d
-      else ' (w looks like [D, V]: pass w_layout="dv")'
+      else f' ({w_name} looks like [D, V]: pass {layout_name}="dv")'
       if vd and w.shape[0] == d
       else ""
     )
     raise ValueError(
-      f"The hidden size of `x` and `w` must agree: x.shape={x.shape} has D={d} but "
-      f"w.shape={w.shape} with w_layout={w_layout!r} has D={w_d}{hint}."
+      f"The hidden size of `{x_name}` and `{w_name}` must agree: {x_name}.shape={x.shape} has "
+      f"D={d} but {w_name}.shape={w.shape} with {layout_name}={layout!r} has D={w_d}{hint}."
     )
+  return x, w, vd, n_cols
+
+
+def _check_labels(labels, x, *, optional: bool = False):
+  """Integer `labels` with the token shape of `x` (None stays None when `optional`)."""
+  if labels is None and optional:
+    return None
+  V.check_integer("labels", labels)
+  labels = jnp.asarray(labels)
   if labels.shape != x.shape[:-1]:
     raise ValueError(
       f"`labels` must have the shape of `x` without its last axis, got "
       f"labels.shape={labels.shape} for x.shape={x.shape} (expected {x.shape[:-1]})."
     )
-  return x, w, labels, vd
+  return labels
 
 
 def _check_vocab_size(vocab_size, n_cols: int) -> int:
@@ -594,12 +603,37 @@ def _check_vocab_size(vocab_size, n_cols: int) -> int:
   return vocab_size
 
 
+def _check_where(where, x_shape: tuple, by_x: bool):
+  """`where` as an array that broadcasts to the tokens `x_shape[:-1]` (or None).
+
+  The errors name the tokens by `labels`, or by `x` where `by_x` (the
+  distillation losses, whose labels are optional).
+  """
+  if where is None:
+    return None
+  batch_shape = x_shape[:-1]
+  tokens = "x without its last axis" if by_x else "labels"
+  V.check_broadcastable("where", where, tokens, jax.ShapeDtypeStruct(batch_shape, bool))
+  where = jnp.asarray(where)
+  if where.ndim > len(batch_shape) or jnp.broadcast_shapes(where.shape, batch_shape) != batch_shape:
+    got = f"got where.shape={where.shape} and "
+    target = (
+      f"the token shape of `x`, {got}x.shape={x_shape} (tokens {batch_shape})"
+      if by_x
+      else f"the shape of `labels`, {got}labels.shape={batch_shape}"
+    )
+    raise ValueError(f"`where` must broadcast to {target}.")
+  return where
+
+
 def _placement(
-  x, w, n: int, n_cols: int, vocab_size: int, vd: bool, mesh, data_axis, vocab_axis
+  x, w, n: int, n_cols: int, vocab_size: int, vd: bool, mesh, data_axis, vocab_axis, student: bool
 ) -> _Placement:
-  """The placement of one call, checked against the shapes."""
+  """The placement of one call, checked against the shapes (`student`: see `_prepare`)."""
   if mesh is None:
-    if data_axis is not None or vocab_axis is not None:
+    if student:  # the distillation losses' default axes "data" and "vocab" need a mesh
+      data_axis = vocab_axis = None
+    elif data_axis is not None or vocab_axis is not None:
       raise ValueError("`data_axis` and `vocab_axis` need a `mesh`.")
     layout = _explicit_layout(x, w, vd)
     if layout is None:
@@ -608,19 +642,31 @@ def _placement(
   data_shards, vocab_shards = _mesh_axes(mesh, data_axis, vocab_axis)
   if n_cols % vocab_shards:
     padded = -(-n_cols // vocab_shards) * vocab_shards
+    also = " (and the teacher's head)" if student else ""
     raise ValueError(
       f"The vocabulary of `w` (w.shape={w.shape}, V={n_cols}) is not divisible by "
-      f"the {vocab_shards} devices of mesh axis {vocab_axis!r}. Pad `w` with "
+      f"the {vocab_shards} devices of mesh axis {vocab_axis!r}. Pad `w`{also} with "
       f"{padded - n_cols} zero {'rows' if vd else 'columns'} to V={padded} and pass "
       f"vocab_size={vocab_size}: padding classes are then excluded exactly."
     )
   if n % data_shards:
+    tokens = f"`x` (x.shape={x.shape})" if student else f"`labels` (labels.shape={x.shape[:-1]})"
+    mask = "`where`" if student else "`where` (or `ignore_index`)"
     raise ValueError(
-      f"The {n} tokens of `labels` (labels.shape={x.shape[:-1]}) are not divisible by the "
-      f"{data_shards} devices of mesh axis {data_axis!r}; pad the batch and mask the "
-      "padding with `where` (or `ignore_index`)."
+      f"The {n} tokens of {tokens} are not divisible by the {data_shards} devices of mesh "
+      f"axis {data_axis!r}; pad the batch and mask the padding with {mask}."
     )
   return _Placement(mesh, data_axis, vocab_axis, data_shards, vocab_shards)
+
+
+def _label_status(labels, batch_shape: tuple, vocab_size: int, ignore_index, where):
+  """`_core.LabelStatus` of the tokens; without labels every token `where` keeps counts."""
+  if labels is not None:
+    return _core.label_status(labels, vocab_size, ignore_index=ignore_index, where=where)
+  counted = jnp.ones(batch_shape, bool)
+  if where is not None:
+    counted = counted & jnp.broadcast_to(where.astype(bool), batch_shape)
+  return _core.LabelStatus(counted, jnp.zeros(batch_shape, bool), jnp.zeros(batch_shape, jnp.int32))
 
 
 def _prepare(
@@ -635,25 +681,25 @@ def _prepare(
   mesh=None,
   data_axis=None,
   vocab_axis=None,
+  student=False,
 ) -> _Tokens:
-  """Checks the common arguments and flattens the tokens."""
-  x, w, labels, vd = _check_arrays(x, w, labels, w_layout)
+  """Checks the common arguments and flattens the tokens.
+
+  `student=True` for the student's head of a distillation loss: `labels` may
+  be None (then every token `where` keeps counts, with index 0), the errors
+  name the tokens by `x` and ask to pad the teacher's head too, and the mesh
+  axes count only with a `mesh`.
+  """
+  x, w, vd, n_cols = _check_head("x", x, "w", w, "w_layout", w_layout)
+  labels = _check_labels(labels, x, optional=student)
   if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
     raise TypeError(f"`ignore_index` must be a Python int, got {ignore_index!r}.")
-  n_cols = w.shape[0] if vd else w.shape[1]
   vocab_size = _check_vocab_size(vocab_size, n_cols)
-  batch_shape = labels.shape
-  if where is not None:
-    V.check_broadcastable("where", where, "labels", labels)
-    where = jnp.asarray(where)
-    if where.ndim > labels.ndim or jnp.broadcast_shapes(where.shape, batch_shape) != batch_shape:
-      raise ValueError(
-        f"`where` must broadcast to the shape of `labels`, got where.shape={where.shape} "
-        f"and labels.shape={batch_shape}."
-      )
+  batch_shape = x.shape[:-1]
+  where = _check_where(where, x.shape, by_x=student)
   n = math.prod(batch_shape)
-  placement = _placement(x, w, n, n_cols, vocab_size, vd, mesh, data_axis, vocab_axis)
-  status = _core.label_status(labels, vocab_size, ignore_index=ignore_index, where=where)
+  placement = _placement(x, w, n, n_cols, vocab_size, vd, mesh, data_axis, vocab_axis, student)
+  status = _label_status(labels, batch_shape, vocab_size, ignore_index, where)
   status = _core.LabelStatus(*(a.reshape(n) for a in status))
   return _Tokens(
     x.reshape(n, x.shape[-1]),
@@ -666,6 +712,24 @@ def _prepare(
     V.compute_dtype(x.dtype, w.dtype),
     placement,
   )
+
+
+def _check_strategy(reduction, strategy, vocab_chunk_size) -> None:
+  """The reduction and the strategy of a fused loss ("store" needs a scalar and whole rows)."""
+  V.check_reduction(reduction)
+  if strategy not in ("recompute", "store"):
+    raise ValueError(f'`strategy` must be "recompute" or "store", got {strategy!r}.')
+  if strategy == "store" and reduction == "none":
+    raise ValueError(
+      'strategy="store" forms the weight gradient in the forward pass, which needs a '
+      'scalar loss: use reduction="mean" or "sum", or strategy="recompute" for '
+      'reduction="none".'
+    )
+  if strategy == "store" and vocab_chunk_size is not None:
+    raise ValueError(
+      'strategy="store" works on whole vocabulary rows; `vocab_chunk_size` only applies '
+      'to strategy="recompute".'
+    )
 
 
 def _check_temperature(temperature) -> float:
@@ -682,6 +746,14 @@ def _check_soft_cap(cap) -> float | None:
   if not c > 0.0 or math.isinf(c):
     raise ValueError(f"`logit_soft_cap` must be None or a finite number > 0, got {cap!r}.")
   return c
+
+
+def _check_top_k(top_k, vocab_size: int) -> int:
+  if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    raise ValueError(f"`top_k` must be an int >= 0, got {top_k!r}.")
+  if top_k > vocab_size:
+    raise ValueError(f"`top_k`={top_k} exceeds the vocabulary size V={vocab_size}.")
+  return top_k
 
 
 def _check_vector(name: str, v, size: int, what: str):
@@ -722,6 +794,8 @@ def _config(
   soft_cap,
   temperature,
   has_bias,
+  store_tile=_STORE_TILE,
+  top_k=0,
   **stats,
 ) -> _Config:
   filtered = stats.get("filter_eps") is not None
@@ -733,6 +807,7 @@ def _config(
     _positive_int("token_chunk_size", token_chunk_size),
     _positive_int("vocab_chunk_size", vocab_chunk_size),
     filtered=filtered,
+    store_tile=store_tile,
   )
   return _Config(
     num_classes=tok.vocab_size,
@@ -747,8 +822,48 @@ def _config(
     vocab_axis=pl.vocab_axis,
     temperature=temperature,
     has_bias=has_bias,
+    top_k=_check_top_k(top_k, tok.vocab_size),
     **stats,
   )
+
+
+def _head(
+  x,
+  w,
+  labels,
+  *,
+  strategy="recompute",
+  bias=None,
+  logit_soft_cap=None,
+  temperature=1.0,
+  token_chunk_size=None,
+  vocab_chunk_size=None,
+  precision=None,
+  store_tile=_STORE_TILE,
+  stats=None,
+  **tokens,
+) -> tuple[_Tokens, _Config, Any]:
+  """`(tok, cfg, bias)`: the checked tokens, the engine's configuration and the checked bias.
+
+  The one preparation of every fused entry point, from the keywords they share:
+  `tokens` are `_prepare`'s, `stats` the statistics `cfg` asks the engine for
+  (fields of `_Config`: ``entropy=True``, ``top_k=k``, ...).
+  """
+  tok = _prepare(x, w, labels, **tokens)
+  bias = _check_vector("bias", bias, tok.n_cols, "one per column of `w`")
+  cfg = _config(
+    tok,
+    strategy,
+    token_chunk_size,
+    vocab_chunk_size,
+    precision,
+    soft_cap=_check_soft_cap(logit_soft_cap),
+    temperature=_check_temperature(temperature),
+    has_bias=bias is not None,
+    store_tile=store_tile,
+    **(stats or {}),
+  )
+  return tok, cfg, bias
 
 
 def _placed(args: dict, cfg: _Config) -> dict:
@@ -819,23 +934,9 @@ class _CELoss:
     return jnp.where(aux["counted"], aux["coef"] * ell, 0.0)
 
 
-def _ce_options(
-  tok: _Tokens, *, reduction, strategy, vocab_chunk_size, label_smoothing, z_loss, filter_eps
-):
-  V.check_reduction(reduction)
-  if strategy not in ("recompute", "store"):
-    raise ValueError(f'`strategy` must be "recompute" or "store", got {strategy!r}.')
-  if strategy == "store" and reduction == "none":
-    raise ValueError(
-      'strategy="store" forms the weight gradient in the forward pass, which needs a '
-      'scalar loss: use reduction="mean" or "sum", or strategy="recompute" for '
-      'reduction="none".'
-    )
-  if strategy == "store" and vocab_chunk_size is not None:
-    raise ValueError(
-      'strategy="store" works on whole vocabulary rows; `vocab_chunk_size` only applies '
-      'to strategy="recompute".'
-    )
+def _ce_options(reduction, strategy, vocab_chunk_size, label_smoothing, z_loss, filter_eps):
+  """`(eps, lam, filter_eps)`, checked, with the reduction and the strategy."""
+  _check_strategy(reduction, strategy, vocab_chunk_size)
   eps = V.check_label_smoothing(label_smoothing)
   lam = V.check_nonnegative("z_loss", z_loss)
   if filter_eps is not None:
@@ -1053,63 +1154,65 @@ def linear_softmax_cross_entropy(
     "Online normalizer calculation for softmax", 2018. Chowdhery et al.,
     "PaLM", 2022 (z-loss). Gemma Team, "Gemma 2", 2024 (logit soft-capping).
   """
-  tok = _prepare(
-    x,
-    w,
-    labels,
-    ignore_index=ignore_index,
-    where=where,
-    w_layout=w_layout,
-    vocab_size=vocab_size,
-    mesh=mesh,
-    data_axis=data_axis,
-    vocab_axis=vocab_axis,
-  )
+  return _linear_softmax_cross_entropy(**locals())
+
+
+def _linear_softmax_cross_entropy(
+  x,
+  w,
+  labels,
+  *,
+  reduction,
+  weights,
+  class_weights,
+  label_smoothing,
+  z_loss,
+  filter_eps,
+  return_lse,
+  strategy,
+  vocab_chunk_size,
+  **head,
+):
+  """`linear_softmax_cross_entropy`, its arguments by name (`head`: the keywords of `_head`)."""
   eps, lam, filter_eps = _ce_options(
-    tok,
-    reduction=reduction,
-    strategy=strategy,
-    vocab_chunk_size=vocab_chunk_size,
-    label_smoothing=label_smoothing,
-    z_loss=z_loss,
-    filter_eps=filter_eps,
+    reduction, strategy, vocab_chunk_size, label_smoothing, z_loss, filter_eps
   )
-  bias = _check_vector("bias", bias, tok.n_cols, "one per column of `w`")
+  stats = {"weighted_sum": bool(eps), "filter_eps": filter_eps}
+  tok, cfg, bias = _head(
+    x, w, labels, strategy=strategy, vocab_chunk_size=vocab_chunk_size, stats=stats, **head
+  )
   class_weights = _check_vector("class_weights", class_weights, tok.vocab_size, "one per class")
   weights = _check_weights(weights, tok.batch_shape)
   # Weights are data, not parameters: no gradient flows into them.
   weights, class_weights = lax.stop_gradient((weights, class_weights))
-  cfg = _config(
-    tok,
-    strategy,
-    token_chunk_size,
-    vocab_chunk_size,
-    precision,
-    soft_cap=_check_soft_cap(logit_soft_cap),
-    temperature=_check_temperature(temperature),
-    has_bias=bias is not None,
-    weighted_sum=bool(eps),
-    filter_eps=filter_eps,
-  )
   token_loss = _CELoss(eps, lam, class_weights is not None)
   aux, denom = _ce_aux(tok, weights, class_weights, reduction, strategy, eps)
   u = _column_weights(tok, class_weights, eps)
   if strategy == "store":
-    args = _placed(_engine_args(tok, bias, u, aux=aux), cfg)
-    total, lse = _store(args, cfg, token_loss, _store_layout(args))
-    loss = total if denom is None else jnp.where(denom == 0, jnp.nan, total)
-    lse = lax.stop_gradient(lse)
+    loss, lse = _ce_store(tok, cfg, bias, u, aux, token_loss, denom)
   else:
-    out = statistics(tok, cfg, bias, u)
-    s = Stats(lax.stop_gradient(out["m"]), out["log_s"], out["zy"], out.get("zu"), None)
-    per_token = token_loss(s, aux)
-    lse = s.m + s.log_s
-    if reduction == "none":
-      loss = per_token.reshape(tok.batch_shape)
-    elif reduction == "sum":
-      loss = jnp.sum(per_token)
-    else:
-      loss = _core.mean_or_nan(jnp.sum(per_token), denom)
+    loss, lse = _ce_recompute(tok, cfg, bias, u, aux, token_loss, denom, reduction)
   if return_lse:
     return loss, lse.reshape(tok.batch_shape)
   return loss
+
+
+def _ce_store(tok: _Tokens, cfg: _Config, bias, u, aux, token_loss, denom):
+  """`(loss, lse)` of strategy "store": the scalar and its gradients in one pass."""
+  args = _placed(_engine_args(tok, bias, u, aux=aux), cfg)
+  total, lse = _store(args, cfg, token_loss, _store_layout(args))
+  loss = total if denom is None else jnp.where(denom == 0, jnp.nan, total)
+  return loss, lax.stop_gradient(lse)
+
+
+def _ce_recompute(tok: _Tokens, cfg: _Config, bias, u, aux, token_loss, denom, reduction):
+  """`(loss, lse)` of strategy "recompute": the per-token loss on the engine's statistics."""
+  out = statistics(tok, cfg, bias, u)
+  s = Stats(lax.stop_gradient(out["m"]), out["log_s"], out["zy"], out.get("zu"), None)
+  per_token = token_loss(s, aux)
+  lse = s.m + s.log_s
+  if reduction == "none":
+    return per_token.reshape(tok.batch_shape), lse
+  if reduction == "sum":
+    return jnp.sum(per_token), lse
+  return _core.mean_or_nan(jnp.sum(per_token), denom), lse

@@ -344,11 +344,14 @@ def _positive_int(name: str, value) -> int | None:
   return value
 
 
-def _auto_chunks(strategy, n_tokens, n_cols, token_chunk, vocab_chunk, *, filtered=False):
+def _auto_chunks(
+  strategy, n_tokens, n_cols, token_chunk, vocab_chunk, *, filtered=False, store_tile=_STORE_TILE
+):
   """Tile sizes: the user's, or ones that keep a float32 logit tile at 8-64 MiB.
 
   With gradient filtering the automatic tile is 256 tokens x 512 columns (see
-  `_FILTER_TOKEN_CHUNK`).
+  `_FILTER_TOKEN_CHUNK`). `store_tile`: the elements of the automatic whole-row
+  tile of strategy "store" (smaller where a kernel holds several such tiles).
   """
   if strategy == "recompute":
     vc = vocab_chunk or (_FILTER_VOCAB_CHUNK if filtered else _RECOMPUTE_VOCAB_CHUNK)
@@ -357,5 +360,5 @@ def _auto_chunks(strategy, n_tokens, n_cols, token_chunk, vocab_chunk, *, filter
     tc = token_chunk or auto_tc
   else:
     vc = max(n_cols, 1)
-    tc = token_chunk or max(_MIN_TOKEN_CHUNK, _STORE_TILE // max(n_cols, 1))
+    tc = token_chunk or max(_MIN_TOKEN_CHUNK, store_tile // max(n_cols, 1))
   return min(tc, max(n_tokens, 1)), vc

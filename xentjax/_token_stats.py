@@ -43,14 +43,6 @@ class TokenStats(NamedTuple):
   top_k_indices: jax.Array | None
 
 
-def _check_top_k(top_k, vocab_size: int) -> int:
-  if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-    raise ValueError(f"`top_k` must be an int >= 0, got {top_k!r}.")
-  if top_k > vocab_size:
-    raise ValueError(f"`top_k`={top_k} exceeds the vocabulary size V={vocab_size}.")
-  return top_k
-
-
 def linear_token_stats(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,
@@ -136,33 +128,13 @@ def linear_token_stats(
     "Proximal Policy Optimization Algorithms", 2017. Wijmans et al., "Cut Your
     Losses in Large-Vocabulary Language Models", 2024.
   """
-  tok = _fused._prepare(
-    x,
-    w,
-    labels,
-    ignore_index=ignore_index,
-    where=where,
-    w_layout=w_layout,
-    vocab_size=vocab_size,
-    mesh=mesh,
-    data_axis=data_axis,
-    vocab_axis=vocab_axis,
-  )
-  top_k = _check_top_k(top_k, tok.vocab_size)
-  bias = _fused._check_vector("bias", bias, tok.n_cols, "one per column of `w`")
-  cfg = _fused._config(
-    tok,
-    "recompute",
-    token_chunk_size,
-    vocab_chunk_size,
-    precision,
-    soft_cap=_fused._check_soft_cap(logit_soft_cap),
-    temperature=_fused._check_temperature(temperature),
-    has_bias=bias is not None,
-    entropy=True,
-    argmax=True,
-    top_k=top_k,
-  )
+  return _linear_token_stats(**locals())
+
+
+def _linear_token_stats(x, w, labels, *, top_k, **head) -> TokenStats:
+  """`linear_token_stats`, its arguments by name (`head`: the keywords of `_fused._head`)."""
+  stats = {"entropy": True, "argmax": True, "top_k": top_k}
+  tok, cfg, bias = _fused._head(x, w, labels, stats=stats, **head)
   out = _fused.statistics(tok, cfg, bias)
   m = lax.stop_gradient(out["m"])
   lse = m + out["log_s"]
@@ -172,11 +144,11 @@ def linear_token_stats(
   entropy = jnp.where(counted, out["log_s"] - out["ent"], 0.0)
   shape = tok.batch_shape
   top_lp = top_i = None
-  if top_k:
+  if cfg.top_k:
     top_lp = (lax.stop_gradient(out["topv"]) - lax.stop_gradient(lse)[:, None]).reshape(
-      *shape, top_k
+      *shape, cfg.top_k
     )
-    top_i = out["topi"].reshape(*shape, top_k)
+    top_i = out["topi"].reshape(*shape, cfg.top_k)
   return TokenStats(
     logprob.reshape(shape),
     entropy.reshape(shape),
