@@ -752,6 +752,7 @@ def linear_distillation_loss(
     Kernel", 2024 (fused linear JSD). Milakov & Gimelshein, "Online normalizer
     calculation for softmax", 2018.
   """
+  # Every argument, by name, to the implementation: the signature above is the public one.
   return _linear_distillation_loss(**locals())
 
 
@@ -951,6 +952,7 @@ def linear_topk_distillation_loss(
     Hinton, Vinyals & Dean, 2015. Raman et al., "For Distillation, Tokens Are
     Not All You Need", 2023 (top-k logit distillation).
   """
+  # Every argument, by name, to the implementation: the signature above is the public one.
   return _linear_topk_distillation_loss(**locals())
 
 

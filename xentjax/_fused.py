@@ -798,6 +798,11 @@ def _config(
   top_k=0,
   **stats,
 ) -> _Config:
+  """The engine's `_Config` for `tok`: tile sizes and the statistics `stats` asks for.
+
+  Tile sizes are the user's or automatic (`_auto_chunks`; `store_tile` sizes the
+  whole-row tile of strategy "store"); `top_k` is checked against the vocabulary.
+  """
   filtered = stats.get("filter_eps") is not None
   pl = tok.where
   tc, vc = _auto_chunks(
@@ -1154,6 +1159,7 @@ def linear_softmax_cross_entropy(
     "Online normalizer calculation for softmax", 2018. Chowdhery et al.,
     "PaLM", 2022 (z-loss). Gemma Team, "Gemma 2", 2024 (logit soft-capping).
   """
+  # Every argument, by name, to the implementation: the signature above is the public one.
   return _linear_softmax_cross_entropy(**locals())
 
 

@@ -128,6 +128,7 @@ def linear_token_stats(
     "Proximal Policy Optimization Algorithms", 2017. Wijmans et al., "Cut Your
     Losses in Large-Vocabulary Language Models", 2024.
   """
+  # Every argument, by name, to the implementation: the signature above is the public one.
   return _linear_token_stats(**locals())
 
 
