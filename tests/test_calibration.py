@@ -205,10 +205,20 @@ def test_brier_of_confident_and_non_finite_rows():
   np.testing.assert_allclose(
     L.evaluate([(z[:2], y[:2])]).brier_score, per_row[:2].mean(), rtol=1e-5
   )
-  # A row with no finite logit has no softmax: NaN, in both.
-  bad = np.array([[-np.inf] * 4], np.float32)
-  assert np.isnan(C.brier_score(bad, np.array([1])))
-  assert np.isnan(L.evaluate([(bad, np.array([1]))]).brier_score)
+  # Every logit -inf: all classes tied (confidence 1/K), the uniform score 1 - 1/K;
+  # a NaN logit: NaN. The same in both.
+  empty = np.array([[-np.inf] * 4], np.float32)
+  np.testing.assert_allclose(C.brier_score(empty, np.array([1])), 1 - 1 / 4, rtol=1e-7)
+  np.testing.assert_allclose(L.evaluate([(empty, np.array([1]))]).brier_score, 0.75, rtol=1e-7)
+  uniform = np.full((1, 4), 0.25, np.float32)
+  soft = np.array([[0.1, 0.2, 0.3, 0.4]], np.float32)
+  np.testing.assert_allclose(C.brier_score(empty, soft), ((uniform - soft) ** 2).sum(), rtol=1e-6)
+  np.testing.assert_allclose(
+    L.evaluate([(empty, soft)]).brier_score, ((uniform - soft) ** 2).sum(), rtol=1e-6
+  )
+  nan_row = np.array([[0.0, np.nan, 1.0, 2.0]], np.float32)
+  assert np.isnan(C.brier_score(nan_row, np.array([0])))
+  assert np.isnan(L.evaluate([(nan_row, np.array([0]))]).brier_score)
 
 
 def test_reliability_diagram_bins_and_plot(tmp_path):

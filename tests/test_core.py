@@ -57,7 +57,7 @@ def test_row_stats_brier_terms_match_float64():
   p = e / e.sum(-1, keepdims=True)
   brier = ((p - np.eye(4)[y]) ** 2).sum(-1)
   np.testing.assert_allclose(
-    _core.brier_from_stats(st.log_s, st.s_other, st.sq_other), brier, rtol=1e-6
+    _core.brier_from_stats(st.log_s, st.s_other, st.sq_other, 4), brier, rtol=1e-6
   )
 
 

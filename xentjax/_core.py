@@ -362,7 +362,18 @@ def row_stats(
   return RowStats(m[..., 0], log_s, zy, zmean, n_greater, n_tied, s_other, sq_other)
 
 
-def brier_from_stats(log_s, s_other, sq_other):
+def probabilities(z):
+  """``softmax(z)`` over the last axis; a row whose logits are all ``-inf`` is uniform.
+
+  Such a row has every class tied (as in `confidence` and the tie credit),
+  so its distribution is ``1/K`` per class, never NaN. A NaN row is NaN.
+  """
+  empty = jnp.all(z == -jnp.inf, axis=-1, keepdims=True)
+  uniform = jnp.asarray(1.0 / z.shape[-1], z.dtype)
+  return jnp.where(empty, uniform, jax.nn.softmax(jnp.where(empty, 0.0, z), axis=-1))
+
+
+def brier_from_stats(log_s, s_other, sq_other, num_classes):
   r"""The Brier score of a row, :math:`\sum_j (p_j - [j = y])^2`, from `row_stats`.
 
   Written as :math:`(1 - p_y)^2 + \sum_{j \ne y} p_j^2
@@ -370,10 +381,13 @@ def brier_from_stats(log_s, s_other, sq_other):
   :math:`1 - p_y = s_{\ne y} / s` summed over the other classes: no term is
   a difference of numbers near 1, so a confident row keeps its relative
   precision (``1 - softmax(z)[y]``, or :math:`\sum_j p_j^2 - 2 p_y + 1`,
-  has an absolute error of about 1e-7 in float32). A row with no finite
-  logit (``log_s = -inf``) or a NaN one is NaN, like its softmax.
+  has an absolute error of about 1e-7 in float32). A row whose logits are
+  all ``-inf`` has every class tied (as for `confidence`): the uniform
+  distribution's score :math:`1 - 1/K`. A NaN row is NaN.
   """
-  return (jnp.square(s_other) + sq_other) * jnp.exp(-2.0 * log_s)
+  empty = log_s == -jnp.inf
+  score = (jnp.square(s_other) + sq_other) * jnp.exp(-2.0 * jnp.where(empty, 0.0, log_s))
+  return jnp.where(empty, 1.0 - 1.0 / jnp.asarray(num_classes, score.dtype), score)
 
 
 def confidence(log_s, num_classes):
@@ -420,7 +434,7 @@ def row_metrics(z, status: LabelStatus, top_k: int, nll=None, *, brier=False) ->
     conf,
   )
   if brier:
-    fields += (brier_from_stats(st.log_s, st.s_other, st.sq_other),)
+    fields += (brier_from_stats(st.log_s, st.s_other, st.sq_other, z.shape[-1]),)
 
   def finish(v):
     v = jnp.where(status.bad, jnp.nan, v.astype(z.dtype))

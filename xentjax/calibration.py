@@ -455,7 +455,7 @@ def _streaming_terms(z, y, counted, log_t):
   y = jnp.where(counted[:, None], y, 0.0)
   n = z.shape[0]
   rows = _Rows(z, y, jnp.zeros((n,), jnp.int32), counted, jnp.zeros((n,), bool))
-  p = jax.nn.softmax(z, axis=-1)
+  p = _core.probabilities(z)
   brier = jnp.where(counted, jnp.sum(jnp.square(p - y), axis=-1), 0.0)
   stats = jax.vmap(lambda s: jnp.stack(_ce_derivatives(rows, s)), out_axes=1)(log_t)
   return brier, stats
@@ -579,7 +579,7 @@ def _ece_jit(logits, labels, where, num_bins, binning, classwise):
     conf, credit = _top_label(rows)
     count, conf_sum, credit_sum, _, _ = _bin_sums(conf, credit, rows.counted, num_bins, binning)
     return _poison(_ece_from_sums(count, conf_sum, credit_sum), rows)
-  p = jax.nn.softmax(rows.z, axis=-1)
+  p = _core.probabilities(rows.z)
   hit = jax.nn.one_hot(rows.label, p.shape[-1], dtype=p.dtype)
 
   def per_class(pk, hk):
@@ -643,11 +643,11 @@ def expected_calibration_error(
 def _brier_jit(logits, labels, where):
   rows = _rows(logits, labels, where)
   if jnp.issubdtype(jnp.asarray(labels).dtype, jnp.floating):
-    p = jax.nn.softmax(rows.z, axis=-1)
+    p = _core.probabilities(rows.z)
     per_row = jnp.sum(jnp.square(p - rows.y), axis=-1)
   else:  # the core's form: no cancellation in confident rows
     st = _core.row_stats(_core.neutral_rows(rows.z, rows.counted), rows.label, brier=True)
-    per_row = _core.brier_from_stats(st.log_s, st.s_other, st.sq_other)
+    per_row = _core.brier_from_stats(st.log_s, st.s_other, st.sq_other, rows.z.shape[-1])
   total = jnp.sum(jnp.where(rows.counted, per_row, 0.0))
   return _poison(mean_or_nan(total, jnp.sum(rows.counted)), rows)
 
