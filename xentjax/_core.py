@@ -52,7 +52,8 @@ Conventions decided here (the README's conventions table says the same):
 Reading order for a newcomer: `label_status` (which rows count), `row_stats`
 (the statistics), `cross_entropy_from_stats`/`xent` (the loss from them),
 `top_k_credit` and `row_metrics` (what `xentjax.metrics` averages and
-`xentjax.evaluate` sums), `mean_or_nan` (the reduction).
+`xentjax.evaluate` sums), `brier_from_stats` and `probabilities` (what
+`xentjax.calibration` scores), `mean_or_nan` (the reduction).
 """
 
 from __future__ import annotations
