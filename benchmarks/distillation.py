@@ -22,10 +22,7 @@ Prints markdown tables, side by side in one run:
 
 from __future__ import annotations
 
-import argparse
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 import xentjax
+from benchmarks._common import parser, print_header
 
 GEMMA = (8192, 2048, 262144)
 TIMING = (2048, 1024, 32768)
@@ -143,30 +141,14 @@ def time_table(n, d, v, beta, temperature, repeats, warmup):
   return "\n".join(rows)
 
 
-def machine():
-  dev = jax.devices()[0]
-  load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-  return (
-    f"{platform.platform()}; {platform.processor() or platform.machine()}; "
-    f"{os.cpu_count()} CPUs; load average {load[0]:.1f}; jax {jax.__version__}; "
-    f"backend {jax.default_backend()} ({dev.device_kind}, {jax.device_count()} device(s))"
-  )
-
-
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--small", action="store_true", help=f"time at N, D, V = {SMALL}")
-  p.add_argument("--repeats", type=int, default=5, help="timed repeats per method")
-  p.add_argument("--warmup", type=int, default=1)
+  p = parser(__doc__, SMALL)
   p.add_argument("--beta", type=float, default=0.0, help="0 forward KL, 1 reverse KL, else JSD")
   p.add_argument("--temperature", type=float, default=1.0)
-  p.add_argument("--no-memory", action="store_true", help="skip the memory table")
   p.add_argument("--no-time", action="store_true", help="skip the time table")
   args = p.parse_args(argv)
   timing = SMALL if args.small else TIMING
-  print(f"Machine: {machine()}")
-  if jax.default_backend() == "cpu":
-    print("No accelerator: CPU backend only (no GPU column).")
+  print_header()
   print(f"Loss: beta={args.beta}, temperature={args.temperature}, reduction mean\n")
   if not args.no_memory:
     sizes = [GEMMA, timing] if not args.small else [timing]

@@ -21,10 +21,7 @@ Prints markdown tables:
 
 from __future__ import annotations
 
-import argparse
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 import xentjax
+from benchmarks._common import machine, parser, print_header
 
 GEMMA = (8192, 2048, 262144)
 TIMING = (2048, 1024, 32768)
@@ -139,28 +137,11 @@ def time_table(n, d, v, repeats, warmup):
   return "\n".join(rows), med
 
 
-def machine():
-  dev = jax.devices()[0]
-  load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-  return (
-    f"{platform.platform()}; {platform.processor() or platform.machine()}; "
-    f"{os.cpu_count()} CPUs; load average {load[0]:.1f}; jax {jax.__version__}; "
-    f"backend {jax.default_backend()} ({dev.device_kind}, {jax.device_count()} device(s))"
-  )
-
-
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--small", action="store_true", help=f"time at N, D, V = {SMALL}")
-  p.add_argument("--repeats", type=int, default=None, help="timed repeats per method")
-  p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--no-memory", action="store_true", help="skip the memory table")
-  args = p.parse_args(argv)
+  args = parser(__doc__, SMALL).parse_args(argv)
   timing = SMALL if args.small else TIMING
-  repeats = args.repeats or 5
-  print(f"Machine: {machine()}")
-  if jax.default_backend() == "cpu":
-    print("No GPU/TPU was available for this run: all numbers are CPU numbers.")
+  repeats = args.repeats
+  print_header()
   print()
   if not args.no_memory:
     sizes = [GEMMA, timing]

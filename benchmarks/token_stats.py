@@ -32,11 +32,8 @@ Prints markdown tables, everything measured side by side in one run:
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -49,6 +46,7 @@ import numpy as np
 import optax
 
 import xentjax
+from benchmarks._common import machine, parser, print_header
 from xentjax import _tiles
 
 GEMMA = (8192, 2048, 262144)
@@ -247,28 +245,12 @@ def filter_table(size, repeats, warmup):
   return "\n".join(rows)
 
 
-def machine():
-  dev = jax.devices()[0]
-  load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-  return (
-    f"{platform.platform()}; {platform.processor() or platform.machine()}; "
-    f"{os.cpu_count()} CPUs; load average {load[0]:.1f}; jax {jax.__version__}; "
-    f"backend {jax.default_backend()} ({dev.device_kind}, {jax.device_count()} device(s))"
-  )
-
-
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--small", action="store_true", help=f"time at N, D, V = {SMALL}")
-  p.add_argument("--repeats", type=int, default=5, help="timed repeats per method")
-  p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--no-memory", action="store_true", help="skip the compile-only memory row")
+  p = parser(__doc__, SMALL, memory_help="skip the compile-only memory row")
   p.add_argument("--only", choices=("pg", "filter"), default=None)
   args = p.parse_args(argv)
   timing = SMALL if args.small else TIMING
-  print(f"Machine: {machine()}")
-  if jax.default_backend() == "cpu":
-    print("No GPU/TPU was available for this run: all numbers are CPU numbers.")
+  print_header()
   print()
   if args.only in (None, "pg"):
     print("Policy-gradient loss, fused statistics vs materialized logits:\n")

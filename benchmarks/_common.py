@@ -1,0 +1,37 @@
+"""What the fused-kernel benchmarks share: the machine line and the common options."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import jax
+
+
+def machine() -> str:
+  """One line: platform, CPUs, load average, jax version and backend."""
+  dev = jax.devices()[0]
+  load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+  return (
+    f"{platform.platform()}; {platform.processor() or platform.machine()}; "
+    f"{os.cpu_count()} CPUs; load average {load[0]:.1f}; jax {jax.__version__}; "
+    f"backend {jax.default_backend()} ({dev.device_kind}, {jax.device_count()} device(s))"
+  )
+
+
+def parser(doc: str, small, *, repeats=5, memory_help="skip the memory table"):
+  """The options every fused benchmark takes: --small, --repeats, --warmup, --no-memory."""
+  p = argparse.ArgumentParser(description=doc.split("\n")[0])
+  p.add_argument("--small", action="store_true", help=f"time at N, D, V = {small}")
+  p.add_argument("--repeats", type=int, default=repeats, help="timed repeats per method")
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--no-memory", action="store_true", help=memory_help)
+  return p
+
+
+def print_header() -> None:
+  """The machine, and a warning when the numbers are CPU numbers."""
+  print(f"Machine: {machine()}")
+  if jax.default_backend() == "cpu":
+    print("No GPU/TPU was available for this run: all numbers are CPU numbers.")
