@@ -13,7 +13,6 @@ compiled programs are searched for all-gathers of vocabulary-sized arrays.
 import json
 import os
 import re
-import traceback
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -23,6 +22,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _harness import close, recorder
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -38,24 +38,7 @@ CHUNKS = {
   "store": {"token_chunk_size": 4},
 }
 RESULTS = {}
-
-
-def check(name):
-  def wrap(fn):
-    try:
-      fn()
-      RESULTS[name] = "ok"
-    except Exception:  # noqa: BLE001 -- reported to the test, which fails
-      RESULTS[name] = traceback.format_exc(limit=6)
-    return fn
-
-  return wrap
-
-
-def close(a, b, what, tol=2e-5):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  scale = max(1.0, float(np.max(np.abs(b))))
-  np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale, err_msg=what)
+check = recorder(RESULTS)
 
 
 def vocab_sized_all_gathers(hlo_text):

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sys
-import traceback
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
@@ -23,6 +22,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 
 PID, NPROC, PORT, OUT = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+
+from _harness import recorder
 
 import xentjax
 
@@ -39,16 +40,7 @@ from jax.sharding import PartitionSpec as P
 RESULTS: dict = {"process_index": jax.process_index(), "measured": {}}
 
 
-def check(name):
-  def wrap(fn):
-    try:
-      fn()
-      RESULTS[name] = "ok"
-    except Exception:  # noqa: BLE001 -- reported to the test, which fails
-      RESULTS[name] = traceback.format_exc(limit=8)
-    return fn
-
-  return wrap
+check = recorder(RESULTS, limit=8)
 
 
 def measure(name, got, want):

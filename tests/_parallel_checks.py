@@ -10,7 +10,6 @@ import json
 import os
 import re
 import sys
-import traceback
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _harness import close, recorder
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -39,25 +39,7 @@ CHUNKS = {
 }
 
 RESULTS = {}
-
-
-def check(name):
-  def wrap(fn):
-    try:
-      fn()
-      RESULTS[name] = "ok"
-    except Exception:  # noqa: BLE001 -- reported to the test, which fails
-      RESULTS[name] = traceback.format_exc(limit=6)
-    return fn
-
-  return wrap
-
-
-def close(a, b, what, tol=2e-5):
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  scale = max(1.0, float(np.max(np.abs(b)))) if b.size else 1.0
-  np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale, err_msg=what)
+check = recorder(RESULTS)
 
 
 def inputs(v=V, w_layout="dv", seed=0):
