@@ -8,17 +8,13 @@ autodiff: independent of the fused kernels and of their custom VJPs. Tiles are s
 8, V = 37) so every loop runs full chunks and a tail.
 """
 
-import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _harness import run_checks
 
 import xentjax
 
@@ -457,22 +453,7 @@ PARALLEL_CHECKS = [
 
 def test_parallel_checks():
   """Both heads sharded over the vocabulary on a 2 x 4 mesh = one device, no vocab gather."""
-  here = pathlib.Path(__file__).resolve().parent
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join([str(here.parent), env.get("PYTHONPATH", "")])
-  env["JAX_PLATFORMS"] = "cpu"
-  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  proc = subprocess.run(
-    [sys.executable, str(here / "_distill_parallel_checks.py")],
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=600,
-    check=False,
-  )
-  lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS=")]
-  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-  results = json.loads(lines[-1][len("RESULTS=") :])
+  results = run_checks("_distill_parallel_checks.py", devices=8)
   assert sorted(results) == sorted(PARALLEL_CHECKS)
   failed = {k: v for k, v in results.items() if v != "ok"}
   assert not failed, failed

@@ -10,13 +10,8 @@ vocabulary-sized arrays. `JAX_ENABLE_X64` is inherited, so both settings of
 the suite cover it.
 """
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
+from _harness import run_checks
 
 import xentjax.parallel as par
 
@@ -42,21 +37,7 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def results():
-  here = pathlib.Path(__file__).resolve().parent
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join([str(here.parent), env.get("PYTHONPATH", "")])
-  env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run(
-    [sys.executable, str(here / "_parallel_checks.py")],
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=600,
-    check=False,
-  )
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS=")]
-  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return json.loads(lines[-1][len("RESULTS=") :])
+  return run_checks("_parallel_checks.py")
 
 
 @pytest.mark.parametrize("name", CHECKS)
