@@ -188,6 +188,37 @@ def test_gradients_declared_like_their_loss(name):
     grad(np.zeros(3, np.float32), np.zeros(3, np.float32), nope=1)
 
 
+# Public functions with the arguments of another, declared with `public_like`.
+DECLARED_LIKE = [
+  ("info.kl_divergence", "info.cross_entropy"),
+  ("info.js_divergence", "info.cross_entropy"),
+  ("cosine_distance", "cosine_similarity"),
+]
+
+
+def _resolve(dotted):
+  obj = L
+  for part in dotted.split("."):
+    obj = getattr(obj, part)
+  return obj
+
+
+@pytest.mark.parametrize("name,model", DECLARED_LIKE, ids=[n for n, _ in DECLARED_LIKE])
+def test_functions_declared_like_another_show_its_arguments(name, model):
+  fn, model = _resolve(name), _resolve(model)
+  assert inspect.isfunction(fn) and fn.__name__ == name.split(".")[-1]
+  assert inspect.signature(fn) == inspect.signature(model)
+  assert fn.static_argnames == model.static_argnames
+  text = pydoc.render_doc(fn, renderer=pydoc.plaintext)
+  assert f"{fn.__name__}({next(iter(inspect.signature(model).parameters))}" in text
+  assert "=-1" in text.replace(" ", "")  # the defaults are shown, not bare names
+  a = np.array([0.25, 0.75], np.float32)
+  with pytest.raises(TypeError, match="unexpected keyword argument 'nope'"):
+    fn(a, a, nope=1)
+  with pytest.raises(TypeError, match="`axis` must be an int"):
+    fn(a, a, axis=1.5)
+
+
 def test_public_like_takes_the_model_arguments_by_name():
   @_api.public(("n",))
   def model(x, y=2.0, *, n=1):

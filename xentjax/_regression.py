@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from xentjax import _validation as V
+from xentjax._api import public_like
 from xentjax._softmax import Axis, _class_axes, _jit_public, _prepare_where
 
 
@@ -85,14 +86,8 @@ def cosine_similarity(
   return ((a / a_norm) * (b / b_norm)).sum(axis=axes, where=mask)
 
 
-def cosine_distance(
-  predictions: jax.typing.ArrayLike,
-  targets: jax.typing.ArrayLike,
-  *,
-  epsilon: jax.typing.ArrayLike = 0.0,
-  axis: Axis = -1,
-  where: jax.typing.ArrayLike | None = None,
-) -> jax.Array:
+@public_like(cosine_similarity)  # the same arguments, so one signature
+def cosine_distance(predictions, targets, epsilon, axis, where) -> jax.Array:
   r"""Cosine distance, :math:`1 - \cos(a, b)` (see `cosine_similarity`).
 
   Args:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from xentjax._api import doc_parts, public
+from xentjax._api import doc_parts, public, public_like
 from xentjax._logspace import astype_exact, log_add, log_prob
 from xentjax._validation import (
   broadcasts_to,
@@ -364,17 +364,9 @@ def cross_entropy(
   return _pair_sum(_cross_entropy_terms, p, q, axis, where, base, normalize)
 
 
-@public(("axis", "base", "normalize"))
+@public_like(cross_entropy)  # the same arguments, so one signature
 @doc_parts(pair_options=_PAIR_OPTIONS)
-def kl_divergence(
-  p: ArrayLike,
-  q: ArrayLike,
-  axis: Axis = -1,
-  where: ArrayLike | None = None,
-  base: float | None = None,
-  *,
-  normalize: bool = False,
-) -> jax.Array:
+def kl_divergence(p, q, axis, where, base, normalize) -> jax.Array:
   r"""Kullback-Leibler divergence `D_KL(p || q)` between probability vectors.
 
   .. math::
@@ -410,17 +402,9 @@ def kl_divergence(
   return _pair_sum(_rel_entr_terms, p, q, axis, where, base, normalize)
 
 
-@public(("axis", "base", "normalize"))
+@public_like(cross_entropy)  # the same arguments, so one signature
 @doc_parts(pair_options=_PAIR_OPTIONS)
-def js_divergence(
-  p: ArrayLike,
-  q: ArrayLike,
-  axis: Axis = -1,
-  where: ArrayLike | None = None,
-  base: float | None = None,
-  *,
-  normalize: bool = False,
-) -> jax.Array:
+def js_divergence(p, q, axis, where, base, normalize) -> jax.Array:
   r"""Jensen-Shannon divergence: the symmetric, bounded relative of KL.
 
   .. math::
