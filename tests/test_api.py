@@ -9,6 +9,7 @@ options validated by name and one `where` rule.
 import inspect
 import pydoc
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -266,3 +267,87 @@ def test_package_declares_its_public_names_and_types():
   public = {n for n in vars(L) if not n.startswith("_")}
   assert set(L.__all__) == public
   assert (pathlib.Path(L.__file__).parent / "py.typed").is_file()
+
+
+# The fused functions: their own keywords, then the head keywords of `HeadOptions`.
+FUSED = {
+  "linear_softmax_cross_entropy": {},
+  "linear_token_stats": {},
+  "linear_distillation_loss": {"data_axis": "data", "vocab_axis": "vocab"},
+  "linear_topk_distillation_loss": {"data_axis": "data", "vocab_axis": "vocab"},
+}
+HEAD_KEYWORDS = [
+  "w_layout",
+  "vocab_size",
+  "token_chunk_size",
+  "vocab_chunk_size",
+  "precision",
+  "mesh",
+  "data_axis",
+  "vocab_axis",
+]
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_fused_functions_spell_out_their_head_keywords(name):
+  from xentjax import _fused
+
+  fn = getattr(L, name)
+  assert list(_fused.HeadOptions.__annotations__) == HEAD_KEYWORDS
+  source = inspect.signature(inspect.unwrap(fn)).parameters
+  assert list(source)[-1] == "head" and source["head"].kind is inspect.Parameter.VAR_KEYWORD
+  params = inspect.signature(fn).parameters
+  # The source's own arguments, unchanged and in order, then the head keywords.
+  assert list(params) == [*list(source)[:-1], *HEAD_KEYWORDS]
+  assert all(params[k] == source[k] for k in list(source)[:-1])
+  defaults = {"w_layout": "dv", **dict.fromkeys(HEAD_KEYWORDS[1:], None), **FUSED[name]}
+  for key in HEAD_KEYWORDS:
+    assert params[key].kind is inspect.Parameter.KEYWORD_ONLY
+    assert params[key].default == defaults[key], key
+    assert key in fn.__doc__, f"{name} does not document {key}"
+  text = pydoc.render_doc(fn, renderer=pydoc.plaintext)
+  assert "vocab_chunk_size: 'int | None' = None" in text and "**head" not in text
+
+
+def _fused_args(name):
+  x = np.ones((2, 3), np.float32)
+  w = np.zeros((3, 5), np.float32)
+  y = np.array([1, 4], np.int32)
+  if name == "linear_distillation_loss":
+    return x, w, x, w
+  if name == "linear_topk_distillation_loss":
+    return x, w, np.zeros((2, 1), np.int32), np.zeros((2, 1), np.float32)
+  return x, w, y
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_fused_functions_bind_calls_like_python(name):
+  fn = getattr(L, name)
+  args = _fused_args(name)
+  with pytest.raises(TypeError, match=rf"{name}\(\) got an unexpected keyword argument 'nope'"):
+    fn(*args, nope=1)
+  with pytest.raises(TypeError, match=rf"{name}\(\) too many positional arguments"):
+    fn(*args, None, None, None)
+  with pytest.raises(TypeError, match=rf"{name}\(\) missing a required argument"):
+    fn(*args[:1])
+
+
+def test_head_keywords_reach_the_implementation():
+  # vocab_size=3 keeps 3 of the 5 zero logits: log 3, against log 5 by default.
+  x, w, y = _fused_args("linear_softmax_cross_entropy")
+  y = np.array([0, 2], np.int32)
+  np.testing.assert_allclose(float(L.linear_softmax_cross_entropy(x, w, y)), np.log(5), rtol=1e-6)
+  got = L.linear_softmax_cross_entropy(x, w, y, vocab_size=3)
+  np.testing.assert_allclose(float(got), np.log(3), rtol=1e-6)
+  stats = L.linear_token_stats(x, w.T, y, w_layout="vd", vocab_size=3)
+  np.testing.assert_allclose(np.asarray(stats.entropy), np.log(3), rtol=1e-6)
+  # jax.jit reads the spelled-out signature for static_argnames.
+  jitted = jax.jit(L.linear_softmax_cross_entropy, static_argnames=("vocab_size",))
+  np.testing.assert_allclose(float(jitted(x, w, y, vocab_size=3)), np.log(3), rtol=1e-6)
+
+
+def test_takes_head_options_refuses_unknown_defaults():
+  from xentjax import _fused
+
+  with pytest.raises(TypeError, match="not keywords of HeadOptions"):
+    _fused.takes_head_options(chunk=1)

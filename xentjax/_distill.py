@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Unpack
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +53,17 @@ from jax.sharding import PartitionSpec as P
 
 from xentjax import _validation as V
 from xentjax._core import cross_entropy_from_stats, label_status, mean_or_nan
-from xentjax._fused import Strategy, WLayout, _check_head, _check_strategy, _head, _Tokens
+from xentjax._fused import (
+  HeadOptions,
+  Strategy,
+  WLayout,
+  _check_head,
+  _check_strategy,
+  _head,
+  _Tokens,
+  by_name,
+  takes_head_options,
+)
 from xentjax._tiles import (
   _combine_lse,
   _Config,
@@ -627,6 +637,7 @@ def _run(tok: _Tokens, teacher, per_tok, d: _Distill, strategy, reduction):
   return mean_or_nan(jnp.sum(per_token), count)
 
 
+@takes_head_options(data_axis="data", vocab_axis="vocab")
 def linear_distillation_loss(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,
@@ -641,15 +652,8 @@ def linear_distillation_loss(
   where: jax.typing.ArrayLike | None = None,
   reduction: str = "mean",
   strategy: Strategy = "recompute",
-  w_layout: WLayout = "dv",
   teacher_w_layout: WLayout = "dv",
-  vocab_size: int | None = None,
-  token_chunk_size: int | None = None,
-  vocab_chunk_size: int | None = None,
-  precision: Any = None,
-  mesh: jax.sharding.Mesh | None = None,
-  data_axis: str | None = "data",
-  vocab_axis: str = "vocab",
+  **head: Unpack[HeadOptions],
 ) -> jax.Array:
   r"""Teacher-student divergence of the logits ``x @ w`` and ``teacher_x @ teacher_w``, fused.
 
@@ -752,8 +756,8 @@ def linear_distillation_loss(
     Kernel", 2024 (fused linear JSD). Milakov & Gimelshein, "Online normalizer
     calculation for softmax", 2018.
   """
-  # Every argument, by name, to the implementation: the signature above is the public one.
-  return _linear_distillation_loss(**locals())
+  # Every argument, by name, to the implementation (`head`: the `HeadOptions`).
+  return _linear_distillation_loss(**by_name(locals()))
 
 
 def _linear_distillation_loss(
@@ -867,6 +871,7 @@ def check_topk_teacher(
     )
 
 
+@takes_head_options(data_axis="data", vocab_axis="vocab")
 def linear_topk_distillation_loss(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,
@@ -880,14 +885,7 @@ def linear_topk_distillation_loss(
   where: jax.typing.ArrayLike | None = None,
   reduction: str = "mean",
   strategy: Strategy = "recompute",
-  w_layout: WLayout = "dv",
-  vocab_size: int | None = None,
-  token_chunk_size: int | None = None,
-  vocab_chunk_size: int | None = None,
-  precision: Any = None,
-  mesh: jax.sharding.Mesh | None = None,
-  data_axis: str | None = "data",
-  vocab_axis: str = "vocab",
+  **head: Unpack[HeadOptions],
 ) -> jax.Array:
   r"""Offline distillation from a saved top-k teacher, without the student's logits.
 
@@ -952,8 +950,8 @@ def linear_topk_distillation_loss(
     Hinton, Vinyals & Dean, 2015. Raman et al., "For Distillation, Tokens Are
     Not All You Need", 2023 (top-k logit distillation).
   """
-  # Every argument, by name, to the implementation: the signature above is the public one.
-  return _linear_topk_distillation_loss(**locals())
+  # Every argument, by name, to the implementation (`head`: the `HeadOptions`).
+  return _linear_topk_distillation_loss(**by_name(locals()))
 
 
 def _linear_topk_distillation_loss(

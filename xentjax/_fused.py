@@ -60,8 +60,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +92,96 @@ from xentjax._tiles import (
 
 Strategy = Literal["recompute", "store"]
 WLayout = Literal["dv", "vd"]
+
+
+class HeadOptions(TypedDict, total=False):
+  """The keywords of the head ``w`` that every fused function takes, declared once.
+
+  How ``w`` is laid out (``w_layout``, ``vocab_size``), tiled
+  (``token_chunk_size``, ``vocab_chunk_size``, ``precision``) and placed on
+  devices (``mesh``, ``data_axis``, ``vocab_axis``): what
+  `linear_softmax_cross_entropy`, `xentjax.linear_token_stats` and the
+  distillation losses share. A function declares them as
+  ``**head: Unpack[HeadOptions]`` (type checkers then know each keyword) and
+  `takes_head_options` gives it the full signature with their defaults
+  (`HEAD_DEFAULTS`), for `help()`, `inspect.signature` and the documentation.
+  """
+
+  w_layout: WLayout
+  vocab_size: int | None
+  token_chunk_size: int | None
+  vocab_chunk_size: int | None
+  precision: Any
+  mesh: jax.sharding.Mesh | None
+  data_axis: Any
+  vocab_axis: Any
+
+
+HEAD_DEFAULTS = {
+  "w_layout": "dv",
+  "vocab_size": None,
+  "token_chunk_size": None,
+  "vocab_chunk_size": None,
+  "precision": None,
+  "mesh": None,
+  "data_axis": None,
+  "vocab_axis": None,
+}
+if HEAD_DEFAULTS.keys() != HeadOptions.__annotations__.keys():  # one list of names
+  raise AssertionError("HEAD_DEFAULTS must name the keywords of HeadOptions, in order.")
+
+
+def _head_parameters(defaults: dict) -> list[inspect.Parameter]:
+  """`HeadOptions` as keyword-only parameters, annotated as written, `defaults` first."""
+  out = []
+  for name, ref in HeadOptions.__annotations__.items():
+    default = defaults.get(name, HEAD_DEFAULTS[name])
+    annotation = getattr(ref, "__forward_arg__", ref)  # the annotation's text
+    out.append(
+      inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+      )
+    )
+  return out
+
+
+def takes_head_options(**defaults):
+  """Give a function declared with ``**head: Unpack[HeadOptions]`` those keywords.
+
+  Its signature (`help()`, `inspect.signature`, Sphinx) lists each keyword of
+  `HeadOptions` with its default: `HEAD_DEFAULTS`, or ``defaults`` for this
+  function. Each call is bound to that signature, so the function receives
+  every keyword in ``head`` (defaults filled in) and an unknown or repeated
+  keyword is the usual `TypeError`.
+  """
+  unknown = defaults.keys() - HEAD_DEFAULTS.keys()
+  if unknown:
+    raise TypeError(f"not keywords of HeadOptions: {sorted(unknown)}.")
+
+  def deco(fn):
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    full = sig.replace(parameters=own + _head_parameters(defaults))
+
+    @functools.wraps(fn)
+    def with_head(*args, **kwargs):
+      try:
+        bound = full.bind(*args, **kwargs)
+      except TypeError as e:
+        raise TypeError(f"{fn.__name__}() {e}") from None
+      bound.apply_defaults()
+      return fn(**bound.arguments)
+
+    with_head.__signature__ = full
+    return with_head
+
+  return deco
+
+
+def by_name(arguments: dict) -> dict:
+  """The `locals()` of a `takes_head_options` function: its keywords, ``head`` spread out."""
+  arguments = dict(arguments)
+  return {**arguments.pop("head"), **arguments}
 
 
 class Stats(NamedTuple):
@@ -993,6 +1084,7 @@ def _column_weights(tok: _Tokens, class_weights, eps):
   return jnp.pad(u, (0, tok.n_cols - tok.vocab_size))
 
 
+@takes_head_options()
 def linear_softmax_cross_entropy(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,
@@ -1011,14 +1103,7 @@ def linear_softmax_cross_entropy(
   filter_eps: float | None = None,
   return_lse: bool = False,
   strategy: Strategy = "recompute",
-  w_layout: WLayout = "dv",
-  vocab_size: int | None = None,
-  token_chunk_size: int | None = None,
-  vocab_chunk_size: int | None = None,
-  precision: Any = None,
-  mesh: jax.sharding.Mesh | None = None,
-  data_axis: Any = None,
-  vocab_axis: Any = None,
+  **head: Unpack[HeadOptions],
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Softmax cross-entropy of the logits ``x @ w``, without forming them.
 
@@ -1159,8 +1244,8 @@ def linear_softmax_cross_entropy(
     "Online normalizer calculation for softmax", 2018. Chowdhery et al.,
     "PaLM", 2022 (z-loss). Gemma Team, "Gemma 2", 2024 (logit soft-capping).
   """
-  # Every argument, by name, to the implementation: the signature above is the public one.
-  return _linear_softmax_cross_entropy(**locals())
+  # Every argument, by name, to the implementation (`head`: the `HeadOptions`).
+  return _linear_softmax_cross_entropy(**by_name(locals()))
 
 
 def _linear_softmax_cross_entropy(

@@ -10,14 +10,14 @@ logits.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple, Unpack
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from xentjax import _fused
-from xentjax._fused import WLayout
+from xentjax._fused import HeadOptions, by_name, takes_head_options
 
 
 class TokenStats(NamedTuple):
@@ -43,6 +43,7 @@ class TokenStats(NamedTuple):
   top_k_indices: jax.Array | None
 
 
+@takes_head_options()
 def linear_token_stats(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,
@@ -54,14 +55,7 @@ def linear_token_stats(
   ignore_index: int = -100,
   where: jax.typing.ArrayLike | None = None,
   logit_soft_cap: float | None = None,
-  w_layout: WLayout = "dv",
-  vocab_size: int | None = None,
-  token_chunk_size: int | None = None,
-  vocab_chunk_size: int | None = None,
-  precision: Any = None,
-  mesh: jax.sharding.Mesh | None = None,
-  data_axis: Any = None,
-  vocab_axis: Any = None,
+  **head: Unpack[HeadOptions],
 ) -> TokenStats:
   r"""Per-token log-probability, entropy, log-normalizer, argmax and top-k of ``x @ w``.
 
@@ -128,8 +122,8 @@ def linear_token_stats(
     "Proximal Policy Optimization Algorithms", 2017. Wijmans et al., "Cut Your
     Losses in Large-Vocabulary Language Models", 2024.
   """
-  # Every argument, by name, to the implementation: the signature above is the public one.
-  return _linear_token_stats(**locals())
+  # Every argument, by name, to the implementation (`head`: the `HeadOptions`).
+  return _linear_token_stats(**by_name(locals()))
 
 
 def _linear_token_stats(x, w, labels, *, top_k, **head) -> TokenStats:

@@ -21,6 +21,7 @@ Two pieces, both read from the package itself so the site cannot go stale:
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import importlib
 import importlib.util
@@ -28,6 +29,7 @@ import inspect
 import os
 import pkgutil
 import shutil
+import textwrap
 import types
 from pathlib import Path
 from typing import ClassVar
@@ -293,10 +295,52 @@ def skip_namedtuple_fields(app, what, name, obj, skip, options):
   return None
 
 
+class _Default:
+  """A default value shown as its source text (``model=linear_logits``, not its repr)."""
+
+  def __init__(self, text: str):
+    self.text = text
+
+  def __repr__(self) -> str:
+    return self.text
+
+
+def _source_defaults(fn) -> dict[str, str]:
+  """The source text of each default of `fn`'s own ``def``, by parameter name."""
+  try:
+    source = textwrap.dedent(inspect.getsource(fn))
+    node = ast.parse(source).body[0]
+  except (OSError, TypeError, SyntaxError, IndexError):
+    return {}
+  if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+    return {}
+  args = node.args
+  positional = args.posonlyargs + args.args
+  pairs = list(zip(positional[len(positional) - len(args.defaults) :], args.defaults))
+  pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+  return {a.arg: ast.get_source_segment(source, d) for a, d in pairs}
+
+
+def show_source_defaults(app, obj, bound_method) -> None:
+  """Defaults as written in the source, matched by name (`autodoc_preserve_defaults`
+  matches by position, which breaks on a signature that spells out keywords its
+  source takes as ``**kwargs``, as `xentjax._fused.takes_head_options` gives)."""
+  if not inspect.isfunction(obj):
+    return
+  texts = _source_defaults(inspect.unwrap(obj))
+  sig = inspect.signature(obj)
+  params = [
+    p.replace(default=_Default(texts[name])) if name in texts and p.default is not p.empty else p
+    for name, p in sig.parameters.items()
+  ]
+  obj.__signature__ = sig.replace(parameters=params)
+
+
 def setup(app):
   _mathjax_source()  # fail at start, not after the build, when the package is missing
   app.connect("builder-inited", generate_api_pages)
   app.connect("build-finished", copy_mathjax)
   app.connect("autodoc-skip-member", skip_namedtuple_fields)
+  app.connect("autodoc-before-process-signature", show_source_defaults)
   app.add_directive("xentjax-cli-help", CliHelp)
   return {"parallel_read_safe": True, "parallel_write_safe": True}
