@@ -6,6 +6,7 @@ signature for `help()`), compiled, taking anything `numpy.asarray` takes, with
 options validated by name and one `where` rule.
 """
 
+import dataclasses
 import inspect
 import pydoc
 
@@ -144,6 +145,116 @@ def test_where_rule_bool_and_integer_masks_floats_rejected():
   np.testing.assert_allclose(per(z, y, where=keep), per(z, y, where=keep.astype(np.uint8)))
   with pytest.raises(TypeError, match="`where` must be a boolean mask"):
     per(z, y, where=keep.astype(np.float32))
+
+
+def _where_cases():
+  """Arguments of every public function with a `where`, and a row mask of the right shape."""
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(4, 3)).astype(np.float32)
+  y = np.array([0, 2, 1, 2], np.int32)
+  soft = np.eye(3, dtype=np.float32)[y]
+  q = np.array([[0.2, 0.3, 0.5]] * 4, np.float32)
+  u = np.full((4, 3), 1 / 3, np.float32)
+  x = rng.normal(size=(4, 5)).astype(np.float32)
+  w = rng.normal(size=(5, 3)).astype(np.float32)
+  rows = np.array([True, False, True, True])
+  col = rows[:, None]  # the info functions mask elements: broadcast over classes
+  logits_int = ((z, y), rows)
+  logits_soft = ((z, soft), rows)
+  y_miss = y.copy()
+  y_miss[1] = np.argmax(z[1])  # the masked row is a hit, another row a miss
+  y_miss[3] = np.argmin(z[3])
+  top_k = ((z, y_miss, 2), rows)
+  fused = ((x, w, y), rows)
+  return {
+    "categorical_cross_entropy": ((q, soft), rows),
+    "categorical_cross_entropy_with_integer_labels": ((q, y), rows),
+    "categorical_focal_cross_entropy": ((q, soft), rows),
+    "cosine_distance": ((z, z * 0.5 + 1), rows),
+    "cosine_similarity": ((z, z * 0.5 + 1), rows),
+    "kl_divergence": ((z, soft * 0.9 + 0.1 / 3), rows),
+    "kl_divergence_with_log_targets": ((z, np.log(q)), rows),
+    "linear_distillation_loss": ((x, w, x, 0.5 * w), rows),
+    "linear_softmax_cross_entropy": fused,
+    "linear_token_stats": fused,
+    "linear_topk_distillation_loss": ((x, w, y[:, None], np.zeros((4, 1), np.float32)), rows),
+    "nll_loss": ((np.log(q), y), rows),
+    "poly_loss_cross_entropy": logits_soft,
+    "smooth_labels": ((soft, 0.1), rows),
+    "softmax_cross_entropy": logits_soft,
+    "softmax_cross_entropy_with_integer_labels": logits_int,
+    "softmax_focal_loss": logits_soft,
+    "info.cross_entropy": ((q, u), col),
+    "info.entropy": ((q,), col),
+    "info.information": ((q,), col),
+    "info.js_divergence": ((q, u), col),
+    "info.kl_divergence": ((q, u), col),
+    "info.kl_divergence_from_logits": ((z, 0.5 * z), col),
+    "metrics.accuracy": logits_int,
+    "metrics.bits_per_token": logits_int,
+    "metrics.correct": logits_int,
+    "metrics.cross_entropy_rate": logits_int,
+    "metrics.perplexity": logits_int,
+    "metrics.top_k_accuracy": top_k,
+    "metrics.top_k_correct": top_k,
+    "calibration.brier_score": logits_int,
+    "calibration.expected_calibration_error": logits_int,
+    "calibration.fit_temperature": logits_int,
+    "calibration.reliability_diagram": logits_int,
+    "calibration.temperature_statistics": ((z, y, np.array([0.0, 0.5], np.float32)), rows),
+  }
+
+
+def _functions_with_where():
+  names = []
+  for prefix, module in (("", L), ("info.", L.info), ("metrics.", L.metrics)):
+    for name in module.__all__:
+      fn = getattr(module, name)
+      if inspect.isfunction(fn) and "where" in inspect.signature(fn).parameters:
+        names.append(prefix + name)
+  for name in L.calibration.__all__:
+    fn = getattr(L.calibration, name)
+    if inspect.isfunction(fn) and "where" in inspect.signature(fn).parameters:
+      names.append("calibration." + name)
+  return names
+
+
+def test_every_function_with_where_is_checked():
+  assert sorted(_functions_with_where()) == sorted(_where_cases())
+
+
+def _leaves(result):
+  if dataclasses.is_dataclass(result):  # calibration.ReliabilityDiagram
+    result = [getattr(result, f.name) for f in dataclasses.fields(result)]
+  leaves = [a for a in jax.tree_util.tree_leaves(result) if not isinstance(a, str)]
+  return [np.asarray(a, np.float64) for a in leaves]
+
+
+@pytest.mark.parametrize("name", sorted(_where_cases()))
+def test_one_where_rule_everywhere(name):
+  fn = _resolve(name)
+  args, keep = _where_cases()[name]
+  want = _leaves(fn(*args, where=keep))
+  for mask in (keep.astype(np.int32), keep.astype(np.uint8), keep.astype(np.int32).tolist()):
+    got = _leaves(fn(*args, where=mask))
+    for a, b in zip(got, want, strict=True):
+      np.testing.assert_array_equal(a, b)
+  # The mask matters (so the comparison above could fail).
+  other = _leaves(fn(*args, where=np.ones_like(keep)))
+  assert any(a.shape != b.shape or not np.allclose(a, b) for a, b in zip(other, want, strict=True))
+  with pytest.raises(TypeError, match="`where` must be a boolean mask.*weight"):
+    fn(*args, where=keep.astype(np.float32))
+
+
+def test_evaluate_masks_follow_the_where_rule():
+  z = np.array([[2.0, 0.0, -1.0], [0.0, 1.0, 3.0], [1.0, 1.0, 1.0]], np.float32)
+  y = np.array([0, 0, 1])
+  keep = np.array([True, False, True])
+  want = L.evaluate([(z, y, keep)], progress=False)
+  got = L.evaluate([(z, y, keep.astype(np.int8))], progress=False)
+  assert got.cross_entropy == want.cross_entropy and got.count == want.count == 2
+  with pytest.raises(TypeError, match="`mask` must be a boolean mask.*weight"):
+    L.evaluate([(z, y, keep.astype(np.float32))], progress=False)
 
 
 def test_equal_options_share_one_compiled_program():

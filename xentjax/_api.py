@@ -326,13 +326,17 @@ def where_mask(where, name: str = "where"):
   if where is None:
     return None
   w = jnp.asarray(as_array_argument(where))
-  if w.dtype == jnp.bool_:
-    return w
-  if jnp.issubdtype(w.dtype, jnp.integer):
-    return w != 0
+  check_mask_dtype(w.dtype, w.shape, name)
+  return w if w.dtype == jnp.bool_ else w != 0
+
+
+def check_mask_dtype(dtype, shape: tuple, name: str = "where") -> None:
+  """The dtype half of `where_mask`, for masks that stay on the host (`evaluate`)."""
+  if dtype == np.bool_ or np.issubdtype(dtype, np.integer):
+    return
   raise TypeError(
-    f"`{name}` must be a boolean mask (or an integer 0/1 mask), got dtype {w.dtype} with "
-    f"shape {w.shape}. A floating array is a weight, not a mask: multiply the "
+    f"`{name}` must be a boolean mask (or an integer 0/1 mask), got dtype {dtype} with "
+    f"shape {tuple(shape)}. A floating array is a weight, not a mask: multiply the "
     "per-example values by it instead."
   )
 

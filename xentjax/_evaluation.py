@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from xentjax import _core, _validation, calibration
 from xentjax import distributed as _distributed
+from xentjax._api import check_mask_dtype
 
 # Integer counters are int32 when x64 is off: the host folds the device
 # accumulators into Python numbers before this many (padded) rows pass.
@@ -461,6 +462,8 @@ def _check_parts(batch, model):
   x = jax.tree_util.tree_map(_as_array, x)
   labels = _as_array(labels)
   mask = None if mask is None else _as_array(mask)
+  if mask is not None:
+    check_mask_dtype(mask.dtype, mask.shape, "mask")
   if model is None:
     _validation.check_floating("logits", x)
   if jnp.issubdtype(labels.dtype, jnp.integer):
@@ -731,7 +734,7 @@ def evaluate(
     batches: iterable of ``(logits, labels)`` or ``(logits, labels, mask)``
       tuples of NumPy or JAX arrays (memory maps are fine). `logits` is
       ``[batch, ..., num_classes]``; `labels` is integer ``[batch, ...]`` or
-      floating soft labels ``[batch, ..., num_classes]``; `mask` is boolean
+      floating soft labels ``[batch, ..., num_classes]``; `mask` is bool or integer 0/1
       ``[batch, ...]`` (True = counted). With `model`, each tuple is
       ``(inputs, labels[, mask])`` where `inputs` is an array or pytree of
       arrays with a leading batch axis.

@@ -70,6 +70,7 @@ from jax import lax
 
 from xentjax import _core
 from xentjax import _validation as V
+from xentjax._api import where_mask
 from xentjax._tiles import (
   _STORE_TILE,
   _auto_chunks,
@@ -705,7 +706,7 @@ def _check_where(where, x_shape: tuple, by_x: bool):
   batch_shape = x_shape[:-1]
   tokens = "x without its last axis" if by_x else "labels"
   V.check_broadcastable("where", where, tokens, jax.ShapeDtypeStruct(batch_shape, bool))
-  where = jnp.asarray(where)
+  where = where_mask(where)
   if where.ndim > len(batch_shape) or jnp.broadcast_shapes(where.shape, batch_shape) != batch_shape:
     got = f"got where.shape={where.shape} and "
     target = (

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xentjax import _validation as V
+from xentjax._api import where_mask
 from xentjax._core import label_status, mean_or_nan
 from xentjax._softmax import _jit_public
 
@@ -65,7 +66,7 @@ def nll_loss(
       torch); None ignores nothing.
     reduction: keyword-only "mean", "sum" or "none".
     axis: keyword-only class axis of ``log_probs``.
-    where: keyword-only bool mask of the shape of ``labels``: rows to count.
+    where: keyword-only mask (bool or integer 0/1) of the shape of ``labels``: rows to count.
 
   Returns:
     A scalar for "mean"/"sum"; for "none" the per-row losses (0 where a row
@@ -96,7 +97,7 @@ def nll_loss(
       f"{x.shape[:-1]}, got labels.shape={tuple(labels.shape)}."
     )
   if where is not None:
-    where = jnp.broadcast_to(jnp.asarray(where, bool), labels.shape)
+    where = jnp.broadcast_to(where_mask(where), labels.shape)
   st = label_status(labels, x.shape[-1], ignore_index=ignore, where=where)
   w = _check_weight(weight, x.shape[-1], x.dtype)
   w_y = jnp.ones(labels.shape, x.dtype) if w is None else w[st.index]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xentjax import _validation as V
-from xentjax._api import public_like
+from xentjax._api import public_like, where_mask
 from xentjax._core import label_status
 from xentjax._logspace import astype_exact, log_prob
 from xentjax._softmax import (
@@ -200,7 +200,7 @@ def categorical_cross_entropy_with_integer_labels(
       given.
     labels: integer class indices, the shape of ``probs`` without ``axis``.
     axis: the class axis (an int).
-    where: rows to include, the shape of ``labels`` (bool).
+    where: rows to include, the shape of ``labels`` (bool or integer 0/1).
     eps: keyword-only opt-in clipping bound, or None (default, no clipping).
 
   Returns:
@@ -234,7 +234,7 @@ def categorical_cross_entropy_with_integer_labels(
       f"{q.shape[:-1]}, got labels.shape={tuple(labels.shape)}."
     )
   if where is not None:
-    where = _broadcast_to_first("labels", labels, "where", jnp.asarray(where, bool))
+    where = _broadcast_to_first("labels", labels, "where", where_mask(where))
   st = label_status(labels, q.shape[-1], where=where)
   q_c = jnp.take_along_axis(q, st.index[..., None], axis=-1)[..., 0]
   loss = -_log_q(jnp.where(st.counted, q_c, 1.0), e, False)

@@ -46,6 +46,7 @@ from jax import lax
 
 from xentjax import _core
 from xentjax import _validation as V
+from xentjax._api import where_mask
 from xentjax._core import label_status, mean_or_nan, top_k_credit
 
 __all__ = [
@@ -100,13 +101,12 @@ def _rows(logits, labels, where) -> _Rows:
         "integer `labels` must have the shape of `logits` without the class axis, got "
         f"logits.shape={z.shape} and labels.shape={labels.shape}."
       )
-  if where is not None:
-    where = jnp.asarray(where)
-    if where.dtype != jnp.bool_ or where.shape != row_shape:
-      raise ValueError(
-        f"`where` must be a bool mask of shape {row_shape} (one entry per row), got "
-        f"dtype {where.dtype} and shape {where.shape}."
-      )
+  where = where_mask(where)
+  if where is not None and where.shape != row_shape:
+    raise ValueError(
+      f"`where` must have the shape {row_shape} of `logits` without the class axis (one "
+      f"entry per row), got shape {where.shape}."
+    )
   n = int(np.prod(row_shape))
   z = z.reshape(n, k)
   where = None if where is None else where.reshape(n)
@@ -285,7 +285,7 @@ def fit_temperature(
     logits: ``[..., num_classes]`` (floating; 16-bit computed in float32).
     labels: integer labels ``[...]`` or target probabilities
       ``[..., num_classes]``.
-    where: keyword-only bool mask ``[...]``: rows to use.
+    where: keyword-only row mask ``[...]`` (bool or integer 0/1): rows to use.
     bounds: keyword-only search interval ``(T_min, T_max)`` around 1; a
       minimum outside it (logits that separate the data perfectly, whose
       loss keeps falling as :math:`T \to 0`) returns the bound.
@@ -334,7 +334,7 @@ def temperature_statistics(
     logits: ``[..., num_classes]``.
     labels: integer labels ``[...]`` or probabilities ``[..., num_classes]``.
     log_temperatures: ``[G]`` natural logs of the temperatures.
-    where: keyword-only bool row mask ``[...]``.
+    where: keyword-only row mask ``[...]``, bool or integer 0/1.
 
   Returns:
     The summed loss and its two derivatives in ``log T`` at each grid point,
@@ -621,7 +621,7 @@ def expected_calibration_error(
     num_bins: keyword-only number of bins :math:`B`.
     binning: keyword-only "uniform" or "quantile".
     classwise: keyword-only, see above.
-    where: keyword-only bool row mask ``[...]``.
+    where: keyword-only row mask ``[...]``, bool or integer 0/1.
 
   Returns:
     A scalar in ``[0, 1]`` (NaN when nothing counts or a label is out of range).
@@ -670,7 +670,7 @@ def brier_score(
   Args:
     logits: ``[..., num_classes]`` (floating).
     labels: integer labels ``[...]`` or probabilities ``[..., num_classes]``.
-    where: keyword-only bool row mask ``[...]``.
+    where: keyword-only row mask ``[...]``, bool or integer 0/1.
 
   Returns:
     A scalar (NaN when nothing counts or a label is out of range).
@@ -780,7 +780,7 @@ def reliability_diagram(
     labels: integer labels ``[...]`` or probabilities ``[..., num_classes]``.
     num_bins: keyword-only number of bins.
     binning: keyword-only "uniform" or "quantile".
-    where: keyword-only bool row mask ``[...]``.
+    where: keyword-only row mask ``[...]``, bool or integer 0/1.
     plot: keyword-only: draw it (on ``ax``, or on a new figure).
     ax: keyword-only matplotlib Axes to draw on (implies ``plot``).
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from xentjax._api import doc_parts, public, public_like
+from xentjax._api import doc_parts, public, public_like, where_mask
 from xentjax._logspace import astype_exact, log_add, log_prob
 from xentjax._validation import (
   broadcasts_to,
@@ -94,9 +94,7 @@ def _mask(where: ArrayLike | None, shape: tuple[int, ...], name: str) -> jax.Arr
   """`where` as a boolean array of exactly `shape`, or None."""
   if where is None:
     return None
-  w = jnp.asarray(where)
-  if w.dtype != jnp.bool_:
-    raise TypeError(f"`where` must be a boolean mask, got dtype {w.dtype} with shape {w.shape}.")
+  w = where_mask(where)
   if not broadcasts_to(w.shape, shape):
     raise ValueError(
       f"`where` must broadcast to the shape of `{name}`, got where.shape={w.shape} and "
@@ -192,7 +190,7 @@ def information(
 
   Args:
     p: probabilities, any shape `[...]`, floating dtype.
-    where: optional boolean mask broadcastable to `p`; masked elements give 0.
+    where: optional mask (bool or integer 0/1) broadcastable to `p`; masked elements give 0.
     base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
 
   Returns:
@@ -242,7 +240,7 @@ def entropy(
     p: probabilities `[..., num_classes]` (summing to 1 along `axis`),
       floating dtype.
     axis: the class axis (or a tuple of axes) to sum over.
-    where: optional boolean mask broadcastable to `p`; masked elements are
+    where: optional mask (bool or integer 0/1) broadcastable to `p`; masked elements are
       left out of the sum.
     base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
     normalize: keyword-only; if True, divide `p` by their sums along `axis`
@@ -307,7 +305,7 @@ def _pair_sum(terms, p, q, axis, where, base, normalize) -> jax.Array:
 # The arguments after `p` and `q`, and the result, of `cross_entropy`,
 # `kl_divergence` and `js_divergence` (their docstrings' ``{pair_options}``).
 _PAIR_OPTIONS = """axis: the class axis (or a tuple of axes) to sum over.
-    where: optional boolean mask broadcastable to the broadcast shape of `p`
+    where: optional mask (bool or integer 0/1) broadcastable to the broadcast shape of `p`
       and `q`; masked elements are left out of the sum.
     base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
     normalize: keyword-only; if True, divide `p` and `q` by their sums along `axis`
@@ -484,7 +482,7 @@ def kl_divergence_from_logits(
     q_logits: logits of the approximating distribution, broadcastable to
       `p_logits` with the same size along `axis`, floating dtype.
     axis: the class axis (or a tuple of axes) the softmax runs over.
-    where: optional boolean mask broadcastable to the broadcast shape; masked
+    where: optional mask (bool or integer 0/1) broadcastable to the broadcast shape; masked
       classes are removed from both distributions (both softmaxes renormalize
       over the kept classes), e.g. the padding of a vocabulary.
     base: logarithm base; None for nats, 2 for bits, any number > 0 and != 1.
