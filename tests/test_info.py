@@ -449,8 +449,12 @@ def test_bad_base_rejected(base):
 
 def test_bad_where_and_axis_rejected():
   p = jnp.array([[0.5, 0.5]])
-  with pytest.raises(TypeError, match="boolean"):
-    info.entropy(p, where=jnp.array([1, 0]))
+  # An integer 0/1 mask is a mask (the library's one `where` rule), a float is not.
+  np.testing.assert_array_equal(
+    info.entropy(p, where=jnp.array([1, 0])), info.entropy(p, where=jnp.array([True, False]))
+  )
+  with pytest.raises(TypeError, match="boolean mask.*weight"):
+    info.entropy(p, where=jnp.array([1.0, 0.0]))
   with pytest.raises(ValueError, match=r"where.shape=\(3,\)"):
     info.entropy(p, where=jnp.array([True, False, True]))
   with pytest.raises(ValueError, match="axis"):
