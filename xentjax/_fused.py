@@ -128,12 +128,12 @@ HEAD_DEFAULTS = {
   "data_axis": None,
   "vocab_axis": None,
 }
-if HEAD_DEFAULTS.keys() != HeadOptions.__annotations__.keys():  # one list of names
+if list(HEAD_DEFAULTS) != list(HeadOptions.__annotations__):  # one list of names
   raise AssertionError("HEAD_DEFAULTS must name the keywords of HeadOptions, in order.")
 
 
 def _head_parameters(defaults: dict) -> list[inspect.Parameter]:
-  """`HeadOptions` as keyword-only parameters, annotated as written, `defaults` first."""
+  """`HeadOptions` as keyword-only parameters, annotated as written; `defaults` override."""
   out = []
   for name, ref in HeadOptions.__annotations__.items():
     default = defaults.get(name, HEAD_DEFAULTS[name])

@@ -198,7 +198,7 @@ def information(
 
   Example:
     >>> import xentjax
-    >>> print(float(xentjax.info.information(0.125, base=2)))
+    >>> print(round(float(xentjax.info.information(0.125, base=2)), 12))  # 3 bits
     3.0
 
   Note:
