@@ -207,15 +207,12 @@ def _where_cases():
 
 def _functions_with_where():
   names = []
-  for prefix, module in (("", L), ("info.", L.info), ("metrics.", L.metrics)):
+  for prefix in ("", "info.", "metrics.", "calibration."):
+    module = _resolve(prefix[:-1]) if prefix else L
     for name in module.__all__:
       fn = getattr(module, name)
       if inspect.isfunction(fn) and "where" in inspect.signature(fn).parameters:
         names.append(prefix + name)
-  for name in L.calibration.__all__:
-    fn = getattr(L.calibration, name)
-    if inspect.isfunction(fn) and "where" in inspect.signature(fn).parameters:
-      names.append("calibration." + name)
   return names
 
 
