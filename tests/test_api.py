@@ -202,12 +202,13 @@ def _where_cases():
     "calibration.fit_temperature": logits_int,
     "calibration.reliability_diagram": logits_int,
     "calibration.temperature_statistics": ((z, y, np.array([0.0, 0.5], np.float32)), rows),
+    "policy.policy_gradient_loss": ((np.log(q), z[:, 0]), col),
   }
 
 
 def _functions_with_where():
   names = []
-  for prefix in ("", "info.", "metrics.", "calibration."):
+  for prefix in ("", "info.", "metrics.", "calibration.", "policy."):
     module = _resolve(prefix[:-1]) if prefix else L
     for name in module.__all__:
       fn = getattr(module, name)

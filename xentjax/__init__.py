@@ -49,6 +49,7 @@ __all__ = [  # kept sorted (ruff RUF022)
   "nll_loss",
   "parallel",
   "perceptron_loss",
+  "policy",
   "poly_loss_cross_entropy",
   "safe_softmax_cross_entropy",
   "sigmoid_binary_cross_entropy",
@@ -69,6 +70,7 @@ from xentjax import grads as grads
 from xentjax import info as info
 from xentjax import metrics as metrics
 from xentjax import parallel as parallel
+from xentjax import policy as policy
 from xentjax import train as train
 from xentjax._distill import check_topk_teacher as check_topk_teacher
 from xentjax._distill import linear_distillation_loss as linear_distillation_loss
