@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from xentjax import _validation as V
-from xentjax._api import closed_form_jvp, public_like
+from xentjax._api import closed_form_jvp, public, public_like
+from xentjax._dense import smooth_binary
 from xentjax._logspace import log_add
-from xentjax._probability import _smooth_binary
-from xentjax._softmax import _jit_public
 
 
 def _prepare(logits, labels, label_smoothing=0.0):
@@ -30,7 +29,7 @@ def _prepare(logits, labels, label_smoothing=0.0):
   y = jnp.broadcast_to(labels.astype(dt), jnp.broadcast_shapes(z.shape, labels.shape))
   if y.shape != z.shape:
     z = jnp.broadcast_to(z, y.shape)
-  return z, _smooth_binary(y, V.check_label_smoothing(label_smoothing))
+  return z, smooth_binary(y, V.check_label_smoothing(label_smoothing))
 
 
 def _prepare_pos_weight(pos_weight, z):
@@ -69,7 +68,7 @@ def _safe_term(weight, log_prob):
   return weight * jnp.where(drop, 0.0, log_prob)
 
 
-@_jit_public("label_smoothing")
+@public(("label_smoothing",))
 def sigmoid_binary_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -135,7 +134,7 @@ def _safe_log(x):
   return jnp.where(pos, jnp.log(jnp.where(pos, x, 1.0)), jnp.where(x == 0, -jnp.inf, jnp.nan))
 
 
-@_jit_public("label_smoothing")
+@public(("label_smoothing",))
 def sigmoid_focal_loss(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
