@@ -262,7 +262,7 @@ def _soft_rows(z, y, keep):
   return status, nll
 
 
-def _row_metrics(logits, labels, keep, ignore_value, config: _StepConfig) -> _core.RowMetrics:
+def _flat_row_metrics(logits, labels, keep, ignore_value, config: _StepConfig) -> _core.RowMetrics:
   """The core's per-row metrics of a flattened batch (`_core.row_metrics`)."""
   num_classes = logits.shape[-1]
   z = logits.astype(_validation.compute_dtype(logits.dtype)).reshape(-1, num_classes)
@@ -330,7 +330,7 @@ def _step(
   acc_dtype = acc["nll"][0].dtype
 
   def part_sums(z, y, k):
-    rows = _row_metrics(z, y, k, ignore_value, config)
+    rows = _flat_row_metrics(z, y, k, ignore_value, config)
     sums = _batch_sums(rows, acc_dtype, config)
     sums.update(_calibration_sums(z, y, k, rows, log_t, acc_dtype, config))
     return sums
@@ -924,7 +924,7 @@ def _first_batch_temperature(params, x, labels, mask, num_real, ignore_value, *,
   """`calibration.fit_temperature` on the counted rows of one padded batch."""
   logits = x if model is None else model(params, x)
   keep = _real_rows(logits.shape[:-1], mask, num_real)
-  rows = _row_metrics(logits, labels, keep, ignore_value, config)
+  rows = _flat_row_metrics(logits, labels, keep, ignore_value, config)
   z = logits.astype(_validation.compute_dtype(logits.dtype)).reshape(-1, logits.shape[-1])
   valid = rows.counted
   if config.soft:

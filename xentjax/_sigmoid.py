@@ -13,7 +13,7 @@ from xentjax._dense import smooth_binary
 from xentjax._logspace import log_add
 
 
-def _prepare(logits, labels, label_smoothing=0.0):
+def _sigmoid_inputs(logits, labels, label_smoothing=0.0):
   """Checked `(z, y)` in the compute dtype, ``y`` broadcast to ``z`` and smoothed."""
   V.check_floating("logits", logits)
   logits = jnp.asarray(logits)
@@ -116,7 +116,7 @@ def sigmoid_binary_cross_entropy(
     ``y = 1``) gives 0 with a zero gradient, the opposite label gives
     ``+inf`` with a finite gradient (optax returns NaN for the first case).
   """
-  z, y = _prepare(logits, labels, label_smoothing)
+  z, y = _sigmoid_inputs(logits, labels, label_smoothing)
   return _bce(z, y, _prepare_pos_weight(pos_weight, z))
 
 
@@ -177,7 +177,7 @@ def sigmoid_focal_loss(
   References:
     Lin et al., Focal Loss for Dense Object Detection, ICCV 2017.
   """
-  z, y = _prepare(logits, labels, label_smoothing)
+  z, y = _sigmoid_inputs(logits, labels, label_smoothing)
   loss = _focal(z, y, jnp.asarray(gamma, z.dtype))
   if alpha is None:
     return loss
@@ -252,7 +252,7 @@ def sigmoid_binary_cross_entropy_grad(logits, labels, label_smoothing, pos_weigh
     broadcast dimensions, as autodiff does).
   """
   x = jnp.asarray(logits)
-  z, y = _prepare(logits, labels, label_smoothing)
+  z, y = _sigmoid_inputs(logits, labels, label_smoothing)
   g = _bce_grad(z, y, _prepare_pos_weight(pos_weight, z))
   return _sum_to_shape(g, x.shape).astype(x.dtype)
 
@@ -283,7 +283,7 @@ def sigmoid_focal_loss_grad(logits, labels, alpha, gamma, label_smoothing):
     The gradient with the shape and dtype of ``logits``.
   """
   x = jnp.asarray(logits)
-  z, y = _prepare(logits, labels, label_smoothing)
+  z, y = _sigmoid_inputs(logits, labels, label_smoothing)
   g = _focal_grad_z(z, y, jnp.asarray(gamma, z.dtype))
   if alpha is not None:
     g = (alpha * y + (1.0 - alpha) * (1.0 - y)) * g

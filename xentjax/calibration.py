@@ -69,7 +69,7 @@ BINNINGS = ("uniform", "quantile")
 # Inputs.
 
 
-class _Rows(NamedTuple):
+class _FlatRows(NamedTuple):
   """Flattened ``[n, K]`` logits with per-row label statistics."""
 
   z: jax.Array  # [n, K] logits (compute dtype)
@@ -79,7 +79,7 @@ class _Rows(NamedTuple):
   bad: jax.Array  # [n] bool: counted with an out-of-range label
 
 
-def _rows(logits, labels, where) -> _Rows:
+def _flat_rows(logits, labels, where) -> _FlatRows:
   V.check_floating("logits", logits)
   z = jnp.asarray(logits)
   if z.ndim == 0:
@@ -119,7 +119,7 @@ def _rows(logits, labels, where) -> _Rows:
     counted, bad, label = st.counted, st.bad, st.index
     y = jax.nn.one_hot(label, k, dtype=z.dtype)
   y = jnp.where(counted[:, None], y, 0.0)
-  return _Rows(z, y, label, counted, bad)
+  return _FlatRows(z, y, label, counted, bad)
 
 
 def _arr(x):
@@ -127,7 +127,7 @@ def _arr(x):
   return x if x is None or isinstance(x, jax.Array) else np.asarray(x)
 
 
-def _poison(value, rows: _Rows):
+def _poison(value, rows: _FlatRows):
   """NaN when a counted row has a bad label (the library's validity rule)."""
   return jnp.where(jnp.any(rows.bad), jnp.nan, value)
 
@@ -162,7 +162,7 @@ class TemperatureStats(NamedTuple):
     )
 
 
-def _ce_derivatives(rows: _Rows, log_t):
+def _ce_derivatives(rows: _FlatRows, log_t):
   r"""Summed CE of ``z / T`` and its first two derivatives in ``s = log T``.
 
   With :math:`\beta = e^{-s}`, :math:`w = \sum_k y_k`, :math:`p =
@@ -321,7 +321,7 @@ def fit_temperature(
     Guo, Pleiss, Sun and Weinberger, On Calibration of Modern Neural
     Networks, ICML 2017.
   """
-  rows = _rows(logits, labels, where)
+  rows = _flat_rows(logits, labels, where)
   s, _, finite = _newton_log_t(lambda s: _ce_derivatives(rows, s), bounds, tol, max_iter)
   n = jnp.sum(rows.counted)
   return _poison(jnp.where((n > 0) & finite, jnp.exp(s), jnp.nan), rows)
@@ -349,7 +349,7 @@ def temperature_statistics(
     with `TemperatureStats.add`.
   """
   log_t = jnp.atleast_1d(jnp.asarray(log_temperatures, dtype=float))
-  rows = _rows(logits, labels, where)
+  rows = _flat_rows(logits, labels, where)
   loss, d1, d2 = jax.vmap(lambda s: _ce_derivatives(rows, s))(log_t)
   nan_if_bad = jnp.where(jnp.any(rows.bad), jnp.nan, 1.0).astype(loss.dtype)
   return TemperatureStats(
@@ -516,7 +516,7 @@ def _spacing_at(stats, s) -> float:
 # Confidence, correctness, bins.
 
 
-def _top_label(rows: _Rows):
+def _top_label(rows: _FlatRows):
   """Per-row confidence (max softmax probability) and fractional top-1 credit."""
   z = rows.z
   m = jnp.max(z, axis=-1, keepdims=True)
@@ -579,7 +579,7 @@ def _ece_from_sums(count, conf_sum, credit_sum):
 
 
 def _ece(logits, labels, where, num_bins, binning, classwise):
-  rows = _rows(logits, labels, where)
+  rows = _flat_rows(logits, labels, where)
   if not classwise:
     conf, credit = _top_label(rows)
     count, conf_sum, credit_sum, _, _ = _bin_sums(conf, credit, rows.counted, num_bins, binning)
@@ -678,7 +678,7 @@ def brier_score(
   References:
     Brier, Verification of Forecasts Expressed in Terms of Probability, 1950.
   """
-  rows = _rows(logits, labels, where)
+  rows = _flat_rows(logits, labels, where)
   if jnp.issubdtype(jnp.asarray(labels).dtype, jnp.floating):
     p = _core.probabilities(rows.z)
     per_row = jnp.sum(jnp.square(p - rows.y), axis=-1)
@@ -753,7 +753,7 @@ class ReliabilityDiagram:
 
 @functools.partial(jax.jit, static_argnames=("num_bins", "binning"))
 def _diagram_jit(logits, labels, where, num_bins, binning):
-  rows = _rows(logits, labels, where)
+  rows = _flat_rows(logits, labels, where)
   conf, credit = _top_label(rows)
   sums = _bin_sums(conf, credit, rows.counted, num_bins, binning)
   return sums, jnp.any(rows.bad)

@@ -39,6 +39,7 @@ import optax
 from jax import lax
 
 from xentjax import _core, metrics
+from xentjax._api import public
 from xentjax._focal import softmax_focal_loss
 from xentjax._margin import multiclass_hinge_loss
 from xentjax._regression import squared_error
@@ -105,6 +106,7 @@ def init_linear(
   return {"w": w, "b": jnp.zeros((num_classes,), dtype=w.dtype)}
 
 
+@public()
 def linear_logits(params: Params, x: jax.typing.ArrayLike) -> jax.Array:
   """Logits of the linear classifier, :math:`z = xW + b`.
 
@@ -135,6 +137,7 @@ def init_logistic(key: jax.Array, num_features: int, *, scale: float = 0.01) -> 
   return {"w": w, "b": jnp.zeros((), dtype=w.dtype)}
 
 
+@public()
 def logistic_logits(params: Params, x: jax.typing.ArrayLike) -> jax.Array:
   """One logit per example, :math:`z = x \\cdot w + b`, with :math:`P(y=1) = \\sigma(z)`.
 
@@ -215,6 +218,12 @@ def _focal_on_integer_labels(z, y, *, gamma: float):
   return jnp.where(status.bad, jnp.nan, softmax_focal_loss(z, onehot, gamma=gamma))
 
 
+def _key_tuple(exclude) -> tuple:
+  """`exclude` as a hashable tuple of keys (a single string is one key)."""
+  return (exclude,) if isinstance(exclude, str) else tuple(exclude)
+
+
+@public(("exclude",), validators={"exclude": _key_tuple})
 def l2_penalty(params: Any, *, exclude: Sequence[str] = ("b",)) -> jax.Array:
   """Half the squared L2 norm of the weights, :math:`\\tfrac12 \\sum w^2`.
 
