@@ -95,6 +95,8 @@ def public_names(module: types.ModuleType) -> list[str]:
 def _kind(value) -> str:
   if inspect.isclass(value):
     return "class"
+  if isinstance(value, (types.GenericAlias, types.UnionType)):
+    return "data"  # a type alias (`LossFn = Callable[...]`) is documented as data, not called
   if callable(value):
     return "function"
   return "data"
