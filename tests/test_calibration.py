@@ -118,6 +118,25 @@ def test_fit_temperature_edge_cases():
     C.fit_temperature(z, np.array([0, 1]), bounds=(2.0, 3.0))
 
 
+def test_fit_temperature_of_non_finite_data_is_nan_like_the_streaming_fit():
+  # Issue 19, item 7: a NaN row used to fit T = 1.0 (a plausible number);
+  # the convention, and `fit_temperature_streaming`, say NaN.
+  z, y = _overconfident(n=64, k=4, scale=3.0, seed=3)
+  finite = float(C.fit_temperature(z, y))
+  assert np.isfinite(finite) and finite != 1.0  # the data alone fit a real temperature
+  for bad_row in ([np.nan, 0.0, 1.0, 2.0], [-np.inf, 0.0, 1.0, 2.0]):  # NaN; -inf on the label
+    zz = np.concatenate([z, np.array([bad_row], z.dtype)])
+    yy = np.concatenate([y, [0]])
+    assert np.isnan(C.fit_temperature(zz, yy)), bad_row
+    assert np.isnan(C.fit_temperature_streaming([(zz, yy)])), bad_row
+    # Masked out, the row does not count: the fit of the finite data again.
+    keep = np.arange(len(yy)) < len(y)
+    np.testing.assert_allclose(C.fit_temperature(zz, yy, where=keep), finite, rtol=1e-6)
+  # -inf on a class other than the label is data, not an error.
+  zz = np.concatenate([z, np.array([[3.0, -np.inf, 0.0, 1.0]], z.dtype)])
+  assert np.isfinite(C.fit_temperature(zz, np.concatenate([y, [0]])))
+
+
 # --- ECE, Brier, reliability --------------------------------------------------
 
 

@@ -221,3 +221,68 @@ def test_nothing_counted_or_masked_rows_have_a_zero_gradient(name):
     g = np.asarray(g)
     assert np.all(np.isfinite(g)), path
     np.testing.assert_array_equal(g[~counted], 0.0, err_msg=path)
+
+
+# `eps=` keeps the input's precision (issue 19, item 9): under x64 the clip
+# bounds (Python numbers) must not promote float32 or 16-bit inputs to float64.
+
+
+def _eps_functions():
+  """Every public function with an `eps=` argument (found, not listed by hand)."""
+  import inspect
+
+  found = []
+  for module in (L, L.grads, L.info, L.metrics, L.calibration):
+    for name in module.__all__:
+      fn = getattr(module, name)
+      if inspect.isfunction(fn) and "eps" in inspect.signature(fn).parameters:
+        found.append((f"{module.__name__}.{name}", fn))
+  return found
+
+
+def eps_dtype_mismatches() -> list:
+  """``(function, input dtype, output dtype, expected)`` wherever `eps=` changes the dtype."""
+  q = np.array([[0.0, 0.3, 0.7], [1.0, 0.0, 0.0]])
+  y = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+  bad = []
+  for name, fn in _eps_functions():
+    for dtype in (np.float32, jnp.bfloat16, np.float16):
+      first = q.astype(dtype)
+      labels = np.array([2, 1]) if "integer_labels" in name else y.astype(dtype)
+      out = fn(first, labels, eps=1e-3)
+      # A loss is computed (and returned) in float32 for 16-bit inputs; a
+      # gradient has the dtype of its argument.
+      want = dtype if name.startswith("xentjax.grads.") else np.float32
+      if out.dtype != want:
+        bad.append((name, np.dtype(dtype).name, out.dtype.name, np.dtype(want).name))
+  return bad
+
+
+def test_eps_keeps_the_input_dtype_under_x64():
+  assert len(_eps_functions()) >= 6  # the losses and their gradients: the search finds them
+  if jax.config.jax_enable_x64:
+    assert eps_dtype_mismatches() == []
+    return
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  tests = pathlib.Path(__file__).resolve().parent
+  code = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import jax; "
+    "assert jax.config.jax_enable_x64; import test_consistency as t; "
+    "print(t.eps_dtype_mismatches())"
+  )
+  env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}
+  env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), env.get("PYTHONPATH", "")])
+  run = subprocess.run(
+    [sys.executable, "-c", code, str(tests)],
+    check=False,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout

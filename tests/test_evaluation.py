@@ -7,6 +7,8 @@ import math
 import sys
 import weakref
 
+import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -181,21 +183,31 @@ def test_a_batch_folded_in_chunks_matches_float64_and_one_chunk(monkeypatch):
     np.testing.assert_allclose(getattr(chunked, key), getattr(whole, key), rtol=1e-9, atol=1e-12)
 
 
-def test_ragged_last_batch_does_not_recompile():
-  logits, labels = make_data(3 * 37 + 5, 11, seed=3)  # a shape no other test uses
-  before = _evaluation._step._cache_size()
+@pytest.fixture
+def max_step_traces(monkeypatch):
+  """Give `evaluate` a fresh step that fails on its (n+1)-th trace (`chex.assert_max_traces`)."""
+
+  def install(n: int) -> None:
+    chex.clear_trace_counter()
+    step = chex.assert_max_traces(_evaluation._step.__wrapped__, n=n)
+    monkeypatch.setattr(_evaluation, "_step", jax.jit(step, static_argnames=("model", "config")))
+
+  return install
+
+
+def test_ragged_last_batch_does_not_recompile(max_step_traces):
+  logits, labels = make_data(3 * 37 + 5, 11, seed=3)
+  max_step_traces(1)  # the padded last batch reuses the first batch's program
   r = xentjax.evaluate(batched(logits, labels, size=37), progress=False)
-  assert _evaluation._step._cache_size() - before == 1
   assert_matches(r, reference(logits, labels))
 
 
-def test_larger_later_batches_are_split_to_the_first_size():
+def test_larger_later_batches_are_split_to_the_first_size(max_step_traces):
   logits, labels = make_data(300, seed=4)
   cuts = [0, 64, 200, 203, 300]  # 64, then 136 (split into 64, 64, 8), 3, 97
   stream = [(logits[a:b], labels[a:b]) for a, b in itertools.pairwise(cuts)]
-  before = _evaluation._step._cache_size()
+  max_step_traces(1)
   r = xentjax.evaluate(stream, progress=False)
-  assert _evaluation._step._cache_size() - before <= 1
   assert_matches(r, reference(logits, labels))
 
 
@@ -215,7 +227,7 @@ def test_base_changes_only_cross_entropy():
 # Masks, ignore_index, soft labels, sequences.
 
 
-def test_mask_triples_and_ignore_index_match_boolean_indexing():
+def test_mask_triples_and_ignore_index_match_boolean_indexing(max_step_traces):
   logits, labels = make_data(500, seed=6)
   rng = np.random.default_rng(7)
   mask = rng.random(500) < 0.7
@@ -227,13 +239,12 @@ def test_mask_triples_and_ignore_index_match_boolean_indexing():
 
   # A custom ignore_index; None counts every (in-range) label.
   labels2 = np.where(labels == -100, 3, labels)
-  xentjax.evaluate(batched(logits, labels2, size=B), progress=False)  # compiles the unmasked step
-  before = _evaluation._step._cache_size()
-  r3 = xentjax.evaluate(batched(logits, labels2, size=B), ignore_index=3, progress=False)
-  assert _evaluation._step._cache_size() == before  # ignore_index is a traced value
-  assert_matches(r3, reference(logits, labels2, ignore_index=3))
   rn = xentjax.evaluate(batched(logits, labels2, size=B), ignore_index=None, progress=False)
   assert rn.count == 500
+  max_step_traces(1)  # ignore_index is a traced value: one program for both calls
+  xentjax.evaluate(batched(logits, labels2, size=B), progress=False)
+  r3 = xentjax.evaluate(batched(logits, labels2, size=B), ignore_index=3, progress=False)
+  assert_matches(r3, reference(logits, labels2, ignore_index=3))
 
 
 def test_sequence_logits_with_mask():

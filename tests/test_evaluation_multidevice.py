@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent(
         yield (logits[i:i + size], y[i:i + size]) + ((mask[i:i + size],) if with_mask else ())
 
     # The batch really is sharded over every device.
-    item = next(_evaluation._prepare(stream(labels), model=None, mesh=Mesh(np.asarray(devices), ("data",)), ignore_index=-100))
+    item = next(_evaluation._padded_batches(stream(labels), model=None, mesh=Mesh(np.asarray(devices), ("data",)), ignore_index=-100))
     shards = len(item.x.sharding.device_set)
 
     out = {"devices": len(devices), "shards": shards, "padded_rows": item.x.shape[0]}

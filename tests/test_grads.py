@@ -2,12 +2,14 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import jax.test_util as jtu
 import numpy as np
 import pytest
 import scipy.special as sp
+from absl.testing import parameterized
 
 import xentjax as L
 from xentjax import grads as G
@@ -56,12 +58,17 @@ def _loss_sum(name, args, kwargs):
   return lambda x: jnp.sum(getattr(L, name)(x, *args, **kwargs))
 
 
-@pytest.mark.parametrize("name,x,args,kwargs", CASES, ids=IDS)
-def test_closed_form_matches_autodiff(name, x, args, kwargs):
-  expected = jax.grad(_loss_sum(name, args, kwargs))(x)
-  got = getattr(G, name)(x, *args, **kwargs)
-  assert got.shape == x.shape and got.dtype == x.dtype
-  np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-6)
+class ClosedFormMatchesAutodiff(chex.TestCase):
+  """Each closed form equals `jax.grad` of its loss, called eagerly and inside a user's `jit`."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*[(i, *case) for i, case in zip(IDS, CASES, strict=True)])
+  def test_closed_form_matches_autodiff(self, name, x, args, kwargs):
+    expected = self.variant(jax.grad(_loss_sum(name, args, kwargs)))(x)
+    got = self.variant(lambda v: getattr(G, name)(v, *args, **kwargs))(x)
+    chex.assert_shape(got, x.shape)
+    chex.assert_type(got, x.dtype)
+    chex.assert_trees_all_close(got, expected, rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("name,x,args,kwargs", CASES[::2], ids=IDS[::2])

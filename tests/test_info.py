@@ -556,3 +556,55 @@ def test_cross_entropy_and_kl_of_a_subnormal_q_are_exact():
   np.testing.assert_allclose(info.kl_divergence(jnp.array([1.0, 0.0]), q), expected, rtol=1e-6)
   g = jax.grad(info.cross_entropy, argnums=1)(jnp.array([0.5, 0.5]), jnp.array([2e-38, 1.0]))
   np.testing.assert_allclose(g[0], -0.5 / 2e-38, rtol=1e-5)  # -p / q, finite
+
+
+# Negative probabilities: one rule for every function (issue 19, item 8).
+
+NEGATIVE_CASES = {
+  "entropy": lambda p, q, **kw: info.entropy(p, **kw),
+  "cross_entropy": info.cross_entropy,
+  "kl_divergence": info.kl_divergence,
+  "js_divergence": info.js_divergence,
+}
+
+
+def test_entropy_of_a_negative_probability_is_nan_even_normalized():
+  # The issue's case: 0.653 before (the negative entry was silently dropped).
+  assert np.isnan(info.entropy([0.5, -0.1, 0.6], normalize=True))
+  assert np.isnan(info.entropy([0.5, -0.1, 0.6]))
+  # [-.5, -.5] normalizes to [.5, .5], but it is not a distribution.
+  assert np.isnan(info.entropy([-0.5, -0.5], normalize=True))
+  out = np.asarray(info.information(np.array([-0.1, 0.25, np.nan])))
+  assert np.isnan(out[0]) and np.isnan(out[2])
+  np.testing.assert_allclose(out[1], np.log(4.0), rtol=RTOL)
+
+
+@pytest.mark.parametrize("name", sorted(NEGATIVE_CASES))
+@pytest.mark.parametrize("normalize", [False, True])
+def test_negative_or_nan_probabilities_give_nan_in_every_function(name, normalize):
+  fn = NEGATIVE_CASES[name]
+  rng = np.random.default_rng(11)
+  p, q = _dirichlet(rng, (4, 5)), _dirichlet(rng, (4, 5))
+  p[1, 2], q[2, 3], p[3, 0] = -0.1, -0.2, np.nan  # rows 1-3 are not distributions
+  if name == "entropy":
+    q[2, 3], p[2, 3] = q[2, 3], -0.2
+  out = np.asarray(fn(p, q, normalize=normalize))
+  assert np.all(np.isfinite(out[0])) and np.all(np.isnan(out[1:])), out
+  # Value and gradient: the gradient of a NaN row is NaN too, the others finite.
+  g = jax.grad(lambda a: jnp.sum(fn(a, q, normalize=normalize)[:1]))(jnp.asarray(p))
+  assert np.all(np.isfinite(g[0]))
+  # A masked-out negative entry is not read: boolean indexing of the rest.
+  keep = np.ones((4, 5), bool)
+  keep[1, 2] = keep[2, 3] = keep[3, 0] = False
+  masked = np.asarray(fn(p, q, where=keep, normalize=normalize))
+  for i in range(4):
+    pi, qi = p[i][keep[i]], q[i][keep[i]]
+    if normalize:
+      pi, qi = pi / pi.sum(), qi / qi.sum()
+    want = {
+      "entropy": -np.sum(scipy.special.xlogy(pi, pi)),
+      "cross_entropy": _np_ce(pi, qi),
+      "kl_divergence": _np_kl(pi, qi),
+      "js_divergence": _np_js(pi, qi),
+    }[name]
+    np.testing.assert_allclose(masked[i], want, rtol=RTOL, atol=ATOL)

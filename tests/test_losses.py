@@ -1,10 +1,12 @@
 """Values of the core losses against float64 NumPy/SciPy formulas, low precision, and laws."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special as sp
+from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -38,6 +40,68 @@ def test_worked_example(q):
 
 
 # --- values against float64 formulas -------------------------------------------
+
+
+def _float64_table():
+  """(name, the loss as a function of its first argument, that argument, the float64 value)."""
+  z = Z.astype(np.float64)
+  p = sp.softmax(z, axis=-1)
+  s = sp.expit(z)
+  q = p.astype(np.float32)
+  t = np.sign(Y - 0.15).astype(np.float32)
+  lse = sp.logsumexp(z, axis=-1)
+  return [
+    ("softmax_cross_entropy", lambda v: L.softmax_cross_entropy(v, Y), Z, _ce64(Z, Y)),
+    (
+      "softmax_cross_entropy_with_integer_labels",
+      lambda v: L.softmax_cross_entropy_with_integer_labels(v, C, label_smoothing=0.1, z_loss=1e-3),
+      Z,
+      _ce64(Z, 0.9 * ONEHOT + 0.1 / 6) + 1e-3 * lse**2,
+    ),
+    (
+      "poly_loss_cross_entropy",
+      lambda v: L.poly_loss_cross_entropy(v, Y, epsilon=1.5),
+      Z,
+      _ce64(Z, Y) + 1.5 * (Y * (1 - p)).sum(-1),
+    ),
+    (
+      "kl_divergence",
+      lambda v: L.kl_divergence(v, Y),
+      np.log(p).astype(np.float32),
+      (Y * (np.log(Y) - np.log(p))).sum(-1),
+    ),
+    (
+      "sigmoid_binary_cross_entropy",
+      lambda v: L.sigmoid_binary_cross_entropy(v, Y),
+      Z,
+      -(Y * np.log(s) + (1 - Y) * np.log1p(-s)),
+    ),
+    (
+      "categorical_cross_entropy",
+      lambda v: L.categorical_cross_entropy(v, ONEHOT),
+      q,
+      -np.log(p[np.arange(4), C]),
+    ),
+    (
+      "multiclass_hinge_loss",
+      lambda v: L.multiclass_hinge_loss(v, C),
+      Z,
+      np.max(z + 1 - ONEHOT, axis=-1) - z[np.arange(4), C],
+    ),
+    ("hinge_loss", lambda v: L.hinge_loss(v, t), Z, np.maximum(0, 1 - z * t)),
+    ("squared_error", lambda v: L.squared_error(v, ONEHOT), q, (p - ONEHOT) ** 2),
+  ]
+
+
+class DenseLossesInsideAndOutsideJit(chex.TestCase):
+  """Each dense loss gives its float64 value called eagerly and inside a user's `jit`."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*_float64_table())
+  def test_value_matches_float64(self, loss, x, expected):
+    got = self.variant(loss)(x)
+    chex.assert_shape(got, expected.shape)
+    chex.assert_trees_all_close(got, expected.astype(got.dtype), rtol=2e-5, atol=1e-6)
 
 
 def test_softmax_cross_entropy_values():

@@ -1,11 +1,15 @@
 """Tests for the optax training pieces in `xentjax.train`."""
 
+import pathlib
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+import xentjax as L
 from xentjax import datasets, train
 
 # One shared optimizer object: `fit` caches its compiled epoch per (loss,
@@ -103,12 +107,53 @@ def test_make_loss_bce():
 def test_focal_with_gamma_zero_is_ce_and_confident_examples_are_finite():
   z, y = _small_problem(2)
   np.testing.assert_allclose(
-    train.softmax_focal_loss(z, y, gamma=0.0), train.make_loss("ce")(z, y), rtol=1e-6
+    train.make_loss("focal", gamma=0.0)(z, y), train.make_loss("ce")(z, y), rtol=1e-5
   )
   confident = jnp.array([[40.0, 0.0, 0.0]])
-  g = jax.grad(lambda z: train.softmax_focal_loss(z, jnp.array([0]))[0])(confident)
+  focal = train.make_loss("focal")
+  g = jax.grad(lambda z: focal(z, jnp.array([0]))[0])(confident)
   assert np.all(np.isfinite(g))
-  assert float(train.softmax_focal_loss(confident, jnp.array([0]))[0]) >= 0.0
+  assert float(focal(confident, jnp.array([0]))[0]) >= 0.0
+
+
+def test_focal_is_the_public_focal_loss_on_one_hot_labels():
+  # One focal loss in the library: `train` composes the public one (issue 18).
+  assert getattr(train, "softmax_focal_loss", L.softmax_focal_loss) is L.softmax_focal_loss
+  assert "softmax_focal_loss" not in train.__all__
+  z = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3], [3.0, 3.0, -2.0]], np.float32)
+  y = np.array([0, 2, 1])
+  for gamma in (0.5, 2.0):
+    z64 = z.astype(np.float64)
+    p = np.exp(z64 - z64.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    py = p[np.arange(3), y]
+    want = -((1 - py) ** gamma) * np.log(py)  # Lin et al., float64
+    np.testing.assert_allclose(train.make_loss("focal", gamma=gamma)(z, y), want, rtol=2e-6)
+  # A label outside [0, K) is NaN, as for "ce".
+  out = train.make_loss("focal")(z, np.array([0, 3, -1]))
+  assert np.isfinite(out[0]) and np.isnan(out[1]) and np.isnan(out[2])
+
+
+def test_train_declares_its_public_names():
+  # `__all__` is the surface: no typing names, no re-exported losses (issue 19, item 13).
+  public = {n for n in vars(train) if not n.startswith("_")}
+  leaked = {"Any", "Callable", "Mapping", "Sequence", "annotations", "functools", "math", "sys"}
+  assert not leaked & set(train.__all__)
+  assert set(train.__all__) <= public
+  functions = {n for n in public - leaked if callable(getattr(train, n))}
+  imported = {"multiclass_hinge_loss", "sigmoid_binary_cross_entropy", "squared_error"}
+  imported |= {"softmax_cross_entropy_with_integer_labels", "softmax_focal_loss"}
+  own = {
+    n
+    for n in functions - imported
+    if getattr(getattr(train, n), "__module__", "") == train.__name__
+  }
+  assert own <= set(train.__all__), own - set(train.__all__)
+  # The type aliases are documented where Sphinx reads them (`#:` comments).
+  source = pathlib.Path(train.__file__).read_text()
+  for alias in ("LossFn", "ModelFn", "Params"):
+    assert alias in train.__all__
+    assert "#: " in source.split(f"\n{alias} = ")[0].rsplit("\n\n", 1)[-1], alias
 
 
 def test_unknown_names_raise():
@@ -172,7 +217,7 @@ def test_fit_reduces_loss_and_is_deterministic(digits):
   assert all(len(v) == 4 for v in h1.values())
   assert h1["loss"][-1] < 0.5 * h1["loss"][0]
   assert h1 == h2
-  np.testing.assert_array_equal(p1["w"], p2["w"])
+  chex.assert_trees_all_equal(p1, p2)  # every leaf, not only "w"
   assert h3["loss"] != h1["loss"]  # the seed drives the shuffling
 
 

@@ -1,11 +1,23 @@
 """The one convention for xentjax's public functions: compilation, inputs, options.
 
-Every public loss, `info` and `metrics` function is declared with `public`::
+A public function that computes on arrays is declared with `public`::
 
     @public(static=("axis", "label_smoothing"))
     def softmax_cross_entropy(logits, labels, axis=-1, where=None, *, label_smoothing=0.0): ...
 
-and so, without writing it again:
+or, when it takes exactly the arguments of another public function (a
+closed-form gradient beside its loss, `cosine_distance` beside
+`cosine_similarity`), with ``public_like(model)``. There is no other way (no
+alias, no bare `jax.jit`); `is_public` tells whether a function was declared
+so. ``tests/test_architecture.py`` checks every name in the public modules'
+``__all__`` and lists the exceptions: classes, constants, and the host-side
+functions that loop over batches, read files or draw (they call public
+functions, they are not compiled themselves). Until their rebuild as the
+``xentjax._vocab`` engine (issue 18), the old large-vocabulary entry points
+(``_fused``, ``_distill``, ``_token_stats``, ``parallel``) declare themselves
+their own way; the test lists them as a temporary exception.
+
+A declared function gets, without writing it again:
 
 * **Compiled once per input signature** with `jax.jit`; the names in
   ``static`` are compile-time options (Python values, part of the cache key).
@@ -19,10 +31,12 @@ and so, without writing it again:
   canonical hashable value (``axis=[0, 1]`` becomes ``(0, 1)``,
   ``label_smoothing=np.float32(0.1)`` a Python float), so equal options share
   one compiled program. An option not in `OPTIONS` only has to be hashable.
-* **The function stays itself** for `help()`, IDEs and `inspect`: the
-  returned function is a plain Python function with the original
-  ``__name__``, ``__qualname__``, ``__doc__``, ``__module__`` and signature
-  (``__wrapped__`` is the undecorated function).
+* **The function stays itself** for `help()`, IDEs, `inspect`, stack traces
+  and profiles: the returned function is a plain Python function with the
+  original ``__name__``, ``__qualname__``, ``__doc__``, ``__module__`` and
+  signature (``__wrapped__`` is the undecorated function). A closed-form
+  gradient keeps its own name (``softmax_cross_entropy_grad``); `xentjax.grads`
+  only collects the gradients under the loss names.
 
 `where_mask` is the one rule for ``where`` masks: a boolean array, or an
 integer 0/1 array read as ``!= 0``; a floating mask is a `TypeError` (a float
@@ -56,7 +70,8 @@ __all__ = [
   "closed_form_jvp",
   "doc_parts",
   "from_last",
-  "gradient_of",
+  "gradient_doc",
+  "is_public",
   "prepare_where",
   "public",
   "public_like",
@@ -90,11 +105,18 @@ def _base(value):
 
 
 def _eps(value):
+  """The clipping bound of the probability losses: None, or a number in [1e-37, 0.5).
+
+  The lower end keeps ``log(eps)`` a normal float32 logarithm (float32's
+  smallest normal number is about 1.2e-38).
+  """
   if value is None:
     return None
   v = real_option("eps", value)
-  if not 0.0 < v < 0.5:
-    raise ValueError(f"`eps` must be None (no clipping) or a number in (0, 0.5), got {value!r}.")
+  if not 1e-37 <= v < 0.5:
+    raise ValueError(
+      f"`eps` must be None (no clipping) or a number in [1e-37, 0.5), got {value!r}."
+    )
   return v
 
 
@@ -203,19 +225,24 @@ def public(
 
     wrapper.__signature__ = sig
     wrapper.static_argnames = static
+    wrapper.__xentjax_public__ = True  # the mark `is_public` reads
     return wrapper
 
   return deco
 
 
-def gradient_of(loss, *, wrt: str, formula: str, note: str = "", module: str = "xentjax.grads"):
-  """Declare the closed-form gradient of the public `loss` beside it.
+def is_public(fn) -> bool:
+  """Whether ``fn`` was declared with `public` (or `public_like`)."""
+  return getattr(fn, "__xentjax_public__", False) is True
 
-  The decorated function computes ``d sum(loss(...)) / d wrt`` and takes the
-  loss's parameters by name (defaults filled in). The result is a public
-  function named like the loss, with the loss's signature, compiled options
-  and argument handling, and a docstring built from ``formula`` (a
-  ``.. math::`` body) and ``note``; it lives in ``module`` (`xentjax.grads`).
+
+def gradient_doc(loss, *, wrt: str, formula: str, note: str = ""):
+  """Write the docstring of the closed-form gradient of the public `loss`.
+
+  Apply it below ``public_like(loss)``: the function keeps its own name (e.g.
+  ``softmax_cross_entropy_grad``) and module; the docstring says that it
+  computes ``d sum(loss(...)) / d wrt``, with ``formula`` (a ``.. math::``
+  body) and ``note``, and that it takes the loss's arguments.
   """
 
   def deco(fn):
@@ -229,10 +256,8 @@ def gradient_of(loss, *, wrt: str, formula: str, note: str = "", module: str = "
     )
     if note:
       doc += f"\n  Note:\n    {note}\n"
-    fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = doc
-    fn.__module__ = module
-    return public_like(loss)(fn)
+    return fn
 
   return deco
 

@@ -1,4 +1,4 @@
-"""The one softmax-statistics core: every cross-entropy path takes its numbers from here.
+"""The softmax-statistics core: the integer-label cross-entropy paths take their numbers here.
 
 Every quantity of the cross-entropy family that xentjax computes from logits
 ``z`` (``K`` classes on the last axis) and an integer label ``y`` is a function
@@ -14,13 +14,27 @@ of a few per-row statistics and of one validity rule:
 ``n_tied``      number of classes with ``z_j == z_y``, the label included
 ==============  ==============================================================
 
-The dense paths (`xentjax.softmax_cross_entropy_with_integer_labels`,
+The dense paths (`xentjax.softmax_cross_entropy`,
+`xentjax.softmax_cross_entropy_with_integer_labels`, `xentjax.poly_loss_cross_entropy`,
 `xentjax.cross_entropy_loss`, `xentjax.metrics`, `xentjax.evaluate`,
-`xentjax.train`) compute them from a ``[..., K]`` array; the fused and
-vocabulary-parallel paths compute the same statistics tile by tile. The loss
-algebra on top of them (`cross_entropy_from_stats`), the validity rule
-(`label_status`), the tie rule (`top_k_credit`) and the empty-mean rule
-(`mean_or_nan`) are written once, here.
+`xentjax.train`, and the Brier score and ECE of `xentjax.calibration`)
+compute them from a ``[..., K]`` array with the functions here; the fused
+and vocabulary-parallel cross-entropy paths compute the same statistics tile
+by tile and finish them here. The loss algebra on top of them
+(`cross_entropy_from_stats`), the validity rule (`label_status`), the tie
+rule (`top_k_credit`) and the empty-mean rule (`mean_or_nan`) are written
+once, here.
+
+Four paths compute their own log-normalizer, each for a reason of its own:
+the focal loss (``xentjax._focal``: ``log1p`` of the non-maximal terms, for
+an exact ``1 - p`` of a confident class), the temperature fit
+(``xentjax.calibration``: the loss of ``z / T`` and its derivatives in
+``log T``, in the same ``log1p`` form), `xentjax.info.kl_divergence_from_logits`
+(a softmax over any tuple of axes with masked classes), and the distillation
+sweep (``xentjax._distill``: the running normalizers of teacher and student
+together). They follow the same conventions (shift by a gradient-free row
+maximum, ``0 * log 0 = 0``, ``-inf`` rows), tested against float64 in their
+own tests.
 
 Conventions decided here (the README's conventions table says the same):
 

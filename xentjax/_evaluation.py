@@ -192,7 +192,7 @@ def _acc_add(acc, part):
 # The per-batch step.
 
 
-class _Config(NamedTuple):
+class _StepConfig(NamedTuple):
   top_k: int
   num_bins: int
   ignore: bool  # compare labels with the (traced) ignore value
@@ -262,7 +262,7 @@ def _soft_rows(z, y, keep):
   return status, nll
 
 
-def _rows(logits, labels, keep, ignore_value, config: _Config) -> _core.RowMetrics:
+def _flat_row_metrics(logits, labels, keep, ignore_value, config: _StepConfig) -> _core.RowMetrics:
   """The core's per-row metrics of a flattened batch (`_core.row_metrics`)."""
   num_classes = logits.shape[-1]
   z = logits.astype(_validation.compute_dtype(logits.dtype)).reshape(-1, num_classes)
@@ -276,7 +276,7 @@ def _rows(logits, labels, keep, ignore_value, config: _Config) -> _core.RowMetri
   return _core.row_metrics(z, status, config.top_k, brier=True)
 
 
-def _batch_sums(rows: _core.RowMetrics, acc_dtype, config: _Config) -> dict:
+def _batch_sums(rows: _core.RowMetrics, acc_dtype, config: _StepConfig) -> dict:
   """The batch's contribution to each accumulator (same keys as `_zero_accumulators`).
 
   Calibration bins: counts by integer segment sums (exact); confidences as
@@ -306,7 +306,7 @@ def _batch_sums(rows: _core.RowMetrics, acc_dtype, config: _Config) -> dict:
   }
 
 
-def _fold(acc: dict, part: dict) -> dict:
+def _add_sums(acc: dict, part: dict) -> dict:
   """Add a batch's sums to the running totals: (hi, lo) pairs without losing digits."""
   return {
     k: _acc_add(acc[k], part[k]) if isinstance(acc[k], tuple) else acc[k] + part[k] for k in acc
@@ -314,7 +314,9 @@ def _fold(acc: dict, part: dict) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
-def _step(acc, params, x, labels, mask, num_real, ignore_value, log_t, *, model, config: _Config):
+def _step(
+  acc, params, x, labels, mask, num_real, ignore_value, log_t, *, model, config: _StepConfig
+):
   """Fold one padded batch into the accumulators (one compile per shape)."""
   logits = x if model is None else model(params, x)
   _check_batch(logits, labels, mask, config.soft)
@@ -328,7 +330,7 @@ def _step(acc, params, x, labels, mask, num_real, ignore_value, log_t, *, model,
   acc_dtype = acc["nll"][0].dtype
 
   def part_sums(z, y, k):
-    rows = _rows(z, y, k, ignore_value, config)
+    rows = _flat_row_metrics(z, y, k, ignore_value, config)
     sums = _batch_sums(rows, acc_dtype, config)
     sums.update(_calibration_sums(z, y, k, rows, log_t, acc_dtype, config))
     return sums
@@ -357,7 +359,7 @@ def _fold_chunks(acc, flat, part_sums, groups: int):
   local = flat[0].shape[0] // groups
   size = max(_MIN_CHUNK_ROWS, _CHUNK_LOGITS // max(flat[0].shape[-1], 1))
   if local <= size:
-    return _fold(acc, part_sums(*flat))
+    return _add_sums(acc, part_sums(*flat))
   blocks = [a.reshape(groups, local, *a.shape[1:]) for a in flat]
 
   def rows(start, count):
@@ -367,18 +369,19 @@ def _fold_chunks(acc, flat, part_sums, groups: int):
     ]
 
   full = local // size
-  acc = jax.lax.fori_loop(0, full, lambda i, a: _fold(a, part_sums(*rows(i * size, size))), acc)
+  acc = jax.lax.fori_loop(0, full, lambda i, a: _add_sums(a, part_sums(*rows(i * size, size))), acc)
   if local % size:
-    acc = _fold(acc, part_sums(*rows(full * size, local % size)))
+    acc = _add_sums(acc, part_sums(*rows(full * size, local % size)))
   return acc
 
 
-def _calibration_sums(logits, labels, keep, rows, log_t, acc_dtype, config: _Config) -> dict:
+def _calibration_sums(logits, labels, keep, rows, log_t, acc_dtype, config: _StepConfig) -> dict:
   """Brier score and temperature statistics of the counted rows (`xentjax.calibration`).
 
   The Brier score of integer labels is the core's (`_core.brier_from_stats`,
   in `rows`); soft labels and the temperature statistics need the
-  probabilities themselves (`calibration._streaming_terms`).
+  probabilities themselves (`_core.probabilities`,
+  `calibration.temperature_statistics`).
   """
   num_classes = logits.shape[-1]
   z = logits.astype(_validation.compute_dtype(logits.dtype)).reshape(-1, num_classes)
@@ -393,8 +396,11 @@ def _calibration_sums(logits, labels, keep, rows, log_t, acc_dtype, config: _Con
       ok = (y >= 0) & (y < num_classes)
       y_prob = jax.nn.one_hot(jnp.where(ok, y, 0), num_classes, dtype=z.dtype)
       valid = rows.counted & ok
-    soft_brier, temp = calibration._streaming_terms(z, y_prob, valid, log_t)
-    brier = soft_brier if config.soft else brier
+    if config.soft:
+      p = _core.probabilities(z)
+      brier = jnp.where(valid, jnp.sum(jnp.square(p - y_prob), axis=-1), 0.0)
+    st = calibration.temperature_statistics(z, y_prob, log_t, where=valid)
+    temp = jnp.stack([st.loss, st.d1, st.d2])
   temp = temp.astype(acc_dtype)
   return {
     "brier": _grouped_sum(brier.astype(acc_dtype), config.groups),
@@ -510,7 +516,7 @@ def _ignore_value(scalars, ignore_index, labels, soft):
   return scalars(ignore_index, labels.dtype) if info.min <= ignore_index <= info.max else None
 
 
-def _prepare(batches: Iterable, *, model, mesh: Mesh, ignore_index) -> Iterator[_Prepared]:
+def _padded_batches(batches: Iterable, *, model, mesh: Mesh, ignore_index) -> Iterator[_Prepared]:
   """Yield padded, device-placed pieces of fixed batch size (the first batch's)."""
   groups = mesh.devices.size
   rows_sharding = NamedSharding(mesh, P("data"))
@@ -818,7 +824,7 @@ def evaluate(
     params = jax.device_put(params, NamedSharding(mesh, P()))
   across = jax.process_count() > 1 if across_processes is None else bool(across_processes)
   failure = None
-  prepared = _prepare(batches, model=model, mesh=mesh, ignore_index=ignore_index)
+  prepared = _padded_batches(batches, model=model, mesh=mesh, ignore_index=ignore_index)
   source = _Prefetcher(prepared, prefetch) if prefetch > 0 else None
   bar = _progress_bar(_want_progress(progress), total)
   run = _Run(
@@ -882,7 +888,7 @@ class _Run:
       self.host.add(self.acc)  # rare: keeps int32 counters from overflowing
       self.acc, self.rows_since_flush = self._fresh(), 0
       self.in_flight.clear()
-    config = _Config(
+    config = _StepConfig(
       self.top_k, self.num_bins, item.ignore is not None, self.mesh.devices.size, item.soft
     )
     if self.log_t is None:  # the temperature grid, set by the first batch
@@ -918,7 +924,7 @@ def _first_batch_temperature(params, x, labels, mask, num_real, ignore_value, *,
   """`calibration.fit_temperature` on the counted rows of one padded batch."""
   logits = x if model is None else model(params, x)
   keep = _real_rows(logits.shape[:-1], mask, num_real)
-  rows = _rows(logits, labels, keep, ignore_value, config)
+  rows = _flat_row_metrics(logits, labels, keep, ignore_value, config)
   z = logits.astype(_validation.compute_dtype(logits.dtype)).reshape(-1, logits.shape[-1])
   valid = rows.counted
   if config.soft:
@@ -927,7 +933,7 @@ def _first_batch_temperature(params, x, labels, mask, num_real, ignore_value, *,
     y = labels.reshape(-1)
     valid = valid & (y >= 0) & (y < z.shape[-1])
     y = jnp.where(valid, y, 0).astype(jnp.int32)
-  return calibration._fit_jit(z, y, valid, (1e-3, 1e3), 1e-7, 60)
+  return calibration.fit_temperature(z, y, where=valid)
 
 
 def _temperature_grid(item, params, *, model, config) -> np.ndarray:

@@ -18,23 +18,21 @@ loss is, including a ``-inf`` logit on a target class and ``gamma < 1``.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from xentjax import _validation as V
-from xentjax._api import closed_form_jvp, public_like
-from xentjax._probability import _categorical_terms, _log_one_minus_q
-from xentjax._probability import _prepare as _prepare_probs
-from xentjax._softmax import Axis, _class_axes, _dense_prepare, _jit_public, _smooth
-
-
-def _restore_class_axes(g: jax.Array, axes: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
-  """Undo `_softmax._to_last`: unflatten the last axis into `axes` of `shape`."""
-  batch = tuple(i for i in range(len(shape)) if i not in axes)
-  g = g.reshape(tuple(shape[i] for i in batch) + tuple(shape[i] for i in axes))
-  return jnp.transpose(g, tuple(int(i) for i in np.argsort(batch + tuple(axes))))
+from xentjax._api import Axis, class_axes, closed_form_jvp, from_last, public, public_like
+from xentjax._dense import (
+  categorical_terms,
+  clipped_log1m,
+  prepare_logits,
+  prepare_probs,
+  smooth_last_axis,
+)
 
 
 def _class_weights(alpha, k: int, dtype):
@@ -54,10 +52,8 @@ def _class_weights(alpha, k: int, dtype):
 def _weights(logits, labels, axis, where, alpha, label_smoothing):
   """``(z, a)`` laid out ``[..., K]``: logits and the per-class weights ``a = alpha * y~``."""
   eps = V.check_label_smoothing(label_smoothing)
-  z, y, mask = _dense_prepare(logits, labels, axis, where)
-  if mask is not None:
-    y = jnp.where(mask, y, 0.0)
-  a = _smooth(y, mask, eps)
+  z, y, mask = prepare_logits(logits, labels, axis, where)
+  a = smooth_last_axis(y, mask, eps)
   w = _class_weights(alpha, z.shape[-1], z.dtype)
   if w is not None:
     a = a * jnp.broadcast_to(w, a.shape)
@@ -130,7 +126,7 @@ def _focal_grad(z, a, gamma):
 _focal = closed_form_jvp(_focal_value, _focal_grad, lambda g, dz: jnp.sum(g * dz, axis=-1))
 
 
-@_jit_public("axis", "label_smoothing")
+@public(("axis", "label_smoothing"))
 def softmax_focal_loss(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -221,10 +217,10 @@ def softmax_focal_loss_grad(logits, labels, axis, where, gamma, alpha, label_smo
   x = jnp.asarray(logits)
   z, a = _weights(logits, labels, axis, where, alpha, label_smoothing)
   g = _focal_grad(z, a, jnp.asarray(gamma, z.dtype))
-  return _restore_class_axes(g, _class_axes(axis, x.ndim), x.shape).astype(x.dtype)
+  return from_last(g, class_axes(axis, x.ndim), x.shape).astype(x.dtype)
 
 
-@_jit_public("axis", "eps", "label_smoothing")
+@public(("axis", "eps", "label_smoothing"))
 def categorical_focal_cross_entropy(
   probs: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -268,12 +264,12 @@ def categorical_focal_cross_entropy(
     >>> print(f"{L.categorical_focal_cross_entropy(q, y):.5f}")
     0.00893
   """
-  q, y, e, ls = _prepare_probs(probs, labels, eps, label_smoothing)
-  y, q, log_q, axes, _ = _categorical_terms(q, y, axis, where, e, ls)
+  q, y, ls = prepare_probs(probs, labels, label_smoothing)
+  y, q, log_q, axes, _ = categorical_terms(q, y, axis, where, eps, ls)
   one = q == 1
-  log_r = jnp.where(one, -jnp.inf, _log_one_minus_q(jnp.where(one, 0.0, q), e, False))
-  if e is not None:
-    log_r = jnp.where(one, jnp.log(e), log_r)
+  log_r = jnp.where(one, -jnp.inf, clipped_log1m(jnp.where(one, 0.0, q), eps, False))
+  if eps is not None:
+    log_r = jnp.where(one, math.log(eps), log_r)
   w = _pow_u(log_r, jnp.asarray(gamma, q.dtype))
   a = y
   if alpha is not None:

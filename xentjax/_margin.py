@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from xentjax import _validation as V
-from xentjax._api import doc_parts
-from xentjax._softmax import _jit_public
+from xentjax._api import doc_parts, public
 
 
 def _binary_prepare(predictor_outputs, targets, same_shape: bool):
@@ -24,6 +23,7 @@ def _binary_prepare(predictor_outputs, targets, same_shape: bool):
   return s.astype(dt), t.astype(dt)
 
 
+@public()
 def hinge_loss(predictor_outputs: jax.typing.ArrayLike, targets: jax.typing.ArrayLike) -> jax.Array:
   r"""Binary hinge loss.
 
@@ -45,6 +45,7 @@ def hinge_loss(predictor_outputs: jax.typing.ArrayLike, targets: jax.typing.Arra
   return jnp.maximum(0, 1 - s * t)
 
 
+@public()
 def perceptron_loss(
   predictor_outputs: jax.typing.ArrayLike, targets: jax.typing.ArrayLike
 ) -> jax.Array:
@@ -71,6 +72,7 @@ def perceptron_loss(
   return jnp.maximum(0, -s * t)
 
 
+@public()
 def squared_hinge_loss(
   predictor_outputs: jax.typing.ArrayLike, targets: jax.typing.ArrayLike
 ) -> jax.Array:
@@ -104,7 +106,7 @@ def squared_hinge_loss(
   return jnp.square(jnp.maximum(0, 1 - s * t))
 
 
-@_jit_public()
+@public()
 def categorical_hinge_loss(
   scores: jax.typing.ArrayLike,
   targets: jax.typing.ArrayLike,
@@ -177,7 +179,7 @@ def _multiclass_prepare(scores, labels):
   return scores, s_y, is_label, nan_if_invalid
 
 
-@_jit_public()
+@public()
 @doc_parts(multiclass_args=_MULTICLASS_ARGS)
 def multiclass_hinge_loss(
   scores: jax.typing.ArrayLike,
@@ -203,7 +205,7 @@ def multiclass_hinge_loss(
   return (margin - s_y) * nan_if_invalid
 
 
-@_jit_public()
+@public()
 @doc_parts(multiclass_args=_MULTICLASS_ARGS)
 def multiclass_perceptron_loss(
   scores: jax.typing.ArrayLike,

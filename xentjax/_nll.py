@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from xentjax import _validation as V
-from xentjax._api import where_mask
+from xentjax._api import public, where_mask
 from xentjax._core import label_status, mean_or_nan
-from xentjax._softmax import _jit_public
 
 
 def _check_weight(weight, num_classes: int, dtype):
@@ -32,7 +31,7 @@ def _check_ignore_index(ignore_index):
   return int(ignore_index)
 
 
-@_jit_public("ignore_index", "reduction", "axis")
+@public(("ignore_index", "reduction", "axis"))
 def nll_loss(
   log_probs: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,

@@ -2,117 +2,25 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from xentjax import _validation as V
-from xentjax._api import public_like, where_mask
+from xentjax._api import Axis, broadcast_to_first, public, public_like, where_mask
 from xentjax._core import label_status
-from xentjax._logspace import astype_exact, log_prob
-from xentjax._softmax import (
-  Axis,
-  _broadcast_to_first,
-  _check_float_labels,
-  _class_axes,
-  _jit_public,
-  _prepare_where,
+from xentjax._dense import (
+  categorical_terms,
+  clipped_log,
+  clipped_log1m,
+  inside_clip,
+  prepare_probs,
+  smooth_binary,
 )
+from xentjax._logspace import log_prob
 
 
-def _check_eps(eps):
-  if eps is None:
-    return None
-  try:
-    e = float(eps)
-  except (TypeError, ValueError):
-    raise TypeError(
-      f"`eps` must be None or a Python number in [1e-37, 0.5), got {eps!r}."
-    ) from None
-  if not 1e-37 <= e < 0.5:
-    raise ValueError(f"`eps` must be None (no clipping) or a number in [1e-37, 0.5), got {eps!r}.")
-  return e
-
-
-def _prepare(probs, labels, eps, label_smoothing=0.0):
-  """Checked `(q, y, eps, label_smoothing)` for the probability losses and their gradients.
-
-  `labels` is broadcast to the shape of `probs` and both are promoted to the
-  compute dtype (float32 for 16-bit inputs); `q` is not clipped yet.
-  """
-  V.check_floating("probs", probs)
-  _check_float_labels("labels", labels)
-  e = _check_eps(eps)
-  ls = V.check_label_smoothing(label_smoothing)
-  q = jnp.asarray(probs)
-  y = _broadcast_to_first("probs", q, "labels", jnp.asarray(labels))
-  dt = V.compute_dtype(q.dtype, y.dtype)
-  return astype_exact(q, dt), y.astype(dt), e, ls
-
-
-# The logarithms. Each guards its own 0 * log 0 case (`skip`: the weight is 0
-# and the probability is 0) inside the log, so the untaken branch leaves no
-# NaN in the gradient; q = 0 under a positive weight keeps its true value,
-# -inf, and gradient. With `eps`, the clip to [eps, 1 - eps] happens in log
-# space: `1 - eps` is never formed (float32 rounds it to 1 for eps < 6e-8), so
-# both ends are protected in every dtype, and the gradient is 0 where a clip
-# is active. `log_prob` is exact for subnormal q (XLA flushes those to 0).
-
-
-def _log_q(q, e, skip):
-  if e is None:
-    return log_prob(jnp.where(skip, 1.0, q))
-  low = q < e
-  log_q = jnp.where(low, np.log(e), log_prob(jnp.where(low, 1.0, q)))
-  return jnp.minimum(log_q, np.log1p(-e))
-
-
-def _log_one_minus_q(q, e, skip):
-  if e is None:
-    return jnp.log1p(-jnp.where(skip, 0.0, q))
-  high = (1.0 - q) < e  # exact: 1 - q has no rounding error for q >= 1/2
-  log_r = jnp.where(high, np.log(e), jnp.log1p(-jnp.where(high, 0.0, q)))
-  return jnp.minimum(log_r, np.log1p(-e))
-
-
-def _zero_where_clipped(g, q, e):
-  """`g` with 0 where an `eps` clip is active (no gradient flows there), for `xentjax.grads`."""
-  if e is None:
-    return g
-  lo_ok = (q >= e) & (log_prob(q) <= np.log1p(-e))
-  hi_ok = ((1.0 - q) >= e) & (jnp.log1p(-q) <= np.log1p(-e))
-  return jnp.where(lo_ok & hi_ok, g, 0.0)
-
-
-def _smooth_classes(y, mask, axes, eps: float):
-  """``(1 - eps) y + eps / K`` over the (unmasked) classes of `axes` (Keras, PyTorch)."""
-  if eps == 0.0:
-    return y
-  if mask is None:
-    return (1.0 - eps) * y + eps / math.prod(y.shape[a] for a in axes)
-  k = jnp.sum(mask, axis=axes, keepdims=True).astype(y.dtype)
-  return jnp.where(mask, (1.0 - eps) * y + eps / jnp.maximum(k, 1.0), 0.0)
-
-
-def _smooth_binary(y, eps: float):
-  """``(1 - eps) y + eps / 2`` (Keras's `BinaryCrossentropy(label_smoothing=)`)."""
-  return y if eps == 0.0 else (1.0 - eps) * y + 0.5 * eps
-
-
-def _categorical_terms(q, y, axis, where, e, ls):
-  """Smoothed, masked ``y`` and ``log q`` (clipped with `eps`), for the loss and its gradient."""
-  axes = _class_axes(axis, q.ndim)
-  mask = _prepare_where(where, q.shape, axis, axes)
-  y = _smooth_classes(y, mask, axes, ls)
-  if mask is not None:
-    y = jnp.where(mask, y, 0.0)
-    q = jnp.where(mask, q, 1.0)
-  return y, q, _log_q(q, e, (y == 0) & (q == 0)), axes, mask
-
-
-@_jit_public("axis", "eps", "label_smoothing")
+@public(("axis", "eps", "label_smoothing"))
 def categorical_cross_entropy(
   probs: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -164,8 +72,8 @@ def categorical_cross_entropy(
     negative one gives NaN. Subnormal probabilities are exact (``1e-38`` gives
     87.50 nats, not ``+inf``, although XLA flushes subnormals to zero).
   """
-  q, y, e, ls = _prepare(probs, labels, eps, label_smoothing)
-  y, _, log_q, axes, _ = _categorical_terms(q, y, axis, where, e, ls)
+  q, y, ls = prepare_probs(probs, labels, label_smoothing)
+  y, _, log_q, axes, _ = categorical_terms(q, y, axis, where, eps, ls)
   return 0.0 - jnp.sum(y * log_q, axis=axes)
 
 
@@ -175,7 +83,7 @@ def _check_class_axis(axis, ndim: int) -> int:
   return V.normalize_axis("axis", int(axis), ndim)
 
 
-@_jit_public("axis", "eps")
+@public(("axis", "eps"))
 def categorical_cross_entropy_with_integer_labels(
   probs: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -222,7 +130,6 @@ def categorical_cross_entropy_with_integer_labels(
   """
   V.check_floating("probs", probs)
   V.check_integer("labels", labels)
-  e = _check_eps(eps)
   q = jnp.asarray(probs)
   q = q.astype(V.compute_dtype(q.dtype))
   labels = jnp.asarray(labels)
@@ -234,22 +141,22 @@ def categorical_cross_entropy_with_integer_labels(
       f"{q.shape[:-1]}, got labels.shape={tuple(labels.shape)}."
     )
   if where is not None:
-    where = _broadcast_to_first("labels", labels, "where", where_mask(where))
+    where = broadcast_to_first("labels", labels, "where", where_mask(where))
   st = label_status(labels, q.shape[-1], where=where)
   q_c = jnp.take_along_axis(q, st.index[..., None], axis=-1)[..., 0]
-  loss = -_log_q(jnp.where(st.counted, q_c, 1.0), e, False)
+  loss = -clipped_log(jnp.where(st.counted, q_c, 1.0), eps, False)
   return jnp.where(st.bad, jnp.nan, jnp.where(st.counted, loss, 0.0))
 
 
 def _binary_terms(q, y, e, ls):
-  y = _smooth_binary(y, ls)
+  y = smooth_binary(y, ls)
   w = 1.0 - y
-  log_q = _log_q(q, e, (y == 0) & (q == 0))
-  log_r = _log_one_minus_q(q, e, (w == 0) & (q == 1))
+  log_q = clipped_log(q, e, (y == 0) & (q == 0))
+  log_r = clipped_log1m(q, e, (w == 0) & (q == 1))
   return y, w, log_q, log_r
 
 
-@_jit_public("eps", "label_smoothing")
+@public(("eps", "label_smoothing"))
 def binary_cross_entropy(
   probs: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -285,8 +192,8 @@ def binary_cross_entropy(
     ``y < 1``) gives ``+inf``; ``q = 0`` with ``y = 0`` gives 0 with a finite
     gradient. Integer labels raise ``TypeError``.
   """
-  q, y, e, ls = _prepare(probs, labels, eps, label_smoothing)
-  y, w, log_q, log_r = _binary_terms(q, y, e, ls)
+  q, y, ls = prepare_probs(probs, labels, label_smoothing)
+  y, w, log_q, log_r = _binary_terms(q, y, eps, ls)
   return 0.0 - (y * log_q + w * log_r)
 
 
@@ -317,9 +224,9 @@ def categorical_cross_entropy_grad(probs, labels, axis, where, eps, label_smooth
     (even at :math:`q = 0`), :math:`-\infty` where :math:`p > 0 = q`.
   """
   out_dtype = jnp.asarray(probs).dtype
-  q, y, e, ls = _prepare(probs, labels, eps, label_smoothing)
-  y, q, _, _, mask = _categorical_terms(q, y, axis, where, e, ls)
-  g = _zero_where_clipped(_minus_y_over_q(y, q), q, e)
+  q, y, ls = prepare_probs(probs, labels, label_smoothing)
+  y, q, _, _, mask = categorical_terms(q, y, axis, where, eps, ls)
+  g = jnp.where(inside_clip(q, eps), _minus_y_over_q(y, q), 0.0)
   if mask is not None:
     g = jnp.where(mask, g, 0.0)
   return g.astype(out_dtype)
@@ -340,8 +247,8 @@ def binary_cross_entropy_grad(probs, labels, eps, label_smoothing):
     weight is 0 contributes 0 (even at :math:`q \in \{0, 1\}`).
   """
   out_dtype = jnp.asarray(probs).dtype
-  q, y, e, ls = _prepare(probs, labels, eps, label_smoothing)
-  y = _smooth_binary(y, ls)
+  q, y, ls = prepare_probs(probs, labels, label_smoothing)
+  y = smooth_binary(y, ls)
   w = 1.0 - y
   g = _minus_y_over_q(y, q) + jnp.where(w == 0, 0.0, w / jnp.where(w == 0, 1.0, 1.0 - q))
-  return _zero_where_clipped(g, q, e).astype(out_dtype)
+  return jnp.where(inside_clip(q, eps), g, 0.0).astype(out_dtype)

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 
 from xentjax import _validation as V
-from xentjax._api import public_like
-from xentjax._softmax import Axis, _class_axes, _jit_public, _prepare_where
+from xentjax._api import Axis, class_axes, prepare_where, public, public_like
 
 
+@public()
 def squared_error(
   predictions: jax.typing.ArrayLike,
   targets: jax.typing.ArrayLike | None = None,
@@ -43,7 +43,7 @@ def squared_error(
   return jnp.square(x.astype(dt) - t.astype(dt))
 
 
-@_jit_public("axis")
+@public(("axis",))
 def cosine_similarity(
   predictions: jax.typing.ArrayLike,
   targets: jax.typing.ArrayLike,
@@ -79,8 +79,8 @@ def cosine_similarity(
   V.check_same_shape("predictions", a, "targets", b)
   dt = V.compute_dtype(a.dtype, b.dtype)  # 16-bit inputs: float32
   a, b = a.astype(dt), b.astype(dt)
-  axes = _class_axes(axis, a.ndim)
-  mask = _prepare_where(where, a.shape, axis, axes)
+  axes = class_axes(axis, a.ndim)
+  mask = prepare_where(where, a.shape, axis, axes)
   a_norm = jnp.sqrt(jnp.square(a).sum(axis=axes, where=mask, keepdims=True).clip(epsilon))
   b_norm = jnp.sqrt(jnp.square(b).sum(axis=axes, where=mask, keepdims=True).clip(epsilon))
   return ((a / a_norm) * (b / b_norm)).sum(axis=axes, where=mask)

@@ -8,13 +8,12 @@ import jax
 import jax.numpy as jnp
 
 from xentjax import _validation as V
-from xentjax._api import closed_form_jvp, public_like
+from xentjax._api import closed_form_jvp, public, public_like
+from xentjax._dense import smooth_binary
 from xentjax._logspace import log_add
-from xentjax._probability import _smooth_binary
-from xentjax._softmax import _jit_public
 
 
-def _prepare(logits, labels, label_smoothing=0.0):
+def _sigmoid_inputs(logits, labels, label_smoothing=0.0):
   """Checked `(z, y)` in the compute dtype, ``y`` broadcast to ``z`` and smoothed."""
   V.check_floating("logits", logits)
   logits = jnp.asarray(logits)
@@ -30,7 +29,7 @@ def _prepare(logits, labels, label_smoothing=0.0):
   y = jnp.broadcast_to(labels.astype(dt), jnp.broadcast_shapes(z.shape, labels.shape))
   if y.shape != z.shape:
     z = jnp.broadcast_to(z, y.shape)
-  return z, _smooth_binary(y, V.check_label_smoothing(label_smoothing))
+  return z, smooth_binary(y, V.check_label_smoothing(label_smoothing))
 
 
 def _prepare_pos_weight(pos_weight, z):
@@ -69,7 +68,7 @@ def _safe_term(weight, log_prob):
   return weight * jnp.where(drop, 0.0, log_prob)
 
 
-@_jit_public("label_smoothing")
+@public(("label_smoothing",))
 def sigmoid_binary_cross_entropy(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -117,7 +116,7 @@ def sigmoid_binary_cross_entropy(
     ``y = 1``) gives 0 with a zero gradient, the opposite label gives
     ``+inf`` with a finite gradient (optax returns NaN for the first case).
   """
-  z, y = _prepare(logits, labels, label_smoothing)
+  z, y = _sigmoid_inputs(logits, labels, label_smoothing)
   return _bce(z, y, _prepare_pos_weight(pos_weight, z))
 
 
@@ -135,7 +134,7 @@ def _safe_log(x):
   return jnp.where(pos, jnp.log(jnp.where(pos, x, 1.0)), jnp.where(x == 0, -jnp.inf, jnp.nan))
 
 
-@_jit_public("label_smoothing")
+@public(("label_smoothing",))
 def sigmoid_focal_loss(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -178,7 +177,7 @@ def sigmoid_focal_loss(
   References:
     Lin et al., Focal Loss for Dense Object Detection, ICCV 2017.
   """
-  z, y = _prepare(logits, labels, label_smoothing)
+  z, y = _sigmoid_inputs(logits, labels, label_smoothing)
   loss = _focal(z, y, jnp.asarray(gamma, z.dtype))
   if alpha is None:
     return loss
@@ -253,7 +252,7 @@ def sigmoid_binary_cross_entropy_grad(logits, labels, label_smoothing, pos_weigh
     broadcast dimensions, as autodiff does).
   """
   x = jnp.asarray(logits)
-  z, y = _prepare(logits, labels, label_smoothing)
+  z, y = _sigmoid_inputs(logits, labels, label_smoothing)
   g = _bce_grad(z, y, _prepare_pos_weight(pos_weight, z))
   return _sum_to_shape(g, x.shape).astype(x.dtype)
 
@@ -284,7 +283,7 @@ def sigmoid_focal_loss_grad(logits, labels, alpha, gamma, label_smoothing):
     The gradient with the shape and dtype of ``logits``.
   """
   x = jnp.asarray(logits)
-  z, y = _prepare(logits, labels, label_smoothing)
+  z, y = _sigmoid_inputs(logits, labels, label_smoothing)
   g = _focal_grad_z(z, y, jnp.asarray(gamma, z.dtype))
   if alpha is not None:
     g = (alpha * y + (1.0 - alpha) * (1.0 - y)) * g

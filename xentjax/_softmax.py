@@ -24,67 +24,19 @@ from xentjax._api import (
   ArrayLike,
   Axis,
   Mask,
-  broadcast_to_first,
-  check_float_labels,
   class_axes,
   from_last,
-  gradient_of,
+  gradient_doc,
   prepare_where,
   public,
+  public_like,
   to_last,
 )
-
-# Names other modules imported from here before `_api` existed (kept for them).
-_class_axes, _to_last, _prepare_where = class_axes, to_last, prepare_where
-_broadcast_to_first, _check_float_labels = broadcast_to_first, check_float_labels
-
-
-def _jit_public(*static_argnames: str):
-  """Compatibility name for `xentjax._api.public`."""
-  return public(static_argnames)
-
-
-def _masked_log_softmax(z: jax.Array, mask: jax.Array | None):
-  """``(z - m, log_s, m)`` over the last axis, masked classes excluded (``[..., 1]`` stats).
-
-  ``log softmax(z) = shifted - log_s``; a row with nothing to normalize has
-  ``log_s = -inf``. Built from `_core.shifted_logits` and
-  `_core.log_sum_exp_shifted`.
-  """
-  shifted, m = _core.shifted_logits(z, mask)
-  return shifted, _core.log_sum_exp_shifted(shifted)[..., None], m
-
+from xentjax._dense import prepare_logits, smooth_last_axis
 
 # ---------------------------------------------------------------------------
 # Softmax cross-entropy with probability (one-hot or soft) labels.
 # ---------------------------------------------------------------------------
-
-
-def _dense_prepare(logits, labels, axis, where):
-  """Checked ``(z, y, mask)`` with the classes flattened onto the last axis."""
-  V.check_floating("logits", logits)
-  check_float_labels("labels", labels)
-  logits = jnp.asarray(logits)
-  labels = broadcast_to_first("logits", logits, "labels", jnp.asarray(labels))
-  dt = V.compute_dtype(logits.dtype, labels.dtype)
-  axes = class_axes(axis, logits.ndim)
-  mask = prepare_where(where, logits.shape, axis, axes)
-  z = to_last(logits.astype(dt), axes)
-  y = to_last(labels.astype(dt), axes)
-  mask = None if mask is None else to_last(mask, axes)
-  if mask is not None:
-    y = jnp.where(mask, y, 0.0)
-  return z, y, mask
-
-
-def _smooth(y, mask, eps: float):
-  """(1 - eps) * y + eps / K over the (unmasked) classes of the last axis."""
-  if eps == 0.0:
-    return y
-  if mask is None:
-    return (1.0 - eps) * y + eps / y.shape[-1]
-  k = jnp.sum(mask, axis=-1, keepdims=True).astype(y.dtype)
-  return jnp.where(mask, (1.0 - eps) * y + eps / jnp.maximum(k, 1.0), 0.0)
 
 
 def _dense_ce(z, y, mask, label_smoothing: float, z_loss: float):
@@ -178,7 +130,7 @@ def softmax_cross_entropy(
     (label smoothing), 2016. Chowdhery et al., PaLM: Scaling Language Modeling
     with Pathways (z-loss), 2022.
   """
-  z, y, mask = _dense_prepare(logits, labels, axis, where)
+  z, y, mask = prepare_logits(logits, labels, axis, where)
   return _dense_ce(z, y, mask, label_smoothing, z_loss)
 
 
@@ -349,7 +301,7 @@ def poly_loss_cross_entropy(
     Leng et al., PolyLoss: A Polynomial Expansion Perspective of Classification
     Loss Functions, ICLR 2022.
   """
-  z, y, mask = _dense_prepare(logits, labels, axis, where)
+  z, y, mask = prepare_logits(logits, labels, axis, where)
   ce = _dense_ce(z, y, mask, 0.0, 0.0)
   p = _softmax_probs(z, mask)[0]
   one_minus_pt = jnp.sum(y * (1.0 - p), axis=-1)
@@ -482,7 +434,8 @@ def _back(g, logits, axis):
   return from_last(g, class_axes(axis, x.ndim), x.shape).astype(x.dtype)
 
 
-@gradient_of(
+@public_like(softmax_cross_entropy)
+@gradient_doc(
   softmax_cross_entropy,
   wrt="logits",
   formula=r"\nabla_z \ell = \operatorname{softmax}(z) \sum_k \tilde y_k - \tilde y"
@@ -490,8 +443,8 @@ def _back(g, logits, axis):
   note="Masked entries and all-masked rows get 0; a ``-inf`` logit gets a finite gradient.",
 )
 def softmax_cross_entropy_grad(logits, labels, axis, where, label_smoothing, z_loss):
-  z, y, mask = _dense_prepare(logits, labels, axis, where)
-  y = _smooth(y, mask, label_smoothing)
+  z, y, mask = prepare_logits(logits, labels, axis, where)
+  y = smooth_last_axis(y, mask, label_smoothing)
   p, m, log_s = _softmax_probs(z, mask)
   g = p * jnp.sum(y, axis=-1, keepdims=True) - y
   if z_loss:
@@ -499,7 +452,8 @@ def softmax_cross_entropy_grad(logits, labels, axis, where, label_smoothing, z_l
   return _back(g, logits, axis)
 
 
-@gradient_of(
+@public_like(safe_softmax_cross_entropy)
+@gradient_doc(
   safe_softmax_cross_entropy,
   wrt="logits",
   formula=r"\nabla_z \ell = \operatorname{softmax}(z) \sum_k y_k - y",
@@ -508,7 +462,8 @@ def safe_softmax_cross_entropy_grad(logits, labels):
   return softmax_cross_entropy_grad(logits, labels)
 
 
-@gradient_of(
+@public_like(softmax_cross_entropy_with_integer_labels)
+@gradient_doc(
   softmax_cross_entropy_with_integer_labels,
   wrt="logits",
   formula=r"\nabla_z \ell = \operatorname{softmax}(z) - (1-\varepsilon)\,\mathrm{onehot}(c)"
@@ -536,14 +491,15 @@ def softmax_cross_entropy_with_integer_labels_grad(
   return _back(g, logits, axis)
 
 
-@gradient_of(
+@public_like(poly_loss_cross_entropy)
+@gradient_doc(
   poly_loss_cross_entropy,
   wrt="logits",
   formula=r"\nabla_z \ell = p \sum_k y_k - y - \epsilon\, p \odot (y - \langle y, p \rangle),"
   r" \qquad p = \operatorname{softmax}(z)",
 )
 def poly_loss_cross_entropy_grad(logits, labels, epsilon, axis, where):
-  z, y, mask = _dense_prepare(logits, labels, axis, where)
+  z, y, mask = prepare_logits(logits, labels, axis, where)
   p, _, _ = _softmax_probs(z, mask)
   yp = jnp.sum(y * p, axis=-1, keepdims=True)
   g = p * jnp.sum(y, axis=-1, keepdims=True) - y
@@ -570,25 +526,23 @@ def _kl_grad(log_predictions, targets, axis, where, *, log_targets):
   return g.astype(jnp.asarray(log_predictions).dtype)
 
 
-def _kl_gradient(loss, *, log_targets: bool, formula: str, note: str):
-  """The closed-form gradient of one of the two KL losses (they differ in the target form)."""
-  target = "log_targets" if log_targets else "targets"
-
-  def grad(log_predictions, axis, where, **target_arg):
-    return _kl_grad(log_predictions, target_arg[target], axis, where, log_targets=log_targets)
-
-  return gradient_of(loss, wrt="log_predictions", formula=formula, note=note)(grad)
-
-
-kl_divergence_grad = _kl_gradient(
+@public_like(kl_divergence)
+@gradient_doc(
   kl_divergence,
-  log_targets=False,
+  wrt="log_predictions",
   formula=r"\nabla_{\log q} D = -t",
   note="0 where the target is 0 or masked (the same test as the value).",
 )
-kl_divergence_with_log_targets_grad = _kl_gradient(
+def kl_divergence_grad(log_predictions, targets, axis, where):
+  return _kl_grad(log_predictions, targets, axis, where, log_targets=False)
+
+
+@public_like(kl_divergence_with_log_targets)
+@gradient_doc(
   kl_divergence_with_log_targets,
-  log_targets=True,
+  wrt="log_predictions",
   formula=r"\nabla_{\log q} D = -e^{\log t}",
   note="0 where the log-target is ``-inf`` or masked.",
 )
+def kl_divergence_with_log_targets_grad(log_predictions, log_targets, axis, where):
+  return _kl_grad(log_predictions, log_targets, axis, where, log_targets=True)

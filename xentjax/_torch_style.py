@@ -165,7 +165,7 @@ def cross_entropy_loss(
       whose logits are all -inf has loss +inf (zero gradient); ignored, it
       contributes 0 and a zero gradient.
   """
-  z, targets, w, is_index = _prepare(logits, targets, weight, ignore_index, axis)
+  z, targets, w, is_index = _torch_inputs(logits, targets, weight, ignore_index, axis)
   if is_index:
     loss, denom = _index_losses(z, targets, w, ignore_index, label_smoothing)
   else:
@@ -176,7 +176,7 @@ def cross_entropy_loss(
   return total if reduction == "sum" else _core.mean_or_nan(total, denom)
 
 
-def _prepare(logits, targets, weight, ignore_index, axis):
+def _torch_inputs(logits, targets, weight, ignore_index, axis):
   """Checked ``(z [..., C] in the compute dtype, targets, weight or None, is_index)``."""
   V.check_floating("logits", logits)
   logits = jnp.asarray(logits)

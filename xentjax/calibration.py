@@ -46,7 +46,7 @@ from jax import lax
 
 from xentjax import _core
 from xentjax import _validation as V
-from xentjax._api import where_mask
+from xentjax._api import public, where_mask
 from xentjax._core import label_status, mean_or_nan, top_k_credit
 
 __all__ = [
@@ -69,7 +69,7 @@ BINNINGS = ("uniform", "quantile")
 # Inputs.
 
 
-class _Rows(NamedTuple):
+class _FlatRows(NamedTuple):
   """Flattened ``[n, K]`` logits with per-row label statistics."""
 
   z: jax.Array  # [n, K] logits (compute dtype)
@@ -79,7 +79,7 @@ class _Rows(NamedTuple):
   bad: jax.Array  # [n] bool: counted with an out-of-range label
 
 
-def _rows(logits, labels, where) -> _Rows:
+def _flat_rows(logits, labels, where) -> _FlatRows:
   V.check_floating("logits", logits)
   z = jnp.asarray(logits)
   if z.ndim == 0:
@@ -119,7 +119,7 @@ def _rows(logits, labels, where) -> _Rows:
     counted, bad, label = st.counted, st.bad, st.index
     y = jax.nn.one_hot(label, k, dtype=z.dtype)
   y = jnp.where(counted[:, None], y, 0.0)
-  return _Rows(z, y, label, counted, bad)
+  return _FlatRows(z, y, label, counted, bad)
 
 
 def _arr(x):
@@ -127,7 +127,7 @@ def _arr(x):
   return x if x is None or isinstance(x, jax.Array) else np.asarray(x)
 
 
-def _poison(value, rows: _Rows):
+def _poison(value, rows: _FlatRows):
   """NaN when a counted row has a bad label (the library's validity rule)."""
   return jnp.where(jnp.any(rows.bad), jnp.nan, value)
 
@@ -162,7 +162,7 @@ class TemperatureStats(NamedTuple):
     )
 
 
-def _ce_derivatives(rows: _Rows, log_t):
+def _ce_derivatives(rows: _FlatRows, log_t):
   r"""Summed CE of ``z / T`` and its first two derivatives in ``s = log T``.
 
   With :math:`\beta = e^{-s}`, :math:`w = \sum_k y_k`, :math:`p =
@@ -202,10 +202,12 @@ def _newton_log_t(derivs: Callable, bounds, tol: float, max_iter: int):
   non-positive curvature) is replaced by bisection (or by a step of 2 toward
   the minimum while no bracket exists). The last iterate is returned unless
   its loss is above the loss at the start, T = 1 (then T = 1 is returned), so
-  the fit never makes the loss worse.
+  the fit never makes the loss worse. Also returns whether the loss and its
+  derivatives at the start are finite (they are not when a counted row holds
+  a NaN, or ``-inf`` on its label: the fit is then NaN).
   """
   lo_b, hi_b = float(np.log(bounds[0])), float(np.log(bounds[1]))
-  f0, _, _ = derivs(jnp.zeros(()))
+  f0, d1_0, d2_0 = derivs(jnp.zeros(()))
 
   def cond(st):
     return (st["it"] < max_iter) & ~st["done"]
@@ -225,7 +227,7 @@ def _newton_log_t(derivs: Callable, bounds, tol: float, max_iter: int):
   init["done"] = jnp.zeros((), bool)
   st = lax.while_loop(cond, body, init)
   f, _, _ = derivs(st["s"])
-  return jnp.where(f <= f0, st["s"], zero), st["it"]
+  return jnp.where(f <= f0, st["s"], zero), st["it"], jnp.isfinite(f0 + d1_0 + d2_0)
 
 
 def _safeguarded_step(s, d1, d2, lo, hi, lo_b, hi_b, xp=jnp):
@@ -237,28 +239,36 @@ def _safeguarded_step(s, d1, d2, lo, hi, lo_b, hi_b, xp=jnp):
   return xp.clip(xp.where(bracketed & outside, 0.5 * (lo + hi), newton), lo_b, hi_b)
 
 
-def _check_fit_options(bounds, tol, max_iter):
+def _check_bounds(bounds) -> tuple[float, float]:
   try:
     lo, hi = (float(b) for b in bounds)
   except (TypeError, ValueError):
     raise TypeError(f"`bounds` must be a pair of numbers (T_min, T_max), got {bounds!r}.") from None
   if not 0 < lo < 1 < hi < np.inf:
     raise ValueError(f"`bounds` must satisfy 0 < T_min < 1 < T_max < inf, got {bounds!r}.")
+  return lo, hi
+
+
+def _check_tol(tol) -> float:
   if not float(tol) > 0:
     raise ValueError(f"`tol` must be > 0, got {tol!r}.")
+  return float(tol)
+
+
+def _check_max_iter(max_iter) -> int:
   if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
     raise ValueError(f"`max_iter` must be a positive int, got {max_iter!r}.")
-  return (lo, hi), float(tol), max_iter
+  return max_iter
 
 
-@functools.partial(jax.jit, static_argnames=("bounds", "tol", "max_iter"))
-def _fit_jit(logits, labels, where, bounds, tol, max_iter):
-  rows = _rows(logits, labels, where)
-  s, _ = _newton_log_t(lambda s: _ce_derivatives(rows, s), bounds, tol, max_iter)
-  n = jnp.sum(rows.counted)
-  return _poison(jnp.where(n > 0, jnp.exp(s), jnp.nan), rows)
+_FIT_OPTIONS = {"bounds": _check_bounds, "tol": _check_tol, "max_iter": _check_max_iter}
 
 
+def _check_fit_options(bounds, tol, max_iter):
+  return _check_bounds(bounds), _check_tol(tol), _check_max_iter(max_iter)
+
+
+@public(("bounds", "tol", "max_iter"), validators=_FIT_OPTIONS)
 def fit_temperature(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -295,7 +305,10 @@ def fit_temperature(
   Returns:
     The scalar :math:`T` (float32, or float64 for float64 logits). The fitted
     loss is never above the loss at :math:`T = 1` (the best point visited is
-    returned). NaN when no row counts or a counted label is out of range.
+    returned). NaN when no row counts, a counted label is out of range, or
+    the loss at :math:`T = 1` or its derivatives are not finite (a NaN
+    logit in a counted row, or ``-inf`` on a label): the same answer as
+    `fit_temperature_streaming`, never a plausible temperature from bad data.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -308,19 +321,13 @@ def fit_temperature(
     Guo, Pleiss, Sun and Weinberger, On Calibration of Modern Neural
     Networks, ICML 2017.
   """
-  bounds, tol, max_iter = _check_fit_options(bounds, tol, max_iter)
-  return _fit_jit(_arr(logits), _arr(labels), _arr(where), bounds, tol, max_iter)
+  rows = _flat_rows(logits, labels, where)
+  s, _, finite = _newton_log_t(lambda s: _ce_derivatives(rows, s), bounds, tol, max_iter)
+  n = jnp.sum(rows.counted)
+  return _poison(jnp.where((n > 0) & finite, jnp.exp(s), jnp.nan), rows)
 
 
-@jax.jit
-def _batch_statistics(logits, labels, where, log_t):
-  rows = _rows(logits, labels, where)
-  loss, d1, d2 = jax.vmap(lambda s: _ce_derivatives(rows, s))(log_t)
-  bad = jnp.any(rows.bad)
-  nan_if_bad = jnp.where(bad, jnp.nan, 1.0).astype(loss.dtype)
-  return loss * nan_if_bad, d1 * nan_if_bad, d2 * nan_if_bad, jnp.sum(rows.counted)
-
-
+@public()
 def temperature_statistics(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -342,8 +349,12 @@ def temperature_statistics(
     with `TemperatureStats.add`.
   """
   log_t = jnp.atleast_1d(jnp.asarray(log_temperatures, dtype=float))
-  loss, d1, d2, count = _batch_statistics(_arr(logits), _arr(labels), _arr(where), log_t)
-  return TemperatureStats(log_t, loss, d1, d2, count)
+  rows = _flat_rows(logits, labels, where)
+  loss, d1, d2 = jax.vmap(lambda s: _ce_derivatives(rows, s))(log_t)
+  nan_if_bad = jnp.where(jnp.any(rows.bad), jnp.nan, 1.0).astype(loss.dtype)
+  return TemperatureStats(
+    log_t, loss * nan_if_bad, d1 * nan_if_bad, d2 * nan_if_bad, jnp.sum(rows.counted)
+  )
 
 
 def _batches(batches) -> Callable[[], Iterable]:
@@ -439,28 +450,6 @@ def temperature_grid(first_estimate: float) -> np.ndarray:
   return np.sort(np.concatenate([s0 + _FINE_OFFSETS, _COARSE_LOG_T]))
 
 
-def _streaming_terms(z, y, counted, log_t):
-  """What `xentjax.evaluate` accumulates per batch for the Brier score and the temperature.
-
-  Args:
-    z: logits ``[n, K]`` (compute dtype).
-    y: target probabilities ``[n, K]`` (one-hot for integer labels).
-    counted: bool ``[n]``: rows that count.
-    log_t: ``[G]`` grid of log-temperatures (`temperature_grid`).
-
-  Returns:
-    ``(brier, stats)``: the per-row Brier terms ``[n]`` (0 where not
-    counted) and the ``[3, G]`` sums (loss, d1, d2) of `temperature_statistics`.
-  """
-  y = jnp.where(counted[:, None], y, 0.0)
-  n = z.shape[0]
-  rows = _Rows(z, y, jnp.zeros((n,), jnp.int32), counted, jnp.zeros((n,), bool))
-  p = _core.probabilities(z)
-  brier = jnp.where(counted, jnp.sum(jnp.square(p - y), axis=-1), 0.0)
-  stats = jax.vmap(lambda s: jnp.stack(_ce_derivatives(rows, s)), out_axes=1)(log_t)
-  return brier, stats
-
-
 def _hermite_d1(stats, s):
   """The piecewise cubic Hermite interpolant of ``d1`` (slopes ``d2``) at points ``s``."""
   x, keep = np.unique(np.asarray(stats.log_t, np.float64), return_index=True)  # sorted, no repeats
@@ -527,7 +516,7 @@ def _spacing_at(stats, s) -> float:
 # Confidence, correctness, bins.
 
 
-def _top_label(rows: _Rows):
+def _top_label(rows: _FlatRows):
   """Per-row confidence (max softmax probability) and fractional top-1 credit."""
   z = rows.z
   m = jnp.max(z, axis=-1, keepdims=True)
@@ -560,21 +549,37 @@ def _bin_sums(conf, credit, counted, num_bins: int, binning: str):
   return count, conf_sum, credit_sum, lo, hi
 
 
-def _check_bins(num_bins, binning):
+def _check_num_bins(num_bins) -> int:
   if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
     raise ValueError(f"`num_bins` must be a positive int, got {num_bins!r}.")
+  return int(num_bins)
+
+
+def _check_binning(binning) -> str:
   if binning not in BINNINGS:
     raise ValueError(f"`binning` must be one of {BINNINGS}, got {binning!r}.")
-  return int(num_bins), binning
+  return binning
+
+
+def _check_classwise(classwise) -> bool:
+  if not isinstance(classwise, bool):
+    raise TypeError(f"`classwise` must be True or False, got {classwise!r}.")
+  return classwise
+
+
+def _check_bins(num_bins, binning):
+  return _check_num_bins(num_bins), _check_binning(binning)
+
+
+_BIN_OPTIONS = {"num_bins": _check_num_bins, "binning": _check_binning}
 
 
 def _ece_from_sums(count, conf_sum, credit_sum):
   return mean_or_nan(jnp.sum(jnp.abs(credit_sum - conf_sum)), jnp.sum(count))
 
 
-@functools.partial(jax.jit, static_argnames=("num_bins", "binning", "classwise"))
-def _ece_jit(logits, labels, where, num_bins, binning, classwise):
-  rows = _rows(logits, labels, where)
+def _ece(logits, labels, where, num_bins, binning, classwise):
+  rows = _flat_rows(logits, labels, where)
   if not classwise:
     conf, credit = _top_label(rows)
     count, conf_sum, credit_sum, _, _ = _bin_sums(conf, credit, rows.counted, num_bins, binning)
@@ -589,6 +594,9 @@ def _ece_jit(logits, labels, where, num_bins, binning, classwise):
   return _poison(jnp.mean(jax.vmap(per_class, in_axes=1)(p, hit)), rows)
 
 
+@public(
+  ("num_bins", "binning", "classwise"), validators={**_BIN_OPTIONS, "classwise": _check_classwise}
+)
 def expected_calibration_error(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -633,25 +641,10 @@ def expected_calibration_error(
     >>> print(f"{calibration.expected_calibration_error(z, jnp.array([0, 1, 0, 0])):.3f}")
     0.400
   """
-  num_bins, binning = _check_bins(num_bins, binning)
-  if not isinstance(classwise, bool):
-    raise TypeError(f"`classwise` must be True or False, got {classwise!r}.")
-  return _ece_jit(_arr(logits), _arr(labels), _arr(where), num_bins, binning, classwise)
+  return _ece(logits, labels, where, num_bins, binning, classwise)
 
 
-@jax.jit
-def _brier_jit(logits, labels, where):
-  rows = _rows(logits, labels, where)
-  if jnp.issubdtype(jnp.asarray(labels).dtype, jnp.floating):
-    p = _core.probabilities(rows.z)
-    per_row = jnp.sum(jnp.square(p - rows.y), axis=-1)
-  else:  # the core's form: no cancellation in confident rows
-    st = _core.row_stats(_core.neutral_rows(rows.z, rows.counted), rows.label, brier=True)
-    per_row = _core.brier_from_stats(st.log_s, st.s_other, st.sq_other, rows.z.shape[-1])
-  total = jnp.sum(jnp.where(rows.counted, per_row, 0.0))
-  return _poison(mean_or_nan(total, jnp.sum(rows.counted)), rows)
-
-
+@public()
 def brier_score(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -685,7 +678,15 @@ def brier_score(
   References:
     Brier, Verification of Forecasts Expressed in Terms of Probability, 1950.
   """
-  return _brier_jit(_arr(logits), _arr(labels), _arr(where))
+  rows = _flat_rows(logits, labels, where)
+  if jnp.issubdtype(jnp.asarray(labels).dtype, jnp.floating):
+    p = _core.probabilities(rows.z)
+    per_row = jnp.sum(jnp.square(p - rows.y), axis=-1)
+  else:  # the core's form: no cancellation in confident rows
+    st = _core.row_stats(_core.neutral_rows(rows.z, rows.counted), rows.label, brier=True)
+    per_row = _core.brier_from_stats(st.log_s, st.s_other, st.sq_other, rows.z.shape[-1])
+  total = jnp.sum(jnp.where(rows.counted, per_row, 0.0))
+  return _poison(mean_or_nan(total, jnp.sum(rows.counted)), rows)
 
 
 # ---------------------------------------------------------------------------
@@ -752,7 +753,7 @@ class ReliabilityDiagram:
 
 @functools.partial(jax.jit, static_argnames=("num_bins", "binning"))
 def _diagram_jit(logits, labels, where, num_bins, binning):
-  rows = _rows(logits, labels, where)
+  rows = _flat_rows(logits, labels, where)
   conf, credit = _top_label(rows)
   sums = _bin_sums(conf, credit, rows.counted, num_bins, binning)
   return sums, jnp.any(rows.bad)

@@ -20,6 +20,18 @@ import importlib.resources
 
 import numpy as np
 
+__all__ = [
+  "IMAGES_SHA256",
+  "LABELS_SHA256",
+  "MAX_PIXEL",
+  "NUM_CLASSES",
+  "NUM_EXAMPLES",
+  "NUM_FEATURES",
+  "load_digits",
+  "load_digits_raw",
+  "stratified_split",
+]
+
 NUM_EXAMPLES = 1797
 NUM_FEATURES = 64
 NUM_CLASSES = 10

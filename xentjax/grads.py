@@ -1,6 +1,9 @@
 """Closed-form gradients of the cross-entropies, with respect to the first argument.
 
-Each function has the name and arguments of the loss it differentiates and
+Each function is collected here under the name of the loss it
+differentiates (its own name, which stack traces and profiles show, ends in
+``_grad``: ``grads.softmax_cross_entropy.__name__`` is
+``"softmax_cross_entropy_grad"``), takes the arguments of that loss and
 returns :math:`\\partial \\sum \\ell / \\partial x` for the first argument
 :math:`x` (the gradient of the summed per-example loss: what `jax.grad` of
 ``loss(...).sum()`` returns), with the shape and dtype of that argument:

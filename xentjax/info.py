@@ -23,9 +23,18 @@ Every public function is `jax.jit`-compiled, with `axis` (an int or a tuple of
 ints) and `base` (a Python number or None) static; argument errors are raised
 while tracing, before anything is compiled.
 
-Nothing checks that the inputs are normalized or non-negative: values cannot be
-checked inside `jit`. A negative probability makes a logarithm NaN, and the NaN
-propagates.
+* **Negative probabilities give NaN**, one rule for every function here: a
+  negative entry of `p` or `q` (or a NaN) that `where` keeps makes the result
+  of its vector NaN, in value and gradient (elementwise for `information`).
+  The check reads the inputs as given, before `normalize` divides by their
+  sums (``[-.5, -.5]`` is not a distribution even though its normalization
+  would be). SciPy is not one rule here (``entr`` gives ``-inf``,
+  ``rel_entr`` ``+inf``); NaN is what the rest of xentjax gives for input that
+  is not a distribution (`xentjax.kl_divergence` with a negative target, an
+  out-of-range label).
+
+Nothing checks that the inputs are normalized: values cannot be checked
+inside `jit` (use ``normalize=True`` to divide by the sums).
 """
 
 from __future__ import annotations
@@ -105,6 +114,21 @@ def _mask(where: ArrayLike | None, shape: tuple[int, ...], name: str) -> jax.Arr
 
 def _in_base(x: jax.Array, scale: float | None) -> jax.Array:
   return x if scale is None else x * jnp.asarray(scale, x.dtype)
+
+
+def _not_a_distribution(axes, keep: jax.Array | None, *xs: jax.Array) -> jax.Array:
+  """Where a vector along `axes` has a kept entry that is negative or NaN (-> NaN result)."""
+  bad = jnp.zeros(jnp.broadcast_shapes(*(x.shape for x in xs)), bool)
+  for x in xs:
+    bad = bad | (x < 0) | jnp.isnan(x)
+  if keep is not None:
+    bad = bad & keep
+  return jnp.any(bad, axis=axes)
+
+
+def _poison(value: jax.Array, bad: jax.Array) -> jax.Array:
+  """NaN where `bad`, in the value and in the gradient (as a bad label does)."""
+  return value * jnp.where(bad, jnp.nan, 1.0).astype(value.dtype)
 
 
 # Elementwise terms. Each keeps the logarithm's argument away from 0 wherever
@@ -203,17 +227,20 @@ def information(
 
   Note:
     `p = 0` gives `+inf` with gradient `-inf` (the true limit, not NaN); a
-    masked element gives 0 and a zero gradient whatever its value.
+    negative (or NaN) `p` gives NaN; a masked element gives 0 and a zero
+    gradient whatever its value.
   """
   scale = log_base_scale(base)
   p = _as_float("p", p)
   keep = _mask(where, p.shape, "p")
   p = p.astype(compute_dtype(p.dtype))
+  bad = (p < 0) | jnp.isnan(p)
   if keep is None:
-    out = -jnp.log(p)
+    out = -jnp.log(jnp.where(bad, 1, p))
   else:
-    out = jnp.where(keep, -jnp.log(jnp.where(keep, p, 1)), 0)
-  return _in_base(out, scale)
+    bad = bad & keep
+    out = jnp.where(keep, -jnp.log(jnp.where(keep & ~bad, p, 1)), 0)
+  return _in_base(_poison(out, bad), scale)
 
 
 @public(("axis", "base", "normalize"))
@@ -260,6 +287,8 @@ def entropy(
     A zero probability contributes 0 to the value and 0 to the gradient (the
     one-sided derivative of `-p log p` at 0 is `+inf`; we take 0 so gradients
     stay finite). A fully masked vector has entropy 0 and a zero gradient.
+    A negative (or NaN) kept entry gives NaN (checked before ``normalize``:
+    ``entropy([.5, -.1, .6], normalize=True)`` is NaN).
 
   References:
     C. E. Shannon, "A Mathematical Theory of Communication", 1948.
@@ -271,9 +300,10 @@ def entropy(
   axes = normalize_axis("axis", axis, p.ndim)
   keep = _mask(where, p.shape, "p")
   p = p.astype(compute_dtype(p.dtype))
+  bad = _not_a_distribution(axes, keep, p)
   if _check_normalize(normalize):
     p = _normalized(p, axes, keep)
-  return _in_base(jnp.sum(_entropy_terms(p, keep), axis=axes), scale)
+  return _in_base(_poison(jnp.sum(_entropy_terms(p, keep), axis=axes), bad), scale)
 
 
 def _check_normalize(normalize) -> bool:
@@ -296,10 +326,18 @@ def _pair(name_p, p, name_q, q, axis, where, normalize=False):
 
 
 def _pair_sum(terms, p, q, axis, where, base, normalize) -> jax.Array:
-  """``sum(terms(p, q))`` over `axis`, in `base`: the divergences of `p` from `q` alike."""
+  """``sum(terms(p, q))`` over `axis`, in `base`: the divergences of `p` from `q` alike.
+
+  NaN where a kept entry of `p` or `q` is negative or NaN (checked on the
+  inputs as given, before `normalize`).
+  """
   scale = log_base_scale(base)
-  p, q, axes, keep = _pair("p", p, "q", q, axis, where, normalize)
-  return _in_base(jnp.sum(terms(p, q, keep), axis=axes), scale)
+  raw_p, raw_q, axes, keep = _pair("p", p, "q", q, axis, where)
+  bad = _not_a_distribution(axes, keep, raw_p, raw_q)
+  p, q = raw_p, raw_q
+  if _check_normalize(normalize):
+    p, q = _normalized(p, axes, keep), _normalized(q, axes, keep)
+  return _in_base(_poison(jnp.sum(terms(p, q, keep), axis=axes), bad), scale)
 
 
 # The arguments after `p` and `q`, and the result, of `cross_entropy`,
@@ -314,7 +352,8 @@ _PAIR_OPTIONS = """axis: the class axis (or a tuple of axes) to sum over.
 
   Returns:
     Array of the broadcast shape without `axis`: float32 for 16-bit inputs,
-    otherwise the promoted dtype of `p` and `q`."""
+    otherwise the promoted dtype of `p` and `q`. NaN for a vector with a
+    negative (or NaN) kept entry in `p` or `q` (the module's one rule)."""
 
 
 @public(("axis", "base", "normalize"))
@@ -436,7 +475,7 @@ def js_divergence(p, q, axis, where, base, normalize) -> jax.Array:
   return _pair_sum(_js_terms, p, q, axis, where, base, normalize)
 
 
-def _masked_log_softmax(z: jax.Array, axes, keep: jax.Array | None) -> jax.Array:
+def _log_softmax_over(z: jax.Array, axes, keep: jax.Array | None) -> jax.Array:
   """log_softmax over `axes`, masked classes at -inf, all-masked rows at -inf.
 
   Unlike `jax.nn.log_softmax(where=...)`, a fully masked row gives -inf (not
@@ -514,8 +553,8 @@ def kl_divergence_from_logits(
   """
   scale = log_base_scale(base)
   a, b, axes, keep = _pair("p_logits", p_logits, "q_logits", q_logits, axis, where)
-  log_p = _masked_log_softmax(a, axes, keep)
-  log_q = _masked_log_softmax(b, axes, keep)
+  log_p = _log_softmax_over(a, axes, keep)
+  log_q = _log_softmax_over(b, axes, keep)
   p = jnp.exp(log_p)
   pos = p > 0
   q_fin = log_q > -jnp.inf

@@ -80,7 +80,9 @@ def _keep(where, shape):
   return jnp.broadcast_to(keep, shape)
 
 
-def _rows(logits: ArrayLike, labels: ArrayLike, where, k: int = 1) -> _core.RowMetrics:
+def _checked_row_metrics(
+  logits: ArrayLike, labels: ArrayLike, where, k: int = 1
+) -> _core.RowMetrics:
   """Per-example loss, credit and confidence from the core (`_core.row_metrics`).
 
   Examples that are not kept are neutralized before anything is computed, so
@@ -130,7 +132,7 @@ def correct(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = N
   Note:
     An out-of-range label or a NaN logit gives NaN.
   """
-  return _rows(logits, labels, where).credit
+  return _checked_row_metrics(logits, labels, where).credit
 
 
 @public()
@@ -161,7 +163,7 @@ def accuracy(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = 
     An out-of-range label or a NaN logit gives NaN; no kept example gives
     NaN.
   """
-  rows = _rows(logits, labels, where)
+  rows = _checked_row_metrics(logits, labels, where)
   return _mean(rows.credit, rows)
 
 
@@ -194,7 +196,7 @@ def top_k_correct(
   Note:
     An out-of-range label or a NaN logit gives NaN.
   """
-  return _rows(logits, labels, where, k).credit_k
+  return _checked_row_metrics(logits, labels, where, k).credit_k
 
 
 @public(("k",))
@@ -236,7 +238,7 @@ def top_k_accuracy(
     O. Russakovsky et al., "ImageNet Large Scale Visual Recognition
     Challenge", 2015 (top-5 error).
   """
-  rows = _rows(logits, labels, where, k)
+  rows = _checked_row_metrics(logits, labels, where, k)
   return _mean(rows.credit_k, rows)
 
 
@@ -275,7 +277,7 @@ def cross_entropy_rate(
     with ``m`` the row maximum, so large logits lose no precision.
   """
   scale = log_base_scale(base)
-  rows = _rows(logits, labels, where)
+  rows = _checked_row_metrics(logits, labels, where)
   rate = _mean(rows.nll, rows)
   return rate if scale is None else rate * jnp.asarray(scale, rate.dtype)
 

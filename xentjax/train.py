@@ -39,16 +39,47 @@ import optax
 from jax import lax
 
 from xentjax import _core, metrics
+from xentjax._api import public
+from xentjax._focal import softmax_focal_loss
 from xentjax._margin import multiclass_hinge_loss
 from xentjax._regression import squared_error
 from xentjax._sigmoid import sigmoid_binary_cross_entropy
 from xentjax._softmax import softmax_cross_entropy_with_integer_labels
 
+__all__ = [
+  "LOSSES",
+  "OPTIMIZERS",
+  "LossFn",
+  "ModelFn",
+  "Params",
+  "epochs_to_accuracy",
+  "evaluate_classifier",
+  "fit",
+  "init_linear",
+  "init_logistic",
+  "l2_penalty",
+  "linear_logits",
+  "logistic_logits",
+  "logit_gradient_gap",
+  "make_loss",
+  "make_optimizer",
+  "make_train_step",
+]
+
+#: The parameters of the models here: a dict of arrays, ``{"w": ..., "b": ...}``
+#: (`init_linear`, `init_logistic`).
 Params = dict[str, jax.Array]
+#: A per-example loss, ``loss_fn(logits, labels) -> [n]``: what `make_loss`
+#: returns and what `fit`, `make_train_step` and `epochs_to_accuracy` take
+#: (any function of that shape works, e.g. a public xentjax loss).
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+#: A model, ``model(params, x) -> logits``: `linear_logits` (the default) and
+#: `logistic_logits`, or any function of that shape (a Flax ``apply``, say).
 ModelFn = Callable[[Any, jax.Array], jax.Array]
 
+#: The names `make_loss` knows.
 LOSSES = ("ce", "smooth", "focal", "hinge", "mse", "mse_logits", "bce")
+#: The names `make_optimizer` knows.
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad")
 
 
@@ -75,6 +106,7 @@ def init_linear(
   return {"w": w, "b": jnp.zeros((num_classes,), dtype=w.dtype)}
 
 
+@public()
 def linear_logits(params: Params, x: jax.typing.ArrayLike) -> jax.Array:
   """Logits of the linear classifier, :math:`z = xW + b`.
 
@@ -105,6 +137,7 @@ def init_logistic(key: jax.Array, num_features: int, *, scale: float = 0.01) -> 
   return {"w": w, "b": jnp.zeros((), dtype=w.dtype)}
 
 
+@public()
 def logistic_logits(params: Params, x: jax.typing.ArrayLike) -> jax.Array:
   """One logit per example, :math:`z = x \\cdot w + b`, with :math:`P(y=1) = \\sigma(z)`.
 
@@ -123,41 +156,6 @@ def logistic_logits(params: Params, x: jax.typing.ArrayLike) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
-def softmax_focal_loss(
-  logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, *, gamma: float = 2.0
-) -> jax.Array:
-  """Multiclass focal loss on softmax probabilities, integer labels.
-
-  .. math::
-    \\ell(z, y) = -(1 - p_y)^\\gamma \\log p_y, \\qquad p = \\mathrm{softmax}(z)
-
-  :math:`\\gamma = 0` is the softmax cross-entropy; larger :math:`\\gamma`
-  down-weights examples that are already well classified. :math:`-\\log p_y`
-  is the core's cross-entropy (``xentjax._core``, the same numbers as
-  `softmax_cross_entropy_with_integer_labels`) and :math:`1 - p_y` comes from
-  `-expm1(log p_y)`, so a confident correct example gives an exact small
-  weight, not `1 - 0.99999...`.
-
-  Args:
-    logits: `[..., K]` floating logits.
-    labels: `[...]` integer class indices.
-    gamma: focusing parameter :math:`\\gamma \\ge 0`.
-
-  Returns:
-    Per-example losses `[...]`; NaN for a label outside `[0, K)`.
-
-  References:
-    T.-Y. Lin, P. Goyal, R. Girshick, K. He, P. Dollar, "Focal Loss for Dense
-    Object Detection", ICCV 2017.
-  """
-  z = jnp.asarray(logits)
-  status = _core.label_status(jnp.asarray(labels), z.shape[-1])
-  st = _core.row_stats(z, status.index)
-  ce = _core.cross_entropy_from_stats(st.log_s, st.zy)
-  ce = jnp.where(status.bad, jnp.nan, ce)
-  return (-jnp.expm1(-ce)) ** gamma * ce
-
-
 @functools.cache
 def make_loss(name: str, *, label_smoothing: float = 0.1, gamma: float = 2.0) -> LossFn:
   """A per-example loss `(logits, labels) -> [n]` by name.
@@ -166,7 +164,8 @@ def make_loss(name: str, *, label_smoothing: float = 0.1, gamma: float = 2.0) ->
 
   - "ce": softmax cross-entropy, :math:`\\log\\sum_j e^{z_j} - z_y`;
   - "smooth": the same with labels smoothed by `label_smoothing`;
-  - "focal": `softmax_focal_loss` with `gamma`;
+  - "focal": `xentjax.softmax_focal_loss` with `gamma` on the one-hot labels
+    (NaN for a label outside ``[0, K)``, as for "ce");
   - "hinge": multiclass hinge, :math:`\\max_j (z_j + [j \\ne y]) - z_y`;
   - "mse": :math:`\\sum_j (\\mathrm{softmax}(z)_j - [j = y])^2`, squared
     error of the predicted probabilities against the one-hot label (the
@@ -195,7 +194,7 @@ def make_loss(name: str, *, label_smoothing: float = 0.1, gamma: float = 2.0) ->
       z, y, label_smoothing=label_smoothing
     )
   if name == "focal":
-    return lambda z, y: softmax_focal_loss(z, y, gamma=gamma)
+    return functools.partial(_focal_on_integer_labels, gamma=gamma)
   if name == "hinge":
     return multiclass_hinge_loss
   if name in ("mse", "mse_logits"):
@@ -212,6 +211,19 @@ def make_loss(name: str, *, label_smoothing: float = 0.1, gamma: float = 2.0) ->
   raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSSES)}.")
 
 
+def _focal_on_integer_labels(z, y, *, gamma: float):
+  """`xentjax.softmax_focal_loss` of the one-hot labels; NaN for a label outside ``[0, K)``."""
+  status = _core.label_status(y, z.shape[-1])
+  onehot = jax.nn.one_hot(status.index, z.shape[-1], dtype=z.dtype)
+  return jnp.where(status.bad, jnp.nan, softmax_focal_loss(z, onehot, gamma=gamma))
+
+
+def _key_tuple(exclude) -> tuple:
+  """`exclude` as a hashable tuple of keys (a single string is one key)."""
+  return (exclude,) if isinstance(exclude, str) else tuple(exclude)
+
+
+@public(("exclude",), validators={"exclude": _key_tuple})
 def l2_penalty(params: Any, *, exclude: Sequence[str] = ("b",)) -> jax.Array:
   """Half the squared L2 norm of the weights, :math:`\\tfrac12 \\sum w^2`.
 

@@ -28,6 +28,7 @@ import importlib.util
 import inspect
 import os
 import pkgutil
+import re
 import shutil
 import textwrap
 import types
@@ -95,6 +96,8 @@ def public_names(module: types.ModuleType) -> list[str]:
 def _kind(value) -> str:
   if inspect.isclass(value):
     return "class"
+  if isinstance(value, (types.GenericAlias, types.UnionType)):
+    return "data"  # a type alias (`LossFn = Callable[...]`) is documented as data, not called
   if callable(value):
     return "function"
   return "data"
@@ -140,7 +143,9 @@ def _entries(modname: str, names: list[str], module) -> list[str]:
     kind = kinds[name]
     if kind == "data":
       lines.append(f".. py:data:: {name}")
-      lines.append(f"   :value: {getattr(module, name)!r}")
+      value = repr(getattr(module, name))
+      value = re.sub(r"jax\.[\w.]*\.Array\b", "jax.Array", value)  # the public name of the type
+      lines.append(f"   :value: {value}")
       lines.append("")
       lines += [f"   {line}" for line in _constant_doc(modname, name)]
     else:
