@@ -17,8 +17,8 @@ from), so that `import xentjax` alone, and the command line's `--help` and
 `--version`, do not import JAX.
 """
 
-import importlib
-from typing import TYPE_CHECKING
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -71,16 +71,16 @@ _SUBMODULES = frozenset(
   ("calibration", "datasets", "distributed", "grads", "info", "metrics", "parallel", "train")
 )
 
-if TYPE_CHECKING:  # what type checkers and editors see: every public name, eagerly
+if _TYPE_CHECKING:  # what type checkers and editors see: every public name, eagerly
   from xentjax._exports import *
 
 
 def __getattr__(name: str):
   """A public name, imported on first use (PEP 562); the others raise `AttributeError`."""
   if name in _SUBMODULES:
-    return importlib.import_module(f"{__name__}.{name}")
+    return _importlib.import_module(f"{__name__}.{name}")
   if name in __all__:
-    exports = importlib.import_module(f"{__name__}._exports")
+    exports = _importlib.import_module(f"{__name__}._exports")
     globals().update({n: getattr(exports, n) for n in __all__})  # once: later lookups hit these
     return globals()[name]
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
