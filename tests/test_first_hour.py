@@ -268,3 +268,21 @@ def test_import_is_lazy_and_complete():
   assert math.isfinite(
     float(xentjax.softmax_cross_entropy_with_integer_labels([[0.0, 1.0]], [1])[0])
   )
+
+
+# --- 9. a suite a newcomer can wait for: the `slow` list names real tests -------------
+
+
+def test_every_slow_entry_names_a_test_that_exists():
+  import ast
+
+  from conftest import SLOW, is_slow
+
+  for entry in SLOW:
+    path, _, name = entry.partition("::")
+    tree = ast.parse((ROOT / path).read_text())
+    tests = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert (ROOT / path).is_file() and (not name or name in tests), f"conftest.SLOW: {entry}"
+  assert is_slow("tests/test_multiprocess.py::test_library_across_two_processes")
+  assert is_slow("tests/test_notebooks.py::test_notebook_executes_from_a_clean_kernel[01]")
+  assert not is_slow("tests/test_notebooks.py::test_the_derivation_sequence_is_present")
