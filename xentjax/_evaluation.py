@@ -697,10 +697,12 @@ def evaluate(
 
   .. math::
 
-    \ell_i = \operatorname{logsumexp}(z_i) - z_{i, y_i}, \qquad
-    \mathrm{CE} = \frac{1}{|V|} \sum_{i \in V} \ell_i, \qquad
-    \mathrm{ECE} = \frac{1}{|V|} \sum_{b=1}^{B}
-      \Bigl| \sum_{i \in V_b} [\text{correct}_i] - \sum_{i \in V_b} p_i \Bigr|,
+    \begin{aligned}
+    \ell_i &= \operatorname{logsumexp}(z_i) - z_{i, y_i},\\
+    \mathrm{CE} &= \frac{1}{|V|} \sum_{i \in V} \ell_i,\\
+    \mathrm{ECE} &= \frac{1}{|V|} \sum_{b=1}^{B} \Bigl| \sum_{i \in V_b}
+      \big([\text{correct}_i] - p_i\big) \Bigr|,
+    \end{aligned}
 
   where :math:`p_i = \max_c \operatorname{softmax}(z_i)_c` is the confidence
   and :math:`V_b` the examples whose confidence falls in the equal-width bin
