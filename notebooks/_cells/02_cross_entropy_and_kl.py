@@ -104,7 +104,11 @@ assert np.allclose(losses, math.log(10), atol=1e-5)
 # $\ln x \le x - 1$ (the tangent line at $x=1$ lies above the concave $\ln$), summed
 # over the support of $p$:
 #
-# $$-\mathrm{KL}(p\,\|\,q) = \sum_{i:\,p_i>0} p_i \ln \frac{q_i}{p_i} \le \sum_{i:\,p_i>0} p_i\left(\frac{q_i}{p_i} - 1\right) = \sum_{i:\,p_i>0} q_i - 1 \le 0 ,$$
+# $$\begin{aligned}
+# -\mathrm{KL}(p\,\|\,q) &= \sum_{i:\,p_i>0} p_i \ln \frac{q_i}{p_i}
+#   \le \sum_{i:\,p_i>0} p_i\left(\frac{q_i}{p_i} - 1\right)\\
+#   &= \sum_{i:\,p_i>0} q_i - 1 \le 0 ,
+# \end{aligned}$$
 #
 # with equality iff $q_i = p_i$ everywhere. Hence $H(p, q) \ge H(p)$: no model
 # scores the data better than the truth itself.
