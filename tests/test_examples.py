@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,9 +120,13 @@ def page_blocks(page: Path) -> list[Block]:
 def test_every_python_example_runs_and_prints_what_it_says(page, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # an example that writes a file writes it here
   namespace = {"__name__": "__example__"}
-  for block in page_blocks(page):
-    if block.not_run is None:
-      run_block(block, namespace, f"{page.relative_to(ROOT)}:{block.line}")
+  printing = np.get_printoptions()  # an example may set them (jnp.set_printoptions)
+  try:
+    for block in page_blocks(page):
+      if block.not_run is None:
+        run_block(block, namespace, f"{page.relative_to(ROOT)}:{block.line}")
+  finally:
+    np.set_printoptions(**printing)  # the doctests run later in this process print as usual
 
 
 def test_the_examples_are_found_and_few_are_not_run():
