@@ -18,6 +18,7 @@ from), so that `import xentjax` alone, and the command line's `--help` and
 """
 
 import importlib as _importlib
+import importlib.util as _importlib_util
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -67,18 +68,14 @@ __all__ = [  # kept sorted (ruff RUF022)
   "train",
 ]
 
-_SUBMODULES = frozenset(
-  ("calibration", "datasets", "distributed", "grads", "info", "metrics", "parallel", "train")
-)
-
 if _TYPE_CHECKING:  # what type checkers and editors see: every public name, eagerly
   from xentjax._exports import *
 
 
 def __getattr__(name: str):
   """A public name, imported on first use (PEP 562); the others raise `AttributeError`."""
-  if name in _SUBMODULES:
-    return _importlib.import_module(f"{__name__}.{name}")
+  if name in __all__ and _importlib_util.find_spec(f"{__name__}.{name}") is not None:
+    return _importlib.import_module(f"{__name__}.{name}")  # a submodule: `xentjax.info`
   if name in __all__:
     exports = _importlib.import_module(f"{__name__}._exports")
     globals().update({n: getattr(exports, n) for n in __all__})  # once: later lookups hit these
