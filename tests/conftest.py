@@ -1,6 +1,7 @@
-"""Strict JAX for the suite: implicit rank promotion is an error."""
+"""Strict JAX for the suite, and the `slow` mark of the heavy end-to-end tests."""
 
 import jax
+import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -8,3 +9,36 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # modules: importing them for doctest collection would run them (set their XLA
 # flags, read their command line) in this process.
 collect_ignore_glob = ["_*.py"]
+
+# The heavy end-to-end tests, marked `slow` here in one list (a file, or a test of
+# it with all its parameters): notebooks executed from a clean kernel, several
+# processes joined by jax.distributed, the command-line demos that train models,
+# the subprocesses with 8 simulated devices, a million-example evaluation and the
+# documentation build. The README's quick command skips them (-m "not slow");
+# CI (.ci/run) runs them with everything else.
+SLOW = (
+  "tests/test_notebooks.py::test_notebook_executes_from_a_clean_kernel",
+  "tests/test_multiprocess.py",
+  "tests/test_cli_demo.py::test_default_demo",
+  "tests/test_cli_demo.py::test_compare",
+  "tests/test_cli_demo.py::test_other_loss_and_optimizer_without_plot",
+  "tests/test_parallel.py::test_parallel_check",
+  "tests/test_parallel.py::test_every_check_is_listed",
+  "tests/test_evaluation_multidevice.py::test_eight_simulated_devices_match_one_and_float64",
+  "tests/test_distill.py::test_parallel_checks",
+  "tests/test_distill.py::test_demo_distill_prints_the_comparison",
+  "tests/test_evaluation.py::test_exact_against_float64_on_a_million_examples_any_batch_size",
+  "tests/test_docs.py::test_site_builds_and_documents_every_public_name",
+)
+
+
+def is_slow(nodeid: str) -> bool:
+  """Whether a test id (`tests/test_x.py::name[params]`) is in `SLOW`."""
+  path, _, name = nodeid.partition("::")
+  return path in SLOW or f"{path}::{name.split('[')[0]}" in SLOW
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if is_slow(item.nodeid):
+      item.add_marker(pytest.mark.slow)

@@ -314,7 +314,7 @@ def test_evaluate_calibration_fields_nan_without_data_or_with_bad_labels():
   z = np.zeros((4, 3), np.float32)
   r = L.evaluate([(z, np.full(4, -100))], progress=False, temperature=True)
   assert np.isnan(r.brier_score) and np.isnan(r.temperature)
-  assert np.isnan(L.evaluate([(z, np.zeros(4, int))], progress=False).temperature)  # opt-in
+  assert L.evaluate([(z, np.zeros(4, int))], progress=False).temperature is None  # opt-in
   r = L.evaluate([(z, np.array([0, 1, 2, 3]))], progress=False, temperature=True)
   assert np.isnan(r.brier_score) and np.isnan(r.temperature)
 
@@ -327,7 +327,7 @@ def test_cli_evaluate_plot_writes_the_reliability_diagram(tmp_path, capsys):
   np.save(tmp_path / "y.npy", y)
   png = tmp_path / "reliability.png"
   argv = ["evaluate", "--no-progress", "--logits", str(tmp_path / "z.npy")]
-  code = main([*argv, "--labels", str(tmp_path / "y.npy"), "--plot", str(png)])
+  code = main([*argv, "--labels", str(tmp_path / "y.npy"), "--plot", str(png), "--temperature"])
   out, err = capsys.readouterr()
   assert code == 0, err
   assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -223,3 +223,22 @@ def test_site_builds_and_documents_every_public_name(tmp_path):
       r'<(?:script|link)[^>]+(?:src|href)="(?:https?:)?//[^"]+"', page.read_text()
     )
     assert not remote, f"{page.relative_to(html)} loads {remote}"
+
+
+def test_readme_links_point_at_files_that_exist():
+  # The README sends readers to the site's pages (docs/*.md) and to sections of its
+  # own; a page renamed or moved must not leave a dead link behind.
+  readme = (ROOT / "README.md").read_text()
+  links = re.findall(r"\]\(([^)\s]+)\)", readme)
+  local = [link for link in links if not re.match(r"[a-z]+:", link)]
+  assert any(link.startswith("docs/") for link in local), "the README links to no docs page"
+  anchors = {
+    re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
+    for h in re.findall(r"^#+ (.+)$", readme, re.MULTILINE)
+  }
+  for link in local:
+    path, _, anchor = link.partition("#")
+    if path:
+      assert (ROOT / path).exists(), f"README links to {link}, which does not exist"
+    else:
+      assert anchor in anchors, f"README links to #{anchor}, which is no heading of it"

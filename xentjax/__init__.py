@@ -12,8 +12,14 @@ The public surface is `__all__`: the optax-compatible losses (softmax,
 sigmoid, margin, regression and probability-space), `cross_entropy_loss` and
 `check_labels` (PyTorch semantics), the fused large-vocabulary functions,
 `evaluate`/`EvaluationResult` (streaming evaluation), and the submodules.
-The imports below are kept sorted (ruff).
+They are imported on first use (`xentjax._exports` lists where each comes
+from), so that `import xentjax` alone, and the command line's `--help` and
+`--version`, do not import JAX.
 """
+
+import importlib as _importlib
+import importlib.util as _importlib_util
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -63,50 +69,20 @@ __all__ = [  # kept sorted (ruff RUF022)
   "train",
 ]
 
-from xentjax import calibration as calibration
-from xentjax import datasets as datasets
-from xentjax import distributed as distributed
-from xentjax import grads as grads
-from xentjax import info as info
-from xentjax import metrics as metrics
-from xentjax import parallel as parallel
-from xentjax import policy as policy
-from xentjax import train as train
-from xentjax._distill import check_topk_teacher as check_topk_teacher
-from xentjax._distill import linear_distillation_loss as linear_distillation_loss
-from xentjax._distill import linear_topk_distillation_loss as linear_topk_distillation_loss
-from xentjax._evaluation import EvaluationResult as EvaluationResult
-from xentjax._evaluation import evaluate as evaluate
-from xentjax._focal import categorical_focal_cross_entropy as categorical_focal_cross_entropy
-from xentjax._focal import softmax_focal_loss as softmax_focal_loss
-from xentjax._fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy
-from xentjax._margin import categorical_hinge_loss as categorical_hinge_loss
-from xentjax._margin import hinge_loss as hinge_loss
-from xentjax._margin import multiclass_hinge_loss as multiclass_hinge_loss
-from xentjax._margin import multiclass_perceptron_loss as multiclass_perceptron_loss
-from xentjax._margin import perceptron_loss as perceptron_loss
-from xentjax._margin import squared_hinge_loss as squared_hinge_loss
-from xentjax._nll import nll_loss as nll_loss
-from xentjax._probability import binary_cross_entropy as binary_cross_entropy
-from xentjax._probability import categorical_cross_entropy as categorical_cross_entropy
-from xentjax._probability import (
-  categorical_cross_entropy_with_integer_labels as categorical_cross_entropy_with_integer_labels,
-)
-from xentjax._regression import cosine_distance as cosine_distance
-from xentjax._regression import cosine_similarity as cosine_similarity
-from xentjax._regression import squared_error as squared_error
-from xentjax._sigmoid import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
-from xentjax._sigmoid import sigmoid_focal_loss as sigmoid_focal_loss
-from xentjax._smoothing import smooth_labels as smooth_labels
-from xentjax._softmax import kl_divergence as kl_divergence
-from xentjax._softmax import kl_divergence_with_log_targets as kl_divergence_with_log_targets
-from xentjax._softmax import poly_loss_cross_entropy as poly_loss_cross_entropy
-from xentjax._softmax import safe_softmax_cross_entropy as safe_softmax_cross_entropy
-from xentjax._softmax import softmax_cross_entropy as softmax_cross_entropy
-from xentjax._softmax import (
-  softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
-)
-from xentjax._token_stats import TokenStats as TokenStats
-from xentjax._token_stats import linear_token_stats as linear_token_stats
-from xentjax._torch_style import check_labels as check_labels
-from xentjax._torch_style import cross_entropy_loss as cross_entropy_loss
+if _TYPE_CHECKING:  # what type checkers and editors see: every public name, eagerly
+  from xentjax._exports import *
+
+
+def __getattr__(name: str):
+  """A public name, imported on first use (PEP 562); the others raise `AttributeError`."""
+  if name in __all__ and _importlib_util.find_spec(f"{__name__}.{name}") is not None:
+    return _importlib.import_module(f"{__name__}.{name}")  # a submodule: `xentjax.info`
+  if name in __all__:
+    exports = _importlib.import_module(f"{__name__}._exports")
+    globals().update({n: getattr(exports, n) for n in __all__})  # once: later lookups hit these
+    return globals()[name]
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))

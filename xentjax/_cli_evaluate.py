@@ -92,6 +92,11 @@ def _add_metric_options(p) -> None:
     "--plot", metavar="FILE.png", default=None,
     help="also write the reliability diagram of the ECE's bins to this image (matplotlib)",
   )  # fmt: skip
+  p.add_argument(
+    "--temperature", action="store_true",
+    help="also fit the temperature T of temperature scaling (softmax(logits / T)) in the "
+    "same pass; it evaluates the loss at 20 temperatures, so it takes longer",
+  )  # fmt: skip
   p.add_argument("--base", type=float, default=None, help="log base of the cross-entropy")
   p.add_argument(
     "--ignore-index", type=int, default=-100, help="label value not counted (default -100)"
@@ -113,8 +118,13 @@ def _add_output_options(p) -> None:
     help="print the result as JSON (non-finite numbers as null)",
   )  # fmt: skip
   bar = p.add_mutually_exclusive_group()
-  bar.add_argument("--progress", dest="progress", action="store_true", default=None)
-  bar.add_argument("--no-progress", dest="progress", action="store_false")
+  bar.add_argument(
+    "--progress", dest="progress", action="store_true", default=None,
+    help="show a progress bar with examples/s on stderr (default: when stderr is a terminal)",
+  )  # fmt: skip
+  bar.add_argument(
+    "--no-progress", dest="progress", action="store_false", help="never show the progress bar"
+  )
 
 
 def _add_job_options(p) -> None:
@@ -415,8 +425,14 @@ def open_source(logits_path: str, labels_path: str, args) -> _Source:
     _check_label_range(labels, num_classes, args.ignore_index, labels_path)
   elif np.issubdtype(labels.dtype, np.floating):
     if labels.shape != logits.shape:
+      hint = ""
+      if labels.shape == logits.shape[:-1]:  # one number per row: class indices saved as floats
+        hint = (
+          f"; floating labels of shape {labels.shape} look like class indices saved as "
+          f"floats: cast them to integers (labels.astype(np.int64)) and save them again"
+        )
       raise CommandError(
-        f"soft labels must have the logits' shape {logits.shape}, got {labels.shape}"
+        f"soft labels must have the logits' shape {logits.shape}, got {labels.shape}" + hint
       )
   else:
     raise CommandError(f"labels must be integer or floating point, got dtype {labels.dtype}")
@@ -438,7 +454,7 @@ def _pairs(args, process_id: int, num_processes: int) -> list[tuple[str, str]]:
 
 
 def _first_bad_row(sources: list[_Source], ignore_index) -> str | None:
-  """Where the first counted row with NaN, +inf or all -inf logits (or NaN soft labels) is."""
+  """The first counted row whose cross-entropy is NaN, with why: where it is and what it holds."""
   for s in sources:
     z = s.logits.reshape(-1, s.logits.shape[-1])
     soft = np.issubdtype(s.labels.dtype, np.floating)
@@ -446,16 +462,24 @@ def _first_bad_row(sources: list[_Source], ignore_index) -> str | None:
     step = max(1, _CHECK_CHUNK // max(1, z.shape[1]))
     for start in range(0, z.shape[0], step):
       chunk = np.asarray(z[start : start + step], np.float64)
-      bad = ~np.isfinite(chunk.max(axis=-1))
       yc = np.asarray(y[start : start + step])
+      causes = [(~np.isfinite(chunk.max(axis=-1)), "logits that hold NaN, +inf or only -inf")]
       if soft:
-        bad |= np.isnan(yc).any(axis=-1)
+        causes += [
+          (np.isnan(yc).any(axis=-1), "a NaN soft label"),
+          (
+            (yc < 0).any(axis=-1),
+            "a negative soft label (soft labels are probabilities: >= 0)",
+          ),
+        ]
       elif ignore_index is not None:
-        bad &= yc != ignore_index
+        causes = [(bad & (yc != ignore_index), why) for bad, why in causes]
+      bad = np.logical_or.reduce([b for b, _ in causes])
       if bad.any():
         flat = start + int(np.argmax(bad))
+        why = next(why for b, why in causes if b[flat - start])
         index = np.unravel_index(flat, s.logits.shape[:-1])
-        return f"row {list(map(int, index))} of {s.logits_path!r}"
+        return f"row {list(map(int, index))} of {s.logits_path!r} has {why}"
   return None
 
 
@@ -537,6 +561,7 @@ def _evaluate(args, *, sources, pairs, job) -> int:
     ignore_index=args.ignore_index,
     progress=args.progress if leader else False,
     total=total,
+    temperature=args.temperature,
   )
   _check_result(result, opened, args, job)
   if not leader:
@@ -562,14 +587,14 @@ def _check_result(result, opened: list[_Source], args, job) -> None:
     )
   if math.isnan(result.cross_entropy):
     bad = _first_bad_row(opened, args.ignore_index)
-    raise CommandError(
-      "the cross-entropy is NaN: "
-      + (
-        f"the logits (or soft labels) at {bad} hold NaN, +inf or only -inf"
-        if bad is not None
-        else "the logits (or soft labels) of another process hold NaN, +inf or only -inf"
+    if bad is None:  # not in this process's files
+      bad = (
+        "a row of another process's files has logits that hold NaN, +inf or only -inf, "
+        "or a NaN or negative soft label"
+        if job is not None
+        else "a counted row's logits or soft labels hold NaN or an infinity"
       )
-    )
+    raise CommandError(f"the cross-entropy is NaN: {bad}")
 
 
 def _print_result(result, opened: list[_Source], args, job) -> None:
@@ -598,7 +623,10 @@ def _write_plot(result, path: str) -> None:
   except ImportError:
     raise CommandError("--plot needs matplotlib: pip install 'xentjax[plots]'") from None
   diagram = result.reliability_diagram()
-  ax = diagram.plot(title=f"reliability: ECE {diagram.ece:.4f}, T = {result.temperature:.3g}")
+  title = f"reliability: ECE {diagram.ece:.4f}"
+  if result.temperature is not None:  # fitted only with --temperature
+    title += f", T = {result.temperature:.3g}"
+  ax = diagram.plot(title=title)
   try:
     ax.figure.savefig(path, dpi=100, bbox_inches="tight")
   except OSError as e:

@@ -18,9 +18,11 @@ from xentjax._cli import CommandError, add_command
 SUM_TOLERANCE = 1e-6
 
 # argparse treats "-3.44" as a value (not an option) only when it matches its
-# own negative-number pattern, which misses "-1e3" and "-inf"; this one covers
-# them. Falls back to argparse's default if the attribute ever disappears.
-_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.IGNORECASE)
+# own negative-number pattern, which misses "-1e3", "-inf" and comma-separated
+# lists ("-3.44,1.16,3.91"); this one covers them. Falls back to argparse's
+# default if the attribute ever disappears.
+_NUMBER = r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf(inity)?"
+_NEGATIVE_NUMBER = re.compile(rf"^-({_NUMBER})(,\s*[-+]?({_NUMBER}))*,?$", re.IGNORECASE)
 
 _HELP = "print a cross-entropy calculation step by step"
 _DESCRIPTION = (
@@ -45,13 +47,14 @@ def register(subparsers) -> None:
     "--logits",
     nargs="+",
     metavar="Z",
-    help="unnormalized scores, one per class (negative numbers are fine)",
+    help="unnormalized scores, one per class, separated by spaces or commas "
+    "(negative numbers are fine: --logits -3.44 1.16 3.91, --logits=-3.44,1.16,3.91)",
   )
   p.add_argument(
     "--probs",
     nargs="+",
     metavar="Q",
-    help="predicted probabilities, one per class, >= 0 and summing to 1",
+    help="predicted probabilities, one per class (spaces or commas), >= 0 and summing to 1",
   )
   p.add_argument(
     "--label", metavar="K", help="the true class: an index 0..K-1, or a name from --classes"
@@ -62,7 +65,9 @@ def register(subparsers) -> None:
     metavar="Y",
     help="a target distribution instead of --label (one-hot or soft)",
   )
-  p.add_argument("--classes", nargs="+", metavar="NAME", help="optional class names")
+  p.add_argument(
+    "--classes", nargs="+", metavar="NAME", help="optional class names (spaces or commas)"
+  )
   p.add_argument(
     "--base",
     default="e",
@@ -77,7 +82,13 @@ def register(subparsers) -> None:
 # Parsing and validation: every problem is one CommandError line.
 
 
+def _split_commas(texts: list[str]) -> list[str]:
+  """`1,2,3` and `1 2 3` (and `1, 2 3`) alike: one value per comma-separated item."""
+  return [item.strip() for text in texts for item in text.split(",") if item.strip()]
+
+
 def _numbers(flag: str, texts: list[str]) -> list[float]:
+  texts = _split_commas(texts)
   values = []
   for text in texts:
     try:
@@ -346,11 +357,12 @@ def run(args) -> int:
     _check_distribution("--probs", values)
   names = [str(i) for i in range(k)]
   if args.classes is not None:
-    if len(args.classes) != k:
-      raise CommandError(f"--classes names {len(args.classes)} classes but {flag} has {k} values")
-    if len(set(args.classes)) != k:
-      raise CommandError(f"--classes must be distinct, got {' '.join(args.classes)}")
-    names = list(args.classes)
+    classes = _split_commas(args.classes)
+    if len(classes) != k:
+      raise CommandError(f"--classes names {len(classes)} classes but {flag} has {k} values")
+    if len(set(classes)) != k:
+      raise CommandError(f"--classes must be distinct, got {' '.join(classes)}")
+    names = classes
   if args.label is not None:
     label = _parse_label(args.label, names)
     target = [1.0 if i == label else 0.0 for i in range(k)]

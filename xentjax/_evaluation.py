@@ -76,7 +76,9 @@ class EvaluationResult:
     brier_score: mean over examples of `sum_c (softmax(z)_c - y_c)**2`
       (exact streaming sum, like the loss).
     temperature: the `T` minimizing the mean cross-entropy of `logits / T`
-      (temperature scaling), from one pass: see `evaluate`.
+      (temperature scaling), from one pass: see `evaluate`. None unless
+      asked for (``evaluate(..., temperature=True)``); then NaN only when
+      nothing is counted or a counted row is NaN.
     bin_count, bin_confidence_sum, bin_correct: per-bin counts, summed
       confidences and summed top-1 credit of the ECE's bins
       (`reliability_diagram()` turns them into a diagram).
@@ -94,7 +96,7 @@ class EvaluationResult:
   num_bins: int = 15
   base: float | None = None
   brier_score: float = math.nan
-  temperature: float = math.nan
+  temperature: float | None = None
   bin_count: tuple[int, ...] = ()
   bin_confidence_sum: tuple[float, ...] = ()
   bin_correct: tuple[float, ...] = ()
@@ -107,8 +109,11 @@ class EvaluationResult:
 
   def to_dict(self) -> dict[str, Any]:
     """The scalar fields as a plain dict of Python numbers (for JSON; the per-bin
-    tuples are left out: `reliability_diagram()` has them)."""
+    tuples are left out: `reliability_diagram()` has them, and so is `temperature`
+    when it was not asked for)."""
     d = dataclasses.asdict(self)
+    if self.temperature is None:
+      del d["temperature"]
     return {k: v for k, v in d.items() if not k.startswith("bin_")}
 
   def __str__(self) -> str:
@@ -122,9 +127,10 @@ class EvaluationResult:
       (f"top-{self.top_k} accuracy", f"{self.top_k_accuracy:.6f}"),
       (f"ECE ({self.num_bins} bins)", f"{self.expected_calibration_error:.6f}"),
       ("Brier score", f"{self.brier_score:.6f}"),
-      ("temperature (logits / T)", f"{self.temperature:.6g}"),
       ("NLL sum (nats)", f"{self.negative_log_likelihood_sum:.6f}"),
     ]
+    if self.temperature is not None:  # fitted only on request: no row for what was not asked
+      rows.insert(-1, ("temperature (logits / T)", f"{self.temperature:.6g}"))
     width = max(len(name) for name, _ in rows)
     vwidth = max(len(value) for _, value in rows)
     lines = [f"{'metric':<{width}}  {'value':>{vwidth}}", f"{'-' * width}  {'-' * vwidth}"]
@@ -453,9 +459,15 @@ def _pad_rows(a, size: int, edge: bool):
 
 def _split(batch) -> tuple[Any, Any, Any]:
   if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+    hint = ""
+    if hasattr(batch, "shape"):  # `evaluate((logits, labels))` iterates the pair itself
+      hint = (
+        f" (shape {tuple(batch.shape)}): `batches` is iterated, one batch per item, so "
+        "to evaluate a single batch wrap the pair in a list: evaluate([(logits, labels)])"
+      )
     raise TypeError(
       "each batch must be a (logits, labels) or (logits, labels, mask) tuple (with `model`: "
-      f"(inputs, labels[, mask])), got {type(batch).__name__}."
+      f"(inputs, labels[, mask])), got {type(batch).__name__}{hint}."
     )
   x, labels = batch[0], batch[1]
   mask = batch[2] if len(batch) == 3 else None
@@ -691,10 +703,12 @@ def evaluate(
 
   .. math::
 
-    \ell_i = \operatorname{logsumexp}(z_i) - z_{i, y_i}, \qquad
-    \mathrm{CE} = \frac{1}{|V|} \sum_{i \in V} \ell_i, \qquad
-    \mathrm{ECE} = \frac{1}{|V|} \sum_{b=1}^{B}
-      \Bigl| \sum_{i \in V_b} [\text{correct}_i] - \sum_{i \in V_b} p_i \Bigr|,
+    \begin{aligned}
+    \ell_i &= \operatorname{logsumexp}(z_i) - z_{i, y_i},\\
+    \mathrm{CE} &= \frac{1}{|V|} \sum_{i \in V} \ell_i,\\
+    \mathrm{ECE} &= \frac{1}{|V|} \sum_{b=1}^{B} \Bigl| \sum_{i \in V_b}
+      \big([\text{correct}_i] - p_i\big) \Bigr|,
+    \end{aligned}
 
   where :math:`p_i = \max_c \operatorname{softmax}(z_i)_c` is the confidence
   and :math:`V_b` the examples whose confidence falls in the equal-width bin
@@ -763,7 +777,8 @@ def evaluate(
     prefetch: batches prepared ahead in the background (0: no thread).
     temperature: also fit the temperature of temperature scaling in the same
       pass (see above; it evaluates the loss at 20 temperatures, so it costs
-      about 20 times the work of the rest); False reports NaN.
+      about 20 times the work of the rest); False leaves `temperature` None
+      (no row in the printed table, no key in `to_dict()`).
     across_processes: combine the totals of every process of a
       `jax.distributed` job, so that each returns the global result (None:
       when `jax.process_count() > 1`). Every process must then call
@@ -848,7 +863,9 @@ def evaluate(
     # field by field (`merge_sums`), so fields added later combine too.
     options = {"top_k": top_k, "num_bins": num_bins, "base": base, "ignore_index": ignore_index}
     host = _distributed.combine_evaluation(host, options=options, failure=failure)
-  return _result(host, top_k=top_k, num_bins=num_bins, base=base, scale=scale)
+  return _result(
+    host, top_k=top_k, num_bins=num_bins, base=base, scale=scale, temperature=bool(temperature)
+  )
 
 
 def _check_options(*, top_k, num_bins, ignore_index, prefetch) -> None:
@@ -950,7 +967,7 @@ def _rows_per_batch_row(item: _Prepared) -> int:
   return int(np.prod(shape[1:], dtype=np.int64))
 
 
-def _result(host: _HostTotals, *, top_k, num_bins, base, scale) -> EvaluationResult:
+def _result(host: _HostTotals, *, top_k, num_bins, base, scale, temperature) -> EvaluationResult:
   """Dataset metrics from the exact totals; every mean of nothing is NaN."""
   bin_count = host.counts.get("bin_count", np.zeros(num_bins, np.int64))
   count = int(bin_count.sum())  # every counted example lands in one bin
@@ -975,7 +992,7 @@ def _result(host: _HostTotals, *, top_k, num_bins, base, scale) -> EvaluationRes
     top_k=top_k,
     num_bins=num_bins,
     base=None if base is None else float(base),
-    **_calibration_fields(host, count, bin_count, conf, math.isnan(nll_sum)),
+    **_calibration_fields(host, count, bin_count, conf, math.isnan(nll_sum), temperature),
   )
 
 
@@ -992,23 +1009,26 @@ def _calibration_error(host: _HostTotals, conf, num_bins: int) -> float:
   return math.fsum(abs(host.sum("bin_credit", b) - conf[b]) for b in range(num_bins))
 
 
-def _calibration_fields(host: _HostTotals, count: int, bin_count, conf, nan_out: bool) -> dict:
-  """Brier score, fitted temperature and the ECE's per-bin sums for the result."""
+def _calibration_fields(
+  host: _HostTotals, count: int, bin_count, conf, nan_out: bool, temperature: bool
+) -> dict:
+  """Brier score, fitted temperature (None unless asked for) and the ECE's per-bin sums."""
   nb = len(conf)
   credit = [host.sum("bin_credit", b) if host.pairs.get("bin_credit") else 0.0 for b in range(nb)]
   fields = {
     "bin_count": tuple(int(c) for c in bin_count),
     "bin_confidence_sum": tuple(float(c) for c in conf),
     "bin_correct": tuple(float(c) for c in credit),
+    "brier_score": math.nan,
+    "temperature": math.nan if temperature else None,
   }
   if count == 0 or nan_out:
-    return {**fields, "brier_score": math.nan, "temperature": math.nan}
-  brier = host.sum("brier") / count
-  if not host.temp or not all(len(g) for g in host.temp_grid):
-    return {**fields, "brier_score": brier, "temperature": math.nan}
-  stats = [
-    calibration.TemperatureStats(grid, temp[0], temp[1], temp[2], count)
-    for grid, temp in zip(host.temp_grid, host.temp, strict=True)
-  ]
-  t, _ = calibration.temperature_from_statistics(stats)
-  return {**fields, "brier_score": brier, "temperature": t}
+    return fields
+  fields["brier_score"] = host.sum("brier") / count
+  if temperature and host.temp and all(len(g) for g in host.temp_grid):
+    stats = [
+      calibration.TemperatureStats(grid, temp[0], temp[1], temp[2], count)
+      for grid, temp in zip(host.temp_grid, host.temp, strict=True)
+    ]
+    fields["temperature"], _ = calibration.temperature_from_statistics(stats)
+  return fields

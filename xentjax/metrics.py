@@ -115,9 +115,11 @@ def correct(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = N
 
   .. math::
 
-    c_n = \operatorname{clip}\Big(\frac{1 - g_n}{t_n}, 0, 1\Big),
-    \quad g_n = |\{i : z_{n,i} > z_{n,y_n}\}|,
-    \quad t_n = |\{i : z_{n,i} = z_{n,y_n}\}|
+    \begin{aligned}
+    c_n &= \operatorname{clip}\Big(\frac{1 - g_n}{t_n}, 0, 1\Big),\\
+    g_n &= |\{i : z_{n,i} > z_{n,y_n}\}|,\\
+    t_n &= |\{i : z_{n,i} = z_{n,y_n}\}|
+    \end{aligned}
 
   the expected hit of an argmax whose ties are broken at random.
 
@@ -175,9 +177,11 @@ def top_k_correct(
 
   .. math::
 
-    c_n = \operatorname{clip}\Big(\frac{k - g_n}{t_n}, 0, 1\Big),
-    \quad g_n = |\{i : z_{n,i} > z_{n,y_n}\}|,
-    \quad t_n = |\{i : z_{n,i} = z_{n,y_n}\}|
+    \begin{aligned}
+    c_n &= \operatorname{clip}\Big(\frac{k - g_n}{t_n}, 0, 1\Big),\\
+    g_n &= |\{i : z_{n,i} > z_{n,y_n}\}|,\\
+    t_n &= |\{i : z_{n,i} = z_{n,y_n}\}|
+    \end{aligned}
 
   The rank-k measure of the ImageNet challenge, with ties shared: when the
   label is tied with others across the k-th place, it gets the probability
@@ -257,8 +261,10 @@ def cross_entropy_rate(
 
   .. math::
 
-    \bar H = \frac{1}{|W|} \sum_{n \in W}
-      \frac{\operatorname{logsumexp}(z_n) - z_{n,y_n}}{\ln b}
+    \begin{aligned}
+    \bar H &= \frac{1}{|W|} \sum_{n \in W} \frac{h_n}{\ln b},\\
+    h_n &= \operatorname{logsumexp}(z_n) - z_{n,y_n}
+    \end{aligned}
 
   Args:
     logits: `[..., num_classes]`, floating dtype.
@@ -294,8 +300,11 @@ def perplexity(
 
   .. math::
 
-    \mathrm{PPL} = \exp\Big(\frac{1}{|W|} \sum_{n \in W} -\log p_\theta(y_n \mid z_n)\Big),
-    \qquad \log_b \mathrm{PPL} = \frac{1}{|W|} \sum_{n \in W} -\log_b p_\theta(y_n \mid z_n).
+    \begin{aligned}
+    \mathrm{PPL} &= \exp\Big(\frac{1}{|W|} \sum_{n \in W} \ell_n\Big),\\
+    \log_b \mathrm{PPL} &= \frac{1}{|W|} \sum_{n \in W} \frac{\ell_n}{\ln b},\\
+    \ell_n &= -\log p_\theta(y_n \mid z_n).
+    \end{aligned}
 
   The effective number of equally likely choices the model hesitates between:
   a uniform model over `K` classes has perplexity `K`.
@@ -345,7 +354,10 @@ def bits_per_token(
 
   .. math::
 
-    \mathrm{bpt} = \frac{1}{|W|} \sum_{n \in W} -\log_2 p_\theta(y_n \mid z_n) = \log_2 \mathrm{PPL}
+    \begin{aligned}
+    \mathrm{bpt} &= \frac{1}{|W|} \sum_{n \in W} -\log_2 p_\theta(y_n \mid z_n)\\
+    &= \log_2 \mathrm{PPL}
+    \end{aligned}
 
   Args:
     logits: `[..., num_classes]`, floating dtype.

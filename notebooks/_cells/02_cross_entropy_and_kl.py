@@ -34,7 +34,10 @@ print("xentjax", xentjax.__version__, "| jax", jax.__version__, "| x64:", jax.co
 # **Three classes.** The truth is class 1, $p = (0, 1, 0)$; the model predicts
 # $q = (0.228, 0.619, 0.153)$. Only one term of the sum survives:
 #
-# $$H(p, q) = -(0\cdot\ln 0.228 + 1\cdot \ln 0.619 + 0\cdot \ln 0.153) = -\ln 0.619 \approx 0.479\ \text{nats}.$$
+# $$\begin{aligned}
+# H(p, q) &= -(0\cdot\ln 0.228 + 1\cdot \ln 0.619 + 0\cdot \ln 0.153)\\
+#   &= -\ln 0.619 \approx 0.479\ \text{nats}.
+# \end{aligned}$$
 #
 # **Five classes.** The truth is class 0, $p = (1, 0, 0, 0, 0)$, and the model puts
 # only $0.1$ on it, $q = (0.1, 0.5, 0.1, 0.1, 0.2)$:
@@ -101,7 +104,11 @@ assert np.allclose(losses, math.log(10), atol=1e-5)
 # $\ln x \le x - 1$ (the tangent line at $x=1$ lies above the concave $\ln$), summed
 # over the support of $p$:
 #
-# $$-\mathrm{KL}(p\,\|\,q) = \sum_{i:\,p_i>0} p_i \ln \frac{q_i}{p_i} \le \sum_{i:\,p_i>0} p_i\left(\frac{q_i}{p_i} - 1\right) = \sum_{i:\,p_i>0} q_i - 1 \le 0 ,$$
+# $$\begin{aligned}
+# -\mathrm{KL}(p\,\|\,q) &= \sum_{i:\,p_i>0} p_i \ln \frac{q_i}{p_i}
+#   \le \sum_{i:\,p_i>0} p_i\left(\frac{q_i}{p_i} - 1\right)\\
+#   &= \sum_{i:\,p_i>0} q_i - 1 \le 0 ,
+# \end{aligned}$$
 #
 # with equality iff $q_i = p_i$ everywhere. Hence $H(p, q) \ge H(p)$: no model
 # scores the data better than the truth itself.

@@ -8,7 +8,11 @@
 #
 # The punchline is one of the nicest results in machine learning:
 #
-# $$\frac{\partial}{\partial z}\, H\big(y, \operatorname{softmax}(z)\big) = \operatorname{softmax}(z) - y = \hat y - y .$$
+# $$\begin{aligned}
+# \frac{\partial}{\partial z}\, H\big(y, \operatorname{softmax}(z)\big)
+#   &= \operatorname{softmax}(z) - y\\
+#   &= \hat y - y .
+# \end{aligned}$$
 
 # %%
 # %matplotlib inline
@@ -71,7 +75,10 @@ assert np.allclose(xentjax.grads.categorical_cross_entropy(q, p_soft), -p_soft /
 #
 # With $q_i = e^{z_i}/S$ and $S = \sum_k e^{z_k}$, the quotient rule gives, for $j = i$,
 #
-# $$\frac{\partial q_i}{\partial z_i} = \frac{e^{z_i} S - e^{z_i} e^{z_i}}{S^2} = q_i - q_i^2 = q_i (1 - q_i),$$
+# $$\begin{aligned}
+# \frac{\partial q_i}{\partial z_i} &= \frac{e^{z_i} S - e^{z_i} e^{z_i}}{S^2}\\
+#   &= q_i - q_i^2 = q_i (1 - q_i),
+# \end{aligned}$$
 #
 # and for $j \ne i$ (only $S$ depends on $z_j$)
 #
@@ -79,7 +86,10 @@ assert np.allclose(xentjax.grads.categorical_cross_entropy(q, p_soft), -p_soft /
 #
 # Both cases in one line, with the Kronecker delta $\delta_{ij}$:
 #
-# $$J_{ij} = \frac{\partial q_i}{\partial z_j} = q_i(\delta_{ij} - q_j), \qquad J = \operatorname{diag}(q) - q q^{\top}.$$
+# $$\begin{aligned}
+# J_{ij} &= \frac{\partial q_i}{\partial z_j} = q_i(\delta_{ij} - q_j),\\
+# J &= \operatorname{diag}(q) - q q^{\top}.
+# \end{aligned}$$
 #
 # $J$ is symmetric and every row sums to zero: raising all logits together changes
 # nothing (notebook 3).
@@ -96,10 +106,13 @@ assert jnp.allclose(J_closed.sum(axis=1), 0.0, atol=1e-6) and jnp.allclose(J_clo
 # %% [markdown]
 # ## Step 3: the chain rule
 #
-# $$\frac{\partial H}{\partial z_j} = \sum_i \frac{\partial H}{\partial q_i}\frac{\partial q_i}{\partial z_j}
-#   = \sum_i \left(-\frac{p_i}{q_i}\right) q_i (\delta_{ij} - q_j)
-#   = -\sum_i p_i \delta_{ij} + q_j \sum_i p_i
-#   = q_j - p_j ,$$
+# $$\begin{aligned}
+# \frac{\partial H}{\partial z_j}
+#   &= \sum_i \frac{\partial H}{\partial q_i}\frac{\partial q_i}{\partial z_j}\\
+#   &= \sum_i \left(-\frac{p_i}{q_i}\right) q_i (\delta_{ij} - q_j)\\
+#   &= -\sum_i p_i \delta_{ij} + q_j \sum_i p_i\\
+#   &= q_j - p_j ,
+# \end{aligned}$$
 #
 # using $\sum_i p_i = 1$. The $q_i$ from the Jacobian cancels the $1/q_i$ from the log,
 # which is why the logit gradient is **bounded** ($|q_j - p_j| \le 1$) even where the
@@ -156,7 +169,10 @@ assert np.all(np.abs(np.asarray(closed)) <= 1.0)
 # respect to the probabilities, $(-10, 0, 0, 0, 0)$. But the gradients with respect to
 # the logits are $\hat y - y$:
 #
-# $$g_A = (-0.9,\ 0.5,\ 0.1,\ 0.1,\ 0.2), \qquad g_B = (-0.9,\ 0.6,\ 0.1,\ 0.1,\ 0.1).$$
+# $$\begin{aligned}
+# g_A &= (-0.9,\ 0.5,\ 0.1,\ 0.1,\ 0.2),\\
+# g_B &= (-0.9,\ 0.6,\ 0.1,\ 0.1,\ 0.1).
+# \end{aligned}$$
 #
 # Through the softmax, the loss *does* see the wrong classes: each is pushed down in
 # proportion to the probability it stole. Prediction B gets a bigger push on class 1
@@ -192,8 +208,12 @@ assert np.allclose(gz_B, [-0.9, 0.6, 0.1, 0.1, 0.1], atol=1e-5)
 #
 # The sigmoid's derivative is $\sigma'(z) = \sigma(z)\big(1 - \sigma(z)\big)$, so
 #
-# $$\frac{\partial L}{\partial z} = \left(-\frac{y}{\sigma} + \frac{1 - y}{1 - \sigma}\right)\sigma(1 - \sigma)
-#   = -y(1 - \sigma) + (1 - y)\sigma = \sigma(z) - y .$$
+# $$\begin{aligned}
+# \frac{\partial L}{\partial z}
+#   &= \left(-\frac{y}{\sigma} + \frac{1 - y}{1 - \sigma}\right)\sigma(1 - \sigma)\\
+#   &= -y(1 - \sigma) + (1 - y)\sigma\\
+#   &= \sigma(z) - y .
+# \end{aligned}$$
 #
 # The same cancellation as in the softmax case (the sigmoid *is* a two-class
 # softmax with logits $(z, 0)$). Written with $\ln\sigma(z) = -\operatorname{softplus}(-z)$,

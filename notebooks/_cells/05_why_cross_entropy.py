@@ -92,7 +92,10 @@ plt.show()
 # $L = \lVert \hat y - y\rVert^2$, the chain rule with the softmax Jacobian
 # $J = \operatorname{diag}(\hat y) - \hat y\hat y^\top$ gives
 #
-# $$\frac{\partial L}{\partial z} = J\, 2(\hat y - y), \qquad\text{versus}\qquad \frac{\partial H}{\partial z} = \hat y - y .$$
+# $$\begin{aligned}
+# \frac{\partial L}{\partial z} &= J\, 2(\hat y - y) \quad \text{(squared error), versus}\\
+# \frac{\partial H}{\partial z} &= \hat y - y \quad \text{(cross-entropy).}
+# \end{aligned}$$
 #
 # When the model is confidently wrong, $\hat y$ is close to a one-hot vector $e_k$
 # with $k \ne c$, and $J \to \operatorname{diag}(e_k) - e_k e_k^\top = 0$: the Brier
@@ -244,7 +247,11 @@ plt.show()
 # For a binary problem with labels $t \in \{-1, +1\}$ and score $s$, both losses are
 # functions of the **margin** $m = t s$ alone:
 #
-# $$\text{hinge: } \max(0,\ 1 - m), \qquad \text{logistic (cross-entropy): } \ln(1 + e^{-m}) = \operatorname{softplus}(-m).$$
+# $$\begin{aligned}
+# \text{hinge: } & \max(0,\ 1 - m),\\
+# \text{logistic (cross-entropy): } & \ln(1 + e^{-m})\\
+#   & = \operatorname{softplus}(-m).
+# \end{aligned}$$
 #
 # (The logistic form is the sigmoid cross-entropy with $y = (t + 1)/2$ and $z = s$.)
 # Far on the wrong side both grow with slope $-1$. The difference is on the right
@@ -301,12 +308,19 @@ plt.show()
 # When only the **direction** of a prediction matters (embeddings, retrieval), the
 # cosine distance
 #
-# $$d(a, b) = 1 - \cos(a, b) = 1 - \frac{a\cdot b}{\lVert a\rVert\,\lVert b\rVert} \in [0, 2]$$
+# $$\begin{aligned}
+# d(a, b) &= 1 - \cos(a, b)\\
+#   &= 1 - \frac{a\cdot b}{\lVert a\rVert\,\lVert b\rVert} \in [0, 2]
+# \end{aligned}$$
 #
 # is a common loss. It is invariant to the scale of $a$, so its gradient has no
 # component along $a$:
 #
-# $$\nabla_a \cos(a, b) = \frac{1}{\lVert a\rVert}\left(\frac{b}{\lVert b\rVert} - \cos(a,b)\,\frac{a}{\lVert a\rVert}\right), \qquad a\cdot\nabla_a \cos(a,b) = \frac{1}{\lVert a\rVert}\left(\cos - \cos\right) = 0 .$$
+# $$\begin{aligned}
+# \nabla_a \cos(a, b) &= \frac{1}{\lVert a\rVert}\left(\frac{b}{\lVert b\rVert}
+#   - \cos(a,b)\,\frac{a}{\lVert a\rVert}\right),\\
+# a\cdot\nabla_a \cos(a,b) &= \frac{1}{\lVert a\rVert}\left(\cos - \cos\right) = 0 .
+# \end{aligned}$$
 #
 # As a classification loss against one-hot targets it ignores confidence entirely:
 # logits $z$ and $10z$ score the same. That is the opposite of cross-entropy, which

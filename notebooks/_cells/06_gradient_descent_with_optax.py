@@ -54,7 +54,10 @@ print(
 # $z_{nk} = \sum_i x_{ni} W_{ik} + b_k$, the chain rule collects these row errors
 # $E = \hat Y - Y$ into
 #
-# $$\nabla_W J = \frac1N X^\top (\hat Y - Y) + \lambda W, \qquad \nabla_b J = \frac1N (\hat Y - Y)^\top \mathbf 1 .$$
+# $$\begin{aligned}
+# \nabla_W J &= \frac1N X^\top (\hat Y - Y) + \lambda W,\\
+# \nabla_b J &= \frac1N (\hat Y - Y)^\top \mathbf 1 .
+# \end{aligned}$$
 #
 # Each weight $W_{ik}$ moves in proportion to how strongly pixel $i$ is lit on the
 # examples where class $k$ is over- or under-predicted.

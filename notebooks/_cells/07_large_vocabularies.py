@@ -42,7 +42,10 @@ print(
 #
 # Per token with label $y$, the loss is
 #
-# $$\ell = \operatorname{LSE}(z) - z_y, \qquad \operatorname{LSE}(z) = \ln \sum_{j=1}^{V} e^{z_j}, \qquad z_j = x\cdot w_j .$$
+# $$\begin{aligned}
+# \ell &= \operatorname{LSE}(z) - z_y,\\
+# \operatorname{LSE}(z) &= \ln \sum_{j=1}^{V} e^{z_j}, \qquad z_j = x\cdot w_j .
+# \end{aligned}$$
 #
 # * $z_y = x\cdot w_y$ is one dot product.
 # * $\operatorname{LSE}$ can be accumulated over **tiles** of the vocabulary with the

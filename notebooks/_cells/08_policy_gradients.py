@@ -34,8 +34,10 @@ print("xentjax", xentjax.__version__, "| jax", jax.__version__, "| x64:", jax.co
 #
 # With $p = \operatorname{softmax}(z)$ and $E = \sum_j p_j z_j$,
 #
-# $$\frac{\partial \log p_a}{\partial z_k} = [k = a] - p_k, \qquad
-#   \frac{\partial H}{\partial z_k} = p_k - p_k (1 + z_k - E) = -p_k\,(z_k - E).$$
+# $$\begin{aligned}
+# \frac{\partial \log p_a}{\partial z_k} &= [k = a] - p_k,\\
+# \frac{\partial H}{\partial z_k} &= p_k - p_k (1 + z_k - E) = -p_k\,(z_k - E).
+# \end{aligned}$$
 #
 # A loss $L = \sum_i (-A_i \log p_{a_i} - \beta H_i)$ therefore has, per token,
 #

@@ -7,8 +7,12 @@
 # that distribution. With student logits $z_s$, teacher logits $z_t$ and a
 # temperature $T$,
 #
-# $$p_s = \operatorname{softmax}(z_s / T), \qquad p_t = \operatorname{softmax}(z_t / T),
-# \qquad \ell = T^2\, \mathrm{KL}(p_t \,\|\, p_s) = T^2 \sum_j p_{t,j} \log\frac{p_{t,j}}{p_{s,j}} .$$
+# $$\begin{aligned}
+# p_s &= \operatorname{softmax}(z_s / T),\\
+# p_t &= \operatorname{softmax}(z_t / T),\\
+# \ell &= T^2\, \mathrm{KL}(p_t \,\|\, p_s)\\
+#   &= T^2 \sum_j p_{t,j} \log\frac{p_{t,j}}{p_{s,j}} .
+# \end{aligned}$$
 #
 # A higher temperature flattens both distributions, so the small probabilities the
 # teacher gives to the *wrong* classes ("this 7 looks a bit like a 1") carry more
@@ -87,8 +91,10 @@ for beta, T in ((0.0, 1.0), (0.5, 3.0), (1.0, 2.0)):
 # Write $a = z_s/T$, $b = z_t/T$ and $\operatorname{lse}(b) = \log\sum_j e^{b_j}$. Then
 # $\log p_t - \log p_s = (b - \operatorname{lse} b) - (a - \operatorname{lse} a)$, so
 #
-# $$\mathrm{KL}(p_t\|p_s) = \frac{\sum_j e^{b_j - m}\,(b_j - a_j)}{\sum_j e^{b_j - m}}
-#   - \operatorname{lse}(b) + \operatorname{lse}(a)$$
+# $$\begin{aligned}
+# \mathrm{KL}(p_t\|p_s) &= \frac{\sum_j e^{b_j - m}\,(b_j - a_j)}{\sum_j e^{b_j - m}}\\
+#   &\quad - \operatorname{lse}(b) + \operatorname{lse}(a)
+# \end{aligned}$$
 #
 # for any shift $m$. Streaming over tiles of columns, keep the running maximum $m$ of
 # $b$, the running sum $s = \sum e^{b_j - m}$ and the running weighted sum

@@ -1,0 +1,58 @@
+"""The public names of `xentjax`, imported from the modules that define them.
+
+`xentjax/__init__.py` loads this module on the first use of any of its names
+(`xentjax.__getattr__`), so that the command line's `--help` and `--version`
+answer without importing JAX. Keep the imports sorted (ruff) and the names
+in `xentjax.__all__`. `name as name` marks an explicit re-export (PEP 484), which
+type checkers read through `xentjax/__init__.py`'s `TYPE_CHECKING` import.
+"""
+
+# ruff: noqa: PLC0414
+
+from xentjax import calibration as calibration
+from xentjax import datasets as datasets
+from xentjax import distributed as distributed
+from xentjax import grads as grads
+from xentjax import info as info
+from xentjax import metrics as metrics
+from xentjax import parallel as parallel
+from xentjax import policy as policy
+from xentjax import train as train
+from xentjax._distill import check_topk_teacher as check_topk_teacher
+from xentjax._distill import linear_distillation_loss as linear_distillation_loss
+from xentjax._distill import linear_topk_distillation_loss as linear_topk_distillation_loss
+from xentjax._evaluation import EvaluationResult as EvaluationResult
+from xentjax._evaluation import evaluate as evaluate
+from xentjax._focal import categorical_focal_cross_entropy as categorical_focal_cross_entropy
+from xentjax._focal import softmax_focal_loss as softmax_focal_loss
+from xentjax._fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy
+from xentjax._margin import categorical_hinge_loss as categorical_hinge_loss
+from xentjax._margin import hinge_loss as hinge_loss
+from xentjax._margin import multiclass_hinge_loss as multiclass_hinge_loss
+from xentjax._margin import multiclass_perceptron_loss as multiclass_perceptron_loss
+from xentjax._margin import perceptron_loss as perceptron_loss
+from xentjax._margin import squared_hinge_loss as squared_hinge_loss
+from xentjax._nll import nll_loss as nll_loss
+from xentjax._probability import binary_cross_entropy as binary_cross_entropy
+from xentjax._probability import categorical_cross_entropy as categorical_cross_entropy
+from xentjax._probability import (
+  categorical_cross_entropy_with_integer_labels as categorical_cross_entropy_with_integer_labels,
+)
+from xentjax._regression import cosine_distance as cosine_distance
+from xentjax._regression import cosine_similarity as cosine_similarity
+from xentjax._regression import squared_error as squared_error
+from xentjax._sigmoid import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from xentjax._sigmoid import sigmoid_focal_loss as sigmoid_focal_loss
+from xentjax._smoothing import smooth_labels as smooth_labels
+from xentjax._softmax import kl_divergence as kl_divergence
+from xentjax._softmax import kl_divergence_with_log_targets as kl_divergence_with_log_targets
+from xentjax._softmax import poly_loss_cross_entropy as poly_loss_cross_entropy
+from xentjax._softmax import safe_softmax_cross_entropy as safe_softmax_cross_entropy
+from xentjax._softmax import softmax_cross_entropy as softmax_cross_entropy
+from xentjax._softmax import (
+  softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
+)
+from xentjax._token_stats import TokenStats as TokenStats
+from xentjax._token_stats import linear_token_stats as linear_token_stats
+from xentjax._torch_style import check_labels as check_labels
+from xentjax._torch_style import cross_entropy_loss as cross_entropy_loss
