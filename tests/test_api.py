@@ -402,7 +402,9 @@ def test_fused_functions_spell_out_their_head_keywords(name):
   assert inspect.unwrap(fn) is fn, "the signature is the function's own, not a wrapper's"
   params = inspect.signature(fn).parameters
   kinds = {p.kind for p in params.values()}
-  assert inspect.Parameter.VAR_KEYWORD not in kinds and inspect.Parameter.VAR_POSITIONAL not in kinds
+  assert (
+    inspect.Parameter.VAR_KEYWORD not in kinds and inspect.Parameter.VAR_POSITIONAL not in kinds
+  )
   # The head keywords close the signature, in this order, with these defaults.
   assert list(params)[-len(HEAD_KEYWORDS) :] == HEAD_KEYWORDS
   defaults = {"w_layout": "dv", **dict.fromkeys(HEAD_KEYWORDS[1:], None), **FUSED[name]}

@@ -84,8 +84,8 @@ def test_the_engine_loops_once():
   }
   assert {k: v for k, v in found.items() if v} == {"tiles.py": 1}  # `tiles.fold`
   vjps = {p.name: calls(p, "custom_vjp") for p in FAMILY}
-  # The engine's two strategies, and the logits-sharded cross-entropy (no loop).
-  assert {k: v for k, v in vjps.items() if v} == {"engine.py": 2, "parallel.py": 1}
+  # The engine's two strategies, and its sweep of logits given as they are (no loop).
+  assert {k: v for k, v in vjps.items() if v} == {"engine.py": 3}
 
 
 def is_module(dotted: str) -> bool:

@@ -177,8 +177,8 @@ FUNCTIONS = {
   "linear_token_stats": lambda x, w, tx, tw, y, **kw: (
     xentjax.linear_token_stats(x, w, y, **kw).logprob
   ),
-  "linear_distillation_loss": lambda x, w, tx, tw, y, **kw: (
-    xentjax.linear_distillation_loss(x, w, tx, tw, y, **kw)
+  "linear_distillation_loss": lambda x, w, tx, tw, y, **kw: xentjax.linear_distillation_loss(
+    x, w, tx, tw, y, **kw
   ),
   "linear_topk_distillation_loss": lambda x, w, tx, tw, y, **kw: (
     xentjax.linear_topk_distillation_loss(
@@ -219,7 +219,13 @@ def test_an_invalid_traced_temperature_gives_nan(name, bad):
 @pytest.mark.parametrize("name", list(FUNCTIONS))
 @pytest.mark.parametrize(
   "bad, err",
-  [(True, TypeError), ("0.5", TypeError), (0.0, ValueError), (-2, ValueError), (np.inf, ValueError)],
+  [
+    (True, TypeError),
+    ("0.5", TypeError),
+    (0.0, ValueError),
+    (-2, ValueError),
+    (np.inf, ValueError),
+  ],
 )
 def test_a_python_temperature_is_checked_the_same_everywhere(name, bad, err):
   x, w, tx, tw, y, _ = data()

@@ -35,21 +35,20 @@ it carries all-reductions in every step, the data axis only the gradient of
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from xentjax import _core
 from xentjax import _validation as V
 from xentjax._vocab import cross_entropy, token_stats
+from xentjax._vocab.engine import recompute_logits
 from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
-from xentjax._vocab.placement import Placement, place, require_vocab_axis, vocab_offset
-from xentjax._vocab.tiles import Tile, Tiling
+from xentjax._vocab.placement import Placement, place, require_vocab_axis
+from xentjax._vocab.tiles import Tiling
 
 __all__ = [
   "linear_softmax_cross_entropy",
@@ -235,78 +234,6 @@ def linear_token_stats(
 # Logits already sharded over the vocabulary: one tile per device.
 
 
-def _logits_tiling(mesh, data_axis, vocab_axis, num_classes) -> Tiling:
-  """The engine's tiling for logits given as one tile per device."""
-  return Tiling(
-    num_classes=num_classes,
-    num_columns=num_classes,
-    vd=False,
-    token_chunk=1,
-    vocab_chunk=1,
-    placement=Placement(mesh, data_axis, vocab_axis),
-  )
-
-
-def _specs(tiling: Tiling):
-  pl = tiling.placement
-  return P(pl.data_axis, pl.vocab_axis), P(pl.data_axis)
-
-
-def _local_columns(tiling: Tiling, z):
-  offset = vocab_offset(tiling.placement, z.shape[1])
-  return offset + lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
-
-
-def _logits_fwd_local(z, labels, tiling: Tiling):
-  """`(lse - z_y, lse)` of local logits `[n, V/K]`, from the softmax statistics kernel."""
-  z = z.astype(V.compute_dtype(z.dtype))
-  kernel = SoftmaxStats()
-  tile = Tile(z, z, None, _local_columns(tiling, z), 0, None, {})
-  rows = {"labels": labels}
-  state = kernel.update(0, kernel.init(0, z.shape[0], z.shape[1], tiling, z.dtype), tile, rows)
-  stats = kernel.finish(0, state, rows, tiling)
-  return stats["log_s"] - stats["zy"], stats["lse"]
-
-
-def _logits_bwd_local(logits, labels, lse, g, tiling: Tiling):
-  z = logits.astype(lse.dtype)
-  p = jnp.exp(z - lse[:, None])
-  onehot = (_local_columns(tiling, z) == labels[:, None]).astype(p.dtype)
-  dz = g.astype(lse.dtype)[:, None] * (p - onehot)
-  return dz.astype(logits.dtype)
-
-
-def _shard(fn, tiling, in_specs, out_specs):
-  return jax.shard_map(
-    functools.partial(fn, tiling=tiling),
-    mesh=tiling.placement.mesh,
-    in_specs=in_specs,
-    out_specs=out_specs,
-    check_vma=False,
-  )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _sharded_ce(logits, labels, tiling: Tiling):
-  return _sharded_ce_fwd(logits, labels, tiling)[0]
-
-
-def _sharded_ce_fwd(logits, labels, tiling: Tiling):
-  zs, ts = _specs(tiling)
-  loss, lse = _shard(_logits_fwd_local, tiling, (zs, ts), (ts, ts))(logits, labels)
-  return loss, (logits, labels, lse)
-
-
-def _sharded_ce_bwd(tiling: Tiling, res, g):
-  logits, labels, lse = res
-  zs, ts = _specs(tiling)
-  dz = _shard(_logits_bwd_local, tiling, (zs, ts, ts, ts), zs)(logits, labels, lse, g)
-  return dz, None
-
-
-_sharded_ce.defvjp(_sharded_ce_fwd, _sharded_ce_bwd)
-
-
 def softmax_cross_entropy_with_integer_labels(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -373,10 +300,13 @@ def softmax_cross_entropy_with_integer_labels(
       f"The {n} examples of `labels` (labels.shape={batch_shape}) are not divisible by the "
       f"{n_data} devices of mesh axis {data_axis!r}."
     )
-  tiling = _logits_tiling(mesh, data_axis, vocab_axis, num_classes)
-  zs, ts = _specs(tiling)
+  placement = Placement(mesh, data_axis, vocab_axis)
+  tiling = Tiling(
+    num_classes, num_classes, vd=False, token_chunk=1, vocab_chunk=1, placement=placement
+  )
   status = _core.label_status(labels, num_classes)
-  logits = place(logits.reshape(n, num_classes), mesh, zs)
-  index = place(status.index.reshape(n), mesh, ts)
-  loss = _sharded_ce(logits, index, tiling)
+  logits = place(logits.reshape(n, num_classes), mesh, P(data_axis, vocab_axis))
+  index = place(status.index.reshape(n), mesh, P(data_axis))
+  out = recompute_logits(logits, {"labels": index}, SoftmaxStats(), tiling)
+  loss = out["log_s"] - out["zy"]
   return (loss * jnp.where(status.bad.reshape(n), jnp.nan, 1.0)).reshape(batch_shape)

@@ -42,6 +42,7 @@ from xentjax._vocab.tiles import (
   dot_dw,
   dot_dx,
   fold,
+  given_tile,
   head_chunk,
   logit_tile,
   put_rows,
@@ -59,14 +60,17 @@ class Kernel:
   * ``outputs``: names of the per-token rows returned to the caller;
     ``differentiable``: those whose cotangents the kernel reads back (as
     ``rows["g_" + name]``); ``saved``: other rows the backward pass needs.
+    ``column_outputs``, ``column_differentiable`` and ``column_saved``: the
+    same for per-column results (read back from ``tile.cols``).
   * ``init(p, n, n_cols, tiling, cdt)``: the state of pass ``p``, a pair
     ``(per-token dict [n, ...], per-column dict [n_cols, ...])``.
   * ``update(p, state, tile, rows)``: the state after one more `Tile`;
-    ``state`` and ``rows`` are the tile's slices (tokens, and columns for the
-    per-column state).
-  * ``finish(p, state, rows, tiling)``: new per-token rows from the state of
-    this device's columns, combined across vocabulary shards with the
-    collectives of `xentjax._vocab.placement`.
+    ``state`` and ``rows`` are the tile's slices (its tokens; its columns for
+    the per-column state, whose operands are ``tile.cols``).
+  * ``finish(p, state, rows, tiling)``: ``(new per-token rows, new per-column
+    rows)`` from the state, combined across shards with the collectives of
+    `xentjax._vocab.placement` (``vocab_*`` for per-token state over the
+    vocabulary axis, ``column_*`` for per-column state over the tokens).
   * ``cotangent(tile, rows)``: ``{"a": dL/da, "z": dL/dz, "b": dL/db}`` of the
     tile (each optional: ``a`` the tempered logits, ``z`` the untempered
     ones, ``b`` the teacher's, needed only for a traced temperature).
@@ -78,6 +82,9 @@ class Kernel:
   outputs: tuple = ()
   differentiable: tuple = ()
   saved: tuple = ()
+  column_outputs: tuple = ()
+  column_differentiable: tuple = ()
+  column_saved: tuple = ()
 
 
 def dtypes_of(ops: dict) -> tuple:
@@ -85,60 +92,113 @@ def dtypes_of(ops: dict) -> tuple:
   return tuple(ops[k].dtype for k in heads if k in ops)
 
 
-def chunk_heads(ops: dict, v0, vsize, tiling: Tiling) -> dict:
-  """The heads' columns `[v0, v0 + vsize)`: what `tiles.logit_tile` multiplies."""
-  heads = {"x": ops["x"], "w_c": head_chunk(ops["w"], v0, vsize, tiling.vd)}
-  if "bias" in ops:
-    heads["bias_c"] = lax.dynamic_slice_in_dim(ops["bias"], v0, vsize, 0)
-  if "teacher_x" in ops:
-    heads["teacher_x"] = ops["teacher_x"]
-    heads["teacher_w_c"] = head_chunk(ops["teacher_w"], v0, vsize, tiling.teacher_vd)
+def n_columns(ops: dict, tiling: Tiling) -> int:
+  return ops["w"].shape[0 if tiling.vd else 1]
+
+
+def vocabulary_shard(ops: dict, tiling: Tiling, **state) -> dict:
+  """The vocabulary side of a sweep: what a ring placement passes around.
+
+  The head's columns ``w`` (and ``bias``, ``teacher_w``), the per-column
+  operands ``cols``, the global index of the first column ``offset``, and
+  the per-column ``state`` (the kernel's, or the gradients of ``w``).
+  """
+  shard = {k: ops[k] for k in ("w", "bias", "teacher_w") if k in ops}
+  offset = column_offset(tiling, n_columns(ops, tiling))
+  return {**shard, "cols": ops["cols"], "offset": offset, **state}
+
+
+def over_vocabulary(body, carry, shard: dict, n_cols: int, tiling: Tiling):
+  """`(carry, shard) = body((carry, shard), v0, vsize)` over every column this device sees.
+
+  On one device, or with the vocabulary sharded over ``vocab_axis``: the
+  chunks of the local shard (`tiles.fold`). With a ring placement (the
+  columns sharded over the data axis like the tokens): one round per device
+  of the axis, after each of which the shard -- its columns, operands and
+  per-column state -- moves one device on (`lax.ppermute`); after the last
+  round only the per-column state moves, which brings it home complete.
+  """
+  pl = tiling.placement
+
+  def local(pair):
+    return fold(n_cols, tiling.vocab_chunk, body, pair)
+
+  if not pl.ring or pl.data_shards == 1:
+    return local((carry, shard))
+  perm = [(i, (i + 1) % pl.data_shards) for i in range(pl.data_shards)]
+
+  def move(shard, keys):
+    return {**shard, **lax.ppermute({k: shard[k] for k in keys}, pl.data_axis, perm)}
+
+  def round_(pair, _, __):
+    carry, shard = local(pair)
+    return carry, move(shard, tuple(shard))
+
+  carry, shard = fold(pl.data_shards - 1, 1, round_, (carry, shard))
+  carry, shard = local((carry, shard))
+  return carry, move(shard, ("state",))
+
+
+def chunk_heads(x: dict, shard: dict, v0, vsize, tiling: Tiling) -> dict:
+  """The heads' columns `[v0, v0 + vsize)` of the shard: what `tiles.logit_tile` multiplies."""
+  heads = {"x": x["x"], "w_c": head_chunk(shard["w"], v0, vsize, tiling.vd)}
+  if "bias" in shard:
+    heads["bias_c"] = lax.dynamic_slice_in_dim(shard["bias"], v0, vsize, 0)
+  if "teacher_x" in x:
+    heads["teacher_x"] = x["teacher_x"]
+    heads["teacher_w_c"] = head_chunk(shard["teacher_w"], v0, vsize, tiling.teacher_vd)
   return heads
 
 
 def sweep(update, state, ops: dict, tiling: Tiling, cdt):
   """`state = update(state_tile, tile, rows_tile)` over every tile of this device.
 
-  Vocabulary chunks outside, token chunks inside. `state` is the pair
-  (per-token dict, per-column dict); the per-column state of a chunk is
-  carried through its token loop. This loop over the vocabulary is the place
-  where another way of iterating it (a ring, with `lax.ppermute` passing the
-  head's shards and their column state around) would go.
+  Vocabulary chunks outside (`over_vocabulary`), token chunks inside. `state`
+  is the pair (per-token dict, per-column dict); the per-column state of a
+  chunk is carried through its token loop.
   """
-  x, w = ops["x"], ops["w"]
-  n, n_cols = x.shape[0], w.shape[0 if tiling.vd else 1]
-  offset = column_offset(tiling, n_cols)
-  rows, cols = ops["rows"], ops["cols"]
+  n, n_cols = ops["x"].shape[0], n_columns(ops, tiling)
+  rows = ops["rows"]
+  tok, col = state
 
-  def vocab_body(state, v0, vsize):
-    heads = chunk_heads(ops, v0, vsize, tiling)
-    cols_c = rows_of(cols, v0, vsize)
-    tok, col = state
+  def vocab_body(pair, v0, vsize):
+    tok, shard = pair
+    heads = chunk_heads(ops, shard, v0, vsize, tiling)
+    cols_c = rows_of(shard["cols"], v0, vsize)
+    chunk = v0 // tiling.vocab_chunk
 
     def token_body(carry, t0, tsize):
       tok, col_c = carry
       r = rows_of(rows, t0, tsize)
-      chunk = v0 // tiling.vocab_chunk
-      tile = logit_tile(heads, t0, tsize, offset + v0, chunk, r, cols_c, tiling, cdt)
+      tile = logit_tile(heads, t0, tsize, shard["offset"] + v0, chunk, r, cols_c, tiling, cdt)
       new, col_c = update((rows_of(tok, t0, tsize), col_c), tile, r)
       return put_rows(tok, new, t0), col_c
 
-    tok, col_c = fold(n, tiling.token_chunk, token_body, (tok, rows_of(col, v0, vsize)))
-    return tok, put_rows(col, col_c, v0)
+    col_c = rows_of(shard["state"], v0, vsize)
+    tok, col_c = fold(n, tiling.token_chunk, token_body, (tok, col_c))
+    return tok, {**shard, "state": put_rows(shard["state"], col_c, v0)}
 
-  return fold(n_cols, tiling.vocab_chunk, vocab_body, state)
+  tok, shard = over_vocabulary(
+    vocab_body, tok, vocabulary_shard(ops, tiling, state=col), n_cols, tiling
+  )
+  return tok, shard["state"]
 
 
 def forward_local(ops: dict, kernel, tiling: Tiling) -> dict:
-  """Every pass of `kernel` over this device's tiles: the rows it finished into."""
+  """Every pass of `kernel` over this device's tiles: the rows (and columns) it finished into."""
   cdt = V.compute_dtype(*dtypes_of(ops))
-  n, n_cols = ops["x"].shape[0], ops["w"].shape[0 if tiling.vd else 1]
-  rows = dict(ops["rows"])
+  n, n_cols = ops["x"].shape[0], n_columns(ops, tiling)
+  rows, cols = dict(ops["rows"]), dict(ops["cols"])
   for p in range(kernel.passes):
     state = kernel.init(p, n, n_cols, tiling, cdt)
-    state = sweep(functools.partial(kernel.update, p), state, {**ops, "rows": rows}, tiling, cdt)
-    rows.update(kernel.finish(p, state, rows, tiling))
-  return {k: rows[k] for k in (*kernel.outputs, *kernel.saved)}
+    state = sweep(
+      functools.partial(kernel.update, p), state, {**ops, "rows": rows, "cols": cols}, tiling, cdt
+    )
+    new_rows, new_cols = kernel.finish(p, state, rows, tiling)
+    rows.update(new_rows)
+    cols.update(new_cols)
+  out = {k: rows[k] for k in (*kernel.outputs, *kernel.saved)}
+  return {**out, "cols": {k: cols[k] for k in (*kernel.column_outputs, *kernel.column_saved)}}
 
 
 # ----------------------------------------------------------------------------
@@ -170,6 +230,8 @@ def keep_tiles(rows: dict, n_cols: int, kernel, tiling: Tiling):
 def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
   """Gradients of `x`, `w`, `bias` and a traced temperature from the rows of `a`.
 
+  Vocabulary chunks outside, token chunks inside, so the weight gradient of a
+  chunk is complete (and summed over data shards) when the inner loop ends.
   For the "dv" layout `x` is transposed once, to `[D, N]` in the inputs'
   dtype, so that every weight-gradient matmul is an ordinary one (see
   `tiles.dot_dw`; about 4% of the fwd+bwd time on CPU, for one more
@@ -178,20 +240,20 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
   x, w, bias, rows = a["x"], a["w"], a.get("bias"), a["rows"]
   cdt = V.compute_dtype(*dtypes_of(a))
   op_dt = jnp.result_type(x.dtype, w.dtype)
-  n, n_cols = x.shape[0], w.shape[0 if tiling.vd else 1]
-  offset = column_offset(tiling, n_cols)
+  n, n_cols = x.shape[0], n_columns(a, tiling)
   keep = None if tiling.filter_eps is None else keep_tiles(rows, n_cols, kernel, tiling)
   xT = None if tiling.vd else x.astype(op_dt).T
+  reduce_w = not tiling.placement.ring  # on a ring each shard collects its gradient itself
 
-  def vocab_body(carry, v0, vsize):
-    dx, dw, db, dt = carry
-    heads = chunk_heads(a, v0, vsize, tiling)
-    cols_c = rows_of(a["cols"], v0, vsize)
+  def vocab_body(pair, v0, vsize):
+    (dx, dt), shard = pair
+    heads = chunk_heads(a, shard, v0, vsize, tiling)
+    cols_c = rows_of(shard["cols"], v0, vsize)
 
     def tile_grads(carry, t0, tsize):
       dx, dw_c, db_c, dt = carry
       r = rows_of(rows, t0, tsize)
-      tile = logit_tile(heads, t0, tsize, offset + v0, None, r, cols_c, tiling, cdt)
+      tile = logit_tile(heads, t0, tsize, shard["offset"] + v0, None, r, cols_c, tiling, cdt)
       dz, dt_t = cotangent(kernel.cotangent(tile, r), tile, tiling)
       dx_t = lax.dynamic_slice_in_dim(dx, t0, tsize, 0) + dot_dx(
         dz, heads["w_c"], op_dt, tiling, cdt
@@ -208,22 +270,34 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
       kept = keep[t0 // tiling.token_chunk, v0 // tiling.vocab_chunk]
       return lax.cond(kept, lambda c: tile_grads(c, t0, tsize), lambda c: c, carry)
 
-    dw_shape = (vsize, x.shape[1]) if tiling.vd else (x.shape[1], vsize)
-    db_c = None if bias is None else jnp.zeros((vsize,), cdt)
-    init = (dx, jnp.zeros(dw_shape, cdt), db_c, dt)
-    dx, dw_c, db_c, dt = fold(n, tiling.token_chunk, token_body, init)
-    dw_c, db_c = data_sum((dw_c, db_c), tiling.placement)  # tokens of other data shards
-    dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(w.dtype), v0, 0 if tiling.vd else 1)
+    dw, db = shard["state"]["dw"], shard["state"].get("db")
+    axis = 0 if tiling.vd else 1
+    if reduce_w:  # each chunk's gradient starts at 0 and is complete after its token loop
+      dw_c = jnp.zeros((vsize, x.shape[1]) if tiling.vd else (x.shape[1], vsize), cdt)
+      db_c = None if db is None else jnp.zeros((vsize,), cdt)
+    else:  # on a ring the shard's gradient so far travels with it (in the compute dtype)
+      dw_c = lax.dynamic_slice_in_dim(dw, v0, vsize, axis)
+      db_c = None if db is None else lax.dynamic_slice_in_dim(db, v0, vsize, 0)
+    dx, dw_c, db_c, dt = fold(n, tiling.token_chunk, token_body, (dx, dw_c, db_c, dt))
+    if reduce_w:  # tokens of other data shards, in float32
+      dw_c, db_c = data_sum((dw_c, db_c), tiling.placement)
+    state = {"dw": lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), v0, axis)}
     if db is not None:
-      db = lax.dynamic_update_slice_in_dim(db, db_c.astype(bias.dtype), v0, 0)
-    return dx, dw, db, dt
+      state["db"] = lax.dynamic_update_slice_in_dim(db, db_c.astype(db.dtype), v0, 0)
+    return (dx, dt), {**shard, "state": state}
 
   dt = jnp.zeros((n,), cdt) if "temperature" in rows else None
-  zeros_like = lambda v: None if v is None else jnp.zeros(v.shape, v.dtype)
-  init = (jnp.zeros(x.shape, cdt), zeros_like(w), zeros_like(bias), dt)
-  dx, dw, db, dt = fold(n_cols, tiling.vocab_chunk, vocab_body, init)
+  grads = {"dw": jnp.zeros(w.shape, w.dtype if reduce_w else cdt)}
+  if bias is not None:
+    grads["db"] = jnp.zeros(bias.shape, bias.dtype if reduce_w else cdt)
+  shard = vocabulary_shard(a, tiling, state=grads)
+  (dx, dt), shard = over_vocabulary(
+    vocab_body, (jnp.zeros(x.shape, cdt), dt), shard, n_cols, tiling
+  )
   dx, dt = vocab_sum((dx, dt), tiling.placement)  # each shard saw part of the vocabulary
-  return {"dx": dx.astype(x.dtype), "dw": dw, "db": db, "dtemperature": dt}
+  g = shard["state"]
+  db = None if bias is None else g["db"].astype(bias.dtype)
+  return {"dx": dx.astype(x.dtype), "dw": g["dw"].astype(w.dtype), "db": db, "dtemperature": dt}
 
 
 def tile_x(x, t0, tsize):
@@ -237,38 +311,43 @@ def recompute(ops: dict, kernel, tiling: Tiling) -> dict:
   `ops` holds ``x`` ``[n, D]``, ``w``, optionally ``bias``, ``teacher_x`` and
   ``teacher_w``, ``rows`` (per-token operands, ``temperature`` among them when
   it is traced) and ``cols`` (per-column operands). Gradients flow to ``x``,
-  ``w``, ``bias`` and ``rows["temperature"]``.
+  ``w``, ``bias`` and ``rows["temperature"]``. The per-column outputs, if the
+  kernel has any, are under ``"cols"``.
   """
   return recompute_fwd(ops, kernel, tiling)[0]
 
 
 def recompute_fwd(ops: dict, kernel, tiling: Tiling):
-  names = (*kernel.outputs, *kernel.saved)
+  names = dict.fromkeys((*kernel.outputs, *kernel.saved))
+  names["cols"] = dict.fromkeys((*kernel.column_outputs, *kernel.column_saved))
   fwd = sharded(
     functools.partial(forward_local, kernel=kernel, tiling=tiling),
     tiling.placement,
     (specs(ops, tiling.placement, tiling.vd, tiling.teacher_vd),),
-    specs(dict.fromkeys(names), tiling.placement, tiling.vd),
+    specs(names, tiling.placement, tiling.vd),
   )
   out = fwd(ops)
-  return {k: out[k] for k in kernel.outputs}, (ops, {k: out[k] for k in kernel.saved})
+  outputs = {k: out[k] for k in kernel.outputs}
+  if kernel.column_outputs:
+    outputs["cols"] = {k: out["cols"][k] for k in kernel.column_outputs}
+  saved = {k: out[k] for k in kernel.saved}
+  return outputs, (ops, saved, {k: out["cols"][k] for k in kernel.column_saved})
 
 
 def recompute_bwd(kernel, tiling: Tiling, res, cts: dict):
-  ops, saved = res
+  ops, saved, col_saved = res
   cdt = V.compute_dtype(*dtypes_of(ops))
   g = {"g_" + k: cts[k].astype(cdt) for k in kernel.differentiable}
-  a = {**ops, "rows": {**ops["rows"], **saved, **g}}
-  in_specs = specs(a, tiling.placement, tiling.vd, tiling.teacher_vd)
+  g_cols = {"g_" + k: cts["cols"][k].astype(cdt) for k in kernel.column_differentiable}
+  a = {**ops, "rows": {**ops["rows"], **saved, **g}, "cols": {**ops["cols"], **col_saved, **g_cols}}
   out_keys = {"dx": 0, "dw": 0, "db": 0, "dtemperature": 0}
   bwd = sharded(
     functools.partial(backward_local, kernel=kernel, tiling=tiling),
     tiling.placement,
-    (in_specs,),
+    (specs(a, tiling.placement, tiling.vd, tiling.teacher_vd),),
     specs(out_keys, tiling.placement, tiling.vd),
   )
-  grads = bwd(a)
-  return (cotangents_of(ops, grads),)
+  return (cotangents_of(ops, bwd(a)),)
 
 
 def cotangents_of(ops: dict, grads: dict) -> dict:
@@ -292,6 +371,66 @@ def run_recompute(ops: dict, kernel, tiling: Tiling) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# Logits given as they are, sharded over the vocabulary: one tile per device.
+
+
+def logits_forward_local(logits, rows: dict, kernel, tiling: Tiling) -> dict:
+  tile = given_tile(logits.astype(V.compute_dtype(logits.dtype)), tiling)
+  rows = finish_tile(kernel, tile, rows, tiling, tile.a.dtype)
+  return {k: rows[k] for k in (*kernel.outputs, *kernel.saved)}
+
+
+def logits_backward_local(logits, rows: dict, kernel, tiling: Tiling):
+  tile = given_tile(logits.astype(rows["lse"].dtype), tiling)
+  return kernel.cotangent(tile, rows)["a"].astype(logits.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def recompute_logits(logits, rows: dict, kernel, tiling: Tiling) -> dict:
+  """The kernel's outputs for logits `[n, V]` that exist already (`xentjax.parallel`).
+
+  No matmul and no loop: each device's vocabulary shard is one tile; the
+  kernel's ``finish`` combines the shards, and the backward pass forms the
+  logits' cotangent shard by shard (gradients flow to ``logits`` only).
+  """
+  return recompute_logits_fwd(logits, rows, kernel, tiling)[0]
+
+
+def logits_specs(tiling: Tiling, names) -> tuple:
+  pl = tiling.placement
+  return specs({"logits": 0}, pl, False)["logits"], specs(dict.fromkeys(names), pl, False)
+
+
+def recompute_logits_fwd(logits, rows: dict, kernel, tiling: Tiling):
+  zs, out_specs = logits_specs(tiling, (*kernel.outputs, *kernel.saved))
+  fwd = sharded(
+    functools.partial(logits_forward_local, kernel=kernel, tiling=tiling),
+    tiling.placement,
+    (zs, specs(rows, tiling.placement, False)),
+    out_specs,
+  )
+  out = fwd(logits, rows)
+  return {k: out[k] for k in kernel.outputs}, (logits, rows, {k: out[k] for k in kernel.saved})
+
+
+def recompute_logits_bwd(kernel, tiling: Tiling, res, cts: dict):
+  logits, rows, saved = res
+  g = {"g_" + k: cts[k].astype(saved["lse"].dtype) for k in kernel.differentiable}
+  a = {**rows, **saved, **g}
+  zs, _ = logits_specs(tiling, ())
+  bwd = sharded(
+    functools.partial(logits_backward_local, kernel=kernel, tiling=tiling),
+    tiling.placement,
+    (zs, specs(a, tiling.placement, False)),
+    zs,
+  )
+  return bwd(logits, a), jax.tree.map(lambda _: None, rows)
+
+
+recompute_logits.defvjp(recompute_logits_fwd, recompute_logits_bwd)
+
+
+# ----------------------------------------------------------------------------
 # Strategy "store": a scalar sum_i f(outputs_i, aux_i) and its gradients in one pass.
 
 
@@ -302,7 +441,7 @@ def finish_tile(kernel, tile: Tile, rows: dict, tiling: Tiling, cdt) -> dict:
   for p in range(kernel.passes):
     state = kernel.init(p, n, tile.a.shape[1], tiling, cdt)
     state = kernel.update(p, state, tile, rows)
-    rows.update(kernel.finish(p, state, rows, tiling))
+    rows.update(kernel.finish(p, state, rows, tiling)[0])
   return rows
 
 
@@ -324,7 +463,7 @@ def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dic
   cdt = V.compute_dtype(*dtypes_of(a))
   op_dt = jnp.result_type(x.dtype, w.dtype)
   n, n_cols = x.shape[0], w.shape[0 if tiling.vd else 1]
-  heads = chunk_heads(a, 0, n_cols, tiling)
+  heads = chunk_heads(a, a, 0, n_cols, tiling)
   offset = column_offset(tiling, n_cols)
   xT = None if tiling.vd else x.astype(op_dt).T  # as in the recompute backward pass
 

@@ -36,6 +36,14 @@ class Placement(NamedTuple):
   vocab_axis: Any = None
   data_shards: int = 1
   vocab_shards: int = 1
+  # A ring: the columns are sharded over `data_axis` like the tokens, and the
+  # engine passes each device's shard of them around (`engine.over_vocabulary`).
+  ring: bool = False
+
+  @property
+  def column_axis(self):
+    """The mesh axis the columns of the head are sharded over."""
+    return self.data_axis if self.ring else self.vocab_axis
 
 
 # The layout of the named arrays a sweep takes or returns; any other name is
@@ -54,18 +62,19 @@ ROLES = {
   "dbias": "cols",
   "cols": "cols",
   "tmax": "tile",
+  "logits": "tile",
   "total": "scalar",
 }
 
 
 def specs(tree: dict, placement: Placement, vd: bool, teacher_vd: bool = False) -> dict:
   """The `PartitionSpec` of each array of `tree` (nested dicts: the same roles)."""
-  d, v = placement.data_axis, placement.vocab_axis
+  d, v, c = placement.data_axis, placement.vocab_axis, placement.column_axis
   by_role = {
     "x": P(d, None),
-    "w": P(v, None) if vd else P(None, v),
-    "teacher_w": P(v, None) if teacher_vd else P(None, v),
-    "cols": P(v),
+    "w": P(c, None) if vd else P(None, c),
+    "teacher_w": P(c, None) if teacher_vd else P(None, c),
+    "cols": P(c),
     "tile": P(d, v),
     "scalar": P(),
     "tokens": P(d),
@@ -122,14 +131,16 @@ def place_tree(tree: dict, placement: Placement, vd: bool, teacher_vd: bool = Fa
 
 
 # ----------------------------------------------------------------------------
-# Collectives of the kernels' `finish` (identities on one device).
+# Collectives of the kernels' `finish` (identities on one device): `vocab_*`
+# combine a per-token state over the vocabulary shards, `column_*` a
+# per-column state over the token shards.
 
 
 def vocab_offset(placement: Placement, local_columns: int):
-  """Global index of this device's first column (0 without a vocabulary axis)."""
-  if placement.vocab_axis is None:
+  """Global index of this device's first column (0 when the columns are not sharded)."""
+  if placement.column_axis is None:
     return 0
-  return lax.axis_index(placement.vocab_axis) * local_columns
+  return lax.axis_index(placement.column_axis) * local_columns
 
 
 def vocab_max(a, placement: Placement):
@@ -153,6 +164,17 @@ def vocab_gather(a, placement: Placement):
 
 def data_sum(a, placement: Placement):
   return a if placement.data_axis is None else lax.psum(a, placement.data_axis)
+
+
+def column_sum(a, placement: Placement):
+  """A per-column state summed over the token shards (on a ring it came home complete)."""
+  return a if placement.ring else data_sum(a, placement)
+
+
+def column_max(a, placement: Placement):
+  if placement.ring or placement.data_axis is None:
+    return a
+  return lax.pmax(a, placement.data_axis)
 
 
 # ----------------------------------------------------------------------------

@@ -191,6 +191,12 @@ def logit_tile(heads: dict, t0, tsize, v0, chunk, rows: dict, cols: dict, tiling
   return Tile(a, z, b, col, chunk, temperature, cols)
 
 
+def given_tile(z, tiling: Tiling) -> Tile:
+  """Logits `[tokens, columns]` given as they are (this device's vocabulary shard) as a `Tile`."""
+  col = column_offset(tiling, z.shape[1]) + lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
+  return Tile(z, z, None, col, 0, None, {})
+
+
 def _times_logits(g, logits):
   """``g * logits`` with 0 where ``g`` is 0 (a ``-inf`` logit with no cotangent)."""
   return jnp.where(g == 0, 0.0, g * logits)

@@ -182,7 +182,7 @@ class Divergence(Kernel):
     pl = tiling.placement
     if p == 1:
       kt, ks = vocab_sum((st["kt"], st["ks"]), pl)
-      return {"div": self.beta * kt + (1.0 - self.beta) * ks, "aux": ks, "kt": kt}
+      return {"div": self.beta * kt + (1.0 - self.beta) * ks, "aux": ks, "kt": kt}, {}
     out = {}
     if self.jsd:
       out["lse_a"], out["lse_b"] = lse_of(st["ma"], st["sa"], pl), lse_of(st["mb"], st["sb"], pl)
@@ -192,7 +192,7 @@ class Divergence(Kernel):
       out["lse_" + w], out["lse_" + o] = m + jnp.log(s), lse_of(st["m" + o], st["s" + o], pl)
       out["div"] = u / s - out["lse_" + w] + out["lse_" + o]
       out["aux"] = out["div"]
-    return hard_finish(st, out, pl, self.own_z) if self.hard else out
+    return (hard_finish(st, out, pl, self.own_z) if self.hard else out), {}
 
   def log_probs(self, tile, r):
     """`log p_s`, `log p_t` (and `log m` for the JSD) of one tile."""
@@ -271,7 +271,7 @@ class TopkLogits(Kernel):
     st, _ = state
     pl = tiling.placement
     out = {"lse_a": lse_of(st["ma"], st["sa"], pl), "a_idx": vocab_sum(st["a_idx"], pl)}
-    return hard_finish(st, out, pl, self.own_z) if self.hard else out
+    return (hard_finish(st, out, pl, self.own_z) if self.hard else out), {}
 
   def cotangent(self, tile, r):
     a = tile.a

@@ -145,7 +145,7 @@ class SoftmaxStats(Kernel):
       out["zu"] = zu
     if t is not None:
       out["ent"] = t / s
-    return out | self.finish_choices(st, m, m_all, pl)
+    return out | self.finish_choices(st, m, m_all, pl), {}
 
   def finish_choices(self, st, m, m_all, pl):
     """The argmax, the top-k and the per-chunk maxima of the whole vocabulary."""
