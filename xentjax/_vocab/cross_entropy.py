@@ -18,14 +18,17 @@ from jax import lax
 
 from xentjax import _core
 from xentjax import _validation as V
+from xentjax._api import public
 from xentjax._vocab.engine import run_recompute, run_store
 from xentjax._vocab.inputs import Call, Head, Tokens, prepare_call
 from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
 from xentjax._vocab.options import (
+  HEAD_OPTIONS,
   check_filter_eps,
   check_strategy,
   check_vector,
   check_weights,
+  validators,
 )
 
 
@@ -100,6 +103,20 @@ def with_column_weights(call: Call, class_weights, eps):
   return {**call.ops, "cols": {"u": jnp.pad(u, (0, tok.n_cols - tok.vocab_size))}}, kernel
 
 
+@public(
+  static=(
+    "reduction",
+    "ignore_index",
+    "label_smoothing",
+    "z_loss",
+    "logit_soft_cap",
+    "filter_eps",
+    "return_lse",
+    "strategy",
+    *HEAD_OPTIONS,
+  ),
+  validators=validators(),
+)
 def linear_softmax_cross_entropy(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,
