@@ -133,11 +133,13 @@ def linear_softmax_cross_entropy(
     data_axis: mesh axis (or tuple of axes) the tokens are sharded over, or
       ``None`` for replicated tokens.
     vocab_axis: mesh axis (or tuple of axes) the vocabulary is sharded over.
-    reduction, ignore_index, where, weights, class_weights, label_smoothing,
-      z_loss, logit_soft_cap, temperature, bias, filter_eps, return_lse,
-      strategy, w_layout, vocab_size, token_chunk_size, vocab_chunk_size,
-      precision: as in `xentjax.linear_softmax_cross_entropy`; chunk sizes
-      refer to the per-device shard.
+    reduction: and every keyword after it (``ignore_index``, ``where``,
+      ``weights``, ``class_weights``, ``label_smoothing``, ``z_loss``,
+      ``logit_soft_cap``, ``temperature``, ``bias``, ``filter_eps``,
+      ``return_lse``, ``strategy``, ``w_layout``, ``vocab_size``,
+      ``token_chunk_size``, ``vocab_chunk_size``, ``precision``): as in
+      `xentjax.linear_softmax_cross_entropy`; chunk sizes refer to the
+      per-device shard.
 
   Returns:
     As `xentjax.linear_softmax_cross_entropy`: a scalar (replicated) for
@@ -218,9 +220,10 @@ def linear_token_stats(
     mesh: the `jax.sharding.Mesh` to run on.
     data_axis: mesh axis (or axes) of the tokens, or ``None``.
     vocab_axis: mesh axis (or axes) of the vocabulary.
-    temperature, top_k, bias, ignore_index, where, logit_soft_cap, w_layout,
-      vocab_size, token_chunk_size, vocab_chunk_size, precision: as in
-      `xentjax.linear_token_stats`.
+    temperature: and every keyword after it (``top_k``, ``bias``,
+      ``ignore_index``, ``where``, ``logit_soft_cap``, ``w_layout``,
+      ``vocab_size``, ``token_chunk_size``, ``vocab_chunk_size``,
+      ``precision``): as in `xentjax.linear_token_stats`.
 
   Returns:
     As `xentjax.linear_token_stats`.
