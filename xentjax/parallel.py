@@ -48,7 +48,7 @@ from xentjax._api import public
 from xentjax._vocab import cross_entropy, token_stats
 from xentjax._vocab.engine import recompute_logits
 from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
-from xentjax._vocab.options import HEAD_OPTIONS, validators
+from xentjax._vocab.options import CROSS_ENTROPY_OPTIONS, TOKEN_STATS_OPTIONS, validators
 from xentjax._vocab.placement import Placement, place, require_vocab_axis
 from xentjax._vocab.tiles import Tiling
 
@@ -59,20 +59,7 @@ __all__ = [
 ]
 
 
-@public(
-  static=(
-    "reduction",
-    "ignore_index",
-    "label_smoothing",
-    "z_loss",
-    "logit_soft_cap",
-    "filter_eps",
-    "return_lse",
-    "strategy",
-    *HEAD_OPTIONS,
-  ),
-  validators=validators(),
-)
+@public(static=CROSS_ENTROPY_OPTIONS, validators=validators())
 def linear_softmax_cross_entropy(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,
@@ -185,7 +172,7 @@ def linear_softmax_cross_entropy(
   )
 
 
-@public(static=("top_k", "ignore_index", "logit_soft_cap", *HEAD_OPTIONS), validators=validators())
+@public(static=TOKEN_STATS_OPTIONS, validators=validators())
 def linear_token_stats(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,
