@@ -29,21 +29,6 @@ from xentjax import _api
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "xentjax"
 
-# TEMPORARY (issue 18): the old large-vocabulary modules, being rebuilt as the
-# `xentjax._vocab` subpackage, still share underscored names among themselves,
-# declare their entry points their own way and hold the old sweep. Nothing
-# else may join this list; the integrator deletes it (and the modules) after
-# the `_vocab` merge.
-OLD_VOCAB_MODULES = frozenset(
-  {
-    "xentjax._fused",
-    "xentjax._tiles",
-    "xentjax._distill",
-    "xentjax._token_stats",
-    "xentjax.parallel",
-  }
-)
-
 
 def _module_name(path: pathlib.Path) -> str:
   parts = list(path.relative_to(ROOT).with_suffix("").parts)
@@ -152,8 +137,6 @@ def test_no_module_uses_another_modules_private_names():
   modules = set(sources)
   found = {}
   for name, (path, source) in sources.items():
-    if name in OLD_VOCAB_MODULES:
-      continue  # TEMPORARY: see OLD_VOCAB_MODULES
     uses = private_uses(name, source, modules, is_package=path.name == "__init__.py")
     if uses:
       found[name] = uses
@@ -168,10 +151,9 @@ LOOPS = {"fori_loop", "scan", "while_loop", "map"}
 
 # Where the vocabulary sweep may loop over tiles and define its custom_vjp.
 # `xentjax/_vocab/tiles.py` folds a tile function over the chunks; the engine
-# (`xentjax/_vocab/engine.py`) owns the forward/backward sweeps. The old
-# modules are TEMPORARY (OLD_VOCAB_MODULES).
-LOOP_HOMES = {"xentjax._vocab.tiles", "xentjax._vocab.engine"} | OLD_VOCAB_MODULES
-CUSTOM_VJP_HOMES = {"xentjax._vocab.engine"} | OLD_VOCAB_MODULES
+# (`xentjax/_vocab/engine.py`) owns the forward/backward sweeps.
+LOOP_HOMES = {"xentjax._vocab.tiles", "xentjax._vocab.engine"}
+CUSTOM_VJP_HOMES = {"xentjax._vocab.engine"}
 
 
 def lax_loops_and_custom_vjps(source: str) -> tuple[set[str], set[str]]:
@@ -240,9 +222,9 @@ def test_the_engine_loops_exist_once():
   assert in_kernels == {}, (
     f"a kernel holds a loop or a custom_vjp (they belong in the engine): {in_kernels}"
   )
-  # Before and after: the tile loops and the custom_vjps of the package live
-  # in the engine's modules only, so there is no second engine.
-  vocab = {m for m in sources if m.startswith("xentjax._vocab")} | OLD_VOCAB_MODULES
+  # The tile loops and the custom_vjps of the package live in the engine's
+  # modules only, so there is no second engine.
+  vocab = {m for m in sources if m.startswith("xentjax._vocab")} | {"xentjax.parallel"}
   loop_modules, vjp_modules = set(), set()
   for name, (_, source) in sources.items():
     loops, vjps = lax_loops_and_custom_vjps(source)
@@ -265,6 +247,7 @@ def test_the_engine_loops_exist_once():
 HOST_FUNCTIONS = {
   "xentjax.evaluate": "streams batches from an iterator, prefetches, sums on the host",
   "xentjax.check_labels": "an eager check that raises (it reads the values)",
+  "xentjax.check_topk_teacher": "an eager check that raises (it reads the values)",
   "xentjax.calibration.fit_temperature_streaming": "one pass over the batches per Newton step",
   "xentjax.calibration.temperature_grid": "NumPy on the host: the grid `evaluate` accumulates",
   "xentjax.calibration.temperature_from_statistics": "NumPy on the host: float64 bisection",
@@ -316,8 +299,6 @@ def undeclared(qualified: str, value) -> str | None:
     return None
   if qualified in HOST_FUNCTIONS:
     return None
-  if getattr(value, "__module__", None) in OLD_VOCAB_MODULES:
-    return None  # TEMPORARY: see OLD_VOCAB_MODULES
   kind = type(value).__name__
   return f"{kind} from {getattr(value, '__module__', '?')}, not declared with `public`"
 

@@ -12,10 +12,7 @@ alias, no bare `jax.jit`); `is_public` tells whether a function was declared
 so. ``tests/test_architecture.py`` checks every name in the public modules'
 ``__all__`` and lists the exceptions: classes, constants, and the host-side
 functions that loop over batches, read files or draw (they call public
-functions, they are not compiled themselves). Until their rebuild as the
-``xentjax._vocab`` engine (issue 18), the old large-vocabulary entry points
-(``_fused``, ``_distill``, ``_token_stats``, ``parallel``) declare themselves
-their own way; the test lists them as a temporary exception.
+functions, they are not compiled themselves).
 
 A declared function gets, without writing it again:
 

@@ -31,7 +31,7 @@ an exact ``1 - p`` of a confident class), the temperature fit
 (``xentjax.calibration``: the loss of ``z / T`` and its derivatives in
 ``log T``, in the same ``log1p`` form), `xentjax.info.kl_divergence_from_logits`
 (a softmax over any tuple of axes with masked classes), and the distillation
-sweep (``xentjax._distill``: the running normalizers of teacher and student
+sweep (``xentjax._vocab.kernels.distillation``: the running normalizers of teacher and student
 together). They follow the same conventions (shift by a gradient-free row
 maximum, ``0 * log 0 = 0``, ``-inf`` rows), tested against float64 in their
 own tests.
