@@ -34,14 +34,21 @@ def _check_kind(name: str, x, kind, what: str, hint: str = "") -> None:
     raise TypeError(f"`{name}` must be {what}, got dtype {dt} with shape {_shape(x)}.{hint}")
 
 
-def check_floating(name: str, x) -> None:
-  """Raise `TypeError` unless `x` has a floating dtype."""
-  _check_kind(name, x, jnp.floating, "a floating-point array (logits or probabilities)")
+def check_floating(
+  name: str, x, what: str = "a floating-point array (logits or probabilities)"
+) -> None:
+  """Raise `TypeError` unless `x` has a floating dtype (`what` describes the argument)."""
+  _check_kind(name, x, jnp.floating, what)
 
 
-def check_integer(name: str, x) -> None:
-  """Raise `TypeError` unless `x` has an integer dtype (class indices)."""
-  hint = " For probability targets use the function that takes one-hot or soft labels."
+def check_integer(name: str, x, hint: str | None = None) -> None:
+  """Raise `TypeError` unless `x` has an integer dtype (class indices).
+
+  `hint` is the sentence that names the fix; by default the dense losses'
+  (one-hot or soft labels go to the function of the same family that takes them).
+  """
+  if hint is None:
+    hint = " For probability targets use the function that takes one-hot or soft labels."
   _check_kind(name, x, jnp.integer, "an integer array of class indices", hint)
 
 

@@ -299,6 +299,16 @@ def linear_distillation_loss(
 
 def check_teacher(tok: Tokens, teacher_x, teacher_w, teacher_w_layout):
   """`(teacher_x [n, D_t], teacher_w, vd)`: the teacher as constants, checked against `tok`."""
+  mistaken = teacher_logits_passed(tok, teacher_x, teacher_w)
+  if mistaken is not None:
+    raise TypeError(
+      f"Teacher logits were passed {mistaken}: `teacher_w` is the teacher's output head "
+      "(a [D_t, V] matrix, or [V, D_t] with teacher_w_layout=\"vd\") that multiplies "
+      "`teacher_x` (its hidden states [..., D_t]). Saved teacher outputs go to "
+      "`xentjax.linear_topk_distillation_loss(x, w, teacher_indices, teacher_logits, ...)` "
+      "(the top-k of each row: jax.lax.top_k(teacher_logits, k)), or compute the "
+      "student's logits too and use the dense `xentjax.kl_divergence`."
+    )
   tx, tw, tvd, t_cols = check_head(
     "teacher_x", teacher_x, "teacher_w", teacher_w, "teacher_w_layout", teacher_w_layout
   )
@@ -318,6 +328,25 @@ def check_teacher(tok: Tokens, teacher_x, teacher_w, teacher_w_layout):
     )
   tx = lax.stop_gradient(tx.reshape(tok.x.shape[0], tx.shape[-1]))
   return tx, lax.stop_gradient(tw), tvd
+
+
+def teacher_logits_passed(tok: Tokens, teacher_x, teacher_w) -> str | None:
+  """Where a call put teacher logits ``[..., V]`` instead of the teacher's head (or None).
+
+  Two mistakes read the same signature: ``(x, w, teacher_logits, labels)``
+  puts the logits in `teacher_x` and integer labels in `teacher_w`;
+  ``(x, w, teacher_x, teacher_logits, labels)`` puts the logits (one row per
+  token, V columns) where the head goes.
+  """
+  logits_shape = (*tok.batch_shape, tok.n_cols)
+  tx_shape, tw_shape = np.shape(teacher_x), np.shape(teacher_w)
+  tw_float = jnp.issubdtype(jnp.result_type(teacher_w), jnp.floating)
+  if tuple(tx_shape) == logits_shape and (not tw_float or len(tw_shape) != 2):
+    return "as `teacher_x` (and the labels as `teacher_w`, where the teacher's head goes)"
+  heads = {(tx_shape[-1:] or (None,))[0]}
+  if tuple(tw_shape) == logits_shape and len(tw_shape) == 2 and tw_shape[0] not in heads:
+    return "as `teacher_w`, where the teacher's head goes"
+  return None
 
 
 # ----------------------------------------------------------------------------

@@ -58,8 +58,8 @@ def check_head(x_name, x, w_name, w, layout_name, layout):
   The errors name the arguments (`x`, `w`, `w_layout` of every entry point; the
   distillation losses check their teacher's head under its own names).
   """
-  V.check_floating(x_name, x)
-  V.check_floating(w_name, w)
+  V.check_floating(x_name, x, "a floating-point array of hidden states [..., D]")
+  V.check_floating(w_name, w, "a floating-point matrix (an output head)")
   if layout not in ("dv", "vd"):
     raise ValueError(
       f'`{layout_name}` must be "dv" ({w_name} is [D, V]) or "vd" ({w_name} is [V, D], a '
@@ -89,11 +89,20 @@ def check_head(x_name, x, w_name, w, layout_name, layout):
   return x, w, vd, n_cols
 
 
+LABELS_HINT = (
+  " Class indices stored as floats: cast them to an integer type first "
+  "(labels.astype(jnp.int32)). A soft target (a teacher's distribution over the "
+  "vocabulary) is a distillation: `xentjax.linear_distillation_loss` takes the "
+  "teacher's hidden states and head, `xentjax.linear_topk_distillation_loss` its saved "
+  "top-k logits."
+)
+
+
 def check_labels(labels, x, *, optional: bool = False):
   """Integer `labels` with the token shape of `x` (None stays None when `optional`)."""
   if labels is None and optional:
     return None
-  V.check_integer("labels", labels)
+  V.check_integer("labels", labels, LABELS_HINT)
   labels = jnp.asarray(labels)
   if labels.shape != x.shape[:-1]:
     raise ValueError(
