@@ -90,7 +90,7 @@ class SoftmaxKernel:
       return rows, cols
     zc = jnp.where(ra["valid"][:, None], z, -jnp.inf)
     cols = {**cols, **dict(zip(("m", "s"), _online(cols["m"], cols["s"], zc, 0)))}
-    if self.ranks:
+    if self.ranks and "thr" in ca:  # the columns' positives are known (no `labels`)
       other = ra["valid"][:, None] & (ra["rid"][:, None] != ca["cid"][None, :])
       gt, tie = _counts(other & (z > ca["thr"][None, :]), other & (z == ca["thr"][None, :]), 0)
       cols.update(gt=cols["gt"] + gt, tie=cols["tie"] + tie)
