@@ -53,6 +53,16 @@ def _lse(m, s):
   return safe_max(m) + jnp.log(s)
 
 
+def _keep(aux, x, axis, fill):
+  """``x`` where ``aux["valid"]`` (rows: ``axis=0``, columns: ``axis=1``), else ``fill``.
+
+  Without a mask (no ``valid`` entry) every pair counts and ``x`` is returned as it is.
+  """
+  if "valid" not in aux:
+    return x
+  return jnp.where(jnp.expand_dims(aux["valid"], 1 - axis), x, fill)
+
+
 def _counts(hit, tie, axis):
   return jnp.sum(hit, axis=axis, dtype=jnp.int32), jnp.sum(tie, axis=axis, dtype=jnp.int32)
 
@@ -80,18 +90,18 @@ class SoftmaxKernel:
     return self.rows(m, dt) if self.by_column else {}
 
   def update(self, rows, cols, z, ra, ca):
-    zr = jnp.where(ca["valid"][None, :], z, -jnp.inf)
+    zr = _keep(ca, z, 1, -jnp.inf)
     rows = {**rows, **dict(zip(("m", "s"), _online(rows["m"], rows["s"], zr, 1)))}
     if self.ranks:
-      other = ca["valid"][None, :] & (ca["cid"][None, :] != ra["y"][:, None])
+      other = _keep(ca, ca["cid"][None, :] != ra["y"][:, None], 1, False)
       gt, tie = _counts(other & (z > ra["thr"][:, None]), other & (z == ra["thr"][:, None]), 1)
       rows.update(gt=rows["gt"] + gt, tie=rows["tie"] + tie)
     if not self.by_column:
       return rows, cols
-    zc = jnp.where(ra["valid"][:, None], z, -jnp.inf)
+    zc = _keep(ra, z, 0, -jnp.inf)
     cols = {**cols, **dict(zip(("m", "s"), _online(cols["m"], cols["s"], zc, 0)))}
     if self.ranks and "thr" in ca:  # the columns' positives are known (no `labels`)
-      other = ra["valid"][:, None] & (ra["rid"][:, None] != ca["cid"][None, :])
+      other = _keep(ra, ra["rid"][:, None] != ca["cid"][None, :], 0, False)
       gt, tie = _counts(other & (z > ca["thr"][None, :]), other & (z == ca["thr"][None, :]), 0)
       cols.update(gt=cols["gt"] + gt, tie=cols["tie"] + tie)
     return rows, cols
@@ -105,10 +115,10 @@ class SoftmaxKernel:
     return out(rows), (out(cols) if self.by_column else {})
 
   def cotangent(self, z, ra, ca):
-    zr = jnp.where(ca["valid"][None, :], z, -jnp.inf)
+    zr = _keep(ca, z, 1, -jnp.inf)
     dz = ra["g_lse"][:, None] * jnp.exp(zr - safe_max(ra["lse"])[:, None])
     if self.by_column:
-      zc = jnp.where(ra["valid"][:, None], z, -jnp.inf)
+      zc = _keep(ra, z, 0, -jnp.inf)
       dz = dz + ca["g_lse"][None, :] * jnp.exp(zc - safe_max(ca["lse"])[None, :])
     return dz
 
@@ -132,9 +142,7 @@ class SigmoidKernel:
   def update(self, rows, cols, z, ra, ca):
     pos = ca["cid"][None, :] == ra["y"][:, None]
     terms = -jax.nn.log_sigmoid(jnp.where(pos, z, -z))
-    return {
-      "loss": rows["loss"] + jnp.sum(jnp.where(ca["valid"][None, :], terms, 0.0), axis=1)
-    }, cols
+    return {"loss": rows["loss"] + jnp.sum(_keep(ca, terms, 1, 0.0), axis=1)}, cols
 
   def finish(self, rows, cols):
     return {"loss": rows["loss"]}, {}
@@ -142,7 +150,7 @@ class SigmoidKernel:
   def cotangent(self, z, ra, ca):
     pos = ca["cid"][None, :] == ra["y"][:, None]
     dz = jax.nn.sigmoid(z) - pos.astype(z.dtype)
-    return jnp.where(ca["valid"][None, :], ra["g_loss"][:, None] * dz, 0.0)
+    return _keep(ca, ra["g_loss"][:, None] * dz, 1, 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,6 +438,12 @@ def contrastive_loss(
     axis of ``len(k)`` and are reduced like the loss (``b_to_a`` is None with
     ``labels``). Ties get the library's fractional credit.
 
+  Note:
+    The positives' logits :math:`s\, a_i \cdot b_{y_i}` are a row-wise
+    product (their gradient is ordinary autodiff); the ranks compare them with
+    the tiles' logits. A candidate equal to the positive in exact arithmetic
+    (a duplicate) ties with it up to the rounding of the two sums.
+
   Example:
     >>> import jax.numpy as jnp, xentjax
     >>> a = jnp.eye(3)
@@ -453,8 +467,11 @@ def contrastive_loss(
   b_y = b if labels is None else jnp.take(b, pairs.y, axis=0)
   zy = s * jnp.sum(a.astype(cdt) * b_y.astype(cdt), axis=1)  # the positives' logits
   ranks, diagonal = retrieval_k is not None, labels is None
-  ra = {"valid": pairs.row_valid, "y": pairs.y}
-  ca = {"valid": pairs.col_valid, "cid": jnp.arange(b.shape[0], dtype=jnp.int32)}
+  # Masks enter the tiles only when there is one (else every tile would select).
+  ra = {"y": pairs.y} | ({} if where is None else {"valid": pairs.row_valid})
+  ca = {"cid": jnp.arange(b.shape[0], dtype=jnp.int32)}
+  if where is not None and diagonal:  # a masked pair also leaves the columns
+    ca["valid"] = pairs.col_valid
   if ranks:
     ra.update(thr=jax.lax.stop_gradient(zy), rid=jnp.arange(a.shape[0], dtype=jnp.int32))
     if diagonal:
@@ -556,7 +573,9 @@ def sigmoid_contrastive_loss(
   )
   pairs = _pairs(labels, where, a.shape[0], b.shape[0])
   cdt = V.compute_dtype(a.dtype, b.dtype)
-  ca = {"valid": pairs.col_valid, "cid": jnp.arange(b.shape[0], dtype=jnp.int32)}
+  ca = {"cid": jnp.arange(b.shape[0], dtype=jnp.int32)}
+  if where is not None and labels is None:  # a masked pair also leaves the columns
+    ca["valid"] = pairs.col_valid
   arrays = {
     "a": a,
     "b": b,
