@@ -47,7 +47,7 @@ import optax
 
 import xentjax
 from benchmarks._common import machine, parser, print_header
-from xentjax import _tiles
+from xentjax._vocab import tiles
 
 GEMMA = (8192, 2048, 262144)
 TIMING = (2048, 1024, 32768)
@@ -191,7 +191,7 @@ def rel_error(g, g_ref):
 
 def filter_table(size, repeats, warmup):
   n, d, v = size
-  tc, vc = _tiles._FILTER_TOKEN_CHUNK, _tiles._FILTER_VOCAB_CHUNK
+  tc, vc = tiles.FILTER_TOKEN_CHUNK, tiles.FILTER_VOCAB_CHUNK
   rows = [
     (
       f"| setting (N={n}, D={d}, V={v}, float32) | mean max p | entropy (nats) | method | "
@@ -258,8 +258,8 @@ def main(argv=None):
     print()
   if args.only in (None, "filter"):
     print(
-      f"Gradient filtering (tiles of {_tiles._FILTER_TOKEN_CHUNK} tokens x "
-      f"{_tiles._FILTER_VOCAB_CHUNK} columns):\n"
+      f"Gradient filtering (tiles of {tiles.FILTER_TOKEN_CHUNK} tokens x "
+      f"{tiles.FILTER_VOCAB_CHUNK} columns):\n"
     )
     print(filter_table(timing, args.repeats, args.warmup))
     print()

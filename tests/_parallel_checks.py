@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 import xentjax
 import xentjax.parallel as par
-from xentjax._fused import linear_softmax_cross_entropy as fused_ce
+from xentjax import linear_softmax_cross_entropy as fused_ce
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

@@ -48,3 +48,59 @@ def test_no_function_in_the_package_is_over_60_lines_of_code():
     for name, n in long_functions(path.read_text())
   }
   assert found == {}, f"functions over {LIMIT} lines of code: {found}"
+
+
+# The large-vocabulary engine (`xentjax/_vocab/`): one loop, kernels without loops.
+VOCAB = PACKAGE / "_vocab"
+FAMILY = [*sorted(VOCAB.rglob("*.py")), PACKAGE / "parallel.py"]
+
+
+def calls(path: pathlib.Path, name: str) -> int:
+  """How many times `path` calls or decorates with something named `name` (`a.b.name` too)."""
+  n = 0
+  for node in ast.walk(ast.parse(path.read_text())):
+    if (
+      isinstance(node, ast.Attribute)
+      and node.attr == name
+      or isinstance(node, ast.Call)
+      and isinstance(node.func, ast.Name)
+      and node.func.id == name
+    ):
+      n += 1
+  return n
+
+
+def test_the_kernels_hold_no_loop_and_no_custom_vjp():
+  kernels = sorted((VOCAB / "kernels").glob("*.py"))
+  assert len(kernels) >= 3
+  for path in kernels:
+    for name in ("fori_loop", "while_loop", "scan", "fold", "custom_vjp", "custom_jvp", "cond"):
+      assert calls(path, name) == 0, f"{path.name} calls {name}"
+
+
+def test_the_engine_loops_once():
+  found = {
+    p.name: calls(p, "fori_loop") + calls(p, "while_loop") + calls(p, "scan") for p in FAMILY
+  }
+  assert {k: v for k, v in found.items() if v} == {"tiles.py": 1}  # `tiles.fold`
+  vjps = {p.name: calls(p, "custom_vjp") for p in FAMILY}
+  # The engine's two strategies, and its sweep of logits given as they are (no loop).
+  assert {k: v for k, v in vjps.items() if v} == {"engine.py": 3}
+
+
+def is_module(dotted: str) -> bool:
+  path = PACKAGE.parent.joinpath(*dotted.split("."))
+  return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def test_the_family_imports_no_underscored_name():
+  # A private module (`from xentjax import _core`) is shared by its plain names.
+  for path in FAMILY:
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+        private = [
+          a.name
+          for a in node.names
+          if a.name.startswith("_") and not is_module(f"{node.module}.{a.name}")
+        ]
+        assert not private, f"{path.relative_to(PACKAGE)} imports {private} from {node.module}"

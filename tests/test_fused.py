@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from xentjax._fused import linear_softmax_cross_entropy as fused_ce
+from xentjax import linear_softmax_cross_entropy as fused_ce
 
 
 def reference(

@@ -79,14 +79,10 @@ from xentjax._contrastive import Retrieval as Retrieval
 from xentjax._contrastive import contrastive_loss as contrastive_loss
 from xentjax._contrastive import ntxent as ntxent
 from xentjax._contrastive import sigmoid_contrastive_loss as sigmoid_contrastive_loss
-from xentjax._distill import check_topk_teacher as check_topk_teacher
-from xentjax._distill import linear_distillation_loss as linear_distillation_loss
-from xentjax._distill import linear_topk_distillation_loss as linear_topk_distillation_loss
 from xentjax._evaluation import EvaluationResult as EvaluationResult
 from xentjax._evaluation import evaluate as evaluate
 from xentjax._focal import categorical_focal_cross_entropy as categorical_focal_cross_entropy
 from xentjax._focal import softmax_focal_loss as softmax_focal_loss
-from xentjax._fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from xentjax._margin import categorical_hinge_loss as categorical_hinge_loss
 from xentjax._margin import hinge_loss as hinge_loss
 from xentjax._margin import multiclass_hinge_loss as multiclass_hinge_loss
@@ -113,7 +109,15 @@ from xentjax._softmax import softmax_cross_entropy as softmax_cross_entropy
 from xentjax._softmax import (
   softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
-from xentjax._token_stats import TokenStats as TokenStats
-from xentjax._token_stats import linear_token_stats as linear_token_stats
 from xentjax._torch_style import check_labels as check_labels
 from xentjax._torch_style import cross_entropy_loss as cross_entropy_loss
+from xentjax._vocab.cross_entropy import (
+  linear_softmax_cross_entropy as linear_softmax_cross_entropy,
+)
+from xentjax._vocab.distillation import check_topk_teacher as check_topk_teacher
+from xentjax._vocab.distillation import linear_distillation_loss as linear_distillation_loss
+from xentjax._vocab.distillation import (
+  linear_topk_distillation_loss as linear_topk_distillation_loss,
+)
+from xentjax._vocab.token_stats import TokenStats as TokenStats
+from xentjax._vocab.token_stats import linear_token_stats as linear_token_stats

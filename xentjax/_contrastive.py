@@ -20,7 +20,7 @@ from xentjax import _core
 from xentjax import _validation as V
 from xentjax._api import public, where_mask
 from xentjax._pairs import Sweep, recompute, safe_max, store
-from xentjax._tiles import place
+from xentjax._vocab.placement import place
 
 __all__ = ["Retrieval", "contrastive_loss", "ntxent", "sigmoid_contrastive_loss"]
 

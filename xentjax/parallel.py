@@ -7,7 +7,7 @@ the label falls in its shard) the label logit; three all-reductions over the
 vocabulary axis (`lax.pmax`, then `lax.psum` of the rescaled sums and of the
 label logits) give every device the global log-sum-exp, and the backward pass
 needs only the local softmax shard. The fused version runs
-`xentjax.linear_softmax_cross_entropy`'s tiled kernels on each shard of `w`,
+`xentjax.linear_softmax_cross_entropy`'s tiled sweep on each shard of `w`,
 so neither the logits nor the vocabulary are ever gathered: the only
 collectives are all-reductions of per-token vectors, of the ``[tokens, D]``
 gradient of `x` (over the vocabulary axis) and of each ``[D, vocab_chunk]``
@@ -35,18 +35,20 @@ it carries all-reductions in every step, the data axis only the gradient of
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from xentjax import _core, _fused, _token_stats
+from xentjax import _core
 from xentjax import _validation as V
-from xentjax._tiles import _mesh_axes, place
+from xentjax._vocab import cross_entropy, token_stats
+from xentjax._vocab.engine import recompute_logits
+from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
+from xentjax._vocab.placement import Placement, place, require_vocab_axis
+from xentjax._vocab.tiles import Tiling
 
 __all__ = [
   "linear_softmax_cross_entropy",
@@ -55,42 +57,39 @@ __all__ = [
 ]
 
 
-def _require_vocab_axis(mesh, data_axis, vocab_axis):
-  if vocab_axis is None:
-    raise ValueError("`vocab_axis` must name a mesh axis (the vocabulary is sharded over it).")
-  return _mesh_axes(mesh, data_axis, vocab_axis)
-
-
-def _on_mesh(fn, doc: str):
-  """`fn` with the placement keywords required, defaulting to "data" and "vocab"."""
-
-  def placed(
-    x: jax.typing.ArrayLike,
-    w: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    mesh: jax.sharding.Mesh,
-    data_axis: Any = "data",
-    vocab_axis: Any = "vocab",
-    **options: Any,
-  ):
-    _require_vocab_axis(mesh, data_axis, vocab_axis)
-    return fn(x, w, labels, mesh=mesh, data_axis=data_axis, vocab_axis=vocab_axis, **options)
-
-  placed.__name__ = placed.__qualname__ = fn.__name__
-  placed.__doc__ = doc
-  return placed
-
-
-linear_softmax_cross_entropy = _on_mesh(
-  _fused.linear_softmax_cross_entropy,
+def linear_softmax_cross_entropy(
+  x: jax.typing.ArrayLike,
+  w: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  mesh: jax.sharding.Mesh,
+  data_axis: Any = "data",
+  vocab_axis: Any = "vocab",
+  reduction: str = "mean",
+  ignore_index: int = -100,
+  where: jax.typing.ArrayLike | None = None,
+  weights: jax.typing.ArrayLike | None = None,
+  class_weights: jax.typing.ArrayLike | None = None,
+  label_smoothing: float = 0.0,
+  z_loss: float = 0.0,
+  logit_soft_cap: float | None = None,
+  temperature: float | jax.typing.ArrayLike = 1.0,
+  bias: jax.typing.ArrayLike | None = None,
+  filter_eps: float | None = None,
+  return_lse: bool = False,
+  strategy: Literal["recompute", "store"] = "recompute",
+  w_layout: Literal["dv", "vd"] = "dv",
+  vocab_size: int | None = None,
+  token_chunk_size: int | None = None,
+  vocab_chunk_size: int | None = None,
+  precision: Any = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""`xentjax.linear_softmax_cross_entropy` with `w` sharded over its vocabulary.
 
-  ``linear_softmax_cross_entropy(x, w, labels, *, mesh, data_axis="data",
-  vocab_axis="vocab", **options)``: the single-device function with its
-  placement options required; every other keyword (``reduction``, ``where``,
-  ``weights``, ``class_weights``, ``bias``, ``temperature``, ``filter_eps``,
-  ...) is passed through, with the same formula, results and edge cases.
+  The single-device function with its placement keywords first and
+  required (``mesh``; ``data_axis`` and ``vocab_axis`` default to "data" and
+  "vocab"); every other keyword is the single-device function's, with the same
+  formula, results and edge cases.
   Device :math:`(i, k)` of the mesh holds tokens shard :math:`i` and
   vocabulary shard :math:`k` (columns :math:`[kV/K, (k+1)V/K)`) and runs the
   fused engine on it; its local running maximum :math:`m_k` and scaled sum
@@ -118,8 +117,11 @@ linear_softmax_cross_entropy = _on_mesh(
     data_axis: mesh axis (or tuple of axes) the tokens are sharded over, or
       ``None`` for replicated tokens.
     vocab_axis: mesh axis (or tuple of axes) the vocabulary is sharded over.
-    **options: the keyword options of `xentjax.linear_softmax_cross_entropy`;
-      chunk sizes refer to the per-device shard.
+    reduction, ignore_index, where, weights, class_weights, label_smoothing,
+      z_loss, logit_soft_cap, temperature, bias, filter_eps, return_lse,
+      strategy, w_layout, vocab_size, token_chunk_size, vocab_chunk_size,
+      precision: as in `xentjax.linear_softmax_cross_entropy`; chunk sizes
+      refer to the per-device shard.
 
   Returns:
     As `xentjax.linear_softmax_cross_entropy`: a scalar (replicated) for
@@ -135,95 +137,101 @@ linear_softmax_cross_entropy = _on_mesh(
   References:
     Shoeybi et al., "Megatron-LM: Training Multi-Billion Parameter Language
     Models Using Model Parallelism", 2019 (vocabulary-parallel cross-entropy).
-  """,
-)
-
-linear_token_stats = _on_mesh(
-  _token_stats.linear_token_stats,
-  """`xentjax.linear_token_stats` with `w` sharded over its vocabulary.
-
-  ``linear_token_stats(x, w, labels, *, mesh, data_axis="data",
-  vocab_axis="vocab", **options)``: the single-device function with its
-  placement options required. Entropy, argmax and top-k are combined across
-  vocabulary shards from per-token vectors (the top-k from ``k`` candidates
-  per shard, all-gathered: ``k`` numbers per token and shard), never from
-  gathered logits.
-  """,
-)
-
-
-# ----------------------------------------------------------------------------
-# Logits already sharded over the vocabulary.
-
-
-def _logits_config(mesh, data_axis, vocab_axis, num_classes) -> _fused._Config:
-  """The engine's configuration for logits given as one tile per device."""
-  return _fused._Config(
-    num_classes=num_classes,
-    num_columns=num_classes,
-    soft_cap=None,
-    vd=False,
-    token_chunk=1,
-    vocab_chunk=1,
-    precision=None,
+  """
+  require_vocab_axis(mesh, data_axis, vocab_axis)
+  return cross_entropy.linear_softmax_cross_entropy(
+    x,
+    w,
+    labels,
+    reduction=reduction,
+    ignore_index=ignore_index,
+    where=where,
+    weights=weights,
+    class_weights=class_weights,
+    label_smoothing=label_smoothing,
+    z_loss=z_loss,
+    logit_soft_cap=logit_soft_cap,
+    temperature=temperature,
+    bias=bias,
+    filter_eps=filter_eps,
+    return_lse=return_lse,
+    strategy=strategy,
+    w_layout=w_layout,
+    vocab_size=vocab_size,
+    token_chunk_size=token_chunk_size,
+    vocab_chunk_size=vocab_chunk_size,
+    precision=precision,
     mesh=mesh,
     data_axis=data_axis,
     vocab_axis=vocab_axis,
   )
 
 
-def _specs(cfg: _fused._Config):
-  return P(cfg.data_axis, cfg.vocab_axis), P(cfg.data_axis)
+def linear_token_stats(
+  x: jax.typing.ArrayLike,
+  w: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  mesh: jax.sharding.Mesh,
+  data_axis: Any = "data",
+  vocab_axis: Any = "vocab",
+  temperature: float | jax.typing.ArrayLike = 1.0,
+  top_k: int = 0,
+  bias: jax.typing.ArrayLike | None = None,
+  ignore_index: int = -100,
+  where: jax.typing.ArrayLike | None = None,
+  logit_soft_cap: float | None = None,
+  w_layout: Literal["dv", "vd"] = "dv",
+  vocab_size: int | None = None,
+  token_chunk_size: int | None = None,
+  vocab_chunk_size: int | None = None,
+  precision: Any = None,
+) -> token_stats.TokenStats:
+  """`xentjax.linear_token_stats` with `w` sharded over its vocabulary.
 
+  The single-device function with its placement keywords first and required
+  (``mesh``; ``data_axis`` and ``vocab_axis`` default to "data" and "vocab");
+  every other keyword is the single-device function's. Entropy, argmax and top-k are combined across
+  vocabulary shards from per-token vectors (the top-k from ``k`` candidates
+  per shard, all-gathered: ``k`` numbers per token and shard), never from
+  gathered logits.
 
-def _logits_fwd_local(z, labels, cfg: _fused._Config):
-  """`(lse - z_y, lse)` of local logits `[n, V/K]`, from the engine's shifted statistics."""
-  z = z.astype(V.compute_dtype(z.dtype))
-  col = _fused._vocab_offset(cfg, z.shape[1]) + lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
-  st = _fused._update(
-    _fused._init_state(z.shape[0], cfg, z.dtype, 1), z, col, labels, None, 0.0, 0, cfg
+  Args:
+    x, w, labels: as in `xentjax.linear_token_stats`.
+    mesh: the `jax.sharding.Mesh` to run on.
+    data_axis: mesh axis (or axes) of the tokens, or ``None``.
+    vocab_axis: mesh axis (or axes) of the vocabulary.
+    temperature, top_k, bias, ignore_index, where, logit_soft_cap, w_layout,
+      vocab_size, token_chunk_size, vocab_chunk_size, precision: as in
+      `xentjax.linear_token_stats`.
+
+  Returns:
+    As `xentjax.linear_token_stats`.
+  """
+  require_vocab_axis(mesh, data_axis, vocab_axis)
+  return token_stats.linear_token_stats(
+    x,
+    w,
+    labels,
+    temperature=temperature,
+    top_k=top_k,
+    bias=bias,
+    ignore_index=ignore_index,
+    where=where,
+    logit_soft_cap=logit_soft_cap,
+    w_layout=w_layout,
+    vocab_size=vocab_size,
+    token_chunk_size=token_chunk_size,
+    vocab_chunk_size=vocab_chunk_size,
+    precision=precision,
+    mesh=mesh,
+    data_axis=data_axis,
+    vocab_axis=vocab_axis,
   )
-  stats, _ = _fused._finish(st, None, cfg)
-  return stats.log_s - stats.zy, stats.m + stats.log_s
 
 
-def _logits_bwd_local(logits, labels, lse, g, cfg: _fused._Config):
-  z = logits.astype(lse.dtype)
-  col = _fused._vocab_offset(cfg, z.shape[1]) + lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
-  p = jnp.exp(z - lse[:, None])
-  dz = g.astype(lse.dtype)[:, None] * (p - (col == labels[:, None]).astype(p.dtype))
-  return dz.astype(logits.dtype)
-
-
-def _shard(fn, cfg, in_specs, out_specs):
-  return jax.shard_map(
-    functools.partial(fn, cfg=cfg),
-    mesh=cfg.mesh,
-    in_specs=in_specs,
-    out_specs=out_specs,
-    check_vma=False,
-  )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _sharded_ce(logits, labels, cfg: _fused._Config):
-  return _sharded_ce_fwd(logits, labels, cfg)[0]
-
-
-def _sharded_ce_fwd(logits, labels, cfg: _fused._Config):
-  zs, ts = _specs(cfg)
-  loss, lse = _shard(_logits_fwd_local, cfg, (zs, ts), (ts, ts))(logits, labels)
-  return loss, (logits, labels, lse)
-
-
-def _sharded_ce_bwd(cfg: _fused._Config, res, g):
-  logits, labels, lse = res
-  zs, ts = _specs(cfg)
-  dz = _shard(_logits_bwd_local, cfg, (zs, ts, ts, ts), zs)(logits, labels, lse, g)
-  return dz, None
-
-
-_sharded_ce.defvjp(_sharded_ce_fwd, _sharded_ce_bwd)
+# ----------------------------------------------------------------------------
+# Logits already sharded over the vocabulary: one tile per device.
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -268,7 +276,7 @@ def softmax_cross_entropy_with_integer_labels(
   References:
     Shoeybi et al., "Megatron-LM", 2019.
   """
-  n_data, n_vocab = _require_vocab_axis(mesh, data_axis, vocab_axis)
+  n_data, n_vocab = require_vocab_axis(mesh, data_axis, vocab_axis)
   V.check_floating("logits", logits)
   V.check_integer("labels", labels)
   logits = jnp.asarray(logits)
@@ -292,10 +300,13 @@ def softmax_cross_entropy_with_integer_labels(
       f"The {n} examples of `labels` (labels.shape={batch_shape}) are not divisible by the "
       f"{n_data} devices of mesh axis {data_axis!r}."
     )
-  cfg = _logits_config(mesh, data_axis, vocab_axis, num_classes)
-  zs, ts = _specs(cfg)
+  placement = Placement(mesh, data_axis, vocab_axis)
+  tiling = Tiling(
+    num_classes, num_classes, vd=False, token_chunk=1, vocab_chunk=1, placement=placement
+  )
   status = _core.label_status(labels, num_classes)
-  logits = place(logits.reshape(n, num_classes), mesh, zs)
-  index = place(status.index.reshape(n), mesh, ts)
-  loss = _sharded_ce(logits, index, cfg)
+  logits = place(logits.reshape(n, num_classes), mesh, P(data_axis, vocab_axis))
+  index = place(status.index.reshape(n), mesh, P(data_axis))
+  out = recompute_logits(logits, {"labels": index}, SoftmaxStats(), tiling)
+  loss = out["log_s"] - out["zy"]
   return (loss * jnp.where(status.bad.reshape(n), jnp.nan, 1.0)).reshape(batch_shape)

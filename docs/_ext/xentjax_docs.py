@@ -323,8 +323,8 @@ def _source_defaults(fn) -> dict[str, str]:
 
 def show_source_defaults(app, obj, bound_method) -> None:
   """Defaults as written in the source, matched by name (`autodoc_preserve_defaults`
-  matches by position, which breaks on a signature that spells out keywords its
-  source takes as ``**kwargs``, as `xentjax._fused.takes_head_options` gives)."""
+  matches by position, which breaks on a signature that differs from its
+  source's, as a wrapper's may)."""
   if not inspect.isfunction(obj):
     return
   texts = _source_defaults(inspect.unwrap(obj))

@@ -1,23 +1,25 @@
-"""Per-token statistics of `softmax((x @ w + bias) / T)`: log-probabilities, entropy, top-k.
+"""`linear_token_stats`: per-token log-probability, entropy, top-k of `softmax((x @ w + b) / T)`.
 
 The information family at vocabulary scale: what a policy-gradient trainer
 (PPO/GRPO-style) needs per token -- the log-probability of the sampled token
 under a temperature and the entropy of the policy, both differentiable -- plus
-the log-normalizer, the argmax and the top-k, from the fused statistics
-engine (``xentjax._fused``) without ever forming the ``[tokens, vocab]``
-logits.
+the log-normalizer, the argmax and the top-k, from the
+`kernels.softmax_stats.SoftmaxStats` kernel without ever forming the
+``[tokens, vocab]`` logits.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Unpack
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from xentjax import _fused
-from xentjax._fused import HeadOptions, by_name, takes_head_options
+from xentjax._vocab.engine import run_recompute
+from xentjax._vocab.inputs import Head, prepare_call
+from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
+from xentjax._vocab.options import check_top_k
 
 
 class TokenStats(NamedTuple):
@@ -43,19 +45,25 @@ class TokenStats(NamedTuple):
   top_k_indices: jax.Array | None
 
 
-@takes_head_options()
 def linear_token_stats(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
   *,
-  temperature: float = 1.0,
+  temperature: float | jax.typing.ArrayLike = 1.0,
   top_k: int = 0,
   bias: jax.typing.ArrayLike | None = None,
   ignore_index: int = -100,
   where: jax.typing.ArrayLike | None = None,
   logit_soft_cap: float | None = None,
-  **head: Unpack[HeadOptions],
+  w_layout: Literal["dv", "vd"] = "dv",
+  vocab_size: int | None = None,
+  token_chunk_size: int | None = None,
+  vocab_chunk_size: int | None = None,
+  precision: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
+  data_axis: Any = None,
+  vocab_axis: Any = None,
 ) -> TokenStats:
   r"""Per-token log-probability, entropy, log-normalizer, argmax and top-k of ``x @ w``.
 
@@ -83,7 +91,11 @@ def linear_token_stats(
     x: hidden states ``[..., D]``, any float dtype.
     w: ``[D, V]`` (or ``[V, D]`` with ``w_layout="vd"``).
     labels: integer classes ``[...]`` (e.g. the sampled tokens).
-    temperature: :math:`T > 0`, divides the (capped) logits.
+    temperature: :math:`T > 0`, divides the (capped) logits. A Python number
+      (checked now), or an array: a scalar or one per token (broadcastable to
+      ``labels``, for batches that mix sampling temperatures), traced (a
+      sweep over values compiles once) and differentiable; a traced value
+      that is not a finite number > 0 gives NaN.
     top_k: ``k >= 0``; with ``k > 0`` also return the ``k`` most likely
       classes and their log-probabilities (sorted, descending; ties: lower
       index first).
@@ -91,7 +103,8 @@ def linear_token_stats(
     ignore_index: label value of tokens that do not count.
     where: optional boolean token mask broadcastable to ``labels``.
     logit_soft_cap: :math:`c > 0`: logits :math:`c \tanh(z/c)` before the
-      temperature.
+      temperature A Python number: it is static (part of the
+      compiled program).
     w_layout: ``"dv"`` (``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``).
     vocab_size: number of real classes (trailing padding columns excluded).
     token_chunk_size: tokens per tile (as in `xentjax.linear_softmax_cross_entropy`).
@@ -122,15 +135,24 @@ def linear_token_stats(
     "Proximal Policy Optimization Algorithms", 2017. Wijmans et al., "Cut Your
     Losses in Large-Vocabulary Language Models", 2024.
   """
-  # Every argument, by name, to the implementation (`head`: the `HeadOptions`).
-  return _linear_token_stats(**by_name(locals()))
-
-
-def _linear_token_stats(x, w, labels, *, top_k, **head) -> TokenStats:
-  """`linear_token_stats`, its arguments by name (`head`: the keywords of `_fused._head`)."""
-  stats = {"entropy": True, "argmax": True, "top_k": top_k}
-  tok, cfg, bias = _fused._head(x, w, labels, stats=stats, **head)
-  out = _fused.statistics(tok, cfg, bias)
+  head = Head(
+    w_layout, vocab_size, token_chunk_size, vocab_chunk_size, precision, mesh, data_axis, vocab_axis
+  )
+  call = prepare_call(
+    x,
+    w,
+    labels,
+    head,
+    ignore_index=ignore_index,
+    where=where,
+    bias=bias,
+    logit_soft_cap=logit_soft_cap,
+    temperature=temperature,
+  )
+  tok = call.tokens
+  k = check_top_k(top_k, tok.vocab_size)
+  kernel = SoftmaxStats(entropy=True, argmax=True, top_k=k)
+  out = run_recompute(call.ops, kernel, call.tiling)
   m = lax.stop_gradient(out["m"])
   lse = m + out["log_s"]
   counted, bad = tok.status.counted, tok.status.bad
@@ -139,11 +161,9 @@ def _linear_token_stats(x, w, labels, *, top_k, **head) -> TokenStats:
   entropy = jnp.where(counted, out["log_s"] - out["ent"], 0.0)
   shape = tok.batch_shape
   top_lp = top_i = None
-  if cfg.top_k:
-    top_lp = (lax.stop_gradient(out["topv"]) - lax.stop_gradient(lse)[:, None]).reshape(
-      *shape, cfg.top_k
-    )
-    top_i = out["topi"].reshape(*shape, cfg.top_k)
+  if k:
+    top_lp = lax.stop_gradient(out["topv"] - lse[:, None]).reshape(*shape, k)
+    top_i = out["topi"].reshape(*shape, k)
   return TokenStats(
     logprob.reshape(shape),
     entropy.reshape(shape),

@@ -1,0 +1,71 @@
+"""The large-vocabulary engine: every loss that sweeps ``[tokens x vocabulary]`` tiles.
+
+For N tokens and a vocabulary of V words the logits ``x @ w`` hold N·V
+numbers (8 GiB in float32 at N = 8192, V = 262,144) and their gradient as
+many again. Cross-entropy, per-token statistics and distillation need only a
+few numbers per token, so they are computed tile by tile and the logits are
+never formed. The package, bottom up (each module names its own helpers
+without a leading underscore; privacy is the package's, as in optimistix):
+
+``placement``
+  Where a sweep runs: one device, or a mesh with the tokens over a data axis
+  and the vocabulary over a vocabulary axis (`jax.shard_map` specs by role,
+  `place`, and the collectives a kernel combines its shards with).
+``tiles``
+  The logit tile ``a = c tanh((x w + b) / c) / T`` with padding at ``-inf``
+  (bias, soft cap, temperature and padding applied here only), the cotangent
+  back through them (including ``dL/dT`` for a traced temperature), the
+  gradient matmuls, the tile sizes and `tiles.fold`, the one chunked loop.
+``engine``
+  The sweep, written once: the forward passes, the recompute backward pass
+  (a `jax.custom_vjp`), strategy "store" (loss and gradients in one pass),
+  gradient filtering and the placement. It takes a `engine.Kernel`.
+``kernels``
+  What is computed: `kernels.softmax_stats.SoftmaxStats` (cross-entropy and
+  token statistics) and `kernels.distillation` (forward/reverse KL,
+  generalized JSD, top-k logits). A kernel has no loop and no custom VJP.
+``options``, ``inputs``
+  Every option check, and `inputs.prepare_call`: the checked, flattened
+  tokens, the static `tiles.Tiling` and the operands of a sweep.
+``cross_entropy``, ``token_stats``, ``distillation``
+  The public entry points: checks, one kernel, and ordinary differentiable
+  JAX code on the kernel's per-token outputs (masks, weights, mixing,
+  reduction). `xentjax.parallel` wraps the first two with a required mesh.
+
+The kernel interface (see `engine.Kernel` for the full contract). A kernel
+is a frozen dataclass (hashable: static), and says
+
+* ``init(p, n, n_cols, tiling, cdt)``: the state pass ``p`` accumulates, a
+  per-token dict and a per-column dict;
+* ``update(p, state, tile, rows)``: the state after one more `tiles.Tile`
+  (``tile.a`` the tempered logits, ``tile.z`` the untempered ones,
+  ``tile.b`` a teacher's, ``tile.col`` the column indices, ``tile.cols`` the
+  per-column operands; ``rows`` the tile's per-token operands);
+* ``finish(p, state, rows, tiling)``: per-token rows of the whole vocabulary,
+  the shards combined with `placement.vocab_max`/`vocab_sum`/...;
+* ``outputs``, ``differentiable``, ``saved``: what the caller gets, which of
+  those carry cotangents, what the backward pass reads;
+* ``cotangent(tile, rows)``: the cotangent of the tile's logits from the
+  outputs' cotangents (``rows["g_" + name]``).
+
+Adding a quantity is one kernel of about 80 lines and one entry point::
+
+  out = engine.run_recompute(call.ops, MyKernel(...), call.tiling)  # {name: [n]}
+  loss = my_per_token_formula(out)  # ordinary JAX, differentiable
+
+(`engine.run_store` runs a per-token loss inside the one-pass sweep instead.)
+Operands: ``ops = {"x": [n, D], "w": head, "bias"?: [V], "teacher_x"?,
+"teacher_w"?, "rows": {per-token [n, ...]}, "cols": {per-column [V, ...]}}``;
+``rows["temperature"]`` (``[n]``) is a traced temperature, and gets a gradient.
+
+Contrastive losses (``scale * a @ b.T``) fit as they are: the head is ``b`` in
+the "vd" layout (the columns are the B candidates), the labels the diagonal,
+the scale a traced temperature ``T = 1/scale``. A symmetric (CLIP) loss keeps
+per-column log-sum-exps in the per-column state, carried through a column
+chunk's token loop by `engine.sweep` and combined across token shards with
+`placement.data_sum` in ``finish``. A ring placement (``a`` and ``b`` both
+sharded over the data axis, ``b``'s shards passed around with `lax.ppermute`
+with their column state, and in the backward pass their gradient) is another
+way of iterating the vocabulary: it replaces the outer `tiles.fold` of
+`engine.sweep` and `engine.backward_local`.
+"""

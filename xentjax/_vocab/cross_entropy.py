@@ -1,0 +1,326 @@
+"""`linear_softmax_cross_entropy`: the cross-entropy as a composition of softmax statistics.
+
+The loss is ordinary differentiable JAX code on the per-token statistics of
+the `kernels.softmax_stats.SoftmaxStats` kernel (levanter's design: the
+custom VJP returns statistics, smoothing, z-loss, masks, weights and the
+reduction live outside it). Strategy "store" runs the same per-token loss
+inside the engine's one-pass sweep (`engine.run_store`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from xentjax import _core
+from xentjax import _validation as V
+from xentjax._vocab.engine import run_recompute, run_store
+from xentjax._vocab.inputs import Call, Head, Tokens, prepare_call
+from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
+from xentjax._vocab.options import (
+  check_filter_eps,
+  check_strategy,
+  check_vector,
+  check_weights,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropyLoss:
+  """Per-token (weighted, masked) cross-entropy from the statistics (hashable: static).
+
+  ``coef * [(1-eps) c_y (log_s - zy) + eps (U log_s - zu) + lam lse^2]`` on
+  counted tokens, 0 elsewhere; ``c_y`` the class weight of the label (1
+  without class weights), ``zu = sum_j u_j (z_j - m)`` with ``u_j = c_j / V``
+  and ``U = sum_j u_j`` (1 without class weights). `coef` is NaN on a bad label.
+  """
+
+  label_smoothing: float
+  z_loss: float
+  class_weighted: bool
+  differentiable = ()  # no gradient flows into its per-token operands
+
+  def __call__(self, s: dict, aux: dict):
+    eps, lam = self.label_smoothing, self.z_loss
+    if not self.class_weighted:
+      ell = _core.cross_entropy_from_stats(
+        s["log_s"], s["zy"], s.get("zu"), s["m"], label_smoothing=eps, z_loss=lam
+      )
+    else:
+      ell = 0.0
+      if eps < 1.0:
+        ell = (1.0 - eps) * aux["cwy"] * (s["log_s"] - s["zy"])
+      if eps > 0.0:
+        ell = ell + eps * (aux["usum"] * s["log_s"] - s["zu"])
+      if lam:  # the z-loss is not class-weighted
+        zero = jnp.zeros_like(s["log_s"])
+        lse = s["m"] + s["log_s"]
+        ell = ell + _core.cross_entropy_from_stats(zero, zero, None, lse, z_loss=lam)
+    return jnp.where(aux["counted"], aux["coef"] * ell, 0.0)
+
+
+def per_token_operands(tok: Tokens, weights, class_weights, reduction, strategy, eps):
+  """Per-token `aux` of `CrossEntropyLoss` and the mean's denominator (None unless "mean")."""
+  st, cdt = tok.status, tok.cdt
+  nan_bad = jnp.where(st.bad, jnp.nan, 1.0).astype(cdt)
+  w = jnp.ones(st.index.shape, cdt) if weights is None else weights.reshape(-1).astype(cdt)
+  coef = jnp.where(st.counted, w, 0.0) * nan_bad
+  aux = {"counted": st.counted}
+  cwy = None
+  if class_weights is not None:
+    cwy = jnp.take(class_weights.astype(cdt), st.index) * nan_bad
+    aux["cwy"] = cwy
+    if eps:
+      usum = jnp.sum(class_weights.astype(cdt)) / tok.vocab_size
+      aux["usum"] = jnp.broadcast_to(usum, st.index.shape)
+  denom = None
+  if reduction == "mean":
+    denom = jnp.sum(coef if cwy is None else coef * cwy)
+    if strategy == "store":
+      coef = coef / jnp.where(denom == 0, 1.0, denom)
+  aux["coef"] = coef
+  return aux, denom
+
+
+def with_column_weights(call: Call, class_weights, eps):
+  """`(ops, kernel)`: with smoothing, the column weights `u` of the statistic `zu`.
+
+  ``u_j = c_j / V`` (1/V without class weights), 0 on padding columns.
+  """
+  kernel = SoftmaxStats(weighted_sum=bool(eps), filtered=call.tiling.filter_eps is not None)
+  if not eps:
+    return call.ops, kernel
+  tok = call.tokens
+  c = jnp.ones((tok.vocab_size,), tok.cdt) if class_weights is None else class_weights
+  u = c.astype(tok.cdt) / tok.vocab_size
+  return {**call.ops, "cols": {"u": jnp.pad(u, (0, tok.n_cols - tok.vocab_size))}}, kernel
+
+
+def linear_softmax_cross_entropy(
+  x: jax.typing.ArrayLike,
+  w: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  reduction: str = "mean",
+  ignore_index: int = -100,
+  where: jax.typing.ArrayLike | None = None,
+  weights: jax.typing.ArrayLike | None = None,
+  class_weights: jax.typing.ArrayLike | None = None,
+  label_smoothing: float = 0.0,
+  z_loss: float = 0.0,
+  logit_soft_cap: float | None = None,
+  temperature: float | jax.typing.ArrayLike = 1.0,
+  bias: jax.typing.ArrayLike | None = None,
+  filter_eps: float | None = None,
+  return_lse: bool = False,
+  strategy: Literal["recompute", "store"] = "recompute",
+  w_layout: Literal["dv", "vd"] = "dv",
+  vocab_size: int | None = None,
+  token_chunk_size: int | None = None,
+  vocab_chunk_size: int | None = None,
+  precision: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
+  data_axis: Any = None,
+  vocab_axis: Any = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  r"""Softmax cross-entropy of the logits ``x @ w``, without forming them.
+
+  Equal (to float32 rounding, values and gradients) to
+
+  .. code-block:: python
+
+    logits = x @ w                       # [..., V], never materialized here
+    optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+  followed by the reduction and the options below. For each token with hidden state
+  :math:`x \in \mathbb{R}^D` and label :math:`y`, the logits are
+  :math:`z_j = c \tanh((x^\top w_{:,j} + b_j) / c)\,/\,T` (without a soft cap
+  :math:`(x^\top w_{:,j} + b_j) / T`) and
+
+  .. math::
+
+    \ell = (1-\varepsilon)\, c_y\, (\mathrm{lse}(z) - z_y)
+           + \frac{\varepsilon}{V} \sum_{j=1}^{V} c_j\,(\mathrm{lse}(z) - z_j)
+           + \lambda\, \mathrm{lse}(z)^2,
+    \qquad \mathrm{lse}(z) = \log \sum_{j=1}^{V} e^{z_j},
+
+  the cross-entropy against the smoothed target
+  :math:`(1-\varepsilon)\,\mathrm{onehot}(y) + \varepsilon/V` with class
+  weights :math:`c` (1 by default) plus the PaLM z-loss. With token weights
+  :math:`w_i`, ``"sum"`` is :math:`\sum_i w_i \ell_i` and ``"mean"`` is
+  :math:`\sum_i w_i \ell_i / \sum_i w_i c_{y_i}` over the tokens that count.
+  The loss is ordinary JAX code on per-token statistics of the fused engine
+  (``xentjax._vocab``), which computes them in tiles of
+  ``[token_chunk_size, vocab_chunk_size]`` with a streaming log-sum-exp.
+
+  Args:
+    x: hidden states ``[..., D]``, any leading batch shape, any float dtype.
+    w: output projection ``[D, V]`` (a flax ``nn.Dense`` kernel). For tied
+      embeddings pass the embedding table ``[V, D]`` itself with
+      ``w_layout="vd"`` (not ``table.T``: that would copy it).
+    labels: integer class indices ``[...]`` (the shape of ``x`` without
+      ``D``), any signed or unsigned integer dtype.
+    reduction: ``"mean"`` (over tokens that count: not ``ignore_index`` and
+      ``where`` true), ``"sum"``, or ``"none"`` (per-token ``[...]``, times
+      the token weight, 0 for tokens that do not count).
+    ignore_index: label value of tokens that do not count (PyTorch's -100).
+      A value the labels' dtype cannot hold (-100 for ``uint16``) matches none.
+    where: optional boolean token mask broadcastable to ``labels``; tokens
+      where it is False do not count.
+    weights: optional float per-token weights broadcastable to ``labels``
+      (sequence weights, soft masks); no gradient flows into them.
+    class_weights: optional ``[vocab_size]`` float class weights with
+      PyTorch's ``weight=`` semantics (the mean divides by the summed weights
+      of the targets; the smoothing term weights each class). The z-loss is
+      not class-weighted; no gradient flows into them.
+    label_smoothing: :math:`\varepsilon \in [0, 1]`, target
+      :math:`(1-\varepsilon)\,y + \varepsilon/V` (PyTorch/Keras convention).
+    z_loss: :math:`\lambda \ge 0`, adds :math:`\lambda\,\mathrm{lse}^2` per token.
+    logit_soft_cap: :math:`c > 0` caps the logits at :math:`c\tanh(z/c)` before
+      the softmax (Gemma 2); the gradient includes its derivative. A Python
+      number: it is static (part of the compiled program).
+    temperature: :math:`T > 0` divides the (capped) logits: the cap belongs
+      to the model, the temperature to the distribution taken from it, so
+      ``logit_soft_cap=c, temperature=T`` bounds the tempered logits by
+      :math:`c/T`. A Python number (checked now), or an array: a scalar or
+      one per token (broadcastable to ``labels``), traced (a sweep over
+      values compiles once) and differentiable (:math:`\partial\ell/\partial T`
+      is returned like the other gradients); a traced value that is not a
+      finite number > 0 gives NaN.
+    bias: optional ``[V]`` output bias (one per column of ``w``), added
+      before the cap; its gradient is returned like those of ``x`` and ``w``.
+    filter_eps: opt-in gradient filtering (``"recompute"`` only, not with
+      ``label_smoothing``). The backward pass skips every tile of
+      ``[token_chunk_size, vocab_chunk_size]`` in which every token's largest
+      probability on the tile's columns is below ``filter_eps`` and no
+      token's label lies (decided from the per-tile row maxima kept by the
+      forward pass; a skipped tile is neither recomputed nor multiplied, via
+      `lax.cond`). The value is exact; each dropped entry of the logit
+      gradient ``g (p_j - [j=y])`` is below ``|g| filter_eps``, so a token's
+      logit gradient loses at most ``|g|`` times the probability mass of its
+      skipped tiles (L1). Recommended: ``2**-12`` for bfloat16 training (the
+      dropped entries are below bfloat16's resolution of the gradient's
+      largest entries), ``2**-20`` or smaller for float32. With it the
+      automatic tile is 256 tokens x 512 columns: a tile is skipped only if
+      all its tokens agree, so tiles are narrow in tokens.
+    return_lse: also return the per-token log-normalizer ``lse`` ``[...]``
+      (of the capped, tempered logits, for every token including the ones
+      that do not count).
+    strategy: ``"recompute"`` (default; temporary memory independent of N·V,
+      one extra matmul in the backward pass) or ``"store"`` (gradients formed in
+      the forward pass, one float32 ``w``-sized buffer kept for the backward
+      pass; needs ``reduction`` ``"mean"`` or ``"sum"``; its ``lse`` carries no
+      gradient).
+    w_layout: ``"dv"`` for ``w`` of shape ``[D, V]`` or ``"vd"`` for ``[V, D]``.
+    vocab_size: number of real classes when ``w`` has padding columns (rows for
+      ``"vd"``) at the end; those are excluded from the softmax. Default: all.
+    token_chunk_size: tokens per tile. Default: 2048 for ``"recompute"``;
+      for ``"store"`` as many as keep a ``[tokens, V]`` float32 tile at 64 MiB
+      (at least 8).
+    vocab_chunk_size: vocabulary columns per tile, ``"recompute"`` only.
+      Default 1024 (an 8 MiB float32 tile with the default token chunk).
+    precision: passed to `lax.dot_general` (as in ``jnp.matmul``).
+    mesh: optional `jax.sharding.Mesh` to place the computation on: tokens
+      sharded over ``data_axis``, the vocabulary of ``w`` (and ``bias``) over
+      ``vocab_axis`` (see `xentjax.parallel`). Chunk sizes then refer to one
+      device's shard. Without a mesh, inputs with `Explicit` shardings are
+      placed by their shardings.
+    data_axis: mesh axis (or tuple of axes) of the tokens, or None.
+    vocab_axis: mesh axis (or tuple of axes) of the vocabulary, or None.
+
+  Returns:
+    The loss: a scalar for ``"mean"``/``"sum"``, ``[...]`` for ``"none"``, in
+    float32 for 16-bit inputs (else the promoted dtype of ``x`` and ``w``).
+    With ``return_lse=True`` a pair ``(loss, lse)``, ``lse`` of shape ``[...]``
+    in the same dtype. Gradients of ``x``, ``w`` and ``bias`` come back in
+    their dtypes.
+
+  Note:
+    * Nothing counted (all ignored, all masked, an empty batch, or token
+      weights summing to 0): ``"mean"`` is NaN with zero gradients (the
+      library's convention, as the dense losses), ``"sum"`` is 0.
+    * A label outside ``[0, vocab_size)`` on a token that counts gives a NaN
+      loss and NaN gradients, never a silent finite number; comparisons are
+      made in the labels' own dtype (no wraparound of ``uint16`` or 64-bit
+      labels).
+    * ``lse - z_y`` is formed from statistics shifted by the row maximum, so
+      the loss keeps its precision for logits of large magnitude.
+    * ``-inf`` never occurs in the logits of finite inputs; padding columns
+      (``vocab_size``) are excluded exactly (probability 0, gradient 0).
+    * Inside ``jit``, all options except the arrays (and an array
+      ``temperature``) are static.
+    * Temporary memory of ``value_and_grad`` (default strategy, float32): a
+      few tiles plus a float32 ``[N, D]`` accumulator and a transposed copy of
+      ``x``, e.g. 128 MiB for N=8192, D=2048, V=262144 where the materialized
+      computation needs 16 GiB. On the CPU backend XLA runs bfloat16 matmuls
+      in float32 and keeps a float32 copy of ``w`` for the loop.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, xentjax
+    >>> x = jnp.ones((4, 8)); w = jnp.zeros((8, 10)); y = jnp.arange(4)
+    >>> round(float(xentjax.linear_softmax_cross_entropy(x, w, y)), 4)  # log(10)
+    2.3026
+
+  References:
+    Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024
+    (Apple's Cut Cross-Entropy; gradient filtering). Hsu et al., "Liger Kernel:
+    Efficient Triton Kernels for LLM Training", 2024. Milakov & Gimelshein,
+    "Online normalizer calculation for softmax", 2018. Chowdhery et al.,
+    "PaLM", 2022 (z-loss). Gemma Team, "Gemma 2", 2024 (logit soft-capping).
+  """
+  check_strategy(reduction, strategy, vocab_chunk_size)
+  eps = V.check_label_smoothing(label_smoothing)
+  lam = V.check_nonnegative("z_loss", z_loss)
+  head = Head(
+    w_layout, vocab_size, token_chunk_size, vocab_chunk_size, precision, mesh, data_axis, vocab_axis
+  )
+  filter_eps = check_filter_eps(filter_eps, strategy, eps)
+  call = prepare_call(
+    x,
+    w,
+    labels,
+    head,
+    ignore_index=ignore_index,
+    where=where,
+    strategy=strategy,
+    bias=bias,
+    logit_soft_cap=logit_soft_cap,
+    temperature=temperature,
+    filter_eps=filter_eps,
+  )
+  tok = call.tokens
+  class_weights = check_vector("class_weights", class_weights, tok.vocab_size, "one per class")
+  weights = check_weights(weights, tok.batch_shape)
+  # Weights are data, not parameters: no gradient flows into them.
+  weights, class_weights = lax.stop_gradient((weights, class_weights))
+  token_loss = CrossEntropyLoss(eps, lam, class_weights is not None)
+  aux, denom = per_token_operands(tok, weights, class_weights, reduction, strategy, eps)
+  ops, kernel = with_column_weights(call, class_weights, eps)
+  loss, lse = reduce(call, ops, kernel, aux, token_loss, denom, reduction, strategy)
+  return (loss, lse.reshape(tok.batch_shape)) if return_lse else loss
+
+
+def reduce(call: Call, ops, kernel, aux, token_loss, denom, reduction, strategy):
+  """`(loss, lse)`: the per-token loss on the kernel's statistics, reduced (both strategies)."""
+  if strategy == "store":
+    total, kept = run_store({**ops, "aux": aux}, kernel, call.tiling, token_loss, keep=("lse",))
+    loss = total if denom is None else jnp.where(denom == 0, jnp.nan, total)
+    return loss, lax.stop_gradient(kept["lse"])
+  out = run_recompute(ops, kernel, call.tiling)
+  return reduce_recompute(out, aux, token_loss, denom, reduction, call.tokens.batch_shape)
+
+
+def reduce_recompute(out: dict, aux: dict, token_loss, denom, reduction, batch_shape):
+  """`(loss, lse)` of strategy "recompute": the per-token loss on the statistics, reduced."""
+  s = {**out, "m": lax.stop_gradient(out["m"])}
+  per_token = token_loss(s, aux)
+  lse = s["m"] + s["log_s"]
+  if reduction == "none":
+    return per_token.reshape(batch_shape), lse
+  if reduction == "sum":
+    return jnp.sum(per_token), lse
+  return _core.mean_or_nan(jnp.sum(per_token), denom), lse

@@ -1,0 +1,515 @@
+"""The distillation losses: a teacher-student divergence on the engine, mixed outside it.
+
+`linear_distillation_loss` runs the `kernels.distillation.Divergence` kernel
+over tiles of both heads, `linear_topk_distillation_loss` the
+`kernels.distillation.TopkLogits` kernel over the student's; the mixing
+``(1 - alpha) T^2 D + alpha CE``, the masks and the reduction are ordinary
+JAX code (`DistillationLoss`), which strategy "store" runs inside the
+engine's one-pass sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from xentjax import _validation as V
+from xentjax._core import label_status, mean_or_nan
+from xentjax._vocab.engine import run_recompute, run_store
+from xentjax._vocab.inputs import Call, Head, Tokens, prepare_call
+from xentjax._vocab.kernels.distillation import Divergence, TopkLogits
+from xentjax._vocab.options import check_head, check_strategy, check_unit_interval
+
+# The store strategy holds two whole-row logit tiles (student and teacher)
+# and their softmaxes at once, so its automatic token chunk is half the fused
+# cross-entropy's (32 MiB per float32 tile).
+DISTILL_STORE_TILE = 1 << 23
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillationLoss:
+  """``r * ((1 - alpha) T^2 D + alpha CE)`` per token, 0 where ``r`` is 0 (static).
+
+  ``r`` (``aux["r"]``) is the token's weight: 1 (or 1/count in "store"'s
+  mean) where it counts, 0 elsewhere, NaN on a bad token. ``D`` is the
+  kernel's ``div``, or for a top-k teacher ``sum q log q - sum q a_idx +
+  lse_a``. A traced temperature is ``aux["temperature"]``; `differentiable`
+  names the entries of ``aux`` with gradients (for strategy "store").
+  """
+
+  hard_weight: float
+  temperature: float
+  topk: bool = False
+  differentiable: tuple = ()
+
+  def __call__(self, out: dict, aux: dict):
+    t = aux.get("temperature", self.temperature)
+    if self.topk:  # KL(q || p_s) over the saved entries
+      div = aux["qlogq"] - jnp.sum(aux["q"] * out["a_idx"], axis=-1) + out["lse_a"]
+    else:
+      div = out["div"]
+    loss = ((1.0 - self.hard_weight) * t**2) * div
+    if self.hard_weight > 0.0:
+      loss = loss + self.hard_weight * out["ce"]
+    r = aux["r"]
+    return jnp.where(r != 0.0, r * loss, 0.0)
+
+
+def prepare_student(
+  x, w, labels, head: Head, *, hard_weight, reduction, strategy, ignore_index, where, temperature
+) -> tuple[Call, float]:
+  """`(call, alpha)`: the student's `Call` and the checked hard-label weight.
+
+  The checks both losses share, and `inputs.prepare_call` for the student.
+  """
+  alpha = check_unit_interval("hard_weight", hard_weight)
+  if labels is None and alpha > 0.0:
+    raise ValueError(
+      f"`hard_weight`={hard_weight!r} mixes in the cross-entropy with `labels`, but "
+      "labels=None: pass integer labels [...] or hard_weight=0."
+    )
+  check_strategy(reduction, strategy, head.vocab_chunk_size)
+  c = prepare_call(
+    x,
+    w,
+    labels,
+    head,
+    ignore_index=ignore_index,
+    where=where,
+    strategy=strategy,
+    temperature=temperature,
+    store_tile=DISTILL_STORE_TILE,
+    student=True,
+  )
+  if alpha == 0.0:  # the labels only carry `ignore_index`
+    c = c._replace(ops={**c.ops, "rows": {k: v for k, v in c.ops["rows"].items() if k != "labels"}})
+  return c, alpha
+
+
+def distill(call: Call, kernel, aux: dict, loss: DistillationLoss, strategy, reduction):
+  """Runs the kernel and reduces `loss` over the tokens that count."""
+  tok = call.tokens
+  counted, bad = tok.status.counted, tok.status.bad
+  count = jnp.sum(counted).astype(tok.cdt)
+  if "temperature" in call.ops["rows"]:
+    aux = {**aux, "temperature": call.ops["rows"]["temperature"]}
+  if strategy == "store":
+    r = jnp.where(counted, 1.0, 0.0).astype(tok.cdt)
+    if reduction == "mean":
+      r = r / jnp.maximum(count, 1.0)
+    r = jnp.where(bad, jnp.nan, r)
+    total, _ = run_store({**call.ops, "aux": {**aux, "r": r}}, kernel, call.tiling, loss)
+    return jnp.where(count == 0, jnp.nan, total) if reduction == "mean" else total
+  out = run_recompute(call.ops, kernel, call.tiling)
+  r = jnp.where(bad, jnp.nan, jnp.where(counted, 1.0, 0.0)).astype(tok.cdt)
+  per_token = loss(out, {**aux, "r": r})
+  if reduction == "none":
+    return per_token.reshape(tok.batch_shape)
+  if reduction == "sum":
+    return jnp.sum(per_token)
+  return mean_or_nan(jnp.sum(per_token), count)
+
+
+def traced(call: Call) -> bool:
+  return "temperature" in call.ops["rows"]
+
+
+def linear_distillation_loss(
+  x: jax.typing.ArrayLike,
+  w: jax.typing.ArrayLike,
+  teacher_x: jax.typing.ArrayLike,
+  teacher_w: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike | None = None,
+  *,
+  beta: float = 0.0,
+  temperature: float | jax.typing.ArrayLike = 1.0,
+  hard_weight: float = 0.0,
+  ignore_index: int = -100,
+  where: jax.typing.ArrayLike | None = None,
+  reduction: str = "mean",
+  strategy: Literal["recompute", "store"] = "recompute",
+  teacher_w_layout: Literal["dv", "vd"] = "dv",
+  w_layout: Literal["dv", "vd"] = "dv",
+  vocab_size: int | None = None,
+  token_chunk_size: int | None = None,
+  vocab_chunk_size: int | None = None,
+  precision: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
+  data_axis: Any = "data",
+  vocab_axis: Any = "vocab",
+) -> jax.Array:
+  r"""Teacher-student divergence of the logits ``x @ w`` and ``teacher_x @ teacher_w``, fused.
+
+  Neither logit array is ever materialized. For each token, with student
+  logits :math:`z_s = x^\top w`, teacher logits :math:`z_t = x_t^\top w_t`,
+  :math:`p_s = \mathrm{softmax}(z_s/T)` and :math:`p_t = \mathrm{softmax}(z_t/T)`:
+
+  .. math::
+
+    D_\beta = \begin{cases}
+      \mathrm{KL}(p_t \,\|\, p_s) = \sum_j p_{t,j} (\log p_{t,j} - \log p_{s,j}) & \beta = 0\\
+      \beta\,\mathrm{KL}(p_t \,\|\, m) + (1-\beta)\,\mathrm{KL}(p_s \,\|\, m),
+        \quad m = \beta p_t + (1-\beta) p_s & 0 < \beta < 1\\
+      \mathrm{KL}(p_s \,\|\, p_t) & \beta = 1
+    \end{cases}
+
+    \ell = (1-\alpha)\, T^2 D_\beta + \alpha\, \mathrm{CE}(z_s, y),
+    \qquad \mathrm{CE}(z_s, y) = \mathrm{lse}(z_s) - z_{s,y}
+
+  (the generalized Jensen-Shannon divergence of Agarwal et al.; the factor
+  :math:`T^2` of Hinton et al. keeps gradient scales independent of
+  :math:`T`; the cross-entropy uses the untempered student logits). Equal, to
+  float32 rounding, values and gradients, to
+
+  .. code-block:: python
+
+    a = jax.nn.log_softmax(x @ w / T)
+    b = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_x @ teacher_w) / T)
+    kl = (jnp.exp(b) * (b - a)).sum(-1)   # beta = 0
+
+  followed by the mixing, masking and reduction. Gradients flow to ``x`` and
+  ``w`` only: the teacher is a constant (`lax.stop_gradient`), and its tiles
+  are recomputed only to rebuild :math:`p_t`; no teacher cotangent is formed.
+
+  Args:
+    x: student hidden states ``[..., D]``, any leading batch shape.
+    w: student head ``[D, V]`` (or ``[V, D]`` with ``w_layout="vd"``).
+    teacher_x: teacher hidden states ``[..., D_t]`` (same leading shape as
+      ``x``; ``D_t`` may differ from ``D``).
+    teacher_w: teacher head ``[D_t, V]`` (or ``[V, D_t]`` with
+      ``teacher_w_layout="vd"``), with the same number of vocabulary columns
+      as ``w``.
+    labels: optional integer labels ``[...]``: the hard targets of the
+      cross-entropy term (needed when ``hard_weight > 0``) and the carrier of
+      ``ignore_index``. A label outside ``[0, vocab_size)`` on a token that
+      counts gives NaN (``xentjax.check_labels`` checks eagerly).
+    beta: :math:`\beta \in [0, 1]`: 0 forward KL (default), 1 reverse KL,
+      in between the generalized JSD.
+    temperature: :math:`T > 0` (default 1): a Python number (checked now),
+      or an array, a scalar or one per token (broadcastable to
+      ``x.shape[:-1]``), traced (a sweep over values compiles once) and
+      differentiable (the :math:`T^2` factor and both tempered
+      distributions); a traced value that is not a finite number > 0 gives
+      NaN.
+    hard_weight: :math:`\alpha \in [0, 1]`, the weight of the hard-label
+      cross-entropy (default 0).
+    ignore_index: label of tokens that do not count (applied through
+      ``labels`` when given).
+    where: optional boolean token mask broadcastable to ``x.shape[:-1]``.
+    reduction: ``"mean"`` over the tokens that count (NaN, with a zero
+      gradient, when none counts), ``"sum"``, or ``"none"`` (per token
+      ``[...]``, 0 where a token does not count).
+    strategy: ``"recompute"`` (default: the forward pass keeps a few numbers
+      per token and the backward pass recomputes the tiles of both heads;
+      temporary memory independent of N·V) or ``"store"`` (one pass over
+      whole rows forms loss and gradients; no recomputation, one float32
+      ``w``-sized buffer; ``reduction`` ``"mean"`` or ``"sum"``).
+    w_layout, teacher_w_layout: ``"dv"`` (``[D, V]``) or ``"vd"`` (``[V, D]``).
+    vocab_size: number of real classes when both heads have padding columns at
+      the end (excluded exactly). Default: all columns.
+    token_chunk_size, vocab_chunk_size: tile sizes (as in
+      `xentjax.linear_softmax_cross_entropy`; automatic by default).
+    precision: passed to `lax.dot_general`.
+    mesh, data_axis, vocab_axis: vocabulary parallelism. With a
+      `jax.sharding.Mesh`, tokens are sharded over ``data_axis`` and both heads
+      over their vocabulary axis along ``vocab_axis`` (as in
+      `xentjax.parallel.linear_softmax_cross_entropy`); no vocabulary-sized
+      array is ever gathered.
+
+  Returns:
+    A scalar for ``"mean"``/``"sum"``, ``[...]`` for ``"none"``; float32 for
+    16-bit inputs (which accumulate logits, statistics and gradients in
+    float32), else the promoted dtype. Gradients of ``x`` and ``w`` come back
+    in their dtypes.
+
+  Note:
+    * All options other than the arrays (and an array ``temperature``) are
+      static (Python numbers).
+    * The forward and reverse KL need one pass over the tiles of both heads in
+      the forward pass; the generalized JSD needs two (``log m`` needs both
+      normalizers first). ``"recompute"`` then recomputes the tiles once more
+      in the backward pass.
+    * Inputs with `Explicit` mesh shardings run through `shard_map` with the
+      layout read from ``x`` and ``w``.
+
+  Example:
+    >>> import jax.numpy as jnp, xentjax
+    >>> x = jnp.ones((4, 8)); w = jnp.zeros((8, 10))
+    >>> float(xentjax.linear_distillation_loss(x, w, x, w))  # identical models
+    0.0
+
+  References:
+    Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network",
+    2015. Agarwal et al., "On-Policy Distillation of Language Models: Learning
+    from Self-Generated Mistakes" (generalized JSD), 2024. Hsu et al., "Liger
+    Kernel", 2024 (fused linear JSD). Milakov & Gimelshein, "Online normalizer
+    calculation for softmax", 2018.
+  """
+  head = Head(
+    w_layout, vocab_size, token_chunk_size, vocab_chunk_size, precision, mesh, data_axis, vocab_axis
+  )
+  call, alpha = prepare_student(
+    x,
+    w,
+    labels,
+    head,
+    hard_weight=hard_weight,
+    reduction=reduction,
+    strategy=strategy,
+    ignore_index=ignore_index,
+    where=where,
+    temperature=temperature,
+  )
+  b = check_unit_interval("beta", beta)
+  tx, tw, tvd = check_teacher(call.tokens, teacher_x, teacher_w, teacher_w_layout)
+  call = call._replace(
+    tiling=dataclasses.replace(call.tiling, teacher_vd=tvd),
+    ops={**call.ops, "teacher_x": tx, "teacher_w": tw},
+  )
+  t = call.tiling.temperature
+  own_z = alpha > 0.0 and (traced(call) or t != 1.0)
+  kernel = Divergence(beta=b, hard=alpha > 0.0, own_z=own_z, traced=traced(call))
+  loss = DistillationLoss(alpha, t, differentiable=("temperature",) * traced(call))
+  return distill(call, kernel, {}, loss, strategy, reduction)
+
+
+def check_teacher(tok: Tokens, teacher_x, teacher_w, teacher_w_layout):
+  """`(teacher_x [n, D_t], teacher_w, vd)`: the teacher as constants, checked against `tok`."""
+  tx, tw, tvd, t_cols = check_head(
+    "teacher_x", teacher_x, "teacher_w", teacher_w, "teacher_w_layout", teacher_w_layout
+  )
+  if tx.shape[:-1] != tok.batch_shape:
+    raise ValueError(
+      f"`teacher_x` must have the leading (token) shape of `x`, got "
+      f"teacher_x.shape={tx.shape} and x.shape={(*tok.batch_shape, tok.x.shape[1])}."
+    )
+  if t_cols != tok.n_cols:
+    w_layout = "vd" if tok.vd else "dv"
+    raise ValueError(
+      f"The student and teacher vocabularies differ: `w` has V={tok.n_cols} columns "
+      f"(w.shape={tok.w.shape}, w_layout={w_layout!r}) and `teacher_w` has V={t_cols} "
+      f"(teacher_w.shape={tw.shape}, teacher_w_layout={teacher_w_layout!r}). Both heads must "
+      "map into the same vocabulary; pad the smaller one with zero columns and pass "
+      "vocab_size=... to exclude the padding."
+    )
+  tx = lax.stop_gradient(tx.reshape(tok.x.shape[0], tx.shape[-1]))
+  return tx, lax.stop_gradient(tw), tvd
+
+
+# ----------------------------------------------------------------------------
+# Top-k teachers.
+
+
+def topk_teacher(idx, logprobs, temperature, vocab_size, cdt):
+  """`q = softmax(logprobs / T)` over the k entries, `sum q log q`, and which rows are bad.
+
+  A row is bad when an index is outside ``[0, vocab_size)``, a log-probability
+  is positive or NaN, or every log-probability is ``-inf`` (no distribution).
+  Bad rows get a harmless uniform ``q`` (their loss is NaN anyway).
+  `temperature`: a Python float or per-token rows ``[n]``.
+  """
+  status = label_status(idx, vocab_size)
+  lp = logprobs.astype(cdt)
+  bad_entry = status.bad | (lp > 0.0) | jnp.isnan(lp)
+  bad = jnp.any(bad_entry, axis=-1) | jnp.all(lp == -jnp.inf, axis=-1)
+  t = temperature if isinstance(temperature, float) else temperature[:, None]
+  scaled = jnp.where(bad[..., None], 0.0, lp / t)
+  logq = jax.nn.log_softmax(scaled, axis=-1)
+  q = jnp.exp(logq)
+  qlogq = jnp.sum(jnp.where(q > 0.0, q * logq, 0.0), axis=-1)
+  return status.index, q, qlogq, bad
+
+
+def check_topk_teacher(
+  teacher_indices: jax.typing.ArrayLike,
+  teacher_logprobs: jax.typing.ArrayLike,
+  vocab_size: int,
+  *,
+  atol: float = 1e-2,
+) -> None:
+  """Eagerly checks a saved top-k teacher; raises `ValueError` naming the bad argument.
+
+  Inside `jit` a token with a bad teacher entry gets a NaN loss (nothing can
+  raise there); call this on the saved arrays before training to find them.
+  Checks: ``teacher_indices`` integer, in ``[0, vocab_size)``;
+  ``teacher_logprobs`` float, of the same shape, no NaN, no positive value,
+  not all ``-inf`` in a row, and probabilities summing to at most
+  ``1 + atol`` per row (they are a part of one distribution).
+
+  Example:
+    >>> import numpy as np, xentjax
+    >>> xentjax.check_topk_teacher(np.array([[3, 1]]), np.log([[0.6, 0.3]]), 10)
+  """
+  V.check_integer("teacher_indices", teacher_indices)
+  V.check_floating("teacher_logprobs", teacher_logprobs)
+  idx = np.asarray(teacher_indices)
+  lp = np.asarray(teacher_logprobs, np.float64)
+  V.check_same_shape("teacher_indices", idx, "teacher_logprobs", lp)
+  if idx.ndim < 1 or idx.shape[-1] < 1:
+    raise ValueError(f"`teacher_indices` must be [..., k] with k >= 1, got shape {idx.shape}.")
+  out = (idx < 0) | (idx >= vocab_size)
+  if out.any():
+    pos = tuple(int(i) for i in np.argwhere(out)[0])
+    raise ValueError(
+      f"`teacher_indices` has {int(out.sum())} entries outside [0, {vocab_size}), e.g. "
+      f"{idx[pos]} at {pos}."
+    )
+  for what, badv in (("NaN", np.isnan(lp)), ("positive (not a log-probability)", lp > 0.0)):
+    if badv.any():
+      pos = tuple(int(i) for i in np.argwhere(badv)[0])
+      raise ValueError(
+        f"`teacher_logprobs` has {int(badv.sum())} {what} entries, e.g. {lp[pos]!r} at {pos}."
+      )
+  dead = np.all(lp == -np.inf, axis=-1)
+  if dead.any():
+    pos = tuple(int(i) for i in np.argwhere(dead)[0])
+    raise ValueError(f"`teacher_logprobs` is -inf in every entry of row {pos}: no distribution.")
+  mass = np.exp(lp).sum(-1)
+  over = mass > 1.0 + atol
+  if over.any():
+    pos = tuple(int(i) for i in np.argwhere(over)[0])
+    raise ValueError(
+      f"`teacher_logprobs` are not log-probabilities of one distribution: row {pos} sums "
+      f"to probability {mass[pos]:.4f} > 1 + {atol:g}."
+    )
+
+
+def linear_topk_distillation_loss(
+  x: jax.typing.ArrayLike,
+  w: jax.typing.ArrayLike,
+  teacher_indices: jax.typing.ArrayLike,
+  teacher_logprobs: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike | None = None,
+  *,
+  temperature: float | jax.typing.ArrayLike = 1.0,
+  hard_weight: float = 0.0,
+  ignore_index: int = -100,
+  where: jax.typing.ArrayLike | None = None,
+  reduction: str = "mean",
+  strategy: Literal["recompute", "store"] = "recompute",
+  w_layout: Literal["dv", "vd"] = "dv",
+  vocab_size: int | None = None,
+  token_chunk_size: int | None = None,
+  vocab_chunk_size: int | None = None,
+  precision: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
+  data_axis: Any = "data",
+  vocab_axis: Any = "vocab",
+) -> jax.Array:
+  r"""Offline distillation from a saved top-k teacher, without the student's logits.
+
+  The teacher was run ahead of time and kept, per token, its ``k`` most likely
+  tokens ``teacher_indices`` and their log-probabilities ``teacher_logprobs``.
+  With :math:`\hat p_t` the teacher renormalized over those ``k`` tokens and
+  :math:`p_s = \mathrm{softmax}(z_s / T)` the student's full-vocabulary
+  distribution (:math:`z_s = x^\top w`):
+
+  .. math::
+
+    \hat p_{t,i} = \frac{e^{\ell_i / T}}{\sum_{i'=1}^{k} e^{\ell_{i'} / T}}, \qquad
+    D = \sum_{i=1}^{k} \hat p_{t,i} \big(\log \hat p_{t,i} - \log p_{s, j_i}\big),
+    \qquad \ell = (1-\alpha)\, T^2 D + \alpha\, \mathrm{CE}(z_s, y),
+
+  with :math:`j_i` the saved indices and :math:`\ell_i` their log-probabilities.
+  :math:`\log p_{s,j} = z_{s,j}/T - \mathrm{lse}(z_s/T)` is exact: the
+  log-normalizer comes from the full vocabulary (streamed over tiles, as in
+  `xentjax.linear_softmax_cross_entropy`), and the logits at the saved indices
+  are picked out of the same tiles, so no ``[N, k, D]`` gather of ``w`` is
+  formed. The gradient with respect to the student logits is
+  :math:`(1-\alpha)\,T\,(p_s - \mathrm{scatter}(\hat p_t)) + \alpha\,(\mathrm{softmax}(z_s) - \mathrm{onehot}(y))`.
+
+  Why renormalize: the saved probabilities sum to less than 1 (the tail is
+  lost), so they are not a distribution, and a temperature cannot be applied
+  to them otherwise (``softmax(log p / T)`` over the saved tokens is exactly
+  the tempered teacher restricted to them). What it loses: the teacher's tail
+  mass and its shape. :math:`D \ge -\log \sum_i p_{s,j_i} \ge 0`, and it is 0
+  only when the student puts all its mass on the saved tokens in the teacher's
+  proportions: the student is pushed to concentrate on the top-k, it learns
+  nothing about the ranking of the other tokens, and with small ``k`` it
+  becomes more confident than the teacher was.
+
+  Args:
+    x: student hidden states ``[..., D]``.
+    w: student head ``[D, V]`` (or ``[V, D]`` with ``w_layout="vd"``).
+    teacher_indices: integer ``[..., k]``, the teacher's top-k token ids.
+    teacher_logprobs: float ``[..., k]``, their log-probabilities (``<= 0``;
+      ``-inf`` allowed for probability 0).
+    labels, temperature, hard_weight: as in `xentjax.linear_distillation_loss`.
+    ignore_index, where, reduction, strategy: likewise.
+    w_layout, vocab_size, token_chunk_size, vocab_chunk_size: likewise.
+    precision, mesh, data_axis, vocab_axis: likewise.
+
+  Returns:
+    As `xentjax.linear_distillation_loss`.
+
+  Note:
+    Inside `jit` values cannot raise: a token that counts and whose saved
+    indices fall outside ``[0, vocab_size)``, or whose log-probabilities are
+    positive, NaN or all ``-inf``, gets a NaN loss (and NaN gradients).
+    `xentjax.check_topk_teacher` checks the saved arrays eagerly.
+
+  Example:
+    >>> import jax.numpy as jnp, xentjax
+    >>> x = jnp.ones((2, 4)); w = jnp.zeros((4, 10))
+    >>> idx = jnp.array([[0, 1], [2, 3]]); lp = jnp.log(jnp.full((2, 2), 0.4))
+    >>> round(float(xentjax.linear_topk_distillation_loss(x, w, idx, lp)), 4)  # log(10/2)
+    1.6094
+
+  References:
+    Hinton, Vinyals & Dean, 2015. Raman et al., "For Distillation, Tokens Are
+    Not All You Need", 2023 (top-k logit distillation).
+  """
+  head = Head(
+    w_layout, vocab_size, token_chunk_size, vocab_chunk_size, precision, mesh, data_axis, vocab_axis
+  )
+  call, alpha = prepare_student(
+    x,
+    w,
+    labels,
+    head,
+    hard_weight=hard_weight,
+    reduction=reduction,
+    strategy=strategy,
+    ignore_index=ignore_index,
+    where=where,
+    temperature=temperature,
+  )
+  tok, t = call.tokens, call.tiling.temperature
+  idx, lp = check_topk_shapes(tok, teacher_indices, teacher_logprobs)
+  rows = call.ops["rows"]
+  idx, q, qlogq, bad_t = topk_teacher(
+    idx, lax.stop_gradient(lp), rows.get("temperature", t), tok.vocab_size, tok.cdt
+  )
+  st = tok.status  # a token that counts with a bad teacher entry is a bad token
+  tok = tok._replace(status=st._replace(bad=st.bad | (st.counted & bad_t)))
+  call = call._replace(tokens=tok, ops={**call.ops, "rows": {**rows, "idx": idx}})
+  own_z = alpha > 0.0 and (traced(call) or t != 1.0)
+  kernel = TopkLogits(k=idx.shape[1], hard=alpha > 0.0, own_z=own_z)
+  grads = ("q", "qlogq", "temperature") if traced(call) else ()
+  loss = DistillationLoss(alpha, t, topk=True, differentiable=grads)
+  return distill(call, kernel, {"q": q, "qlogq": qlogq}, loss, strategy, reduction)
+
+
+def check_topk_shapes(tok: Tokens, teacher_indices, teacher_logprobs):
+  """The saved teacher's `(indices, logprobs)`, each flattened to `[n, k]`."""
+  V.check_integer("teacher_indices", teacher_indices)
+  V.check_floating("teacher_logprobs", teacher_logprobs)
+  idx, lp = jnp.asarray(teacher_indices), jnp.asarray(teacher_logprobs)
+  V.check_same_shape("teacher_indices", idx, "teacher_logprobs", lp)
+  k = idx.shape[-1] if idx.ndim else 0
+  if idx.shape[:-1] != tok.batch_shape or k < 1:
+    raise ValueError(
+      f"`teacher_indices` and `teacher_logprobs` must be [..., k] (k >= 1) with the token "
+      f"shape of `x` {tok.batch_shape}, got teacher_indices.shape={idx.shape}."
+    )
+  if k > tok.vocab_size:
+    raise ValueError(
+      f"`teacher_indices` has k={k} entries per token, more than the vocabulary ({tok.vocab_size})."
+    )
+  n = tok.x.shape[0]
+  return idx.reshape(n, k), lp.reshape(n, k)

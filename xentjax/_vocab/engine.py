@@ -1,0 +1,560 @@
+"""The tiled sweep, written once: forward passes, recompute backward, store, filtering.
+
+The engine loops over ``[tokens, columns]`` tiles of the logits of a linear
+head (`tiles.logit_tile`); a *kernel* (`Kernel`) says what is computed. The
+forward pass runs ``kernel.passes`` sweeps over every tile (two where a
+quantity needs the log-normalizers first, as the generalized JSD does); each
+sweep accumulates the kernel's state, which ``kernel.finish`` combines across
+vocabulary shards into per-token rows (and per-column rows) that later
+passes, the outputs and the backward pass read. Two strategies:
+
+* ``"recompute"`` (`recompute`): a `jax.custom_vjp` whose forward pass keeps
+  the kernel's outputs and a few per-token residuals, and whose backward pass
+  recomputes each tile and asks the kernel for its cotangent (vocabulary
+  chunks outside, token chunks inside, so each chunk's weight gradient is
+  complete when the inner loop ends). Optional gradient filtering skips tiles
+  whose probabilities are all below ``filter_eps`` (`keep_tiles`).
+* ``"store"`` (`store`): for a scalar ``sum_i f(outputs_i, aux_i)`` with a
+  per-token ``f`` known in advance, one pass over token chunks of whole
+  vocabulary rows forms the outputs, ``f``'s gradient (`jax.vjp` of ``f`` on
+  each chunk) and every gradient at once; the backward pass only scales them.
+
+Both run on one device or under `jax.shard_map` (`placement.sharded`), with
+the kernel's own collectives in ``finish``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from xentjax import _validation as V
+from xentjax._vocab.placement import data_sum, place_tree, sharded, specs, vocab_sum
+from xentjax._vocab.tiles import (
+  Tile,
+  Tiling,
+  column_offset,
+  cotangent,
+  dot_dw,
+  dot_dx,
+  fold,
+  given_tile,
+  head_chunk,
+  logit_tile,
+  put_rows,
+  rows_of,
+)
+
+
+class Kernel:
+  """What a quantity computes over the tiles; the engine does the looping.
+
+  A kernel is a frozen (hashable) dataclass with these attributes and methods:
+
+  * ``passes``: the number of forward sweeps (1, or 2 when the second needs
+    what the first finished into).
+  * ``outputs``: names of the per-token rows returned to the caller;
+    ``differentiable``: those whose cotangents the kernel reads back (as
+    ``rows["g_" + name]``); ``saved``: other rows the backward pass needs.
+    ``column_outputs``, ``column_differentiable`` and ``column_saved``: the
+    same for per-column results (read back from ``tile.cols``).
+  * ``init(p, n, n_cols, tiling, cdt)``: the state of pass ``p``, a pair
+    ``(per-token dict [n, ...], per-column dict [n_cols, ...])``.
+  * ``update(p, state, tile, rows)``: the state after one more `Tile`;
+    ``state`` and ``rows`` are the tile's slices (its tokens; its columns for
+    the per-column state, whose operands are ``tile.cols``).
+  * ``finish(p, state, rows, tiling)``: ``(new per-token rows, new per-column
+    rows)`` from the state, combined across shards with the collectives of
+    `xentjax._vocab.placement` (``vocab_*`` for per-token state over the
+    vocabulary axis, ``column_*`` for per-column state over the tokens).
+  * ``cotangent(tile, rows)``: ``{"a": dL/da, "z": dL/dz, "b": dL/db}`` of the
+    tile (each optional: ``a`` the tempered logits, ``z`` the untempered
+    ones, ``b`` the teacher's, needed only for a traced temperature).
+  * optionally ``filter_terms(rows)`` for gradient filtering: ``(log of the
+    largest probability per [token, vocabulary chunk], labels, label_live)``.
+  """
+
+  passes = 1
+  outputs: tuple = ()
+  differentiable: tuple = ()
+  saved: tuple = ()
+  column_outputs: tuple = ()
+  column_differentiable: tuple = ()
+  column_saved: tuple = ()
+
+
+def dtypes_of(ops: dict) -> tuple:
+  heads = ("x", "w", "teacher_x", "teacher_w")
+  return tuple(ops[k].dtype for k in heads if k in ops)
+
+
+def n_columns(ops: dict, tiling: Tiling) -> int:
+  return ops["w"].shape[0 if tiling.vd else 1]
+
+
+def vocabulary_shard(ops: dict, tiling: Tiling, **state) -> dict:
+  """The vocabulary side of a sweep: what a ring placement passes around.
+
+  The head's columns ``w`` (and ``bias``, ``teacher_w``), the per-column
+  operands ``cols``, the global index of the first column ``offset``, and
+  the per-column ``state`` (the kernel's, or the gradients of ``w``).
+  """
+  shard = {k: ops[k] for k in ("w", "bias", "teacher_w") if k in ops}
+  offset = column_offset(tiling, n_columns(ops, tiling))
+  return {**shard, "cols": ops["cols"], "offset": offset, **state}
+
+
+def over_vocabulary(body, carry, shard: dict, n_cols: int, tiling: Tiling):
+  """`(carry, shard) = body((carry, shard), v0, vsize)` over every column this device sees.
+
+  On one device, or with the vocabulary sharded over ``vocab_axis``: the
+  chunks of the local shard (`tiles.fold`). With a ring placement (the
+  columns sharded over the data axis like the tokens): one round per device
+  of the axis, after each of which the shard -- its columns, operands and
+  per-column state -- moves one device on (`lax.ppermute`); after the last
+  round only the per-column state moves, which brings it home complete.
+  """
+  pl = tiling.placement
+
+  def local(pair):
+    return fold(n_cols, tiling.vocab_chunk, body, pair)
+
+  if not pl.ring or pl.data_shards == 1:
+    return local((carry, shard))
+  perm = [(i, (i + 1) % pl.data_shards) for i in range(pl.data_shards)]
+
+  def move(shard, keys):
+    return {**shard, **lax.ppermute({k: shard[k] for k in keys}, pl.data_axis, perm)}
+
+  def round_(pair, _, __):
+    carry, shard = local(pair)
+    return carry, move(shard, tuple(shard))
+
+  carry, shard = fold(pl.data_shards - 1, 1, round_, (carry, shard))
+  carry, shard = local((carry, shard))
+  return carry, move(shard, ("state",))
+
+
+def chunk_heads(x: dict, shard: dict, v0, vsize, tiling: Tiling) -> dict:
+  """The heads' columns `[v0, v0 + vsize)` of the shard: what `tiles.logit_tile` multiplies."""
+  heads = {"x": x["x"], "w_c": head_chunk(shard["w"], v0, vsize, tiling.vd)}
+  if "bias" in shard:
+    heads["bias_c"] = lax.dynamic_slice_in_dim(shard["bias"], v0, vsize, 0)
+  if "teacher_x" in x:
+    heads["teacher_x"] = x["teacher_x"]
+    heads["teacher_w_c"] = head_chunk(shard["teacher_w"], v0, vsize, tiling.teacher_vd)
+  return heads
+
+
+def sweep(update, state, ops: dict, tiling: Tiling, cdt):
+  """`state = update(state_tile, tile, rows_tile)` over every tile of this device.
+
+  Vocabulary chunks outside (`over_vocabulary`), token chunks inside. `state`
+  is the pair (per-token dict, per-column dict); the per-column state of a
+  chunk is carried through its token loop.
+  """
+  n, n_cols = ops["x"].shape[0], n_columns(ops, tiling)
+  rows = ops["rows"]
+  tok, col = state
+
+  def vocab_body(pair, v0, vsize):
+    tok, shard = pair
+    heads = chunk_heads(ops, shard, v0, vsize, tiling)
+    cols_c = rows_of(shard["cols"], v0, vsize)
+    chunk = v0 // tiling.vocab_chunk
+
+    def token_body(carry, t0, tsize):
+      tok, col_c = carry
+      r = rows_of(rows, t0, tsize)
+      tile = logit_tile(heads, t0, tsize, shard["offset"] + v0, chunk, r, cols_c, tiling, cdt)
+      new, col_c = update((rows_of(tok, t0, tsize), col_c), tile, r)
+      return put_rows(tok, new, t0), col_c
+
+    col_c = rows_of(shard["state"], v0, vsize)
+    tok, col_c = fold(n, tiling.token_chunk, token_body, (tok, col_c))
+    return tok, {**shard, "state": put_rows(shard["state"], col_c, v0)}
+
+  tok, shard = over_vocabulary(
+    vocab_body, tok, vocabulary_shard(ops, tiling, state=col), n_cols, tiling
+  )
+  return tok, shard["state"]
+
+
+def forward_local(ops: dict, kernel, tiling: Tiling) -> dict:
+  """Every pass of `kernel` over this device's tiles: the rows (and columns) it finished into."""
+  cdt = V.compute_dtype(*dtypes_of(ops))
+  n, n_cols = ops["x"].shape[0], n_columns(ops, tiling)
+  rows, cols = dict(ops["rows"]), dict(ops["cols"])
+  for p in range(kernel.passes):
+    state = kernel.init(p, n, n_cols, tiling, cdt)
+    state = sweep(
+      functools.partial(kernel.update, p), state, {**ops, "rows": rows, "cols": cols}, tiling, cdt
+    )
+    new_rows, new_cols = kernel.finish(p, state, rows, tiling)
+    rows.update(new_rows)
+    cols.update(new_cols)
+  out = {k: rows[k] for k in (*kernel.outputs, *kernel.saved)}
+  return {**out, "cols": {k: cols[k] for k in (*kernel.column_outputs, *kernel.column_saved)}}
+
+
+# ----------------------------------------------------------------------------
+# Strategy "recompute": the kernel's outputs with a custom VJP.
+
+
+def keep_tiles(rows: dict, n_cols: int, kernel, tiling: Tiling):
+  """`[token tiles, vocabulary tiles]` bool: the tiles gradient filtering keeps.
+
+  A tile is skipped when, for every token in it whose outputs carry a
+  cotangent, the largest probability on the tile's columns (from the
+  per-chunk maxima of the forward pass) is below ``filter_eps``, and no such
+  token's label lies in it (so the one-hot term of the gradient is never
+  dropped).
+  """
+  tc, vc = tiling.token_chunk, tiling.vocab_chunk
+  logp, labels, label_live = kernel.filter_terms(rows)
+  n = logp.shape[0]
+  n_tt, n_vt = -(-n // tc), -(-n_cols // vc)
+  logp = jnp.pad(logp, ((0, n_tt * tc - n), (0, 0)), constant_values=-jnp.inf)
+  keep = jnp.max(logp.reshape(n_tt, tc, n_vt), axis=1) >= math.log(tiling.filter_eps)
+  local = labels - column_offset(tiling, n_cols)
+  hit = label_live & (local >= 0) & (local < n_cols)
+  tt = jnp.arange(n) // tc
+  vt = jnp.where(hit, local, 0) // vc
+  return keep.astype(jnp.int32).at[tt, vt].max(hit.astype(jnp.int32)) > 0
+
+
+def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
+  """Gradients of `x`, `w`, `bias` and a traced temperature from the rows of `a`.
+
+  Vocabulary chunks outside, token chunks inside, so the weight gradient of a
+  chunk is complete (and summed over data shards) when the inner loop ends.
+  For the "dv" layout `x` is transposed once, to `[D, N]` in the inputs'
+  dtype, so that every weight-gradient matmul is an ordinary one (see
+  `tiles.dot_dw`; about 4% of the fwd+bwd time on CPU, for one more
+  `x`-sized buffer).
+  """
+  x, w, bias, rows = a["x"], a["w"], a.get("bias"), a["rows"]
+  cdt = V.compute_dtype(*dtypes_of(a))
+  op_dt = jnp.result_type(x.dtype, w.dtype)
+  n, n_cols = x.shape[0], n_columns(a, tiling)
+  keep = None if tiling.filter_eps is None else keep_tiles(rows, n_cols, kernel, tiling)
+  xT = None if tiling.vd else x.astype(op_dt).T
+  reduce_w = not tiling.placement.ring  # on a ring each shard collects its gradient itself
+
+  def vocab_body(pair, v0, vsize):
+    (dx, dt), shard = pair
+    heads = chunk_heads(a, shard, v0, vsize, tiling)
+    cols_c = rows_of(shard["cols"], v0, vsize)
+
+    def tile_grads(carry, t0, tsize):
+      dx, dw_c, db_c, dt = carry
+      r = rows_of(rows, t0, tsize)
+      tile = logit_tile(heads, t0, tsize, shard["offset"] + v0, None, r, cols_c, tiling, cdt)
+      dz, dt_t = cotangent(kernel.cotangent(tile, r), tile, tiling)
+      dx_t = lax.dynamic_slice_in_dim(dx, t0, tsize, 0) + dot_dx(
+        dz, heads["w_c"], op_dt, tiling, cdt
+      )
+      xT_t = None if xT is None else lax.dynamic_slice_in_dim(xT, t0, tsize, 1)
+      dw_c = dw_c + dot_dw(tile_x(x, t0, tsize), dz, op_dt, tiling, cdt, xT_t)
+      db_c = None if db_c is None else db_c + jnp.sum(dz, axis=0)
+      dt = None if dt is None else put_rows(dt, rows_of(dt, t0, tsize) + dt_t, t0)
+      return lax.dynamic_update_slice_in_dim(dx, dx_t, t0, 0), dw_c, db_c, dt
+
+    def token_body(carry, t0, tsize):
+      if keep is None:
+        return tile_grads(carry, t0, tsize)
+      kept = keep[t0 // tiling.token_chunk, v0 // tiling.vocab_chunk]
+      return lax.cond(kept, lambda c: tile_grads(c, t0, tsize), lambda c: c, carry)
+
+    dw, db = shard["state"]["dw"], shard["state"].get("db")
+    axis = 0 if tiling.vd else 1
+    if reduce_w:  # each chunk's gradient starts at 0 and is complete after its token loop
+      dw_c = jnp.zeros((vsize, x.shape[1]) if tiling.vd else (x.shape[1], vsize), cdt)
+      db_c = None if db is None else jnp.zeros((vsize,), cdt)
+    else:  # on a ring the shard's gradient so far travels with it (in the compute dtype)
+      dw_c = lax.dynamic_slice_in_dim(dw, v0, vsize, axis)
+      db_c = None if db is None else lax.dynamic_slice_in_dim(db, v0, vsize, 0)
+    dx, dw_c, db_c, dt = fold(n, tiling.token_chunk, token_body, (dx, dw_c, db_c, dt))
+    if reduce_w:  # tokens of other data shards, in float32
+      dw_c, db_c = data_sum((dw_c, db_c), tiling.placement)
+    state = {"dw": lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), v0, axis)}
+    if db is not None:
+      state["db"] = lax.dynamic_update_slice_in_dim(db, db_c.astype(db.dtype), v0, 0)
+    return (dx, dt), {**shard, "state": state}
+
+  dt = jnp.zeros((n,), cdt) if "temperature" in rows else None
+  grads = {"dw": jnp.zeros(w.shape, w.dtype if reduce_w else cdt)}
+  if bias is not None:
+    grads["db"] = jnp.zeros(bias.shape, bias.dtype if reduce_w else cdt)
+  shard = vocabulary_shard(a, tiling, state=grads)
+  (dx, dt), shard = over_vocabulary(
+    vocab_body, (jnp.zeros(x.shape, cdt), dt), shard, n_cols, tiling
+  )
+  dx, dt = vocab_sum((dx, dt), tiling.placement)  # each shard saw part of the vocabulary
+  g = shard["state"]
+  db = None if bias is None else g["db"].astype(bias.dtype)
+  return {"dx": dx.astype(x.dtype), "dw": g["dw"].astype(w.dtype), "db": db, "dtemperature": dt}
+
+
+def tile_x(x, t0, tsize):
+  return lax.dynamic_slice_in_dim(x, t0, tsize, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def recompute(ops: dict, kernel, tiling: Tiling) -> dict:
+  """`{name: [n, ...]}`: the kernel's outputs over every tile (strategy "recompute").
+
+  `ops` holds ``x`` ``[n, D]``, ``w``, optionally ``bias``, ``teacher_x`` and
+  ``teacher_w``, ``rows`` (per-token operands, ``temperature`` among them when
+  it is traced) and ``cols`` (per-column operands). Gradients flow to ``x``,
+  ``w``, ``bias`` and ``rows["temperature"]``. The per-column outputs, if the
+  kernel has any, are under ``"cols"``.
+  """
+  return recompute_fwd(ops, kernel, tiling)[0]
+
+
+def recompute_fwd(ops: dict, kernel, tiling: Tiling):
+  names = dict.fromkeys((*kernel.outputs, *kernel.saved))
+  names["cols"] = dict.fromkeys((*kernel.column_outputs, *kernel.column_saved))
+  fwd = sharded(
+    functools.partial(forward_local, kernel=kernel, tiling=tiling),
+    tiling.placement,
+    (specs(ops, tiling.placement, tiling.vd, tiling.teacher_vd),),
+    specs(names, tiling.placement, tiling.vd),
+  )
+  out = fwd(ops)
+  outputs = {k: out[k] for k in kernel.outputs}
+  if kernel.column_outputs:
+    outputs["cols"] = {k: out["cols"][k] for k in kernel.column_outputs}
+  saved = {k: out[k] for k in kernel.saved}
+  return outputs, (ops, saved, {k: out["cols"][k] for k in kernel.column_saved})
+
+
+def recompute_bwd(kernel, tiling: Tiling, res, cts: dict):
+  ops, saved, col_saved = res
+  cdt = V.compute_dtype(*dtypes_of(ops))
+  g = {"g_" + k: cts[k].astype(cdt) for k in kernel.differentiable}
+  g_cols = {"g_" + k: cts["cols"][k].astype(cdt) for k in kernel.column_differentiable}
+  a = {**ops, "rows": {**ops["rows"], **saved, **g}, "cols": {**ops["cols"], **col_saved, **g_cols}}
+  out_keys = {"dx": 0, "dw": 0, "db": 0, "dtemperature": 0}
+  bwd = sharded(
+    functools.partial(backward_local, kernel=kernel, tiling=tiling),
+    tiling.placement,
+    (specs(a, tiling.placement, tiling.vd, tiling.teacher_vd),),
+    specs(out_keys, tiling.placement, tiling.vd),
+  )
+  return (cotangents_of(ops, bwd(a)),)
+
+
+def cotangents_of(ops: dict, grads: dict) -> dict:
+  """The cotangent tree of `ops`: the gradients in `grads`, None for constants."""
+  nones = lambda tree: jax.tree.map(lambda _: None, tree)
+  ct = nones(ops)
+  ct["x"], ct["w"] = grads["dx"], grads["dw"]
+  if "bias" in ops:
+    ct["bias"] = grads["db"]
+  if "temperature" in ops["rows"]:
+    ct["rows"]["temperature"] = grads["dtemperature"].astype(ops["rows"]["temperature"].dtype)
+  return ct
+
+
+recompute.defvjp(recompute_fwd, recompute_bwd)
+
+
+def run_recompute(ops: dict, kernel, tiling: Tiling) -> dict:
+  """`recompute` on `ops` placed in the layout the sweep expects."""
+  return recompute(place_tree(ops, tiling.placement, tiling.vd, tiling.teacher_vd), kernel, tiling)
+
+
+# ----------------------------------------------------------------------------
+# Logits given as they are, sharded over the vocabulary: one tile per device.
+
+
+def logits_forward_local(logits, rows: dict, kernel, tiling: Tiling) -> dict:
+  tile = given_tile(logits.astype(V.compute_dtype(logits.dtype)), tiling)
+  rows = finish_tile(kernel, tile, rows, tiling, tile.a.dtype)
+  return {k: rows[k] for k in (*kernel.outputs, *kernel.saved)}
+
+
+def logits_backward_local(logits, rows: dict, kernel, tiling: Tiling):
+  tile = given_tile(logits.astype(rows["lse"].dtype), tiling)
+  return kernel.cotangent(tile, rows)["a"].astype(logits.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def recompute_logits(logits, rows: dict, kernel, tiling: Tiling) -> dict:
+  """The kernel's outputs for logits `[n, V]` that exist already (`xentjax.parallel`).
+
+  No matmul and no loop: each device's vocabulary shard is one tile; the
+  kernel's ``finish`` combines the shards, and the backward pass forms the
+  logits' cotangent shard by shard (gradients flow to ``logits`` only).
+  """
+  return recompute_logits_fwd(logits, rows, kernel, tiling)[0]
+
+
+def logits_specs(tiling: Tiling, names) -> tuple:
+  pl = tiling.placement
+  return specs({"logits": 0}, pl, False)["logits"], specs(dict.fromkeys(names), pl, False)
+
+
+def recompute_logits_fwd(logits, rows: dict, kernel, tiling: Tiling):
+  zs, out_specs = logits_specs(tiling, (*kernel.outputs, *kernel.saved))
+  fwd = sharded(
+    functools.partial(logits_forward_local, kernel=kernel, tiling=tiling),
+    tiling.placement,
+    (zs, specs(rows, tiling.placement, False)),
+    out_specs,
+  )
+  out = fwd(logits, rows)
+  return {k: out[k] for k in kernel.outputs}, (logits, rows, {k: out[k] for k in kernel.saved})
+
+
+def recompute_logits_bwd(kernel, tiling: Tiling, res, cts: dict):
+  logits, rows, saved = res
+  g = {"g_" + k: cts[k].astype(saved["lse"].dtype) for k in kernel.differentiable}
+  a = {**rows, **saved, **g}
+  zs, _ = logits_specs(tiling, ())
+  bwd = sharded(
+    functools.partial(logits_backward_local, kernel=kernel, tiling=tiling),
+    tiling.placement,
+    (zs, specs(a, tiling.placement, False)),
+    zs,
+  )
+  return bwd(logits, a), jax.tree.map(lambda _: None, rows)
+
+
+recompute_logits.defvjp(recompute_logits_fwd, recompute_logits_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Strategy "store": a scalar sum_i f(outputs_i, aux_i) and its gradients in one pass.
+
+
+def finish_tile(kernel, tile: Tile, rows: dict, tiling: Tiling, cdt) -> dict:
+  """Every pass of `kernel` over one whole-row tile: the rows it finished into."""
+  rows = dict(rows)
+  n = tile.a.shape[0]
+  for p in range(kernel.passes):
+    state = kernel.init(p, n, tile.a.shape[1], tiling, cdt)
+    state = kernel.update(p, state, tile, rows)
+    rows.update(kernel.finish(p, state, rows, tiling)[0])
+  return rows
+
+
+def store_tile_grads(kernel, token_loss, tile: Tile, rows: dict, aux: dict, tiling, cdt):
+  """`(loss rows, finished rows, d_raw, d_temperature, d_aux)` of one whole-row tile."""
+  rows = finish_tile(kernel, tile, rows, tiling, cdt)
+  outs = {k: rows[k] for k in kernel.outputs if jnp.issubdtype(rows[k].dtype, jnp.floating)}
+  wrt = {k: aux[k] for k in token_loss.differentiable}
+  loss, vjp = jax.vjp(lambda o, d: token_loss(o, {**aux, **d}), outs, wrt)
+  g_out, g_aux = vjp(jnp.ones_like(loss))
+  g = {"g_" + k: g_out[k] for k in kernel.differentiable}
+  dz, dt = cotangent(kernel.cotangent(tile, {**rows, **g}), tile, tiling)
+  return loss, rows, dz, dt, g_aux
+
+
+def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dict:
+  """`total = sum_i f(outputs_i, aux_i)`, the rows in `keep`, and every gradient of `total`."""
+  x, w, bias, rows, aux = a["x"], a["w"], a.get("bias"), a["rows"], a["aux"]
+  cdt = V.compute_dtype(*dtypes_of(a))
+  op_dt = jnp.result_type(x.dtype, w.dtype)
+  n, n_cols = x.shape[0], w.shape[0 if tiling.vd else 1]
+  heads = chunk_heads(a, a, 0, n_cols, tiling)
+  offset = column_offset(tiling, n_cols)
+  xT = None if tiling.vd else x.astype(op_dt).T  # as in the recompute backward pass
+
+  def token_body(carry, t0, tsize):
+    total, kept, dx, dw, db, d_rows = carry
+    r, aux_t = rows_of(rows, t0, tsize), rows_of(aux, t0, tsize)
+    tile = logit_tile(heads, t0, tsize, offset, 0, r, a["cols"], tiling, cdt)
+    loss, r, dz, dt, g_aux = store_tile_grads(kernel, token_loss, tile, r, aux_t, tiling, cdt)
+    if dt is not None:
+      g_aux = {**g_aux, "temperature": g_aux.get("temperature", 0.0) + dt}
+    xT_t = None if xT is None else lax.dynamic_slice_in_dim(xT, t0, tsize, 1)
+    return (
+      total + jnp.sum(loss),
+      put_rows(kept, {k: r[k] for k in keep}, t0),
+      lax.dynamic_update_slice_in_dim(dx, dot_dx(dz, w, op_dt, tiling, cdt), t0, 0),
+      dw + dot_dw(tile_x(x, t0, tsize), dz, op_dt, tiling, cdt, xT_t),
+      None if db is None else db + jnp.sum(dz, axis=0),
+      put_rows(d_rows, {k: g_aux[k].astype(cdt) for k in d_rows}, t0),
+    )
+
+  d_names = store_gradient_names(a, token_loss)
+  init = (
+    jnp.zeros((), cdt),
+    {k: jnp.zeros((n,), cdt) for k in keep},
+    jnp.zeros(x.shape, cdt),
+    jnp.zeros(w.shape, cdt),
+    None if bias is None else jnp.zeros(bias.shape, cdt),
+    {k: jnp.zeros((n,) + aux.get(k, rows.get(k)).shape[1:], cdt) for k in d_names},
+  )
+  total, kept, dx, dw, db, d_rows = fold(n, tiling.token_chunk, token_body, init)
+  dx = vocab_sum(dx, tiling.placement)
+  total, dw, db = data_sum((total, dw, db), tiling.placement)
+  return {"total": total, "rows": kept, "dx": dx, "dw": dw, "dbias": db, "d_rows": d_rows}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def store(ops: dict, kernel, tiling: Tiling, token_loss, keep: tuple, layout: tuple):
+  """`(sum_i token_loss(outputs_i, aux_i), {name: rows for name in keep})` (strategy "store").
+
+  `ops` is `recompute`'s plus ``aux``, the per-token operands of
+  ``token_loss``; the entries of ``aux`` named in ``token_loss.differentiable``
+  get gradients, as do ``x``, ``w``, ``bias`` and a traced temperature. The
+  rows in `keep` carry no gradient. `layout` (static, from `run_store`): the
+  tree of `ops` and the dtypes of its differentiable leaves.
+  """
+  return store_fwd(ops, kernel, tiling, token_loss, keep, layout)[0]
+
+
+def store_gradient_names(ops: dict, token_loss) -> tuple:
+  """The per-token operands whose gradients the store pass accumulates."""
+  return tuple(
+    dict.fromkeys((*token_loss.differentiable, *(["temperature"] * ("temperature" in ops["rows"]))))
+  )
+
+
+def store_fwd(ops: dict, kernel, tiling: Tiling, token_loss, keep: tuple, layout: tuple):
+  del layout
+  names = {"total": 0, "rows": dict.fromkeys(keep), "dx": 0, "dw": 0, "dbias": 0}
+  names["d_rows"] = dict.fromkeys(store_gradient_names(ops, token_loss))
+  fwd = sharded(
+    functools.partial(store_local, kernel=kernel, tiling=tiling, token_loss=token_loss, keep=keep),
+    tiling.placement,
+    (specs(ops, tiling.placement, tiling.vd, tiling.teacher_vd),),
+    specs(names, tiling.placement, tiling.vd),
+  )
+  out = fwd(ops)
+  return (out["total"], out["rows"]), {k: out[k] for k in ("dx", "dw", "dbias", "d_rows")}
+
+
+def store_bwd(kernel, tiling, token_loss, keep, layout, grads, cts):
+  del kernel, tiling, token_loss, keep
+  treedef, dtypes = layout
+  g = cts[0].astype(grads["dx"].dtype)
+  ct = jax.tree.unflatten(treedef, [None] * treedef.num_leaves)
+  for (group, name), dt in dtypes:
+    if group is None:
+      ct[name] = (g * grads["d" + name]).astype(dt)
+    else:
+      ct[group][name] = (g * grads["d_rows"][name]).astype(dt)
+  return (ct,)
+
+
+store.defvjp(store_fwd, store_bwd)
+
+
+def run_store(ops: dict, kernel, tiling: Tiling, token_loss, keep: tuple = ()):
+  """`store` on `ops` placed in the layout the sweep expects."""
+  ops = place_tree(ops, tiling.placement, tiling.vd, tiling.teacher_vd)
+  dtypes = [((None, k), ops[k].dtype) for k in ("x", "w", "bias") if k in ops]
+  for k in store_gradient_names(ops, token_loss):
+    group = "rows" if k == "temperature" and k in ops["rows"] else "aux"
+    dtypes.append(((group, k), ops[group][k].dtype))
+  layout = (jax.tree.structure(ops), tuple((key, jnp.dtype(dt).name) for key, dt in dtypes))
+  return store(ops, kernel, tiling, token_loss, keep, layout)

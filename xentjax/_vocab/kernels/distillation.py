@@ -1,0 +1,283 @@
+"""Teacher-student divergences as kernels: forward/reverse KL, generalized JSD, top-k.
+
+With ``a`` the student's tempered logits and ``b`` the teacher's (one tile of
+each; `tiles.Tile`), per token:
+
+* forward KL(p_t || p_s) = E_{p_t}[b - a] - lse(b) + lse(a): one online pass
+  keeps the running maxima and sums of both heads and the running
+  ``sum_j exp(b_j - m_b) (b_j - a_j)``, rescaled when ``m_b`` grows; its
+  gradient with respect to ``a`` is ``p_s - p_t``;
+* reverse KL(p_s || p_t): the same with the roles swapped; gradient
+  ``p_s (log p_s - log p_t - KL)``;
+* generalized JSD, ``0 < beta < 1``: ``log m = logaddexp(log beta + log p_t,
+  log(1 - beta) + log p_s)`` needs both normalizers, so a first pass finishes
+  them and a second sums ``p_t (log p_t - log m)`` and ``p_s (log p_s - log m)``;
+  gradient ``(1 - beta) p_s (log p_s - log m - KL(p_s || m))``;
+* top-k (a teacher saved as indices and log-probabilities): the student's
+  log-normalizer and its logits at the teacher's indices, picked out of each
+  tile; the divergence itself is formed outside, from them.
+
+A class with probability 0 contributes 0 to every sum (``0 log 0 = 0``), so
+``-inf`` logits of either head (a masked vocabulary) give the float64 answer.
+With ``hard=True`` a kernel also returns the cross-entropy of the untempered
+student logits ``z`` with ``rows["labels"]`` (``ce``). The teacher is a
+constant; its cotangent (key "b") is formed only for a traced temperature,
+whose gradient it is part of.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from xentjax._core import cross_entropy_from_stats
+from xentjax._vocab.engine import Kernel
+from xentjax._vocab.placement import vocab_max, vocab_sum
+from xentjax._vocab.tiles import finite
+
+
+def online(m, s, logits, u=None, val=None):
+  """Online log-sum-exp step; `u` is a running `sum exp(logits - m) * val` (0 where exp is 0)."""
+  m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+  m_safe = finite(m_new)
+  scale = jnp.exp(m - m_safe)
+  e = jnp.exp(logits - m_safe[:, None])
+  s = s * scale + jnp.sum(e, axis=1)
+  if val is not None:
+    u = u * scale + jnp.sum(jnp.where(e > 0, e * val, 0.0), axis=1)
+  return m_new, s, u
+
+
+def combine(m, s, placement, *more):
+  """`(finite max, s, *more)` of the whole vocabulary from each shard's, rescaled to it."""
+  if placement.vocab_axis is None:
+    return (finite(m), s, *more)
+  ms = finite(vocab_max(m, placement))
+  scale = jnp.exp(m - ms)
+  return (ms, *vocab_sum(tuple(v * scale for v in (s, *more)), placement))
+
+
+def lse_of(m, s, placement):
+  ms, s = combine(m, s, placement)
+  return ms + jnp.log(s)
+
+
+def weighted(p, val):
+  """``p * val`` with 0 where ``p`` is 0 (``0 * inf`` is 0 here)."""
+  return jnp.where(p > 0, p * val, 0.0)
+
+
+# ----------------------------------------------------------------------------
+# The hard-label term, shared by both kernels.
+
+
+def hard_init(n, cdt, own_z: bool) -> dict:
+  st = {"zy": jnp.zeros((n,), cdt)}
+  if own_z:
+    st["mz"], st["sz"] = jnp.full((n,), -jnp.inf, cdt), jnp.zeros((n,), cdt)
+  return st
+
+
+def hard_update(st, new, tile, rows, own_z: bool) -> dict:
+  label = tile.col == rows["labels"][:, None]
+  new["zy"] = st["zy"] + jnp.sum(jnp.where(label, tile.z, 0.0), axis=1)
+  if own_z:
+    new["mz"], new["sz"], _ = online(st["mz"], st["sz"], tile.z)
+  return new
+
+
+def hard_finish(st, out, placement, own_z: bool) -> dict:
+  """`ce` (and `lse_z`, the untempered log-normalizer) from the finished state."""
+  mz, sz = (st["mz"], st["sz"]) if own_z else (st["ma"], st["sa"])
+  mz, sz = combine(mz, sz, placement)
+  log_sz, zy = jnp.log(sz), vocab_sum(st["zy"], placement) - mz
+  out["ce"] = cross_entropy_from_stats(log_sz, zy)
+  if own_z:
+    out["lse_z"] = mz + log_sz
+  return out
+
+
+def hard_cotangent(ct, tile, r, ps, own_z: bool) -> dict:
+  """`softmax(z) - onehot(y)` times the cotangent of `ce`, as the cotangent of `z`."""
+  g = r["g_ce"][:, None]
+  pz = jnp.exp(tile.z - r["lse_z"][:, None]) if own_z else ps
+  ct["z"] = g * pz - jnp.where(tile.col == r["labels"][:, None], g, 0.0)
+  return ct
+
+
+# ----------------------------------------------------------------------------
+# Full teachers.
+
+
+@dataclasses.dataclass(frozen=True)
+class Divergence(Kernel):
+  """``div``: forward KL (``beta = 0``), reverse KL (1) or the generalized JSD.
+
+  ``own_z``: the hard term needs the untempered statistics (a temperature
+  other than 1); ``traced``: the temperature is traced (the teacher's
+  cotangent is formed, for its gradient).
+  """
+
+  beta: float = 0.0
+  hard: bool = False
+  own_z: bool = False
+  traced: bool = False
+
+  @property
+  def jsd(self) -> bool:
+    return 0.0 < self.beta < 1.0
+
+  @property
+  def passes(self):
+    return 2 if self.jsd else 1
+
+  @property
+  def outputs(self):
+    return ("div",) + ("ce",) * self.hard
+
+  @property
+  def differentiable(self):
+    return self.outputs
+
+  @property
+  def saved(self):
+    aux = ("aux", "kt") if self.jsd else ("aux",) if self.beta == 1.0 else ("div",)
+    return ("lse_a", "lse_b") + aux + ("lse_z",) * self.own_z
+
+  def init(self, p, n, n_cols, tiling, cdt):
+    zero = jnp.zeros((n,), cdt)
+    if p == 1:
+      return {"kt": zero, "ks": zero}, {}
+    neg = jnp.full((n,), -jnp.inf, cdt)
+    st = {"ma": neg, "sa": zero, "mb": neg, "sb": zero}
+    if not self.jsd:
+      st["u"] = zero
+    return (hard_init(n, cdt, self.own_z) | st) if self.hard else st, {}
+
+  def update(self, p, state, tile, rows):
+    st, cols = state
+    a, b = tile.a, tile.b
+    if p == 1:
+      la, lb, lm = self.log_probs(tile, rows)
+      kt = jnp.sum(weighted(jnp.exp(lb), lb - lm), axis=1)
+      ks = jnp.sum(weighted(jnp.exp(la), la - lm), axis=1)
+      return {"kt": st["kt"] + kt, "ks": st["ks"] + ks}, cols
+    new = {}
+    if self.jsd:
+      new["ma"], new["sa"], _ = online(st["ma"], st["sa"], a)
+      new["mb"], new["sb"], _ = online(st["mb"], st["sb"], b)
+    elif self.beta == 0.0:  # forward KL: weights p_t, values b - a
+      new["ma"], new["sa"], _ = online(st["ma"], st["sa"], a)
+      new["mb"], new["sb"], new["u"] = online(st["mb"], st["sb"], b, st["u"], b - a)
+    else:  # reverse KL: weights p_s, values a - b
+      new["ma"], new["sa"], new["u"] = online(st["ma"], st["sa"], a, st["u"], a - b)
+      new["mb"], new["sb"], _ = online(st["mb"], st["sb"], b)
+    return (hard_update(st, new, tile, rows, self.own_z) if self.hard else new), cols
+
+  def finish(self, p, state, rows, tiling):
+    st, _ = state
+    pl = tiling.placement
+    if p == 1:
+      kt, ks = vocab_sum((st["kt"], st["ks"]), pl)
+      return {"div": self.beta * kt + (1.0 - self.beta) * ks, "aux": ks, "kt": kt}, {}
+    out = {}
+    if self.jsd:
+      out["lse_a"], out["lse_b"] = lse_of(st["ma"], st["sa"], pl), lse_of(st["mb"], st["sb"], pl)
+    else:  # E_w[w - o] - lse_w + lse_o, the expectation under the weighted head w
+      w, o = ("b", "a") if self.beta == 0.0 else ("a", "b")
+      m, s, u = combine(st["m" + w], st["s" + w], pl, st["u"])
+      out["lse_" + w], out["lse_" + o] = m + jnp.log(s), lse_of(st["m" + o], st["s" + o], pl)
+      out["div"] = u / s - out["lse_" + w] + out["lse_" + o]
+      out["aux"] = out["div"]
+    return (hard_finish(st, out, pl, self.own_z) if self.hard else out), {}
+
+  def log_probs(self, tile, r):
+    """`log p_s`, `log p_t` (and `log m` for the JSD) of one tile."""
+    la = tile.a - r["lse_a"][:, None]
+    lb = tile.b - r["lse_b"][:, None]
+    if not self.jsd:
+      return la, lb, None
+    lm = jnp.logaddexp(math.log(self.beta) + lb, math.log1p(-self.beta) + la)
+    return la, lb, lm
+
+  def cotangent(self, tile, r):
+    la, lb, lm = self.log_probs(tile, r)
+    ps, pt = jnp.exp(la), jnp.exp(lb)
+    g = r["g_div"][:, None]
+    if self.jsd:
+      da = (1.0 - self.beta) * weighted(ps, la - lm - r["aux"][:, None])
+      db = self.beta * weighted(pt, lb - lm - r["kt"][:, None])
+    elif self.beta == 0.0:
+      da, db = ps - pt, weighted(pt, lb - la - r["div"][:, None])
+    else:
+      da, db = weighted(ps, la - lb - r["aux"][:, None]), pt - ps
+    ct = {"a": g * da}
+    if self.traced:
+      ct["b"] = g * db
+    return hard_cotangent(ct, tile, r, ps, self.own_z) if self.hard else ct
+
+
+# ----------------------------------------------------------------------------
+# Top-k teachers.
+
+
+def local_index(idx, col, size):
+  """Teacher indices relative to this tile; `size` (out of bounds) outside it."""
+  local = idx - col[:, :1]
+  return jnp.where((local >= 0) & (local < size), local, size)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopkLogits(Kernel):
+  """``lse_a`` and ``a_idx``: the student's log-normalizer and tempered logits at
+  the teacher's indices ``rows["idx"]`` ``[n, k]`` (each gathered in its tile)."""
+
+  k: int = 1
+  hard: bool = False
+  own_z: bool = False
+
+  @property
+  def outputs(self):
+    return ("lse_a", "a_idx") + ("ce",) * self.hard
+
+  @property
+  def differentiable(self):
+    return self.outputs
+
+  @property
+  def saved(self):
+    return ("lse_a",) + ("lse_z",) * self.own_z
+
+  def init(self, p, n, n_cols, tiling, cdt):
+    st = {"ma": jnp.full((n,), -jnp.inf, cdt), "sa": jnp.zeros((n,), cdt)}
+    st["a_idx"] = jnp.zeros((n, self.k), cdt)
+    return (hard_init(n, cdt, self.own_z) | st) if self.hard else st, {}
+
+  def update(self, p, state, tile, rows):
+    st, cols = state
+    a = tile.a
+    new = {}
+    new["ma"], new["sa"], _ = online(st["ma"], st["sa"], a)
+    local = local_index(rows["idx"], tile.col, a.shape[1])
+    hit = local < a.shape[1]
+    got = jnp.take_along_axis(a, jnp.where(hit, local, 0), axis=1)
+    new["a_idx"] = st["a_idx"] + jnp.where(hit, got, 0.0)
+    return (hard_update(st, new, tile, rows, self.own_z) if self.hard else new), cols
+
+  def finish(self, p, state, rows, tiling):
+    st, _ = state
+    pl = tiling.placement
+    out = {"lse_a": lse_of(st["ma"], st["sa"], pl), "a_idx": vocab_sum(st["a_idx"], pl)}
+    return (hard_finish(st, out, pl, self.own_z) if self.hard else out), {}
+
+  def cotangent(self, tile, r):
+    a = tile.a
+    ps = jnp.exp(a - r["lse_a"][:, None])
+    local = local_index(r["idx"], tile.col, a.shape[1])
+    rows = lax.broadcasted_iota(jnp.int32, local.shape, 0)
+    da = (r["g_lse_a"][:, None] * ps).at[rows, local].add(r["g_a_idx"], mode="drop")
+    ct = {"a": da}
+    return hard_cotangent(ct, tile, r, ps, self.own_z) if self.hard else ct

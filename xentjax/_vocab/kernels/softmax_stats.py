@@ -1,0 +1,178 @@
+"""The softmax statistics of a head: cross-entropy and token statistics as one kernel.
+
+Per token, with ``a`` the (capped, tempered) logits and ``m`` their maximum,
+accumulated online one tile at a time:
+
+==========  ==================================================================
+``m``       the row maximum (a shift without gradient)
+``log_s``   ``log sum_j exp(a_j - m)``, so ``lse = m + log_s``
+``zy``      ``a_y - m``, the label's logit relative to the maximum
+``zu``      ``sum_j u_j (a_j - m)`` for a column weight ``u`` (label smoothing:
+            ``u = 1/V``, or PyTorch's class weights ``u = c/V``)
+``ent``     ``sum_j p_j (a_j - m) = E - m``, with ``E = sum_j p_j a_j``
+            (the entropy is ``H = log_s - ent``)
+==========  ==================================================================
+
+plus, without gradient, the argmax, the top-k and the per-(token, vocabulary
+chunk) maxima that gradient filtering decides from. The cotangent of a tile is
+
+.. math::
+
+  \\frac{\\partial}{\\partial a_j} = g_{\\log s}\\, p_j + g_{z_y} [j = y]
+    + g_{zu}\\, u_j + g_{E}\\, p_j (1 + a_j - E).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+
+from xentjax._vocab.engine import Kernel
+from xentjax._vocab.placement import vocab_gather, vocab_max, vocab_min, vocab_sum
+from xentjax._vocab.tiles import finite
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxStats(Kernel):
+  """The statistics above; the flags say which beyond ``(m, log_s, zy)`` to keep.
+
+  Operands: ``rows["labels"]`` (int32 ``[n]``) and, with ``weighted_sum``,
+  ``cols["u"]`` (the column weights ``[V]``).
+  """
+
+  weighted_sum: bool = False
+  entropy: bool = False
+  argmax: bool = False
+  top_k: int = 0
+  filtered: bool = False
+
+  @property
+  def outputs(self):
+    extra = ["amax"] * self.argmax + ["topv", "topi"] * bool(self.top_k)
+    return ("m", "log_s", "zy", *self.differentiable[2:], *extra)
+
+  @property
+  def differentiable(self):
+    return ("log_s", "zy") + ("zu",) * self.weighted_sum + ("ent",) * self.entropy
+
+  @property
+  def saved(self):
+    return ("lse",) + ("m", "ent") * self.entropy + ("tmax",) * self.filtered
+
+  def init(self, p, n, n_cols, tiling, cdt):
+    st = {"m": jnp.full((n,), -jnp.inf, cdt), "s": jnp.zeros((n,), cdt), "zy": jnp.zeros((n,), cdt)}
+    if self.weighted_sum:
+      st["zu"] = jnp.zeros((n,), cdt)
+      st["u_seen"] = jnp.zeros((n,), cdt)  # the column weight seen so far
+    if self.entropy:
+      st["t"] = jnp.zeros((n,), cdt)
+    if self.argmax:
+      st["amax"] = jnp.zeros((n,), jnp.int32)
+    if self.top_k:
+      st["topv"] = jnp.full((n, self.top_k), -jnp.inf, cdt)
+      st["topi"] = jnp.zeros((n, self.top_k), jnp.int32)
+    if self.filtered:
+      st["tmax"] = jnp.full((n, -(-n_cols // tiling.vocab_chunk)), -jnp.inf, cdt)
+    return st, {}
+
+  def update(self, p, state, tile, rows):
+    """`s` is relative to the running max ``m``; so are `zu` (re-shifted by the
+    column weight seen so far when ``m`` grows) and `t` (``sum e^{a-m} (a - m)``,
+    re-shifted with ``s``)."""
+    st, cols = state
+    z, col = tile.a, tile.col
+    zmax = jnp.max(z, axis=1)
+    m_old = st["m"]
+    m_new = jnp.maximum(m_old, zmax)
+    ms_old, ms_new = finite(m_old), finite(m_new)
+    scale = jnp.exp(m_old - ms_new)  # 0 while m_old is -inf
+    e = jnp.exp(z - ms_new[:, None])
+    new = {
+      "m": m_new,
+      "s": st["s"] * scale + jnp.sum(e, axis=1),
+      "zy": st["zy"] + jnp.sum(jnp.where(col == rows["labels"][:, None], z, 0.0), axis=1),
+    }
+    if self.weighted_sum or self.entropy:
+      zr = jnp.where(jnp.isfinite(z), z - ms_new[:, None], 0.0)
+    if self.weighted_sum:
+      u_c = tile.cols["u"]
+      new["zu"] = st["zu"] - st["u_seen"] * (ms_new - ms_old) + jnp.sum(zr * u_c[None, :], axis=1)
+      new["u_seen"] = st["u_seen"] + jnp.sum(u_c.astype(z.dtype))
+    if self.entropy:
+      new["t"] = scale * (st["t"] - (ms_new - ms_old) * st["s"]) + jnp.sum(e * zr, axis=1)
+    new.update(self.update_choices(st, z, col, zmax, m_old, tile.chunk))
+    return new, cols
+
+  def update_choices(self, st, z, col, zmax, m_old, chunk):
+    """The argmax, the top-k and the per-chunk maxima after one more tile."""
+    new = {}
+    if self.argmax:  # strictly greater: the lowest index wins ties
+      new["amax"] = jnp.where(
+        zmax > m_old, col[0, 0] + jnp.argmax(z, axis=1).astype(jnp.int32), st["amax"]
+      )
+    if self.top_k:
+      tv, ti = lax.top_k(z, min(self.top_k, z.shape[1]))
+      vals = jnp.concatenate([st["topv"], tv], axis=1)  # earlier (lower) columns first
+      idxs = jnp.concatenate([st["topi"], col[0, 0] + ti], axis=1)
+      new["topv"], pos = lax.top_k(vals, self.top_k)
+      new["topi"] = jnp.take_along_axis(idxs, pos, axis=1)
+    if self.filtered:
+      new["tmax"] = lax.dynamic_update_slice_in_dim(st["tmax"], zmax[:, None], chunk, 1)
+    return new
+
+  def finish(self, p, state, rows, tiling):
+    """The statistics of the whole vocabulary, combined across its shards."""
+    st, _ = state
+    pl = tiling.placement
+    m, s, zy = st["m"], st["s"], st["zy"]
+    ms = ms_loc = finite(m)
+    t, zu = st.get("t"), st.get("zu")
+    m_all = m
+    if pl.vocab_axis is not None:
+      m_all = vocab_max(m, pl)
+      ms = finite(m_all)
+      scale = jnp.exp(m - ms)
+      if t is not None:
+        t = vocab_sum(scale * (t + (ms_loc - ms) * s), pl)
+      if zu is not None:
+        zu = vocab_sum(zu + st["u_seen"] * (ms_loc - ms), pl)
+      s, zy = vocab_sum((s * scale, zy), pl)
+    out = {"m": ms, "log_s": jnp.log(s), "zy": zy - ms}
+    out["lse"] = ms + out["log_s"]
+    if zu is not None:
+      out["zu"] = zu
+    if t is not None:
+      out["ent"] = t / s
+    return out | self.finish_choices(st, m, m_all, pl), {}
+
+  def finish_choices(self, st, m, m_all, pl):
+    """The argmax, the top-k and the per-chunk maxima of the whole vocabulary."""
+    out = {k: st[k] for k in ("amax", "topv", "topi", "tmax") if k in st}
+    if pl.vocab_axis is None:
+      return out
+    if self.argmax:  # the lowest global index among the shards holding the max
+      big = jnp.iinfo(jnp.int32).max
+      out["amax"] = vocab_min(jnp.where(m == m_all, st["amax"], big), pl)
+    if self.top_k:  # k candidates per shard, in shard (= column) order
+      vals, idxs = vocab_gather(st["topv"], pl), vocab_gather(st["topi"], pl)
+      out["topv"], pos = lax.top_k(vals, self.top_k)
+      out["topi"] = jnp.take_along_axis(idxs, pos, axis=1)
+    return out
+
+  def cotangent(self, tile, r):
+    z, col = tile.a, tile.col
+    p = jnp.exp(z - r["lse"][:, None])
+    dz = r["g_log_s"][:, None] * p
+    if self.entropy:  # d(E - m)/da = p (1 + a - E), with a - E = (a - m) - ent
+      dz = dz + (r["g_ent"][:, None] * p) * (1.0 + (z - r["m"][:, None]) - r["ent"][:, None])
+    dz = dz + jnp.where(col == r["labels"][:, None], r["g_zy"][:, None], 0.0)
+    if self.weighted_sum:
+      dz = dz + r["g_zu"][:, None] * tile.cols["u"].astype(dz.dtype)[None, :]
+    return {"a": dz}
+
+  def filter_terms(self, r):
+    live = (r["g_log_s"] != 0) | (r["g_ent"] != 0) if self.entropy else r["g_log_s"] != 0
+    logp = jnp.where(live[:, None], r["tmax"] - r["lse"][:, None], -jnp.inf)
+    return logp, r["labels"], r["g_zy"] != 0

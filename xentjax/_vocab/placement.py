@@ -1,0 +1,254 @@
+"""Where a sweep runs: one device, or a mesh with tokens and vocabulary sharded.
+
+A `Placement` is part of the static description of a call (`tiles.Tiling`).
+On one device the engine's local functions run as they are; on a mesh they
+run under `jax.shard_map`, with
+
+* the tokens (``x``, every per-token operand and output) over ``data_axis``;
+* the vocabulary (the columns of ``w``, ``bias`` and every per-column operand
+  or output) over ``vocab_axis``;
+* a per-token statistic combined across vocabulary shards by the kernel's
+  ``finish`` with the helpers below (`vocab_max`, `vocab_sum`), and a
+  per-column one across token shards with `data_sum`.
+
+Nothing vocabulary-sized is ever gathered. Every array the engine passes
+through `shard_map` has a *role* (`ROLES`) that fixes its `PartitionSpec`;
+an operand not named there is per-token (leading axis over ``data_axis``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from xentjax import _validation as V
+
+
+class Placement(NamedTuple):
+  """Where one call runs: a mesh with its token and vocabulary axes, or one device."""
+
+  mesh: Any = None
+  data_axis: Any = None
+  vocab_axis: Any = None
+  data_shards: int = 1
+  vocab_shards: int = 1
+  # A ring: the columns are sharded over `data_axis` like the tokens, and the
+  # engine passes each device's shard of them around (`engine.over_vocabulary`).
+  ring: bool = False
+
+  @property
+  def column_axis(self):
+    """The mesh axis the columns of the head are sharded over."""
+    return self.data_axis if self.ring else self.vocab_axis
+
+
+# The layout of the named arrays a sweep takes or returns; any other name is
+# per-token ("tokens"). "rows" and "cols" are dicts of per-token and
+# per-column arrays; "tile" is [tokens, vocabulary chunks] (each device its own
+# chunks); "scalar" is replicated.
+ROLES = {
+  "x": "x",
+  "teacher_x": "x",
+  "dx": "x",
+  "w": "w",
+  "dw": "w",
+  "teacher_w": "teacher_w",
+  "bias": "cols",
+  "db": "cols",
+  "dbias": "cols",
+  "cols": "cols",
+  "tmax": "tile",
+  "logits": "tile",
+  "total": "scalar",
+}
+
+
+def specs(tree: dict, placement: Placement, vd: bool, teacher_vd: bool = False) -> dict:
+  """The `PartitionSpec` of each array of `tree` (nested dicts: the same roles)."""
+  d, v, c = placement.data_axis, placement.vocab_axis, placement.column_axis
+  by_role = {
+    "x": P(d, None),
+    "w": P(c, None) if vd else P(None, c),
+    "teacher_w": P(c, None) if teacher_vd else P(None, c),
+    "cols": P(c),
+    "tile": P(d, v),
+    "scalar": P(),
+    "tokens": P(d),
+  }
+
+  def spec(name, value, inherited):
+    role = ROLES.get(name, inherited)
+    if isinstance(value, dict):
+      return {k: spec(k, a, role) for k, a in value.items()}
+    return by_role[role]
+
+  return {k: spec(k, a, "tokens") for k, a in tree.items()}
+
+
+def sharded(fn, placement: Placement, in_specs, out_specs):
+  """`fn` itself on one device; `shard_map(fn)` over the placement's mesh otherwise.
+
+  The collectives inside the kernels are explicit and nothing is
+  differentiated through `shard_map` (the `custom_vjp` sits outside it), so the
+  replication checker is not needed.
+  """
+  if placement.mesh is None:
+    return fn
+  return jax.shard_map(
+    fn, mesh=placement.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+  )
+
+
+def place(a, mesh, spec):
+  """Put `a` in the layout `spec` of `mesh` (a no-op when it is there already).
+
+  With `Explicit` mesh axes (the default of `jax.make_mesh`) the layout is part
+  of the type and `shard_map` only accepts matching arguments, so this is
+  `jax.reshard`; with `Auto` axes it is a sharding constraint. Both are
+  differentiable: the cotangent goes back to the caller's layout.
+  """
+  sharding = jax.sharding.NamedSharding(mesh, spec)
+  explicit = jax.sharding.AxisType.Explicit
+  if any(t == explicit for t in getattr(mesh, "axis_types", ())):
+    return jax.reshard(a, sharding)
+  return lax.with_sharding_constraint(a, sharding)
+
+
+def place_tree(tree: dict, placement: Placement, vd: bool, teacher_vd: bool = False) -> dict:
+  """Every array of `tree` in the layout the sweep expects (unchanged on one device)."""
+  if placement.mesh is None:
+    return tree
+  return jax.tree.map(
+    lambda a, s: place(a, placement.mesh, s),
+    tree,
+    specs(tree, placement, vd, teacher_vd),
+    is_leaf=lambda s: isinstance(s, P),
+  )
+
+
+# ----------------------------------------------------------------------------
+# Collectives of the kernels' `finish` (identities on one device): `vocab_*`
+# combine a per-token state over the vocabulary shards, `column_*` a
+# per-column state over the token shards.
+
+
+def vocab_offset(placement: Placement, local_columns: int):
+  """Global index of this device's first column (0 when the columns are not sharded)."""
+  if placement.column_axis is None:
+    return 0
+  return lax.axis_index(placement.column_axis) * local_columns
+
+
+def vocab_max(a, placement: Placement):
+  return a if placement.vocab_axis is None else lax.pmax(a, placement.vocab_axis)
+
+
+def vocab_min(a, placement: Placement):
+  return a if placement.vocab_axis is None else lax.pmin(a, placement.vocab_axis)
+
+
+def vocab_sum(a, placement: Placement):
+  return a if placement.vocab_axis is None else lax.psum(a, placement.vocab_axis)
+
+
+def vocab_gather(a, placement: Placement):
+  """`[n, k]` candidates of every vocabulary shard side by side: `[n, k * shards]`."""
+  if placement.vocab_axis is None:
+    return a
+  return lax.all_gather(a, placement.vocab_axis, axis=1, tiled=True)
+
+
+def data_sum(a, placement: Placement):
+  return a if placement.data_axis is None else lax.psum(a, placement.data_axis)
+
+
+def column_sum(a, placement: Placement):
+  """A per-column state summed over the token shards (on a ring it came home complete)."""
+  return a if placement.ring else data_sum(a, placement)
+
+
+def column_max(a, placement: Placement):
+  if placement.ring or placement.data_axis is None:
+    return a
+  return lax.pmax(a, placement.data_axis)
+
+
+# ----------------------------------------------------------------------------
+# Reading and checking a placement.
+
+
+def explicit_layout(x, w, vd: bool):
+  """`(mesh, data_axis, vocab_axis)` read from `Explicit` shardings, or None.
+
+  With `Explicit` mesh axes the sharding is part of an array's type and the
+  single-device kernels cannot mix sharded slices with unsharded carries, so a
+  call on such arrays runs through `shard_map` instead: tokens stay sharded
+  over the axes of the leading axis of `x`, and the vocabulary over the axes
+  of the vocabulary axis of `w` (when they differ from the tokens' axes).
+  """
+  mesh = None
+  found = []
+  explicit = jax.sharding.AxisType.Explicit
+  for a in (x, w):
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    m = getattr(sharding, "mesh", None)
+    if (
+      m is None
+      or getattr(m, "empty", True)
+      or not any(t == explicit for t in getattr(m, "axis_types", ()))
+    ):
+      found.append(())
+      continue
+    mesh = mesh or m
+    found.append(tuple(sharding.spec))
+  if mesh is None:
+    return None
+  sx, sw = found
+  data_axis = sx[0] if sx else None
+  vdim = 0 if vd else 1
+  vocab_axis = sw[vdim] if len(sw) > vdim else None
+  if (
+    vocab_axis is not None
+    and data_axis is not None
+    and (set(V.as_sequence(vocab_axis)) & set(V.as_sequence(data_axis)))
+  ):
+    vocab_axis = None
+  return getattr(mesh, "abstract_mesh", mesh), data_axis, vocab_axis
+
+
+def axis_size(mesh, axis) -> int:
+  if axis is None:
+    return 1
+  return math.prod(dict(mesh.shape)[a] for a in V.as_sequence(axis))
+
+
+def mesh_axes(mesh, data_axis, vocab_axis) -> tuple[int, int]:
+  """Sizes of the two mesh axes; a clear error when the mesh lacks them."""
+  if getattr(mesh, "axis_names", None) is None:
+    raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+  shape = dict(mesh.shape)
+  for arg, axis in (("vocab_axis", vocab_axis), ("data_axis", data_axis)):
+    for a in () if axis is None else V.as_sequence(axis):
+      if a not in shape:
+        raise ValueError(
+          f"`{arg}`={axis!r} is not an axis of the mesh, whose axes are "
+          f"{dict(shape)}. Pass the name of an existing mesh axis."
+        )
+  if (
+    data_axis is not None
+    and vocab_axis is not None
+    and (set(V.as_sequence(data_axis)) & set(V.as_sequence(vocab_axis)))
+  ):
+    raise ValueError(f"`data_axis`={data_axis!r} and `vocab_axis`={vocab_axis!r} must differ.")
+  return axis_size(mesh, data_axis), axis_size(mesh, vocab_axis)
+
+
+def require_vocab_axis(mesh, data_axis, vocab_axis) -> tuple[int, int]:
+  """`mesh_axes`, with `vocab_axis` required (the `xentjax.parallel` functions)."""
+  if vocab_axis is None:
+    raise ValueError("`vocab_axis` must name a mesh axis (the vocabulary is sharded over it).")
+  return mesh_axes(mesh, data_axis, vocab_axis)
