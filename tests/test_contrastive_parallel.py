@@ -14,7 +14,7 @@ CHECKS = [
   "clip_explicit_mesh",
   "clip_not_symmetric_masked_auto_mesh_eager",
   "clip_retrieval_accuracy",
-  "sigmoid_store_and_recompute",
+  "sigmoid_ring_equals_store_and_recompute",
   "sigmoid_labels_none_reduction",
   "ntxent_ring",
   "no_all_gather_in_hlo",

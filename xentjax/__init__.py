@@ -75,10 +75,6 @@ from xentjax import info as info
 from xentjax import metrics as metrics
 from xentjax import parallel as parallel
 from xentjax import train as train
-from xentjax._contrastive import Retrieval as Retrieval
-from xentjax._contrastive import contrastive_loss as contrastive_loss
-from xentjax._contrastive import ntxent as ntxent
-from xentjax._contrastive import sigmoid_contrastive_loss as sigmoid_contrastive_loss
 from xentjax._evaluation import EvaluationResult as EvaluationResult
 from xentjax._evaluation import evaluate as evaluate
 from xentjax._focal import categorical_focal_cross_entropy as categorical_focal_cross_entropy
@@ -111,6 +107,10 @@ from xentjax._softmax import (
 )
 from xentjax._torch_style import check_labels as check_labels
 from xentjax._torch_style import cross_entropy_loss as cross_entropy_loss
+from xentjax._vocab.contrastive import Retrieval as Retrieval
+from xentjax._vocab.contrastive import contrastive_loss as contrastive_loss
+from xentjax._vocab.contrastive import ntxent as ntxent
+from xentjax._vocab.contrastive import sigmoid_contrastive_loss as sigmoid_contrastive_loss
 from xentjax._vocab.cross_entropy import (
   linear_softmax_cross_entropy as linear_softmax_cross_entropy,
 )

@@ -1,10 +1,14 @@
-"""Contrastive cross-entropy: CLIP/InfoNCE, SigLIP and NT-Xent without the batch × batch matrix.
+"""Contrastive losses at any batch size: the entry points of the contrastive kernels.
 
-Each loss is a kernel of the pair sweep (`xentjax._pairs`): what a tile of
-``z = scale · a bᵀ (+ bias)`` adds to per-row and per-column states, and the
-cotangent of a tile. The entry points check the inputs, build the per-row and
-per-column inputs, and turn the kernels' outputs into a loss with ordinary
-differentiable JAX code (labels' logits, masks, reductions).
+`contrastive_loss` (CLIP/InfoNCE), `sigmoid_contrastive_loss` (SigLIP) and
+`ntxent` (SimCLR) check their inputs, build the engine's operands (the rows
+of ``a`` as tokens, the rows of ``b`` as the columns of a "vd" head, the
+scale as a traced temperature ``1/scale``), run one kernel of
+`xentjax._vocab.kernels.contrastive` and turn its per-row and per-column
+outputs into a loss with ordinary differentiable JAX code (the positives'
+logits, masks, reductions). With a mesh the columns travel around a ring of
+the devices of the data axis (`xentjax._vocab.placement.Placement`,
+``ring=True``).
 """
 
 from __future__ import annotations
@@ -14,15 +18,20 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from xentjax import _core
 from xentjax import _validation as V
 from xentjax._api import public, where_mask
-from xentjax._pairs import Sweep, recompute, safe_max, store
-from xentjax._vocab.placement import place
+from xentjax._vocab.engine import run_recompute, run_store
+from xentjax._vocab.kernels.contrastive import ContrastiveSoftmax, NtXent, SigmoidPairs
+from xentjax._vocab.placement import Placement, axis_size
+from xentjax._vocab.tiles import RECOMPUTE_TILE, Tiling, auto_chunks
 
 __all__ = ["Retrieval", "contrastive_loss", "ntxent", "sigmoid_contrastive_loss"]
+
+# The automatic tile of the recompute sweep: 1024 x 1024 float32 pair logits (4 MiB).
+ROW_CHUNK = 1024
+COLUMN_CHUNK = 1024
 
 
 class Retrieval(NamedTuple):
@@ -37,196 +46,13 @@ class Retrieval(NamedTuple):
   b_to_a: jax.Array | None
 
 
-# ----------------------------------------------------------------------------
-# Kernels.
-
-
-def _online(m, s, z, axis):
-  """The online log-sum-exp state ``(m, s)`` after one more block ``z`` along ``axis``."""
-  m_new = jnp.maximum(m, jnp.max(z, axis=axis))
-  shift = safe_max(m_new)
-  s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(z - jnp.expand_dims(shift, axis)), axis=axis)
-  return m_new, s
-
-
-def _lse(m, s):
-  return safe_max(m) + jnp.log(s)
-
-
-def _keep(aux, x, axis, fill):
-  """``x`` where ``aux["valid"]`` (rows: ``axis=0``, columns: ``axis=1``), else ``fill``.
-
-  Without a mask (no ``valid`` entry) every pair counts and ``x`` is returned as it is.
-  """
-  if "valid" not in aux:
-    return x
-  return jnp.where(jnp.expand_dims(aux["valid"], 1 - axis), x, fill)
-
-
-def _counts(hit, tie, axis):
-  return jnp.sum(hit, axis=axis, dtype=jnp.int32), jnp.sum(tie, axis=axis, dtype=jnp.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class SoftmaxKernel:
-  """Row (and column) log-sum-exps of the valid logits, and the ranks of the positives.
-
-  Inputs: ``ra`` has ``valid`` and ``y`` (the positive column), ``ca`` has
-  ``valid`` and ``cid`` (the global column index); with ``ranks`` also
-  ``thr`` (the positive's logit: of row i in ``ra``, of column j's own row j
-  in ``ca``) and ``ra["rid"]``.
-  """
-
-  by_column: bool  # also the column states (the b -> a direction)
-  ranks: bool
-
-  def rows(self, n, dt):
-    st = {"m": jnp.full((n,), -jnp.inf, dt), "s": jnp.zeros((n,), dt)}
-    if self.ranks:
-      st.update(gt=jnp.zeros((n,), jnp.int32), tie=jnp.zeros((n,), jnp.int32))
-    return st
-
-  def columns(self, m, dt):
-    return self.rows(m, dt) if self.by_column else {}
-
-  def update(self, rows, cols, z, ra, ca):
-    zr = _keep(ca, z, 1, -jnp.inf)
-    rows = {**rows, **dict(zip(("m", "s"), _online(rows["m"], rows["s"], zr, 1)))}
-    if self.ranks:
-      other = _keep(ca, ca["cid"][None, :] != ra["y"][:, None], 1, False)
-      gt, tie = _counts(other & (z > ra["thr"][:, None]), other & (z == ra["thr"][:, None]), 1)
-      rows.update(gt=rows["gt"] + gt, tie=rows["tie"] + tie)
-    if not self.by_column:
-      return rows, cols
-    zc = _keep(ra, z, 0, -jnp.inf)
-    cols = {**cols, **dict(zip(("m", "s"), _online(cols["m"], cols["s"], zc, 0)))}
-    if self.ranks and "thr" in ca:  # the columns' positives are known (no `labels`)
-      other = _keep(ra, ra["rid"][:, None] != ca["cid"][None, :], 0, False)
-      gt, tie = _counts(other & (z > ca["thr"][None, :]), other & (z == ca["thr"][None, :]), 0)
-      cols.update(gt=cols["gt"] + gt, tie=cols["tie"] + tie)
-    return rows, cols
-
-  def finish(self, rows, cols):
-    def out(st):
-      lse = _lse(st["m"], st["s"])
-      ranks = {k: st[k].astype(lse.dtype) for k in ("gt", "tie") if self.ranks}
-      return {"lse": lse, **ranks}
-
-    return out(rows), (out(cols) if self.by_column else {})
-
-  def cotangent(self, z, ra, ca):
-    zr = _keep(ca, z, 1, -jnp.inf)
-    dz = ra["g_lse"][:, None] * jnp.exp(zr - safe_max(ra["lse"])[:, None])
-    if self.by_column:
-      zc = _keep(ra, z, 0, -jnp.inf)
-      dz = dz + ca["g_lse"][None, :] * jnp.exp(zc - safe_max(ca["lse"])[None, :])
-    return dz
-
-
-@dataclasses.dataclass(frozen=True)
-class SigmoidKernel:
-  """Row sums of ``-log σ(±(z_ij))`` over the valid columns (``+`` at the positive column).
-
-  Inputs: ``ra`` has ``y`` (the positive column) and ``g_loss`` (the row
-  weights of strategy "store", or the cotangent of the row losses); ``ca``
-  has ``valid`` and ``cid``. The gradient is elementwise:
-  ``d loss_i / d z_ij = σ(z_ij) - [j = y_i]``.
-  """
-
-  def rows(self, n, dt):
-    return {"loss": jnp.zeros((n,), dt)}
-
-  def columns(self, m, dt):
-    return {}
-
-  def update(self, rows, cols, z, ra, ca):
-    pos = ca["cid"][None, :] == ra["y"][:, None]
-    terms = -jax.nn.log_sigmoid(jnp.where(pos, z, -z))
-    return {"loss": rows["loss"] + jnp.sum(_keep(ca, terms, 1, 0.0), axis=1)}, cols
-
-  def finish(self, rows, cols):
-    return {"loss": rows["loss"]}, {}
-
-  def cotangent(self, z, ra, ca):
-    pos = ca["cid"][None, :] == ra["y"][:, None]
-    dz = jax.nn.sigmoid(z) - pos.astype(z.dtype)
-    return _keep(ca, ra["g_loss"][:, None] * dz, 1, 0.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class NegativesKernel:
-  """NT-Xent, first pass: ``neg_i``, the log-sum-exp of row i over its negatives.
-
-  Negatives of row i are the columns with another label (``ra``/``ca``
-  ``label``); the row itself and its positives are left out.
-  """
-
-  def rows(self, n, dt):
-    return {"m": jnp.full((n,), -jnp.inf, dt), "s": jnp.zeros((n,), dt)}
-
-  def columns(self, m, dt):
-    return {}
-
-  def update(self, rows, cols, z, ra, ca):
-    neg = ra["label"][:, None] != ca["label"][None, :]
-    m, s = _online(rows["m"], rows["s"], jnp.where(neg, z, -jnp.inf), 1)
-    return {"m": m, "s": s}, cols
-
-  def finish(self, rows, cols):
-    return {"neg": _lse(rows["m"], rows["s"])}, {}
-
-
-@dataclasses.dataclass(frozen=True)
-class PositivesKernel:
-  """NT-Xent, second pass: ``loss_i = sum_{j positive} softplus(neg_i - z_ij)``.
-
-  Positives of row i: the other rows with its label. Each positive pair is
-  one cross-entropy over the pair and the row's negatives, ``log(e^{z_ij} +
-  e^{neg_i}) - z_ij``. Also ``gsum_i = sum_j σ(neg_i - z_ij)`` (the weight of
-  ``neg_i`` in the gradient) and ``count_i``, the number of positives.
-  """
-
-  def rows(self, n, dt):
-    return {k: jnp.zeros((n,), dt) for k in ("loss", "gsum", "count")}
-
-  def columns(self, m, dt):
-    return {}
-
-  def _pos(self, ra, ca):
-    same = ra["label"][:, None] == ca["label"][None, :]
-    return same & (ra["rid"][:, None] != ca["cid"][None, :]), ~same
-
-  def update(self, rows, cols, z, ra, ca):
-    pos, _ = self._pos(ra, ca)
-    gap = ra["neg"][:, None] - z
-    add = {
-      "loss": jnp.where(pos, jax.nn.softplus(gap), 0.0),
-      "gsum": jnp.where(pos, jax.nn.sigmoid(gap), 0.0),
-      "count": pos.astype(z.dtype),
-    }
-    return {k: rows[k] + jnp.sum(v, axis=1) for k, v in add.items()}, cols
-
-  def finish(self, rows, cols):
-    return dict(rows), {}
-
-  def cotangent(self, z, ra, ca):
-    pos, neg = self._pos(ra, ca)
-    p_neg = jnp.exp(jnp.where(neg, z, -jnp.inf) - safe_max(ra["neg"])[:, None])
-    d = ra["gsum"][:, None] * p_neg - jnp.where(pos, jax.nn.sigmoid(ra["neg"][:, None] - z), 0.0)
-    return ra["g_loss"][:, None] * d
-
-
-# ----------------------------------------------------------------------------
-# Argument checks shared by the entry points.
-
-
-def _positive_chunk(name: str, value) -> int | None:
+def positive_chunk(name: str, value) -> int | None:
   if value is None or (V.is_int(value) and value >= 1):
     return value
   raise ValueError(f"`{name}` must be None (automatic) or a positive int, got {V.describe(value)}.")
 
 
-def _check_scale(value):
+def check_scale(value):
   """A Python number must be > 0 (a scale, not a temperature); arrays pass (they may be traced)."""
   if isinstance(value, (bool, str)):
     raise TypeError(f"`scale` must be a positive number or a scalar array, got {value!r}.")
@@ -237,7 +63,7 @@ def _check_scale(value):
   return value
 
 
-def _check_k(value):
+def check_k(value):
   if value is None:
     return None
   ks = (value,) if V.is_int(value) else value
@@ -248,7 +74,7 @@ def _check_k(value):
   return tuple(int(k) for k in ks)
 
 
-def _check_pair(a, b, labels):
+def check_pair(a, b, labels):
   """``(a, b)`` as ``[B, D]`` and ``[M, D]`` floating arrays; the errors name the argument."""
   V.check_floating("a", a)
   V.check_floating("b", b)
@@ -271,14 +97,19 @@ def _check_pair(a, b, labels):
   return a, b
 
 
-def _check_rows(name: str, x, n: int):
+def check_rows(name: str, x, n: int):
   if x is not None and x.shape != (n,):
     raise ValueError(f"`{name}` must have shape ({n},) (one entry per row of `a`), got {x.shape}.")
   return x
 
 
-def _sweep_config(n_rows, n_cols, row_chunk, column_chunk, precision, mesh, data_axis) -> Sweep:
-  """The static `Sweep` of one call; a clear error for a mesh that cannot hold it."""
+def tiling_of(n_rows, n_cols, row_chunk, column_chunk, precision, mesh, data_axis, store=False):
+  """The static `Tiling` of one call; a clear error for a mesh that cannot hold it.
+
+  With a mesh the rows of ``a`` and ``b`` are sharded over ``data_axis`` and the
+  columns travel around its ring (``Placement(ring=True)``). Strategy "store"
+  sweeps whole rows, in token chunks of a recompute tile's size.
+  """
   n = 1
   if mesh is None and data_axis is not None:
     raise ValueError("`data_axis` names an axis of `mesh`; pass `mesh` too (or neither).")
@@ -290,41 +121,31 @@ def _sweep_config(n_rows, n_cols, row_chunk, column_chunk, precision, mesh, data
       raise ValueError(
         f"`data_axis` must name an axis of the mesh (whose axes are {shape}), got {data_axis!r}."
       )
-    n = Sweep(mesh=mesh, axis=data_axis).ring_size()
+    n = axis_size(mesh, data_axis)
     if n_rows % n or n_cols % n:
       raise ValueError(
         f"The data axis {data_axis!r} of `mesh` has {n} devices, which must divide the rows of "
         f"`a` ({n_rows}) and of `b` ({n_cols}); pad the batch to a multiple of {n} and mask the "
         "padding out with `where`."
       )
-  return Sweep(
-    row_chunk=max(1, min(row_chunk or Sweep.row_chunk, n_rows // n)),
-    column_chunk=max(1, min(column_chunk or Sweep.column_chunk, n_cols // n)),
-    precision=precision,
-    mesh=mesh,
-    axis=data_axis,
-  )
+  rows, cols = n_rows // n, n_cols // n
+  if store:
+    tc, vc = auto_chunks("store", rows, cols, row_chunk, None, store_tile=RECOMPUTE_TILE)
+  else:
+    tc = min(row_chunk or ROW_CHUNK, max(rows, 1))
+    vc = min(column_chunk or COLUMN_CHUNK, max(cols, 1))
+  placement = Placement() if mesh is None else Placement(mesh, data_axis, None, n, 1, ring=True)
+  return Tiling(n_cols, n_cols, True, tc, vc, precision, placement=placement)
 
 
-def _placed(arrays: dict, cfg: Sweep) -> dict:
-  """The arrays of a sweep, their rows sharded over the ring (unchanged on one device)."""
-  if cfg.mesh is None:
-    return arrays
-
-  def put(x):
-    return place(x, cfg.mesh, P(cfg.axis, *([None] * (x.ndim - 1))))
-
-  return {k: v if k in ("scale", "bias") else jax.tree.map(put, v) for k, v in arrays.items()}
-
-
-def _scalar(name: str, value, dtype):
+def scalar(name: str, value, dtype):
   x = jnp.asarray(value)
   if x.shape != ():
     raise ValueError(f"`{name}` must be a scalar, got an array of shape {x.shape}.")
   return x.astype(dtype)
 
 
-class _Pairs(NamedTuple):
+class Pairs(NamedTuple):
   """Which pairs count: the positive column of each row, and the masks."""
 
   y: jax.Array  # [B] int32: the positive column of each row
@@ -334,21 +155,21 @@ class _Pairs(NamedTuple):
   col_valid: jax.Array  # [M] bool: the column is a candidate
 
 
-def _pairs(labels, where, n_rows: int, n_cols: int) -> _Pairs:
-  where = _check_rows("where", where_mask(where), n_rows)
+def pairs_of(labels, where, n_rows: int, n_cols: int) -> Pairs:
+  where = check_rows("where", where_mask(where), n_rows)
   ones = jnp.ones((n_rows,), bool)
   row_valid = ones if where is None else where
   if labels is None:  # the pairs (a_i, b_i): a masked pair leaves both directions
     y = jnp.arange(n_rows, dtype=jnp.int32)
-    return _Pairs(y, row_valid, jnp.zeros((n_rows,), bool), row_valid, row_valid)
+    return Pairs(y, row_valid, jnp.zeros((n_rows,), bool), row_valid, row_valid)
   V.check_integer("labels", labels)
   status = _core.label_status(
-    _check_rows("labels", jnp.asarray(labels), n_rows), n_cols, where=where
+    check_rows("labels", jnp.asarray(labels), n_rows), n_cols, where=where
   )
-  return _Pairs(status.index, status.counted, status.bad, row_valid, jnp.ones((n_cols,), bool))
+  return Pairs(status.index, status.counted, status.bad, row_valid, jnp.ones((n_cols,), bool))
 
 
-def _reduce(per_row, counted, reduction: str):
+def reduce_rows(per_row, counted, reduction: str):
   """``reduction`` of per-row values over the counted rows (the mean of none is NaN)."""
   if per_row.ndim > 1:
     counted = counted[:, None]
@@ -360,11 +181,11 @@ def _reduce(per_row, counted, reduction: str):
   return _core.mean_or_nan(total, jnp.sum(counted, axis=0))
 
 
-_TILES = {
-  "row_chunk_size": lambda v: _positive_chunk("row_chunk_size", v),
-  "column_chunk_size": lambda v: _positive_chunk("column_chunk_size", v),
+TILE_OPTIONS = {
+  "row_chunk_size": lambda v: positive_chunk("row_chunk_size", v),
+  "column_chunk_size": lambda v: positive_chunk("column_chunk_size", v),
 }
-_SWEEP_OPTIONS = ("row_chunk_size", "column_chunk_size", "precision", "mesh", "data_axis")
+SWEEP_OPTIONS = ("row_chunk_size", "column_chunk_size", "precision", "mesh", "data_axis")
 
 
 # ----------------------------------------------------------------------------
@@ -372,8 +193,8 @@ _SWEEP_OPTIONS = ("row_chunk_size", "column_chunk_size", "precision", "mesh", "d
 
 
 @public(
-  ("symmetric", "reduction", "retrieval_k", *_SWEEP_OPTIONS),
-  validators={"scale": _check_scale, "retrieval_k": _check_k, **_TILES},
+  ("symmetric", "reduction", "retrieval_k", *SWEEP_OPTIONS),
+  validators={"scale": check_scale, "retrieval_k": check_k, **TILE_OPTIONS},
 )
 def contrastive_loss(
   a: jax.typing.ArrayLike,
@@ -455,48 +276,47 @@ def contrastive_loss(
     Language Supervision", 2021; A. van den Oord et al., "Representation
     Learning with Contrastive Predictive Coding", 2018.
   """
-  a, b = _check_pair(a, b, labels)
+  a, b = check_pair(a, b, labels)
   if labels is not None and mesh is not None:
     raise ValueError("`labels` cannot be combined with `mesh`: the ring pairs row i with row i.")
-  cfg = _sweep_config(
+  tiling = tiling_of(
     a.shape[0], b.shape[0], row_chunk_size, column_chunk_size, precision, mesh, data_axis
   )
-  pairs = _pairs(labels, where, a.shape[0], b.shape[0])
+  pairs = pairs_of(labels, where, a.shape[0], b.shape[0])
   cdt = V.compute_dtype(a.dtype, b.dtype)
-  s = _scalar("scale", scale, cdt)
+  t = 1.0 / scalar("scale", scale, cdt)  # the engine's temperature: its logits are z / t
   b_y = b if labels is None else jnp.take(b, pairs.y, axis=0)
-  zy = s * jnp.sum(a.astype(cdt) * b_y.astype(cdt), axis=1)  # the positives' logits
+  zy = jnp.sum(a.astype(cdt) * b_y.astype(cdt), axis=1) / t  # the positives' logits
   ranks, diagonal = retrieval_k is not None, labels is None
   # Masks enter the tiles only when there is one (else every tile would select).
-  ra = {"y": pairs.y} | ({} if where is None else {"valid": pairs.row_valid})
-  ca = {"cid": jnp.arange(b.shape[0], dtype=jnp.int32)}
-  if where is not None and diagonal:  # a masked pair also leaves the columns
-    ca["valid"] = pairs.col_valid
+  rows = {"temperature": jnp.broadcast_to(t, zy.shape), "y": pairs.y}
+  rows |= {} if where is None else {"valid": pairs.row_valid}
+  cols = {"valid": pairs.col_valid} if where is not None and diagonal else {}
   if ranks:
-    ra.update(thr=jax.lax.stop_gradient(zy), rid=jnp.arange(a.shape[0], dtype=jnp.int32))
+    rows.update(thr=jax.lax.stop_gradient(zy), rid=jnp.arange(a.shape[0], dtype=jnp.int32))
     if diagonal:
-      ca["thr"] = ra["thr"]
-  kernel = SoftmaxKernel(by_column=symmetric or (ranks and diagonal), ranks=ranks)
-  arrays = {"a": a, "b": b, "scale": s, "bias": jnp.zeros((), cdt), "ra": ra, "ca": ca}
-  row, col = recompute((kernel,), cfg, _placed(arrays, cfg))
+      cols["thr"] = rows["thr"]
+  kernel = ContrastiveSoftmax(by_column=symmetric or (ranks and diagonal), ranks=ranks)
+  row = run_recompute({"x": a, "w": b, "rows": rows, "cols": cols}, kernel, tiling)
+  col = row.get("cols", {})
   per_row = row["lse"] - zy
   if symmetric:
     col_lse = col["lse"] if diagonal else jnp.take(col["lse"], pairs.y)
     per_row = 0.5 * (per_row + (col_lse - zy))
-  loss = _reduce(jnp.where(pairs.bad, jnp.nan, per_row), pairs.counted, reduction)
+  loss = reduce_rows(jnp.where(pairs.bad, jnp.nan, per_row), pairs.counted, reduction)
   if not ranks:
     return loss
-  credit = _credit(row, zy, retrieval_k, pairs, reduction)
+  a_to_b = credit(row, zy, retrieval_k, pairs, reduction)
   return loss, Retrieval(
-    credit, _credit(col, zy, retrieval_k, pairs, reduction) if diagonal else None
+    a_to_b, credit(col, zy, retrieval_k, pairs, reduction) if diagonal else None
   )
 
 
-def _credit(st, zy, ks, pairs: _Pairs, reduction):
+def credit(st, zy, ks, pairs: Pairs, reduction):
   """The top-k credit of each row's positive from its rank, for each k, reduced."""
   c = jnp.stack([_core.top_k_credit(st["gt"], st["tie"] + 1, k) for k in ks], axis=-1)
   nan = pairs.bad | jnp.isnan(st["lse"] - zy)
-  return _reduce(jnp.where(nan[:, None], jnp.nan, c), pairs.counted, reduction)
+  return reduce_rows(jnp.where(nan[:, None], jnp.nan, c), pairs.counted, reduction)
 
 
 # ----------------------------------------------------------------------------
@@ -504,8 +324,8 @@ def _credit(st, zy, ks, pairs: _Pairs, reduction):
 
 
 @public(
-  ("reduction", "strategy", *_SWEEP_OPTIONS),
-  validators={"scale": _check_scale, **_TILES},
+  ("reduction", "strategy", *SWEEP_OPTIONS),
+  validators={"scale": check_scale, **TILE_OPTIONS},
 )
 def sigmoid_contrastive_loss(
   a: jax.typing.ArrayLike,
@@ -552,8 +372,10 @@ def sigmoid_contrastive_loss(
       count; without ``labels`` a masked pair also leaves the columns.
     reduction: ``"mean"`` over counted rows (NaN if none), ``"sum"`` or
       ``"none"`` (``[B]``: :math:`\ell_i`, 0 where masked).
-    strategy: ``"store"`` (default for ``"mean"``/``"sum"``) or
-      ``"recompute"`` (default, and the only one, for ``"none"``).
+    strategy: ``"store"`` (whole rows in chunks of ``row_chunk_size``; the
+      default for ``"mean"``/``"sum"`` on one device) or ``"recompute"`` (the
+      default, and the only one, for ``reduction="none"``, with ``mesh`` or
+      with ``column_chunk_size``).
     row_chunk_size, column_chunk_size, precision, mesh, data_axis: as in
       `xentjax.contrastive_loss` (with a mesh, ``labels`` are allowed).
 
@@ -563,42 +385,65 @@ def sigmoid_contrastive_loss(
   References:
     X. Zhai et al., "Sigmoid Loss for Language Image Pre-Training", 2023.
   """
-  a, b = _check_pair(a, b, labels)
+  a, b = check_pair(a, b, labels)
   if strategy not in (None, "store", "recompute"):
     raise ValueError(f'`strategy` must be None, "store" or "recompute", got {strategy!r}.')
   if strategy == "store" and reduction == "none":
     raise ValueError('strategy="store" needs a reduced loss; use "recompute" for reduction="none".')
-  cfg = _sweep_config(
-    a.shape[0], b.shape[0], row_chunk_size, column_chunk_size, precision, mesh, data_axis
+  strategy = strategy or (
+    "recompute"
+    if reduction == "none" or mesh is not None or column_chunk_size is not None
+    else "store"
   )
-  pairs = _pairs(labels, where, a.shape[0], b.shape[0])
+  if strategy == "store" and (mesh is not None or column_chunk_size is not None):
+    raise ValueError(
+      'strategy="store" sweeps whole rows on one device; use "recompute" with `mesh` or '
+      "`column_chunk_size`."
+    )
+  tiling = tiling_of(
+    a.shape[0],
+    b.shape[0],
+    row_chunk_size,
+    column_chunk_size,
+    precision,
+    mesh,
+    data_axis,
+    store=strategy == "store",
+  )
+  pairs = pairs_of(labels, where, a.shape[0], b.shape[0])
   cdt = V.compute_dtype(a.dtype, b.dtype)
-  ca = {"cid": jnp.arange(b.shape[0], dtype=jnp.int32)}
-  if where is not None and labels is None:  # a masked pair also leaves the columns
-    ca["valid"] = pairs.col_valid
-  arrays = {
-    "a": a,
-    "b": b,
-    "scale": _scalar("scale", scale, cdt),
-    "bias": _scalar("bias", bias, cdt),
-  }
-  arrays.update(ra={"y": pairs.y}, ca=ca)
-  if (strategy or ("recompute" if reduction == "none" else "store")) == "recompute":
-    (row, _) = recompute((SigmoidKernel(),), cfg, _placed(arrays, cfg))
-    return _reduce(jnp.where(pairs.bad, jnp.nan, row["loss"]), pairs.counted, reduction)
+  t = 1.0 / scalar("scale", scale, cdt)
+  # The engine's logits are (a b + bias_col) / t, so the bias enters as bias * t.
+  bias_col = jnp.broadcast_to(scalar("bias", bias, cdt) * t, (b.shape[0],))
+  rows = {"temperature": jnp.broadcast_to(t, (a.shape[0],)), "y": pairs.y}
+  cols = {"valid": pairs.col_valid} if where is not None and labels is None else {}
+  ops = {"x": a, "w": b, "bias": bias_col, "rows": rows, "cols": cols}
+  if strategy == "recompute":
+    out = run_recompute(ops, SigmoidPairs(), tiling)
+    return reduce_rows(jnp.where(pairs.bad, jnp.nan, out["loss"]), pairs.counted, reduction)
   count = jnp.sum(pairs.counted)
   weight = 1.0 / jnp.maximum(count, 1).astype(cdt) if reduction == "mean" else jnp.ones((), cdt)
-  g = jnp.where(pairs.bad, jnp.nan, jnp.where(pairs.counted, weight, 0.0))
-  arrays["ra"]["g_loss"] = g
-  total = store(SigmoidKernel(), cfg, _placed(arrays, cfg))
+  w = jnp.where(pairs.bad, jnp.nan, jnp.where(pairs.counted, weight, 0.0))
+  total, _ = run_store({**ops, "aux": {"w": w}}, SigmoidPairs(), tiling, WeightedRows())
   return jnp.where(count == 0, jnp.nan, total) if reduction == "mean" else total
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightedRows:
+  """``w_i · loss_i`` (0 where ``w_i = 0``): the reduction as strategy "store"'s per-token loss."""
+
+  differentiable = ()  # the weights get no gradient
+
+  def __call__(self, out: dict, aux: dict):
+    w = aux["w"].astype(out["loss"].dtype)
+    return jnp.where(w != 0, w * out["loss"], 0.0)
 
 
 # ----------------------------------------------------------------------------
 # NT-Xent (SimCLR), as optax has it.
 
 
-@public(_SWEEP_OPTIONS, validators=_TILES)
+@public(SWEEP_OPTIONS, validators=TILE_OPTIONS)
 def ntxent(
   embeddings: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -648,16 +493,12 @@ def ntxent(
       f"embeddings.shape={e.shape} and labels.shape={labels.shape}."
     )
   n = e.shape[0]
-  cfg = _sweep_config(n, n, row_chunk_size, column_chunk_size, precision, mesh, data_axis)
+  tiling = tiling_of(n, n, row_chunk_size, column_chunk_size, precision, mesh, data_axis)
   cdt = V.compute_dtype(e.dtype)
   eps = jnp.finfo(e.dtype).eps  # optax's cosine similarity: norms clipped at sqrt(eps)
-  u = (
-    e.astype(cdt) / jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(e.astype(cdt)), axis=1), eps))[:, None]
-  )
-  ids = jnp.arange(n, dtype=jnp.int32)
-  arrays = {"a": u, "b": u, "scale": 1.0 / _scalar("temperature", temperature, cdt)}
-  arrays.update(
-    bias=jnp.zeros((), cdt), ra={"label": labels, "rid": ids}, ca={"label": labels, "cid": ids}
-  )
-  row, _ = recompute((NegativesKernel(), PositivesKernel()), cfg, _placed(arrays, cfg))
-  return _core.mean_or_nan(jnp.sum(row["loss"]), jax.lax.stop_gradient(jnp.sum(row["count"])))
+  norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(e.astype(cdt)), axis=1), eps))
+  u = e.astype(cdt) / norm[:, None]
+  t = jnp.broadcast_to(scalar("temperature", temperature, cdt), (n,))
+  rows = {"temperature": t, "label": labels, "rid": jnp.arange(n, dtype=jnp.int32)}
+  out = run_recompute({"x": u, "w": u, "rows": rows, "cols": {"label": labels}}, NtXent(), tiling)
+  return _core.mean_or_nan(jnp.sum(out["loss"]), jax.lax.stop_gradient(jnp.sum(out["count"])))
