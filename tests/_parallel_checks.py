@@ -106,6 +106,53 @@ def run_case(
     assert "all-reduce" in text  # the lse really is combined across devices
 
 
+def ring_case():
+  """The engine's ring placement (the contrastive layout: the head's columns sharded over the
+  data axis like the tokens, passed around with `ppermute`) against one device: values and
+  gradients of x, w and a traced temperature, and no all-gather of a `[*, D]` array."""
+  import dataclasses
+
+  from xentjax._vocab import engine, inputs
+  from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
+  from xentjax._vocab.placement import Placement
+
+  n_dev = N_DATA * N_VOCAB
+  mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(AxisType.Explicit,))
+  rng = np.random.default_rng(7)
+  n, d = 3 * n_dev, 5
+  a = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  y = jnp.asarray(rng.permutation(n), jnp.int32)
+  head = inputs.Head("vd", None, 2, 2)
+  call = inputs.prepare_call(a, b, y, head, ignore_index=-100, where=None, temperature=0.5)
+  kernel = SoftmaxStats(entropy=True, argmax=True, top_k=2)
+
+  def f(a, b, t, tiling):
+    rows = {**call.ops["rows"], "temperature": jnp.broadcast_to(t, (n,))}
+    out = engine.run_recompute({**call.ops, "x": a, "w": b, "rows": rows}, kernel, tiling)
+    loss = jnp.sum(out["log_s"] - out["zy"]) + 0.3 * jnp.sum(out["ent"])
+    return loss, (out["amax"], out["topi"])
+
+  vg = jax.value_and_grad(f, (0, 1, 2), has_aux=True)
+  t = jnp.float32(0.7)
+  (v1, aux1), g1 = vg(a, b, t, call.tiling)
+  ring = dataclasses.replace(call.tiling, placement=Placement(mesh, "data", None, n_dev, 1, True))
+  with jax.set_mesh(mesh):
+    fn = jax.jit(vg, static_argnums=3)
+    (v2, aux2), g2 = fn(a, b, t, ring)
+    text = fn.lower(a, b, t, ring).compile().as_text()
+  close(v2, v1, "ring loss")
+  for name, x2, x1 in zip(("a", "b", "temperature"), g2, g1):
+    close(x2, x1, f"ring d{name}")
+  for x2, x1 in zip(aux2, aux1):
+    np.testing.assert_array_equal(np.asarray(x2), np.asarray(x1))
+  assert "collective-permute" in text
+  gathers = [
+    line for line in text.splitlines() if re.search(r"= f32\[\d+,\d+\][^=]*all-gather", line)
+  ]
+  assert not gathers, gathers
+
+
 EVERYTHING = {
   "label_smoothing": 0.1,
   "z_loss": 1e-3,
@@ -360,6 +407,10 @@ def main():
         assert re.search(pattern, str(e)), (i, pattern, str(e))
       else:
         raise AssertionError(f"case {i} did not raise")
+
+  @check("ring_engine_matches_one_device")
+  def _():
+    ring_case()
 
   print("RESULTS=" + json.dumps(RESULTS))
 

@@ -32,6 +32,7 @@ CHECKS = [
   "argmax_ties_across_shards",
   "gradient_filtering",
   "errors",
+  "ring_engine_matches_one_device",
 ]
 
 

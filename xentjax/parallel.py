@@ -44,9 +44,11 @@ from jax.sharding import PartitionSpec as P
 
 from xentjax import _core
 from xentjax import _validation as V
+from xentjax._api import public
 from xentjax._vocab import cross_entropy, token_stats
 from xentjax._vocab.engine import recompute_logits
 from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
+from xentjax._vocab.options import HEAD_OPTIONS, validators
 from xentjax._vocab.placement import Placement, place, require_vocab_axis
 from xentjax._vocab.tiles import Tiling
 
@@ -57,6 +59,20 @@ __all__ = [
 ]
 
 
+@public(
+  static=(
+    "reduction",
+    "ignore_index",
+    "label_smoothing",
+    "z_loss",
+    "logit_soft_cap",
+    "filter_eps",
+    "return_lse",
+    "strategy",
+    *HEAD_OPTIONS,
+  ),
+  validators=validators(),
+)
 def linear_softmax_cross_entropy(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,
@@ -167,6 +183,7 @@ def linear_softmax_cross_entropy(
   )
 
 
+@public(static=("top_k", "ignore_index", "logit_soft_cap", *HEAD_OPTIONS), validators=validators())
 def linear_token_stats(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,
@@ -234,6 +251,7 @@ def linear_token_stats(
 # Logits already sharded over the vocabulary: one tile per device.
 
 
+@public(static=("mesh", "data_axis", "vocab_axis"))
 def softmax_cross_entropy_with_integer_labels(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,

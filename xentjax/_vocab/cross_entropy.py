@@ -18,14 +18,17 @@ from jax import lax
 
 from xentjax import _core
 from xentjax import _validation as V
+from xentjax._api import public
 from xentjax._vocab.engine import run_recompute, run_store
 from xentjax._vocab.inputs import Call, Head, Tokens, prepare_call
 from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
 from xentjax._vocab.options import (
+  HEAD_OPTIONS,
   check_filter_eps,
   check_strategy,
   check_vector,
   check_weights,
+  validators,
 )
 
 
@@ -52,15 +55,17 @@ class CrossEntropyLoss:
       )
     else:
       ell = 0.0
-      if eps < 1.0:
-        ell = (1.0 - eps) * aux["cwy"] * (s["log_s"] - s["zy"])
+      if eps < 1.0:  # a class weight of 0 on a label of probability 0 adds 0, not 0 * inf
+        cwy = aux["cwy"]
+        ell = (1.0 - eps) * jnp.where(cwy != 0, cwy * (s["log_s"] - s["zy"]), 0.0)
       if eps > 0.0:
         ell = ell + eps * (aux["usum"] * s["log_s"] - s["zu"])
       if lam:  # the z-loss is not class-weighted
         zero = jnp.zeros_like(s["log_s"])
         lse = s["m"] + s["log_s"]
         ell = ell + _core.cross_entropy_from_stats(zero, zero, None, lse, z_loss=lam)
-    return jnp.where(aux["counted"], aux["coef"] * ell, 0.0)
+    # A token of weight 0 adds 0 whatever its loss (0 log 0 = 0, even for a -inf label).
+    return jnp.where(aux["counted"] & (aux["coef"] != 0), aux["coef"] * ell, 0.0)
 
 
 def per_token_operands(tok: Tokens, weights, class_weights, reduction, strategy, eps):
@@ -100,6 +105,20 @@ def with_column_weights(call: Call, class_weights, eps):
   return {**call.ops, "cols": {"u": jnp.pad(u, (0, tok.n_cols - tok.vocab_size))}}, kernel
 
 
+@public(
+  static=(
+    "reduction",
+    "ignore_index",
+    "label_smoothing",
+    "z_loss",
+    "logit_soft_cap",
+    "filter_eps",
+    "return_lse",
+    "strategy",
+    *HEAD_OPTIONS,
+  ),
+  validators=validators(),
+)
 def linear_softmax_cross_entropy(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,

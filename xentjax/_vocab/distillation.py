@@ -19,11 +19,18 @@ import numpy as np
 from jax import lax
 
 from xentjax import _validation as V
+from xentjax._api import public
 from xentjax._core import label_status, mean_or_nan
 from xentjax._vocab.engine import run_recompute, run_store
 from xentjax._vocab.inputs import Call, Head, Tokens, prepare_call
 from xentjax._vocab.kernels.distillation import Divergence, TopkLogits
-from xentjax._vocab.options import check_head, check_strategy, check_unit_interval
+from xentjax._vocab.options import (
+  HEAD_OPTIONS,
+  check_head,
+  check_strategy,
+  check_unit_interval,
+  validators,
+)
 
 # The store strategy holds two whole-row logit tiles (student and teacher)
 # and their softmaxes at once, so its automatic token chunk is half the fused
@@ -119,6 +126,18 @@ def traced(call: Call) -> bool:
   return "temperature" in call.ops["rows"]
 
 
+@public(
+  static=(
+    "beta",
+    "hard_weight",
+    "ignore_index",
+    "reduction",
+    "strategy",
+    "teacher_w_layout",
+    *HEAD_OPTIONS,
+  ),
+  validators=validators(),
+)
 def linear_distillation_loss(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,
@@ -379,6 +398,10 @@ def check_topk_teacher(
     )
 
 
+@public(
+  static=("hard_weight", "ignore_index", "reduction", "strategy", *HEAD_OPTIONS),
+  validators=validators(),
+)
 def linear_topk_distillation_loss(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,

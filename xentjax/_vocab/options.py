@@ -24,6 +24,18 @@ from xentjax import _validation as V
 from xentjax._api import where_mask
 
 STRATEGIES = ("recompute", "store")
+# The compile-time options every entry point shares (`xentjax._api.public`'s
+# ``static``): how `w` is laid out, tiled and placed.
+HEAD_OPTIONS = (
+  "w_layout",
+  "vocab_size",
+  "token_chunk_size",
+  "vocab_chunk_size",
+  "precision",
+  "mesh",
+  "data_axis",
+  "vocab_axis",
+)
 
 
 def check_head(x_name, x, w_name, w, layout_name, layout):
@@ -254,3 +266,17 @@ def check_weights(weights, batch_shape):
       f"and labels.shape={batch_shape}."
     )
   return jnp.broadcast_to(weights, batch_shape)
+
+
+def validators() -> dict:
+  """The checks `xentjax._api.public` runs before tracing, where its defaults differ.
+
+  ``temperature`` is an array argument (a Python number is checked here, then
+  traced); ``logit_soft_cap`` is static and says so for a traced value;
+  ``top_k`` may be 0.
+  """
+  return {
+    "temperature": check_temperature,
+    "logit_soft_cap": check_soft_cap,
+    "top_k": lambda k: V.int_option("top_k", k, low=0),
+  }

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from xentjax._api import public
 from xentjax._vocab.engine import run_recompute
 from xentjax._vocab.inputs import Head, prepare_call
 from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
-from xentjax._vocab.options import check_top_k
+from xentjax._vocab.options import HEAD_OPTIONS, check_top_k, validators
 
 
 class TokenStats(NamedTuple):
@@ -34,7 +35,8 @@ class TokenStats(NamedTuple):
     argmax: int32, the most likely class (ties: the lowest index).
     top_k_logprobs: ``[..., k]`` log-probabilities of the ``k`` most likely
       classes, descending, or None when ``top_k=0``.
-    top_k_indices: ``[..., k]`` int32 classes of those, or None.
+    top_k_indices: ``[..., k]`` int32 classes of those (each class once;
+      ties and ``-inf`` classes in index order), or None.
   """
 
   logprob: jax.Array
@@ -45,6 +47,7 @@ class TokenStats(NamedTuple):
   top_k_indices: jax.Array | None
 
 
+@public(static=("top_k", "ignore_index", "logit_soft_cap", *HEAD_OPTIONS), validators=validators())
 def linear_token_stats(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,
@@ -98,7 +101,9 @@ def linear_token_stats(
       that is not a finite number > 0 gives NaN.
     top_k: ``k >= 0``; with ``k > 0`` also return the ``k`` most likely
       classes and their log-probabilities (sorted, descending; ties: lower
-      index first).
+      index first). Each class appears once: when ``k`` exceeds the classes
+      of nonzero probability (a ``-inf`` bias masks some), the ``-inf`` ones
+      follow in index order.
     bias: optional ``[V]`` output bias (one per column of ``w``).
     ignore_index: label value of tokens that do not count.
     where: optional boolean token mask broadcastable to ``labels``.

@@ -33,6 +33,19 @@ from xentjax._vocab.engine import Kernel
 from xentjax._vocab.placement import vocab_gather, vocab_max, vocab_min, vocab_sum
 from xentjax._vocab.tiles import finite
 
+# The index of a top-k slot no class has filled yet: after every real index.
+NO_CLASS = jnp.iinfo(jnp.int32).max
+
+
+def best_k(vals, idxs, k: int):
+  """The `k` largest `vals` per row and their `idxs`; ties (``-inf`` too) by the lowest index.
+
+  So each class appears once, and classes of probability 0 follow the others
+  in index order (a slot still `NO_CLASS` sorts last).
+  """
+  neg, idx = lax.sort((-vals, idxs), dimension=1, num_keys=2)
+  return -neg[:, :k], idx[:, :k]
+
 
 @dataclasses.dataclass(frozen=True)
 class SoftmaxStats(Kernel):
@@ -72,7 +85,7 @@ class SoftmaxStats(Kernel):
       st["amax"] = jnp.zeros((n,), jnp.int32)
     if self.top_k:
       st["topv"] = jnp.full((n, self.top_k), -jnp.inf, cdt)
-      st["topi"] = jnp.zeros((n, self.top_k), jnp.int32)
+      st["topi"] = jnp.full((n, self.top_k), NO_CLASS, jnp.int32)
     if self.filtered:
       st["tmax"] = jnp.full((n, -(-n_cols // tiling.vocab_chunk)), -jnp.inf, cdt)
     return st, {}
@@ -96,9 +109,10 @@ class SoftmaxStats(Kernel):
     }
     if self.weighted_sum or self.entropy:
       zr = jnp.where(jnp.isfinite(z), z - ms_new[:, None], 0.0)
-    if self.weighted_sum:
-      u_c = tile.cols["u"]
-      new["zu"] = st["zu"] - st["u_seen"] * (ms_new - ms_old) + jnp.sum(zr * u_c[None, :], axis=1)
+    if self.weighted_sum:  # a -inf logit with weight (a masked class under smoothing) is -inf
+      u_c = tile.cols["u"][None, :]
+      zu = jnp.sum(jnp.where(u_c > 0, u_c * (z - ms_new[:, None]), 0.0), axis=1)
+      new["zu"] = st["zu"] - st["u_seen"] * (ms_new - ms_old) + zu
       new["u_seen"] = st["u_seen"] + jnp.sum(u_c.astype(z.dtype))
     if self.entropy:
       new["t"] = scale * (st["t"] - (ms_new - ms_old) * st["s"]) + jnp.sum(e * zr, axis=1)
@@ -114,10 +128,9 @@ class SoftmaxStats(Kernel):
       )
     if self.top_k:
       tv, ti = lax.top_k(z, min(self.top_k, z.shape[1]))
-      vals = jnp.concatenate([st["topv"], tv], axis=1)  # earlier (lower) columns first
+      vals = jnp.concatenate([st["topv"], tv], axis=1)
       idxs = jnp.concatenate([st["topi"], col[0, 0] + ti], axis=1)
-      new["topv"], pos = lax.top_k(vals, self.top_k)
-      new["topi"] = jnp.take_along_axis(idxs, pos, axis=1)
+      new["topv"], new["topi"] = best_k(vals, idxs, self.top_k)
     if self.filtered:
       new["tmax"] = lax.dynamic_update_slice_in_dim(st["tmax"], zmax[:, None], chunk, 1)
     return new
@@ -155,18 +168,18 @@ class SoftmaxStats(Kernel):
     if self.argmax:  # the lowest global index among the shards holding the max
       big = jnp.iinfo(jnp.int32).max
       out["amax"] = vocab_min(jnp.where(m == m_all, st["amax"], big), pl)
-    if self.top_k:  # k candidates per shard, in shard (= column) order
+    if self.top_k:  # k candidates per shard
       vals, idxs = vocab_gather(st["topv"], pl), vocab_gather(st["topi"], pl)
-      out["topv"], pos = lax.top_k(vals, self.top_k)
-      out["topi"] = jnp.take_along_axis(idxs, pos, axis=1)
+      out["topv"], out["topi"] = best_k(vals, idxs, self.top_k)
     return out
 
   def cotangent(self, tile, r):
     z, col = tile.a, tile.col
     p = jnp.exp(z - r["lse"][:, None])
     dz = r["g_log_s"][:, None] * p
-    if self.entropy:  # d(E - m)/da = p (1 + a - E), with a - E = (a - m) - ent
-      dz = dz + (r["g_ent"][:, None] * p) * (1.0 + (z - r["m"][:, None]) - r["ent"][:, None])
+    if self.entropy:  # d(E - m)/da = p (1 + a - E), with a - E = (a - m) - ent; 0 where p is
+      de = (r["g_ent"][:, None] * p) * (1.0 + (z - r["m"][:, None]) - r["ent"][:, None])
+      dz = dz + jnp.where(p > 0, de, 0.0)
     dz = dz + jnp.where(col == r["labels"][:, None], r["g_zy"][:, None], 0.0)
     if self.weighted_sum:
       dz = dz + r["g_zu"][:, None] * tile.cols["u"].astype(dz.dtype)[None, :]
