@@ -360,6 +360,9 @@ def test_infonce_lower_bound():
       "whole rows",
     ),
     (lambda: ntxent(A, np.arange(3)), ValueError, "same leading dimension"),
+    (lambda: ntxent(A, np.arange(B), True), TypeError, "`temperature`"),
+    (lambda: contrastive_loss(A, BB, scale=float("inf")), ValueError, "`scale` must be > 0"),
+    (lambda: contrastive_loss(A, BB, scale="2"), TypeError, "`scale`"),
   ],
 )
 def test_bad_input(call, error, match):

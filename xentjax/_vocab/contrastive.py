@@ -14,6 +14,7 @@ the devices of the data axis (`xentjax._vocab.placement.Placement`,
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -24,6 +25,7 @@ from xentjax import _validation as V
 from xentjax._api import public, where_mask
 from xentjax._vocab.engine import run_recompute, run_store
 from xentjax._vocab.kernels.contrastive import ContrastiveSoftmax, NtXent, SigmoidPairs
+from xentjax._vocab.options import check_chunk, check_temperature
 from xentjax._vocab.placement import Placement, axis_size
 from xentjax._vocab.tiles import RECOMPUTE_TILE, Tiling, auto_chunks
 
@@ -46,19 +48,14 @@ class Retrieval(NamedTuple):
   b_to_a: jax.Array | None
 
 
-def positive_chunk(name: str, value) -> int | None:
-  if value is None or (V.is_int(value) and value >= 1):
-    return value
-  raise ValueError(f"`{name}` must be None (automatic) or a positive int, got {V.describe(value)}.")
-
-
 def check_scale(value):
   """A Python number must be > 0 (a scale, not a temperature); arrays pass (they may be traced)."""
   if isinstance(value, (bool, str)):
     raise TypeError(f"`scale` must be a positive number or a scalar array, got {value!r}.")
-  if V.is_real(value) and not value > 0:
+  if V.is_real(value) and not (value > 0 and math.isfinite(value)):
     raise ValueError(
-      f"`scale` must be > 0 (the logits are scale · a bᵀ; CLIP learns scale = exp(t)), got {value!r}."
+      "`scale` must be > 0 and finite (the logits are scale · a bᵀ; CLIP learns "
+      f"scale = exp(t)), got {value!r}."
     )
   return value
 
@@ -182,8 +179,8 @@ def reduce_rows(per_row, counted, reduction: str):
 
 
 TILE_OPTIONS = {
-  "row_chunk_size": lambda v: positive_chunk("row_chunk_size", v),
-  "column_chunk_size": lambda v: positive_chunk("column_chunk_size", v),
+  "row_chunk_size": lambda v: check_chunk("row_chunk_size", v),
+  "column_chunk_size": lambda v: check_chunk("column_chunk_size", v),
 }
 SWEEP_OPTIONS = ("row_chunk_size", "column_chunk_size", "precision", "mesh", "data_axis")
 
@@ -443,7 +440,7 @@ class WeightedRows:
 # NT-Xent (SimCLR), as optax has it.
 
 
-@public(SWEEP_OPTIONS, validators=TILE_OPTIONS)
+@public(SWEEP_OPTIONS, validators={"temperature": check_temperature, **TILE_OPTIONS})
 def ntxent(
   embeddings: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
