@@ -136,6 +136,7 @@ def tiling_of(n_rows, n_cols, row_chunk, column_chunk, precision, mesh, data_axi
 
 
 def scalar(name: str, value, dtype):
+  """A scalar argument (``scale``, ``bias``, ``temperature``) as a 0-d array of ``dtype``."""
   x = jnp.asarray(value)
   if x.shape != ():
     raise ValueError(f"`{name}` must be a scalar, got an array of shape {x.shape}.")
@@ -153,6 +154,7 @@ class Pairs(NamedTuple):
 
 
 def pairs_of(labels, where, n_rows: int, n_cols: int) -> Pairs:
+  """The checked ``labels`` and ``where`` as `Pairs` (the library's label and mask rules)."""
   where = check_rows("where", where_mask(where), n_rows)
   ones = jnp.ones((n_rows,), bool)
   row_valid = ones if where is None else where
