@@ -48,7 +48,7 @@ from xentjax._api import public
 from xentjax._vocab import cross_entropy, token_stats
 from xentjax._vocab.engine import recompute_logits
 from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
-from xentjax._vocab.options import HEAD_OPTIONS, validators
+from xentjax._vocab.options import CROSS_ENTROPY_OPTIONS, TOKEN_STATS_OPTIONS, validators
 from xentjax._vocab.placement import Placement, place, require_vocab_axis
 from xentjax._vocab.tiles import Tiling
 
@@ -59,20 +59,7 @@ __all__ = [
 ]
 
 
-@public(
-  static=(
-    "reduction",
-    "ignore_index",
-    "label_smoothing",
-    "z_loss",
-    "logit_soft_cap",
-    "filter_eps",
-    "return_lse",
-    "strategy",
-    *HEAD_OPTIONS,
-  ),
-  validators=validators(),
-)
+@public(static=CROSS_ENTROPY_OPTIONS, validators=validators())
 def linear_softmax_cross_entropy(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,
@@ -133,11 +120,13 @@ def linear_softmax_cross_entropy(
     data_axis: mesh axis (or tuple of axes) the tokens are sharded over, or
       ``None`` for replicated tokens.
     vocab_axis: mesh axis (or tuple of axes) the vocabulary is sharded over.
-    reduction, ignore_index, where, weights, class_weights, label_smoothing,
-      z_loss, logit_soft_cap, temperature, bias, filter_eps, return_lse,
-      strategy, w_layout, vocab_size, token_chunk_size, vocab_chunk_size,
-      precision: as in `xentjax.linear_softmax_cross_entropy`; chunk sizes
-      refer to the per-device shard.
+    reduction: and every keyword after it (``ignore_index``, ``where``,
+      ``weights``, ``class_weights``, ``label_smoothing``, ``z_loss``,
+      ``logit_soft_cap``, ``temperature``, ``bias``, ``filter_eps``,
+      ``return_lse``, ``strategy``, ``w_layout``, ``vocab_size``,
+      ``token_chunk_size``, ``vocab_chunk_size``, ``precision``): as in
+      `xentjax.linear_softmax_cross_entropy`; chunk sizes refer to the
+      per-device shard.
 
   Returns:
     As `xentjax.linear_softmax_cross_entropy`: a scalar (replicated) for
@@ -183,7 +172,7 @@ def linear_softmax_cross_entropy(
   )
 
 
-@public(static=("top_k", "ignore_index", "logit_soft_cap", *HEAD_OPTIONS), validators=validators())
+@public(static=TOKEN_STATS_OPTIONS, validators=validators())
 def linear_token_stats(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,
@@ -218,9 +207,10 @@ def linear_token_stats(
     mesh: the `jax.sharding.Mesh` to run on.
     data_axis: mesh axis (or axes) of the tokens, or ``None``.
     vocab_axis: mesh axis (or axes) of the vocabulary.
-    temperature, top_k, bias, ignore_index, where, logit_soft_cap, w_layout,
-      vocab_size, token_chunk_size, vocab_chunk_size, precision: as in
-      `xentjax.linear_token_stats`.
+    temperature: and every keyword after it (``top_k``, ``bias``,
+      ``ignore_index``, ``where``, ``logit_soft_cap``, ``w_layout``,
+      ``vocab_size``, ``token_chunk_size``, ``vocab_chunk_size``,
+      ``precision``): as in `xentjax.linear_token_stats`.
 
   Returns:
     As `xentjax.linear_token_stats`.

@@ -23,7 +23,7 @@ from xentjax._vocab.engine import run_recompute, run_store
 from xentjax._vocab.inputs import Call, Head, Tokens, prepare_call
 from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
 from xentjax._vocab.options import (
-  HEAD_OPTIONS,
+  CROSS_ENTROPY_OPTIONS,
   check_filter_eps,
   check_strategy,
   check_vector,
@@ -105,20 +105,7 @@ def with_column_weights(call: Call, class_weights, eps):
   return {**call.ops, "cols": {"u": jnp.pad(u, (0, tok.n_cols - tok.vocab_size))}}, kernel
 
 
-@public(
-  static=(
-    "reduction",
-    "ignore_index",
-    "label_smoothing",
-    "z_loss",
-    "logit_soft_cap",
-    "filter_eps",
-    "return_lse",
-    "strategy",
-    *HEAD_OPTIONS,
-  ),
-  validators=validators(),
-)
+@public(static=CROSS_ENTROPY_OPTIONS, validators=validators())
 def linear_softmax_cross_entropy(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,

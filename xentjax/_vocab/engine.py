@@ -20,7 +20,11 @@ passes, the outputs and the backward pass read. Two strategies:
   each chunk) and every gradient at once; the backward pass only scales them.
 
 Both run on one device or under `jax.shard_map` (`placement.sharded`), with
-the kernel's own collectives in ``finish``.
+the kernel's own collectives in ``finish``; the vocabulary is iterated by
+`over_vocabulary`: the local chunks, or, on a ring placement, every device's
+shard in turn (passed around with `lax.ppermute`). `recompute_logits` runs a
+kernel on logits that exist already (one tile per device, no matmul), for
+`xentjax.parallel.softmax_cross_entropy_with_integer_labels`.
 """
 
 from __future__ import annotations

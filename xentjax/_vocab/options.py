@@ -36,6 +36,20 @@ HEAD_OPTIONS = (
   "data_axis",
   "vocab_axis",
 )
+# The compile-time options of the cross-entropy and of the token statistics
+# (their single-device and `xentjax.parallel` versions alike).
+CROSS_ENTROPY_OPTIONS = (
+  "reduction",
+  "ignore_index",
+  "label_smoothing",
+  "z_loss",
+  "logit_soft_cap",
+  "filter_eps",
+  "return_lse",
+  "strategy",
+  *HEAD_OPTIONS,
+)
+TOKEN_STATS_OPTIONS = ("top_k", "ignore_index", "logit_soft_cap", *HEAD_OPTIONS)
 
 
 def check_head(x_name, x, w_name, w, layout_name, layout):

@@ -212,14 +212,15 @@ def cotangent(ct: dict, tile: Tile, tiling: Tiling):
   """
   t = tile.temperature
   da, dz = ct.get("a"), ct.get("z")
+  da_t = None if da is None else tempered(da, t)  # da / T
+  d = dz if da_t is None else da_t if dz is None else da_t + dz
   d_temp = None
   if tile.traced_temperature:
-    d_temp = jnp.sum(_times_logits(da, tile.a), axis=1)
+    # -sum_j (da_j a_j + db_j b_j) / T; da / T is the matmuls' operand when alone, so no
+    # other tile-sized buffer is kept for it.
+    d_temp = -jnp.sum(_times_logits(da_t, tile.a), axis=1)
     if ct.get("b") is not None:
-      d_temp = d_temp + jnp.sum(_times_logits(ct["b"], tile.b), axis=1)
-    d_temp = -d_temp / t[:, 0]
-  d = None if da is None else tempered(da, t)
-  d = dz if d is None else d if dz is None else d + dz
+      d_temp = d_temp - jnp.sum(_times_logits(ct["b"], tile.b), axis=1) / t[:, 0]
   if tiling.soft_cap is not None:
     tanh = tile.z * jnp.asarray(1.0 / tiling.soft_cap, d.dtype)
     d = d * (1.0 - jnp.square(tanh))

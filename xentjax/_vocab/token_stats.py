@@ -20,7 +20,7 @@ from xentjax._api import public
 from xentjax._vocab.engine import run_recompute
 from xentjax._vocab.inputs import Head, prepare_call
 from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
-from xentjax._vocab.options import HEAD_OPTIONS, check_top_k, validators
+from xentjax._vocab.options import TOKEN_STATS_OPTIONS, check_top_k, validators
 
 
 class TokenStats(NamedTuple):
@@ -47,7 +47,7 @@ class TokenStats(NamedTuple):
   top_k_indices: jax.Array | None
 
 
-@public(static=("top_k", "ignore_index", "logit_soft_cap", *HEAD_OPTIONS), validators=validators())
+@public(static=TOKEN_STATS_OPTIONS, validators=validators())
 def linear_token_stats(
   x: jax.typing.ArrayLike,
   w: jax.typing.ArrayLike,
