@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 
 from xentjax import _cli
@@ -165,3 +166,23 @@ def test_demo_distill_is_deterministic_and_float32_under_x64():
   assert (x64["teacher"], x64["labels_only"]) == (first["teacher"], first["labels_only"])
   params = _demo_distill._init(jax.random.key(0), 4, 3, 2)
   assert {v.dtype for v in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_contrastive_demo(capsys):
+  assert _cli.main(["demo", "--contrastive"]) == 0
+  out = capsys.readouterr().out
+  rows = re.findall(
+    r"^ *(\d+) \| +([0-9.]+) \| +([0-9.]+) \| +(-?[0-9.]+) \| +([0-9.]+) \| +([0-9.]+) \| +([0-9.]+)$",
+    out,
+    re.MULTILINE,
+  )
+  assert [int(r[0]) for r in rows] == [1, 100, 200, 300, 400, 500, 600]
+  loss, scale, bits, top1, _, top5 = (np.array([float(r[i]) for r in rows]) for i in range(1, 7))
+  assert loss[-1] < 0.5 * loss[0] and scale[-1] > scale[0]  # it learns, and sharpens
+  # The bound log B - L (bits) can never pass log2(256) = 8 bits.
+  np.testing.assert_allclose(bits, (np.log(256) - loss) / np.log(2), atol=0.01)
+  assert np.all(bits <= 8.0) and bits[-1] > 4.0
+  assert top1[-1] > 0.1 and np.all(top5 >= top1)  # chance is 1/450
+  assert re.search(
+    r"^bound log B - L = [0-9.]+ bits of the log2\(256\) = 8 bits", out, re.MULTILINE
+  )

@@ -36,6 +36,7 @@ EXPECTED = [
   "07_large_vocabularies",
   "08_policy_gradients",
   "10_calibration",
+  "11_contrastive_and_mutual_information",
 ]
 
 # Inline math `$...$` or display math `$$...$$` containing at least one LaTeX command.

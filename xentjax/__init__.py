@@ -5,7 +5,8 @@
 `cross_entropy` semantics, closed-form gradients (`xentjax.grads`),
 information theory (`xentjax.info`), metrics (`xentjax.metrics`), a fused
 linear cross-entropy and per-token statistics (log-probabilities, entropy,
-top-k) for large vocabularies, vocabulary-parallel
+top-k) for large vocabularies, contrastive losses (CLIP, SigLIP, NT-Xent)
+without the batch × batch matrix, vocabulary-parallel
 cross-entropy (`xentjax.parallel`) and exact streaming evaluation.
 
 The public surface is `__all__`: the optax-compatible losses (softmax,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [  # kept sorted (ruff RUF022)
   "EvaluationResult",
+  "Retrieval",
   "TokenStats",
   "binary_cross_entropy",
   "calibration",
@@ -34,6 +36,7 @@ __all__ = [  # kept sorted (ruff RUF022)
   "categorical_hinge_loss",
   "check_labels",
   "check_topk_teacher",
+  "contrastive_loss",
   "cosine_distance",
   "cosine_similarity",
   "cross_entropy_loss",
@@ -53,12 +56,14 @@ __all__ = [  # kept sorted (ruff RUF022)
   "multiclass_hinge_loss",
   "multiclass_perceptron_loss",
   "nll_loss",
+  "ntxent",
   "parallel",
   "perceptron_loss",
   "policy",
   "poly_loss_cross_entropy",
   "safe_softmax_cross_entropy",
   "sigmoid_binary_cross_entropy",
+  "sigmoid_contrastive_loss",
   "sigmoid_focal_loss",
   "smooth_labels",
   "softmax_cross_entropy",

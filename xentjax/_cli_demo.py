@@ -6,6 +6,8 @@ epoch, the final train, test and top-5 accuracy, checks the autodiff gradient
 of the cross-entropy against the closed form softmax(z) - onehot(y) on the
 trained model, and writes `loss_curve.png`. `--compare` trains the same model
 with cross-entropy, squared error and hinge loss and prints one table.
+`--distill` and `--contrastive` run the experiments of `xentjax._demo_distill`
+and `xentjax._demo_contrastive`.
 """
 
 from __future__ import annotations
@@ -91,6 +93,12 @@ def register(subparsers) -> None:
     action="store_true",
     help="distill a teacher MLP into a smaller student at several temperatures and divergences "
     "and print one table (xentjax.linear_distillation_loss)",
+  )
+  p.add_argument(
+    "--contrastive",
+    action="store_true",
+    help="train a CLIP-style model on the top and bottom halves of the digits and print its "
+    "loss, learned scale, mutual-information bound and retrieval accuracy (xentjax.contrastive_loss)",
   )
   p.set_defaults(func=run)
 
@@ -328,6 +336,10 @@ def run(args: argparse.Namespace) -> int:
     from xentjax._demo_distill import run as run_distill
 
     return run_distill(args)
+  if getattr(args, "contrastive", False):
+    from xentjax._demo_contrastive import run as run_contrastive
+
+    return run_contrastive(args)
   s = _settings(args)
   start = time.perf_counter()
   from xentjax import datasets

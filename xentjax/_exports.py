@@ -50,6 +50,10 @@ from xentjax._softmax import (
 )
 from xentjax._torch_style import check_labels as check_labels
 from xentjax._torch_style import cross_entropy_loss as cross_entropy_loss
+from xentjax._vocab.contrastive import Retrieval as Retrieval
+from xentjax._vocab.contrastive import contrastive_loss as contrastive_loss
+from xentjax._vocab.contrastive import ntxent as ntxent
+from xentjax._vocab.contrastive import sigmoid_contrastive_loss as sigmoid_contrastive_loss
 from xentjax._vocab.cross_entropy import (
   linear_softmax_cross_entropy as linear_softmax_cross_entropy,
 )

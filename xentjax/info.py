@@ -60,6 +60,7 @@ Axis = int | tuple[int, ...]
 __all__ = [
   "cross_entropy",
   "entropy",
+  "infonce_lower_bound",
   "information",
   "js_divergence",
   "kl_divergence",
@@ -570,3 +571,54 @@ def kl_divergence_from_logits(
   lost = (p == 0) & (log_p > -jnp.inf) & ~q_fin
   term = jnp.where(lost, jnp.inf, term)
   return _in_base(jnp.sum(term, axis=axes), scale)
+
+
+@public(("base",))
+def infonce_lower_bound(
+  loss: ArrayLike, batch_size: ArrayLike, base: float | None = None
+) -> jax.Array:
+  r"""The InfoNCE lower bound on mutual information, :math:`I(A; B) \ge \log B - L`.
+
+  For a contrastive (InfoNCE) loss :math:`L` in nats, the mean over a batch
+  of :math:`B` positive pairs of the cross-entropy of each positive among the
+  :math:`B` candidates of its row (`xentjax.contrastive_loss` with
+  ``symmetric=False``, or the symmetric loss, whose two directions each give
+  the bound), the mutual information of the pairs' distribution satisfies
+
+  .. math::
+
+    I(A; B) \;\ge\; \log B - L.
+
+  It is tight when the critic :math:`f(a, b)` (the logit) equals
+  :math:`\log p(b \mid a) / p(b)` up to a function of :math:`a`, and the
+  batch is large enough: the bound can never exceed :math:`\log B` (the loss
+  is never negative), so measuring a mutual information of :math:`I` nats
+  needs :math:`B \ge e^I` pairs per batch (McAllester and Stratos, 2020). With
+  a finite batch and an optimal critic it is biased low; its variance is low
+  (Poole et al., 2019).
+
+  Args:
+    loss: the contrastive loss in nats (any shape; e.g. per batch).
+    batch_size: :math:`B`, the number of candidates each positive competed
+      with (its own included); a number or an array broadcastable to ``loss``.
+    base: None for nats, 2 for bits, any number > 0 and != 1.
+
+  Returns:
+    :math:`\log B - L` in the chosen base, float (float32 for 16-bit input).
+
+  Example:
+    >>> import xentjax
+    >>> print(round(float(xentjax.info.infonce_lower_bound(0.0, 8, base=2)), 6))
+    3.0
+
+  References:
+    B. Poole et al., "On Variational Bounds of Mutual Information", 2019;
+    D. McAllester and K. Stratos, "Formal Limitations on the Measurement of
+    Mutual Information", 2020; A. van den Oord et al., "Representation
+    Learning with Contrastive Predictive Coding", 2018.
+  """
+  scale = log_base_scale(base)
+  loss = _as_float("loss", loss)
+  n = jnp.asarray(batch_size)
+  dt = compute_dtype(loss.dtype)
+  return _in_base(jnp.log(n.astype(dt)) - loss.astype(dt), scale)

@@ -22,12 +22,13 @@ without a leading underscore; privacy is the package's, as in optimistix):
   gradient filtering and the placement. It takes a `engine.Kernel`.
 ``kernels``
   What is computed: `kernels.softmax_stats.SoftmaxStats` (cross-entropy and
-  token statistics) and `kernels.distillation` (forward/reverse KL,
-  generalized JSD, top-k logits). A kernel has no loop and no custom VJP.
+  token statistics), `kernels.distillation` (forward/reverse KL,
+  generalized JSD, top-k logits) and `kernels.contrastive` (CLIP, SigLIP,
+  NT-Xent). A kernel has no loop and no custom VJP.
 ``options``, ``inputs``
   Every option check, and `inputs.prepare_call`: the checked, flattened
   tokens, the static `tiles.Tiling` and the operands of a sweep.
-``cross_entropy``, ``token_stats``, ``distillation``
+``cross_entropy``, ``token_stats``, ``distillation``, ``contrastive``
   The public entry points: checks, one kernel, and ordinary differentiable
   JAX code on the kernel's per-token outputs (masks, weights, mixing,
   reduction). `xentjax.parallel` wraps the first two with a required mesh.
@@ -58,14 +59,13 @@ Operands: ``ops = {"x": [n, D], "w": head, "bias"?: [V], "teacher_x"?,
 "teacher_w"?, "rows": {per-token [n, ...]}, "cols": {per-column [V, ...]}}``;
 ``rows["temperature"]`` (``[n]``) is a traced temperature, and gets a gradient.
 
-Contrastive losses (``scale * a @ b.T``) fit as they are: the head is ``b`` in
-the "vd" layout (the columns are the B candidates), the labels the diagonal,
-the scale a traced temperature ``T = 1/scale``. A symmetric (CLIP) loss keeps
-per-column log-sum-exps in the per-column state, carried through a column
-chunk's token loop by `engine.sweep` and combined across token shards with
-`placement.data_sum` in ``finish``. A ring placement (``a`` and ``b`` both
-sharded over the data axis, ``b``'s shards passed around with `lax.ppermute`
-with their column state, and in the backward pass their gradient) is another
-way of iterating the vocabulary: it replaces the outer `tiles.fold` of
-`engine.sweep` and `engine.backward_local`.
+Contrastive losses (``scale * a @ b.T``) are built this way
+(`kernels.contrastive`, entry points in ``contrastive``): the head is ``b``
+in the "vd" layout (the columns are the candidates), the scale a traced
+temperature ``T = 1/scale``. The CLIP kernel keeps per-column log-sum-exps in
+the per-column state (both directions from one sweep), NT-Xent runs two
+passes, SigLIP runs with strategy "store". With a mesh they use the ring
+placement (``Placement(ring=True)``: ``a`` and ``b`` both sharded over the
+data axis, ``b``'s shards passed around with `lax.ppermute` with their column
+state, and in the backward pass their gradient).
 """

@@ -303,7 +303,7 @@ def check_teacher(tok: Tokens, teacher_x, teacher_w, teacher_w_layout):
   if mistaken is not None:
     raise TypeError(
       f"Teacher logits were passed {mistaken}: `teacher_w` is the teacher's output head "
-      "(a [D_t, V] matrix, or [V, D_t] with teacher_w_layout=\"vd\") that multiplies "
+      '(a [D_t, V] matrix, or [V, D_t] with teacher_w_layout="vd") that multiplies '
       "`teacher_x` (its hidden states [..., D_t]). Saved teacher outputs go to "
       "`xentjax.linear_topk_distillation_loss(x, w, teacher_indices, teacher_logits, ...)` "
       "(the top-k of each row: jax.lax.top_k(teacher_logits, k)), or compute the "

@@ -1,0 +1,234 @@
+"""Contrastive losses as kernels: CLIP/InfoNCE, SigLIP and NT-Xent over pair logits.
+
+The head is the second modality: ``x = a`` (``[B, D]``, the rows) and ``w =
+b`` in the "vd" layout (``[M, D]``, the columns), so a tile is a block of
+``a bᵀ``; the scale is a traced temperature ``T = 1/scale`` (the tile's
+``a`` are the pair logits ``scale · a_i·b_j``, plus ``bias`` for SigLIP).
+Per-token operands (``rows``): ``y`` (the positive column of each row),
+``rid`` (the row's global index), ``valid`` (a row mask, present only when
+there is one), ``thr`` (the positive's logit, for ranks), ``label`` (NT-Xent
+groups). Per-column operands (``tile.cols``): ``valid``, ``thr``, ``label``.
+
+=======================  ==================================================
+`ContrastiveSoftmax`     row and column log-sum-exps (CLIP's two
+                         directions) and the ranks of the positives
+`SigmoidPairs`           SigLIP's row sums of ``-log σ(±z)``
+`NtXent`                 two passes: each row's negatives' log-sum-exp,
+                         then the cross-entropy of each positive pair
+=======================  ==================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from xentjax._vocab.engine import Kernel
+from xentjax._vocab.placement import column_max, column_sum
+from xentjax._vocab.tiles import finite
+
+
+def online(m, s, z, axis):
+  """The online log-sum-exp state ``(m, s)`` after one more block ``z`` along ``axis``."""
+  m_new = jnp.maximum(m, jnp.max(z, axis=axis))
+  shift = finite(m_new)
+  s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(z - jnp.expand_dims(shift, axis)), axis=axis)
+  return m_new, s
+
+
+def keep(operands: dict, x, axis: int, fill):
+  """``x`` where ``operands["valid"]`` (rows: ``axis=0``, columns: ``axis=1``), else ``fill``.
+
+  Without a mask (no ``valid`` operand) every pair counts and ``x`` is returned as it is.
+  """
+  if "valid" not in operands:
+    return x
+  return jnp.where(jnp.expand_dims(operands["valid"], 1 - axis), x, fill)
+
+
+def counts(hit, tie, axis):
+  return jnp.sum(hit, axis=axis, dtype=jnp.int32), jnp.sum(tie, axis=axis, dtype=jnp.int32)
+
+
+def lse_of(st: dict, placement=None):
+  """``log sum exp`` from ``(m, s)``; with a placement, a column state over the token shards."""
+  m, s = st["m"], st["s"]
+  if placement is not None:
+    m_all = column_max(m, placement)
+    s = column_sum(s * jnp.exp(m - finite(m_all)), placement)
+    m = m_all
+  return finite(m) + jnp.log(s)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveSoftmax(Kernel):
+  """Row (and column) log-sum-exps of the valid pair logits, and the positives' ranks.
+
+  ``lse`` per row (``L_{a→b} = lse - z_pos``) and, with ``by_column``, per
+  column (``L_{b→a}``); with ``ranks`` the counts of logits above (``gt``)
+  and tied with (``tie``) the positive's, the positive itself left out, per
+  row and, when ``cols["thr"]`` is given (no labels), per column. The
+  cotangent is ``g_row p_row + g_col p_col`` (the positives' one-hot terms
+  go through their own logits, outside the engine).
+  """
+
+  by_column: bool = True
+  ranks: bool = False
+
+  @property
+  def outputs(self):
+    return ("lse",) + ("gt", "tie") * self.ranks
+
+  differentiable = ("lse",)
+  saved = ("lse",)
+
+  @property
+  def column_outputs(self):
+    return self.outputs if self.by_column else ()
+
+  @property
+  def column_differentiable(self):
+    return ("lse",) if self.by_column else ()
+
+  @property
+  def column_saved(self):
+    return ("lse",) if self.by_column else ()
+
+  def state(self, n, cdt):
+    st = {"m": jnp.full((n,), -jnp.inf, cdt), "s": jnp.zeros((n,), cdt)}
+    if self.ranks:
+      st.update(gt=jnp.zeros((n,), jnp.int32), tie=jnp.zeros((n,), jnp.int32))
+    return st
+
+  def init(self, p, n, n_cols, tiling, cdt):
+    return self.state(n, cdt), (self.state(n_cols, cdt) if self.by_column else {})
+
+  def update(self, p, state, tile, rows):
+    tok, col = state
+    z, cols = tile.a, tile.cols
+    tok = {
+      **tok,
+      **dict(zip(("m", "s"), online(tok["m"], tok["s"], keep(cols, z, 1, -jnp.inf), 1))),
+    }
+    if self.ranks:
+      other = keep(cols, tile.col != rows["y"][:, None], 1, False)
+      thr = rows["thr"][:, None]
+      gt, tie = counts(other & (z > thr), other & (z == thr), 1)
+      tok.update(gt=tok["gt"] + gt, tie=tok["tie"] + tie)
+    if not self.by_column:
+      return tok, col
+    col = {
+      **col,
+      **dict(zip(("m", "s"), online(col["m"], col["s"], keep(rows, z, 0, -jnp.inf), 0))),
+    }
+    if self.ranks and "thr" in cols:  # the columns' positives are known (no labels)
+      other = keep(rows, rows["rid"][:, None] != tile.col, 0, False)
+      thr = cols["thr"][None, :]
+      gt, tie = counts(other & (z > thr), other & (z == thr), 0)
+      col.update(gt=col["gt"] + gt, tie=col["tie"] + tie)
+    return tok, col
+
+  def finish(self, p, state, rows, tiling):
+    tok, col = state
+    pl = tiling.placement
+
+    def out(st, placement):
+      o = {"lse": lse_of(st, placement)}
+      for k in ("gt", "tie") if self.ranks else ():
+        o[k] = st[k] if placement is None else column_sum(st[k], placement)
+        o[k] = o[k].astype(o["lse"].dtype)
+      return o
+
+    return out(tok, None), (out(col, pl) if self.by_column else {})
+
+  def cotangent(self, tile, r):
+    z, cols = tile.a, tile.cols
+    dz = r["g_lse"][:, None] * jnp.exp(keep(cols, z, 1, -jnp.inf) - finite(r["lse"])[:, None])
+    if self.by_column:
+      p_col = jnp.exp(keep(r, z, 0, -jnp.inf) - finite(cols["lse"])[None, :])
+      dz = dz + cols["g_lse"][None, :] * p_col
+    return {"a": dz}
+
+
+@dataclasses.dataclass(frozen=True)
+class SigmoidPairs(Kernel):
+  """SigLIP: ``loss_i = -sum_j log σ(±z_ij)`` over the valid columns, ``+`` at column ``y_i``.
+
+  The gradient is elementwise, ``d loss_i / d z_ij = σ(z_ij) - [j = y_i]``,
+  which strategy "store" forms in the forward pass.
+  """
+
+  outputs = ("loss",)
+  differentiable = ("loss",)
+
+  def init(self, p, n, n_cols, tiling, cdt):
+    return {"loss": jnp.zeros((n,), cdt)}, {}
+
+  def update(self, p, state, tile, rows):
+    tok, col = state
+    z = tile.a
+    terms = -jax.nn.log_sigmoid(jnp.where(tile.col == rows["y"][:, None], z, -z))
+    return {"loss": tok["loss"] + jnp.sum(keep(tile.cols, terms, 1, 0.0), axis=1)}, col
+
+  def finish(self, p, state, rows, tiling):
+    return {"loss": state[0]["loss"]}, {}
+
+  def cotangent(self, tile, r):
+    z = tile.a
+    dz = jax.nn.sigmoid(z) - (tile.col == r["y"][:, None]).astype(z.dtype)
+    return {"a": keep(tile.cols, r["g_loss"][:, None] * dz, 1, 0.0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class NtXent(Kernel):
+  """NT-Xent (SimCLR) in two passes over the same tiles.
+
+  Negatives of row i: the columns with another ``label``; positives: the
+  other columns with its label (the row itself is neither). Pass 0 finishes
+  ``neg_i``, the log-sum-exp over the negatives; pass 1 sums, over the
+  positives, ``softplus(neg_i - z_ij) = log(e^{z_ij} + e^{neg_i}) - z_ij``
+  (``loss``), ``σ(neg_i - z_ij)`` (``gsum``, the weight of ``neg_i`` in the
+  gradient) and 1 (``count``).
+  """
+
+  passes = 2
+  outputs = ("loss", "count")
+  differentiable = ("loss",)
+  saved = ("neg", "gsum")
+
+  def init(self, p, n, n_cols, tiling, cdt):
+    if p == 0:
+      return {"m": jnp.full((n,), -jnp.inf, cdt), "s": jnp.zeros((n,), cdt)}, {}
+    return {k: jnp.zeros((n,), cdt) for k in ("loss", "gsum", "count")}, {}
+
+  def pairs(self, tile, rows):
+    same = rows["label"][:, None] == tile.cols["label"][None, :]
+    return same & (rows["rid"][:, None] != tile.col), ~same
+
+  def update(self, p, state, tile, rows):
+    tok, col = state
+    z = tile.a
+    pos, neg = self.pairs(tile, rows)
+    if p == 0:
+      m, s = online(tok["m"], tok["s"], jnp.where(neg, z, -jnp.inf), 1)
+      return {"m": m, "s": s}, col
+    gap = rows["neg"][:, None] - z
+    add = {
+      "loss": jnp.where(pos, jax.nn.softplus(gap), 0.0),
+      "gsum": jnp.where(pos, jax.nn.sigmoid(gap), 0.0),
+      "count": pos.astype(z.dtype),
+    }
+    return {k: tok[k] + jnp.sum(v, axis=1) for k, v in add.items()}, col
+
+  def finish(self, p, state, rows, tiling):
+    tok = state[0]
+    return ({"neg": lse_of(tok)} if p == 0 else dict(tok)), {}
+
+  def cotangent(self, tile, r):
+    z = tile.a
+    pos, neg = self.pairs(tile, r)
+    p_neg = jnp.exp(jnp.where(neg, z, -jnp.inf) - finite(r["neg"])[:, None])
+    d = r["gsum"][:, None] * p_neg - jnp.where(pos, jax.nn.sigmoid(r["neg"][:, None] - z), 0.0)
+    return {"a": r["g_loss"][:, None] * d}
