@@ -1,0 +1,161 @@
+"""The real-model setting: a small LM trained on the Python standard library, and its statistics.
+
+Usage::
+
+  python benchmarks/real_lm.py           # build the cache once (minutes), print the tables
+  python benchmarks/real_lm.py --quick   # a tiny model (V=4096), seconds
+  python benchmarks/real_lm.py --rebuild # train again
+
+The corpus is the standard library's own ``.py`` files (every machine has
+them; every tenth file of the sorted list is held out). A 32,768-entry
+byte-level BPE vocabulary is trained on the training files with the
+``tokenizers`` package (``pip install xentjax[bench]``), then two causal
+transformers (the teacher, d=256 with 4 layers, and the student, d=128 with 2)
+are trained with ``xentjax.linear_softmax_cross_entropy`` and optax. The
+tokenizer, the parameters and the final hidden states and heads on 8192
+held-out tokens are cached under ``$XENTJAX_BENCH_CACHE`` (default
+``~/.cache/xentjax-bench``); later runs only read them.
+
+Prints markdown tables: the models (size, tokens seen, training time,
+held-out perplexity), then for each distribution (the two synthetic ones of
+`benchmarks/_settings.py` and the two models) the mean entropy of the
+next-token distributions, the mean largest probability and the fraction of
+probabilities below 2^-12, and the fraction of ``[tokens x columns]`` tiles
+that gradient filtering (``filter_eps=2**-12``) can skip, with the vocabulary
+as it is and with its columns sorted by mass (by the batch's mean probability,
+and, for the models, by the training-set token frequency, which is known
+before training). Everything here is NumPy on the logits, independent of the
+fused engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from benchmarks import _settings
+from benchmarks._real_lm import build, stats
+
+N, D, V = 2048, 1024, 32768
+QUICK_SIZE = (256, 128, 4096)
+# The tile of gradient filtering: the engine's automatic one (256 tokens x 512
+# columns, `filter_eps` in `xentjax.linear_softmax_cross_entropy`).
+FILTER_TILE = (256, 512)
+
+
+def model_table(meta, held_out) -> str:
+  rows = [
+    "| model | parameters | tokens seen | training time | held-out CE (nats) | perplexity |",
+    "|---|---:|---:|---:|---:|---:|",
+  ]
+  for role in ("teacher", "student"):
+    m = meta[role]
+    ce = held_out[role]
+    rows.append(
+      f"| {role}: {m['model']} | {m['parameters'] / 1e6:.1f} M | {m['tokens_seen']:,} | "
+      f"{meta['seconds'][f'train_{role}']:.0f} s | {ce:.3f} | {math.exp(ce):.1f} |"
+    )
+  return "\n".join(rows)
+
+
+def measurements(n, d, v):
+  """`{name: (measure dict, {order name: column order})}` for the four distributions."""
+  out = {}
+  for name in ("concentrated", "scattered"):
+    s = _settings.make(name, n, d, v)
+    m = stats.measure(s.x, s.w, s.b, s.y)
+    out[name] = (m, {"batch mean p": stats.by_mass(m["mean_p"])})
+  arrays, _ = build.load(build.VARIANTS[_settings.real_variant()])
+  unigram = stats.by_mass(arrays["unigram_counts"])
+  for role in ("teacher", "student"):
+    x, w, b, y, _ = _settings.real_arrays(role)
+    m = stats.measure(x[:n], w, b, y[:n])
+    out[f"real {role}"] = (m, {"batch mean p": stats.by_mass(m["mean_p"]), "train freq": unigram})
+  return out
+
+
+def distribution_table(ms) -> str:
+  rows = [
+    "| distribution | N | V | entropy (nats) | mean max p | p < 2^-12 | label CE (nats) |",
+    "|---|---:|---:|---:|---:|---:|---:|",
+  ]
+  for name, (m, _) in ms.items():
+    rows.append(
+      f"| {name} | {m['n']} | {m['v']} | {m['entropy']:.2f} | {m['max_p']:.3f} | "
+      f"{100 * m['below_eps']:.2f}% | {m['cross_entropy']:.3f} |"
+    )
+  return "\n".join(rows)
+
+
+def tile_table(ms, tiles=None) -> str:
+  rows = [
+    (
+      "| distribution | tile (tokens x columns) | skippable, as is | sorted by batch mean p | "
+      "sorted by train freq |"
+    ),
+    "|---|---|---:|---:|---:|",
+  ]
+  for name, (m, orders) in ms.items():
+    for tc in m["group_max"]:
+      for vc in stats.VOCAB_CHUNKS:
+        if tiles is not None and (tc, vc) not in tiles:
+          continue
+        cells = [stats.skippable(m, tc, vc)]
+        cells += [stats.skippable(m, tc, vc, orders[k]) if k in orders else None for k in orders]
+        cells += [None] * (3 - len(cells))
+        text = ["-" if c is None else f"{100 * c:.1f}%" for c in cells]
+        bold = "**" if (tc, vc) == FILTER_TILE else ""
+        rows.append(f"| {name} | {bold}{tc} x {vc}{bold} | " + " | ".join(text) + " |")
+  return "\n".join(rows)
+
+
+def held_out_ce(meta) -> dict:
+  """Mean next-token cross-entropy of each model over every cached held-out token."""
+  out = {}
+  for role in ("teacher", "student"):
+    x, w, b, y, _ = _settings.real_arrays(role)
+    logits = x @ w + b
+    z = logits.max(axis=1, keepdims=True)
+    lse = (z[:, 0] + np.log(np.exp(logits - z).sum(axis=1))).astype(np.float64)
+    out[role] = float(np.mean(lse - logits[np.arange(len(y)), y]))
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="the tiny variant (V=4096), seconds")
+  p.add_argument("--rebuild", action="store_true", help="train again, replacing the cache")
+  args = p.parse_args(argv)
+  if args.quick:
+    _settings.os.environ["XENTJAX_BENCH_REAL"] = "quick"
+  variant = build.VARIANTS[_settings.real_variant()]
+  _, meta = build.load(variant, rebuild=args.rebuild)
+  n, d, v = QUICK_SIZE if args.quick else (N, D, V)
+  print(f"Cache: {build.cache_dir(variant)}")
+  print(
+    f"Corpus: {meta['files']['all']} files of {meta['python_stdlib']} "
+    f"({meta['files']['held_out']} held out); {meta['tokens']['train']:,} training and "
+    f"{meta['tokens']['held_out']:,} held-out tokens; tokenizer and encoding "
+    f"{meta['seconds']['tokenizer_and_encoding']:.0f} s, everything {meta['seconds']['total']:.0f} s."
+  )
+  print()
+  ce = held_out_ce(meta)
+  print(f"Models (held-out CE over {meta['variant']['eval_windows']} windows):\n")
+  print(model_table(meta, ce))
+  print()
+  ms = measurements(n, d, v)
+  print(f"Next-token distributions (first N={n} held-out tokens; synthetic at D={d}):\n")
+  print(distribution_table(ms))
+  print()
+  print("Tiles that `filter_eps=2**-12` can skip (label tiles kept; default tile in bold):\n")
+  print(tile_table(ms))
+
+
+if __name__ == "__main__":
+  main()
