@@ -20,14 +20,46 @@ def machine() -> str:
   )
 
 
+SETTINGS = ("random", "concentrated", "scattered", "real")
+# The automatic tile of gradient filtering, in tokens x columns (`filter_eps` of
+# `xentjax.linear_softmax_cross_entropy` documents it); the benchmarks count the
+# tiles it can skip in NumPy, so they need it without reaching into the engine.
+FILTER_TILE = (256, 512)
+
+
+def _size(text):
+  n, d, v = (int(t) for t in text.split(","))
+  return n, d, v
+
+
 def parser(doc: str, small, *, repeats=5, memory_help="skip the memory table"):
-  """The options every fused benchmark takes: --small, --repeats, --warmup, --no-memory."""
+  """The options every fused benchmark takes.
+
+  --small, --size N,D,V (the timing size), --setting (the input distribution,
+  `benchmarks/_settings.py`), --memory-size N,D,V (the large compile-only size),
+  --repeats, --warmup, --no-memory.
+  """
   p = argparse.ArgumentParser(description=doc.split("\n")[0])
   p.add_argument("--small", action="store_true", help=f"time at N, D, V = {small}")
+  p.add_argument("--size", type=_size, default=None, help="time at N,D,V (overrides --small)")
+  p.add_argument(
+    "--setting",
+    choices=SETTINGS,
+    default="random",
+    help="input distribution of the timed tables (see benchmarks/_settings.py)",
+  )
+  p.add_argument(
+    "--memory-size", type=_size, default=None, help="the large compile-only size N,D,V"
+  )
   p.add_argument("--repeats", type=int, default=repeats, help="timed repeats per method")
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--no-memory", action="store_true", help=memory_help)
   return p
+
+
+def timing_size(args, default, small):
+  """The timing size the options ask for: --size, else --small, else the default."""
+  return args.size or (small if args.small else default)
 
 
 def print_header() -> None:

@@ -40,13 +40,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from benchmarks import _settings
+from benchmarks._common import FILTER_TILE
 from benchmarks._real_lm import build, stats
 
 N, D, V = 2048, 1024, 32768
 QUICK_SIZE = (256, 128, 4096)
-# The tile of gradient filtering: the engine's automatic one (256 tokens x 512
-# columns, `filter_eps` in `xentjax.linear_softmax_cross_entropy`).
-FILTER_TILE = (256, 512)
 
 
 def model_table(meta, held_out) -> str:
