@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import time
 
 import jax
 
@@ -55,6 +56,26 @@ def parser(doc: str, small, *, repeats=5, memory_help="skip the memory table"):
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--no-memory", action="store_true", help=memory_help)
   return p
+
+
+def alternate(fns, repeats, warmup):
+  """Seconds of each `name: (f, args)`, run alternately after a warm-up, and its last output.
+
+  Returns `({name: [seconds per repeat]}, {name: output of the last call})`.
+  Alternating (every method once per repeat) makes drifting load hit every
+  method alike, and lets a ratio be taken within one repeat.
+  """
+  outputs = {}
+  for name, (f, args) in fns.items():  # compile, then warm up
+    for _ in range(warmup):
+      outputs[name] = jax.block_until_ready(f(*args))
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, (f, args) in fns.items():
+      t0 = time.perf_counter()
+      outputs[name] = jax.block_until_ready(f(*args))
+      times[name].append(time.perf_counter() - t0)
+  return times, outputs
 
 
 def timing_size(args, default, small):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import pathlib
 import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 
 import xentjax
 from benchmarks import _settings
-from benchmarks._common import parser, print_header, timing_size
+from benchmarks._common import alternate, parser, print_header, timing_size
 
 GEMMA = (8192, 2048, 262144)
 TIMING = (2048, 1024, 32768)
@@ -111,17 +110,11 @@ def time_table(student, teacher, beta, temperature, repeats, warmup):
   """Alternating fwd+bwd times on a student and a teacher `benchmarks._settings.Setting`."""
   x, w, tx, tw = student.x, student.w, teacher.x, teacher.w
   n, d, v = student.size
-  fns = {name: value_and_grad(loss) for name, loss in losses(beta, temperature).items()}
-  values = {}
-  for name, f in fns.items():  # compile, then warm up
-    for _ in range(warmup):
-      values[name] = float(jax.block_until_ready(f(x, w, tx, tw))[0])
-  times = {name: [] for name in fns}
-  for _ in range(repeats):  # alternate, so drifting load hits every method alike
-    for name, f in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(x, w, tx, tw))
-      times[name].append(time.perf_counter() - t0)
+  fns = {
+    name: (value_and_grad(loss), (x, w, tx, tw)) for name, loss in losses(beta, temperature).items()
+  }
+  times, outputs = alternate(fns, repeats, warmup)
+  values = {name: float(out[0]) for name, out in outputs.items()}
   med = {name: statistics.median(ts) for name, ts in times.items()}
   base = med["materialized (2 logit arrays)"]
   rows = [

@@ -24,7 +24,6 @@ from __future__ import annotations
 import pathlib
 import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -34,7 +33,7 @@ import optax
 
 import xentjax
 from benchmarks import _settings
-from benchmarks._common import machine, parser, print_header, timing_size
+from benchmarks._common import alternate, machine, parser, print_header, timing_size
 
 GEMMA = (8192, 2048, 262144)
 TIMING = (2048, 1024, 32768)
@@ -117,15 +116,7 @@ def time_table(setting, repeats, warmup):
   dl = jax.random.normal(jax.random.PRNGKey(3), (n, v), jnp.float32)
   fns = {name: (value_and_grad(loss), (x, w, y, b)) for name, loss in losses().items()}
   fns["3-matmul floor"] = (floor_fn(), (x, w, dl))
-  for f, args in fns.values():  # compile, then warm up
-    for _ in range(warmup):
-      jax.block_until_ready(f(*args))
-  times = {name: [] for name in fns}
-  for _ in range(repeats):  # alternate, so drifting load hits every method alike
-    for name, (f, args) in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(*args))
-      times[name].append(time.perf_counter() - t0)
+  times, _ = alternate(fns, repeats, warmup)
   med = {name: statistics.median(ts) for name, ts in times.items()}
   base, floor = med["optax (materialized)"], med["3-matmul floor"]
   rows = [

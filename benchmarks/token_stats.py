@@ -36,7 +36,6 @@ import math
 import pathlib
 import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -46,7 +45,7 @@ import numpy as np
 import optax
 
 import xentjax
-from benchmarks import _settings
+from benchmarks import _common, _settings
 from benchmarks._common import FILTER_TILE, machine, parser, print_header, timing_size
 
 GEMMA = (8192, 2048, 262144)
@@ -102,15 +101,7 @@ def fmt_bytes(b):
 
 def alternate(fns, repeats, warmup):
   """Median and min seconds of each `(f, args)`, run alternately after a warm-up."""
-  for f, args in fns.values():
-    for _ in range(warmup):
-      jax.block_until_ready(f(*args))
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, (f, args) in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(*args))
-      times[name].append(time.perf_counter() - t0)
+  times, _ = _common.alternate(fns, repeats, warmup)
   return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
