@@ -66,8 +66,12 @@ def measure(x, w, b, y, *, eps=EPS, token_chunks=TOKEN_CHUNKS, chunk=512) -> dic
   }
 
 
-def skippable(m: dict, tc: int, vc: int, order=None) -> float:
-  """Fraction of `[tc, vc]` tiles filtering skips, with the columns in `order` (default: as is)."""
+def skippable(m: dict, tc: int, vc: int, order=None, *, labels=True) -> float:
+  """Fraction of `[tc, vc]` tiles filtering skips, with the columns in `order` (default: as is).
+
+  `labels=False` counts the tiles whose every probability is below eps, whether
+  or not a label lies in them (the engine keeps those: their gradient has the -1).
+  """
   g = m["group_max"][tc]
   v = g.shape[1]
   order = np.arange(v) if order is None else np.asarray(order)
@@ -76,8 +80,9 @@ def skippable(m: dict, tc: int, vc: int, order=None) -> float:
   cols = -(-v // vc) * vc
   g = np.pad(g[:, order], ((0, 0), (0, cols - v)), constant_values=-np.inf)
   keep = g.reshape(g.shape[0], -1, vc).max(axis=2) >= math.log(m["eps"])
-  y = m["labels"]
-  keep[np.arange(len(y)) // tc, position[y] // vc] = True  # a tile holding a label is kept
+  if labels:
+    y = m["labels"]
+    keep[np.arange(len(y)) // tc, position[y] // vc] = True  # a tile holding a label is kept
   return 1.0 - float(keep.mean())
 
 
