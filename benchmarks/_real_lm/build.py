@@ -96,7 +96,13 @@ def cache_dir(v: Variant) -> pathlib.Path:
 
 
 def train_tokenizer(v: Variant, train_files):
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  try:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  except ImportError as e:
+    raise SystemExit(
+      "The real-model setting trains its BPE vocabulary with the `tokenizers` package: "
+      "pip install 'xentjax[bench]' (or: pip install tokenizers tqdm)."
+    ) from e
 
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
