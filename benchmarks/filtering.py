@@ -70,13 +70,9 @@ def spread(values, digits=3):
 
 def skip_rates(s):
   """Skippable fraction of the filtering tiles, as is and sorted by the batch's mean p."""
-  m = stats.measure(s.x, s.w, s.b, s.y, eps=EPS, token_chunks=(FILTER_TILE[0],))
-  tc, vc = FILTER_TILE
-  tc = min(tc, s.size[0])  # a batch smaller than a tile is one tile
-  if tc not in m["group_max"]:
-    m = stats.measure(s.x, s.w, s.b, s.y, eps=EPS, token_chunks=(tc,))
-  rates = (stats.skippable(m, tc, vc), stats.skippable(m, tc, vc, stats.by_mass(m["mean_p"])))
-  return m, rates
+  tc, vc = min(FILTER_TILE[0], s.size[0]), FILTER_TILE[1]  # a small batch is one tile
+  m = stats.measure(s.x, s.w, s.b, s.y, eps=EPS, token_chunks=(tc,))
+  return m, (stats.skippable(m, tc, vc), stats.skippable(m, tc, vc, stats.by_mass(m["mean_p"])))
 
 
 def table(size, repeats, warmup, names=DISTRIBUTIONS):
