@@ -40,6 +40,9 @@ class Setting:
   b: jax.Array | None
   y: jax.Array
   note: str = ""
+  # The column order by token frequency known before training (most frequent
+  # first): what vocabulary sorting would use. None where there is none.
+  frequency_order: np.ndarray | None = None
 
   @property
   def size(self) -> tuple[int, int, int]:
@@ -61,7 +64,8 @@ def zipf(name, n, d, v, seed=0) -> Setting:
   w = jax.random.normal(kw, (d, v), jnp.float32) / d**0.5
   b = -alpha * jnp.log1p(jnp.arange(v, dtype=jnp.float32))
   y = jax.random.categorical(ky, x @ w + b, axis=-1)
-  return Setting(name, x, w, b, y, f"alpha={alpha}, noise={noise}")
+  note = f"alpha={alpha}, noise={noise}"
+  return Setting(name, x, w, b, y, note, np.arange(v))  # the bias is Zipf-sorted already
 
 
 def real_variant() -> str:
@@ -95,6 +99,14 @@ def real_arrays(role="teacher"):
   return arrays[f"{role}_x"], arrays[f"{role}_w"], arrays[f"{role}_b"], arrays["labels"], meta
 
 
+def real_frequency_order() -> np.ndarray:
+  """The models' columns by training-set token count, most frequent first."""
+  from benchmarks._real_lm import build
+
+  arrays, _ = build.load(build.VARIANTS[real_variant()])
+  return np.argsort(-arrays["unigram_counts"], kind="stable")
+
+
 def real(n, d=None, role="teacher") -> Setting:
   """The first `n` held-out tokens; the bias folded into `w` and the width mapped to `d`."""
   x, w, b, y, meta = real_arrays(role)
@@ -102,7 +114,8 @@ def real(n, d=None, role="teacher") -> Setting:
     raise ValueError(f"the cache holds {x.shape[0]} held-out tokens, asked for N={n}")
   xd, wd = _embed(x[:n], w, b, d, seed=0)
   note = f"{meta[role]['model']}, width {x.shape[1]} + bias mapped to D={xd.shape[1]}"
-  return Setting("real", jnp.asarray(xd), jnp.asarray(wd), None, jnp.asarray(y[:n]), note)
+  y = jnp.asarray(y[:n])
+  return Setting("real", jnp.asarray(xd), jnp.asarray(wd), None, y, note, real_frequency_order())
 
 
 def make(name, n, d, v, seed=0) -> Setting:
