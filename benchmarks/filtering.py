@@ -18,7 +18,7 @@ the logits (every probability of the tile below ``eps`` and no label in it),
 with the vocabulary as it is, with its columns sorted by the token frequency
 known before training (the synthetic bias is sorted already; the model's
 training-set counts), and sorted by the batch's own mean probability (an
-oracle fitted to the scored batch: an upper bound); and the relative
+oracle fitted to the scored batch: optimistic); and the relative
 error of the filtered gradient against optax's (Frobenius, over ``x`` and
 ``w``).
 """

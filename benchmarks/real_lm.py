@@ -23,7 +23,7 @@ next-token distributions, the mean largest probability and the fraction of
 probabilities below 2^-12, and the fraction of ``[tokens x columns]`` tiles
 that gradient filtering (``filter_eps=2**-12``) can skip, with the vocabulary
 as it is and with its columns sorted by mass (by the frequency known before
-training, and, as an upper bound, by the batch's own mean probability).
+training, and, optimistically, by the batch's own mean probability).
 Everything here is NumPy on the logits, independent of the fused engine.
 """
 
@@ -158,7 +158,8 @@ def main(argv=None):
     "label in it (the engine's rule), then by the probabilities alone. Columns as they are, "
     "sorted by the frequency known before training (the synthetic bias is Zipf-sorted already; "
     "the models': training-set token counts), and sorted by this batch's own mean probability "
-    "(an oracle, fitted to the batch it is scored on: an upper bound). The automatic filtering "
+    "(an oracle fitted to the batch it is scored on: optimistic, though not an optimum). The "
+    "automatic filtering "
     "tile in bold:\n"
   )
   print(tile_table(ms))
