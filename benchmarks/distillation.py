@@ -4,6 +4,7 @@ Usage::
 
   python benchmarks/distillation.py              # full run (minutes on a CPU)
   python benchmarks/distillation.py --small      # quick run at small sizes
+  python benchmarks/distillation.py --setting real   # timed on the real model's activations
   python benchmarks/distillation.py --beta 0.5   # generalized JSD instead of forward KL
 
 Prints markdown tables, side by side in one run:

@@ -4,6 +4,7 @@ Usage::
 
   python benchmarks/fused.py           # full run (minutes on a CPU)
   python benchmarks/fused.py --small   # quick run at small sizes
+  python benchmarks/fused.py --setting real   # timed on the real model's activations
 
 Prints markdown tables:
 

@@ -4,6 +4,7 @@ Usage::
 
   python benchmarks/token_stats.py           # full run (minutes on a CPU)
   python benchmarks/token_stats.py --small   # quick run at small sizes
+  python benchmarks/token_stats.py --setting real   # timed on the real model's activations
 
 Prints markdown tables, everything measured side by side in one run:
 
