@@ -4,6 +4,7 @@ Usage::
 
   python benchmarks/distillation.py              # full run (minutes on a CPU)
   python benchmarks/distillation.py --small      # quick run at small sizes
+  python benchmarks/distillation.py --setting real   # timed on the real model's activations
   python benchmarks/distillation.py --beta 0.5   # generalized JSD instead of forward KL
 
 Prints markdown tables, side by side in one run:
@@ -25,7 +26,6 @@ from __future__ import annotations
 import pathlib
 import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 import xentjax
-from benchmarks._common import parser, print_header
+from benchmarks import _settings
+from benchmarks._common import alternate, parser, print_header, timing_size
 
 GEMMA = (8192, 2048, 262144)
 TIMING = (2048, 1024, 32768)
@@ -106,28 +107,20 @@ def memory_table(sizes, beta, temperature):
   return "\n".join(rows)
 
 
-def time_table(n, d, v, beta, temperature, repeats, warmup):
-  kx, kw, ktx, ktw = jax.random.split(jax.random.PRNGKey(0), 4)
-  x = jax.random.normal(kx, (n, d), jnp.float32)
-  w = jax.random.normal(kw, (d, v), jnp.float32) / d**0.5
-  tx = jax.random.normal(ktx, (n, d), jnp.float32)
-  tw = 2.0 * jax.random.normal(ktw, (d, v), jnp.float32) / d**0.5
-  fns = {name: value_and_grad(loss) for name, loss in losses(beta, temperature).items()}
-  values = {}
-  for name, f in fns.items():  # compile, then warm up
-    for _ in range(warmup):
-      values[name] = float(jax.block_until_ready(f(x, w, tx, tw))[0])
-  times = {name: [] for name in fns}
-  for _ in range(repeats):  # alternate, so drifting load hits every method alike
-    for name, f in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(x, w, tx, tw))
-      times[name].append(time.perf_counter() - t0)
+def time_table(student, teacher, beta, temperature, repeats, warmup):
+  """Alternating fwd+bwd times on a student and a teacher `benchmarks._settings.Setting`."""
+  x, w, tx, tw = student.x, student.w, teacher.x, teacher.w
+  n, d, v = student.size
+  fns = {
+    name: (value_and_grad(loss), (x, w, tx, tw)) for name, loss in losses(beta, temperature).items()
+  }
+  times, outputs = alternate(fns, repeats, warmup)
+  values = {name: float(out[0]) for name, out in outputs.items()}
   med = {name: statistics.median(ts) for name, ts in times.items()}
   base = med["materialized (2 logit arrays)"]
   rows = [
     (
-      f"| method (N={n}, D=D_t={d}, V={v}, float32) | loss | fwd+bwd median | "
+      f"| method ({student.name}, N={n}, D=D_t={d}, V={v}, float32) | loss | fwd+bwd median | "
       "min - max | vs materialized |"
     ),
     "|---|---:|---:|---:|---:|",
@@ -147,14 +140,17 @@ def main(argv=None):
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--no-time", action="store_true", help="skip the time table")
   args = p.parse_args(argv)
-  timing = SMALL if args.small else TIMING
+  timing = timing_size(args, TIMING, SMALL)
   print_header()
   print(f"Loss: beta={args.beta}, temperature={args.temperature}, reduction mean\n")
   if not args.no_memory:
-    sizes = [GEMMA, timing] if not args.small else [timing]
+    sizes = [args.memory_size or GEMMA, timing] if not args.small else [timing]
     print(memory_table(sizes, args.beta, args.temperature), "\n", flush=True)
   if not args.no_time:
-    print(time_table(*timing, args.beta, args.temperature, args.repeats, args.warmup))
+    student, teacher = _settings.teacher_student(args.setting, *timing)
+    if student.note:
+      print(f"Student: {student.note}; teacher: {teacher.note}\n")
+    print(time_table(student, teacher, args.beta, args.temperature, args.repeats, args.warmup))
 
 
 if __name__ == "__main__":

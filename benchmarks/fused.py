@@ -4,6 +4,7 @@ Usage::
 
   python benchmarks/fused.py           # full run (minutes on a CPU)
   python benchmarks/fused.py --small   # quick run at small sizes
+  python benchmarks/fused.py --setting real   # timed on the real model's activations
 
 Prints markdown tables:
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import pathlib
 import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -33,22 +33,26 @@ import jax.numpy as jnp
 import optax
 
 import xentjax
-from benchmarks._common import machine, parser, print_header
+from benchmarks import _settings
+from benchmarks._common import alternate, machine, parser, print_header, timing_size
 
 GEMMA = (8192, 2048, 262144)
 TIMING = (2048, 1024, 32768)
 SMALL = (512, 256, 8192)
 
 
-def losses(strategy_kwargs=None):
-  def baseline(x, w, y):
-    return optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
+def losses():
+  """The compared losses of `(x, w, y, b)`; `b` is a bias `[V]` or None."""
 
-  def recompute(x, w, y):
-    return xentjax.linear_softmax_cross_entropy(x, w, y)
+  def baseline(x, w, y, b=None):
+    logits = x @ w if b is None else x @ w + b
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  def store(x, w, y):
-    return xentjax.linear_softmax_cross_entropy(x, w, y, strategy="store")
+  def recompute(x, w, y, b=None):
+    return xentjax.linear_softmax_cross_entropy(x, w, y, bias=b)
+
+  def store(x, w, y, b=None):
+    return xentjax.linear_softmax_cross_entropy(x, w, y, bias=b, strategy="store")
 
   return {
     "optax (materialized)": baseline,
@@ -106,27 +110,21 @@ def floor_fn():
   return three_matmuls
 
 
-def time_table(n, d, v, repeats, warmup):
-  kx, kw, ky, kd = jax.random.split(jax.random.PRNGKey(0), 4)
-  x = jax.random.normal(kx, (n, d), jnp.float32)
-  w = jax.random.normal(kw, (d, v), jnp.float32) / d**0.5
-  y = jax.random.randint(ky, (n,), 0, v)
-  dl = jax.random.normal(kd, (n, v), jnp.float32)
-  fns = {name: (value_and_grad(loss), (x, w, y)) for name, loss in losses().items()}
+def time_table(setting, repeats, warmup):
+  """Alternating fwd+bwd times on a `benchmarks._settings.Setting`."""
+  x, w, y, b = setting.x, setting.w, setting.y, setting.b
+  n, d, v = setting.size
+  dl = jax.random.normal(jax.random.PRNGKey(3), (n, v), jnp.float32)
+  fns = {name: (value_and_grad(loss), (x, w, y, b)) for name, loss in losses().items()}
   fns["3-matmul floor"] = (floor_fn(), (x, w, dl))
-  for f, args in fns.values():  # compile, then warm up
-    for _ in range(warmup):
-      jax.block_until_ready(f(*args))
-  times = {name: [] for name in fns}
-  for _ in range(repeats):  # alternate, so drifting load hits every method alike
-    for name, (f, args) in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(*args))
-      times[name].append(time.perf_counter() - t0)
+  times, _ = alternate(fns, repeats, warmup)
   med = {name: statistics.median(ts) for name, ts in times.items()}
   base, floor = med["optax (materialized)"], med["3-matmul floor"]
   rows = [
-    f"| method (N={n}, D={d}, V={v}, float32) | fwd+bwd median | min | vs optax | vs 3-matmul floor |",
+    (
+      f"| method ({setting.name}, N={n}, D={d}, V={v}, float32) | fwd+bwd median | min | "
+      "vs optax | vs 3-matmul floor |"
+    ),
     "|---|---:|---:|---:|---:|",
   ]
   for name in fns:
@@ -139,12 +137,12 @@ def time_table(n, d, v, repeats, warmup):
 
 def main(argv=None):
   args = parser(__doc__, SMALL).parse_args(argv)
-  timing = SMALL if args.small else TIMING
+  timing = timing_size(args, TIMING, SMALL)
   repeats = args.repeats
   print_header()
   print()
   if not args.no_memory:
-    sizes = [GEMMA, timing]
+    sizes = [args.memory_size or GEMMA, timing]
     table, _ = memory_table(sizes)
     print(
       "Temporary memory of jit(value_and_grad(loss, argnums=(0, 1))) "
@@ -153,8 +151,13 @@ def main(argv=None):
     print()
     print(table)
     print()
-  table, _ = time_table(*timing, repeats=repeats, warmup=args.warmup)
-  print(f"Time of one fwd+bwd, median of {repeats} alternating repeats after warm-up:")
+  setting = _settings.make(args.setting, *timing)
+  table, _ = time_table(setting, repeats=repeats, warmup=args.warmup)
+  note = f" ({setting.note})" if setting.note else ""
+  print(
+    f"Time of one fwd+bwd on the {setting.name} setting{note}, median of {repeats} "
+    "alternating repeats after warm-up:"
+  )
   print()
   print(table)
   print()

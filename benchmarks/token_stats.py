@@ -4,6 +4,7 @@ Usage::
 
   python benchmarks/token_stats.py           # full run (minutes on a CPU)
   python benchmarks/token_stats.py --small   # quick run at small sizes
+  python benchmarks/token_stats.py --setting real   # timed on the real model's activations
 
 Prints markdown tables, everything measured side by side in one run:
 
@@ -36,7 +37,6 @@ import math
 import pathlib
 import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -46,8 +46,8 @@ import numpy as np
 import optax
 
 import xentjax
-from benchmarks._common import machine, parser, print_header
-from xentjax._vocab import tiles
+from benchmarks import _common, _settings
+from benchmarks._common import FILTER_TILE, machine, parser, print_header, timing_size
 
 GEMMA = (8192, 2048, 262144)
 TIMING = (2048, 1024, 32768)
@@ -70,13 +70,13 @@ VARIANTS = (
 # 1-2. The policy-gradient loss: fused statistics vs materialized logits.
 
 
-def pg_fused(x, w, y, adv):
-  s = xentjax.linear_token_stats(x, w, y)
+def pg_fused(x, w, y, adv, b=None):
+  s = xentjax.linear_token_stats(x, w, y, bias=b)
   return jnp.mean(-adv * s.logprob - BETA_ENTROPY * s.entropy)
 
 
-def pg_materialized(x, w, y, adv):
-  logp = jax.nn.log_softmax(x @ w, axis=-1)
+def pg_materialized(x, w, y, adv, b=None):
+  logp = jax.nn.log_softmax(x @ w if b is None else x @ w + b, axis=-1)
   logprob = jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
   entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
   return jnp.mean(-adv * logprob - BETA_ENTROPY * entropy)
@@ -102,19 +102,11 @@ def fmt_bytes(b):
 
 def alternate(fns, repeats, warmup):
   """Median and min seconds of each `(f, args)`, run alternately after a warm-up."""
-  for f, args in fns.values():
-    for _ in range(warmup):
-      jax.block_until_ready(f(*args))
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, (f, args) in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(*args))
-      times[name].append(time.perf_counter() - t0)
+  times, _ = _common.alternate(fns, repeats, warmup)
   return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
-def pg_tables(memory_size, timing, repeats, warmup):
+def pg_tables(memory_size, setting, repeats, warmup):
   rows = [
     (
       "| loss `mean(-A·logprob - 0.01·entropy)`, float32 | size (N, D, V) | value | "
@@ -131,19 +123,16 @@ def pg_tables(memory_size, timing, repeats, warmup):
       f"| temp memory, fused `linear_token_stats` | {size} | {fmt_bytes(fused)} | "
       f"**{100 * fused / base:.2f}%** |"
     )
-  n, d, v = timing
-  kx, kw, ky, ka = jax.random.split(jax.random.PRNGKey(0), 4)
-  x = jax.random.normal(kx, (n, d))
-  w = jax.random.normal(kw, (d, v)) / d**0.5
-  y = jax.random.randint(ky, (n,), 0, v)
-  adv = jax.random.normal(ka, (n,))
+  n, d, v = setting.size
+  x, w, y, b = setting.x, setting.w, setting.y, setting.b
+  adv = jax.random.normal(jax.random.PRNGKey(3), (n,))
   fns = {
-    "materialized": (value_and_grad(pg_materialized), (x, w, y, adv)),
-    "fused": (value_and_grad(pg_fused), (x, w, y, adv)),
+    "materialized": (value_and_grad(pg_materialized), (x, w, y, adv, b)),
+    "fused": (value_and_grad(pg_fused), (x, w, y, adv, b)),
   }
   t = alternate(fns, repeats, warmup)
   base = t["materialized"][0]
-  size = f"{n}, {d}, {v}"
+  size = f"{n}, {d}, {v} ({setting.name})"
   for name, (med, lo) in t.items():
     rows.append(
       f"| fwd+bwd time, {name} (median; min {lo * 1e3:.0f} ms) | {size} | "
@@ -191,7 +180,7 @@ def rel_error(g, g_ref):
 
 def filter_table(size, repeats, warmup):
   n, d, v = size
-  tc, vc = tiles.FILTER_TOKEN_CHUNK, tiles.FILTER_VOCAB_CHUNK
+  tc, vc = FILTER_TILE
   rows = [
     (
       f"| setting (N={n}, D={d}, V={v}, float32) | mean max p | entropy (nats) | method | "
@@ -249,18 +238,17 @@ def main(argv=None):
   p = parser(__doc__, SMALL, memory_help="skip the compile-only memory row")
   p.add_argument("--only", choices=("pg", "filter"), default=None)
   args = p.parse_args(argv)
-  timing = SMALL if args.small else TIMING
+  timing = timing_size(args, TIMING, SMALL)
   print_header()
   print()
   if args.only in (None, "pg"):
     print("Policy-gradient loss, fused statistics vs materialized logits:\n")
-    print(pg_tables(None if args.no_memory else GEMMA, timing, args.repeats, args.warmup))
+    memory = None if args.no_memory else (args.memory_size or GEMMA)
+    setting = _settings.make(args.setting, *timing)
+    print(pg_tables(memory, setting, args.repeats, args.warmup))
     print()
   if args.only in (None, "filter"):
-    print(
-      f"Gradient filtering (tiles of {tiles.FILTER_TOKEN_CHUNK} tokens x "
-      f"{tiles.FILTER_VOCAB_CHUNK} columns):\n"
-    )
+    print(f"Gradient filtering (tiles of {FILTER_TILE[0]} tokens x {FILTER_TILE[1]} columns):\n")
     print(filter_table(timing, args.repeats, args.warmup))
     print()
   print(f"Machine at the end: {machine()}")
