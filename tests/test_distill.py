@@ -364,7 +364,9 @@ def test_unsigned_labels_do_not_wrap_around():
   assert np.all(np.isfinite(np.asarray(per_token)))  # -100 is not a uint8: nothing ignored
 
 
-@pytest.mark.parametrize("case", ["index_high", "index_negative", "positive", "nan", "all_inf"])
+@pytest.mark.parametrize(
+  "case", ["index_high", "index_negative", "repeated", "positive", "nan", "all_inf"]
+)
 def test_bad_topk_teacher_entries_give_nan_on_their_token(case):
   x, w, _, _, _ = inputs(seed=15)
   idx, lp = topk_teacher(seed=15, k=3)
@@ -372,6 +374,8 @@ def test_bad_topk_teacher_entries_give_nan_on_their_token(case):
     idx[1, 2, 0] = V
   elif case == "index_negative":
     idx[1, 2, 1] = -1
+  elif case == "repeated":
+    idx[1, 2, 2] = idx[1, 2, 0]
   elif case == "positive":
     lp[1, 2, 2] = 0.1
   elif case == "nan":
@@ -381,6 +385,51 @@ def test_bad_topk_teacher_entries_give_nan_on_their_token(case):
   per_token = np.asarray(xentjax.linear_topk_distillation_loss(x, w, idx, lp, reduction="none"))
   assert np.isnan(per_token[1, 2]) and np.isnan(per_token).sum() == 1
   with pytest.raises(ValueError, match="teacher_(indices|logprobs)"):
+    xentjax.check_topk_teacher(idx, lp, V)
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "store"])
+def test_repeated_teacher_index_is_a_bad_token_not_a_negative_divergence(strategy):
+  """Issue 19 item 6: one class saved twice made D = -log 2 < 0; now that token is NaN.
+
+  Every other token matches the float64 reference, values and gradients; the
+  repeated token's gradient is NaN in its row of dx (and in dw, a sum over
+  tokens), as for an out-of-range index; masked out, it is 0 and harmless.
+  """
+  x, w, _, _, _ = inputs(seed=17)
+  idx, lp = topk_teacher(seed=17, k=3)
+  idx[0, 4, 1] = idx[0, 4, 2]
+  bad = np.zeros(SHAPE, bool)
+  bad[0, 4] = True
+  ok_idx = np.where(bad[..., None], np.arange(3), idx)  # any valid teacher on the bad token
+  x2, w2 = np.ones((1, 1, D), np.float32), np.zeros((D, V), np.float32)
+  w2[:, 5] = 100.0  # the student puts all its mass on class 5, saved twice
+  same = xentjax.linear_topk_distillation_loss(x2, w2, [[[5, 5]]], np.log([[[0.5, 0.5]]]))
+  assert np.isnan(float(same))  # was -log 2
+  per_token = np.asarray(
+    xentjax.linear_topk_distillation_loss(x, w, idx, lp, reduction="none", strategy="recompute")
+  )
+  assert np.isnan(per_token[0, 4]) and np.isnan(per_token).sum() == 1
+  r_out, _, _ = reference(x, w, None, None, topk=(ok_idx, lp), reduction="none", cotangent=bad)
+  assert_close(np.where(bad, 0.0, per_token), np.where(bad, 0.0, r_out), "other tokens")
+
+  def fn(x, w, where=None):
+    return xentjax.linear_topk_distillation_loss(
+      x, w, idx, lp, where=where, reduction="sum", strategy=strategy, **CHUNKS[strategy]
+    )
+
+  gx, gw = jax.grad(fn, (0, 1))(x, w)
+  assert np.all(np.isnan(np.asarray(gx)) == bad[..., None]) and np.all(np.isnan(np.asarray(gw)))
+  check_against_reference(
+    lambda x, w: fn(x, w, where=~bad),
+    {"topk": (ok_idx, lp), "counted": ~bad, "reduction": "sum"},
+    x,
+    w,
+    None,
+    None,
+    None,
+  )
+  with pytest.raises(ValueError, match=r"teacher_indices.*repeats class \d+ in row \(0, 4\)"):
     xentjax.check_topk_teacher(idx, lp, V)
 
 

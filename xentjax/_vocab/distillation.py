@@ -356,21 +356,29 @@ def teacher_logits_passed(tok: Tokens, teacher_x, teacher_w) -> str | None:
 def topk_teacher(idx, logprobs, temperature, vocab_size, cdt):
   """`q = softmax(logprobs / T)` over the k entries, `sum q log q`, and which rows are bad.
 
-  A row is bad when an index is outside ``[0, vocab_size)``, a log-probability
-  is positive or NaN, or every log-probability is ``-inf`` (no distribution).
-  Bad rows get a harmless uniform ``q`` (their loss is NaN anyway).
-  `temperature`: a Python float or per-token rows ``[n]``.
+  A row is bad when an index is outside ``[0, vocab_size)`` or appears twice,
+  a log-probability is positive or NaN, or every log-probability is ``-inf``
+  (no distribution). Bad rows get a harmless uniform ``q`` (their loss is NaN
+  anyway). `temperature`: a Python float or per-token rows ``[n]``.
   """
   status = label_status(idx, vocab_size)
   lp = logprobs.astype(cdt)
   bad_entry = status.bad | (lp > 0.0) | jnp.isnan(lp)
-  bad = jnp.any(bad_entry, axis=-1) | jnp.all(lp == -jnp.inf, axis=-1)
+  bad = jnp.any(bad_entry, axis=-1) | jnp.all(lp == -jnp.inf, axis=-1) | repeats(idx)
   t = temperature if isinstance(temperature, float) else temperature[:, None]
   scaled = jnp.where(bad[..., None], 0.0, lp / t)
   logq = jax.nn.log_softmax(scaled, axis=-1)
   q = jnp.exp(logq)
   qlogq = jnp.sum(jnp.where(q > 0.0, q * logq, 0.0), axis=-1)
   return status.index, q, qlogq, bad
+
+
+def repeats(idx):
+  """`[n]` bool: a row of `idx` `[n, k]` holds some index twice (k is small: sort and compare)."""
+  if idx.shape[-1] < 2:
+    return jnp.zeros(idx.shape[:-1], bool)
+  s = jnp.sort(idx, axis=-1)
+  return jnp.any(s[..., 1:] == s[..., :-1], axis=-1)
 
 
 def check_topk_teacher(
@@ -384,8 +392,9 @@ def check_topk_teacher(
 
   Inside `jit` a token with a bad teacher entry gets a NaN loss (nothing can
   raise there); call this on the saved arrays before training to find them.
-  Checks: ``teacher_indices`` integer, in ``[0, vocab_size)``;
-  ``teacher_logprobs`` float, of the same shape, no NaN, no positive value,
+  Checks: ``teacher_indices`` integer, in ``[0, vocab_size)``, each class at
+  most once per row (a repeated class is a bug of the teacher dump: merging
+  its entries would hide it); ``teacher_logprobs`` float, of the same shape, no NaN, no positive value,
   not all ``-inf`` in a row, and probabilities summing to at most
   ``1 + atol`` per row (they are a part of one distribution).
 
@@ -406,6 +415,16 @@ def check_topk_teacher(
     raise ValueError(
       f"`teacher_indices` has {int(out.sum())} entries outside [0, {vocab_size}), e.g. "
       f"{idx[pos]} at {pos}."
+    )
+  s = np.sort(idx, axis=-1)
+  dup = s[..., 1:] == s[..., :-1]
+  if dup.any():
+    pos = tuple(int(i) for i in np.argwhere(dup)[0])
+    rows = int(np.any(dup, axis=-1).sum())
+    raise ValueError(
+      f"`teacher_indices` repeats class {s[pos]} in row {pos[:-1]} ({rows} rows repeat a "
+      "class): each saved class must appear once per row (a top-k has distinct indices); "
+      "check how the teacher's top-k was saved."
     )
   for what, badv in (("NaN", np.isnan(lp)), ("positive (not a log-probability)", lp > 0.0)):
     if badv.any():
@@ -501,9 +520,12 @@ def linear_topk_distillation_loss(
 
   Note:
     Inside `jit` values cannot raise: a token that counts and whose saved
-    indices fall outside ``[0, vocab_size)``, or whose log-probabilities are
-    positive, NaN or all ``-inf``, gets a NaN loss (and NaN gradients).
-    `xentjax.check_topk_teacher` checks the saved arrays eagerly.
+    indices fall outside ``[0, vocab_size)`` or repeat a class, or whose
+    log-probabilities are positive, NaN or all ``-inf``, gets a NaN loss (and
+    NaN gradients). `xentjax.check_topk_teacher` checks the saved arrays
+    eagerly and names the row. A repeated class is not merged: with two
+    entries on one class :math:`D` is no longer a divergence (it can be
+    negative), and a top-k never repeats a class, so the dump is wrong.
 
   Example:
     >>> import jax.numpy as jnp, xentjax
