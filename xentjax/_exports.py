@@ -57,6 +57,7 @@ from xentjax._vocab.contrastive import sigmoid_contrastive_loss as sigmoid_contr
 from xentjax._vocab.cross_entropy import (
   linear_softmax_cross_entropy as linear_softmax_cross_entropy,
 )
+from xentjax._vocab.distillation import DistillationComponents as DistillationComponents
 from xentjax._vocab.distillation import check_topk_teacher as check_topk_teacher
 from xentjax._vocab.distillation import linear_distillation_loss as linear_distillation_loss
 from xentjax._vocab.distillation import (

@@ -23,8 +23,9 @@ without a leading underscore; privacy is the package's, as in optimistix):
 ``kernels``
   What is computed: `kernels.softmax_stats.SoftmaxStats` (cross-entropy and
   token statistics), `kernels.distillation` (forward/reverse KL,
-  generalized JSD, top-k logits) and `kernels.contrastive` (CLIP, SigLIP,
-  NT-Xent). A kernel has no loop and no custom VJP.
+  generalized JSD and its scaled form, total variation, top-k logits) and
+  `kernels.contrastive` (CLIP, SigLIP, NT-Xent). A kernel has no loop and no
+  custom VJP.
 ``options``, ``inputs``
   Every option check, and `inputs.prepare_call`: the checked, flattened
   tokens, the static `tiles.Tiling` and the operands of a sweep.
@@ -56,7 +57,8 @@ Adding a quantity is one kernel of about 80 lines and one entry point::
 
 (`engine.run_store` runs a per-token loss inside the one-pass sweep instead.)
 Operands: ``ops = {"x": [n, D], "w": head, "bias"?: [V], "teacher_x"?,
-"teacher_w"?, "rows": {per-token [n, ...]}, "cols": {per-column [V, ...]}}``;
+"teacher_w"?, "teacher_bias"?: [V], "rows": {per-token [n, ...]}, "cols": {per-column
+[V, ...]}}``;
 ``rows["temperature"]`` (``[n]``) is a traced temperature, and gets a gradient.
 
 Contrastive losses (``scale * a @ b.T``) are built this way

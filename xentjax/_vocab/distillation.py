@@ -11,7 +11,7 @@ engine's one-pass sweep.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +23,13 @@ from xentjax._api import public
 from xentjax._core import label_status, mean_or_nan
 from xentjax._vocab.engine import run_recompute, run_store
 from xentjax._vocab.inputs import Call, Head, Tokens, prepare_call
-from xentjax._vocab.kernels.distillation import Divergence, TopkLogits
+from xentjax._vocab.kernels.distillation import Divergence, TopkLogits, TotalVariation
 from xentjax._vocab.options import (
   HEAD_OPTIONS,
   check_head,
   check_strategy,
   check_unit_interval,
+  check_vector,
   validators,
 )
 
@@ -36,6 +37,22 @@ from xentjax._vocab.options import (
 # and their softmaxes at once, so its automatic token chunk is half the fused
 # cross-entropy's (32 MiB per float32 tile).
 DISTILL_STORE_TILE = 1 << 23
+
+
+DIVERGENCES = ("jsd", "jsd_scaled", "tvd")
+
+
+class DistillationComponents(NamedTuple):
+  """The two terms of a distillation loss, reduced as the loss is.
+
+  ``soft``: :math:`T^2 D`, the divergence term; ``hard``: the cross-entropy
+  with the labels (None without labels). The loss is
+  ``(1 - hard_weight) * soft + hard_weight * hard``. Values for monitoring:
+  they carry no gradient (differentiate the loss).
+  """
+
+  soft: jax.Array
+  hard: jax.Array | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,23 +73,44 @@ class DistillationLoss:
 
   def __call__(self, out: dict, aux: dict):
     t = aux.get("temperature", self.temperature)
-    if self.topk:  # KL(q || p_s) over the saved entries
-      div = aux["qlogq"] - jnp.sum(aux["q"] * out["a_idx"], axis=-1) + out["lse_a"]
-    else:
-      div = out["div"]
-    loss = ((1.0 - self.hard_weight) * t**2) * div
+    loss = ((1.0 - self.hard_weight) * t**2) * self.divergence(out, aux)
     if self.hard_weight > 0.0:
       loss = loss + self.hard_weight * out["ce"]
     r = aux["r"]
     return jnp.where(r != 0.0, r * loss, 0.0)
 
+  def divergence(self, out: dict, aux: dict):
+    """``D`` per token: the kernel's, or KL(q || p_s) over a top-k teacher's entries."""
+    if self.topk:
+      return aux["qlogq"] - jnp.sum(aux["q"] * out["a_idx"], axis=-1) + out["lse_a"]
+    return out["div"]
+
+  def components(self, out: dict, aux: dict) -> tuple:
+    """Per-token ``(T^2 D, CE or None)``, each weighted by ``aux["r"]`` as the loss is."""
+    t, r = aux.get("temperature", self.temperature), aux["r"]
+    terms = (t**2 * self.divergence(out, aux), out.get("ce"))
+    return tuple(None if v is None else jnp.where(r != 0.0, r * v, 0.0) for v in terms)
+
 
 def prepare_student(
-  x, w, labels, head: Head, *, hard_weight, reduction, strategy, ignore_index, where, temperature
+  x,
+  w,
+  labels,
+  head: Head,
+  *,
+  hard_weight,
+  reduction,
+  strategy,
+  ignore_index,
+  where,
+  temperature,
+  bias=None,
+  keep_labels=False,
 ) -> tuple[Call, float]:
   """`(call, alpha)`: the student's `Call` and the checked hard-label weight.
 
   The checks both losses share, and `inputs.prepare_call` for the student.
+  `keep_labels`: the kernel reads the labels even when ``alpha = 0``.
   """
   alpha = check_unit_interval("hard_weight", hard_weight)
   if labels is None and alpha > 0.0:
@@ -90,31 +128,49 @@ def prepare_student(
     where=where,
     strategy=strategy,
     temperature=temperature,
+    bias=bias,
     store_tile=DISTILL_STORE_TILE,
     student=True,
   )
-  if alpha == 0.0:  # the labels only carry `ignore_index`
+  if alpha == 0.0 and not keep_labels:  # the labels only carry `ignore_index`
     c = c._replace(ops={**c.ops, "rows": {k: v for k, v in c.ops["rows"].items() if k != "labels"}})
   return c, alpha
 
 
-def distill(call: Call, kernel, aux: dict, loss: DistillationLoss, strategy, reduction):
-  """Runs the kernel and reduces `loss` over the tokens that count."""
+def distill(
+  call: Call, kernel, aux: dict, loss: DistillationLoss, strategy, reduction, components=False
+):
+  """Runs the kernel and reduces `loss` over the tokens that count.
+
+  `components`: also the `DistillationComponents`, reduced the same way.
+  """
   tok = call.tokens
   counted, bad = tok.status.counted, tok.status.bad
   count = jnp.sum(counted).astype(tok.cdt)
   if "temperature" in call.ops["rows"]:
     aux = {**aux, "temperature": call.ops["rows"]["temperature"]}
+  unit = jnp.where(bad, jnp.nan, jnp.where(counted, 1.0, 0.0)).astype(tok.cdt)
   if strategy == "store":
     r = jnp.where(counted, 1.0, 0.0).astype(tok.cdt)
     if reduction == "mean":
       r = r / jnp.maximum(count, 1.0)
     r = jnp.where(bad, jnp.nan, r)
-    total, _ = run_store({**call.ops, "aux": {**aux, "r": r}}, kernel, call.tiling, loss)
-    return jnp.where(count == 0, jnp.nan, total) if reduction == "mean" else total
-  out = run_recompute(call.ops, kernel, call.tiling)
-  r = jnp.where(bad, jnp.nan, jnp.where(counted, 1.0, 0.0)).astype(tok.cdt)
-  per_token = loss(out, {**aux, "r": r})
+    keep = kernel.outputs if components else ()
+    total, out = run_store({**call.ops, "aux": {**aux, "r": r}}, kernel, call.tiling, loss, keep)
+    total = jnp.where(count == 0, jnp.nan, total) if reduction == "mean" else total
+  else:
+    out = run_recompute(call.ops, kernel, call.tiling)
+    total = reduce_tokens(loss(out, {**aux, "r": unit}), tok, count, reduction)
+  if not components:
+    return total
+  soft, hard = loss.components(*lax.stop_gradient((out, {**aux, "r": unit})))
+  soft = reduce_tokens(soft, tok, count, reduction)
+  hard = None if hard is None else reduce_tokens(hard, tok, count, reduction)
+  return total, DistillationComponents(soft, hard)
+
+
+def reduce_tokens(per_token, tok: Tokens, count, reduction):
+  """`"none"` (the batch shape), `"sum"` or `"mean"` (NaN when nothing counts) of token rows."""
   if reduction == "none":
     return per_token.reshape(tok.batch_shape)
   if reduction == "sum":
@@ -129,6 +185,8 @@ def traced(call: Call) -> bool:
 @public(
   static=(
     "beta",
+    "divergence",
+    "return_components",
     "hard_weight",
     "ignore_index",
     "reduction",
@@ -146,6 +204,10 @@ def linear_distillation_loss(
   labels: jax.typing.ArrayLike | None = None,
   *,
   beta: float = 0.0,
+  divergence: Literal["jsd", "jsd_scaled", "tvd"] = "jsd",
+  bias: jax.typing.ArrayLike | None = None,
+  teacher_bias: jax.typing.ArrayLike | None = None,
+  return_components: bool = False,
   temperature: float | jax.typing.ArrayLike = 1.0,
   hard_weight: float = 0.0,
   ignore_index: int = -100,
@@ -165,8 +227,10 @@ def linear_distillation_loss(
   r"""Teacher-student divergence of the logits ``x @ w`` and ``teacher_x @ teacher_w``, fused.
 
   Neither logit array is ever materialized. For each token, with student
-  logits :math:`z_s = x^\top w`, teacher logits :math:`z_t = x_t^\top w_t`,
-  :math:`p_s = \mathrm{softmax}(z_s/T)` and :math:`p_t = \mathrm{softmax}(z_t/T)`:
+  logits :math:`z_s = x^\top w + b_s`, teacher logits :math:`z_t = x_t^\top
+  w_t + b_t` (the biases optional), :math:`p_s = \mathrm{softmax}(z_s/T)` and
+  :math:`p_t = \mathrm{softmax}(z_t/T)`, the divergence ``divergence="jsd"``
+  (default) is
 
   .. math::
 
@@ -177,13 +241,54 @@ def linear_distillation_loss(
       \mathrm{KL}(p_s \,\|\, p_t) & \beta = 1
     \end{cases}
 
-    \ell = (1-\alpha)\, T^2 D_\beta + \alpha\, \mathrm{CE}(z_s, y),
+  (the generalized Jensen-Shannon divergence of Agarwal et al.), and the loss
+
+  .. math::
+
+    \ell = (1-\alpha)\, T^2 D + \alpha\, \mathrm{CE}(z_s, y),
     \qquad \mathrm{CE}(z_s, y) = \mathrm{lse}(z_s) - z_{s,y}
 
-  (the generalized Jensen-Shannon divergence of Agarwal et al.; the factor
-  :math:`T^2` of Hinton et al. keeps gradient scales independent of
-  :math:`T`; the cross-entropy uses the untempered student logits). Equal, to
-  float32 rounding, values and gradients, to
+  (the factor :math:`T^2` of Hinton et al. keeps gradient scales independent
+  of :math:`T`; the cross-entropy uses the untempered student logits).
+
+  **The generalized JSD is not continuous at its ends**: it tends to 0 as
+  :math:`\beta \to 0` or :math:`\beta \to 1`, so ``beta=1e-7`` gives about
+  ``1e-7`` times the forward KL, not the forward KL of ``beta=0`` (a trap when
+  annealing :math:`\beta`). ``divergence="jsd_scaled"`` divides it by
+  :math:`\beta(1-\beta)`, which is continuous on :math:`[0, 1]`. With
+  :math:`m = p_s + \beta (p_t - p_s)` and
+  :math:`\log(1 + u) = u - u^2/2 + O(u^3)`,
+
+  .. math::
+
+    \mathrm{KL}(p_s \,\|\, m) = -\sum_j p_{s,j} \log\Big(1 + \beta\,
+      \frac{p_{t,j} - p_{s,j}}{p_{s,j}}\Big)
+      = -\beta \sum_j (p_{t,j} - p_{s,j}) + \frac{\beta^2}{2} \chi^2(p_t \,\|\, p_s)
+      + O(\beta^3) = O(\beta^2),
+
+  (the first sum is 0) and :math:`\mathrm{KL}(p_t \,\|\, m) \to \mathrm{KL}(p_t \,\|\, p_s)`, so
+
+  .. math::
+
+    \frac{D_\beta}{\beta (1-\beta)} = \frac{\mathrm{KL}(p_t \,\|\, m)}{1 - \beta}
+      + \frac{\mathrm{KL}(p_s \,\|\, m)}{\beta}
+      \xrightarrow[\beta \to 0]{} \mathrm{KL}(p_t \,\|\, p_s), \qquad
+      \xrightarrow[\beta \to 1]{} \mathrm{KL}(p_s \,\|\, p_t)
+
+  (the second limit by the same expansion with the roles of :math:`p_t` and
+  :math:`p_s` and of :math:`\beta` and :math:`1 - \beta` swapped): the
+  forward KL of ``beta=0`` and the reverse KL of ``beta=1``, which
+  ``"jsd_scaled"`` returns at the ends exactly; in between it is
+  :math:`D_\beta / (\beta(1-\beta))`, formed without cancellation (each
+  :math:`\log(p/m)` from :math:`\log p_t - \log p_s` by one ``logaddexp``),
+  so ``beta=1e-6`` is the forward KL to about ``1e-6`` relative, in float32.
+  ``divergence="tvd"`` is the total variation distance
+  :math:`D = \tfrac12 \sum_j |p_{t,j} - p_{s,j}| \in [0, 1]` (Liger's TVD
+  loss; ``beta`` must stay 0), whose gradient with respect to the student's
+  tempered logits is :math:`-\tfrac12\, p_s \odot (s - \sum_j p_{s,j} s_j)`
+  with :math:`s = \mathrm{sign}(p_t - p_s)`, taking the subgradient
+  :math:`s_j = 0` where :math:`p_{t,j} = p_{s,j}` (so identical models get a
+  zero gradient). Equal, to float32 rounding, values and gradients, to
 
   .. code-block:: python
 
@@ -191,9 +296,10 @@ def linear_distillation_loss(
     b = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_x @ teacher_w) / T)
     kl = (jnp.exp(b) * (b - a)).sum(-1)   # beta = 0
 
-  followed by the mixing, masking and reduction. Gradients flow to ``x`` and
-  ``w`` only: the teacher is a constant (`lax.stop_gradient`), and its tiles
-  are recomputed only to rebuild :math:`p_t`; no teacher cotangent is formed.
+  followed by the mixing, masking and reduction. Gradients flow to ``x``,
+  ``w`` and ``bias`` only: the teacher (``teacher_bias`` included) is a
+  constant (`lax.stop_gradient`), and its tiles are recomputed only to
+  rebuild :math:`p_t`; no teacher cotangent is formed.
 
   Args:
     x: student hidden states ``[..., D]``, any leading batch shape.
@@ -208,7 +314,19 @@ def linear_distillation_loss(
       ``ignore_index``. A label outside ``[0, vocab_size)`` on a token that
       counts gives NaN (``xentjax.check_labels`` checks eagerly).
     beta: :math:`\beta \in [0, 1]`: 0 forward KL (default), 1 reverse KL,
-      in between the generalized JSD.
+      in between the generalized JSD (scaled with ``"jsd_scaled"``).
+    divergence: ``"jsd"`` (default, :math:`D_\beta` above), ``"jsd_scaled"``
+      (:math:`D_\beta / (\beta(1-\beta))`, continuous in :math:`\beta`) or
+      ``"tvd"`` (total variation distance).
+    bias: optional student output bias ``[V]`` (one per column of ``w``),
+      added to the logits before the temperature; it gets a gradient.
+    teacher_bias: optional teacher output bias ``[V]``, a constant.
+    return_components: also return the two terms: ``(loss,
+      DistillationComponents(soft, hard))`` with ``soft`` the divergence term
+      :math:`T^2 D` and ``hard`` the cross-entropy with ``labels`` (computed
+      even when ``hard_weight=0``; None without labels), each reduced as the
+      loss is (so ``loss = (1 - hard_weight) * soft + hard_weight * hard``).
+      They are for monitoring and carry no gradient.
     temperature: :math:`T > 0` (default 1): a Python number (checked now),
       or an array, a scalar or one per token (broadcastable to
       ``x.shape[:-1]``), traced (a sweep over values compiles once) and
@@ -243,16 +361,18 @@ def linear_distillation_loss(
   Returns:
     A scalar for ``"mean"``/``"sum"``, ``[...]`` for ``"none"``; float32 for
     16-bit inputs (which accumulate logits, statistics and gradients in
-    float32), else the promoted dtype. Gradients of ``x`` and ``w`` come back
-    in their dtypes.
+    float32), else the promoted dtype. Gradients of ``x``, ``w`` and ``bias``
+    come back in their dtypes. With ``return_components=True``, the pair
+    ``(loss, DistillationComponents)``.
 
   Note:
     * All options other than the arrays (and an array ``temperature``) are
       static (Python numbers).
     * The forward and reverse KL need one pass over the tiles of both heads in
-      the forward pass; the generalized JSD needs two (``log m`` needs both
-      normalizers first). ``"recompute"`` then recomputes the tiles once more
-      in the backward pass.
+      the forward pass; the generalized JSD (scaled or not) and the total
+      variation need two (``log m`` and ``|p_t - p_s|`` need both normalizers
+      first). ``"recompute"`` then recomputes the tiles once more in the
+      backward pass.
     * Inputs with `Explicit` mesh shardings run through `shard_map` with the
       layout read from ``x`` and ``w``.
 
@@ -272,6 +392,7 @@ def linear_distillation_loss(
   head = Head(
     w_layout, vocab_size, token_chunk_size, vocab_chunk_size, precision, mesh, data_axis, vocab_axis
   )
+  monitor = return_components and labels is not None  # the hard term even at alpha = 0
   call, alpha = prepare_student(
     x,
     w,
@@ -283,18 +404,48 @@ def linear_distillation_loss(
     ignore_index=ignore_index,
     where=where,
     temperature=temperature,
+    bias=bias,
+    keep_labels=monitor,
   )
+  hard = alpha > 0.0 or monitor
+  call = with_teacher(call, teacher_x, teacher_w, teacher_bias, teacher_w_layout)
+  kernel = divergence_kernel(divergence, beta, call, hard)
+  loss = DistillationLoss(
+    alpha, call.tiling.temperature, differentiable=("temperature",) * traced(call)
+  )
+  return distill(call, kernel, {}, loss, strategy, reduction, return_components)
+
+
+def divergence_kernel(divergence, beta, call: Call, hard: bool):
+  """The kernel of `divergence` (checked, with `beta`) for the student and teacher of `call`."""
   b = check_unit_interval("beta", beta)
-  tx, tw, tvd = check_teacher(call.tokens, teacher_x, teacher_w, teacher_w_layout)
-  call = call._replace(
-    tiling=dataclasses.replace(call.tiling, teacher_vd=tvd),
-    ops={**call.ops, "teacher_x": tx, "teacher_w": tw},
-  )
-  t = call.tiling.temperature
-  own_z = alpha > 0.0 and (traced(call) or t != 1.0)
-  kernel = Divergence(beta=b, hard=alpha > 0.0, own_z=own_z, traced=traced(call))
-  loss = DistillationLoss(alpha, t, differentiable=("temperature",) * traced(call))
-  return distill(call, kernel, {}, loss, strategy, reduction)
+  if divergence not in DIVERGENCES:
+    raise ValueError(
+      f"`divergence` must be one of {', '.join(map(repr, DIVERGENCES))}, got "
+      f"{V.describe(divergence)}."
+    )
+  own_z = hard and (traced(call) or call.tiling.temperature != 1.0)
+  if divergence == "tvd":
+    if b != 0.0:
+      raise ValueError(
+        f'`beta`={beta!r} weighs the Jensen-Shannon family (divergence="jsd" or '
+        '"jsd_scaled"); the total variation distance (divergence="tvd") has no beta: '
+        "leave beta=0."
+      )
+    return TotalVariation(hard=hard, own_z=own_z, traced=traced(call))
+  scaled = divergence == "jsd_scaled" and 0.0 < b < 1.0
+  return Divergence(beta=b, hard=hard, own_z=own_z, traced=traced(call), scaled=scaled)
+
+
+def with_teacher(call: Call, teacher_x, teacher_w, teacher_bias, teacher_w_layout) -> Call:
+  """`call` with the teacher's head (checked, constant) among its operands."""
+  tok = call.tokens
+  tx, tw, tvd = check_teacher(tok, teacher_x, teacher_w, teacher_w_layout)
+  ops = {**call.ops, "teacher_x": tx, "teacher_w": tw}
+  tb = check_vector("teacher_bias", teacher_bias, tok.n_cols, "one per column of `teacher_w`")
+  if tb is not None:
+    ops["teacher_bias"] = lax.stop_gradient(tb)
+  return call._replace(tiling=dataclasses.replace(call.tiling, teacher_vd=tvd), ops=ops)
 
 
 def check_teacher(tok: Tokens, teacher_x, teacher_w, teacher_w_layout):

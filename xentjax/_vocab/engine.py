@@ -103,11 +103,11 @@ def n_columns(ops: dict, tiling: Tiling) -> int:
 def vocabulary_shard(ops: dict, tiling: Tiling, **state) -> dict:
   """The vocabulary side of a sweep: what a ring placement passes around.
 
-  The head's columns ``w`` (and ``bias``, ``teacher_w``), the per-column
+  The head's columns ``w`` (and ``bias``, ``teacher_w``, ``teacher_bias``), the per-column
   operands ``cols``, the global index of the first column ``offset``, and
   the per-column ``state`` (the kernel's, or the gradients of ``w``).
   """
-  shard = {k: ops[k] for k in ("w", "bias", "teacher_w") if k in ops}
+  shard = {k: ops[k] for k in ("w", "bias", "teacher_w", "teacher_bias") if k in ops}
   offset = column_offset(tiling, n_columns(ops, tiling))
   return {**shard, "cols": ops["cols"], "offset": offset, **state}
 
@@ -151,6 +151,8 @@ def chunk_heads(x: dict, shard: dict, v0, vsize, tiling: Tiling) -> dict:
   if "teacher_x" in x:
     heads["teacher_x"] = x["teacher_x"]
     heads["teacher_w_c"] = head_chunk(shard["teacher_w"], v0, vsize, tiling.teacher_vd)
+    if "teacher_bias" in shard:
+      heads["teacher_bias_c"] = lax.dynamic_slice_in_dim(shard["teacher_bias"], v0, vsize, 0)
   return heads
 
 
@@ -312,8 +314,8 @@ def tile_x(x, t0, tsize):
 def recompute(ops: dict, kernel, tiling: Tiling) -> dict:
   """`{name: [n, ...]}`: the kernel's outputs over every tile (strategy "recompute").
 
-  `ops` holds ``x`` ``[n, D]``, ``w``, optionally ``bias``, ``teacher_x`` and
-  ``teacher_w``, ``rows`` (per-token operands, ``temperature`` among them when
+  `ops` holds ``x`` ``[n, D]``, ``w``, optionally ``bias``, ``teacher_x``,
+  ``teacher_w`` and ``teacher_bias`` (a constant), ``rows`` (per-token operands, ``temperature`` among them when
   it is traced) and ``cols`` (per-column operands). Gradients flow to ``x``,
   ``w``, ``bias`` and ``rows["temperature"]``. The per-column outputs, if the
   kernel has any, are under ``"cols"``.

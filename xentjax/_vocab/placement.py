@@ -58,6 +58,7 @@ ROLES = {
   "dw": "w",
   "teacher_w": "teacher_w",
   "bias": "cols",
+  "teacher_bias": "cols",
   "db": "cols",
   "dbias": "cols",
   "cols": "cols",

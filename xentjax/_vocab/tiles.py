@@ -171,7 +171,7 @@ def logit_tile(heads: dict, t0, tsize, v0, chunk, rows: dict, cols: dict, tiling
   """The `Tile` of tokens `[t0, t0 + tsize)` on the columns of the chunks in `heads`.
 
   `heads` holds ``x``, the chunk ``w_c`` (and ``bias_c``) of the head, and
-  for a teacher ``teacher_x`` and ``teacher_w_c``; `v0` is the global index of
+  for a teacher ``teacher_x`` and ``teacher_w_c`` (and ``teacher_bias_c``); `v0` is the global index of
   the chunk's first column.
   """
   temperature = tile_temperature(tiling, rows, cdt)
@@ -181,7 +181,9 @@ def logit_tile(heads: dict, t0, tsize, v0, chunk, rows: dict, cols: dict, tiling
   b = None
   if "teacher_x" in heads:
     tx_t = lax.dynamic_slice_in_dim(heads["teacher_x"], t0, tsize, 0)
-    zt = capped_logits(tx_t, heads["teacher_w_c"], None, tiling.teacher_vd, tiling, cdt)
+    zt = capped_logits(
+      tx_t, heads["teacher_w_c"], heads.get("teacher_bias_c"), tiling.teacher_vd, tiling, cdt
+    )
     b = tempered(zt, temperature)
   if tiling.padded:
     real = col < tiling.num_classes

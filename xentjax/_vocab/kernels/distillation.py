@@ -118,13 +118,15 @@ class Divergence(Kernel):
 
   ``own_z``: the hard term needs the untempered statistics (a temperature
   other than 1); ``traced``: the temperature is traced (the teacher's
-  cotangent is formed, for its gradient).
+  cotangent is formed, for its gradient); ``scaled``: the JSD divided by
+  ``beta (1 - beta)`` (`scaled_ratios`), continuous at both ends.
   """
 
   beta: float = 0.0
   hard: bool = False
   own_z: bool = False
   traced: bool = False
+  scaled: bool = False
 
   @property
   def jsd(self) -> bool:
@@ -161,9 +163,9 @@ class Divergence(Kernel):
     st, cols = state
     a, b = tile.a, tile.b
     if p == 1:
-      la, lb, lm = self.log_probs(tile, rows)
-      kt = jnp.sum(weighted(jnp.exp(lb), lb - lm), axis=1)
-      ks = jnp.sum(weighted(jnp.exp(la), la - lm), axis=1)
+      la, lb, rs, rt = self.ratios(tile, rows)
+      kt = jnp.sum(weighted(jnp.exp(lb), rt), axis=1)
+      ks = jnp.sum(weighted(jnp.exp(la), rs), axis=1)
       return {"kt": st["kt"] + kt, "ks": st["ks"] + ks}, cols
     new = {}
     if self.jsd:
@@ -182,7 +184,8 @@ class Divergence(Kernel):
     pl = tiling.placement
     if p == 1:
       kt, ks = vocab_sum((st["kt"], st["ks"]), pl)
-      return {"div": self.beta * kt + (1.0 - self.beta) * ks, "aux": ks, "kt": kt}, {}
+      div = kt + ks if self.scaled else self.beta * kt + (1.0 - self.beta) * ks
+      return {"div": div, "aux": ks, "kt": kt}, {}
     out = {}
     if self.jsd:
       out["lse_a"], out["lse_b"] = lse_of(st["ma"], st["sa"], pl), lse_of(st["mb"], st["sb"], pl)
@@ -196,20 +199,33 @@ class Divergence(Kernel):
 
   def log_probs(self, tile, r):
     """`log p_s`, `log p_t` (and `log m` for the JSD) of one tile."""
-    la = tile.a - r["lse_a"][:, None]
-    lb = tile.b - r["lse_b"][:, None]
+    la, lb = heads_log_probs(tile, r)
     if not self.jsd:
       return la, lb, None
     lm = jnp.logaddexp(math.log(self.beta) + lb, math.log1p(-self.beta) + la)
     return la, lb, lm
 
-  def cotangent(self, tile, r):
+  def ratios(self, tile, r):
+    """`log p_s`, `log p_t` and the JSD's `log(p_s / m)`, `log(p_t / m)` of one tile.
+
+    Scaled: `log(p_s / m) / beta` and `log(p_t / m) / (1 - beta)` (`scaled_ratios`).
+    """
+    if self.scaled:
+      la, lb = heads_log_probs(tile, r)
+      return la, lb, *scaled_ratios(la, lb, self.beta)
     la, lb, lm = self.log_probs(tile, r)
+    return (la, lb, None, None) if lm is None else (la, lb, la - lm, lb - lm)
+
+  def cotangent(self, tile, r):
+    la, lb, rs, rt = self.ratios(tile, r)
     ps, pt = jnp.exp(la), jnp.exp(lb)
     g = r["g_div"][:, None]
-    if self.jsd:
-      da = (1.0 - self.beta) * weighted(ps, la - lm - r["aux"][:, None])
-      db = self.beta * weighted(pt, lb - lm - r["kt"][:, None])
+    if self.scaled:  # the JSD's, divided by beta (1 - beta)
+      da = weighted(ps, rs - r["aux"][:, None])
+      db = weighted(pt, rt - r["kt"][:, None])
+    elif self.jsd:
+      da = (1.0 - self.beta) * weighted(ps, rs - r["aux"][:, None])
+      db = self.beta * weighted(pt, rt - r["kt"][:, None])
     elif self.beta == 0.0:
       da, db = ps - pt, weighted(pt, lb - la - r["div"][:, None])
     else:
@@ -217,6 +233,99 @@ class Divergence(Kernel):
     ct = {"a": g * da}
     if self.traced:
       ct["b"] = g * db
+    return hard_cotangent(ct, tile, r, ps, self.own_z) if self.hard else ct
+
+
+def heads_log_probs(tile, r):
+  """`log p_s`, `log p_t` of one tile, from the finished log-normalizers."""
+  return tile.a - r["lse_a"][:, None], tile.b - r["lse_b"][:, None]
+
+
+def scaled_ratios(la, lb, beta: float):
+  """``log(p_s / m) / beta`` and ``log(p_t / m) / (1 - beta)``, precise for any ``beta``.
+
+  With ``d = log p_t - log p_s``, ``m / p_s = 1 - beta + beta e^d`` and
+  ``m / p_t = beta + (1 - beta) e^{-d}``; their logs are formed by one
+  `jnp.logaddexp` each (whose ``log1p`` keeps ``-beta + beta e^d`` to its
+  relative precision), never as ``log p_s - log m``, a difference of two
+  nearly equal logs whose rounding error the division by a small ``beta``
+  would blow up (at ``beta = 1e-6`` in float32, by 10^6).
+  """
+  d = lb - la
+  log_b, log_1b = math.log(beta), math.log1p(-beta)
+  rs = -jnp.logaddexp(log_b + d, log_1b) / beta
+  rt = -jnp.logaddexp(log_1b - d, log_b) / (1.0 - beta)
+  return rs, rt
+
+
+@dataclasses.dataclass(frozen=True)
+class TotalVariation(Kernel):
+  """``div``: the total variation distance ``1/2 sum_j |p_t,j - p_s,j|``.
+
+  Two passes: the first finishes both log-normalizers, the second sums
+  ``|p_t - p_s|`` and ``c_s = sum_j p_s,j s_j`` with ``s = sign(p_t - p_s)``
+  (and ``c_t = sum_j p_t,j s_j`` for a traced temperature). The gradient with
+  respect to the student's logits is ``-1/2 p_s (s - c_s)`` (with respect to
+  the teacher's, ``1/2 p_t (s - c_t)``); where ``p_t = p_s`` the subgradient
+  ``s = 0`` is taken. ``hard``, ``own_z``, ``traced``: as in `Divergence`.
+  """
+
+  hard: bool = False
+  own_z: bool = False
+  traced: bool = False
+  passes = 2
+  saved = ("lse_a", "lse_b", "c_s", "c_t")
+
+  @property
+  def outputs(self):
+    return ("div",) + ("ce",) * self.hard
+
+  @property
+  def differentiable(self):
+    return self.outputs
+
+  def init(self, p, n, n_cols, tiling, cdt):
+    zero = jnp.zeros((n,), cdt)
+    if p == 1:
+      return {"tv": zero, "c_s": zero, "c_t": zero}, {}
+    neg = jnp.full((n,), -jnp.inf, cdt)
+    st = {"ma": neg, "sa": zero, "mb": neg, "sb": zero}
+    return (hard_init(n, cdt, self.own_z) | st) if self.hard else st, {}
+
+  def update(self, p, state, tile, rows):
+    st, cols = state
+    if p == 0:
+      new = {}
+      new["ma"], new["sa"], _ = online(st["ma"], st["sa"], tile.a)
+      new["mb"], new["sb"], _ = online(st["mb"], st["sb"], tile.b)
+      return (hard_update(st, new, tile, rows, self.own_z) if self.hard else new), cols
+    ps, pt, sign = self.probs(tile, rows)
+    new = {"tv": st["tv"] + jnp.sum(jnp.abs(pt - ps), axis=1)}
+    new["c_s"] = st["c_s"] + jnp.sum(ps * sign, axis=1)
+    new["c_t"] = st["c_t"] + jnp.sum(pt * sign, axis=1)
+    return new, cols
+
+  def finish(self, p, state, rows, tiling):
+    st, _ = state
+    pl = tiling.placement
+    if p == 1:
+      tv, c_s, c_t = vocab_sum((st["tv"], st["c_s"], st["c_t"]), pl)
+      return {"div": 0.5 * tv, "c_s": c_s, "c_t": c_t}, {}
+    out = {"lse_a": lse_of(st["ma"], st["sa"], pl), "lse_b": lse_of(st["mb"], st["sb"], pl)}
+    return (hard_finish(st, out, pl, self.own_z) if self.hard else out), {}
+
+  def probs(self, tile, r):
+    """`p_s`, `p_t` and `sign(p_t - p_s)` of one tile."""
+    la, lb = heads_log_probs(tile, r)
+    ps, pt = jnp.exp(la), jnp.exp(lb)
+    return ps, pt, jnp.sign(pt - ps)
+
+  def cotangent(self, tile, r):
+    ps, pt, sign = self.probs(tile, r)
+    g = 0.5 * r["g_div"][:, None]
+    ct = {"a": -g * ps * (sign - r["c_s"][:, None])}
+    if self.traced:
+      ct["b"] = g * pt * (sign - r["c_t"][:, None])
     return hard_cotangent(ct, tile, r, ps, self.own_z) if self.hard else ct
 
 
