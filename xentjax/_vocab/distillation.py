@@ -278,10 +278,14 @@ def linear_distillation_loss(
   (the second limit by the same expansion with the roles of :math:`p_t` and
   :math:`p_s` and of :math:`\beta` and :math:`1 - \beta` swapped): the
   forward KL of ``beta=0`` and the reverse KL of ``beta=1``, which
-  ``"jsd_scaled"`` returns at the ends exactly; in between it is
-  :math:`D_\beta / (\beta(1-\beta))`, formed without cancellation (each
-  :math:`\log(p/m)` from :math:`\log p_t - \log p_s` by one ``logaddexp``),
-  so ``beta=1e-6`` is the forward KL to about ``1e-6`` relative, in float32.
+  ``"jsd_scaled"`` returns at the ends exactly. Near 0 it moves away with
+  slope :math:`\mathrm{KL}(p_t \,\|\, p_s) - \tfrac12 \chi^2(p_t \,\|\, p_s)`
+  (near 1 the same with the roles swapped), an expansion that holds while
+  :math:`\beta\, p_{t,j} / p_{s,j} \ll 1`: where the student gives a tiny
+  probability to a class the teacher likes, the approach is slower. In
+  between it is :math:`D_\beta / (\beta(1-\beta))`, formed without
+  cancellation (each :math:`\log(p/m)` from :math:`\log p_t - \log p_s` by
+  one ``logaddexp``), so it keeps float32 precision at ``beta=1e-6``.
   ``divergence="tvd"`` is the total variation distance
   :math:`D = \tfrac12 \sum_j |p_{t,j} - p_{s,j}| \in [0, 1]` (Liger's TVD
   loss; ``beta`` must stay 0), whose gradient with respect to the student's

@@ -274,7 +274,10 @@ class TotalVariation(Kernel):
   own_z: bool = False
   traced: bool = False
   passes = 2
-  saved = ("lse_a", "lse_b", "c_s", "c_t")
+
+  @property
+  def saved(self):
+    return ("lse_a", "lse_b", "c_s", "c_t") + ("lse_z",) * self.own_z
 
   @property
   def outputs(self):
