@@ -118,6 +118,45 @@ check("topk_recompute_hlo")(
 check("topk_store")(lambda: compare(topk, "store", temperature=1.0))
 
 
+check("tvd_recompute_hlo")(
+  lambda: compare(full, "recompute", hlo=True, divergence="tvd", temperature=2.0, hard_weight=0.3)
+)
+check("tvd_store")(
+  lambda: compare(
+    full, "store", divergence="tvd", temperature=0.5, hard_weight=0.2, reduction="sum"
+  )
+)
+check("jsd_scaled_recompute")(
+  lambda: compare(full, "recompute", divergence="jsd_scaled", beta=1e-4, temperature=2.0)
+)
+B = rng.normal(size=(V,)).astype(np.float32)
+TB = (2.0 * rng.normal(size=(V,))).astype(np.float32)
+
+
+@check("biases_and_components")
+def _biases():
+  """Both biases sharded over the vocabulary; the student's gets its gradient; the components."""
+  xs = jax.device_put(X, NamedSharding(MESH, P("data")))
+  ws = jax.device_put(W, NamedSharding(MESH, P(None, "vocab")))
+  bs = jax.device_put(B, NamedSharding(MESH, P("vocab")))
+  tbs = jax.device_put(TB, NamedSharding(MESH, P("vocab")))
+  for strategy in ("recompute", "store"):
+    kw = dict(strategy=strategy, **CHUNKS[strategy], beta=0.4, temperature=1.5, hard_weight=0.3)
+
+    def f(x, w, b, tb, kw=kw, **mesh_kw):
+      return full(x, w, bias=b, teacher_bias=tb, return_components=True, **kw, **mesh_kw)
+
+    vg = jax.value_and_grad(f, (0, 1, 2), has_aux=True)
+    (loss, comp), g = jax.jit(lambda *a, vg=vg: vg(*a, mesh=MESH))(xs, ws, bs, tbs)
+    (loss1, comp1), g1 = jax.jit(vg)(X, W, B, TB)
+    close(loss, loss1, f"loss {strategy}")
+    close(comp.soft, comp1.soft, f"soft {strategy}")
+    close(comp.hard, comp1.hard, f"hard {strategy}")
+    for name, a, b in zip(("x", "w", "bias"), g, g1):
+      close(a, b, f"grad {name} {strategy}")
+    assert g[2].sharding.is_equivalent_to(bs.sharding, 1), (g[2].sharding, bs.sharding)
+
+
 @check("none_reduction_sharded_over_data")
 def _none():
   xs = jax.device_put(X, NamedSharding(MESH, P("data")))
