@@ -446,11 +446,16 @@ def reduce(call: Call, ops, kernel, aux, token_loss, reduction, strategy, denomi
   rows = {**s, "lse": s["m"] + s["log_s"]}
   terms = token_loss.terms(s, aux)
   if reduction == "none":
-    return sum(terms.values()).reshape(call.tokens.batch_shape), rows
+    return add(terms.values()).reshape(call.tokens.batch_shape), rows
   if reduction == "sum":
-    return jnp.sum(sum(terms.values())), rows
+    return jnp.sum(add(terms.values())), rows
   dens = mean_denominators(aux, denominator)
-  return sum(_core.mean_or_nan(jnp.sum(terms[k]), dens[k]) for k in terms), rows
+  return add(_core.mean_or_nan(jnp.sum(terms[k]), dens[k]) for k in terms), rows
+
+
+def add(terms):
+  """The sum of `terms` (no ``0 +`` in the program, unlike the builtin `sum`)."""
+  return functools.reduce(jnp.add, terms)
 
 
 def cross_entropy_stats(rows: dict, tok: Tokens, lam: float) -> CrossEntropyStats:
