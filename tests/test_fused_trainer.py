@@ -363,6 +363,9 @@ def test_return_lse_and_stats_together():
 # denominator=: the mean's divisor for gradient accumulation.
 
 
+ALL = slice(None)
+
+
 def microbatches(n_tokens, sizes=(2, 1, 1)):
   """Slices of the leading axis: unequal microbatches."""
   starts = np.cumsum((0,) + sizes)
@@ -424,10 +427,7 @@ def test_distillation_denominator_accumulates(strategy):
     ),
   }
   for loss in losses.values():
-    everything = slice(None)
-    v_full, g_full = jax.value_and_grad(lambda x, w, f=loss: f(x, w, everything, None), (0, 1))(
-      x, w
-    )
+    v_full, g_full = jax.value_and_grad(lambda x, w, f=loss: f(x, w, ALL, None), (0, 1))(x, w)
     acc_v, acc_gw = 0.0, 0.0
     for sl in microbatches(y.shape[0]):
       v, (_, gw) = jax.value_and_grad(
