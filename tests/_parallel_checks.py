@@ -369,6 +369,71 @@ def main():
     gw = np.asarray(gw)
     assert not np.any(gw[:, 24:]) and np.any(np.asarray(gw1)[:, 24:]), "tiles were not skipped"
 
+  @check("stats_class_weighted_z_loss_denominator")
+  def _():
+    # return_stats, the z-loss mean with class weights, and denominator= on the mesh,
+    # against one device (itself checked against float64 in test_fused_trainer.py).
+    rng = np.random.default_rng(3)
+    x, w, y = inputs(seed=3)
+    y[0, :2] = -100
+    where = np.arange(24).reshape(4, 6) % 5 != 2
+    base = {
+      "bias": rng.normal(size=(V,)).astype(np.float32),
+      "temperature": 0.8,
+      "where": where,
+      "return_stats": True,
+    }
+    cases = {
+      "class_weights_z_loss": {
+        "class_weights": rng.uniform(0.2, 2.0, (V,)).astype(np.float32),
+        "z_loss": 0.05,
+        "label_smoothing": 0.1,
+      },
+      "denominator": {"denominator": np.float32(37.0), "z_loss": 0.01},
+    }
+    xs = jax.device_put(x, NamedSharding(explicit, P("data")))
+    ws = jax.device_put(w, NamedSharding(explicit, P(None, "vocab")))
+    for strategy in ("recompute", "store"):
+      for opts in cases.values():
+        kw = {**base, **opts, "strategy": strategy, **CHUNKS[strategy]}
+
+        def par_loss(x, w, kw=kw):
+          return par.linear_softmax_cross_entropy(x, w, y, mesh=explicit, **kw)
+
+        def one_loss(x, w, kw=kw):
+          return fused_ce(x, w, y, **kw)
+
+        (loss, s), g = jax.jit(jax.value_and_grad(par_loss, (0, 1), has_aux=True))(xs, ws)
+        (loss1, s1), g1 = jax.jit(jax.value_and_grad(one_loss, (0, 1), has_aux=True))(
+          jnp.asarray(x), jnp.asarray(w)
+        )
+        close(loss, loss1, f"{strategy} loss")
+        close(g[0], g1[0], f"{strategy} grad x")
+        close(g[1], g1[1], f"{strategy} grad w")
+        for name in ("lse", "z_loss", "entropy", "correct"):
+          close(getattr(s, name), getattr(s1, name), f"{strategy} {name}")
+        np.testing.assert_array_equal(s.argmax, s1.argmax)
+    # Tied maxima on three vocabulary shards: the label's credit is 1/3 there.
+    x1 = np.ones((8, 1), np.float32)
+    w1 = np.zeros((1, V), np.float32)
+    w1[0, [7, 27, 47]] = 1.0
+    w1s = jax.device_put(w1, NamedSharding(explicit, P(None, "vocab")))
+    y1 = np.array([7, 27, 47, 0, 7, 27, 47, 3], np.int32)
+    _, s = par.linear_softmax_cross_entropy(x1, w1s, y1, mesh=explicit, return_stats=True)
+    np.testing.assert_array_equal(s.argmax, np.full(8, 7))
+    close(s.correct, np.where(np.isin(y1, [7, 27, 47]), 1 / 3, 0.0), "credit across shards")
+    # Distillation with a denominator on the mesh: microbatch losses add up.
+    tw = np.asarray(jax.random.normal(jax.random.PRNGKey(6), (D, V)))
+    tws = jax.device_put(tw, NamedSharding(explicit, P(None, "vocab")))
+    full = xentjax.linear_distillation_loss(xs, ws, xs, tws, y, mesh=explicit, beta=0.5)
+    parts = [
+      xentjax.linear_distillation_loss(
+        x[sl], ws, x[sl], tws, y[sl], mesh=explicit, beta=0.5, denominator=float(np.sum(y != -100))
+      )
+      for sl in (slice(0, 2), slice(2, 4))
+    ]
+    close(sum(float(p) for p in parts), full, "distillation accumulated")
+
   @check("errors")
   def _():
     x, w, y = inputs()

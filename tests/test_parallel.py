@@ -33,6 +33,7 @@ CHECKS = [
   "gradient_filtering",
   "errors",
   "ring_engine_matches_one_device",
+  "stats_class_weighted_z_loss_denominator",
 ]
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 __version__ = "0.1.0"
 
 __all__ = [  # kept sorted (ruff RUF022)
+  "CrossEntropyStats",
   "DistillationComponents",
   "EvaluationResult",
   "Retrieval",

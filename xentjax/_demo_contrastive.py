@@ -140,16 +140,9 @@ def table(history) -> str:
 
 def run(args) -> int:
   """Entry point of `xentjax demo --contrastive` (parsing is done by `_cli_demo`)."""
-  from xentjax._cli import CommandError
+  from xentjax._cli import own_demo_seed
 
-  if getattr(args, "compare", False) or getattr(args, "loss", None) is not None:
-    raise CommandError("--contrastive trains its own model; leave out --compare and --loss")
-  try:
-    seed = int(getattr(args, "seed", 0) or 0)
-  except ValueError:
-    raise CommandError(f"--seed must be an integer >= 0, got {args.seed!r}") from None
-  if seed < 0:
-    raise CommandError(f"--seed must be an integer >= 0, got {args.seed!r}")
+  seed = own_demo_seed(args, "--contrastive", "trains its own model")
   print(
     "CLIP-style training on the 8x8 digits: top halves against bottom halves, two encoders "
     f"(32-{WIDTH}-{EMBEDDING}), batch {BATCH}, learned scale = exp(t), "

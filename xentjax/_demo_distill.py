@@ -169,16 +169,9 @@ def table(results: dict[str, Any]) -> str:
 
 def run(args) -> int:
   """Entry point of `xentjax demo --distill` (parsing is done by `_cli_demo`)."""
-  from xentjax._cli import CommandError
+  from xentjax._cli import own_demo_seed
 
-  if getattr(args, "compare", False) or getattr(args, "loss", None) is not None:
-    raise CommandError("--distill runs its own comparison; leave out --compare and --loss")
-  try:
-    seed = int(getattr(args, "seed", 0) or 0)
-  except ValueError:
-    raise CommandError(f"--seed must be an integer >= 0, got {args.seed!r}") from None
-  if seed < 0:
-    raise CommandError(f"--seed must be an integer >= 0, got {args.seed!r}")
+  seed = own_demo_seed(args, "--distill", "runs its own comparison")
   print(
     f"distilling a teacher MLP (64-{TEACHER_WIDTH}-10) into a student (64-{STUDENT_WIDTH}-10) "
     "on the 8x8 digits with xentjax.linear_distillation_loss",

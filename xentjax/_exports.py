@@ -54,6 +54,7 @@ from xentjax._vocab.contrastive import Retrieval as Retrieval
 from xentjax._vocab.contrastive import contrastive_loss as contrastive_loss
 from xentjax._vocab.contrastive import ntxent as ntxent
 from xentjax._vocab.contrastive import sigmoid_contrastive_loss as sigmoid_contrastive_loss
+from xentjax._vocab.cross_entropy import CrossEntropyStats as CrossEntropyStats
 from xentjax._vocab.cross_entropy import (
   linear_softmax_cross_entropy as linear_softmax_cross_entropy,
 )

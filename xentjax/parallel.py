@@ -73,6 +73,7 @@ def linear_softmax_cross_entropy(
   where: jax.typing.ArrayLike | None = None,
   weights: jax.typing.ArrayLike | None = None,
   class_weights: jax.typing.ArrayLike | None = None,
+  denominator: jax.typing.ArrayLike | None = None,
   label_smoothing: float = 0.0,
   z_loss: float = 0.0,
   logit_soft_cap: float | None = None,
@@ -80,13 +81,14 @@ def linear_softmax_cross_entropy(
   bias: jax.typing.ArrayLike | None = None,
   filter_eps: float | None = None,
   return_lse: bool = False,
+  return_stats: bool = False,
   strategy: Literal["recompute", "store"] = "recompute",
   w_layout: Literal["dv", "vd"] = "dv",
   vocab_size: int | None = None,
   token_chunk_size: int | None = None,
   vocab_chunk_size: int | None = None,
   precision: Any = None,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+) -> jax.Array | tuple:
   r"""`xentjax.linear_softmax_cross_entropy` with `w` sharded over its vocabulary.
 
   The single-device function with its placement keywords first and
@@ -121,9 +123,9 @@ def linear_softmax_cross_entropy(
       ``None`` for replicated tokens.
     vocab_axis: mesh axis (or tuple of axes) the vocabulary is sharded over.
     reduction: and every keyword after it (``ignore_index``, ``where``,
-      ``weights``, ``class_weights``, ``label_smoothing``, ``z_loss``,
-      ``logit_soft_cap``, ``temperature``, ``bias``, ``filter_eps``,
-      ``return_lse``, ``strategy``, ``w_layout``, ``vocab_size``,
+      ``weights``, ``class_weights``, ``denominator``, ``label_smoothing``,
+      ``z_loss``, ``logit_soft_cap``, ``temperature``, ``bias``,
+      ``filter_eps``, ``return_lse``, ``return_stats``, ``strategy``, ``w_layout``, ``vocab_size``,
       ``token_chunk_size``, ``vocab_chunk_size``, ``precision``): as in
       `xentjax.linear_softmax_cross_entropy`; chunk sizes refer to the
       per-device shard.
@@ -131,7 +133,9 @@ def linear_softmax_cross_entropy(
   Returns:
     As `xentjax.linear_softmax_cross_entropy`: a scalar (replicated) for
     ``"mean"``/``"sum"``, per-token ``[B, ...]`` sharded over ``data_axis``
-    for ``"none"``; ``(loss, lse)`` with ``return_lse=True``. The gradients of
+    for ``"none"``; ``(loss, lse)`` with ``return_lse=True``, ``(loss, stats)``
+    with ``return_stats=True`` (per-token statistics sharded over
+    ``data_axis``, combined across vocabulary shards from per-token numbers). The gradients of
     ``x`` and ``w`` are sharded like the layout above.
 
   Note:
@@ -153,6 +157,7 @@ def linear_softmax_cross_entropy(
     where=where,
     weights=weights,
     class_weights=class_weights,
+    denominator=denominator,
     label_smoothing=label_smoothing,
     z_loss=z_loss,
     logit_soft_cap=logit_soft_cap,
@@ -160,6 +165,7 @@ def linear_softmax_cross_entropy(
     bias=bias,
     filter_eps=filter_eps,
     return_lse=return_lse,
+    return_stats=return_stats,
     strategy=strategy,
     w_layout=w_layout,
     vocab_size=vocab_size,

@@ -10,7 +10,8 @@ inside the engine's one-pass sweep (`engine.run_store`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+import functools
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from xentjax._vocab.inputs import Call, Head, Tokens, prepare_call
 from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
 from xentjax._vocab.options import (
   CROSS_ENTROPY_OPTIONS,
+  check_denominator_use,
   check_filter_eps,
   check_strategy,
   check_vector,
@@ -32,14 +34,66 @@ from xentjax._vocab.options import (
 )
 
 
+class CrossEntropyStats(NamedTuple):
+  r"""Per-token statistics of `xentjax.linear_softmax_cross_entropy`'s own sweep (``[...]``).
+
+  Returned with ``return_stats=True``, from the statistics the loss is made
+  of (no second sweep, no logits), without gradient (`lax.stop_gradient`):
+  they are for monitoring. The logits are those of the loss: capped,
+  tempered, padding excluded.
+
+  Attributes:
+    lse: the log-normalizer :math:`\log \sum_j e^{z_j}`, every token.
+    z_loss: the z-loss term :math:`\lambda\,\mathrm{lse}^2` (0 with
+      ``z_loss=0``, and for tokens that do not count), before token weights.
+    entropy: :math:`H(p) = \mathrm{lse} - \sum_j p_j z_j` in nats; 0 for tokens
+      that do not count.
+    argmax: int32, the predicted token, every token (ties: the lowest index,
+      as `numpy.argmax`).
+    correct: the label's top-1 credit, as `xentjax.metrics.correct`: 1 when
+      the label is the only most likely class, ``1/t`` when it shares the
+      maximum with ``t - 1`` others (the expected hit of a random tie break:
+      ``argmax == label`` is not the rule under ties), 0 otherwise; 0 for
+      tokens that do not count, NaN for a label outside ``[0, vocab_size)``
+      or a NaN row. Its mean over the counted tokens is
+      `xentjax.metrics.accuracy`.
+  """
+
+  lse: jax.Array
+  z_loss: jax.Array
+  entropy: jax.Array
+  argmax: jax.Array
+  correct: jax.Array
+
+
+def check_z_loss_denominator(denominator, reduction, class_weights, lam, cdt):
+  """`options.check_denominator_use`, and a check that one number can be the denominator.
+
+  With class weights and a z-loss the mean has two denominators.
+  """
+  denominator = check_denominator_use(denominator, reduction, cdt)
+  if denominator is not None and class_weights is not None and lam:
+    raise ValueError(
+      "`denominator` replaces the class-weighted denominator sum_i c[y_i] of the "
+      "cross-entropy term, but the z-loss is averaged over the count of tokens, another "
+      "number. Pass z_loss=0 and add the z-loss of the accumulated batch yourself: with "
+      'return_lse=True (strategy="recompute"), z_loss * sum(lse**2 over counted tokens) / '
+      "total_token_count; or pass class_weights=None."
+    )
+  return denominator
+
+
 @dataclasses.dataclass(frozen=True)
 class CrossEntropyLoss:
   """Per-token (weighted, masked) cross-entropy from the statistics (hashable: static).
 
-  ``coef * [(1-eps) c_y (log_s - zy) + eps (U log_s - zu) + lam lse^2]`` on
-  counted tokens, 0 elsewhere; ``c_y`` the class weight of the label (1
+  ``coef * [(1-eps) c_y (log_s - zy) + eps (U log_s - zu)] + zcoef * lam lse^2``
+  on counted tokens, 0 elsewhere; ``c_y`` the class weight of the label (1
   without class weights), ``zu = sum_j u_j (z_j - m)`` with ``u_j = c_j / V``
-  and ``U = sum_j u_j`` (1 without class weights). `coef` is NaN on a bad label.
+  and ``U = sum_j u_j`` (1 without class weights). `coef` is NaN on a bad
+  label. Without class weights the z-loss shares `coef` (one term); with
+  them it has its own ``zcoef``, since the mean divides it by the count of
+  tokens and the rest by the class-weighted one (`mean_denominators`).
   """
 
   label_smoothing: float
@@ -48,55 +102,76 @@ class CrossEntropyLoss:
   differentiable = ()  # no gradient flows into its per-token operands
 
   def __call__(self, s: dict, aux: dict):
+    terms = self.terms(s, aux)
+    return terms["coef"] + terms["zcoef"] if "zcoef" in terms else terms["coef"]
+
+  def terms(self, s: dict, aux: dict) -> dict:
+    """`{coefficient name: per-token term}`: the terms each mean divides by its own denominator."""
     eps, lam = self.label_smoothing, self.z_loss
     if not self.class_weighted:
       ell = _core.cross_entropy_from_stats(
         s["log_s"], s["zy"], s.get("zu"), s["m"], label_smoothing=eps, z_loss=lam
       )
-    else:
-      ell = 0.0
-      if eps < 1.0:  # a class weight of 0 on a label of probability 0 adds 0, not 0 * inf
-        cwy = aux["cwy"]
-        ell = (1.0 - eps) * jnp.where(cwy != 0, cwy * (s["log_s"] - s["zy"]), 0.0)
-      if eps > 0.0:
-        ell = ell + eps * (aux["usum"] * s["log_s"] - s["zu"])
-      if lam:  # the z-loss is not class-weighted
-        zero = jnp.zeros_like(s["log_s"])
-        lse = s["m"] + s["log_s"]
-        ell = ell + _core.cross_entropy_from_stats(zero, zero, None, lse, z_loss=lam)
-    # A token of weight 0 adds 0 whatever its loss (0 log 0 = 0, even for a -inf label).
-    return jnp.where(aux["counted"] & (aux["coef"] != 0), aux["coef"] * ell, 0.0)
+      return {"coef": weighted(ell, aux, "coef")}
+    ell = 0.0
+    if eps < 1.0:  # a class weight of 0 on a label of probability 0 adds 0, not 0 * inf
+      cwy = aux["cwy"]
+      ell = (1.0 - eps) * jnp.where(cwy != 0, cwy * (s["log_s"] - s["zy"]), 0.0)
+    if eps > 0.0:
+      ell = ell + eps * (aux["usum"] * s["log_s"] - s["zu"])
+    terms = {"coef": weighted(ell, aux, "coef")}
+    if lam:  # the z-loss is not class-weighted
+      terms["zcoef"] = weighted(_core.z_loss_term(s["m"], s["log_s"], lam), aux, "zcoef")
+    return terms
 
 
-def per_token_operands(tok: Tokens, weights, class_weights, reduction, strategy, eps):
-  """Per-token `aux` of `CrossEntropyLoss` and the mean's denominator (None unless "mean")."""
+def weighted(ell, aux: dict, coef: str):
+  """`aux[coef] * ell` on counted tokens; a weight of 0 adds 0 whatever `ell` (0 log 0 = 0)."""
+  c = aux[coef]
+  return jnp.where(aux["counted"] & (c != 0), c * ell, 0.0)
+
+
+def per_token_operands(tok: Tokens, weights, class_weights, eps, lam):
+  """Per-token `aux` of `CrossEntropyLoss`: token weights (NaN on a bad label), class weights."""
   st, cdt = tok.status, tok.cdt
   nan_bad = jnp.where(st.bad, jnp.nan, 1.0).astype(cdt)
   w = jnp.ones(st.index.shape, cdt) if weights is None else weights.reshape(-1).astype(cdt)
   coef = jnp.where(st.counted, w, 0.0) * nan_bad
-  aux = {"counted": st.counted}
-  cwy = None
+  aux = {"counted": st.counted, "coef": coef}
   if class_weights is not None:
-    cwy = jnp.take(class_weights.astype(cdt), st.index) * nan_bad
-    aux["cwy"] = cwy
+    aux["cwy"] = jnp.take(class_weights.astype(cdt), st.index) * nan_bad
     if eps:
       usum = jnp.sum(class_weights.astype(cdt)) / tok.vocab_size
       aux["usum"] = jnp.broadcast_to(usum, st.index.shape)
-  denom = None
-  if reduction == "mean":
-    denom = jnp.sum(coef if cwy is None else coef * cwy)
-    if strategy == "store":
-      coef = coef / jnp.where(denom == 0, 1.0, denom)
-  aux["coef"] = coef
-  return aux, denom
+    if lam:
+      aux["zcoef"] = coef
+  return aux
 
 
-def with_column_weights(call: Call, class_weights, eps):
+def mean_denominators(aux: dict, denominator) -> dict:
+  """`{coefficient name: denominator}` of ``"mean"``.
+
+  The cross-entropy term divides by the (token-weighted) sum of the labels'
+  class weights, ``sum_i w_i c_{y_i}`` (the count of tokens without weights),
+  or by the caller's `denominator`; the z-loss, with class weights, by the
+  count ``sum_i w_i`` alone (Liger-Kernel's rule), so that its strength does
+  not move with the class weights' scale.
+  """
+  coef = aux["coef"]
+  d = {"coef": jnp.sum(coef if "cwy" not in aux else coef * aux["cwy"])}
+  if "zcoef" in aux:
+    d["zcoef"] = jnp.sum(coef)
+  return d if denominator is None else dict.fromkeys(d, denominator)
+
+
+def with_column_weights(call: Call, class_weights, eps, monitor: bool):
   """`(ops, kernel)`: with smoothing, the column weights `u` of the statistic `zu`.
 
   ``u_j = c_j / V`` (1/V without class weights), 0 on padding columns.
+  `monitor`: the kernel also keeps what `CrossEntropyStats` reads.
   """
-  kernel = SoftmaxStats(weighted_sum=bool(eps), filtered=call.tiling.filter_eps is not None)
+  filtered = call.tiling.filter_eps is not None
+  kernel = SoftmaxStats(weighted_sum=bool(eps), filtered=filtered, monitor=monitor)
   if not eps:
     return call.ops, kernel
   tok = call.tokens
@@ -116,6 +191,7 @@ def linear_softmax_cross_entropy(
   where: jax.typing.ArrayLike | None = None,
   weights: jax.typing.ArrayLike | None = None,
   class_weights: jax.typing.ArrayLike | None = None,
+  denominator: jax.typing.ArrayLike | None = None,
   label_smoothing: float = 0.0,
   z_loss: float = 0.0,
   logit_soft_cap: float | None = None,
@@ -123,6 +199,7 @@ def linear_softmax_cross_entropy(
   bias: jax.typing.ArrayLike | None = None,
   filter_eps: float | None = None,
   return_lse: bool = False,
+  return_stats: bool = False,
   strategy: Literal["recompute", "store"] = "recompute",
   w_layout: Literal["dv", "vd"] = "dv",
   vocab_size: int | None = None,
@@ -132,7 +209,7 @@ def linear_softmax_cross_entropy(
   mesh: jax.sharding.Mesh | None = None,
   data_axis: Any = None,
   vocab_axis: Any = None,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+) -> jax.Array | tuple:
   r"""Softmax cross-entropy of the logits ``x @ w``, without forming them.
 
   Equal (to float32 rounding, values and gradients) to
@@ -157,8 +234,19 @@ def linear_softmax_cross_entropy(
   the cross-entropy against the smoothed target
   :math:`(1-\varepsilon)\,\mathrm{onehot}(y) + \varepsilon/V` with class
   weights :math:`c` (1 by default) plus the PaLM z-loss. With token weights
-  :math:`w_i`, ``"sum"`` is :math:`\sum_i w_i \ell_i` and ``"mean"`` is
-  :math:`\sum_i w_i \ell_i / \sum_i w_i c_{y_i}` over the tokens that count.
+  :math:`w_i` (1 by default), ``"sum"`` is :math:`\sum_i w_i \ell_i` and
+  ``"mean"``, over the tokens that count, is
+
+  .. math::
+
+    \frac{\sum_i w_i\, (\ell_i - \lambda\,\mathrm{lse}_i^2)}{\sum_i w_i c_{y_i}}
+    + \frac{\sum_i w_i\, \lambda\,\mathrm{lse}_i^2}{\sum_i w_i},
+
+  one mean :math:`\sum_i w_i \ell_i / \sum_i w_i` without class weights; with
+  them the z-loss is averaged over the tokens, not over their class weights,
+  so its strength does not move with the class weights' scale (the
+  convention of Liger-Kernel). ``denominator=`` replaces the denominator for
+  gradient accumulation.
   The loss is ordinary JAX code on per-token statistics of the fused engine
   (``xentjax._vocab``), which computes them in tiles of
   ``[token_chunk_size, vocab_chunk_size]`` with a streaming log-sum-exp.
@@ -182,7 +270,23 @@ def linear_softmax_cross_entropy(
     class_weights: optional ``[vocab_size]`` float class weights with
       PyTorch's ``weight=`` semantics (the mean divides by the summed weights
       of the targets; the smoothing term weights each class). The z-loss is
-      not class-weighted; no gradient flows into them.
+      not class-weighted, and its mean divides by the (token-weighted) count
+      of tokens; no gradient flows into them.
+    denominator: optional divisor of ``"mean"`` for gradient accumulation
+      (TRL's ``num_items_in_batch``): the loss is the sum of the counted
+      per-token losses divided by it instead of by this call's own
+      denominator, so the losses (and gradients) of the microbatches of one
+      step, each called with the count of the whole accumulated batch, add up
+      to the full batch's mean. It replaces :math:`\sum_i w_i` (the number
+      of counted tokens without token weights) or, with ``class_weights``,
+      :math:`\sum_i w_i c_{y_i}`, the class-weighted denominator of the
+      whole batch (with ``class_weights`` and ``z_loss`` both, one number
+      cannot stand for both means: an error that says what to do). A
+      Python number (checked: finite, > 0) or a scalar array, traced (a new
+      value does not recompile), without gradient; a traced value that is
+      not a finite number > 0 gives NaN. Only with ``reduction="mean"`` (an
+      error otherwise); the same rule as
+      `xentjax.policy.policy_gradient_loss`'s ``denominator``.
     label_smoothing: :math:`\varepsilon \in [0, 1]`, target
       :math:`(1-\varepsilon)\,y + \varepsilon/V` (PyTorch/Keras convention).
     z_loss: :math:`\lambda \ge 0`, adds :math:`\lambda\,\mathrm{lse}^2` per token.
@@ -216,6 +320,11 @@ def linear_softmax_cross_entropy(
     return_lse: also return the per-token log-normalizer ``lse`` ``[...]``
       (of the capped, tempered logits, for every token including the ones
       that do not count).
+    return_stats: also return a `xentjax.CrossEntropyStats` of per-token
+      statistics from the same sweep (log-normalizer, z-loss term, entropy,
+      predicted token and its top-1 credit), without gradient. The default
+      (False) compiles the program it compiled before: the entropy's running
+      sum and the count of tied maxima are kept only when asked for.
     strategy: ``"recompute"`` (default; temporary memory independent of N·V,
       one extra matmul in the backward pass) or ``"store"`` (gradients formed in
       the forward pass, one float32 ``w``-sized buffer kept for the backward
@@ -242,7 +351,8 @@ def linear_softmax_cross_entropy(
     The loss: a scalar for ``"mean"``/``"sum"``, ``[...]`` for ``"none"``, in
     float32 for 16-bit inputs (else the promoted dtype of ``x`` and ``w``).
     With ``return_lse=True`` a pair ``(loss, lse)``, ``lse`` of shape ``[...]``
-    in the same dtype. Gradients of ``x``, ``w`` and ``bias`` come back in
+    in the same dtype; with ``return_stats=True`` ``(loss, stats)``, and
+    with both ``(loss, lse, stats)``. Gradients of ``x``, ``w`` and ``bias`` come back in
     their dtypes.
 
   Note:
@@ -301,32 +411,65 @@ def linear_softmax_cross_entropy(
   tok = call.tokens
   class_weights = check_vector("class_weights", class_weights, tok.vocab_size, "one per class")
   weights = check_weights(weights, tok.batch_shape)
+  denominator = check_z_loss_denominator(denominator, reduction, class_weights, lam, tok.cdt)
   # Weights are data, not parameters: no gradient flows into them.
   weights, class_weights = lax.stop_gradient((weights, class_weights))
   token_loss = CrossEntropyLoss(eps, lam, class_weights is not None)
-  aux, denom = per_token_operands(tok, weights, class_weights, reduction, strategy, eps)
-  ops, kernel = with_column_weights(call, class_weights, eps)
-  loss, lse = reduce(call, ops, kernel, aux, token_loss, denom, reduction, strategy)
-  return (loss, lse.reshape(tok.batch_shape)) if return_lse else loss
+  aux = per_token_operands(tok, weights, class_weights, eps, lam)
+  ops, kernel = with_column_weights(call, class_weights, eps, return_stats)
+  loss, rows = reduce(call, ops, kernel, aux, token_loss, reduction, strategy, denominator)
+  return returned(loss, rows, tok, lam, return_lse, return_stats)
 
 
-def reduce(call: Call, ops, kernel, aux, token_loss, denom, reduction, strategy):
-  """`(loss, lse)`: the per-token loss on the kernel's statistics, reduced (both strategies)."""
+def returned(loss, rows: dict, tok: Tokens, lam, return_lse: bool, return_stats: bool):
+  """`loss`, or the tuple ``(loss, lse?, stats?)`` that the return flags ask for."""
+  out = (loss,) + (rows["lse"].reshape(tok.batch_shape),) * return_lse
+  if return_stats:
+    out = out + (cross_entropy_stats(rows, tok, lam),)
+  return out if len(out) > 1 else loss
+
+
+def reduce(call: Call, ops, kernel, aux, token_loss, reduction, strategy, denominator):
+  """`(loss, rows)`: the loss reduced, and the kernel's rows with ``lse`` (both strategies).
+
+  In "store" the rows carry no gradient; in "recompute" ``lse`` does.
+  """
   if strategy == "store":
-    total, kept = run_store({**ops, "aux": aux}, kernel, call.tiling, token_loss, keep=("lse",))
-    loss = total if denom is None else jnp.where(denom == 0, jnp.nan, total)
-    return loss, lax.stop_gradient(kept["lse"])
+    dens = mean_denominators(aux, denominator) if reduction == "mean" else {}
+    aux = {**aux, **{k: aux[k] / jnp.where(d == 0, 1.0, d) for k, d in dens.items()}}
+    keep = ("lse", "m", "log_s", "ent", "amax", "credit") if kernel.monitor else ("lse",)
+    total, kept = run_store({**ops, "aux": aux}, kernel, call.tiling, token_loss, keep=keep)
+    empty = functools.reduce(jnp.logical_or, [d == 0 for d in dens.values()], False)
+    return jnp.where(empty, jnp.nan, total), lax.stop_gradient(kept)
   out = run_recompute(ops, kernel, call.tiling)
-  return reduce_recompute(out, aux, token_loss, denom, reduction, call.tokens.batch_shape)
-
-
-def reduce_recompute(out: dict, aux: dict, token_loss, denom, reduction, batch_shape):
-  """`(loss, lse)` of strategy "recompute": the per-token loss on the statistics, reduced."""
   s = {**out, "m": lax.stop_gradient(out["m"])}
-  per_token = token_loss(s, aux)
-  lse = s["m"] + s["log_s"]
+  rows = {**s, "lse": s["m"] + s["log_s"]}
+  terms = token_loss.terms(s, aux)
   if reduction == "none":
-    return per_token.reshape(batch_shape), lse
+    return add(terms.values()).reshape(call.tokens.batch_shape), rows
   if reduction == "sum":
-    return jnp.sum(per_token), lse
-  return _core.mean_or_nan(jnp.sum(per_token), denom), lse
+    return jnp.sum(add(terms.values())), rows
+  dens = mean_denominators(aux, denominator)
+  return add(_core.mean_or_nan(jnp.sum(terms[k]), dens[k]) for k in terms), rows
+
+
+def add(terms):
+  """The sum of `terms` (no ``0 +`` in the program, unlike the builtin `sum`)."""
+  return functools.reduce(jnp.add, terms)
+
+
+def cross_entropy_stats(rows: dict, tok: Tokens, lam: float) -> CrossEntropyStats:
+  """The `CrossEntropyStats` of the tokens from the kernel's rows (without gradient)."""
+  r = lax.stop_gradient({k: rows[k] for k in ("lse", "m", "log_s", "ent", "amax", "credit")})
+  counted, bad = tok.status.counted, tok.status.bad
+  zero = jnp.zeros_like(r["lse"])
+  z = _core.z_loss_term(r["m"], r["log_s"], lam) if lam else zero
+  credit = jnp.where(counted, r["credit"], 0.0) * jnp.where(bad, jnp.nan, 1.0).astype(zero.dtype)
+  stats = CrossEntropyStats(
+    lse=r["lse"],
+    z_loss=jnp.where(counted, z, 0.0),
+    entropy=jnp.where(counted, r["log_s"] - r["ent"], 0.0),
+    argmax=r["amax"],
+    correct=credit,
+  )
+  return CrossEntropyStats(*(a.reshape(tok.batch_shape) for a in stats))

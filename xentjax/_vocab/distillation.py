@@ -26,6 +26,7 @@ from xentjax._vocab.inputs import Call, Head, Tokens, prepare_call
 from xentjax._vocab.kernels.distillation import Divergence, TopkLogits, TotalVariation
 from xentjax._vocab.options import (
   HEAD_OPTIONS,
+  check_denominator_use,
   check_head,
   check_strategy,
   check_unit_interval,
@@ -138,22 +139,31 @@ def prepare_student(
 
 
 def distill(
-  call: Call, kernel, aux: dict, loss: DistillationLoss, strategy, reduction, components=False
+  call: Call,
+  kernel,
+  aux: dict,
+  loss: DistillationLoss,
+  strategy,
+  reduction,
+  denominator=None,
+  components=False,
 ):
-  """Runs the kernel and reduces `loss` over the tokens that count.
+  """Runs the kernel and reduces `loss` over the tokens that count (or by `denominator`).
 
   `components`: also the `DistillationComponents`, reduced the same way.
   """
   tok = call.tokens
   counted, bad = tok.status.counted, tok.status.bad
   count = jnp.sum(counted).astype(tok.cdt)
+  denominator = check_denominator_use(denominator, reduction, tok.cdt)
+  count = count if denominator is None else denominator
   if "temperature" in call.ops["rows"]:
     aux = {**aux, "temperature": call.ops["rows"]["temperature"]}
   unit = jnp.where(bad, jnp.nan, jnp.where(counted, 1.0, 0.0)).astype(tok.cdt)
   if strategy == "store":
     r = jnp.where(counted, 1.0, 0.0).astype(tok.cdt)
     if reduction == "mean":
-      r = r / jnp.maximum(count, 1.0)
+      r = r / jnp.where(count == 0, 1.0, count)
     r = jnp.where(bad, jnp.nan, r)
     keep = kernel.outputs if components else ()
     total, out = run_store({**call.ops, "aux": {**aux, "r": r}}, kernel, call.tiling, loss, keep)
@@ -213,6 +223,7 @@ def linear_distillation_loss(
   ignore_index: int = -100,
   where: jax.typing.ArrayLike | None = None,
   reduction: str = "mean",
+  denominator: jax.typing.ArrayLike | None = None,
   strategy: Literal["recompute", "store"] = "recompute",
   teacher_w_layout: Literal["dv", "vd"] = "dv",
   w_layout: Literal["dv", "vd"] = "dv",
@@ -345,6 +356,13 @@ def linear_distillation_loss(
     reduction: ``"mean"`` over the tokens that count (NaN, with a zero
       gradient, when none counts), ``"sum"``, or ``"none"`` (per token
       ``[...]``, 0 where a token does not count).
+    denominator: optional divisor of ``"mean"`` in place of the number of
+      tokens that count, for gradient accumulation: call each microbatch with
+      the count of the whole accumulated batch and the microbatch losses add
+      up to its mean. A Python number (finite, > 0) or a scalar array (traced,
+      without gradient; a value that is not a finite number > 0 gives NaN);
+      an error with ``"sum"``/``"none"``. As in
+      `xentjax.linear_softmax_cross_entropy`.
     strategy: ``"recompute"`` (default: the forward pass keeps a few numbers
       per token and the backward pass recomputes the tiles of both heads;
       temporary memory independent of N·V) or ``"store"`` (one pass over
@@ -417,7 +435,7 @@ def linear_distillation_loss(
   loss = DistillationLoss(
     alpha, call.tiling.temperature, differentiable=("temperature",) * traced(call)
   )
-  return distill(call, kernel, {}, loss, strategy, reduction, return_components)
+  return distill(call, kernel, {}, loss, strategy, reduction, denominator, return_components)
 
 
 def divergence_kernel(divergence, beta, call: Call, hard: bool):
@@ -617,6 +635,7 @@ def linear_topk_distillation_loss(
   ignore_index: int = -100,
   where: jax.typing.ArrayLike | None = None,
   reduction: str = "mean",
+  denominator: jax.typing.ArrayLike | None = None,
   strategy: Literal["recompute", "store"] = "recompute",
   w_layout: Literal["dv", "vd"] = "dv",
   vocab_size: int | None = None,
@@ -666,7 +685,7 @@ def linear_topk_distillation_loss(
     teacher_logprobs: float ``[..., k]``, their log-probabilities (``<= 0``;
       ``-inf`` allowed for probability 0).
     labels, temperature, hard_weight: as in `xentjax.linear_distillation_loss`.
-    ignore_index, where, reduction, strategy: likewise.
+    ignore_index, where, reduction, denominator, strategy: likewise.
     w_layout, vocab_size, token_chunk_size, vocab_chunk_size: likewise.
     precision, mesh, data_axis, vocab_axis: likewise.
 
@@ -721,7 +740,8 @@ def linear_topk_distillation_loss(
   kernel = TopkLogits(k=idx.shape[1], hard=alpha > 0.0, own_z=own_z)
   grads = ("q", "qlogq", "temperature") if traced(call) else ()
   loss = DistillationLoss(alpha, t, topk=True, differentiable=grads)
-  return distill(call, kernel, {"q": q, "qlogq": qlogq}, loss, strategy, reduction)
+  aux = {"q": q, "qlogq": qlogq}
+  return distill(call, kernel, aux, loss, strategy, reduction, denominator)
 
 
 def check_topk_shapes(tok: Tokens, teacher_indices, teacher_logprobs):

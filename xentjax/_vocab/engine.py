@@ -493,7 +493,7 @@ def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dic
   d_names = store_gradient_names(a, token_loss)
   init = (
     jnp.zeros((), cdt),
-    {k: jnp.zeros((n,), cdt) for k in keep},
+    {k: jnp.zeros((n,), jnp.int32 if k in kernel.integer_outputs else cdt) for k in keep},
     jnp.zeros(x.shape, cdt),
     jnp.zeros(w.shape, cdt),
     None if bias is None else jnp.zeros(bias.shape, cdt),

@@ -46,6 +46,7 @@ CROSS_ENTROPY_OPTIONS = (
   "logit_soft_cap",
   "filter_eps",
   "return_lse",
+  "return_stats",
   "strategy",
   *HEAD_OPTIONS,
 )
@@ -291,6 +292,48 @@ def check_weights(weights, batch_shape):
   return jnp.broadcast_to(weights, batch_shape)
 
 
+def check_denominator(denominator):
+  """None, a Python number (checked: finite, > 0), or a numeric array (traced)."""
+  if denominator is None:
+    return None
+  if isinstance(denominator, (jax.Array, np.ndarray, np.generic)):
+    dt = jnp.result_type(denominator)
+    if not (jnp.issubdtype(dt, jnp.floating) or jnp.issubdtype(dt, jnp.integer)):
+      raise TypeError(
+        f"`denominator` must be a number or a numeric scalar array, got an array of dtype {dt}."
+      )
+    return denominator
+  if not V.is_real(denominator):
+    raise TypeError(
+      "`denominator` must be a real number > 0 (the count of the whole accumulated batch) or "
+      f"a scalar array, got {V.describe(denominator)}."
+    )
+  return positive_number("denominator", denominator)
+
+
+def check_denominator_use(denominator, reduction, cdt):
+  """The mean's `denominator` as a scalar of `cdt`, without gradient (or None).
+
+  Only ``"mean"`` divides. A traced value that is not a finite number > 0
+  becomes 0, which the empty-mean rule turns into NaN (with zero gradients).
+  """
+  if denominator is None:
+    return None
+  if reduction != "mean":
+    raise ValueError(
+      f'`denominator` is the divisor of reduction="mean", got reduction={reduction!r}: pass '
+      'reduction="mean", or denominator=None (and divide the "sum" yourself).'
+    )
+  d = jnp.asarray(denominator)
+  if d.ndim:
+    raise ValueError(
+      "`denominator` must be a scalar (the count of the whole accumulated batch), got "
+      f"denominator.shape={d.shape}."
+    )
+  d = jax.lax.stop_gradient(d.astype(cdt))
+  return jnp.where((d > 0.0) & (d < jnp.inf), d, 0.0)
+
+
 def validators() -> dict:
   """The checks `xentjax._api.public` runs before tracing, where its defaults differ.
 
@@ -302,4 +345,5 @@ def validators() -> dict:
     "temperature": check_temperature,
     "logit_soft_cap": check_soft_cap,
     "top_k": lambda k: V.int_option("top_k", k, low=0),
+    "denominator": check_denominator,
   }

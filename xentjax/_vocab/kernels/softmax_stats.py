@@ -13,8 +13,12 @@ accumulated online one tile at a time:
             (the entropy is ``H = log_s - ent``)
 ==========  ==================================================================
 
-plus, without gradient, the argmax, the top-k and the per-(token, vocabulary
-chunk) maxima that gradient filtering decides from. The cotangent of a tile is
+plus, without gradient, the argmax, the top-k, the per-(token, vocabulary
+chunk) maxima that gradient filtering decides from and, for monitoring beside
+a loss (``monitor``), ``credit``: the label's top-1 credit (1 for the only
+maximum, ``1/t`` for a maximum shared by ``t`` classes, 0 below it, as
+`xentjax.metrics.correct`), from a running count of the classes at the
+running maximum. The cotangent of a tile is
 
 .. math::
 
@@ -51,6 +55,9 @@ def best_k(vals, idxs, k: int):
 class SoftmaxStats(Kernel):
   """The statistics above; the flags say which beyond ``(m, log_s, zy)`` to keep.
 
+  ``monitor`` adds ``ent`` (without gradient, unless ``entropy``), ``amax``
+  and ``credit``: what a trainer reads beside the loss, from the same sweep;
+  a kernel without it compiles to the program it compiled to before.
   Operands: ``rows["labels"]`` (int32 ``[n]``) and, with ``weighted_sum``,
   ``cols["u"]`` (the column weights ``[V]``).
   """
@@ -60,11 +67,15 @@ class SoftmaxStats(Kernel):
   argmax: bool = False
   top_k: int = 0
   filtered: bool = False
+  monitor: bool = False
+
+  integer_outputs = ("amax", "topi")
 
   @property
   def outputs(self):
-    extra = ["amax"] * self.argmax + ["topv", "topi"] * bool(self.top_k)
-    return ("m", "log_s", "zy", *self.differentiable[2:], *extra)
+    ent = ("ent",) * (self.monitor and not self.entropy)
+    extra = ["amax"] * (self.argmax or self.monitor) + ["topv", "topi"] * bool(self.top_k)
+    return ("m", "log_s", "zy", *self.differentiable[2:], *ent, *extra, *["credit"] * self.monitor)
 
   @property
   def differentiable(self):
@@ -79,10 +90,12 @@ class SoftmaxStats(Kernel):
     if self.weighted_sum:
       st["zu"] = jnp.zeros((n,), cdt)
       st["u_seen"] = jnp.zeros((n,), cdt)  # the column weight seen so far
-    if self.entropy:
+    if self.entropy or self.monitor:
       st["t"] = jnp.zeros((n,), cdt)
-    if self.argmax:
+    if self.argmax or self.monitor:
       st["amax"] = jnp.zeros((n,), jnp.int32)
+    if self.monitor:
+      st["n_top"] = jnp.zeros((n,), jnp.int32)  # classes at the running maximum
     if self.top_k:
       st["topv"] = jnp.full((n, self.top_k), -jnp.inf, cdt)
       st["topi"] = jnp.full((n, self.top_k), NO_CLASS, jnp.int32)
@@ -107,14 +120,14 @@ class SoftmaxStats(Kernel):
       "s": st["s"] * scale + jnp.sum(e, axis=1),
       "zy": st["zy"] + jnp.sum(jnp.where(col == rows["labels"][:, None], z, 0.0), axis=1),
     }
-    if self.weighted_sum or self.entropy:
+    if self.weighted_sum or self.entropy or self.monitor:
       zr = jnp.where(jnp.isfinite(z), z - ms_new[:, None], 0.0)
     if self.weighted_sum:  # a -inf logit with weight (a masked class under smoothing) is -inf
       u_c = tile.cols["u"][None, :]
       zu = jnp.sum(jnp.where(u_c > 0, u_c * (z - ms_new[:, None]), 0.0), axis=1)
       new["zu"] = st["zu"] - st["u_seen"] * (ms_new - ms_old) + zu
       new["u_seen"] = st["u_seen"] + jnp.sum(u_c.astype(z.dtype))
-    if self.entropy:
+    if self.entropy or self.monitor:
       new["t"] = scale * (st["t"] - (ms_new - ms_old) * st["s"]) + jnp.sum(e * zr, axis=1)
     new.update(self.update_choices(st, z, col, zmax, m_old, tile.chunk))
     return new, cols
@@ -122,7 +135,11 @@ class SoftmaxStats(Kernel):
   def update_choices(self, st, z, col, zmax, m_old, chunk):
     """The argmax, the top-k and the per-chunk maxima after one more tile."""
     new = {}
-    if self.argmax:  # strictly greater: the lowest index wins ties
+    if self.monitor:  # finite logits at the running maximum (all -inf: counted in `finish`)
+      n_t = jnp.sum((z == zmax[:, None]) & jnp.isfinite(z), axis=1).astype(jnp.int32)
+      grew, same = zmax > m_old, zmax == m_old
+      new["n_top"] = jnp.where(grew, n_t, jnp.where(same, st["n_top"] + n_t, st["n_top"]))
+    if self.argmax or self.monitor:  # strictly greater: the lowest index wins ties
       new["amax"] = jnp.where(
         zmax > m_old, col[0, 0] + jnp.argmax(z, axis=1).astype(jnp.int32), st["amax"]
       )
@@ -158,6 +175,8 @@ class SoftmaxStats(Kernel):
       out["zu"] = zu
     if t is not None:
       out["ent"] = t / s
+    if self.monitor:
+      out["credit"] = top1_credit(st["n_top"], m, m_all, zy, tiling)
     return out | self.finish_choices(st, m, m_all, pl), {}
 
   def finish_choices(self, st, m, m_all, pl):
@@ -165,7 +184,7 @@ class SoftmaxStats(Kernel):
     out = {k: st[k] for k in ("amax", "topv", "topi", "tmax") if k in st}
     if pl.vocab_axis is None:
       return out
-    if self.argmax:  # the lowest global index among the shards holding the max
+    if self.argmax or self.monitor:  # the lowest global index among the shards holding the max
       big = jnp.iinfo(jnp.int32).max
       out["amax"] = vocab_min(jnp.where(m == m_all, st["amax"], big), pl)
     if self.top_k:  # k candidates per shard
@@ -189,3 +208,20 @@ class SoftmaxStats(Kernel):
     live = (r["g_log_s"] != 0) | (r["g_ent"] != 0) if self.entropy else r["g_log_s"] != 0
     logp = jnp.where(live[:, None], r["tmax"] - r["lse"][:, None], -jnp.inf)
     return logp, r["labels"], r["g_zy"] != 0
+
+
+def top1_credit(n_top, m, m_all, zy, tiling):
+  """The label's top-1 credit from the (local) count of classes at the maximum.
+
+  ``zy`` is the label's logit itself (not yet shifted), ``m`` this shard's
+  maximum and ``m_all`` the global one: the classes at the maximum are
+  counted on the shards that hold it. A row whose every logit is ``-inf``
+  ties all ``num_classes`` classes (credit ``1/V``); a NaN or ``+inf``
+  maximum gives NaN.
+  """
+  pl = tiling.placement
+  if pl.vocab_axis is not None:
+    n_top = vocab_sum(jnp.where(m == m_all, n_top, 0), pl)
+  n = jnp.where(m_all == -jnp.inf, tiling.num_classes, n_top).astype(zy.dtype)
+  credit = jnp.where(zy == m_all, 1.0 / jnp.maximum(n, 1.0), 0.0)
+  return jnp.where(jnp.isnan(m_all) | (m_all == jnp.inf), jnp.nan, credit)
