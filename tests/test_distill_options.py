@@ -332,3 +332,20 @@ def test_argument_errors_name_the_option():
     L(x, w, tx, tw, teacher_bias=b[:5])
   with pytest.raises(TypeError, match="teacher_bias"):
     L(x, w, tx, tw, teacher_bias=np.arange(V))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_components_share_the_loss_denominator(strategy):
+  """With `denominator=` (gradient accumulation) both terms are divided by it too."""
+  x, w, tx, tw, y, _, _ = inputs(seed=9)
+  y[1, 2] = -100
+  counted = y != -100
+  kw = dict(beta=0.3, hard_weight=0.4, strategy=strategy, **CHUNKS[strategy])
+  loss, comp = xentjax.linear_distillation_loss(
+    x, w, tx, tw, y, denominator=40.0, return_components=True, **kw
+  )
+  r_loss, r_soft, r_hard, _ = reference(x, w, tx, tw, y, counted=counted, beta=0.3, hard_weight=0.4)
+  scale = counted.sum() / 40.0  # the reference's mean divides by the count
+  assert_close(loss, r_loss * scale, "loss / denominator")
+  assert_close(comp.soft, r_soft * scale, "soft / denominator")
+  assert_close(comp.hard, r_hard * scale, "hard / denominator")

@@ -66,6 +66,8 @@ class Kernel:
     ``rows["g_" + name]``); ``saved``: other rows the backward pass needs.
     ``column_outputs``, ``column_differentiable`` and ``column_saved``: the
     same for per-column results (read back from ``tile.cols``).
+    ``integer_outputs``: the outputs of integer dtype (an argmax), so that
+    strategy "store" keeps them as integers.
   * ``init(p, n, n_cols, tiling, cdt)``: the state of pass ``p``, a pair
     ``(per-token dict [n, ...], per-column dict [n_cols, ...])``.
   * ``update(p, state, tile, rows)``: the state after one more `Tile`;
@@ -89,6 +91,7 @@ class Kernel:
   column_outputs: tuple = ()
   column_differentiable: tuple = ()
   column_saved: tuple = ()
+  integer_outputs: tuple = ()  # outputs of integer dtype (kept rows of strategy "store")
 
 
 def dtypes_of(ops: dict) -> tuple:
