@@ -79,6 +79,7 @@ def linear_softmax_cross_entropy(
   temperature: float | jax.typing.ArrayLike = 1.0,
   bias: jax.typing.ArrayLike | None = None,
   filter_eps: float | None = None,
+  vocab_order: jax.typing.ArrayLike | None = None,
   return_lse: bool = False,
   strategy: Literal["recompute", "store"] = "recompute",
   w_layout: Literal["dv", "vd"] = "dv",
@@ -123,6 +124,7 @@ def linear_softmax_cross_entropy(
     reduction: and every keyword after it (``ignore_index``, ``where``,
       ``weights``, ``class_weights``, ``label_smoothing``, ``z_loss``,
       ``logit_soft_cap``, ``temperature``, ``bias``, ``filter_eps``,
+      ``vocab_order`` (only with a ``vocab_axis`` of one device),
       ``return_lse``, ``strategy``, ``w_layout``, ``vocab_size``,
       ``token_chunk_size``, ``vocab_chunk_size``, ``precision``): as in
       `xentjax.linear_softmax_cross_entropy`; chunk sizes refer to the
@@ -159,6 +161,7 @@ def linear_softmax_cross_entropy(
     temperature=temperature,
     bias=bias,
     filter_eps=filter_eps,
+    vocab_order=vocab_order,
     return_lse=return_lse,
     strategy=strategy,
     w_layout=w_layout,

@@ -39,6 +39,7 @@ from jax import lax
 from xentjax import _validation as V
 from xentjax._vocab.placement import data_sum, place_tree, sharded, specs, vocab_sum
 from xentjax._vocab.tiles import (
+  FILTER_MIN_SKIP,
   Tile,
   Tiling,
   column_offset,
@@ -210,15 +211,16 @@ def forward_local(ops: dict, kernel, tiling: Tiling) -> dict:
 
 
 def keep_tiles(rows: dict, n_cols: int, kernel, tiling: Tiling):
-  """`[token tiles, vocabulary tiles]` bool: the tiles gradient filtering keeps.
+  """`[token tiles, vocabulary tiles]` bool: the filter tiles gradient filtering keeps.
 
-  A tile is skipped when, for every token in it whose outputs carry a
+  A tile (``tiling.filter_token_chunk`` tokens x ``tiling.vocab_chunk``
+  columns) is skipped when, for every token in it whose outputs carry a
   cotangent, the largest probability on the tile's columns (from the
   per-chunk maxima of the forward pass) is below ``filter_eps``, and no such
   token's label lies in it (so the one-hot term of the gradient is never
   dropped).
   """
-  tc, vc = tiling.token_chunk, tiling.vocab_chunk
+  tc, vc = tiling.filter_token_chunk, tiling.vocab_chunk
   logp, labels, label_live = kernel.filter_terms(rows)
   n = logp.shape[0]
   n_tt, n_vt = -(-n // tc), -(-n_cols // vc)
@@ -229,6 +231,48 @@ def keep_tiles(rows: dict, n_cols: int, kernel, tiling: Tiling):
   tt = jnp.arange(n) // tc
   vt = jnp.where(hit, local, 0) // vc
   return keep.astype(jnp.int32).at[tt, vt].max(hit.astype(jnp.int32)) > 0
+
+
+def filter_plan(rows: dict, n_cols: int, kernel, tiling: Tiling):
+  """`(keep, filtered)`: the filter tiles to keep, and the column chunks worth filtering.
+
+  ``keep`` is `keep_tiles`; ``filtered`` (``[vocabulary tiles]`` bool) marks
+  the column chunks in which at least `tiles.FILTER_MIN_SKIP` of the tiles
+  can be skipped. The backward pass runs the other chunks unfiltered, so
+  filtering costs no more than the per-tile tests of the chunks it thins.
+  None without filtering.
+  """
+  if tiling.filter_eps is None:
+    return None
+  keep = keep_tiles(rows, n_cols, kernel, tiling)
+  skipped = 1.0 - jnp.mean(keep.astype(jnp.float32), axis=0)
+  return keep, skipped >= FILTER_MIN_SKIP
+
+
+def token_loop(tile_grads, carry, n: int, v0, plan, tiling: Tiling):
+  """`carry = tile_grads(carry, t0, tsize)` over the tokens of one column chunk.
+
+  Without filtering (``plan`` None) or in a chunk not worth filtering: wide
+  token chunks, every tile. In a chunk worth filtering: filter tiles, each
+  skipped (`lax.cond`: neither recomputed nor multiplied) unless kept.
+  """
+
+  def plain(c):
+    return fold(n, tiling.token_chunk, tile_grads, c)
+
+  if plan is None:
+    return plain(carry)
+  keep, filtered = plan
+  ftc, chunk = tiling.filter_token_chunk, v0 // tiling.vocab_chunk
+
+  def thinned(c):
+    def body(c, t0, tsize):
+      kept = keep[t0 // ftc, chunk]
+      return lax.cond(kept, lambda c: tile_grads(c, t0, tsize), lambda c: c, c)
+
+    return fold(n, ftc, body, c)
+
+  return lax.cond(filtered[chunk], thinned, plain, carry)
 
 
 def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
@@ -245,7 +289,7 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
   cdt = V.compute_dtype(*dtypes_of(a))
   op_dt = jnp.result_type(x.dtype, w.dtype)
   n, n_cols = x.shape[0], n_columns(a, tiling)
-  keep = None if tiling.filter_eps is None else keep_tiles(rows, n_cols, kernel, tiling)
+  plan = filter_plan(rows, n_cols, kernel, tiling)
   xT = None if tiling.vd else x.astype(op_dt).T
   reduce_w = not tiling.placement.ring  # on a ring each shard collects its gradient itself
 
@@ -268,12 +312,6 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
       dt = None if dt is None else put_rows(dt, rows_of(dt, t0, tsize) + dt_t, t0)
       return lax.dynamic_update_slice_in_dim(dx, dx_t, t0, 0), dw_c, db_c, dt
 
-    def token_body(carry, t0, tsize):
-      if keep is None:
-        return tile_grads(carry, t0, tsize)
-      kept = keep[t0 // tiling.token_chunk, v0 // tiling.vocab_chunk]
-      return lax.cond(kept, lambda c: tile_grads(c, t0, tsize), lambda c: c, carry)
-
     dw, db = shard["state"]["dw"], shard["state"].get("db")
     axis = 0 if tiling.vd else 1
     if reduce_w:  # each chunk's gradient starts at 0 and is complete after its token loop
@@ -282,7 +320,7 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
     else:  # on a ring the shard's gradient so far travels with it (in the compute dtype)
       dw_c = lax.dynamic_slice_in_dim(dw, v0, vsize, axis)
       db_c = None if db is None else lax.dynamic_slice_in_dim(db, v0, vsize, 0)
-    dx, dw_c, db_c, dt = fold(n, tiling.token_chunk, token_body, (dx, dw_c, db_c, dt))
+    dx, dw_c, db_c, dt = token_loop(tile_grads, (dx, dw_c, db_c, dt), n, v0, plan, tiling)
     if reduce_w:  # tokens of other data shards, in float32
       dw_c, db_c = data_sum((dw_c, db_c), tiling.placement)
     state = {"dw": lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), v0, axis)}

@@ -24,6 +24,7 @@ from xentjax._vocab.options import (
   check_soft_cap,
   check_temperature,
   check_vector,
+  check_vocab_order,
   check_vocab_size,
   check_where,
   temperature_rows,
@@ -47,11 +48,37 @@ class Tokens(NamedTuple):
 
 
 class Call(NamedTuple):
-  """`Tokens`, the static `Tiling`, and the operands of the sweep (see `engine.recompute`)."""
+  """`Tokens`, the static `Tiling`, and the operands of the sweep (see `engine.recompute`).
+
+  ``order`` (``[n_cols]`` int32, or None): the column order of the sweep
+  (`in_vocab_order`): sweep column ``k`` is column ``order[k]`` of ``w``.
+  """
 
   tokens: Tokens
   tiling: Tiling
   ops: dict
+  order: Any = None
+
+
+def permute(a, order, axis: int):
+  """`a` with its entries along `axis` in `order`, a permutation (so its gradient is too)."""
+  return jnp.take(a, order, axis=axis, unique_indices=True, mode="clip")
+
+
+def in_vocab_order(ops: dict, tok: Tokens, order):
+  """`(ops, full order)` with the columns of `w` (and `bias`) in `order` and the labels remapped.
+
+  Padding columns stay at the end. The labels become positions in the new
+  order, so the label logit is the same number; gradients flow back to the
+  original columns (`permute`: a gather of `w`, and a scatter of its gradient).
+  """
+  full = jnp.concatenate([order, jnp.arange(tok.vocab_size, tok.n_cols, dtype=jnp.int32)])
+  inverse = jnp.zeros_like(full).at[full].set(jnp.arange(full.shape[0], dtype=jnp.int32))
+  ops = {**ops, "w": permute(ops["w"], full, 0 if tok.vd else 1)}
+  if "bias" in ops:
+    ops["bias"] = permute(ops["bias"], full, 0)
+  labels = jnp.take(inverse, ops["rows"]["labels"], mode="clip")
+  return {**ops, "rows": {**ops["rows"], "labels": labels}}, full
 
 
 def placement_of(
@@ -150,12 +177,14 @@ def prepare_call(
   filter_eps=None,
   store_tile=STORE_TILE,
   student=False,
+  vocab_order=None,
 ) -> Call:
   """The checked tokens, the tiling and the operands of one call of an entry point.
 
   The operands: ``x``, ``w``, ``bias`` (if any), ``rows`` with the labels
   (``labels``, int32, 0 where a token does not count) and a traced
-  temperature (``temperature``, ``[n]``), and empty ``cols``.
+  temperature (``temperature``, ``[n]``), and empty ``cols``. With a
+  `vocab_order`, the columns come in that order (`in_vocab_order`).
   """
   tok = prepare_tokens(
     x,
@@ -182,13 +211,17 @@ def prepare_call(
   ops = {"x": tok.x, "w": tok.w, "rows": rows, "cols": {}}
   if bias is not None:
     ops["bias"] = bias
-  return Call(tok, tiling, ops)
+  order = check_vocab_order(vocab_order, tok.vocab_size, tok.placement.vocab_shards)
+  if order is None:
+    return Call(tok, tiling, ops)
+  ops, full = in_vocab_order(ops, tok, order)
+  return Call(tok, tiling, ops, full)
 
 
 def make_tiling(tok: Tokens, head: Head, strategy, soft_cap, temperature, filter_eps, store_tile):
   """The static `Tiling` of a call: the user's tile sizes or automatic ones."""
   pl = tok.placement
-  tc, vc = auto_chunks(
+  tc, vc, ftc = auto_chunks(
     strategy,
     tok.x.shape[0] // pl.data_shards,
     tok.n_cols // pl.vocab_shards,
@@ -208,4 +241,5 @@ def make_tiling(tok: Tokens, head: Head, strategy, soft_cap, temperature, filter
     temperature=temperature,
     placement=pl,
     filter_eps=filter_eps,
+    filter_token_chunk=ftc,
   )
