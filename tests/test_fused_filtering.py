@@ -96,7 +96,7 @@ def bound(x, eps):
 
 
 def test_the_example_has_the_skip_fractions_it_claims():
-  x, w, b, y = mixed()
+  x, w, b, _ = mixed()
   z = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
   p = np.exp(z - z.max(1, keepdims=True))
   p /= p.sum(1, keepdims=True)
@@ -131,7 +131,7 @@ def test_vocab_order_gives_the_unsorted_values_and_gradients(filtered):
   order = jnp.asarray(np.argsort(spread_heavy(0)))
   eps = EPS if filtered else None
   v, g = value_and_grads(x, w, b, y, order, filter_eps=eps)
-  v0, g0 = value_and_grads(x, w, b, y, filter_eps=eps)
+  v0, _ = value_and_grads(x, w, b, y, filter_eps=eps)
   loss, dx_ref, dw_ref, db_ref = reference(x, w, b, y)
   np.testing.assert_allclose(float(v), loss, rtol=1e-5)
   np.testing.assert_allclose(float(v), float(v0), rtol=1e-6)
@@ -177,7 +177,7 @@ def test_vocab_order_with_padding_class_weights_and_the_vd_layout():
   y = jax.random.randint(ky, (2, 5), 0, 33).at[0, 0].set(-100)
   cw = jax.random.uniform(kc, (33,), minval=0.5, maxval=2.0)
   order = jnp.asarray(np.random.default_rng(2).permutation(33))
-  kw_ = dict(w_layout="vd", vocab_size=33, class_weights=cw, label_smoothing=0.1)
+  kw_ = {"w_layout": "vd", "vocab_size": 33, "class_weights": cw, "label_smoothing": 0.1}
 
   def loss(x, t, order=None):
     return fused_ce(x, t, y, vocab_order=order, vocab_chunk_size=8, **kw_)
@@ -191,7 +191,7 @@ def test_vocab_order_with_padding_class_weights_and_the_vd_layout():
 
 
 def test_vocab_order_errors():
-  x, w, b, y = mixed()
+  x, w, _, y = mixed()
   with pytest.raises(ValueError, match="vocab_order.*permutation"):
     fused_ce(x, w, y, vocab_order=np.zeros(V, np.int32))
   with pytest.raises(ValueError, match=r"vocab_order.*\(256,\)"):

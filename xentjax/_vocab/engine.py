@@ -40,6 +40,8 @@ from xentjax import _validation as V
 from xentjax._vocab.placement import data_sum, place_tree, sharded, specs, vocab_sum
 from xentjax._vocab.tiles import (
   FILTER_MIN_SKIP,
+  RECOMPUTE_VOCAB_CHUNK,
+  STORE_DW_ELEMENTS,
   Tile,
   Tiling,
   column_offset,
@@ -521,7 +523,7 @@ def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dic
       total + jnp.sum(loss),
       put_rows(kept, {k: r[k] for k in keep}, t0),
       lax.dynamic_update_slice_in_dim(dx, dot_dx(dz, w, op_dt, tiling, cdt), t0, 0),
-      dw + dot_dw(tile_x(x, t0, tsize), dz, op_dt, tiling, cdt, xT_t),
+      add_dw(dw, tile_x(x, t0, tsize), dz, op_dt, tiling, cdt, xT_t),
       None if db is None else db + jnp.sum(dz, axis=0),
       put_rows(d_rows, {k: g_aux[k].astype(cdt) for k in d_rows}, t0),
     )
@@ -539,6 +541,24 @@ def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dic
   dx = vocab_sum(dx, tiling.placement)
   total, dw, db = data_sum((total, dw, db), tiling.placement)
   return {"total": total, "rows": kept, "dx": dx, "dw": dw, "dbias": db, "d_rows": d_rows}
+
+
+def add_dw(dw, x_t, dz, op_dt, tiling: Tiling, cdt, xT_t=None):
+  """`dw + x_t^T dz` for a whole-row tile `dz`, in column chunks of `tiles.STORE_DW_ELEMENTS`.
+
+  The product of a whole-row tile is as large as `w`; added chunk by chunk,
+  only a chunk of it exists at a time (on CPU XLA does not accumulate a
+  matmul into its addend, so one product would cost a `w`-sized buffer).
+  """
+  axis = 0 if tiling.vd else 1
+  chunk = max(RECOMPUTE_VOCAB_CHUNK, STORE_DW_ELEMENTS // x_t.shape[1])
+
+  def body(dw, v0, vsize):
+    part = dot_dw(x_t, lax.dynamic_slice_in_dim(dz, v0, vsize, 1), op_dt, tiling, cdt, xT_t)
+    part = lax.dynamic_slice_in_dim(dw, v0, vsize, axis) + part
+    return lax.dynamic_update_slice_in_dim(dw, part, v0, axis)
+
+  return fold(dz.shape[1], chunk, body, dw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))

@@ -44,6 +44,10 @@ from xentjax._vocab.placement import Placement, vocab_offset
 RECOMPUTE_TILE = 1 << 21
 RECOMPUTE_VOCAB_CHUNK = 1024
 STORE_TILE = 1 << 24
+# Strategy "store" adds a tile's weight gradient `x_t^T dz` (as large as `w`)
+# in column chunks of this many elements (64 MiB in float32, at least
+# `RECOMPUTE_VOCAB_CHUNK` columns), so no `w`-sized product is ever held.
+STORE_DW_ELEMENTS = 1 << 24
 MIN_TOKEN_CHUNK = 8
 # Gradient filtering skips a tile only when every token in it puts negligible
 # mass on every column of it, so its tiles are narrow in tokens (tokens differ
