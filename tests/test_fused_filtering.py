@@ -190,6 +190,20 @@ def test_vocab_order_with_padding_class_weights_and_the_vd_layout():
   assert not np.any(np.asarray(g[1])[33:])  # padding rows: no gradient
 
 
+def test_vocab_order_with_strategy_store():
+  x, w, b, y = mixed()
+  order = jnp.asarray(np.random.default_rng(4).permutation(V))
+
+  def loss(x, w, b):
+    return fused_ce(x, w, y, bias=b, strategy="store", vocab_order=order, token_chunk_size=32)
+
+  v, g = jax.value_and_grad(loss, (0, 1, 2))(x, w, b)
+  ref = reference(x, w, b, y)
+  np.testing.assert_allclose(float(v), ref[0], rtol=1e-5)
+  for a, r in zip(g, ref[1:]):
+    np.testing.assert_allclose(np.asarray(a, np.float64), r, rtol=1e-4, atol=1e-7)
+
+
 def test_vocab_order_errors():
   x, w, _, y = mixed()
   with pytest.raises(ValueError, match="vocab_order.*permutation"):

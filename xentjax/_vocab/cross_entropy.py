@@ -103,7 +103,7 @@ def with_column_weights(call: Call, class_weights, eps):
   c = jnp.ones((tok.vocab_size,), tok.cdt) if class_weights is None else class_weights
   u = jnp.pad(c.astype(tok.cdt) / tok.vocab_size, (0, tok.n_cols - tok.vocab_size))
   u = u if call.order is None else u[call.order]  # the columns in the sweep's order
-  return {**call.ops, "cols": {"u": u}}, kernel
+  return {**call.ops, "cols": {**call.ops["cols"], "u": u}}, kernel
 
 
 @public(static=CROSS_ENTROPY_OPTIONS, validators=validators())

@@ -147,14 +147,30 @@ def over_vocabulary(body, carry, shard: dict, n_cols: int, tiling: Tiling):
 
 
 def chunk_heads(x: dict, shard: dict, v0, vsize, tiling: Tiling) -> dict:
-  """The heads' columns `[v0, v0 + vsize)` of the shard: what `tiles.logit_tile` multiplies."""
-  heads = {"x": x["x"], "w_c": head_chunk(shard["w"], v0, vsize, tiling.vd)}
+  """The heads' columns `[v0, v0 + vsize)` of the shard: what `tiles.logit_tile` multiplies.
+
+  With a column order (``cols["order"]``, from ``vocab_order=``), sweep
+  column ``k`` is column ``order[k]`` of the heads: the chunk's columns are
+  gathered (a chunk at a time, so no permuted copy of ``w`` is ever held).
+  """
+  order = shard["cols"].get("order")
+  idx = None if order is None else lax.dynamic_slice_in_dim(order, v0, vsize, 0)
+
+  def columns(a, vd):
+    return head_chunk(a, v0, vsize, vd) if idx is None else jnp.take(a, idx, axis=0 if vd else 1)
+
+  heads = {"x": x["x"], "w_c": columns(shard["w"], tiling.vd)}
   if "bias" in shard:
-    heads["bias_c"] = lax.dynamic_slice_in_dim(shard["bias"], v0, vsize, 0)
+    heads["bias_c"] = columns(shard["bias"], True)
   if "teacher_x" in x:
     heads["teacher_x"] = x["teacher_x"]
-    heads["teacher_w_c"] = head_chunk(shard["teacher_w"], v0, vsize, tiling.teacher_vd)
+    heads["teacher_w_c"] = columns(shard["teacher_w"], tiling.teacher_vd)
   return heads
+
+
+def in_caller_order(grad, cols: dict, axis: int):
+  """A gradient over the sweep's columns, back in the heads' own order (a gather)."""
+  return grad if "inverse" not in cols else jnp.take(grad, cols["inverse"], axis=axis)
 
 
 def sweep(update, state, ops: dict, tiling: Tiling, cdt):
@@ -339,9 +355,10 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
     vocab_body, (jnp.zeros(x.shape, cdt), dt), shard, n_cols, tiling
   )
   dx, dt = vocab_sum((dx, dt), tiling.placement)  # each shard saw part of the vocabulary
-  g = shard["state"]
-  db = None if bias is None else g["db"].astype(bias.dtype)
-  return {"dx": dx.astype(x.dtype), "dw": g["dw"].astype(w.dtype), "db": db, "dtemperature": dt}
+  g, cols = shard["state"], a["cols"]
+  db = None if bias is None else in_caller_order(g["db"], cols, 0).astype(bias.dtype)
+  dw = in_caller_order(g["dw"], cols, 0 if tiling.vd else 1).astype(w.dtype)
+  return {"dx": dx.astype(x.dtype), "dw": dw, "db": db, "dtemperature": dt}
 
 
 def tile_x(x, t0, tsize):
@@ -522,7 +539,7 @@ def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dic
     return (
       total + jnp.sum(loss),
       put_rows(kept, {k: r[k] for k in keep}, t0),
-      lax.dynamic_update_slice_in_dim(dx, dot_dx(dz, w, op_dt, tiling, cdt), t0, 0),
+      lax.dynamic_update_slice_in_dim(dx, dot_dx(dz, heads["w_c"], op_dt, tiling, cdt), t0, 0),
       add_dw(dw, tile_x(x, t0, tsize), dz, op_dt, tiling, cdt, xT_t),
       None if db is None else db + jnp.sum(dz, axis=0),
       put_rows(d_rows, {k: g_aux[k].astype(cdt) for k in d_rows}, t0),
@@ -540,6 +557,8 @@ def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dic
   total, kept, dx, dw, db, d_rows = fold(n, tiling.token_chunk, token_body, init)
   dx = vocab_sum(dx, tiling.placement)
   total, dw, db = data_sum((total, dw, db), tiling.placement)
+  dw = in_caller_order(dw, a["cols"], 0 if tiling.vd else 1)
+  db = None if db is None else in_caller_order(db, a["cols"], 0)
   return {"total": total, "rows": kept, "dx": dx, "dw": dw, "dbias": db, "d_rows": d_rows}
 
 

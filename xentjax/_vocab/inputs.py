@@ -51,7 +51,8 @@ class Call(NamedTuple):
   """`Tokens`, the static `Tiling`, and the operands of the sweep (see `engine.recompute`).
 
   ``order`` (``[n_cols]`` int32, or None): the column order of the sweep
-  (`in_vocab_order`): sweep column ``k`` is column ``order[k]`` of ``w``.
+  (`in_vocab_order`): sweep column ``k`` is column ``order[k]`` of ``w``;
+  other per-column operands (``cols``) are given in this order.
   """
 
   tokens: Tokens
@@ -60,25 +61,19 @@ class Call(NamedTuple):
   order: Any = None
 
 
-def permute(a, order, axis: int):
-  """`a` with its entries along `axis` in `order`, a permutation (so its gradient is too)."""
-  return jnp.take(a, order, axis=axis, unique_indices=True, mode="clip")
-
-
 def in_vocab_order(ops: dict, tok: Tokens, order):
-  """`(ops, full order)` with the columns of `w` (and `bias`) in `order` and the labels remapped.
+  """`(ops, full order)` to sweep the columns in `order`, with the labels remapped.
 
-  Padding columns stay at the end. The labels become positions in the new
-  order, so the label logit is the same number; gradients flow back to the
-  original columns (`permute`: a gather of `w`, and a scatter of its gradient).
+  Padding columns stay at the end. The engine gathers each chunk's columns
+  (``cols["order"]``) and gathers the gradients of ``w`` and ``bias`` back
+  to the heads' order at the end (``cols["inverse"]``); the labels become
+  positions in the sweep, so the label logit is the same number.
   """
   full = jnp.concatenate([order, jnp.arange(tok.vocab_size, tok.n_cols, dtype=jnp.int32)])
   inverse = jnp.zeros_like(full).at[full].set(jnp.arange(full.shape[0], dtype=jnp.int32))
-  ops = {**ops, "w": permute(ops["w"], full, 0 if tok.vd else 1)}
-  if "bias" in ops:
-    ops["bias"] = permute(ops["bias"], full, 0)
   labels = jnp.take(inverse, ops["rows"]["labels"], mode="clip")
-  return {**ops, "rows": {**ops["rows"], "labels": labels}}, full
+  rows = {**ops["rows"], "labels": labels}
+  return {**ops, "rows": rows, "cols": {**ops["cols"], "order": full, "inverse": inverse}}, full
 
 
 def placement_of(
