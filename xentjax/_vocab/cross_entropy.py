@@ -236,9 +236,10 @@ def linear_softmax_cross_entropy(
       that do not count).
     strategy: ``"recompute"`` (default; temporary memory independent of N·V,
       one extra matmul in the backward pass) or ``"store"`` (gradients formed in
-      the forward pass, one float32 ``w``-sized buffer kept for the backward
-      pass; needs ``reduction`` ``"mean"`` or ``"sum"``; its ``lse`` carries no
-      gradient).
+      the forward pass and kept for the backward pass, the one of ``w`` in
+      float32: for a float32 ``w`` XLA returns that buffer as the gradient,
+      so beyond it only a whole-row tile is temporary; needs ``reduction``
+      ``"mean"`` or ``"sum"``; its ``lse`` carries no gradient).
     w_layout: ``"dv"`` for ``w`` of shape ``[D, V]`` or ``"vd"`` for ``[V, D]``.
     vocab_size: number of real classes when ``w`` has padding columns (rows for
       ``"vd"``) at the end; those are excluded from the softmax. Default: all.

@@ -13,11 +13,14 @@ passes, the outputs and the backward pass read. Two strategies:
   recomputes each tile and asks the kernel for its cotangent (vocabulary
   chunks outside, token chunks inside, so each chunk's weight gradient is
   complete when the inner loop ends). Optional gradient filtering skips tiles
-  whose probabilities are all below ``filter_eps`` (`keep_tiles`).
+  whose probabilities are all below ``filter_eps`` (`keep_tiles`), in the
+  column chunks where enough of them can be skipped (`filter_plan`).
 * ``"store"`` (`store`): for a scalar ``sum_i f(outputs_i, aux_i)`` with a
   per-token ``f`` known in advance, one pass over token chunks of whole
   vocabulary rows forms the outputs, ``f``'s gradient (`jax.vjp` of ``f`` on
-  each chunk) and every gradient at once; the backward pass only scales them.
+  each chunk) and every gradient at once; the backward pass only scales them
+  (each tile's weight gradient is added in column chunks, `add_dw`, so the
+  only weight-sized buffer is the gradient itself).
 
 Both run on one device or under `jax.shard_map` (`placement.sharded`), with
 the kernel's own collectives in ``finish``; the vocabulary is iterated by
