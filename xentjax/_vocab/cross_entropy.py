@@ -226,8 +226,9 @@ def linear_softmax_cross_entropy(
       are those of the unsorted call (exactly without ``filter_eps``, within
       its bound with it): labels stay class indices and the gradients of
       ``w`` and ``bias`` come back in the original column order. Costs a
-      gather of ``w`` per call and one of its gradient (a ``w``-sized copy
-      each); to avoid them, store ``w`` with its columns in that order
+      gather of ``w``'s columns per pass (chunk by chunk) and one of its
+      gradient (one more ``w``-sized buffer); slow on the CPU backend. To
+      avoid them, store ``w`` with its columns in that order
       (``w[:, order]``) and pass positions in it as labels
       (``inverse[labels]`` with ``inverse[order] = arange(V)``). Not with a
       vocabulary sharded over a mesh.
