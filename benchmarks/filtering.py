@@ -1,30 +1,38 @@
-"""Gradient filtering (`filter_eps`) on three distributions: time, skip rate, error.
+"""Gradient filtering (`filter_eps`) on four distributions: time, skip rate, error.
 
 Usage::
 
   python benchmarks/filtering.py                  # N=2048, D=1024, V=32768 (minutes on a CPU)
   python benchmarks/filtering.py --size 256,128,4096 --repeats 2
 
-For each distribution of `benchmarks/_settings.py` (``concentrated``,
-``scattered`` and ``real``, the model trained by `benchmarks/real_lm.py`), in
-one run: the fwd+bwd time of ``jax.jit(jax.value_and_grad(loss, argnums=(0,
-1)))`` for `xentjax.linear_softmax_cross_entropy` without filtering, with
-``filter_eps=2**-12``, and optax's ``softmax_cross_entropy_with_integer_labels``
-on materialized logits, run alternately (every method once per repeat, after a
+For each distribution of `benchmarks/_settings.py` (``random``,
+``concentrated``, ``scattered`` and ``real``, the model trained by
+`benchmarks/real_lm.py`), in one run: the fwd+bwd time of
+``jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))`` for
+`xentjax.linear_softmax_cross_entropy` without filtering, with
+``filter_eps=2**-12`` (adaptive: a column chunk with less than a quarter of
+its tiles skippable runs unfiltered), the same with the columns sorted by the
+token frequency known before training, once stored sorted (``w[:, order]``,
+labels as positions: what a training run that permutes its head once pays)
+and once through ``vocab_order=order`` (a gather of ``w`` per pass and of its
+gradient), and optax's ``softmax_cross_entropy_with_integer_labels`` on
+materialized logits, run alternately (every method once per repeat, after a
 warm-up). Ratios are taken within each repeat; the table gives their median and
 range over the repeats. Beside them: the fraction of the automatic filtering
 tiles (256 tokens x 512 columns) that the filter can skip, counted in NumPy on
 the logits (every probability of the tile below ``eps`` and no label in it),
 with the vocabulary as it is, with its columns sorted by the token frequency
-known before training (the synthetic bias is sorted already; the model's
-training-set counts), and sorted by the batch's own mean probability (an
+known before training, and sorted by the batch's own mean probability (an
 oracle fitted to the scored batch: optimistic); and the relative
-error of the filtered gradient against optax's (Frobenius, over ``x`` and
-``w``).
+error of the filtered gradients against optax's (Frobenius, over ``x`` and
+``w``). The synthetic bias is Zipf-sorted already, so there the frequency
+order is the identity and the sorted rows measure the cost of sorting alone;
+``random`` has no frequency order ("n/a").
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 import statistics
@@ -33,6 +41,8 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 import xentjax
@@ -43,7 +53,7 @@ from benchmarks._real_lm import stats
 TIMING = (2048, 1024, 32768)
 SMALL = (512, 256, 8192)
 EPS = 2.0**-12
-DISTRIBUTIONS = ("concentrated", "scattered", "real")
+DISTRIBUTIONS = ("random", "concentrated", "scattered", "real")
 
 
 def optax_loss(x, w, y, b):
@@ -51,8 +61,8 @@ def optax_loss(x, w, y, b):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def fused_loss(x, w, y, b, eps=None):
-  return xentjax.linear_softmax_cross_entropy(x, w, y, bias=b, filter_eps=eps)
+def fused_loss(x, w, y, b, eps=None, order=None):
+  return xentjax.linear_softmax_cross_entropy(x, w, y, bias=b, filter_eps=eps, vocab_order=order)
 
 
 def value_and_grad(loss):
@@ -75,40 +85,89 @@ def skip_rates(s):
   tc, vc = min(FILTER_TILE[0], s.size[0]), FILTER_TILE[1]  # a small batch is one tile
   m = stats.measure(s.x, s.w, s.b, s.y, eps=EPS, token_chunks=(tc,))
   orders = (None, s.frequency_order, stats.by_mass(m["mean_p"]))
-  return m, [stats.skippable(m, tc, vc, order) for order in orders]
+  return m, [
+    None if k == 1 and order is None else stats.skippable(m, tc, vc, order)
+    for k, order in enumerate(orders)
+  ]
+
+
+def ratio_of(times, a, b):
+  """`spread` of the per-repeat ratios of method `a`'s time to `b`'s ("n/a" if `a` did not run)."""
+  return "n/a" if a not in times else spread([p / q for p, q in zip(times[a], times[b])])
+
+
+def percent(r):
+  return "n/a" if r is None else f"{100 * r:.1f}%"
+
+
+def sorted_inputs(s):
+  """`(w, b, y, inverse)` with the columns stored in frequency order and the labels as positions."""
+  order = np.asarray(s.frequency_order)
+  inverse = np.empty_like(order)
+  inverse[order] = np.arange(order.size)
+  b = None if s.b is None else s.b[order]
+  return s.w[:, order], b, jnp.asarray(inverse)[s.y], inverse
+
+
+def timed(s, repeats, warmup):
+  """`(times, outputs, inverse)` of the methods on setting `s`, alternating."""
+  args = (s.x, s.w, s.y, s.b)
+  fns = {
+    "none": (value_and_grad(fused_loss), args),
+    "filter": (value_and_grad(lambda x, w, y, b: fused_loss(x, w, y, b, EPS)), args),
+    "optax": (value_and_grad(optax_loss), args),
+  }
+  inverse = None
+  if s.frequency_order is not None:
+    w_s, b_s, y_s, inverse = sorted_inputs(s)
+    order = jnp.asarray(s.frequency_order)
+    fns["stored"] = (fns["filter"][0], (s.x, w_s, y_s, b_s))
+    fns["order"] = (
+      value_and_grad(lambda x, w, y, b, o: fused_loss(x, w, y, b, EPS, o)),
+      (*args, order),
+    )
+  times, outputs = alternate(fns, repeats, warmup)
+  return times, outputs, inverse
+
+
+def errors(outputs, inverse):
+  """Relative gradient errors against optax: filtered, stored sorted, vocab_order."""
+  ref = outputs["optax"][1]
+  err = {"filter": rel_error(outputs["filter"][1], ref)}
+  if inverse is not None:
+    gx, gw = outputs["stored"][1]
+    err["stored"] = rel_error((gx, gw[:, inverse]), ref)  # back to the original columns
+    err["order"] = rel_error(outputs["order"][1], ref)
+  return err
 
 
 def table(size, repeats, warmup, names=DISTRIBUTIONS):
   rows = [
     (
-      "| distribution | N, D, V | entropy (nats) | p < 2^-12 | no filter | filter 2^-12 | optax | "
-      "filtered / unfiltered | filtered / optax | "
+      "| distribution | N, D, V | entropy (nats) | p < 2^-12 | unfiltered | "
+      "filtered / unfiltered | stored sorted / unfiltered | vocab_order / unfiltered | "
+      "filtered / optax | stored sorted / optax | "
       "tiles skippable (as is / by frequency / oracle) | "
-      "grad rel. error |"
+      "grad rel. error (filtered / stored sorted / vocab_order) |"
     ),
-    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for name in names:
     s = _settings.make(name, *size)
     m, skip = skip_rates(s)
-    args = (s.x, s.w, s.y, s.b)
-    fns = {
-      "none": (value_and_grad(fused_loss), args),
-      "filter": (value_and_grad(lambda x, w, y, b: fused_loss(x, w, y, b, EPS)), args),
-      "optax": (value_and_grad(optax_loss), args),
-    }
-    times, outputs = alternate(fns, repeats, warmup)
-    err = rel_error(outputs["filter"][1], outputs["optax"][1])
+    times, outputs, inverse = timed(s, repeats, warmup)
+    err = errors(outputs, inverse)
     del outputs
-    med = {k: statistics.median(t) * 1e3 for k, t in times.items()}
-    vs_none = [f / u for f, u in zip(times["filter"], times["none"])]
-    vs_optax = [f / o for f, o in zip(times["filter"], times["optax"])]
+    ratio = functools.partial(ratio_of, times)
+
     n, d, v = s.size
     rows.append(
       f"| {name} | {n}, {d}, {v} | {m['entropy']:.2f} | {100 * m['below_eps']:.1f}% | "
-      f"{med['none']:.0f} ms | {med['filter']:.0f} ms | {med['optax']:.0f} ms | "
-      f"**{spread(vs_none)}** | **{spread(vs_optax)}** | "
-      f"{' / '.join(f'{100 * r:.1f}%' for r in skip)} | {err:.1e} |"
+      f"{statistics.median(times['none']) * 1e3:.0f} ms | **{ratio('filter', 'none')}** | "
+      f"{ratio('stored', 'none')} | {ratio('order', 'none')} | "
+      f"**{ratio('filter', 'optax')}** | {ratio('stored', 'optax')} | "
+      f"{' / '.join(percent(r) for r in skip)} | "
+      f"{' / '.join(f'{err[k]:.1e}' if k in err else 'n/a' for k in ('filter', 'stored', 'order'))} |"
     )
   return "\n".join(rows)
 

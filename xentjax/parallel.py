@@ -80,6 +80,7 @@ def linear_softmax_cross_entropy(
   temperature: float | jax.typing.ArrayLike = 1.0,
   bias: jax.typing.ArrayLike | None = None,
   filter_eps: float | None = None,
+  vocab_order: jax.typing.ArrayLike | None = None,
   return_lse: bool = False,
   return_stats: bool = False,
   strategy: Literal["recompute", "store"] = "recompute",
@@ -124,8 +125,9 @@ def linear_softmax_cross_entropy(
     vocab_axis: mesh axis (or tuple of axes) the vocabulary is sharded over.
     reduction: and every keyword after it (``ignore_index``, ``where``,
       ``weights``, ``class_weights``, ``denominator``, ``label_smoothing``,
-      ``z_loss``, ``logit_soft_cap``, ``temperature``, ``bias``,
-      ``filter_eps``, ``return_lse``, ``return_stats``, ``strategy``, ``w_layout``, ``vocab_size``,
+      ``z_loss``, ``logit_soft_cap``, ``temperature``, ``bias``, ``filter_eps``,
+      ``vocab_order`` (only with a ``vocab_axis`` of one device), ``return_lse``,
+      ``return_stats``, ``strategy``, ``w_layout``, ``vocab_size``,
       ``token_chunk_size``, ``vocab_chunk_size``, ``precision``): as in
       `xentjax.linear_softmax_cross_entropy`; chunk sizes refer to the
       per-device shard.
@@ -164,6 +166,7 @@ def linear_softmax_cross_entropy(
     temperature=temperature,
     bias=bias,
     filter_eps=filter_eps,
+    vocab_order=vocab_order,
     return_lse=return_lse,
     return_stats=return_stats,
     strategy=strategy,

@@ -127,7 +127,7 @@ def tiling_of(n_rows, n_cols, row_chunk, column_chunk, precision, mesh, data_axi
       )
   rows, cols = n_rows // n, n_cols // n
   if store:
-    tc, vc = auto_chunks("store", rows, cols, row_chunk, None, store_tile=RECOMPUTE_TILE)
+    tc, vc, _ = auto_chunks("store", rows, cols, row_chunk, None, store_tile=RECOMPUTE_TILE)
   else:
     tc = min(row_chunk or ROW_CHUNK, max(rows, 1))
     vc = min(column_chunk or COLUMN_CHUNK, max(cols, 1))

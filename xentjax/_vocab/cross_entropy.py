@@ -176,8 +176,9 @@ def with_column_weights(call: Call, class_weights, eps, monitor: bool):
     return call.ops, kernel
   tok = call.tokens
   c = jnp.ones((tok.vocab_size,), tok.cdt) if class_weights is None else class_weights
-  u = c.astype(tok.cdt) / tok.vocab_size
-  return {**call.ops, "cols": {"u": jnp.pad(u, (0, tok.n_cols - tok.vocab_size))}}, kernel
+  u = jnp.pad(c.astype(tok.cdt) / tok.vocab_size, (0, tok.n_cols - tok.vocab_size))
+  u = u if call.order is None else u[call.order]  # the columns in the sweep's order
+  return {**call.ops, "cols": {**call.ops["cols"], "u": u}}, kernel
 
 
 @public(static=CROSS_ENTROPY_OPTIONS, validators=validators())
@@ -198,6 +199,7 @@ def linear_softmax_cross_entropy(
   temperature: float | jax.typing.ArrayLike = 1.0,
   bias: jax.typing.ArrayLike | None = None,
   filter_eps: float | None = None,
+  vocab_order: jax.typing.ArrayLike | None = None,
   return_lse: bool = False,
   return_stats: bool = False,
   strategy: Literal["recompute", "store"] = "recompute",
@@ -316,7 +318,24 @@ def linear_softmax_cross_entropy(
       dropped entries are below bfloat16's resolution of the gradient's
       largest entries), ``2**-20`` or smaller for float32. With it the
       automatic tile is 256 tokens x 512 columns: a tile is skipped only if
-      all its tokens agree, so tiles are narrow in tokens.
+      all its tokens agree, so tiles are narrow in tokens. Filtering is
+      adaptive: a chunk of columns in which fewer than a quarter of the
+      tiles can be skipped runs unfiltered (wide tiles, no per-tile test), so
+      filtering costs little where there is little to skip.
+    vocab_order: optional integer permutation ``[vocab_size]`` of the
+      classes: the tiles are swept with column ``k`` being class
+      ``vocab_order[k]``. For gradient filtering: put the classes that carry
+      mass together, e.g. ``np.argsort(-token_counts)`` with token counts known
+      before training, so that more tiles are negligible. Values and gradients
+      are those of the unsorted call (exactly without ``filter_eps``, within
+      its bound with it): labels stay class indices and the gradients of
+      ``w`` and ``bias`` come back in the original column order. Costs a
+      gather of ``w``'s columns per pass (chunk by chunk) and one of its
+      gradient (one more ``w``-sized buffer); slow on the CPU backend. To
+      avoid them, store ``w`` with its columns in that order
+      (``w[:, order]``) and pass positions in it as labels
+      (``inverse[labels]`` with ``inverse[order] = arange(V)``). Not with a
+      vocabulary sharded over a mesh.
     return_lse: also return the per-token log-normalizer ``lse`` ``[...]``
       (of the capped, tempered logits, for every token including the ones
       that do not count).
@@ -327,9 +346,10 @@ def linear_softmax_cross_entropy(
       sum and the count of tied maxima are kept only when asked for.
     strategy: ``"recompute"`` (default; temporary memory independent of N·V,
       one extra matmul in the backward pass) or ``"store"`` (gradients formed in
-      the forward pass, one float32 ``w``-sized buffer kept for the backward
-      pass; needs ``reduction`` ``"mean"`` or ``"sum"``; its ``lse`` carries no
-      gradient).
+      the forward pass and kept for the backward pass, the one of ``w`` in
+      float32: for a float32 ``w`` XLA returns that buffer as the gradient,
+      so beyond it only a whole-row tile is temporary; needs ``reduction``
+      ``"mean"`` or ``"sum"``; its ``lse`` carries no gradient).
     w_layout: ``"dv"`` for ``w`` of shape ``[D, V]`` or ``"vd"`` for ``[V, D]``.
     vocab_size: number of real classes when ``w`` has padding columns (rows for
       ``"vd"``) at the end; those are excluded from the softmax. Default: all.
@@ -407,6 +427,7 @@ def linear_softmax_cross_entropy(
     logit_soft_cap=logit_soft_cap,
     temperature=temperature,
     filter_eps=filter_eps,
+    vocab_order=vocab_order,
   )
   tok = call.tokens
   class_weights = check_vector("class_weights", class_weights, tok.vocab_size, "one per class")

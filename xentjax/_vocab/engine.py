@@ -13,11 +13,14 @@ passes, the outputs and the backward pass read. Two strategies:
   recomputes each tile and asks the kernel for its cotangent (vocabulary
   chunks outside, token chunks inside, so each chunk's weight gradient is
   complete when the inner loop ends). Optional gradient filtering skips tiles
-  whose probabilities are all below ``filter_eps`` (`keep_tiles`).
+  whose probabilities are all below ``filter_eps`` (`keep_tiles`), in the
+  column chunks where enough of them can be skipped (`filter_plan`).
 * ``"store"`` (`store`): for a scalar ``sum_i f(outputs_i, aux_i)`` with a
   per-token ``f`` known in advance, one pass over token chunks of whole
   vocabulary rows forms the outputs, ``f``'s gradient (`jax.vjp` of ``f`` on
-  each chunk) and every gradient at once; the backward pass only scales them.
+  each chunk) and every gradient at once; the backward pass only scales them
+  (each tile's weight gradient is added in column chunks, `add_dw`, so the
+  only weight-sized buffer is the gradient itself).
 
 Both run on one device or under `jax.shard_map` (`placement.sharded`), with
 the kernel's own collectives in ``finish``; the vocabulary is iterated by
@@ -39,6 +42,9 @@ from jax import lax
 from xentjax import _validation as V
 from xentjax._vocab.placement import data_sum, place_tree, sharded, specs, vocab_sum
 from xentjax._vocab.tiles import (
+  FILTER_MIN_SKIP,
+  RECOMPUTE_VOCAB_CHUNK,
+  STORE_DW_ELEMENTS,
   Tile,
   Tiling,
   column_offset,
@@ -147,16 +153,32 @@ def over_vocabulary(body, carry, shard: dict, n_cols: int, tiling: Tiling):
 
 
 def chunk_heads(x: dict, shard: dict, v0, vsize, tiling: Tiling) -> dict:
-  """The heads' columns `[v0, v0 + vsize)` of the shard: what `tiles.logit_tile` multiplies."""
-  heads = {"x": x["x"], "w_c": head_chunk(shard["w"], v0, vsize, tiling.vd)}
+  """The heads' columns `[v0, v0 + vsize)` of the shard: what `tiles.logit_tile` multiplies.
+
+  With a column order (``cols["order"]``, from ``vocab_order=``), sweep
+  column ``k`` is column ``order[k]`` of the heads: the chunk's columns are
+  gathered (a chunk at a time, so no permuted copy of ``w`` is ever held).
+  """
+  order = shard["cols"].get("order")
+  idx = None if order is None else lax.dynamic_slice_in_dim(order, v0, vsize, 0)
+
+  def columns(a, vd):
+    return head_chunk(a, v0, vsize, vd) if idx is None else jnp.take(a, idx, axis=0 if vd else 1)
+
+  heads = {"x": x["x"], "w_c": columns(shard["w"], tiling.vd)}
   if "bias" in shard:
-    heads["bias_c"] = lax.dynamic_slice_in_dim(shard["bias"], v0, vsize, 0)
+    heads["bias_c"] = columns(shard["bias"], True)
   if "teacher_x" in x:
     heads["teacher_x"] = x["teacher_x"]
-    heads["teacher_w_c"] = head_chunk(shard["teacher_w"], v0, vsize, tiling.teacher_vd)
+    heads["teacher_w_c"] = columns(shard["teacher_w"], tiling.teacher_vd)
     if "teacher_bias" in shard:
-      heads["teacher_bias_c"] = lax.dynamic_slice_in_dim(shard["teacher_bias"], v0, vsize, 0)
+      heads["teacher_bias_c"] = columns(shard["teacher_bias"], True)
   return heads
+
+
+def in_caller_order(grad, cols: dict, axis: int):
+  """A gradient over the sweep's columns, back in the heads' own order (a gather)."""
+  return grad if "inverse" not in cols else jnp.take(grad, cols["inverse"], axis=axis)
 
 
 def sweep(update, state, ops: dict, tiling: Tiling, cdt):
@@ -215,15 +237,16 @@ def forward_local(ops: dict, kernel, tiling: Tiling) -> dict:
 
 
 def keep_tiles(rows: dict, n_cols: int, kernel, tiling: Tiling):
-  """`[token tiles, vocabulary tiles]` bool: the tiles gradient filtering keeps.
+  """`[token tiles, vocabulary tiles]` bool: the filter tiles gradient filtering keeps.
 
-  A tile is skipped when, for every token in it whose outputs carry a
+  A tile (``tiling.filter_token_chunk`` tokens x ``tiling.vocab_chunk``
+  columns) is skipped when, for every token in it whose outputs carry a
   cotangent, the largest probability on the tile's columns (from the
   per-chunk maxima of the forward pass) is below ``filter_eps``, and no such
   token's label lies in it (so the one-hot term of the gradient is never
   dropped).
   """
-  tc, vc = tiling.token_chunk, tiling.vocab_chunk
+  tc, vc = tiling.filter_token_chunk, tiling.vocab_chunk
   logp, labels, label_live = kernel.filter_terms(rows)
   n = logp.shape[0]
   n_tt, n_vt = -(-n // tc), -(-n_cols // vc)
@@ -234,6 +257,48 @@ def keep_tiles(rows: dict, n_cols: int, kernel, tiling: Tiling):
   tt = jnp.arange(n) // tc
   vt = jnp.where(hit, local, 0) // vc
   return keep.astype(jnp.int32).at[tt, vt].max(hit.astype(jnp.int32)) > 0
+
+
+def filter_plan(rows: dict, n_cols: int, kernel, tiling: Tiling):
+  """`(keep, filtered)`: the filter tiles to keep, and the column chunks worth filtering.
+
+  ``keep`` is `keep_tiles`; ``filtered`` (``[vocabulary tiles]`` bool) marks
+  the column chunks in which at least `tiles.FILTER_MIN_SKIP` of the tiles
+  can be skipped. The backward pass runs the other chunks unfiltered, so
+  filtering costs no more than the per-tile tests of the chunks it thins.
+  None without filtering.
+  """
+  if tiling.filter_eps is None:
+    return None
+  keep = keep_tiles(rows, n_cols, kernel, tiling)
+  skipped = 1.0 - jnp.mean(keep.astype(jnp.float32), axis=0)
+  return keep, skipped >= FILTER_MIN_SKIP
+
+
+def token_loop(tile_grads, carry, n: int, v0, plan, tiling: Tiling):
+  """`carry = tile_grads(carry, t0, tsize)` over the tokens of one column chunk.
+
+  Without filtering (``plan`` None) or in a chunk not worth filtering: wide
+  token chunks, every tile. In a chunk worth filtering: filter tiles, each
+  skipped (`lax.cond`: neither recomputed nor multiplied) unless kept.
+  """
+
+  def plain(c):
+    return fold(n, tiling.token_chunk, tile_grads, c)
+
+  if plan is None:
+    return plain(carry)
+  keep, filtered = plan
+  ftc, chunk = tiling.filter_token_chunk, v0 // tiling.vocab_chunk
+
+  def thinned(c):
+    def body(c, t0, tsize):
+      kept = keep[t0 // ftc, chunk]
+      return lax.cond(kept, lambda c: tile_grads(c, t0, tsize), lambda c: c, c)
+
+    return fold(n, ftc, body, c)
+
+  return lax.cond(filtered[chunk], thinned, plain, carry)
 
 
 def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
@@ -250,7 +315,7 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
   cdt = V.compute_dtype(*dtypes_of(a))
   op_dt = jnp.result_type(x.dtype, w.dtype)
   n, n_cols = x.shape[0], n_columns(a, tiling)
-  keep = None if tiling.filter_eps is None else keep_tiles(rows, n_cols, kernel, tiling)
+  plan = filter_plan(rows, n_cols, kernel, tiling)
   xT = None if tiling.vd else x.astype(op_dt).T
   reduce_w = not tiling.placement.ring  # on a ring each shard collects its gradient itself
 
@@ -273,12 +338,6 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
       dt = None if dt is None else put_rows(dt, rows_of(dt, t0, tsize) + dt_t, t0)
       return lax.dynamic_update_slice_in_dim(dx, dx_t, t0, 0), dw_c, db_c, dt
 
-    def token_body(carry, t0, tsize):
-      if keep is None:
-        return tile_grads(carry, t0, tsize)
-      kept = keep[t0 // tiling.token_chunk, v0 // tiling.vocab_chunk]
-      return lax.cond(kept, lambda c: tile_grads(c, t0, tsize), lambda c: c, carry)
-
     dw, db = shard["state"]["dw"], shard["state"].get("db")
     axis = 0 if tiling.vd else 1
     if reduce_w:  # each chunk's gradient starts at 0 and is complete after its token loop
@@ -287,7 +346,7 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
     else:  # on a ring the shard's gradient so far travels with it (in the compute dtype)
       dw_c = lax.dynamic_slice_in_dim(dw, v0, vsize, axis)
       db_c = None if db is None else lax.dynamic_slice_in_dim(db, v0, vsize, 0)
-    dx, dw_c, db_c, dt = fold(n, tiling.token_chunk, token_body, (dx, dw_c, db_c, dt))
+    dx, dw_c, db_c, dt = token_loop(tile_grads, (dx, dw_c, db_c, dt), n, v0, plan, tiling)
     if reduce_w:  # tokens of other data shards, in float32
       dw_c, db_c = data_sum((dw_c, db_c), tiling.placement)
     state = {"dw": lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), v0, axis)}
@@ -304,9 +363,10 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
     vocab_body, (jnp.zeros(x.shape, cdt), dt), shard, n_cols, tiling
   )
   dx, dt = vocab_sum((dx, dt), tiling.placement)  # each shard saw part of the vocabulary
-  g = shard["state"]
-  db = None if bias is None else g["db"].astype(bias.dtype)
-  return {"dx": dx.astype(x.dtype), "dw": g["dw"].astype(w.dtype), "db": db, "dtemperature": dt}
+  g, cols = shard["state"], a["cols"]
+  db = None if bias is None else in_caller_order(g["db"], cols, 0).astype(bias.dtype)
+  dw = in_caller_order(g["dw"], cols, 0 if tiling.vd else 1).astype(w.dtype)
+  return {"dx": dx.astype(x.dtype), "dw": dw, "db": db, "dtemperature": dt}
 
 
 def tile_x(x, t0, tsize):
@@ -487,8 +547,8 @@ def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dic
     return (
       total + jnp.sum(loss),
       put_rows(kept, {k: r[k] for k in keep}, t0),
-      lax.dynamic_update_slice_in_dim(dx, dot_dx(dz, w, op_dt, tiling, cdt), t0, 0),
-      dw + dot_dw(tile_x(x, t0, tsize), dz, op_dt, tiling, cdt, xT_t),
+      lax.dynamic_update_slice_in_dim(dx, dot_dx(dz, heads["w_c"], op_dt, tiling, cdt), t0, 0),
+      add_dw(dw, tile_x(x, t0, tsize), dz, op_dt, tiling, cdt, xT_t),
       None if db is None else db + jnp.sum(dz, axis=0),
       put_rows(d_rows, {k: g_aux[k].astype(cdt) for k in d_rows}, t0),
     )
@@ -505,7 +565,27 @@ def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dic
   total, kept, dx, dw, db, d_rows = fold(n, tiling.token_chunk, token_body, init)
   dx = vocab_sum(dx, tiling.placement)
   total, dw, db = data_sum((total, dw, db), tiling.placement)
+  dw = in_caller_order(dw, a["cols"], 0 if tiling.vd else 1)
+  db = None if db is None else in_caller_order(db, a["cols"], 0)
   return {"total": total, "rows": kept, "dx": dx, "dw": dw, "dbias": db, "d_rows": d_rows}
+
+
+def add_dw(dw, x_t, dz, op_dt, tiling: Tiling, cdt, xT_t=None):
+  """`dw + x_t^T dz` for a whole-row tile `dz`, in column chunks of `tiles.STORE_DW_ELEMENTS`.
+
+  The product of a whole-row tile is as large as `w`; added chunk by chunk,
+  only a chunk of it exists at a time (on CPU XLA does not accumulate a
+  matmul into its addend, so one product would cost a `w`-sized buffer).
+  """
+  axis = 0 if tiling.vd else 1
+  chunk = max(RECOMPUTE_VOCAB_CHUNK, STORE_DW_ELEMENTS // x_t.shape[1])
+
+  def body(dw, v0, vsize):
+    part = dot_dw(x_t, lax.dynamic_slice_in_dim(dz, v0, vsize, 1), op_dt, tiling, cdt, xT_t)
+    part = lax.dynamic_slice_in_dim(dw, v0, vsize, axis) + part
+    return lax.dynamic_update_slice_in_dim(dw, part, v0, axis)
+
+  return fold(dz.shape[1], chunk, body, dw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))

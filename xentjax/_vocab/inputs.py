@@ -24,6 +24,7 @@ from xentjax._vocab.options import (
   check_soft_cap,
   check_temperature,
   check_vector,
+  check_vocab_order,
   check_vocab_size,
   check_where,
   temperature_rows,
@@ -47,11 +48,32 @@ class Tokens(NamedTuple):
 
 
 class Call(NamedTuple):
-  """`Tokens`, the static `Tiling`, and the operands of the sweep (see `engine.recompute`)."""
+  """`Tokens`, the static `Tiling`, and the operands of the sweep (see `engine.recompute`).
+
+  ``order`` (``[n_cols]`` int32, or None): the column order of the sweep
+  (`in_vocab_order`): sweep column ``k`` is column ``order[k]`` of ``w``;
+  other per-column operands (``cols``) are given in this order.
+  """
 
   tokens: Tokens
   tiling: Tiling
   ops: dict
+  order: Any = None
+
+
+def in_vocab_order(ops: dict, tok: Tokens, order):
+  """`(ops, full order)` to sweep the columns in `order`, with the labels remapped.
+
+  Padding columns stay at the end. The engine gathers each chunk's columns
+  (``cols["order"]``) and gathers the gradients of ``w`` and ``bias`` back
+  to the heads' order at the end (``cols["inverse"]``); the labels become
+  positions in the sweep, so the label logit is the same number.
+  """
+  full = jnp.concatenate([order, jnp.arange(tok.vocab_size, tok.n_cols, dtype=jnp.int32)])
+  inverse = jnp.zeros_like(full).at[full].set(jnp.arange(full.shape[0], dtype=jnp.int32))
+  labels = jnp.take(inverse, ops["rows"]["labels"], mode="clip")
+  rows = {**ops["rows"], "labels": labels}
+  return {**ops, "rows": rows, "cols": {**ops["cols"], "order": full, "inverse": inverse}}, full
 
 
 def placement_of(
@@ -150,12 +172,14 @@ def prepare_call(
   filter_eps=None,
   store_tile=STORE_TILE,
   student=False,
+  vocab_order=None,
 ) -> Call:
   """The checked tokens, the tiling and the operands of one call of an entry point.
 
   The operands: ``x``, ``w``, ``bias`` (if any), ``rows`` with the labels
   (``labels``, int32, 0 where a token does not count) and a traced
-  temperature (``temperature``, ``[n]``), and empty ``cols``.
+  temperature (``temperature``, ``[n]``), and empty ``cols``. With a
+  `vocab_order`, the columns come in that order (`in_vocab_order`).
   """
   tok = prepare_tokens(
     x,
@@ -182,13 +206,17 @@ def prepare_call(
   ops = {"x": tok.x, "w": tok.w, "rows": rows, "cols": {}}
   if bias is not None:
     ops["bias"] = bias
-  return Call(tok, tiling, ops)
+  order = check_vocab_order(vocab_order, tok.vocab_size, tok.placement.vocab_shards)
+  if order is None:
+    return Call(tok, tiling, ops)
+  ops, full = in_vocab_order(ops, tok, order)
+  return Call(tok, tiling, ops, full)
 
 
 def make_tiling(tok: Tokens, head: Head, strategy, soft_cap, temperature, filter_eps, store_tile):
   """The static `Tiling` of a call: the user's tile sizes or automatic ones."""
   pl = tok.placement
-  tc, vc = auto_chunks(
+  tc, vc, ftc = auto_chunks(
     strategy,
     tok.x.shape[0] // pl.data_shards,
     tok.n_cols // pl.vocab_shards,
@@ -208,4 +236,5 @@ def make_tiling(tok: Tokens, head: Head, strategy, soft_cap, temperature, filter
     temperature=temperature,
     placement=pl,
     filter_eps=filter_eps,
+    filter_token_chunk=ftc,
   )

@@ -267,6 +267,46 @@ def check_filter_eps(filter_eps, strategy, label_smoothing) -> float | None:
   return f
 
 
+def check_vocab_order(order, vocab_size: int, vocab_shards: int):
+  """An integer `[vocab_size]` column order (or None), as int32.
+
+  That it is a permutation is checked by `check_vocab_order_values` before
+  tracing, where its values are known.
+  """
+  if order is None:
+    return None
+  V.check_integer(
+    "vocab_order", order, "an integer permutation of the classes, e.g. np.argsort(-counts)"
+  )
+  order = jnp.asarray(order)
+  if order.shape != (vocab_size,):
+    raise ValueError(
+      f"`vocab_order` must have shape ({vocab_size},) (a permutation of the classes), got "
+      f"vocab_order.shape={order.shape}."
+    )
+  if vocab_shards > 1:
+    raise ValueError(
+      "`vocab_order` does not combine with a vocabulary sharded over a mesh (permuting the "
+      "columns would gather `w` across devices); store `w` with its columns in the order "
+      "(w[:, order]) and pass the labels as positions in it (inverse[labels])."
+    )
+  return order.astype(jnp.int32)
+
+
+def check_vocab_order_values(order):
+  """`order` itself; a `ValueError` when its values are known and not a permutation."""
+  if order is None or isinstance(order, jax.core.Tracer):
+    return order
+  a = np.asarray(order)
+  integer = a.ndim == 1 and np.issubdtype(a.dtype, np.integer)
+  if integer and not np.array_equal(np.sort(a), np.arange(a.size)):
+    raise ValueError(
+      f"`vocab_order` must be a permutation of 0..{a.size - 1} (each class once), e.g. "
+      "np.argsort(-token_counts)."
+    )
+  return order
+
+
 def check_vector(name: str, v, size: int, what: str):
   """A float array of shape `[size]` (or None), with an error naming `name`."""
   if v is None:
@@ -346,4 +386,5 @@ def validators() -> dict:
     "logit_soft_cap": check_soft_cap,
     "top_k": lambda k: V.int_option("top_k", k, low=0),
     "denominator": check_denominator,
+    "vocab_order": check_vocab_order_values,
   }

@@ -44,13 +44,25 @@ from xentjax._vocab.placement import Placement, vocab_offset
 RECOMPUTE_TILE = 1 << 21
 RECOMPUTE_VOCAB_CHUNK = 1024
 STORE_TILE = 1 << 24
+# Strategy "store" adds a tile's weight gradient `x_t^T dz` (as large as `w`)
+# in column chunks of this many elements (64 MiB in float32, at least
+# `RECOMPUTE_VOCAB_CHUNK` columns), so no `w`-sized product is ever held.
+STORE_DW_ELEMENTS = 1 << 24
 MIN_TOKEN_CHUNK = 8
 # Gradient filtering skips a tile only when every token in it puts negligible
 # mass on every column of it, so its tiles are narrow in tokens (tokens differ
 # in where their mass lies; columns of a Zipf-shaped vocabulary do not, much):
 # 256 tokens x 512 columns. See `xentjax.linear_softmax_cross_entropy`.
+# The forward pass and the unfiltered column chunks of the backward pass run
+# on wide tiles of the same 512 columns (`RECOMPUTE_TILE` elements).
 FILTER_TOKEN_CHUNK = 256
 FILTER_VOCAB_CHUNK = 512
+# Filtering is adaptive: the backward pass runs a column chunk on the narrow
+# filter tiles, each behind a `lax.cond`, only when at least this fraction of
+# the chunk's tiles can be skipped; otherwise it runs the chunk like the
+# unfiltered backward pass (wide tiles, no test), so that a distribution with
+# little to skip does not pay for the narrow tiles and the tests.
+FILTER_MIN_SKIP = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +82,9 @@ class Tiling:
   placement: Placement = dataclasses.field(default_factory=Placement)
   teacher_vd: bool = False  # layout of the teacher's head (distillation)
   filter_eps: float | None = None  # gradient filtering of the recompute backward pass
+  # Tokens per filter tile (gradient filtering only; `token_chunk` is then the
+  # forward pass's and the unfiltered backward chunks' token count).
+  filter_token_chunk: int | None = None
 
   @property
   def padded(self) -> bool:
@@ -268,18 +283,22 @@ def column_offset(tiling: Tiling, local_columns: int):
 def auto_chunks(
   strategy, n_tokens, n_cols, token_chunk, vocab_chunk, *, filtered=False, store_tile=STORE_TILE
 ):
-  """Tile sizes: the user's, or ones that keep a float32 logit tile at 8-64 MiB.
+  """`(token_chunk, vocab_chunk, filter_token_chunk)`: the user's, or automatic tile sizes.
 
-  With gradient filtering the automatic tile is 256 tokens x 512 columns (see
-  `FILTER_TOKEN_CHUNK`). `store_tile`: the elements of the automatic whole-row
+  The automatic tiles keep a float32 logit tile at 8-64 MiB. With gradient
+  filtering the automatic filter tile is 256 tokens x 512 columns (see
+  `FILTER_TOKEN_CHUNK`) and the other tiles have the same 512 columns; a
+  user's `token_chunk` sets both token counts. `filter_token_chunk` is None
+  without filtering. `store_tile`: the elements of the automatic whole-row
   tile of strategy "store" (smaller where a kernel holds several such tiles).
   """
+  cap = lambda tc: min(tc, max(n_tokens, 1))
   if strategy == "recompute":
     vc = vocab_chunk or (FILTER_VOCAB_CHUNK if filtered else RECOMPUTE_VOCAB_CHUNK)
     vc = min(vc, max(n_cols, 1))
-    auto_tc = FILTER_TOKEN_CHUNK if filtered else max(MIN_TOKEN_CHUNK, RECOMPUTE_TILE // vc)
-    tc = token_chunk or auto_tc
-  else:
-    vc = max(n_cols, 1)
-    tc = token_chunk or max(MIN_TOKEN_CHUNK, store_tile // max(n_cols, 1))
-  return min(tc, max(n_tokens, 1)), vc
+    tc = token_chunk or max(MIN_TOKEN_CHUNK, RECOMPUTE_TILE // vc)
+    ftc = (token_chunk or FILTER_TOKEN_CHUNK) if filtered else None
+    return cap(tc), vc, None if ftc is None else cap(ftc)
+  vc = max(n_cols, 1)
+  tc = token_chunk or max(MIN_TOKEN_CHUNK, store_tile // max(n_cols, 1))
+  return cap(tc), vc, None

@@ -1,0 +1,214 @@
+"""Adaptive gradient filtering and vocabulary sorting (`filter_eps=`, `vocab_order=`).
+
+Each gradient is checked against the exact one of the materialized logits in
+float64 NumPy: columns the filter cannot touch must match it, the rest must
+stay within the documented bound (each dropped entry of the logit gradient
+is below ``|g| filter_eps``, so ``|dW error| <= sum_i |x_i| |g| filter_eps``).
+That the adaptive rule runs a chunk unfiltered, and that a chunk worth
+filtering really is filtered, is read from which tiles' contributions are
+present in the gradient.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xentjax import linear_softmax_cross_entropy as fused_ce
+from xentjax._vocab import tiles
+
+N, D, V, TC, VC = 128, 16, 256, 16, 32  # 8 token tiles x 8 column chunks
+EPS = 4e-3
+
+
+def reference(x, w, b, y):
+  """`(loss, dx, dw, db)` of the mean cross-entropy of `x @ w + b` in float64 NumPy."""
+  x, w, b = (np.asarray(a, np.float64) for a in (x, w, b))
+  y = np.asarray(y)
+  z = x @ w + b
+  z = z - z.max(axis=1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+  n = len(y)
+  loss = -logp[np.arange(n), y].mean()
+  dz = np.exp(logp)
+  dz[np.arange(n), y] -= 1.0
+  dz /= n
+  return loss, dz @ w.T, x.T @ dz, dz.sum(0)
+
+
+def tile_part(x, w, b, y, rows, cols):
+  """The part of the exact `dw[:, cols]` that the tokens `rows` contribute."""
+  _, _, dw, _ = reference(x, w, b, y)
+  keep = np.zeros(len(y), bool)
+  keep[rows] = True
+  _, _, dw_rows, _ = reference(np.where(keep[:, None], x, 0.0), w, b, y)
+  # Zeroed x still adds its softmax term through the bias alone to dz, but x = 0
+  # multiplies it away in dw = x^T dz; only `rows` remain (scaled by the same 1/N).
+  return dw_rows[:, cols], dw[:, cols]
+
+
+def mixed(seed=0):
+  """Columns 0..31 carry every token's mass; 32..255 are below `EPS` for every token.
+
+  The labels put tokens 0..111 (token tiles 0..6) in chunk 1 (columns
+  32..63) and tokens 112..127 (tile 7) in chunk 2 (columns 64..95): chunk 1
+  keeps 7 of its 8 tiles (1/8 skippable, below `tiles.FILTER_MIN_SKIP`:
+  unfiltered), chunk 2 keeps 1 (7/8 skippable: filtered), chunks 3..7 none.
+  """
+  kx, kw, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
+  x = jax.random.normal(kx, (N, D))
+  w = 0.1 * jax.random.normal(kw, (D, V))
+  b = jnp.where(jnp.arange(V) < 32, 4.0, -1.5)
+  y = jnp.where(jnp.arange(N) < 112, 32, 64) + jax.random.randint(ky, (N,), 0, 32)
+  return x, w, b, y
+
+
+def spread_heavy(seed):
+  """A permutation of the classes that sends the heavy classes 0..31 to 4 per chunk."""
+  heavy = (np.arange(32) % 8) * 32 + np.arange(32) // 8
+  rest = np.setdiff1d(np.arange(V), heavy)
+  np.random.default_rng(seed).shuffle(rest)
+  return np.concatenate([heavy, rest])
+
+
+@functools.partial(jax.jit, static_argnames=("filter_eps",))
+def value_and_grads(x, w, b, y, order=None, filter_eps=None):
+  def loss(x, w, b):
+    return fused_ce(
+      x,
+      w,
+      y,
+      bias=b,
+      filter_eps=filter_eps,
+      vocab_order=order,
+      token_chunk_size=TC,
+      vocab_chunk_size=VC,
+    )
+
+  return jax.value_and_grad(loss, (0, 1, 2))(x, w, b)
+
+
+def bound(x, eps):
+  """The documented bound on `|dW error|`, entrywise: sum_i |x_i| (1/N) eps."""
+  return np.abs(np.asarray(x, np.float64)).sum(0)[:, None] / N * eps
+
+
+def test_the_example_has_the_skip_fractions_it_claims():
+  x, w, b, _ = mixed()
+  z = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  assert p[:, 32:].max() < EPS and p[:, :32].min() > EPS
+  assert 1 / 8 < tiles.FILTER_MIN_SKIP <= 7 / 8
+
+
+def test_adaptive_filtering_runs_a_chunk_with_little_to_skip_unfiltered():
+  x, w, b, y = mixed()
+  v, (_, gw, _) = value_and_grads(x, w, b, y, filter_eps=EPS)
+  loss, _, dw_ref, _ = reference(x, w, b, y)
+  np.testing.assert_allclose(float(v), loss, rtol=1e-5)
+  gw = np.asarray(gw, np.float64)
+  # Chunk 1: tile 7's tokens put < EPS on it and no label in it, so a per-tile
+  # filter would drop their part; the adaptive rule runs the chunk unfiltered.
+  part, _ = tile_part(x, w, b, y, slice(112, 128), slice(32, 64))
+  assert np.abs(part).max() > 1e-5  # large against float32 rounding of dw
+  np.testing.assert_allclose(gw[:, 32:64], dw_ref[:, 32:64], rtol=1e-4, atol=1e-7)
+  # Chunk 2: filtered; only tile 7 (which holds its labels) contributes.
+  kept, _ = tile_part(x, w, b, y, slice(112, 128), slice(64, 96))
+  np.testing.assert_allclose(gw[:, 64:96], kept, rtol=1e-4, atol=1e-7)
+  assert np.abs(dw_ref[:, 64:96] - kept).max() > 1e-5
+  # Chunks 3..7: nothing kept.
+  assert not np.any(gw[:, 96:])
+  assert np.all(np.abs(gw - dw_ref) <= bound(x, EPS) + 1e-7)
+
+
+@pytest.mark.parametrize("filtered", [False, True])
+def test_vocab_order_gives_the_unsorted_values_and_gradients(filtered):
+  x, w, b, y = mixed()
+  # An order that sweeps the heavy classes 4 to a chunk of 32 (so no tile is negligible).
+  order = jnp.asarray(np.argsort(spread_heavy(0)))
+  eps = EPS if filtered else None
+  v, g = value_and_grads(x, w, b, y, order, filter_eps=eps)
+  v0, _ = value_and_grads(x, w, b, y, filter_eps=eps)
+  loss, dx_ref, dw_ref, db_ref = reference(x, w, b, y)
+  np.testing.assert_allclose(float(v), loss, rtol=1e-5)
+  np.testing.assert_allclose(float(v), float(v0), rtol=1e-6)
+  if not filtered:  # a permutation of the same sums
+    for a, r in zip(g, (dx_ref, dw_ref, db_ref)):
+      np.testing.assert_allclose(np.asarray(a, np.float64), r, rtol=1e-4, atol=1e-7)
+    return
+  assert np.all(np.abs(np.asarray(g[1], np.float64) - dw_ref) <= bound(x, EPS) + 1e-7)
+  # Scattered this way, the mass lies in every chunk: nothing is skipped.
+  np.testing.assert_allclose(np.asarray(g[1], np.float64), dw_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_sorting_clusters_what_the_filter_skips():
+  """Heavy columns spread over every chunk, then sorted back together by `vocab_order`."""
+  x, w, b, y = mixed()
+  perm = spread_heavy(1)  # class perm[k] takes column k's role: 4 heavy ones per chunk
+  inv = np.argsort(perm)
+  ws, bs, ys = w[:, inv], b[inv], jnp.asarray(perm)[y]  # the same problem, classes scattered
+  loss, dx_ref, dw_ref, db_ref = reference(x, ws, bs, ys)
+  v_as_is, (_, gw_as_is, _) = value_and_grads(x, ws, bs, ys, filter_eps=EPS)
+  order = jnp.asarray(perm)  # sweep column k is class perm[k]: the original layout
+  v, (gx, gw, gb) = value_and_grads(x, ws, bs, ys, order, filter_eps=EPS)
+  np.testing.assert_allclose([float(v), float(v_as_is)], [loss, loss], rtol=1e-5)
+  # As is, every chunk holds heavy columns: nothing is skipped, the gradient is exact.
+  np.testing.assert_allclose(np.asarray(gw_as_is, np.float64), dw_ref, rtol=1e-4, atol=1e-7)
+  # Sorted, the light classes' chunks are skipped: their gradient is 0, in the
+  # caller's column order, and everything stays within the bound.
+  gw = np.asarray(gw, np.float64)
+  light = perm[96:]  # classes the sorted sweep puts in chunks 3..7
+  assert not np.any(gw[:, light]) and np.any(dw_ref[:, light])
+  assert np.all(np.abs(gw - dw_ref) <= bound(x, EPS) + 1e-7)
+  # dx_i loses sum_j dz_ij w_j over dropped j, each |dz_ij| < eps / N; db_j at most N eps / N.
+  dx_bound = np.abs(np.asarray(ws, np.float64)).sum(1)[None, :] / N * EPS
+  assert np.all(np.abs(np.asarray(gx, np.float64) - dx_ref) <= dx_bound + 1e-7)
+  assert np.all(np.abs(np.asarray(gb, np.float64) - db_ref) <= EPS + 1e-7)
+
+
+def test_vocab_order_with_padding_class_weights_and_the_vd_layout():
+  """Padding columns stay last; class weights and label smoothing follow the order."""
+  kx, kw, ky, kc = jax.random.split(jax.random.PRNGKey(3), 4)
+  x = jax.random.normal(kx, (2, 5, 8))
+  table = jax.random.normal(kw, (40, 8))  # [V + padding, D]
+  y = jax.random.randint(ky, (2, 5), 0, 33).at[0, 0].set(-100)
+  cw = jax.random.uniform(kc, (33,), minval=0.5, maxval=2.0)
+  order = jnp.asarray(np.random.default_rng(2).permutation(33))
+  kw_ = {"w_layout": "vd", "vocab_size": 33, "class_weights": cw, "label_smoothing": 0.1}
+
+  def loss(x, t, order=None):
+    return fused_ce(x, t, y, vocab_order=order, vocab_chunk_size=8, **kw_)
+
+  v, g = jax.value_and_grad(loss, (0, 1))(x, table, order)
+  v0, g0 = jax.value_and_grad(loss, (0, 1))(x, table)
+  np.testing.assert_allclose(float(v), float(v0), rtol=1e-5)
+  for a, r in zip(g, g0):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-6)
+  assert not np.any(np.asarray(g[1])[33:])  # padding rows: no gradient
+
+
+def test_vocab_order_with_strategy_store():
+  x, w, b, y = mixed()
+  order = jnp.asarray(np.random.default_rng(4).permutation(V))
+
+  def loss(x, w, b):
+    return fused_ce(x, w, y, bias=b, strategy="store", vocab_order=order, token_chunk_size=32)
+
+  v, g = jax.value_and_grad(loss, (0, 1, 2))(x, w, b)
+  ref = reference(x, w, b, y)
+  np.testing.assert_allclose(float(v), ref[0], rtol=1e-5)
+  for a, r in zip(g, ref[1:]):
+    np.testing.assert_allclose(np.asarray(a, np.float64), r, rtol=1e-4, atol=1e-7)
+
+
+def test_vocab_order_errors():
+  x, w, _, y = mixed()
+  with pytest.raises(ValueError, match="vocab_order.*permutation"):
+    fused_ce(x, w, y, vocab_order=np.zeros(V, np.int32))
+  with pytest.raises(ValueError, match=r"vocab_order.*\(256,\)"):
+    fused_ce(x, w, y, vocab_order=np.arange(V - 1))
+  with pytest.raises(TypeError, match="vocab_order"):
+    fused_ce(x, w, y, vocab_order=np.arange(V, dtype=np.float32))
