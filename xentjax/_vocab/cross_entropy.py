@@ -409,8 +409,7 @@ def linear_softmax_cross_entropy(
     "PaLM", 2022 (z-loss). Gemma Team, "Gemma 2", 2024 (logit soft-capping).
   """
   check_strategy(reduction, strategy, vocab_chunk_size)
-  eps = V.check_label_smoothing(label_smoothing)
-  lam = V.check_nonnegative("z_loss", z_loss)
+  eps, lam = V.check_label_smoothing(label_smoothing), V.check_nonnegative("z_loss", z_loss)
   head = Head(
     w_layout, vocab_size, token_chunk_size, vocab_chunk_size, precision, mesh, data_axis, vocab_axis
   )
