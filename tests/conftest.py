@@ -29,6 +29,9 @@ SLOW = (
   "tests/test_distill.py::test_demo_distill_prints_the_comparison",
   "tests/test_evaluation.py::test_exact_against_float64_on_a_million_examples_any_batch_size",
   "tests/test_docs.py::test_site_builds_and_documents_every_public_name",
+  "tests/test_contrastive_parallel.py",
+  "tests/test_cli_demo.py::test_contrastive_demo",
+  "tests/test_cli_demo.py::test_demo_distill_is_deterministic_and_float32_under_x64",
 )
 
 
