@@ -31,7 +31,7 @@ def _student():
 
 def test_float_labels_to_the_fused_loss_name_the_fix():
   x, w = _student()
-  labels = jnp.asarray([1.0, 0.0, 3.0, 2.0])  # class indices that arrived as floats
+  labels = jnp.asarray([1.0, 0.0, 3.0, 2.0], jnp.float32)  # class indices that arrived as floats
   with pytest.raises(TypeError) as e:
     xentjax.linear_softmax_cross_entropy(x, w, labels)
   msg = str(e.value)
