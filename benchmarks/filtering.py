@@ -54,6 +54,7 @@ TIMING = (2048, 1024, 32768)
 SMALL = (512, 256, 8192)
 EPS = 2.0**-12
 DISTRIBUTIONS = ("random", "concentrated", "scattered", "real")
+ERRORS = ("filter", "store_filter", "stored", "order")
 
 
 def optax_loss(x, w, y, b):
@@ -61,8 +62,10 @@ def optax_loss(x, w, y, b):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def fused_loss(x, w, y, b, eps=None, order=None):
-  return xentjax.linear_softmax_cross_entropy(x, w, y, bias=b, filter_eps=eps, vocab_order=order)
+def fused_loss(x, w, y, b, eps=None, order=None, strategy="recompute"):
+  return xentjax.linear_softmax_cross_entropy(
+    x, w, y, bias=b, filter_eps=eps, vocab_order=order, strategy=strategy
+  )
 
 
 def value_and_grad(loss):
@@ -116,12 +119,18 @@ def timed(s, repeats, warmup):
     "none": (value_and_grad(fused_loss), args),
     "filter": (value_and_grad(lambda x, w, y, b: fused_loss(x, w, y, b, EPS)), args),
     "optax": (value_and_grad(optax_loss), args),
+    "store": (value_and_grad(functools.partial(fused_loss, strategy="store")), args),
+    "store_filter": (
+      value_and_grad(lambda x, w, y, b: fused_loss(x, w, y, b, EPS, strategy="store")),
+      args,
+    ),
   }
   inverse = None
   if s.frequency_order is not None:
     w_s, b_s, y_s, inverse = sorted_inputs(s)
     order = jnp.asarray(s.frequency_order)
     fns["stored"] = (fns["filter"][0], (s.x, w_s, y_s, b_s))
+    fns["store_stored"] = (fns["store_filter"][0], (s.x, w_s, y_s, b_s))
     fns["order"] = (
       value_and_grad(lambda x, w, y, b, o: fused_loss(x, w, y, b, EPS, o)),
       (*args, order),
@@ -133,7 +142,7 @@ def timed(s, repeats, warmup):
 def errors(outputs, inverse):
   """Relative gradient errors against optax: filtered, stored sorted, vocab_order."""
   ref = outputs["optax"][1]
-  err = {"filter": rel_error(outputs["filter"][1], ref)}
+  err = {k: rel_error(outputs[k][1], ref) for k in ("filter", "store_filter")}
   if inverse is not None:
     gx, gw = outputs["stored"][1]
     err["stored"] = rel_error((gx, gw[:, inverse]), ref)  # back to the original columns
@@ -147,10 +156,11 @@ def table(size, repeats, warmup, names=DISTRIBUTIONS):
       "| distribution | N, D, V | entropy (nats) | p < 2^-12 | unfiltered | "
       "filtered / unfiltered | stored sorted / unfiltered | vocab_order / unfiltered | "
       "filtered / optax | stored sorted / optax | "
+      "store filtered / store | store filtered / optax | store, stored sorted / optax | "
       "tiles skippable (as is / by frequency / oracle) | "
-      "grad rel. error (filtered / stored sorted / vocab_order) |"
+      "grad rel. error (filtered / store filtered / stored sorted / vocab_order) |"
     ),
-    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for name in names:
     s = _settings.make(name, *size)
@@ -166,8 +176,9 @@ def table(size, repeats, warmup, names=DISTRIBUTIONS):
       f"{statistics.median(times['none']) * 1e3:.0f} ms | **{ratio('filter', 'none')}** | "
       f"{ratio('stored', 'none')} | {ratio('order', 'none')} | "
       f"**{ratio('filter', 'optax')}** | {ratio('stored', 'optax')} | "
-      f"{' / '.join(percent(r) for r in skip)} | "
-      f"{' / '.join(f'{err[k]:.1e}' if k in err else 'n/a' for k in ('filter', 'stored', 'order'))} |"
+      f"**{ratio('store_filter', 'store')}** | **{ratio('store_filter', 'optax')}** | "
+      f"{ratio('store_stored', 'optax')} | {' / '.join(percent(r) for r in skip)} | "
+      f"{' / '.join(f'{err[k]:.1e}' if k in err else 'n/a' for k in ERRORS)} |"
     )
   return "\n".join(rows)
 

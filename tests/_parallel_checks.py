@@ -351,23 +351,31 @@ def main():
     y = y % 10
     xs = jax.device_put(x, NamedSharding(explicit, P("data")))
     ws = jax.device_put(w, NamedSharding(explicit, P(None, "vocab")))
-    kw = dict(bias=b, **CHUNKS["recompute"])
-    f = jax.jit(
-      jax.value_and_grad(
-        lambda x, w, eps: par.linear_softmax_cross_entropy(
-          x, w, y, mesh=explicit, filter_eps=eps, **kw
+    for strategy in ("recompute", "store"):  # "store" filters with the same filter tiles
+      f = jax.jit(
+        jax.value_and_grad(
+          lambda x, w, eps, strategy=strategy: par.linear_softmax_cross_entropy(
+            x,
+            w,
+            y,
+            bias=b,
+            mesh=explicit,
+            filter_eps=eps,
+            strategy=strategy,
+            **CHUNKS["recompute" if eps else strategy],
+          ),
+          (0, 1),
         ),
-        (0, 1),
-      ),
-      static_argnums=2,
-    )
-    loss, (gx, gw) = f(xs, ws, 1e-5)
-    loss1, (gx1, gw1) = f(xs, ws, None)
-    close(loss, loss1, "loss")
-    close(gx, gx1, "grad x", tol=1e-5)
-    close(gw, gw1, "grad w", tol=1e-5)
-    gw = np.asarray(gw)
-    assert not np.any(gw[:, 24:]) and np.any(np.asarray(gw1)[:, 24:]), "tiles were not skipped"
+        static_argnums=2,
+      )
+      loss, (gx, gw) = f(xs, ws, 1e-5)
+      loss1, (gx1, gw1) = f(xs, ws, None)
+      close(loss, loss1, f"loss ({strategy})")
+      close(gx, gx1, f"grad x ({strategy})", tol=1e-5)
+      close(gw, gw1, f"grad w ({strategy})", tol=1e-5)
+      gw = np.asarray(gw)
+      skipped = not np.any(gw[:, 24:]) and np.any(np.asarray(gw1)[:, 24:])
+      assert skipped, f"tiles were not skipped ({strategy})"
 
   @check("stats_class_weighted_z_loss_denominator")
   def _():

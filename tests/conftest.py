@@ -1,4 +1,18 @@
-"""Strict JAX for the suite, and the `slow` mark of the heavy end-to-end tests."""
+"""Strict JAX for the suite, fast compiles, and the `slow` mark of the heavy end-to-end tests."""
+
+import os
+
+# The suite is compile-bound: thousands of small programs, each run once or
+# twice. XLA's CPU backend spends most of a compile in LLVM's optimization
+# passes, which change how fast a program runs, not what it computes (no
+# fast-math: XLA keeps IEEE semantics at every level). Off, the quick suite
+# takes about a third less time. Set before any JAX backend starts (workers
+# of pytest-xdist import this file first too); the subprocesses the tests
+# start inherit it. XENTJAX_TEST_FULL_OPT=1 keeps XLA's defaults (`.ci/run`
+# runs its 64-bit subset so, and the benchmarks always run so).
+if os.environ.get("XENTJAX_TEST_FULL_OPT") != "1":
+  FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import jax
 import pytest

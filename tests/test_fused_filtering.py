@@ -204,6 +204,79 @@ def test_vocab_order_with_strategy_store():
     np.testing.assert_allclose(np.asarray(a, np.float64), r, rtol=1e-4, atol=1e-7)
 
 
+@functools.partial(jax.jit, static_argnames=("filter_eps",))
+def store_value_and_grads(x, w, b, y, order=None, filter_eps=EPS):
+  def loss(x, w, b):
+    return fused_ce(
+      x,
+      w,
+      y,
+      bias=b,
+      strategy="store",
+      filter_eps=filter_eps,
+      vocab_order=order,
+      token_chunk_size=TC,
+      vocab_chunk_size=VC,
+    )
+
+  return jax.value_and_grad(loss, (0, 1, 2))(x, w, b)
+
+
+def test_store_filters_each_whole_row_tile_by_its_own_chunks():
+  """Strategy "store" decides per token tile: each tile of `mixed` skips 6 of its 8 chunks.
+
+  Tiles 0..6 keep chunks 0 (mass) and 1 (their labels), tile 7 chunks 0 and
+  2: so chunk 1 holds tiles 0..6's part only (where "recompute", deciding per
+  column chunk, runs chunk 1 unfiltered), chunk 2 tile 7's, and chunks 3..7
+  nothing. The value and the bias gradient are exact (the bias gradient sums
+  the whole-row tile, which "store" holds anyway).
+  """
+  x, w, b, y = mixed()
+  v, (gx, gw, gb) = store_value_and_grads(x, w, b, y)
+  loss, dx_ref, dw_ref, db_ref = reference(x, w, b, y)
+  np.testing.assert_allclose(float(v), loss, rtol=1e-5)
+  gw = np.asarray(gw, np.float64)
+  np.testing.assert_allclose(gw[:, :32], dw_ref[:, :32], rtol=1e-4, atol=1e-7)
+  for rows, cols in ((slice(0, 112), slice(32, 64)), (slice(112, 128), slice(64, 96))):
+    kept, full = tile_part(x, w, b, y, rows, cols)
+    np.testing.assert_allclose(gw[:, cols], kept, rtol=1e-4, atol=1e-7)
+    assert np.abs(full - kept).max() > 1e-5  # the dropped part is visible
+  assert not np.any(gw[:, 96:])
+  assert np.all(np.abs(gw - dw_ref) <= bound(x, EPS) + 1e-7)
+  dx_bound = np.abs(np.asarray(w, np.float64)).sum(1)[None, :] / N * EPS
+  assert np.all(np.abs(np.asarray(gx, np.float64) - dx_ref) <= dx_bound + 1e-7)
+  np.testing.assert_allclose(np.asarray(gb, np.float64), db_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_store_runs_a_tile_with_little_to_skip_unfiltered():
+  """Tile 0's labels fill chunks 1..6, so only chunk 7 (1/8) is skippable: it runs whole."""
+  x, w, b, y = mixed()
+  y = y.at[:TC].set(32 * (1 + jnp.arange(TC) % 6) + 5)
+  _, (_, gw, _) = store_value_and_grads(x, w, b, y)
+  gw = np.asarray(gw, np.float64)
+  _, _, dw_ref, _ = reference(x, w, b, y)
+  part, _ = tile_part(x, w, b, y, slice(0, TC), slice(224, 256))
+  assert np.abs(part).max() > 1e-5
+  np.testing.assert_allclose(gw[:, 224:], part, rtol=1e-4, atol=1e-7)  # tile 0's, and only it
+  assert np.all(np.abs(gw - dw_ref) <= bound(x, EPS) + 1e-7)
+
+
+def test_store_filtering_with_vocab_order_follows_the_sorted_columns():
+  """Sorted back together by `vocab_order`, the light classes are skipped in "store" too."""
+  x, w, b, y = mixed()
+  perm = spread_heavy(1)
+  inv = np.argsort(perm)
+  ws, bs, ys = w[:, inv], b[inv], jnp.asarray(perm)[y]
+  loss, _, dw_ref, _ = reference(x, ws, bs, ys)
+  _, (_, gw_as_is, _) = store_value_and_grads(x, ws, bs, ys)
+  v, (_, gw, _) = store_value_and_grads(x, ws, bs, ys, jnp.asarray(perm))
+  np.testing.assert_allclose(float(v), loss, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(gw_as_is, np.float64), dw_ref, rtol=1e-4, atol=1e-7)
+  gw = np.asarray(gw, np.float64)
+  assert not np.any(gw[:, perm[96:]]) and np.any(dw_ref[:, perm[96:]])
+  assert np.all(np.abs(gw - dw_ref) <= bound(x, EPS) + 1e-7)
+
+
 def test_vocab_order_errors():
   x, w, _, y = mixed()
   with pytest.raises(ValueError, match="vocab_order.*permutation"):

@@ -253,7 +253,7 @@ def test_filtering_never_skips_a_tile_holding_a_label():
     ({"bias": jnp.ones((29,), bool)}, TypeError, "bias"),
     ({"filter_eps": 0.0}, ValueError, "filter_eps"),
     ({"filter_eps": 1.0}, ValueError, "filter_eps"),
-    ({"filter_eps": 1e-3, "strategy": "store"}, ValueError, "filter_eps"),
+    ({"vocab_chunk_size": 8, "strategy": "store"}, ValueError, "filter_eps"),
     ({"filter_eps": 1e-3, "label_smoothing": 0.1}, ValueError, "filter_eps"),
     ({"data_axis": "data"}, ValueError, "mesh"),
   ],

@@ -305,23 +305,29 @@ def linear_softmax_cross_entropy(
       finite number > 0 gives NaN.
     bias: optional ``[V]`` output bias (one per column of ``w``), added
       before the cap; its gradient is returned like those of ``x`` and ``w``.
-    filter_eps: opt-in gradient filtering (``"recompute"`` only, not with
-      ``label_smoothing``). The backward pass skips every tile of
-      ``[token_chunk_size, vocab_chunk_size]`` in which every token's largest
-      probability on the tile's columns is below ``filter_eps`` and no
-      token's label lies (decided from the per-tile row maxima kept by the
-      forward pass; a skipped tile is neither recomputed nor multiplied, via
-      `lax.cond`). The value is exact; each dropped entry of the logit
-      gradient ``g (p_j - [j=y])`` is below ``|g| filter_eps``, so a token's
-      logit gradient loses at most ``|g|`` times the probability mass of its
-      skipped tiles (L1). Recommended: ``2**-12`` for bfloat16 training (the
-      dropped entries are below bfloat16's resolution of the gradient's
-      largest entries), ``2**-20`` or smaller for float32. With it the
-      automatic tile is 256 tokens x 512 columns: a tile is skipped only if
-      all its tokens agree, so tiles are narrow in tokens. Filtering is
-      adaptive: a chunk of columns in which fewer than a quarter of the
-      tiles can be skipped runs unfiltered (wide tiles, no per-tile test), so
-      filtering costs little where there is little to skip.
+    filter_eps: opt-in gradient filtering (not with ``label_smoothing``).
+      The gradient pass skips every tile of ``[token_chunk_size,
+      vocab_chunk_size]`` in which every token's largest probability on the
+      tile's columns is below ``filter_eps`` and no token's label lies (a
+      skipped tile is neither multiplied nor, in ``"recompute"``,
+      recomputed, via `lax.cond`). In ``"recompute"`` the backward pass
+      decides from the per-tile row maxima kept by the forward pass; in
+      ``"store"`` each whole-row tile of tokens decides from its own logits,
+      and its ``bias`` gradient stays exact. The value is exact; each dropped
+      entry of the logit gradient ``g (p_j - [j=y])`` is below ``|g|
+      filter_eps``, so a token's logit gradient loses at most ``|g|`` times
+      the probability mass of its skipped tiles (L1). Recommended: ``2**-12``
+      for bfloat16 training (the dropped entries are below bfloat16's
+      resolution of the gradient's largest entries), ``2**-20`` or smaller
+      for float32. With it the automatic tile is 256 tokens x 512 columns: a
+      tile is skipped only if all its tokens agree, so tiles are narrow in
+      tokens. Filtering is adaptive: where fewer than a quarter of the tiles
+      can be skipped (in a chunk of columns for ``"recompute"``, in a
+      whole-row tile of tokens for ``"store"``), the tiles run unfiltered
+      (wide products, no per-tile test), so filtering costs little where
+      there is little to skip. ``"store"`` is the faster of the two when
+      there is much to skip (two products per kept tile instead of three:
+      see the benchmarks).
     vocab_order: optional integer permutation ``[vocab_size]`` of the
       classes: the tiles are swept with column ``k`` being class
       ``vocab_order[k]``. For gradient filtering: put the classes that carry
@@ -355,9 +361,11 @@ def linear_softmax_cross_entropy(
       ``"vd"``) at the end; those are excluded from the softmax. Default: all.
     token_chunk_size: tokens per tile. Default: 2048 for ``"recompute"``;
       for ``"store"`` as many as keep a ``[tokens, V]`` float32 tile at 64 MiB
-      (at least 8).
-    vocab_chunk_size: vocabulary columns per tile, ``"recompute"`` only.
-      Default 1024 (an 8 MiB float32 tile with the default token chunk).
+      (at least 8); 256 with ``filter_eps``.
+    vocab_chunk_size: vocabulary columns per tile, ``"recompute"`` only, or
+      per filter tile with ``filter_eps`` (both strategies). Default 1024 (an
+      8 MiB float32 tile with the default token chunk); 512 with
+      ``filter_eps``.
     precision: passed to `lax.dot_general` (as in ``jnp.matmul``).
     mesh: optional `jax.sharding.Mesh` to place the computation on: tokens
       sharded over ``data_axis``, the vocabulary of ``w`` (and ``bias``) over
@@ -408,12 +416,12 @@ def linear_softmax_cross_entropy(
     "Online normalizer calculation for softmax", 2018. Chowdhery et al.,
     "PaLM", 2022 (z-loss). Gemma Team, "Gemma 2", 2024 (logit soft-capping).
   """
-  check_strategy(reduction, strategy, vocab_chunk_size)
+  check_strategy(reduction, strategy, vocab_chunk_size, filter_eps)
   eps, lam = V.check_label_smoothing(label_smoothing), V.check_nonnegative("z_loss", z_loss)
   head = Head(
     w_layout, vocab_size, token_chunk_size, vocab_chunk_size, precision, mesh, data_axis, vocab_axis
   )
-  filter_eps = check_filter_eps(filter_eps, strategy, eps)
+  filter_eps = check_filter_eps(filter_eps, eps)
   call = prepare_call(
     x,
     w,

@@ -239,14 +239,14 @@ def forward_local(ops: dict, kernel, tiling: Tiling) -> dict:
 def keep_tiles(rows: dict, n_cols: int, kernel, tiling: Tiling):
   """`[token tiles, vocabulary tiles]` bool: the filter tiles gradient filtering keeps.
 
-  A tile (``tiling.filter_token_chunk`` tokens x ``tiling.vocab_chunk``
+  A tile (``tiling.filter_token_chunk`` tokens x ``tiling.filter_vocab_chunk``
   columns) is skipped when, for every token in it whose outputs carry a
   cotangent, the largest probability on the tile's columns (from the
-  per-chunk maxima of the forward pass) is below ``filter_eps``, and no such
-  token's label lies in it (so the one-hot term of the gradient is never
-  dropped).
+  per-chunk maxima ``rows["tmax"]``: of the forward pass in "recompute", of
+  the whole-row tile in "store") is below ``filter_eps``, and no such token's
+  label lies in it (so the one-hot term of the gradient is never dropped).
   """
-  tc, vc = tiling.filter_token_chunk, tiling.vocab_chunk
+  tc, vc = tiling.filter_token_chunk, tiling.filter_vocab_chunk
   logp, labels, label_live = kernel.filter_terms(rows)
   n = logp.shape[0]
   n_tt, n_vt = -(-n // tc), -(-n_cols // vc)
@@ -522,7 +522,8 @@ def store_tile_grads(kernel, token_loss, tile: Tile, rows: dict, aux: dict, tili
   loss, vjp = jax.vjp(lambda o, d: token_loss(o, {**aux, **d}), outs, wrt)
   g_out, g_aux = vjp(jnp.ones_like(loss))
   g = {"g_" + k: g_out[k] for k in kernel.differentiable}
-  dz, dt = cotangent(kernel.cotangent(tile, {**rows, **g}), tile, tiling)
+  rows = {**rows, **g}
+  dz, dt = cotangent(kernel.cotangent(tile, rows), tile, tiling)
   return loss, rows, dz, dt, g_aux
 
 
@@ -544,11 +545,17 @@ def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dic
     if dt is not None:
       g_aux = {**g_aux, "temperature": g_aux.get("temperature", 0.0) + dt}
     xT_t = None if xT is None else lax.dynamic_slice_in_dim(xT, t0, tsize, 1)
+    x_t, w_c = tile_x(x, t0, tsize), heads["w_c"]
+    if tiling.filter_eps is None:
+      dx_t, dw = dot_dx(dz, w_c, op_dt, tiling, cdt), add_dw(dw, x_t, dz, op_dt, tiling, cdt, xT_t)
+    else:
+      keep_c = store_keep(kernel, tile, r, n_cols, tiling)
+      dx_t, dw = store_filtered(keep_c, dz, w_c, x_t, xT_t, dw, op_dt, tiling, cdt)
     return (
       total + jnp.sum(loss),
       put_rows(kept, {k: r[k] for k in keep}, t0),
-      lax.dynamic_update_slice_in_dim(dx, dot_dx(dz, heads["w_c"], op_dt, tiling, cdt), t0, 0),
-      add_dw(dw, tile_x(x, t0, tsize), dz, op_dt, tiling, cdt, xT_t),
+      lax.dynamic_update_slice_in_dim(dx, dx_t, t0, 0),
+      dw,
       None if db is None else db + jnp.sum(dz, axis=0),
       put_rows(d_rows, {k: g_aux[k].astype(cdt) for k in d_rows}, t0),
     )
@@ -568,6 +575,50 @@ def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dic
   dw = in_caller_order(dw, a["cols"], 0 if tiling.vd else 1)
   db = None if db is None else in_caller_order(db, a["cols"], 0)
   return {"total": total, "rows": kept, "dx": dx, "dw": dw, "dbias": db, "d_rows": d_rows}
+
+
+def store_keep(kernel, tile: Tile, r: dict, n_cols: int, tiling: Tiling):
+  """`[column chunks]` bool: the filter tiles of a whole-row tile that filtering keeps.
+
+  `keep_tiles` on the tile's tokens, with the per-chunk maxima read off the
+  tile itself (its logits are all there).
+  """
+  n, vc = tile.a.shape[0], tiling.filter_vocab_chunk
+  n_vt = -(-n_cols // vc)
+  a = jnp.pad(tile.a, ((0, 0), (0, n_vt * vc - n_cols)), constant_values=-jnp.inf)
+  tmax = jnp.max(a.reshape(n, n_vt, vc), axis=2)
+  return keep_tiles({**r, "tmax": tmax}, n_cols, kernel, tiling)[0]
+
+
+def store_filtered(keep_c, dz, w_c, x_t, xT_t, dw, op_dt, tiling: Tiling, cdt):
+  """`(dz @ w_c^T, dw + x_t^T dz)` for a whole-row tile, filtered.
+
+  The products run chunk by chunk (``tiling.filter_vocab_chunk`` columns),
+  each skipped (`lax.cond`) unless `keep_c` keeps it; as in "recompute", a
+  tile in which fewer than `tiles.FILTER_MIN_SKIP` of the chunks can be
+  skipped runs unfiltered (two whole-row products, no test).
+  """
+  vc, axis = tiling.filter_vocab_chunk, 0 if tiling.vd else 1
+
+  def plain(dw):
+    return dot_dx(dz, w_c, op_dt, tiling, cdt), add_dw(dw, x_t, dz, op_dt, tiling, cdt, xT_t)
+
+  def thinned(dw):
+    def body(carry, v0, vsize):
+      def run(carry):
+        dx_t, dw = carry
+        dz_c = lax.dynamic_slice_in_dim(dz, v0, vsize, 1)
+        dx_t = dx_t + dot_dx(dz_c, head_chunk(w_c, v0, vsize, tiling.vd), op_dt, tiling, cdt)
+        part = lax.dynamic_slice_in_dim(dw, v0, vsize, axis)
+        part = part + dot_dw(x_t, dz_c, op_dt, tiling, cdt, xT_t)
+        return dx_t, lax.dynamic_update_slice_in_dim(dw, part, v0, axis)
+
+      return lax.cond(keep_c[v0 // vc], run, lambda c: c, carry)
+
+    return fold(dz.shape[1], vc, body, (jnp.zeros((dz.shape[0], x_t.shape[1]), cdt), dw))
+
+  skipped = 1.0 - jnp.mean(keep_c.astype(jnp.float32))
+  return lax.cond(skipped >= FILTER_MIN_SKIP, thinned, plain, dw)
 
 
 def add_dw(dw, x_t, dz, op_dt, tiling: Tiling, cdt, xT_t=None):

@@ -216,7 +216,7 @@ def prepare_call(
 def make_tiling(tok: Tokens, head: Head, strategy, soft_cap, temperature, filter_eps, store_tile):
   """The static `Tiling` of a call: the user's tile sizes or automatic ones."""
   pl = tok.placement
-  tc, vc, ftc = auto_chunks(
+  tc, vc, filter_tile = auto_chunks(
     strategy,
     tok.x.shape[0] // pl.data_shards,
     tok.n_cols // pl.vocab_shards,
@@ -236,5 +236,6 @@ def make_tiling(tok: Tokens, head: Head, strategy, soft_cap, temperature, filter
     temperature=temperature,
     placement=pl,
     filter_eps=filter_eps,
-    filter_token_chunk=ftc,
+    filter_token_chunk=None if filter_tile is None else filter_tile[0],
+    filter_vocab_chunk=None if filter_tile is None else filter_tile[1],
   )

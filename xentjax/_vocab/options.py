@@ -157,8 +157,12 @@ def check_chunk(name: str, value) -> int | None:
   return V.int_option(name, value, low=1, allow_none=True)
 
 
-def check_strategy(reduction, strategy, vocab_chunk_size) -> None:
-  """The reduction and the strategy of a fused loss ("store" needs a scalar and whole rows)."""
+def check_strategy(reduction, strategy, vocab_chunk_size, filter_eps=None) -> None:
+  """The reduction and the strategy of a fused loss ("store" needs a scalar and whole rows).
+
+  With gradient filtering, "store" takes a `vocab_chunk_size`: the columns
+  of its filter tiles.
+  """
   V.check_reduction(reduction)
   if strategy not in STRATEGIES:
     raise ValueError(f'`strategy` must be "recompute" or "store", got {V.describe(strategy)}.')
@@ -168,10 +172,10 @@ def check_strategy(reduction, strategy, vocab_chunk_size) -> None:
       'scalar loss: use reduction="mean" or "sum", or strategy="recompute" for '
       'reduction="none".'
     )
-  if strategy == "store" and vocab_chunk_size is not None:
+  if strategy == "store" and vocab_chunk_size is not None and filter_eps is None:
     raise ValueError(
       'strategy="store" works on whole vocabulary rows; `vocab_chunk_size` only applies '
-      'to strategy="recompute".'
+      'to strategy="recompute" (and to the filter tiles of `filter_eps`).'
     )
 
 
@@ -249,16 +253,12 @@ def check_unit_interval(name: str, value) -> float:
   return V.real_option(name, value, low=0.0, high=1.0)
 
 
-def check_filter_eps(filter_eps, strategy, label_smoothing) -> float | None:
+def check_filter_eps(filter_eps, label_smoothing) -> float | None:
   if filter_eps is None:
     return None
   f = V.real_option("filter_eps", filter_eps)
   if not 0.0 < f < 1.0:
     raise ValueError(f"`filter_eps` must be None or a number in (0, 1), got {filter_eps!r}.")
-  if strategy == "store":
-    raise ValueError(
-      '`filter_eps` filters the backward pass of strategy="recompute"; strategy="store" has none.'
-    )
   if label_smoothing:
     raise ValueError(
       "`filter_eps` does not combine with `label_smoothing`: the smoothing "

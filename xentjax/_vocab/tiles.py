@@ -82,9 +82,12 @@ class Tiling:
   placement: Placement = dataclasses.field(default_factory=Placement)
   teacher_vd: bool = False  # layout of the teacher's head (distillation)
   filter_eps: float | None = None  # gradient filtering of the recompute backward pass
-  # Tokens per filter tile (gradient filtering only; `token_chunk` is then the
-  # forward pass's and the unfiltered backward chunks' token count).
+  # Tokens and columns per filter tile (gradient filtering only). In "recompute"
+  # `token_chunk` is then the forward pass's and the unfiltered backward
+  # chunks' token count, and the filter tile has `vocab_chunk` columns; in
+  # "store" the filter tiles split each whole-row tile into column chunks.
   filter_token_chunk: int | None = None
+  filter_vocab_chunk: int | None = None
 
   @property
   def padded(self) -> bool:
@@ -283,22 +286,28 @@ def column_offset(tiling: Tiling, local_columns: int):
 def auto_chunks(
   strategy, n_tokens, n_cols, token_chunk, vocab_chunk, *, filtered=False, store_tile=STORE_TILE
 ):
-  """`(token_chunk, vocab_chunk, filter_token_chunk)`: the user's, or automatic tile sizes.
+  """`(token_chunk, vocab_chunk, filter_tile)`: the user's, or automatic tile sizes.
 
   The automatic tiles keep a float32 logit tile at 8-64 MiB. With gradient
   filtering the automatic filter tile is 256 tokens x 512 columns (see
-  `FILTER_TOKEN_CHUNK`) and the other tiles have the same 512 columns; a
-  user's `token_chunk` sets both token counts. `filter_token_chunk` is None
-  without filtering. `store_tile`: the elements of the automatic whole-row
-  tile of strategy "store" (smaller where a kernel holds several such tiles).
+  `FILTER_TOKEN_CHUNK`): in "recompute" the other tiles have the same 512
+  columns and a user's `token_chunk` sets both token counts; in "store" the
+  whole-row tiles have the filter tile's tokens (a user's `token_chunk`) and
+  are split into filter tiles of 512 columns (a user's `vocab_chunk`). `filter_tile`, the pair
+  `(tokens, columns)`, is None without filtering. `store_tile`: the elements
+  of the automatic whole-row tile of strategy "store" (smaller where a kernel
+  holds several such tiles).
   """
   cap = lambda tc: min(tc, max(n_tokens, 1))
   if strategy == "recompute":
     vc = vocab_chunk or (FILTER_VOCAB_CHUNK if filtered else RECOMPUTE_VOCAB_CHUNK)
     vc = min(vc, max(n_cols, 1))
     tc = token_chunk or max(MIN_TOKEN_CHUNK, RECOMPUTE_TILE // vc)
-    ftc = (token_chunk or FILTER_TOKEN_CHUNK) if filtered else None
-    return cap(tc), vc, None if ftc is None else cap(ftc)
+    ftc = cap(token_chunk or FILTER_TOKEN_CHUNK)
+    return cap(tc), vc, (ftc, vc) if filtered else None
   vc = max(n_cols, 1)
+  if filtered:
+    tc = cap(token_chunk or FILTER_TOKEN_CHUNK)
+    return tc, vc, (tc, min(vocab_chunk or FILTER_VOCAB_CHUNK, vc))
   tc = token_chunk or max(MIN_TOKEN_CHUNK, store_tile // max(n_cols, 1))
   return cap(tc), vc, None
