@@ -310,24 +310,25 @@ def linear_softmax_cross_entropy(
       vocab_chunk_size]`` in which every token's largest probability on the
       tile's columns is below ``filter_eps`` and no token's label lies (a
       skipped tile is neither multiplied nor, in ``"recompute"``,
-      recomputed, via `lax.cond`). In ``"recompute"`` the backward pass
-      decides from the per-tile row maxima kept by the forward pass; in
-      ``"store"`` each whole-row tile of tokens decides from its own logits,
-      and its ``bias`` gradient stays exact. The value is exact; each dropped
-      entry of the logit gradient ``g (p_j - [j=y])`` is below ``|g|
-      filter_eps``, so a token's logit gradient loses at most ``|g|`` times
-      the probability mass of its skipped tiles (L1). Recommended: ``2**-12``
-      for bfloat16 training (the dropped entries are below bfloat16's
-      resolution of the gradient's largest entries), ``2**-20`` or smaller
-      for float32. With it the automatic tile is 256 tokens x 512 columns: a
-      tile is skipped only if all its tokens agree, so tiles are narrow in
-      tokens. Filtering is adaptive: where fewer than a quarter of the tiles
-      can be skipped (in a chunk of columns for ``"recompute"``, in a
-      whole-row tile of tokens for ``"store"``), the tiles run unfiltered
+      recomputed). In ``"recompute"`` the backward pass decides from the
+      per-tile row maxima kept by the forward pass (a `lax.cond` per tile);
+      in ``"store"`` each whole-row tile of tokens decides from its own
+      logits and loops over its kept tiles only, and the ``bias`` gradient
+      stays exact. The value is exact; each dropped entry of the logit
+      gradient ``g (p_j - [j=y])`` is below ``|g| filter_eps``, so a token's
+      logit gradient loses at most ``|g|`` times the probability mass of its
+      skipped tiles (L1). Recommended: ``2**-12`` for bfloat16 training (the
+      dropped entries are below bfloat16's resolution of the gradient's
+      largest entries), ``2**-20`` or smaller for float32. With it the
+      automatic filter tile is 256 tokens x 512 columns (``"store"``: 256 x
+      256): a tile is skipped only if all its tokens agree, so tiles are
+      narrow in tokens. Filtering is adaptive: where fewer than a quarter of
+      the tiles can be skipped (in a chunk of columns for ``"recompute"``, in
+      a whole-row tile of tokens for ``"store"``), the tiles run unfiltered
       (wide products, no per-tile test), so filtering costs little where
-      there is little to skip. ``"store"`` is the faster of the two when
+      there is little to skip. ``"store"`` is the faster of the two where
       there is much to skip (two products per kept tile instead of three:
-      see the benchmarks).
+      see ``benchmarks/filtering.py``).
     vocab_order: optional integer permutation ``[vocab_size]`` of the
       classes: the tiles are swept with column ``k`` being class
       ``vocab_order[k]``. For gradient filtering: put the classes that carry
@@ -364,8 +365,8 @@ def linear_softmax_cross_entropy(
       (at least 8); 256 with ``filter_eps``.
     vocab_chunk_size: vocabulary columns per tile, ``"recompute"`` only, or
       per filter tile with ``filter_eps`` (both strategies). Default 1024 (an
-      8 MiB float32 tile with the default token chunk); 512 with
-      ``filter_eps``.
+      8 MiB float32 tile with the default token chunk); with ``filter_eps``
+      512 (``"store"``: 256).
     precision: passed to `lax.dot_general` (as in ``jnp.matmul``).
     mesh: optional `jax.sharding.Mesh` to place the computation on: tokens
       sharded over ``data_axis``, the vocabulary of ``w`` (and ``bias``) over

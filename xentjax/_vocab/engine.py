@@ -278,9 +278,13 @@ def filter_plan(rows: dict, n_cols: int, kernel, tiling: Tiling):
 def token_loop(tile_grads, carry, n: int, v0, plan, tiling: Tiling):
   """`carry = tile_grads(carry, t0, tsize)` over the tokens of one column chunk.
 
-  Without filtering (``plan`` None) or in a chunk not worth filtering: wide
-  token chunks, every tile. In a chunk worth filtering: filter tiles, each
-  skipped (`lax.cond`: neither recomputed nor multiplied) unless kept.
+  ``carry`` is ``(dx, dw_c, db_c, dt)``: the per-token gradients (``dx``
+  ``[n, D]``, ``dt`` ``[n]`` or None) and the chunk's. Without filtering
+  (``plan`` None) or in a chunk not worth filtering: wide token chunks, every
+  tile. In a chunk worth filtering: filter tiles, each skipped (`lax.cond`:
+  neither recomputed nor multiplied) unless kept. Only the tile's rows of the
+  per-token gradients enter the `lax.cond` (XLA copies what a branch passes
+  through unchanged: the whole ``dx`` would be copied once per tile).
   """
 
   def plain(c):
@@ -293,8 +297,12 @@ def token_loop(tile_grads, carry, n: int, v0, plan, tiling: Tiling):
 
   def thinned(c):
     def body(c, t0, tsize):
-      kept = keep[t0 // ftc, chunk]
-      return lax.cond(kept, lambda c: tile_grads(c, t0, tsize), lambda c: c, c)
+      dx, dw_c, db_c, dt = c
+      local = (rows_of(dx, t0, tsize), dw_c, db_c, None if dt is None else rows_of(dt, t0, tsize))
+      grads = lambda s: tile_grads(s, t0, tsize, local=True)
+      dx_t, dw_c, db_c, dt_t = lax.cond(keep[t0 // ftc, chunk], grads, lambda s: s, local)
+      dt = None if dt is None else put_rows(dt, dt_t, t0)
+      return put_rows(dx, dx_t, t0), dw_c, db_c, dt
 
     return fold(n, ftc, body, c)
 
@@ -324,19 +332,21 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
     heads = chunk_heads(a, shard, v0, vsize, tiling)
     cols_c = rows_of(shard["cols"], v0, vsize)
 
-    def tile_grads(carry, t0, tsize):
+    def tile_grads(carry, t0, tsize, local=False):
+      """The carry after tile `t0`; with `local`, its per-token parts are the tile's rows."""
       dx, dw_c, db_c, dt = carry
       r = rows_of(rows, t0, tsize)
       tile = logit_tile(heads, t0, tsize, shard["offset"] + v0, None, r, cols_c, tiling, cdt)
       dz, dt_t = cotangent(kernel.cotangent(tile, r), tile, tiling)
-      dx_t = lax.dynamic_slice_in_dim(dx, t0, tsize, 0) + dot_dx(
+      at = 0 if local else t0
+      dx_t = lax.dynamic_slice_in_dim(dx, at, tsize, 0) + dot_dx(
         dz, heads["w_c"], op_dt, tiling, cdt
       )
       xT_t = None if xT is None else lax.dynamic_slice_in_dim(xT, t0, tsize, 1)
       dw_c = dw_c + dot_dw(tile_x(x, t0, tsize), dz, op_dt, tiling, cdt, xT_t)
       db_c = None if db_c is None else db_c + jnp.sum(dz, axis=0)
-      dt = None if dt is None else put_rows(dt, rows_of(dt, t0, tsize) + dt_t, t0)
-      return lax.dynamic_update_slice_in_dim(dx, dx_t, t0, 0), dw_c, db_c, dt
+      dt = None if dt is None else put_rows(dt, rows_of(dt, at, tsize) + dt_t, at)
+      return lax.dynamic_update_slice_in_dim(dx, dx_t, at, 0), dw_c, db_c, dt
 
     dw, db = shard["state"]["dw"], shard["state"].get("db")
     axis = 0 if tiling.vd else 1
@@ -549,8 +559,8 @@ def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dic
     if tiling.filter_eps is None:
       dx_t, dw = dot_dx(dz, w_c, op_dt, tiling, cdt), add_dw(dw, x_t, dz, op_dt, tiling, cdt, xT_t)
     else:
-      keep_c = store_keep(kernel, tile, r, n_cols, tiling)
-      dx_t, dw = store_filtered(keep_c, dz, w_c, x_t, xT_t, dw, op_dt, tiling, cdt)
+      keep_t = store_keep(kernel, tile, r, n_cols, tiling)
+      dx_t, dw = store_filtered(keep_t, dz, w_c, x_t, xT_t, dw, op_dt, tiling, cdt)
     return (
       total + jnp.sum(loss),
       put_rows(kept, {k: r[k] for k in keep}, t0),
@@ -578,47 +588,71 @@ def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dic
 
 
 def store_keep(kernel, tile: Tile, r: dict, n_cols: int, tiling: Tiling):
-  """`[column chunks]` bool: the filter tiles of a whole-row tile that filtering keeps.
+  """`[token tiles, column chunks]` bool: the filter tiles of a whole-row tile to keep.
 
   `keep_tiles` on the tile's tokens, with the per-chunk maxima read off the
   tile itself (its logits are all there).
   """
   n, vc = tile.a.shape[0], tiling.filter_vocab_chunk
   n_vt = -(-n_cols // vc)
-  a = jnp.pad(tile.a, ((0, 0), (0, n_vt * vc - n_cols)), constant_values=-jnp.inf)
+  a = tile.a
+  if n_vt * vc != n_cols:
+    a = jnp.pad(a, ((0, 0), (0, n_vt * vc - n_cols)), constant_values=-jnp.inf)
   tmax = jnp.max(a.reshape(n, n_vt, vc), axis=2)
-  return keep_tiles({**r, "tmax": tmax}, n_cols, kernel, tiling)[0]
+  return keep_tiles({**r, "tmax": tmax}, n_cols, kernel, tiling)
 
 
-def store_filtered(keep_c, dz, w_c, x_t, xT_t, dw, op_dt, tiling: Tiling, cdt):
+def store_filtered(keep, dz, w_c, x_t, xT_t, dw, op_dt, tiling: Tiling, cdt):
   """`(dz @ w_c^T, dw + x_t^T dz)` for a whole-row tile, filtered.
 
-  The products run chunk by chunk (``tiling.filter_vocab_chunk`` columns),
-  each skipped (`lax.cond`) unless `keep_c` keeps it; as in "recompute", a
-  tile in which fewer than `tiles.FILTER_MIN_SKIP` of the chunks can be
-  skipped runs unfiltered (two whole-row products, no test).
+  Over the whole filter tiles (``filter_token_chunk`` rows x
+  ``filter_vocab_chunk`` columns): where at least `tiles.FILTER_MIN_SKIP` of
+  them can be skipped, the kept ones only, their indices compacted so that a
+  loop of that many steps runs and nothing is tested per tile; otherwise
+  wide column blocks, as unfiltered. Then the partial tiles at the edges,
+  unfiltered. Each choice is a loop whose length is decided at run time: a
+  `lax.cond` would copy ``dw`` (as large as ``w``), and XLA would hoist a
+  product that does not depend on the loop's index out of its loop.
   """
-  vc, axis = tiling.filter_vocab_chunk, 0 if tiling.vd else 1
+  ftc, vc, vd = tiling.filter_token_chunk, tiling.filter_vocab_chunk, tiling.vd
+  (n, n_cols), axis = dz.shape, 0 if vd else 1
+  n_tt, n_vt = n // ftc, n_cols // vc  # the whole filter tiles
+  rows, cols = n_tt * ftc, n_vt * vc
 
-  def plain(dw):
-    return dot_dx(dz, w_c, op_dt, tiling, cdt), add_dw(dw, x_t, dz, op_dt, tiling, cdt, xT_t)
+  def products(c, t0, tsize, v0, vsize):
+    """`c` plus the products of rows `[t0, t0 + tsize)` and columns `[v0, v0 + vsize)`."""
+    dx_t, dw = c
+    dz_s = lax.dynamic_slice(dz, (t0, v0), (tsize, vsize))
+    dx_s = rows_of(dx_t, t0, tsize) + dot_dx(
+      dz_s, head_chunk(w_c, v0, vsize, vd), op_dt, tiling, cdt
+    )
+    xT_s = None if xT_t is None else lax.dynamic_slice_in_dim(xT_t, t0, tsize, 1)
+    dw_s = lax.dynamic_slice_in_dim(dw, v0, vsize, axis)
+    dw_s = dw_s + dot_dw(tile_x(x_t, t0, tsize), dz_s, op_dt, tiling, cdt, xT_s)
+    return put_rows(dx_t, dx_s, t0), lax.dynamic_update_slice_in_dim(dw, dw_s, v0, axis)
 
-  def thinned(dw):
-    def body(carry, v0, vsize):
-      def run(carry):
-        dx_t, dw = carry
-        dz_c = lax.dynamic_slice_in_dim(dz, v0, vsize, 1)
-        dx_t = dx_t + dot_dx(dz_c, head_chunk(w_c, v0, vsize, tiling.vd), op_dt, tiling, cdt)
-        part = lax.dynamic_slice_in_dim(dw, v0, vsize, axis)
-        part = part + dot_dw(x_t, dz_c, op_dt, tiling, cdt, xT_t)
-        return dx_t, lax.dynamic_update_slice_in_dim(dw, part, v0, axis)
+  worth = (1.0 - jnp.mean(keep.astype(jnp.float32))) >= FILTER_MIN_SKIP
+  kept = keep[:n_tt, :n_vt].reshape(-1)
+  index = jnp.nonzero(kept, size=kept.size, fill_value=0)[0]
 
-      return lax.cond(keep_c[v0 // vc], run, lambda c: c, carry)
+  def tile(i, c):
+    tt, vt = jnp.divmod(index[i], n_vt)
+    return products(c, tt * ftc, ftc, vt * vc, vc)
 
-    return fold(dz.shape[1], vc, body, (jnp.zeros((dz.shape[0], x_t.shape[1]), cdt), dw))
+  # Unfiltered: blocks of whole filter chunks, as wide as `add_dw`'s (a divisor of n_vt).
+  per_block = max(1, STORE_DW_ELEMENTS // (vc * max(x_t.shape[1], 1)))
+  per_block = max(k for k in range(1, min(per_block, max(n_vt, 1)) + 1) if n_vt % k == 0)
+  block = lambda i, c: products(c, 0, rows, i * per_block * vc, per_block * vc)
 
-  skipped = 1.0 - jnp.mean(keep_c.astype(jnp.float32))
-  return lax.cond(skipped >= FILTER_MIN_SKIP, thinned, plain, dw)
+  c = (jnp.zeros((n, x_t.shape[1]), cdt), dw)
+  if rows and cols:
+    c = lax.fori_loop(0, jnp.where(worth, 0, n_vt // per_block), block, c)
+    c = lax.fori_loop(0, jnp.where(worth, jnp.sum(kept), 0), tile, c)
+  if rows < n and cols:  # the last rows
+    c = products(c, rows, n - rows, 0, cols)
+  if cols < n_cols:  # the last columns
+    c = products(c, 0, n, cols, n_cols - cols)
+  return c
 
 
 def add_dw(dw, x_t, dz, op_dt, tiling: Tiling, cdt, xT_t=None):
