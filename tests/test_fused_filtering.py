@@ -261,6 +261,35 @@ def test_store_runs_a_tile_with_little_to_skip_unfiltered():
   assert np.all(np.abs(gw - dw_ref) <= bound(x, EPS) + 1e-7)
 
 
+def test_store_never_skips_a_partial_tile():
+  """Tiles of 48 tokens (48, 48, 32) and 48 columns (5 whole chunks, 16 columns left).
+
+  Whole-row tiles 0 and 1 keep chunks 0 (mass) and 1 (labels) and skip
+  chunks 2..4; tile 2 (32 tokens, fewer than a filter tile) and the last 16
+  columns are partial and run unfiltered.
+  """
+  x, w, b, y = mixed()
+
+  def loss(x, w, b):
+    return fused_ce(
+      x, w, y, bias=b, strategy="store", filter_eps=EPS, token_chunk_size=48, vocab_chunk_size=48
+    )
+
+  v, (gx, gw, gb) = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(x, w, b)
+  loss_ref, dx_ref, dw_ref, db_ref = reference(x, w, b, y)
+  np.testing.assert_allclose(float(v), loss_ref, rtol=1e-5)
+  gw = np.asarray(gw, np.float64)
+  np.testing.assert_allclose(gw[:, 240:], dw_ref[:, 240:], rtol=1e-4, atol=1e-7)
+  kept, full = tile_part(x, w, b, y, slice(96, 128), slice(96, 240))
+  np.testing.assert_allclose(gw[:, 96:240], kept, rtol=1e-4, atol=1e-7)
+  assert np.abs(full - kept).max() > 1e-5
+  assert np.all(np.abs(gw - dw_ref) <= bound(x, EPS) + 1e-7)
+  dx_bound = np.abs(np.asarray(w, np.float64)).sum(1)[None, :] / N * EPS
+  assert np.all(np.abs(np.asarray(gx, np.float64) - dx_ref) <= dx_bound + 1e-7)
+  np.testing.assert_allclose(np.asarray(gx, np.float64)[96:], dx_ref[96:], rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(gb, np.float64), db_ref, rtol=1e-4, atol=1e-7)
+
+
 def test_store_filtering_with_vocab_order_follows_the_sorted_columns():
   """Sorted back together by `vocab_order`, the light classes are skipped in "store" too."""
   x, w, b, y = mixed()

@@ -313,8 +313,9 @@ def linear_softmax_cross_entropy(
       recomputed). In ``"recompute"`` the backward pass decides from the
       per-tile row maxima kept by the forward pass (a `lax.cond` per tile);
       in ``"store"`` each whole-row tile of tokens decides from its own
-      logits and loops over its kept tiles only, and the ``bias`` gradient
-      stays exact. The value is exact; each dropped entry of the logit
+      logits and loops over its kept tiles only (a partial tile at the edge
+      of the vocabulary or of a whole-row tile is never skipped), and the
+      ``bias`` gradient stays exact. The value is exact; each dropped entry of the logit
       gradient ``g (p_j - [j=y])`` is below ``|g| filter_eps``, so a token's
       logit gradient loses at most ``|g|`` times the probability mass of its
       skipped tiles (L1). Recommended: ``2**-12`` for bfloat16 training (the
