@@ -281,32 +281,42 @@ def token_loop(tile_grads, carry, n: int, v0, plan, tiling: Tiling):
   ``carry`` is ``(dx, dw_c, db_c, dt)``: the per-token gradients (``dx``
   ``[n, D]``, ``dt`` ``[n]`` or None) and the chunk's. Without filtering
   (``plan`` None) or in a chunk not worth filtering: wide token chunks, every
-  tile. In a chunk worth filtering: filter tiles, each skipped (`lax.cond`:
-  neither recomputed nor multiplied) unless kept. Only the tile's rows of the
-  per-token gradients enter the `lax.cond` (XLA copies what a branch passes
-  through unchanged: the whole ``dx`` would be copied once per tile).
+  tile. In a chunk worth filtering: the kept filter tiles only (neither
+  recomputed nor multiplied otherwise), their indices compacted so that a
+  loop of that many steps runs. Each choice is a loop whose length is
+  decided at run time: a `lax.cond` would copy what its branches pass
+  through (``dx``, once per chunk), so only a partial last tile goes through
+  one, with the tile's rows alone (`tile_cond`).
   """
-
-  def plain(c):
-    return fold(n, tiling.token_chunk, tile_grads, c)
-
+  tc = tiling.token_chunk
   if plan is None:
-    return plain(carry)
+    return fold(n, tc, tile_grads, carry)
   keep, filtered = plan
   ftc, chunk = tiling.filter_token_chunk, v0 // tiling.vocab_chunk
+  thin = filtered[chunk]
+  n_wide, wide_tail = divmod(n, tc)
+  wide = lambda i, c: tile_grads(c, i * tc, tc)
+  carry = lax.fori_loop(0, jnp.where(thin, 0, n_wide), wide, carry)
+  if wide_tail:
+    carry = tile_cond(~thin, tile_grads, carry, n_wide * tc, wide_tail)
+  n_tiles, tail = divmod(n, ftc)
+  kept = keep[:n_tiles, chunk]
+  index = jnp.nonzero(kept, size=n_tiles, fill_value=0)[0]
+  tile = lambda i, c: tile_grads(c, index[i] * ftc, ftc)
+  carry = lax.fori_loop(0, jnp.where(thin, jnp.sum(kept), 0), tile, carry)
+  if tail:
+    carry = tile_cond(thin & keep[n_tiles, chunk], tile_grads, carry, n_tiles * ftc, tail)
+  return carry
 
-  def thinned(c):
-    def body(c, t0, tsize):
-      dx, dw_c, db_c, dt = c
-      local = (rows_of(dx, t0, tsize), dw_c, db_c, None if dt is None else rows_of(dt, t0, tsize))
-      grads = lambda s: tile_grads(s, t0, tsize, local=True)
-      dx_t, dw_c, db_c, dt_t = lax.cond(keep[t0 // ftc, chunk], grads, lambda s: s, local)
-      dt = None if dt is None else put_rows(dt, dt_t, t0)
-      return put_rows(dx, dx_t, t0), dw_c, db_c, dt
 
-    return fold(n, ftc, body, c)
-
-  return lax.cond(filtered[chunk], thinned, plain, carry)
+def tile_cond(pred, tile_grads, carry, t0: int, tsize: int):
+  """`tile_grads` on the tile at `t0` if `pred`, through a `lax.cond` that sees only its rows."""
+  dx, dw_c, db_c, dt = carry
+  local = (rows_of(dx, t0, tsize), dw_c, db_c, None if dt is None else rows_of(dt, t0, tsize))
+  grads = lambda s: tile_grads(s, t0, tsize, local=True)
+  dx_t, dw_c, db_c, dt_t = lax.cond(pred, grads, lambda s: s, local)
+  dt = None if dt is None else put_rows(dt, dt_t, t0)
+  return put_rows(dx, dx_t, t0), dw_c, db_c, dt
 
 
 def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
@@ -335,15 +345,20 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
     def tile_grads(carry, t0, tsize, local=False):
       """The carry after tile `t0`; with `local`, its per-token parts are the tile's rows."""
       dx, dw_c, db_c, dt = carry
+      # The tile's inputs tied to the carry: in a loop of a length decided at run
+      # time (`token_loop`), XLA would otherwise hoist a tile as tall as the loop's
+      # tokens (its slices are the whole arrays) out of the loop, and always run it.
+      x_, xT_, dx = lax.optimization_barrier((x, xT, dx))
       r = rows_of(rows, t0, tsize)
-      tile = logit_tile(heads, t0, tsize, shard["offset"] + v0, None, r, cols_c, tiling, cdt)
+      h = {**heads, "x": x_}
+      tile = logit_tile(h, t0, tsize, shard["offset"] + v0, None, r, cols_c, tiling, cdt)
       dz, dt_t = cotangent(kernel.cotangent(tile, r), tile, tiling)
       at = 0 if local else t0
       dx_t = lax.dynamic_slice_in_dim(dx, at, tsize, 0) + dot_dx(
         dz, heads["w_c"], op_dt, tiling, cdt
       )
-      xT_t = None if xT is None else lax.dynamic_slice_in_dim(xT, t0, tsize, 1)
-      dw_c = dw_c + dot_dw(tile_x(x, t0, tsize), dz, op_dt, tiling, cdt, xT_t)
+      xT_t = None if xT_ is None else lax.dynamic_slice_in_dim(xT_, t0, tsize, 1)
+      dw_c = dw_c + dot_dw(tile_x(x_, t0, tsize), dz, op_dt, tiling, cdt, xT_t)
       db_c = None if db_c is None else db_c + jnp.sum(dz, axis=0)
       dt = None if dt is None else put_rows(dt, rows_of(dt, at, tsize) + dt_t, at)
       return lax.dynamic_update_slice_in_dim(dx, dx_t, at, 0), dw_c, db_c, dt
@@ -639,14 +654,31 @@ def store_filtered(keep, dz, w_c, x_t, xT_t, dw, op_dt, tiling: Tiling, cdt):
     tt, vt = jnp.divmod(index[i], n_vt)
     return products(c, tt * ftc, ftc, vt * vc, vc)
 
-  # Unfiltered: blocks of whole filter chunks, as wide as `add_dw`'s (a divisor of n_vt).
+  # Unfiltered: `dx` in one product (a fresh output of the cond: nothing is
+  # copied), `dw` in blocks of whole filter chunks, as wide as `add_dw`'s (a
+  # divisor of n_vt).
   per_block = max(1, STORE_DW_ELEMENTS // (vc * max(x_t.shape[1], 1)))
   per_block = max(k for k in range(1, min(per_block, max(n_vt, 1)) + 1) if n_vt % k == 0)
-  block = lambda i, c: products(c, 0, rows, i * per_block * vc, per_block * vc)
+  width = per_block * vc
+
+  def block(i, dw):
+    dz_s = lax.dynamic_slice(dz, (0, i * width), (rows, width))
+    xT_s = None if xT_t is None else xT_t[:, :rows]
+    part = dot_dw(x_t[:rows], dz_s, op_dt, tiling, cdt, xT_s)
+    part = lax.dynamic_slice_in_dim(dw, i * width, width, axis) + part
+    return lax.dynamic_update_slice_in_dim(dw, part, i * width, axis)
+
+  def dense_dx(_):
+    return (
+      jnp.zeros((n, x_t.shape[1]), cdt)
+      .at[:rows]
+      .set(dot_dx(dz[:rows, :cols], head_chunk(w_c, 0, cols, vd), op_dt, tiling, cdt))
+    )
 
   c = (jnp.zeros((n, x_t.shape[1]), cdt), dw)
   if rows and cols:
-    c = lax.fori_loop(0, jnp.where(worth, 0, n_vt // per_block), block, c)
+    dx_t = lax.cond(worth, lambda _: c[0], dense_dx, None)
+    c = (dx_t, lax.fori_loop(0, jnp.where(worth, 0, n_vt // per_block), block, dw))
     c = lax.fori_loop(0, jnp.where(worth, jnp.sum(kept), 0), tile, c)
   if rows < n and cols:  # the last rows
     c = products(c, rows, n - rows, 0, cols)
