@@ -26,6 +26,7 @@ SETTINGS = ("random", "concentrated", "scattered", "real")
 # `xentjax.linear_softmax_cross_entropy` documents it); the benchmarks count the
 # tiles it can skip in NumPy, so they need it without reaching into the engine.
 FILTER_TILE = (256, 512)
+STORE_FILTER_TILE = (256, 256)  # the same for strategy="store"
 
 
 def _size(text):

@@ -15,12 +15,14 @@ its tiles skippable runs unfiltered), the same with the columns sorted by the
 token frequency known before training, once stored sorted (``w[:, order]``,
 labels as positions: what a training run that permutes its head once pays)
 and once through ``vocab_order=order`` (a gather of ``w`` per pass and of its
-gradient), and optax's ``softmax_cross_entropy_with_integer_labels`` on
-materialized logits, run alternately (every method once per repeat, after a
-warm-up). Ratios are taken within each repeat; the table gives their median and
+gradient); ``strategy="store"`` without and with the filter, and with it on
+the head stored sorted; and optax's
+``softmax_cross_entropy_with_integer_labels`` on materialized logits, run
+alternately (every method once per repeat, after a warm-up). Ratios are taken within each repeat; the table gives their median and
 range over the repeats. Beside them: the fraction of the automatic filtering
 tiles (256 tokens x 512 columns) that the filter can skip, counted in NumPy on
-the logits (every probability of the tile below ``eps`` and no label in it),
+the logits (every probability of the tile below ``eps`` and no label in it;
+beside them, the same for the store strategy's tiles of 256 x 256),
 with the vocabulary as it is, with its columns sorted by the token frequency
 known before training, and sorted by the batch's own mean probability (an
 oracle fitted to the scored batch: optimistic); and the relative
@@ -47,7 +49,15 @@ import optax
 
 import xentjax
 from benchmarks import _settings
-from benchmarks._common import FILTER_TILE, alternate, machine, parser, print_header, timing_size
+from benchmarks._common import (
+  FILTER_TILE,
+  STORE_FILTER_TILE,
+  alternate,
+  machine,
+  parser,
+  print_header,
+  timing_size,
+)
 from benchmarks._real_lm import stats
 
 TIMING = (2048, 1024, 32768)
@@ -83,9 +93,9 @@ def spread(values, digits=3):
   return f"{mid:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
-def skip_rates(s):
+def skip_rates(s, vc=FILTER_TILE[1]):
   """Skippable fraction of the filtering tiles: as is, by known frequency, by the oracle order."""
-  tc, vc = min(FILTER_TILE[0], s.size[0]), FILTER_TILE[1]  # a small batch is one tile
+  tc = min(FILTER_TILE[0], s.size[0])  # a small batch is one tile
   m = stats.measure(s.x, s.w, s.b, s.y, eps=EPS, token_chunks=(tc,))
   orders = (None, s.frequency_order, stats.by_mass(m["mean_p"]))
   return m, [
@@ -157,14 +167,15 @@ def table(size, repeats, warmup, names=DISTRIBUTIONS):
       "filtered / unfiltered | stored sorted / unfiltered | vocab_order / unfiltered | "
       "filtered / optax | stored sorted / optax | "
       "store filtered / store | store filtered / optax | store, stored sorted / optax | "
-      "tiles skippable (as is / by frequency / oracle) | "
+      "tiles skippable (as is / by frequency / oracle) | store tiles skippable | "
       "grad rel. error (filtered / store filtered / stored sorted / vocab_order) |"
     ),
-    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for name in names:
     s = _settings.make(name, *size)
     m, skip = skip_rates(s)
+    _, store_skip = skip_rates(s, STORE_FILTER_TILE[1])
     times, outputs, inverse = timed(s, repeats, warmup)
     err = errors(outputs, inverse)
     del outputs
@@ -178,6 +189,7 @@ def table(size, repeats, warmup, names=DISTRIBUTIONS):
       f"**{ratio('filter', 'optax')}** | {ratio('stored', 'optax')} | "
       f"**{ratio('store_filter', 'store')}** | **{ratio('store_filter', 'optax')}** | "
       f"{ratio('store_stored', 'optax')} | {' / '.join(percent(r) for r in skip)} | "
+      f"{' / '.join(percent(r) for r in store_skip)} | "
       f"{' / '.join(f'{err[k]:.1e}' if k in err else 'n/a' for k in ERRORS)} |"
     )
   return "\n".join(rows)
@@ -192,7 +204,7 @@ def main(argv=None):
   print()
   print(
     f"Gradient filtering, filter_eps=2^-12, tiles of {FILTER_TILE[0]} tokens x {FILTER_TILE[1]} "
-    f"columns; times are medians of {args.repeats} alternating repeats, ratios the median "
+    f"columns (strategy store: x {STORE_FILTER_TILE[1]}); times are medians of {args.repeats} alternating repeats, ratios the median "
     "(min-max) of the per-repeat ratios:\n"
   )
   print(table(size, args.repeats, args.warmup, args.distributions))

@@ -15,3 +15,4 @@ def test_the_benchmarks_filter_tile_is_the_engines():
   from xentjax._vocab import tiles
 
   assert (tiles.FILTER_TOKEN_CHUNK, tiles.FILTER_VOCAB_CHUNK) == _common.FILTER_TILE
+  assert (tiles.FILTER_TOKEN_CHUNK, tiles.STORE_FILTER_VOCAB_CHUNK) == _common.STORE_FILTER_TILE

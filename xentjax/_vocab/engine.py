@@ -20,7 +20,8 @@ passes, the outputs and the backward pass read. Two strategies:
   vocabulary rows forms the outputs, ``f``'s gradient (`jax.vjp` of ``f`` on
   each chunk) and every gradient at once; the backward pass only scales them
   (each tile's weight gradient is added in column chunks, `add_dw`, so the
-  only weight-sized buffer is the gradient itself).
+  only weight-sized buffer is the gradient itself). With filtering, only the
+  kept filter tiles' products run (`store_filtered`).
 
 Both run on one device or under `jax.shard_map` (`placement.sharded`), with
 the kernel's own collectives in ``finish``; the vocabulary is iterated by
@@ -56,6 +57,7 @@ from xentjax._vocab.tiles import (
   head_chunk,
   logit_tile,
   put_rows,
+  repeat,
   rows_of,
 )
 
@@ -296,14 +298,14 @@ def token_loop(tile_grads, carry, n: int, v0, plan, tiling: Tiling):
   thin = filtered[chunk]
   n_wide, wide_tail = divmod(n, tc)
   wide = lambda i, c: tile_grads(c, i * tc, tc)
-  carry = lax.fori_loop(0, jnp.where(thin, 0, n_wide), wide, carry)
+  carry = repeat(jnp.where(thin, 0, n_wide), wide, carry)
   if wide_tail:
     carry = tile_cond(~thin, tile_grads, carry, n_wide * tc, wide_tail)
   n_tiles, tail = divmod(n, ftc)
   kept = keep[:n_tiles, chunk]
   index = jnp.nonzero(kept, size=n_tiles, fill_value=0)[0]
   tile = lambda i, c: tile_grads(c, index[i] * ftc, ftc)
-  carry = lax.fori_loop(0, jnp.where(thin, jnp.sum(kept), 0), tile, carry)
+  carry = repeat(jnp.where(thin, jnp.sum(kept), 0), tile, carry)
   if tail:
     carry = tile_cond(thin & keep[n_tiles, chunk], tile_grads, carry, n_tiles * ftc, tail)
   return carry
@@ -678,8 +680,8 @@ def store_filtered(keep, dz, w_c, x_t, xT_t, dw, op_dt, tiling: Tiling, cdt):
   c = (jnp.zeros((n, x_t.shape[1]), cdt), dw)
   if rows and cols:
     dx_t = lax.cond(worth, lambda _: c[0], dense_dx, None)
-    c = (dx_t, lax.fori_loop(0, jnp.where(worth, 0, n_vt // per_block), block, dw))
-    c = lax.fori_loop(0, jnp.where(worth, jnp.sum(kept), 0), tile, c)
+    c = (dx_t, repeat(jnp.where(worth, 0, n_vt // per_block), block, dw))
+    c = repeat(jnp.where(worth, jnp.sum(kept), 0), tile, c)
   if rows < n and cols:  # the last rows
     c = products(c, rows, n - rows, 0, cols)
   if cols < n_cols:  # the last columns

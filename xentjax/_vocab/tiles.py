@@ -140,6 +140,17 @@ def fold(total: int, chunk: int, body, carry):
   return carry
 
 
+def repeat(count, body, carry):
+  """`carry = body(i, carry)` for `i` in `[0, count)`, `count` traced (decided at run time).
+
+  How the engine chooses between two ways of running the same products: a
+  loop of 0 or more steps updates its carry in place, where a `lax.cond`
+  would copy what its branches pass through. `body` must depend on `i` (or
+  on the carry), or XLA hoists it out of the loop and runs it always.
+  """
+  return lax.fori_loop(0, count, body, carry)
+
+
 def rows_of(tree, start, size, axis: int = 0):
   """The slice `[start, start + size)` of every array of `tree` along `axis`."""
   return jax.tree.map(lambda v: lax.dynamic_slice_in_dim(v, start, size, axis), tree)
