@@ -4,9 +4,11 @@ import os
 
 # The suite is compile-bound: thousands of small programs, each run once or
 # twice. XLA's CPU backend spends most of a compile in LLVM's optimization
-# passes, which change how fast a program runs, not what it computes (no
-# fast-math: XLA keeps IEEE semantics at every level). Off, the quick suite
-# takes about a third less time. Set before any JAX backend starts (workers
+# passes, which change how fast a program runs and, in the last bits, how some
+# sums are ordered (vectorized reductions), not what it computes (no
+# fast-math at any level). Off, the quick suite takes about a third less
+# time. A test that compares this process with a subprocess to the last bits
+# must give it these flags (they are inherited unless a test replaces them). Set before any JAX backend starts (workers
 # of pytest-xdist import this file first too); the subprocesses the tests
 # start inherit it. XENTJAX_TEST_FULL_OPT=1 keeps XLA's defaults (`.ci/run`
 # runs its 64-bit subset so, and the benchmarks always run so).

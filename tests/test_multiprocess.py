@@ -31,7 +31,9 @@ def free_port() -> int:
 
 def env() -> dict:
   e = dict(os.environ)
-  e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  # The parent's flags too (tests/conftest.py's compile settings): the processes'
+  # results are compared with this process's to 1e-12, so all compile alike.
+  e["XLA_FLAGS"] = f"{e.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
   e["JAX_PLATFORMS"] = "cpu"
   e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
   e["PYTHONUNBUFFERED"] = "1"

@@ -626,10 +626,11 @@ def store_filtered(keep, dz, w_c, x_t, xT_t, dw, op_dt, tiling: Tiling, cdt):
   ``filter_vocab_chunk`` columns): where at least `tiles.FILTER_MIN_SKIP` of
   them can be skipped, the kept ones only, their indices compacted so that a
   loop of that many steps runs and nothing is tested per tile; otherwise
-  wide column blocks, as unfiltered. Then the partial tiles at the edges,
-  unfiltered. Each choice is a loop whose length is decided at run time: a
-  `lax.cond` would copy ``dw`` (as large as ``w``), and XLA would hoist a
-  product that does not depend on the loop's index out of its loop.
+  one product for ``dx`` and wide column blocks for ``dw``, as unfiltered.
+  Then the partial tiles at the edges, unfiltered. The choice for ``dw`` is
+  made by loops whose length is decided at run time (`tiles.repeat`): a
+  `lax.cond` would copy ``dw`` (as large as ``w``) through its branches.
+  ``dx`` comes out of a `lax.cond` as a fresh output (nothing to copy).
   """
   ftc, vc, vd = tiling.filter_token_chunk, tiling.filter_vocab_chunk, tiling.vd
   (n, n_cols), axis = dz.shape, 0 if vd else 1
