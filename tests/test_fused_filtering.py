@@ -73,14 +73,15 @@ def spread_heavy(seed):
   return np.concatenate([heavy, rest])
 
 
-@functools.partial(jax.jit, static_argnames=("filter_eps",))
-def value_and_grads(x, w, b, y, order=None, filter_eps=None):
+@functools.partial(jax.jit, static_argnames=("filter_eps", "strategy"))
+def value_and_grads(x, w, b, y, order=None, filter_eps=None, strategy="recompute"):
   def loss(x, w, b):
     return fused_ce(
       x,
       w,
       y,
       bias=b,
+      strategy=strategy,
       filter_eps=filter_eps,
       vocab_order=order,
       token_chunk_size=TC,
@@ -204,22 +205,8 @@ def test_vocab_order_with_strategy_store():
     np.testing.assert_allclose(np.asarray(a, np.float64), r, rtol=1e-4, atol=1e-7)
 
 
-@functools.partial(jax.jit, static_argnames=("filter_eps",))
-def store_value_and_grads(x, w, b, y, order=None, filter_eps=EPS):
-  def loss(x, w, b):
-    return fused_ce(
-      x,
-      w,
-      y,
-      bias=b,
-      strategy="store",
-      filter_eps=filter_eps,
-      vocab_order=order,
-      token_chunk_size=TC,
-      vocab_chunk_size=VC,
-    )
-
-  return jax.value_and_grad(loss, (0, 1, 2))(x, w, b)
+def store_filtered(*args):
+  return value_and_grads(*args, filter_eps=EPS, strategy="store")
 
 
 def test_store_filters_each_whole_row_tile_by_its_own_chunks():
@@ -232,7 +219,7 @@ def test_store_filters_each_whole_row_tile_by_its_own_chunks():
   the whole-row tile, which "store" holds anyway).
   """
   x, w, b, y = mixed()
-  v, (gx, gw, gb) = store_value_and_grads(x, w, b, y)
+  v, (gx, gw, gb) = store_filtered(x, w, b, y)
   loss, dx_ref, dw_ref, db_ref = reference(x, w, b, y)
   np.testing.assert_allclose(float(v), loss, rtol=1e-5)
   gw = np.asarray(gw, np.float64)
@@ -252,7 +239,7 @@ def test_store_runs_a_tile_with_little_to_skip_unfiltered():
   """Tile 0's labels fill chunks 1..6, so only chunk 7 (1/8) is skippable: it runs whole."""
   x, w, b, y = mixed()
   y = y.at[:TC].set(32 * (1 + jnp.arange(TC) % 6) + 5)
-  _, (_, gw, _) = store_value_and_grads(x, w, b, y)
+  _, (_, gw, _) = store_filtered(x, w, b, y)
   gw = np.asarray(gw, np.float64)
   _, _, dw_ref, _ = reference(x, w, b, y)
   part, _ = tile_part(x, w, b, y, slice(0, TC), slice(224, 256))
@@ -297,8 +284,8 @@ def test_store_filtering_with_vocab_order_follows_the_sorted_columns():
   inv = np.argsort(perm)
   ws, bs, ys = w[:, inv], b[inv], jnp.asarray(perm)[y]
   loss, _, dw_ref, _ = reference(x, ws, bs, ys)
-  _, (_, gw_as_is, _) = store_value_and_grads(x, ws, bs, ys)
-  v, (_, gw, _) = store_value_and_grads(x, ws, bs, ys, jnp.asarray(perm))
+  _, (_, gw_as_is, _) = store_filtered(x, ws, bs, ys)
+  v, (_, gw, _) = store_filtered(x, ws, bs, ys, jnp.asarray(perm))
   np.testing.assert_allclose(float(v), loss, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(gw_as_is, np.float64), dw_ref, rtol=1e-4, atol=1e-7)
   gw = np.asarray(gw, np.float64)
