@@ -297,14 +297,14 @@ def token_loop(tile_grads, carry, n: int, v0, plan, tiling: Tiling):
   ftc, chunk = tiling.filter_token_chunk, v0 // tiling.vocab_chunk
   thin = filtered[chunk]
   n_wide, wide_tail = divmod(n, tc)
-  wide = lambda i, c: tile_grads(c, i * tc, tc)
+  wide = lambda i, c: tile_grads(c, i * tc, tc, tie=tc == n)
   carry = repeat(jnp.where(thin, 0, n_wide), wide, carry)
   if wide_tail:
     carry = tile_cond(~thin, tile_grads, carry, n_wide * tc, wide_tail)
   n_tiles, tail = divmod(n, ftc)
   kept = keep[:n_tiles, chunk]
   index = jnp.nonzero(kept, size=n_tiles, fill_value=0)[0]
-  tile = lambda i, c: tile_grads(c, index[i] * ftc, ftc)
+  tile = lambda i, c: tile_grads(c, index[i] * ftc, ftc, tie=ftc == n)
   carry = repeat(jnp.where(thin, jnp.sum(kept), 0), tile, carry)
   if tail:
     carry = tile_cond(thin & keep[n_tiles, chunk], tile_grads, carry, n_tiles * ftc, tail)
@@ -344,13 +344,18 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
     heads = chunk_heads(a, shard, v0, vsize, tiling)
     cols_c = rows_of(shard["cols"], v0, vsize)
 
-    def tile_grads(carry, t0, tsize, local=False):
-      """The carry after tile `t0`; with `local`, its per-token parts are the tile's rows."""
+    def tile_grads(carry, t0, tsize, local=False, tie=False):
+      """The carry after tile `t0`; with `local`, its per-token parts are the tile's rows.
+
+      `tie`: the tile's inputs are tied to the carry. In a loop of a length
+      decided at run time (`token_loop`), XLA would otherwise hoist a tile as
+      tall as all the tokens (its slices are the whole arrays) out of the loop,
+      and always run it.
+      """
       dx, dw_c, db_c, dt = carry
-      # The tile's inputs tied to the carry: in a loop of a length decided at run
-      # time (`token_loop`), XLA would otherwise hoist a tile as tall as the loop's
-      # tokens (its slices are the whole arrays) out of the loop, and always run it.
-      x_, xT_, dx = lax.optimization_barrier((x, xT, dx))
+      x_, xT_ = x, xT
+      if tie:
+        x_, xT_, dx = lax.optimization_barrier((x, xT, dx))
       r = rows_of(rows, t0, tsize)
       h = {**heads, "x": x_}
       tile = logit_tile(h, t0, tsize, shard["offset"] + v0, None, r, cols_c, tiling, cdt)
