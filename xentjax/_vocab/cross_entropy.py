@@ -311,7 +311,7 @@ def linear_softmax_cross_entropy(
       tile's columns is below ``filter_eps`` and no token's label lies (a
       skipped tile is neither multiplied nor, in ``"recompute"``,
       recomputed). In ``"recompute"`` the backward pass decides from the
-      per-tile row maxima kept by the forward pass (a `lax.cond` per tile);
+      per-tile row maxima kept by the forward pass and loops over the kept tiles;
       in ``"store"`` each whole-row tile of tokens decides from its own
       logits and loops over its kept tiles only (a partial tile at the edge
       of the vocabulary or of a whole-row tile is never skipped), and the

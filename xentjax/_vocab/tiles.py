@@ -63,11 +63,11 @@ FILTER_VOCAB_CHUNK = 512
 # model of the benchmarks, 53% of the tiles against 47%, for 0.68x optax's
 # time against 0.72x: `benchmarks/filtering.py`).
 STORE_FILTER_VOCAB_CHUNK = 256
-# Filtering is adaptive: the backward pass runs a column chunk on the narrow
-# filter tiles, each behind a `lax.cond`, only when at least this fraction of
-# the chunk's tiles can be skipped; otherwise it runs the chunk like the
-# unfiltered backward pass (wide tiles, no test), so that a distribution with
-# little to skip does not pay for the narrow tiles and the tests.
+# Filtering is adaptive: a column chunk ("recompute") or a whole-row tile of
+# tokens ("store") runs its kept filter tiles only when at least this fraction
+# of its tiles can be skipped; otherwise it runs like the unfiltered pass (wide
+# tiles), so that a distribution with little to skip does not pay for the
+# narrow tiles.
 FILTER_MIN_SKIP = 0.25
 
 
@@ -87,7 +87,7 @@ class Tiling:
   temperature: float = 1.0
   placement: Placement = dataclasses.field(default_factory=Placement)
   teacher_vd: bool = False  # layout of the teacher's head (distillation)
-  filter_eps: float | None = None  # gradient filtering of the recompute backward pass
+  filter_eps: float | None = None  # gradient filtering (both strategies)
   # Tokens and columns per filter tile (gradient filtering only). In "recompute"
   # `token_chunk` is then the forward pass's and the unfiltered backward
   # chunks' token count, and the filter tile has `vocab_chunk` columns; in
