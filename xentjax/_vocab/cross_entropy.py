@@ -170,8 +170,8 @@ def with_column_weights(call: Call, class_weights, eps, monitor: bool):
   ``u_j = c_j / V`` (1/V without class weights), 0 on padding columns.
   `monitor`: the kernel also keeps what `CrossEntropyStats` reads.
   """
-  filtered = call.tiling.filter_eps is not None
-  kernel = SoftmaxStats(weighted_sum=bool(eps), filtered=filtered, monitor=monitor)
+  fc = call.tiling.filter_vocab_chunk if call.tiling.filter_eps is not None else 0
+  kernel = SoftmaxStats(weighted_sum=bool(eps), filter_chunk=fc, monitor=monitor)
   if not eps:
     return call.ops, kernel
   tok = call.tokens

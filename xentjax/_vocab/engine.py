@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from xentjax import _validation as V
-from xentjax._vocab.placement import data_sum, place_tree, sharded, specs, vocab_sum
+from xentjax._vocab.placement import anywhere, data_sum, place_tree, sharded, specs, vocab_sum
 from xentjax._vocab.tiles import (
   FILTER_MIN_SKIP,
   RECOMPUTE_VOCAB_CHUNK,
@@ -198,12 +198,11 @@ def sweep(update, state, ops: dict, tiling: Tiling, cdt):
     tok, shard = pair
     heads = chunk_heads(ops, shard, v0, vsize, tiling)
     cols_c = rows_of(shard["cols"], v0, vsize)
-    chunk = v0 // tiling.vocab_chunk
 
     def token_body(carry, t0, tsize):
       tok, col_c = carry
       r = rows_of(rows, t0, tsize)
-      tile = logit_tile(heads, t0, tsize, shard["offset"] + v0, chunk, r, cols_c, tiling, cdt)
+      tile = logit_tile(heads, t0, tsize, shard["offset"] + v0, v0, r, cols_c, tiling, cdt)
       new, col_c = update((rows_of(tok, t0, tsize), col_c), tile, r)
       return put_rows(tok, new, t0), col_c
 
@@ -339,7 +338,7 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
   xT = None if tiling.vd else x.astype(op_dt).T
   reduce_w = not tiling.placement.ring  # on a ring each shard collects its gradient itself
 
-  def vocab_body(pair, v0, vsize):
+  def vocab_body(pair, v0, vsize, plan):
     (dx, dt), shard = pair
     heads = chunk_heads(a, shard, v0, vsize, tiling)
     cols_c = rows_of(shard["cols"], v0, vsize)
@@ -372,12 +371,7 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
 
     dw, db = shard["state"]["dw"], shard["state"].get("db")
     axis = 0 if tiling.vd else 1
-    if reduce_w:  # each chunk's gradient starts at 0 and is complete after its token loop
-      dw_c = jnp.zeros((vsize, x.shape[1]) if tiling.vd else (x.shape[1], vsize), cdt)
-      db_c = None if db is None else jnp.zeros((vsize,), cdt)
-    else:  # on a ring the shard's gradient so far travels with it (in the compute dtype)
-      dw_c = lax.dynamic_slice_in_dim(dw, v0, vsize, axis)
-      db_c = None if db is None else lax.dynamic_slice_in_dim(db, v0, vsize, 0)
+    dw_c, db_c = chunk_grads(dw, db, v0, vsize, x.shape[1], reduce_w, tiling, cdt)
     dx, dw_c, db_c, dt = token_loop(tile_grads, (dx, dw_c, db_c, dt), n, v0, plan, tiling)
     if reduce_w:  # tokens of other data shards, in float32
       dw_c, db_c = data_sum((dw_c, db_c), tiling.placement)
@@ -386,19 +380,46 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
       state["db"] = lax.dynamic_update_slice_in_dim(db, db_c.astype(db.dtype), v0, 0)
     return (dx, dt), {**shard, "state": state}
 
-  dt = jnp.zeros((n,), cdt) if "temperature" in rows else None
-  grads = {"dw": jnp.zeros(w.shape, w.dtype if reduce_w else cdt)}
-  if bias is not None:
-    grads["db"] = jnp.zeros(bias.shape, bias.dtype if reduce_w else cdt)
-  shard = vocabulary_shard(a, tiling, state=grads)
-  (dx, dt), shard = over_vocabulary(
-    vocab_body, (jnp.zeros(x.shape, cdt), dt), shard, n_cols, tiling
-  )
+  def sweep_grads(plan):
+    dt = jnp.zeros((n,), cdt) if "temperature" in rows else None
+    grads = {"dw": jnp.zeros(w.shape, w.dtype if reduce_w else cdt)}
+    if bias is not None:
+      grads["db"] = jnp.zeros(bias.shape, bias.dtype if reduce_w else cdt)
+    shard = vocabulary_shard(a, tiling, state=grads)
+    body = functools.partial(vocab_body, plan=plan)
+    (dx, dt), shard = over_vocabulary(body, (jnp.zeros(x.shape, cdt), dt), shard, n_cols, tiling)
+    return dx, dt, shard["state"]
+
+  dx, dt, g = with_plan(sweep_grads, plan, tiling)
   dx, dt = vocab_sum((dx, dt), tiling.placement)  # each shard saw part of the vocabulary
-  g, cols = shard["state"], a["cols"]
+  cols = a["cols"]
   db = None if bias is None else in_caller_order(g["db"], cols, 0).astype(bias.dtype)
   dw = in_caller_order(g["dw"], cols, 0 if tiling.vd else 1).astype(w.dtype)
   return {"dx": dx.astype(x.dtype), "dw": dw, "db": db, "dtemperature": dt}
+
+
+def with_plan(run, plan, tiling: Tiling):
+  """`run(plan)`; with a filter plan in which no column chunk (on any device) is worth
+  filtering, `run(None)`: the unfiltered program itself, chosen by a `lax.cond`
+  whose branches both compute their outputs (nothing passes through to copy)."""
+  if plan is None:
+    return run(None)
+  worth = anywhere(jnp.any(plan[1]), tiling.placement)
+  return lax.cond(worth, lambda: run(plan), lambda: run(None))
+
+
+def chunk_grads(dw, db, v0, vsize, d: int, reduce_w: bool, tiling: Tiling, cdt):
+  """`(dw_c, db_c)` at the start of a column chunk's token loop.
+
+  Zeros when each chunk's gradient is complete after its loop (`reduce_w`);
+  on a ring, the shard's gradient so far, which travels with it (in the
+  compute dtype).
+  """
+  if reduce_w:
+    dw_c = jnp.zeros((vsize, d) if tiling.vd else (d, vsize), cdt)
+    return dw_c, None if db is None else jnp.zeros((vsize,), cdt)
+  dw_c = lax.dynamic_slice_in_dim(dw, v0, vsize, 0 if tiling.vd else 1)
+  return dw_c, None if db is None else lax.dynamic_slice_in_dim(db, v0, vsize, 0)
 
 
 def tile_x(x, t0, tsize):
@@ -581,7 +602,7 @@ def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dic
     if tiling.filter_eps is None:
       dx_t, dw = dot_dx(dz, w_c, op_dt, tiling, cdt), add_dw(dw, x_t, dz, op_dt, tiling, cdt, xT_t)
     else:
-      keep_t = store_keep(kernel, tile, r, n_cols, tiling)
+      keep_t = keep_tiles(r, n_cols, kernel, tiling)  # from the tile's own per-chunk maxima
       dx_t, dw = store_filtered(keep_t, dz, w_c, x_t, xT_t, dw, op_dt, tiling, cdt)
     return (
       total + jnp.sum(loss),
@@ -607,21 +628,6 @@ def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dic
   dw = in_caller_order(dw, a["cols"], 0 if tiling.vd else 1)
   db = None if db is None else in_caller_order(db, a["cols"], 0)
   return {"total": total, "rows": kept, "dx": dx, "dw": dw, "dbias": db, "d_rows": d_rows}
-
-
-def store_keep(kernel, tile: Tile, r: dict, n_cols: int, tiling: Tiling):
-  """`[token tiles, column chunks]` bool: the filter tiles of a whole-row tile to keep.
-
-  `keep_tiles` on the tile's tokens, with the per-chunk maxima read off the
-  tile itself (its logits are all there).
-  """
-  n, vc = tile.a.shape[0], tiling.filter_vocab_chunk
-  n_vt = -(-n_cols // vc)
-  a = tile.a
-  if n_vt * vc != n_cols:
-    a = jnp.pad(a, ((0, 0), (0, n_vt * vc - n_cols)), constant_values=-jnp.inf)
-  tmax = jnp.max(a.reshape(n, n_vt, vc), axis=2)
-  return keep_tiles({**r, "tmax": tmax}, n_cols, kernel, tiling)
 
 
 def store_filtered(keep, dz, w_c, x_t, xT_t, dw, op_dt, tiling: Tiling, cdt):

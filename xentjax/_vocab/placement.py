@@ -22,6 +22,7 @@ import math
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -165,6 +166,14 @@ def vocab_gather(a, placement: Placement):
 
 def data_sum(a, placement: Placement):
   return a if placement.data_axis is None else lax.psum(a, placement.data_axis)
+
+
+def anywhere(pred, placement: Placement):
+  """`pred` (a bool scalar) true on any device of the call: the same on every device."""
+  for axis in (placement.data_axis, placement.vocab_axis):
+    if axis is not None:
+      pred = lax.pmax(pred.astype(jnp.int32), axis) > 0
+  return pred
 
 
 def column_sum(a, placement: Placement):

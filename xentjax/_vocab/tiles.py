@@ -106,8 +106,8 @@ class Tile(NamedTuple):
   ``a`` is what the kernel's softmax is of; ``z`` the same logits before the
   temperature (``a`` itself when there is none); ``b`` the teacher's tempered
   logits (None without a teacher head); ``col`` the global column indices
-  ``[1, columns]``; ``chunk`` the index of the vocabulary chunk on this
-  device; ``temperature`` None, a Python float, or ``[tokens, 1]`` (traced);
+  ``[1, columns]``; ``v0`` the index of its first column among this device's
+  columns; ``temperature`` None, a Python float, or ``[tokens, 1]`` (traced);
   ``cols`` the per-column operands and state of these columns.
   """
 
@@ -115,7 +115,7 @@ class Tile(NamedTuple):
   z: jax.Array
   b: jax.Array | None
   col: jax.Array
-  chunk: Any
+  v0: Any
   temperature: Any
   cols: dict
 
@@ -202,17 +202,18 @@ def tile_temperature(tiling: Tiling, rows: dict, cdt):
   return None if tiling.temperature == 1.0 else tiling.temperature
 
 
-def logit_tile(heads: dict, t0, tsize, v0, chunk, rows: dict, cols: dict, tiling: Tiling, cdt):
+def logit_tile(heads: dict, t0, tsize, col0, v0, rows: dict, cols: dict, tiling: Tiling, cdt):
   """The `Tile` of tokens `[t0, t0 + tsize)` on the columns of the chunks in `heads`.
 
   `heads` holds ``x``, the chunk ``w_c`` (and ``bias_c``) of the head, and
-  for a teacher ``teacher_x`` and ``teacher_w_c`` (and ``teacher_bias_c``); `v0` is the global index of
-  the chunk's first column.
+  for a teacher ``teacher_x`` and ``teacher_w_c`` (and ``teacher_bias_c``); `col0` is the global
+  index of the chunk's first column, `v0` its index on this device (for the kernel's
+  per-chunk state; 0 where none is kept).
   """
   temperature = tile_temperature(tiling, rows, cdt)
   x_t = lax.dynamic_slice_in_dim(heads["x"], t0, tsize, 0)
   z = capped_logits(x_t, heads["w_c"], heads.get("bias_c"), tiling.vd, tiling, cdt)
-  col = v0 + lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
+  col = col0 + lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
   b = None
   if "teacher_x" in heads:
     tx_t = lax.dynamic_slice_in_dim(heads["teacher_x"], t0, tsize, 0)
@@ -225,7 +226,7 @@ def logit_tile(heads: dict, t0, tsize, v0, chunk, rows: dict, cols: dict, tiling
     z = jnp.where(real, z, -jnp.inf)
     b = None if b is None else jnp.where(real, b, -jnp.inf)
   a = tempered(z, temperature)
-  return Tile(a, z, b, col, chunk, temperature, cols)
+  return Tile(a, z, b, col, v0, temperature, cols)
 
 
 def given_tile(z, tiling: Tiling) -> Tile:

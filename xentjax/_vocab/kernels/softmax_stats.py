@@ -13,8 +13,8 @@ accumulated online one tile at a time:
             (the entropy is ``H = log_s - ent``)
 ==========  ==================================================================
 
-plus, without gradient, the argmax, the top-k, the per-(token, vocabulary
-chunk) maxima that gradient filtering decides from and, for monitoring beside
+plus, without gradient, the argmax, the top-k, the maxima per token and per
+``filter_chunk`` columns that gradient filtering decides from and, for monitoring beside
 a loss (``monitor``), ``credit``: the label's top-1 credit (1 for the only
 maximum, ``1/t`` for a maximum shared by ``t`` classes, 0 below it, as
 `xentjax.metrics.correct`), from a running count of the classes at the
@@ -66,7 +66,7 @@ class SoftmaxStats(Kernel):
   entropy: bool = False
   argmax: bool = False
   top_k: int = 0
-  filtered: bool = False
+  filter_chunk: int = 0  # columns per maximum kept for gradient filtering (0: none)
   monitor: bool = False
 
   integer_outputs = ("amax", "topi")
@@ -83,7 +83,7 @@ class SoftmaxStats(Kernel):
 
   @property
   def saved(self):
-    return ("lse",) + ("m", "ent") * self.entropy + ("tmax",) * self.filtered
+    return ("lse",) + ("m", "ent") * self.entropy + ("tmax",) * bool(self.filter_chunk)
 
   def init(self, p, n, n_cols, tiling, cdt):
     st = {"m": jnp.full((n,), -jnp.inf, cdt), "s": jnp.zeros((n,), cdt), "zy": jnp.zeros((n,), cdt)}
@@ -99,8 +99,8 @@ class SoftmaxStats(Kernel):
     if self.top_k:
       st["topv"] = jnp.full((n, self.top_k), -jnp.inf, cdt)
       st["topi"] = jnp.full((n, self.top_k), NO_CLASS, jnp.int32)
-    if self.filtered:
-      st["tmax"] = jnp.full((n, -(-n_cols // tiling.vocab_chunk)), -jnp.inf, cdt)
+    if self.filter_chunk:
+      st["tmax"] = jnp.full((n, -(-n_cols // self.filter_chunk)), -jnp.inf, cdt)
     return st, {}
 
   def update(self, p, state, tile, rows):
@@ -109,7 +109,11 @@ class SoftmaxStats(Kernel):
     re-shifted with ``s``)."""
     st, cols = state
     z, col = tile.a, tile.col
-    zmax = jnp.max(z, axis=1)
+    if self.filter_chunk:  # the row maxima from the per-chunk ones: one reduction
+      tmax = chunk_maxima(z, self.filter_chunk)
+      zmax = jnp.max(tmax, axis=1)
+    else:
+      tmax, zmax = None, jnp.max(z, axis=1)
     m_old = st["m"]
     m_new = jnp.maximum(m_old, zmax)
     ms_old, ms_new = finite(m_old), finite(m_new)
@@ -129,11 +133,15 @@ class SoftmaxStats(Kernel):
       new["u_seen"] = st["u_seen"] + jnp.sum(u_c.astype(z.dtype))
     if self.entropy or self.monitor:
       new["t"] = scale * (st["t"] - (ms_new - ms_old) * st["s"]) + jnp.sum(e * zr, axis=1)
-    new.update(self.update_choices(st, z, col, zmax, m_old, tile.chunk))
+    new.update(self.update_choices(st, z, col, zmax, m_old))
+    if tmax is not None:  # the tile's columns start at a multiple of `filter_chunk`
+      new["tmax"] = lax.dynamic_update_slice_in_dim(
+        st["tmax"], tmax, tile.v0 // self.filter_chunk, 1
+      )
     return new, cols
 
-  def update_choices(self, st, z, col, zmax, m_old, chunk):
-    """The argmax, the top-k and the per-chunk maxima after one more tile."""
+  def update_choices(self, st, z, col, zmax, m_old):
+    """The argmax and the top-k after one more tile."""
     new = {}
     if self.monitor:  # finite logits at the running maximum (all -inf: counted in `finish`)
       n_t = jnp.sum((z == zmax[:, None]) & jnp.isfinite(z), axis=1).astype(jnp.int32)
@@ -148,8 +156,6 @@ class SoftmaxStats(Kernel):
       vals = jnp.concatenate([st["topv"], tv], axis=1)
       idxs = jnp.concatenate([st["topi"], col[0, 0] + ti], axis=1)
       new["topv"], new["topi"] = best_k(vals, idxs, self.top_k)
-    if self.filtered:
-      new["tmax"] = lax.dynamic_update_slice_in_dim(st["tmax"], zmax[:, None], chunk, 1)
     return new
 
   def finish(self, p, state, rows, tiling):
@@ -208,6 +214,15 @@ class SoftmaxStats(Kernel):
     live = (r["g_log_s"] != 0) | (r["g_ent"] != 0) if self.entropy else r["g_log_s"] != 0
     logp = jnp.where(live[:, None], r["tmax"] - r["lse"][:, None], -jnp.inf)
     return logp, r["labels"], r["g_zy"] != 0
+
+
+def chunk_maxima(z, chunk: int):
+  """`[n, ceil(columns / chunk)]`: the maximum of each `chunk` columns of `z` (-inf padded)."""
+  n, width = z.shape
+  k = -(-width // chunk)
+  if k * chunk != width:
+    z = jnp.pad(z, ((0, 0), (0, k * chunk - width)), constant_values=-jnp.inf)
+  return jnp.max(z.reshape(n, k, chunk), axis=2)
 
 
 def top1_credit(n_top, m, m_all, zy, tiling):
