@@ -125,6 +125,68 @@ def test_adaptive_filtering_runs_a_chunk_with_little_to_skip_unfiltered():
   assert np.all(np.abs(gw - dw_ref) <= bound(x, EPS) + 1e-7)
 
 
+def test_automatic_tiles_filter_by_the_filter_tiles_inside_wider_forward_tiles():
+  """Automatic tiles: the forward pass's 1024-column tiles record maxima per 512 columns.
+
+  V=1800: forward tiles [0, 1024) and [1024, 1800); filter tiles of 512
+  columns, the last one partial. Only columns 1024..1535 carry mass (and
+  every label), so the filtered gradient of every other column is exactly 0
+  (columns 1536.. share a forward tile with them) and theirs is exact.
+  """
+  n, v, eps = 512, 1800, 2.0**-12
+  assert tiles.RECOMPUTE_VOCAB_CHUNK == 2 * tiles.FILTER_VOCAB_CHUNK == 1024
+  heavy = slice(1024, 1536)
+  kx, kw, ky = jax.random.split(jax.random.PRNGKey(7), 3)
+  x, w = jax.random.normal(kx, (n, D)), 0.02 * jax.random.normal(kw, (D, v))
+  b = jnp.zeros((v,)).at[heavy].set(4.0)
+  y = 1024 + jax.random.randint(ky, (n,), 0, 512)
+  z = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
+  logp = z - z.max(1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+  light = np.ones(v, bool)
+  light[heavy] = False
+  assert logp[:, light].max() < np.log(eps) < logp[:, heavy].min()
+
+  def loss(x, w, b):
+    return fused_ce(x, w, y, bias=b, filter_eps=eps)
+
+  v_, (_, gw, _) = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(x, w, b)
+  ref, _, dw_ref, _ = reference(x, w, b, y)
+  np.testing.assert_allclose(float(v_), ref, rtol=1e-5)
+  gw = np.asarray(gw, np.float64)
+  assert not np.any(gw[:, light]) and np.abs(dw_ref[:, light]).min(1).max() > 0  # skipped
+  assert np.abs(dw_ref[:, light]).max() > 1e-7
+  np.testing.assert_allclose(gw[:, heavy], dw_ref[:, heavy], rtol=1e-4, atol=1e-7)
+  assert np.all(np.abs(gw - dw_ref) <= bound(x, eps) * N / n + 1e-7)
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "store"])
+def test_filtering_with_nothing_to_skip_is_the_unfiltered_call(strategy):
+  """No tile below `filter_eps`: the value and every gradient are the unfiltered ones, bit for bit.
+
+  ("recompute" runs the unfiltered backward program itself, "store" its
+  unfiltered products, on the same tiles.)
+  """
+  kx, kw, ky = jax.random.split(jax.random.PRNGKey(5), 3)
+  x, w = jax.random.normal(kx, (N, D)), 0.1 * jax.random.normal(kw, (D, V))
+  b, y = jnp.zeros((V,)), jax.random.randint(ky, (N,), 0, V)
+  eps = 1e-6
+  z = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  assert np.exp(z - z.max(1, keepdims=True)).min() / V > eps  # every probability above eps
+  vc = {"vocab_chunk_size": VC if strategy == "recompute" else None}  # "store": whole rows
+
+  def loss(x, w, b, filter_eps=None):
+    chunks = {**vc, "vocab_chunk_size": VC} if filter_eps else vc  # the filter tiles' columns
+    return fused_ce(
+      x, w, y, bias=b, strategy=strategy, filter_eps=filter_eps, token_chunk_size=TC, **chunks
+    )
+
+  plain = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(x, w, b)
+  filtered = jax.jit(jax.value_and_grad(functools.partial(loss, filter_eps=eps), (0, 1, 2)))(x, w, b)
+  for a, f in zip(jax.tree.leaves(plain), jax.tree.leaves(filtered)):
+    np.testing.assert_array_equal(np.asarray(f), np.asarray(a))
+
+
 @pytest.mark.parametrize("filtered", [False, True])
 def test_vocab_order_gives_the_unsorted_values_and_gradients(filtered):
   x, w, b, y = mixed()

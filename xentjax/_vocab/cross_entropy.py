@@ -326,8 +326,9 @@ def linear_softmax_cross_entropy(
       narrow in tokens. Filtering is adaptive: where fewer than a quarter of
       the tiles can be skipped (in a chunk of columns for ``"recompute"``, in
       a whole-row tile of tokens for ``"store"``), the tiles run unfiltered
-      (wide products, no per-tile test), so filtering costs little where
-      there is little to skip. ``"store"`` is the faster of the two where
+      (wide products, no per-tile test); in ``"recompute"``, where no chunk
+      is worth filtering, the backward pass is the unfiltered one, so
+      filtering costs little where there is little to skip. ``"store"`` is the faster of the two where
       there is much to skip (two products per kept tile instead of three:
       see ``benchmarks/filtering.py``).
     vocab_order: optional integer permutation ``[vocab_size]`` of the

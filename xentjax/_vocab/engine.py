@@ -14,7 +14,8 @@ passes, the outputs and the backward pass read. Two strategies:
   chunks outside, token chunks inside, so each chunk's weight gradient is
   complete when the inner loop ends). Optional gradient filtering skips tiles
   whose probabilities are all below ``filter_eps`` (`keep_tiles`), in the
-  column chunks where enough of them can be skipped (`filter_plan`).
+  column chunks where enough of them can be skipped (`filter_plan`), and
+  is the unfiltered backward pass where no chunk is (`with_plan`).
 * ``"store"`` (`store`): for a scalar ``sum_i f(outputs_i, aux_i)`` with a
   per-token ``f`` known in advance, one pass over token chunks of whole
   vocabulary rows forms the outputs, ``f``'s gradient (`jax.vjp` of ``f`` on
@@ -33,6 +34,7 @@ kernel on logits that exist already (one tile per device, no matmul), for
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -338,7 +340,7 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
   xT = None if tiling.vd else x.astype(op_dt).T
   reduce_w = not tiling.placement.ring  # on a ring each shard collects its gradient itself
 
-  def vocab_body(pair, v0, vsize, plan):
+  def vocab_body(pair, v0, vsize, plan, tiling):
     (dx, dt), shard = pair
     heads = chunk_heads(a, shard, v0, vsize, tiling)
     cols_c = rows_of(shard["cols"], v0, vsize)
@@ -380,13 +382,13 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
       state["db"] = lax.dynamic_update_slice_in_dim(db, db_c.astype(db.dtype), v0, 0)
     return (dx, dt), {**shard, "state": state}
 
-  def sweep_grads(plan):
+  def sweep_grads(plan, tiling):
     dt = jnp.zeros((n,), cdt) if "temperature" in rows else None
     grads = {"dw": jnp.zeros(w.shape, w.dtype if reduce_w else cdt)}
     if bias is not None:
       grads["db"] = jnp.zeros(bias.shape, bias.dtype if reduce_w else cdt)
     shard = vocabulary_shard(a, tiling, state=grads)
-    body = functools.partial(vocab_body, plan=plan)
+    body = functools.partial(vocab_body, plan=plan, tiling=tiling)
     (dx, dt), shard = over_vocabulary(body, (jnp.zeros(x.shape, cdt), dt), shard, n_cols, tiling)
     return dx, dt, shard["state"]
 
@@ -399,13 +401,20 @@ def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
 
 
 def with_plan(run, plan, tiling: Tiling):
-  """`run(plan)`; with a filter plan in which no column chunk (on any device) is worth
-  filtering, `run(None)`: the unfiltered program itself, chosen by a `lax.cond`
-  whose branches both compute their outputs (nothing passes through to copy)."""
+  """`run(plan, tiling)` of the backward pass, filtered or not.
+
+  Without filtering, `run(None, tiling)`. With it, the filtered sweep runs
+  on column chunks as wide as the filter tiles; where no chunk (on any
+  device) is worth filtering, `run(None, tiling)` instead: the unfiltered
+  program itself, on the forward pass's wider chunks. The choice is one
+  `lax.cond` whose branches both compute their outputs (nothing passes
+  through to copy).
+  """
   if plan is None:
-    return run(None)
+    return run(None, tiling)
   worth = anywhere(jnp.any(plan[1]), tiling.placement)
-  return lax.cond(worth, lambda: run(plan), lambda: run(None))
+  thin = dataclasses.replace(tiling, vocab_chunk=tiling.filter_vocab_chunk)
+  return lax.cond(worth, lambda: run(plan, thin), lambda: run(None, tiling))
 
 
 def chunk_grads(dw, db, v0, vsize, d: int, reduce_w: bool, tiling: Tiling, cdt):

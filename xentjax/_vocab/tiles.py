@@ -53,8 +53,10 @@ MIN_TOKEN_CHUNK = 8
 # mass on every column of it, so its tiles are narrow in tokens (tokens differ
 # in where their mass lies; columns of a Zipf-shaped vocabulary do not, much):
 # 256 tokens x 512 columns. See `xentjax.linear_softmax_cross_entropy`.
-# The forward pass and the unfiltered column chunks of the backward pass run
-# on wide tiles of the same 512 columns (`RECOMPUTE_TILE` elements).
+# The forward pass keeps its usual tiles (1024 columns) and records their
+# maxima per 512 columns; a backward pass with a chunk worth filtering runs
+# 512-column chunks (its unfiltered ones on wide tiles of `RECOMPUTE_TILE`
+# elements), and one with none runs like the unfiltered backward pass.
 FILTER_TOKEN_CHUNK = 256
 FILTER_VOCAB_CHUNK = 512
 # In strategy "store" the filter tiles are narrower in columns (256 x 256):
@@ -308,8 +310,11 @@ def auto_chunks(
 
   The automatic tiles keep a float32 logit tile at 8-64 MiB. With gradient
   filtering the automatic filter tile is 256 tokens x 512 columns (see
-  `FILTER_TOKEN_CHUNK`): in "recompute" the other tiles have the same 512
-  columns and a user's `token_chunk` sets both token counts; in "store" the
+  `FILTER_TOKEN_CHUNK`): in "recompute" the forward pass (and an unfiltered
+  backward pass) keeps its usual tiles, whose maxima it records per 512
+  columns, a filtered backward pass runs 512-column chunks, a user's
+  `vocab_chunk` sets the columns of all of them and a user's `token_chunk`
+  both token counts; in "store" the
   whole-row tiles (of the usual size, or a user's `token_chunk` tokens) are
   split into filter tiles of at most 256 tokens and 256 columns (a user's
   `vocab_chunk`). `filter_tile`, the pair `(tokens, columns)`, is None
@@ -319,11 +324,14 @@ def auto_chunks(
   """
   cap = lambda tc: min(tc, max(n_tokens, 1))
   if strategy == "recompute":
-    vc = vocab_chunk or (FILTER_VOCAB_CHUNK if filtered else RECOMPUTE_VOCAB_CHUNK)
-    vc = min(vc, max(n_cols, 1))
+    vc = min(vocab_chunk or RECOMPUTE_VOCAB_CHUNK, max(n_cols, 1))
     tc = token_chunk or max(MIN_TOKEN_CHUNK, RECOMPUTE_TILE // vc)
-    ftc = cap(token_chunk or FILTER_TOKEN_CHUNK)
-    return cap(tc), vc, (ftc, vc) if filtered else None
+    if not filtered:
+      return cap(tc), vc, None
+    # A multiple of the filter tile's columns (or all of them): the forward
+    # pass's tiles start at a filter tile.
+    fvc = min(vocab_chunk or FILTER_VOCAB_CHUNK, max(n_cols, 1))
+    return cap(tc), vc, (cap(token_chunk or FILTER_TOKEN_CHUNK), fvc)
   vc = max(n_cols, 1)
   tc = cap(token_chunk or max(MIN_TOKEN_CHUNK, store_tile // max(n_cols, 1)))
   if filtered:
