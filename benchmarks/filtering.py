@@ -3,6 +3,7 @@
 Usage::
 
   python benchmarks/filtering.py                  # N=2048, D=1024, V=32768 (minutes on a CPU)
+  python benchmarks/filtering.py --overhead --repeats 21   # only where nothing can be skipped
   python benchmarks/filtering.py --size 256,128,4096 --repeats 2
 
 For each distribution of `benchmarks/_settings.py` (``random``,
@@ -109,6 +110,11 @@ def ratio_of(times, a, b):
   return "n/a" if a not in times else spread([p / q for p, q in zip(times[a], times[b])])
 
 
+def fastest_ratio(times, a, b):
+  """The ratio of method `a`'s fastest repeat to method `b`'s."""
+  return f"{min(times[a]) / min(times[b]):.3f}"
+
+
 def percent(r):
   return "n/a" if r is None else f"{100 * r:.1f}%"
 
@@ -195,13 +201,59 @@ def table(size, repeats, warmup, names=DISTRIBUTIONS):
   return "\n".join(rows)
 
 
+def overhead(size, repeats, warmup, names=("random", "scattered")):
+  """Where nothing can be skipped: filtered against unfiltered, both strategies, only those.
+
+  Besides the median (min-max) of the per-repeat ratios, the ratio of the
+  fastest repeats: the least disturbed estimate on a shared machine.
+  """
+  rows = [
+    (
+      "| distribution | N, D, V | tiles skippable (recompute / store) | filtered / unfiltered "
+      "| same, fastest repeats | store filtered / store | same, fastest repeats |"
+    ),
+    "|---|---|---:|---:|---:|---:|---:|",
+  ]
+  for name in names:
+    s = _settings.make(name, *size)
+    (_, skip), (_, store_skip) = skip_rates(s), skip_rates(s, STORE_FILTER_TILE[1])
+    args = (s.x, s.w, s.y, s.b)
+    fns = {
+      "none": fused_loss,
+      "filter": functools.partial(fused_loss, eps=EPS),
+      "store": functools.partial(fused_loss, strategy="store"),
+      "store_filter": functools.partial(fused_loss, eps=EPS, strategy="store"),
+    }
+    times, _ = alternate({k: (value_and_grad(f), args) for k, f in fns.items()}, repeats, warmup)
+    fastest = functools.partial(fastest_ratio, times)
+    rows.append(
+      f"| {name} | {', '.join(map(str, s.size))} | {percent(skip[0])} / {percent(store_skip[0])} "
+      f"| **{ratio_of(times, 'filter', 'none')}** | {fastest('filter', 'none')} "
+      f"| **{ratio_of(times, 'store_filter', 'store')}** | {fastest('store_filter', 'store')} |"
+    )
+  return "\n".join(rows)
+
+
 def main(argv=None):
   p = parser(__doc__, SMALL, repeats=5)
   p.add_argument("--distributions", nargs="+", choices=DISTRIBUTIONS, default=list(DISTRIBUTIONS))
+  p.add_argument(
+    "--overhead",
+    action="store_true",
+    help="only the cost of filtering where nothing can be skipped (random, scattered)",
+  )
   args = p.parse_args(argv)
   size = timing_size(args, TIMING, SMALL)
   print_header()
   print()
+  if args.overhead:
+    print(
+      f"Filtering where nothing can be skipped, filter_eps=2^-12; {args.repeats} alternating "
+      "repeats, ratios the median (min-max) of the per-repeat ratios:\n"
+    )
+    print(overhead(size, args.repeats, args.warmup))
+    print(f"\nMachine at the end: {machine()}")
+    return
   print(
     f"Gradient filtering, filter_eps=2^-12, tiles of {FILTER_TILE[0]} tokens x {FILTER_TILE[1]} "
     f"columns (strategy store: x {STORE_FILTER_TILE[1]}); times are medians of {args.repeats} alternating repeats, ratios the median "

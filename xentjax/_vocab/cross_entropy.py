@@ -364,11 +364,13 @@ def linear_softmax_cross_entropy(
       ``"vd"``) at the end; those are excluded from the softmax. Default: all.
     token_chunk_size: tokens per tile. Default: 2048 for ``"recompute"``;
       for ``"store"`` as many as keep a ``[tokens, V]`` float32 tile at 64 MiB
-      (at least 8); 256 with ``filter_eps``.
+      (at least 8); with ``filter_eps`` the filter tiles have 256 (a user's
+      value sets both).
     vocab_chunk_size: vocabulary columns per tile, ``"recompute"`` only, or
-      per filter tile with ``filter_eps`` (both strategies). Default 1024 (an
-      8 MiB float32 tile with the default token chunk); with ``filter_eps``
-      512 (``"store"``: 256).
+      per filter tile with ``filter_eps`` (both strategies; in
+      ``"recompute"`` a user's value sets both). Default 1024 (an 8 MiB
+      float32 tile with the default token chunk); the filter tiles of
+      ``filter_eps`` have 512 (``"store"``: 256).
     precision: passed to `lax.dot_general` (as in ``jnp.matmul``).
     mesh: optional `jax.sharding.Mesh` to place the computation on: tokens
       sharded over ``data_axis``, the vocabulary of ``w`` (and ``bias``) over
