@@ -182,7 +182,9 @@ def test_filtering_with_nothing_to_skip_is_the_unfiltered_call(strategy):
     )
 
   plain = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(x, w, b)
-  filtered = jax.jit(jax.value_and_grad(functools.partial(loss, filter_eps=eps), (0, 1, 2)))(x, w, b)
+  filtered = jax.jit(jax.value_and_grad(functools.partial(loss, filter_eps=eps), (0, 1, 2)))(
+    x, w, b
+  )
   for a, f in zip(jax.tree.leaves(plain), jax.tree.leaves(filtered)):
     np.testing.assert_array_equal(np.asarray(f), np.asarray(a))
 
