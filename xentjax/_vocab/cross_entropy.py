@@ -328,9 +328,9 @@ def linear_softmax_cross_entropy(
       a whole-row tile of tokens for ``"store"``), the tiles run unfiltered
       (wide products, no per-tile test); in ``"recompute"``, where no chunk
       is worth filtering, the backward pass is the unfiltered one, so
-      filtering costs little where there is little to skip. ``"store"`` is the faster of the two where
-      there is much to skip (two products per kept tile instead of three:
-      see ``benchmarks/filtering.py``).
+      filtering costs little where there is little to skip. ``"store"`` is
+      the faster of the two where there is much to skip (two products per
+      kept tile instead of three: see ``benchmarks/filtering.py``).
     vocab_order: optional integer permutation ``[vocab_size]`` of the
       classes: the tiles are swept with column ``k`` being class
       ``vocab_order[k]``. For gradient filtering: put the classes that carry

@@ -13,12 +13,12 @@ accumulated online one tile at a time:
             (the entropy is ``H = log_s - ent``)
 ==========  ==================================================================
 
-plus, without gradient, the argmax, the top-k, the maxima per token and per
-``filter_chunk`` columns that gradient filtering decides from and, for monitoring beside
-a loss (``monitor``), ``credit``: the label's top-1 credit (1 for the only
-maximum, ``1/t`` for a maximum shared by ``t`` classes, 0 below it, as
-`xentjax.metrics.correct`), from a running count of the classes at the
-running maximum. The cotangent of a tile is
+plus, without gradient, the argmax, the top-k, the maxima per token and
+per ``filter_chunk`` columns that gradient filtering decides from and, for
+monitoring beside a loss (``monitor``), ``credit``: the label's top-1 credit
+(1 for the only maximum, ``1/t`` for a maximum shared by ``t`` classes, 0
+below it, as `xentjax.metrics.correct`), from a running count of the classes
+at the running maximum. The cotangent of a tile is
 
 .. math::
 
