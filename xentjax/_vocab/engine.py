@@ -91,7 +91,7 @@ class Kernel:
     tile (each optional: ``a`` the tempered logits, ``z`` the untempered
     ones, ``b`` the teacher's, needed only for a traced temperature).
   * optionally ``filter_terms(rows)`` for gradient filtering: ``(log of the
-    largest probability per [token, vocabulary chunk], labels, label_live)``.
+    largest probability per [token, filter tile of columns], labels, label_live)``.
   """
 
   passes = 1
@@ -245,8 +245,8 @@ def keep_tiles(rows: dict, n_cols: int, kernel, tiling: Tiling):
   A tile (``tiling.filter_token_chunk`` tokens x ``tiling.filter_vocab_chunk``
   columns) is skipped when, for every token in it whose outputs carry a
   cotangent, the largest probability on the tile's columns (from the
-  per-chunk maxima ``rows["tmax"]``: of the forward pass in "recompute", of
-  the whole-row tile in "store") is below ``filter_eps``, and no such token's
+  maxima per filter tile of columns ``rows["tmax"]``, which the kernel
+  records on its way to each row's maximum) is below ``filter_eps``, and no such token's
   label lies in it (so the one-hot term of the gradient is never dropped).
   """
   tc, vc = tiling.filter_token_chunk, tiling.filter_vocab_chunk

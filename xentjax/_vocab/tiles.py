@@ -55,8 +55,8 @@ MIN_TOKEN_CHUNK = 8
 # 256 tokens x 512 columns. See `xentjax.linear_softmax_cross_entropy`.
 # The forward pass keeps its usual tiles (1024 columns) and records their
 # maxima per 512 columns; a backward pass with a chunk worth filtering runs
-# 512-column chunks (its unfiltered ones on wide tiles of `RECOMPUTE_TILE`
-# elements), and one with none runs like the unfiltered backward pass.
+# 512-column chunks (with the forward pass's token count in the chunks it
+# runs unfiltered), and one with none runs like the unfiltered backward pass.
 FILTER_TOKEN_CHUNK = 256
 FILTER_VOCAB_CHUNK = 512
 # In strategy "store" the filter tiles are narrower in columns (256 x 256):
