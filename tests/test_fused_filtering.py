@@ -312,6 +312,40 @@ def test_store_runs_a_tile_with_little_to_skip_unfiltered():
   assert np.all(np.abs(gw - dw_ref) <= bound(x, EPS) + 1e-7)
 
 
+def test_store_runs_columns_every_token_tile_keeps_over_all_rows():
+  """Automatic "store" tiles: one whole-row tile of 512 tokens, two filter tiles of 256.
+
+  Columns 0..31 carry every token's mass: both token tiles keep chunk 0, which
+  runs as one product over all 512 rows. The labels of tokens 0..255 lie in
+  chunk 1 and those of 256..511 in chunk 2: each of these is kept by one
+  token tile only, and runs tile by tile. Chunks 3..7 are skipped.
+  """
+  n = 512
+  assert tiles.FILTER_TOKEN_CHUNK == 256 and tiles.STORE_TILE // V >= n  # one whole-row tile
+  kx, kw, ky = jax.random.split(jax.random.PRNGKey(3), 3)
+  x, w = jax.random.normal(kx, (n, D)), 0.1 * jax.random.normal(kw, (D, V))
+  b = jnp.where(jnp.arange(V) < 32, 4.0, -1.5)
+  y = jnp.where(jnp.arange(n) < 256, 32, 64) + jax.random.randint(ky, (n,), 0, 32)
+
+  def loss(x, w, b):
+    return fused_ce(x, w, y, bias=b, strategy="store", filter_eps=EPS, vocab_chunk_size=VC)
+
+  v, (gx, gw, gb) = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(x, w, b)
+  loss_ref, dx_ref, dw_ref, db_ref = reference(x, w, b, y)
+  np.testing.assert_allclose(float(v), loss_ref, rtol=1e-5)
+  gw = np.asarray(gw, np.float64)
+  np.testing.assert_allclose(gw[:, :32], dw_ref[:, :32], rtol=1e-4, atol=1e-7)
+  for rows, cols in ((slice(0, 256), slice(32, 64)), (slice(256, 512), slice(64, 96))):
+    kept, full = tile_part(x, w, b, y, rows, cols)
+    np.testing.assert_allclose(gw[:, cols], kept, rtol=1e-4, atol=1e-7)
+    assert np.abs(full - kept).max() > 1e-6  # the other token tile's part is dropped
+  assert not np.any(gw[:, 96:]) and np.abs(dw_ref[:, 96:]).max() > 1e-6
+  assert np.all(np.abs(gw - dw_ref) <= bound(x, EPS) * N / n + 1e-7)
+  dx_bound = np.abs(np.asarray(w, np.float64)).sum(1)[None, :] / n * EPS
+  assert np.all(np.abs(np.asarray(gx, np.float64) - dx_ref) <= dx_bound + 1e-7)
+  np.testing.assert_allclose(np.asarray(gb, np.float64), db_ref, rtol=1e-4, atol=1e-7)
+
+
 def test_store_never_skips_a_partial_tile():
   """Tiles of 48 tokens (48, 48, 32) and 48 columns (5 whole chunks, 16 columns left).
 

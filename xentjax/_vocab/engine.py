@@ -645,8 +645,12 @@ def store_filtered(keep, dz, w_c, x_t, xT_t, dw, op_dt, tiling: Tiling, cdt):
   Over the whole filter tiles (``filter_token_chunk`` rows x
   ``filter_vocab_chunk`` columns): where at least `tiles.FILTER_MIN_SKIP` of
   them can be skipped, the kept ones only, their indices compacted so that a
-  loop of that many steps runs and nothing is tested per tile; otherwise
-  one product for ``dx`` and wide column blocks for ``dw``, as unfiltered.
+  loop of that many steps runs and nothing is tested per tile: first the
+  columns of tiles that every token tile keeps, each as one product over
+  all the rows (taller products run faster: on CPU, tiles of 256 x 256 took
+  about 1.4x the time of 512 x 256 for the same products), then the other
+  kept tiles one by one. Otherwise one product for ``dx`` and wide column
+  blocks for ``dw``, as unfiltered.
   Then the partial tiles at the edges, unfiltered. The choice for ``dw`` is
   made by loops whose length is decided at run time (`tiles.repeat`): a
   `lax.cond` would copy ``dw`` (as large as ``w``) through its branches.
@@ -670,8 +674,16 @@ def store_filtered(keep, dz, w_c, x_t, xT_t, dw, op_dt, tiling: Tiling, cdt):
     return put_rows(dx_t, dx_s, t0), lax.dynamic_update_slice_in_dim(dw, dw_s, v0, axis)
 
   worth = (1.0 - jnp.mean(keep.astype(jnp.float32))) >= FILTER_MIN_SKIP
-  kept = keep[:n_tt, :n_vt].reshape(-1)
+  kept = keep[:n_tt, :n_vt]
+  # A column of filter tiles that every token tile keeps runs as one product
+  # over all the rows (taller products run faster); the rest tile by tile.
+  whole = jnp.all(kept, axis=0)
+  column_index = jnp.nonzero(whole, size=n_vt, fill_value=0)[0]
+  kept = (kept & ~whole[None, :]).reshape(-1)
   index = jnp.nonzero(kept, size=kept.size, fill_value=0)[0]
+
+  def column(i, c):
+    return products(c, 0, rows, column_index[i] * vc, vc)
 
   def tile(i, c):
     tt, vt = jnp.divmod(index[i], n_vt)
@@ -702,6 +714,7 @@ def store_filtered(keep, dz, w_c, x_t, xT_t, dw, op_dt, tiling: Tiling, cdt):
   if rows and cols:
     dx_t = lax.cond(worth, lambda _: c[0], dense_dx, None)
     c = (dx_t, repeat(jnp.where(worth, 0, n_vt // per_block), block, dw))
+    c = repeat(jnp.where(worth, jnp.sum(whole), 0), column, c)
     c = repeat(jnp.where(worth, jnp.sum(kept), 0), tile, c)
   if rows < n and cols:  # the last rows
     c = products(c, rows, n - rows, 0, cols)
