@@ -273,6 +273,31 @@ def store_filtered(*args):
   return value_and_grads(*args, filter_eps=EPS, strategy="store")
 
 
+def check_heavy_and_parts(x, w, b, y, v, grads, parts, visible):
+  """A filtered "store" call on `mixed`-like inputs (mass on columns 0..31) against float64.
+
+  The value, the heavy columns' weight gradient and the bias gradient are
+  exact; each `(rows, cols)` of `parts` holds the part of those tokens only
+  (the other tokens' part, above `visible`, is dropped); columns 96.. are
+  exactly 0 (and would not be unfiltered); `dw` and `dx` are within the bound.
+  """
+  gx, gw, gb = grads
+  n = len(y)
+  loss, dx_ref, dw_ref, db_ref = reference(x, w, b, y)
+  np.testing.assert_allclose(float(v), loss, rtol=1e-5)
+  gw = np.asarray(gw, np.float64)
+  np.testing.assert_allclose(gw[:, :32], dw_ref[:, :32], rtol=1e-4, atol=1e-7)
+  for rows, cols in parts:
+    kept, full = tile_part(x, w, b, y, rows, cols)
+    np.testing.assert_allclose(gw[:, cols], kept, rtol=1e-4, atol=1e-7)
+    assert np.abs(full - kept).max() > visible  # the dropped part is visible
+  assert not np.any(gw[:, 96:]) and np.abs(dw_ref[:, 96:]).max() > visible
+  assert np.all(np.abs(gw - dw_ref) <= bound(x, EPS) * N / n + 1e-7)
+  dx_bound = np.abs(np.asarray(w, np.float64)).sum(1)[None, :] / n * EPS
+  assert np.all(np.abs(np.asarray(gx, np.float64) - dx_ref) <= dx_bound + 1e-7)
+  np.testing.assert_allclose(np.asarray(gb, np.float64), db_ref, rtol=1e-4, atol=1e-7)
+
+
 def test_store_filters_each_whole_row_tile_by_its_own_chunks():
   """Strategy "store" decides per token tile: each tile of `mixed` skips 6 of its 8 chunks.
 
@@ -283,20 +308,9 @@ def test_store_filters_each_whole_row_tile_by_its_own_chunks():
   the whole-row tile, which "store" holds anyway).
   """
   x, w, b, y = mixed()
-  v, (gx, gw, gb) = store_filtered(x, w, b, y)
-  loss, dx_ref, dw_ref, db_ref = reference(x, w, b, y)
-  np.testing.assert_allclose(float(v), loss, rtol=1e-5)
-  gw = np.asarray(gw, np.float64)
-  np.testing.assert_allclose(gw[:, :32], dw_ref[:, :32], rtol=1e-4, atol=1e-7)
-  for rows, cols in ((slice(0, 112), slice(32, 64)), (slice(112, 128), slice(64, 96))):
-    kept, full = tile_part(x, w, b, y, rows, cols)
-    np.testing.assert_allclose(gw[:, cols], kept, rtol=1e-4, atol=1e-7)
-    assert np.abs(full - kept).max() > 1e-5  # the dropped part is visible
-  assert not np.any(gw[:, 96:])
-  assert np.all(np.abs(gw - dw_ref) <= bound(x, EPS) + 1e-7)
-  dx_bound = np.abs(np.asarray(w, np.float64)).sum(1)[None, :] / N * EPS
-  assert np.all(np.abs(np.asarray(gx, np.float64) - dx_ref) <= dx_bound + 1e-7)
-  np.testing.assert_allclose(np.asarray(gb, np.float64), db_ref, rtol=1e-4, atol=1e-7)
+  v, grads = store_filtered(x, w, b, y)
+  parts = ((slice(0, 112), slice(32, 64)), (slice(112, 128), slice(64, 96)))
+  check_heavy_and_parts(x, w, b, y, v, grads, parts, visible=1e-5)
 
 
 def test_store_runs_a_tile_with_little_to_skip_unfiltered():
@@ -330,20 +344,9 @@ def test_store_runs_columns_every_token_tile_keeps_over_all_rows():
   def loss(x, w, b):
     return fused_ce(x, w, y, bias=b, strategy="store", filter_eps=EPS, vocab_chunk_size=VC)
 
-  v, (gx, gw, gb) = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(x, w, b)
-  loss_ref, dx_ref, dw_ref, db_ref = reference(x, w, b, y)
-  np.testing.assert_allclose(float(v), loss_ref, rtol=1e-5)
-  gw = np.asarray(gw, np.float64)
-  np.testing.assert_allclose(gw[:, :32], dw_ref[:, :32], rtol=1e-4, atol=1e-7)
-  for rows, cols in ((slice(0, 256), slice(32, 64)), (slice(256, 512), slice(64, 96))):
-    kept, full = tile_part(x, w, b, y, rows, cols)
-    np.testing.assert_allclose(gw[:, cols], kept, rtol=1e-4, atol=1e-7)
-    assert np.abs(full - kept).max() > 1e-6  # the other token tile's part is dropped
-  assert not np.any(gw[:, 96:]) and np.abs(dw_ref[:, 96:]).max() > 1e-6
-  assert np.all(np.abs(gw - dw_ref) <= bound(x, EPS) * N / n + 1e-7)
-  dx_bound = np.abs(np.asarray(w, np.float64)).sum(1)[None, :] / n * EPS
-  assert np.all(np.abs(np.asarray(gx, np.float64) - dx_ref) <= dx_bound + 1e-7)
-  np.testing.assert_allclose(np.asarray(gb, np.float64), db_ref, rtol=1e-4, atol=1e-7)
+  v, grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(x, w, b)
+  parts = ((slice(0, 256), slice(32, 64)), (slice(256, 512), slice(64, 96)))
+  check_heavy_and_parts(x, w, b, y, v, grads, parts, visible=1e-6)
 
 
 def test_store_never_skips_a_partial_tile():
