@@ -675,9 +675,7 @@ def store_filtered(keep, dz, w_c, x_t, xT_t, dw, op_dt, tiling: Tiling, cdt):
 
   worth = (1.0 - jnp.mean(keep.astype(jnp.float32))) >= FILTER_MIN_SKIP
   kept = keep[:n_tt, :n_vt]
-  # A column of filter tiles that every token tile keeps runs as one product
-  # over all the rows (taller products run faster); the rest tile by tile.
-  whole = jnp.all(kept, axis=0)
+  whole = jnp.all(kept, axis=0)  # columns kept by every token tile: one product each
   column_index = jnp.nonzero(whole, size=n_vt, fill_value=0)[0]
   kept = (kept & ~whole[None, :]).reshape(-1)
   index = jnp.nonzero(kept, size=kept.size, fill_value=0)[0]
