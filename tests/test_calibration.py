@@ -320,7 +320,7 @@ def test_evaluate_calibration_fields_nan_without_data_or_with_bad_labels():
 
 
 def test_cli_evaluate_plot_writes_the_reliability_diagram(tmp_path, capsys):
-  from xentjax._cli import main
+  from xentjax.cli._main import main
 
   z, y = _overconfident(n=500, seed=4)
   np.save(tmp_path / "z.npy", z)

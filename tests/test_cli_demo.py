@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from xentjax import _cli
+from xentjax.cli import _main as _cli
 
 
 def _number(pattern, text):
@@ -112,7 +112,7 @@ def test_out_is_checked_before_training(tmp_path, capsys):
 
 
 def test_out_creates_only_the_last_directory(tmp_path):
-  from xentjax._cli_demo import _prepare_out
+  from xentjax.cli._demo import _prepare_out
 
   _prepare_out(str(tmp_path / "new"))
   assert (tmp_path / "new").is_dir() and list((tmp_path / "new").iterdir()) == []
@@ -121,7 +121,7 @@ def test_out_creates_only_the_last_directory(tmp_path):
 # `xentjax demo --distill` is deterministic (issue 19, item 12).
 
 _DISTILL_RUN = (
-  "import json; from xentjax import _demo_distill as D; "
+  "import json; from xentjax.demos import distill as D; "
   "r = D.compare(temperatures=(2.0,), betas=(0.0,), steps=30, seed=3); "
   "print(json.dumps({'teacher': r['teacher'], 'labels_only': r['labels_only'], "
   "'distilled': r['distilled'][(2.0, 0.0)]}))"
@@ -154,7 +154,7 @@ def test_demo_distill_is_deterministic_and_float32_under_x64():
   import jax
   import jax.numpy as jnp
 
-  from xentjax import _demo_distill
+  from xentjax.demos import distill as _demo_distill
 
   first, second = _distill_in_fresh_process(False), _distill_in_fresh_process(False)
   assert first == second  # two processes, one table

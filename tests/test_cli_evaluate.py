@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from xentjax._cli import main
+from xentjax.cli._main import main
 
 
 def float64_reference(logits, labels, top_k=5, ignore_index=-100):

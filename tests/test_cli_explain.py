@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xentjax._cli import main
+from xentjax.cli._main import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

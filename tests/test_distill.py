@@ -519,7 +519,8 @@ def test_parallel_checks():
 def test_demo_distill_prints_the_comparison(capsys, monkeypatch):
   import re
 
-  from xentjax import _cli, _demo_distill
+  from xentjax.cli import _main as _cli
+  from xentjax.demos import distill as _demo_distill
 
   monkeypatch.setattr(_demo_distill, "STEPS", 150)  # the printed table is the same shape
   assert _cli.main(["demo", "--distill"]) == 0
@@ -539,7 +540,7 @@ def test_demo_distill_prints_the_comparison(capsys, monkeypatch):
 
 
 def test_demo_distill_rejects_other_modes(capsys):
-  from xentjax import _cli
+  from xentjax.cli import _main as _cli
 
   assert _cli.main(["demo", "--distill", "--compare"]) != 0
   assert "--distill" in capsys.readouterr().err

@@ -206,7 +206,7 @@ def test_site_builds_and_documents_every_public_name(tmp_path):
     assert shown == plots, f"{page.name}: {shown} plots shown, the notebook stores {plots}"
 
   # The CLI page carries each subcommand's --help from the parser.
-  from xentjax._cli import build_parser
+  from xentjax.cli._main import build_parser
 
   cli = (html / "cli.html").read_text()
   commands = [a for a in build_parser()._actions if hasattr(a, "choices") and a.choices]

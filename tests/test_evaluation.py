@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import xentjax
-from xentjax import _evaluation
+from xentjax.evaluation import _stream as _evaluation
 
 # ---------------------------------------------------------------------------
 # Float64 NumPy reference (independent of the implementation).

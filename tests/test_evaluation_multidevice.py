@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent(
     jax.config.update("jax_numpy_rank_promotion", "raise")
     import xentjax
     from jax.sharding import Mesh
-    from xentjax import _evaluation
+    from xentjax.evaluation import _stream as _evaluation
 
     devices = jax.local_devices()
     rng = np.random.default_rng(0)

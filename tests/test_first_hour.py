@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import xentjax
-from xentjax._cli import build_parser, main
+from xentjax.cli._main import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,7 +216,7 @@ def test_every_evaluate_option_has_help():
 def test_help_and_version_do_not_import_jax(argv):
   script = (
     "import sys\n"
-    "from xentjax._cli import main\n"
+    "from xentjax.cli._main import main\n"
     "try:\n"
     f"  main({argv!r})\n"
     "except SystemExit as e:\n"

@@ -159,7 +159,7 @@ def test_cli_two_processes_print_once_and_match_one_process(shards, capsys):
   assert out1 == "" and err0 == "" and err1 == ""  # no gloo or JAX log on the user's streams
   got = json.loads(out0)
 
-  from xentjax._cli import main
+  from xentjax.cli._main import main
 
   assert main(["evaluate", "--no-progress", *files_argv(d), "--json", "--top-k", "3"]) == 0
   one = json.loads(capsys.readouterr().out)

@@ -1,5 +1,5 @@
 import sys
 
-from xentjax._cli import main
+from xentjax.cli import main
 
 sys.exit(main())

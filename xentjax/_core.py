@@ -26,7 +26,7 @@ rule (`top_k_credit`) and the empty-mean rule (`mean_or_nan`) are written
 once, here.
 
 Four paths compute their own log-normalizer, each for a reason of its own:
-the focal loss (``xentjax._focal``: ``log1p`` of the non-maximal terms, for
+the focal loss (``xentjax.losses._focal``: ``log1p`` of the non-maximal terms, for
 an exact ``1 - p`` of a confident class), the temperature fit
 (``xentjax.calibration``: the loss of ``z / T`` and its derivatives in
 ``log T``, in the same ``log1p`` form), `xentjax.info.kl_divergence_from_logits`

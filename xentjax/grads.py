@@ -29,24 +29,28 @@ Edge cases follow the losses: masked entries and all-masked rows get 0, an
 out-of-range integer label a NaN row, a ``-inf`` logit a finite gradient.
 
 Each closed form is written beside the loss it differentiates (in
-``xentjax._softmax``, ``xentjax._sigmoid``, ``xentjax._probability`` and
-``xentjax._focal``) and shares its argument handling; this module only
+``xentjax.losses._softmax``, ``xentjax.losses._sigmoid``, ``xentjax.losses._probability`` and
+``xentjax.losses._focal``) and shares its argument handling; this module only
 collects them under the loss names.
 """
 
 from __future__ import annotations
 
-from xentjax._focal import softmax_focal_loss_grad as softmax_focal_loss
-from xentjax._probability import binary_cross_entropy_grad as binary_cross_entropy
-from xentjax._probability import categorical_cross_entropy_grad as categorical_cross_entropy
-from xentjax._sigmoid import sigmoid_binary_cross_entropy_grad as sigmoid_binary_cross_entropy
-from xentjax._sigmoid import sigmoid_focal_loss_grad as sigmoid_focal_loss
-from xentjax._softmax import kl_divergence_grad as kl_divergence
-from xentjax._softmax import kl_divergence_with_log_targets_grad as kl_divergence_with_log_targets
-from xentjax._softmax import poly_loss_cross_entropy_grad as poly_loss_cross_entropy
-from xentjax._softmax import safe_softmax_cross_entropy_grad as safe_softmax_cross_entropy
-from xentjax._softmax import softmax_cross_entropy_grad as softmax_cross_entropy
-from xentjax._softmax import (
+from xentjax.losses._focal import softmax_focal_loss_grad as softmax_focal_loss
+from xentjax.losses._probability import binary_cross_entropy_grad as binary_cross_entropy
+from xentjax.losses._probability import categorical_cross_entropy_grad as categorical_cross_entropy
+from xentjax.losses._sigmoid import (
+  sigmoid_binary_cross_entropy_grad as sigmoid_binary_cross_entropy,
+)
+from xentjax.losses._sigmoid import sigmoid_focal_loss_grad as sigmoid_focal_loss
+from xentjax.losses._softmax import kl_divergence_grad as kl_divergence
+from xentjax.losses._softmax import (
+  kl_divergence_with_log_targets_grad as kl_divergence_with_log_targets,
+)
+from xentjax.losses._softmax import poly_loss_cross_entropy_grad as poly_loss_cross_entropy
+from xentjax.losses._softmax import safe_softmax_cross_entropy_grad as safe_softmax_cross_entropy
+from xentjax.losses._softmax import softmax_cross_entropy_grad as softmax_cross_entropy
+from xentjax.losses._softmax import (
   softmax_cross_entropy_with_integer_labels_grad as softmax_cross_entropy_with_integer_labels,
 )
 

@@ -40,11 +40,11 @@ from jax import lax
 
 from xentjax import _core, metrics
 from xentjax._api import public
-from xentjax._focal import softmax_focal_loss
-from xentjax._margin import multiclass_hinge_loss
-from xentjax._regression import squared_error
-from xentjax._sigmoid import sigmoid_binary_cross_entropy
-from xentjax._softmax import softmax_cross_entropy_with_integer_labels
+from xentjax.losses._focal import softmax_focal_loss
+from xentjax.losses._margin import multiclass_hinge_loss
+from xentjax.losses._regression import squared_error
+from xentjax.losses._sigmoid import sigmoid_binary_cross_entropy
+from xentjax.losses._softmax import softmax_cross_entropy_with_integer_labels
 
 __all__ = [
   "LOSSES",

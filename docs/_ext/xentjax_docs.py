@@ -251,7 +251,7 @@ class CliHelp(SphinxDirective):
   option_spec: ClassVar = {"width": directives.positive_int}
 
   def run(self):
-    from xentjax._cli import build_parser
+    from xentjax.cli._main import build_parser
 
     width = self.options.get("width", 76)
     with _columns(width):  # argparse wraps to $COLUMNS

@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import xentjax
-from xentjax import _demo_distill
+from xentjax.demos import distill as distill_demo
 
 plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (7.0, 3.6)})
 print("xentjax", xentjax.__version__, "| jax", jax.__version__, "| backend:", jax.default_backend())
@@ -194,16 +194,16 @@ assert mem_fused < 0.01 * mem_mat
 # training inputs (a *transfer set*), at temperatures $T \in \{1, 4\}$ and for the
 # three divergences. In both models the last layer is the fused head: the hidden
 # features (with a constant 1 for the bias) are `x` and the output matrix is `w`.
-# The training code is `xentjax/_demo_distill.py`; `xentjax demo --distill` prints the
+# The training code is `xentjax/demos/distill.py`; `xentjax demo --distill` prints the
 # same comparison on a larger grid.
 
 # %%
-results = _demo_distill.compare(temperatures=(1.0, 4.0), betas=(0.0, 0.5, 1.0), steps=200)
+results = distill_demo.compare(temperatures=(1.0, 4.0), betas=(0.0, 0.5, 1.0), steps=200)
 print(
   f"teacher: {results['teacher']:.4f}   student on {results['n_labelled']} labels: "
   f"{results['labels_only']:.4f}"
 )
-print(_demo_distill.table(results))
+print(distill_demo.table(results))
 print(f"({results['seconds']:.1f} s)")
 
 # %%
@@ -217,7 +217,7 @@ for i, b in enumerate(betas):
     xs,
     [results["distilled"][(t, b)] for t in temps],
     width,
-    label=f"distilled, {_demo_distill.BETA_NAMES[b]}",
+    label=f"distilled, {distill_demo.BETA_NAMES[b]}",
   )
 ax.axhline(results["teacher"], color="black", linestyle="--", label="teacher (128 features)")
 ax.axhline(

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 import xentjax
-from xentjax import _demo_contrastive
+from xentjax.demos import contrastive as contrastive_demo
 
 plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (7.0, 3.6)})
 print("xentjax", xentjax.__version__, "| jax", jax.__version__, "| backend:", jax.default_backend())
@@ -208,10 +208,10 @@ print("bound at I = 7.83 nats, by batch size:", np.round(largest, 2))
 # The same experiment runs as `xentjax demo --contrastive`.
 
 # %%
-run = _demo_contrastive.train(steps=600, log_every=50)
+run = contrastive_demo.train(steps=600, log_every=50)
 hist = run["history"]
 steps = [h["step"] for h in hist]
-print(_demo_contrastive.table(hist))
+print(contrastive_demo.table(hist))
 
 fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
 axes[0].plot(steps, [h["loss"] for h in hist], label="training loss")

@@ -29,7 +29,7 @@ import zipfile
 
 import numpy as np
 
-from xentjax._cli import CommandError, add_command
+from xentjax.cli._common import CommandError, add_command
 
 _CHECK_CHUNK = 1 << 22  # values examined per chunk by the eager checks
 _WORKER_ENV = "_XENTJAX_EVALUATE_FDS"  # in a supervised child: "stdout_fd,stderr_fd" of the user
@@ -537,7 +537,7 @@ def run(args) -> int:
 
 def _evaluate(args, *, sources, pairs, job) -> int:
   """Evaluate the files; `sources` already opened (one process) or None (opened lazily)."""
-  from xentjax._evaluation import evaluate  # imports JAX: only once the files are good
+  from xentjax.evaluation._stream import evaluate  # imports JAX: only once the files are good
 
   opened: list[_Source] = [] if sources is None else list(sources)
 

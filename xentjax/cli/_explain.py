@@ -13,7 +13,7 @@ import contextlib
 import math
 import re
 
-from xentjax._cli import CommandError, add_command
+from xentjax.cli._common import CommandError, add_command
 
 SUM_TOLERANCE = 1e-6
 

@@ -28,6 +28,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
+__all__ = [
+  "BETAS",
+  "BETA_NAMES",
+  "STEPS",
+  "STUDENT_WIDTH",
+  "TEACHER_WIDTH",
+  "TEMPERATURES",
+  "compare",
+  "run",
+  "table",
+]
+
 TEACHER_WIDTH = 128
 STUDENT_WIDTH = 12
 TEMPERATURES = (1.0, 2.0, 4.0)
@@ -168,8 +180,8 @@ def table(results: dict[str, Any]) -> str:
 
 
 def run(args) -> int:
-  """Entry point of `xentjax demo --distill` (parsing is done by `_cli_demo`)."""
-  from xentjax._cli import own_demo_seed
+  """Entry point of `xentjax demo --distill` (parsing is done by `xentjax.cli._demo`)."""
+  from xentjax.cli._common import own_demo_seed
 
   seed = own_demo_seed(args, "--distill", "runs its own comparison")
   print(

@@ -1,8 +1,8 @@
 """The dense loss helpers that several loss modules share: inputs, smoothing, clipped logs.
 
-The softmax losses (`xentjax._softmax`), the probability-space losses
-(`xentjax._probability`), the focal losses (`xentjax._focal`) and the sigmoid
-losses (`xentjax._sigmoid`) prepare their inputs, smooth their labels and take
+The softmax losses (`xentjax.losses._softmax`), the probability-space losses
+(`xentjax.losses._probability`), the focal losses (`xentjax.losses._focal`) and the sigmoid
+losses (`xentjax.losses._sigmoid`) prepare their inputs, smooth their labels and take
 the logarithm of a probability the same way. Those shared steps live here,
 under plain names, so that no loss module reaches into another's private
 helpers:

@@ -6,8 +6,8 @@ epoch, the final train, test and top-5 accuracy, checks the autodiff gradient
 of the cross-entropy against the closed form softmax(z) - onehot(y) on the
 trained model, and writes `loss_curve.png`. `--compare` trains the same model
 with cross-entropy, squared error and hinge loss and prints one table.
-`--distill` and `--contrastive` run the experiments of `xentjax._demo_distill`
-and `xentjax._demo_contrastive`.
+`--distill` and `--contrastive` run the experiments of `xentjax.demos.distill`
+and `xentjax.demos.contrastive`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from xentjax._cli import CommandError
+from xentjax.cli._common import CommandError
 
 # Learning rates tuned on the digits for 30 epochs of batch 64 (every one
 # reaches >= 0.9 test accuracy with cross-entropy; plain SGD above ~0.08
@@ -333,11 +333,11 @@ def _run_compare(s: dict, data) -> int:
 
 def run(args: argparse.Namespace) -> int:
   if getattr(args, "distill", False):
-    from xentjax._demo_distill import run as run_distill
+    from xentjax.demos.distill import run as run_distill
 
     return run_distill(args)
   if getattr(args, "contrastive", False):
-    from xentjax._demo_contrastive import run as run_contrastive
+    from xentjax.demos.contrastive import run as run_contrastive
 
     return run_contrastive(args)
   s = _settings(args)

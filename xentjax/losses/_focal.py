@@ -26,7 +26,7 @@ from jax import lax
 
 from xentjax import _validation as V
 from xentjax._api import Axis, class_axes, closed_form_jvp, from_last, public, public_like
-from xentjax._dense import (
+from xentjax.losses._dense import (
   categorical_terms,
   clipped_log1m,
   prepare_logits,

@@ -32,7 +32,7 @@ from xentjax._api import (
   public_like,
   to_last,
 )
-from xentjax._dense import prepare_logits, smooth_last_axis
+from xentjax.losses._dense import prepare_logits, smooth_last_axis
 
 # ---------------------------------------------------------------------------
 # Softmax cross-entropy with probability (one-hot or soft) labels.

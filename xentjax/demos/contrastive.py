@@ -17,6 +17,22 @@ import math
 import time
 from typing import Any
 
+__all__ = [
+  "BATCH",
+  "EMBEDDING",
+  "INITIAL_SCALE",
+  "LEARNING_RATE",
+  "LOG_EVERY",
+  "STEPS",
+  "WIDTH",
+  "embed",
+  "evaluate",
+  "halves",
+  "run",
+  "table",
+  "train",
+]
+
 WIDTH = 64
 EMBEDDING = 16
 BATCH = 256
@@ -139,8 +155,8 @@ def table(history) -> str:
 
 
 def run(args) -> int:
-  """Entry point of `xentjax demo --contrastive` (parsing is done by `_cli_demo`)."""
-  from xentjax._cli import own_demo_seed
+  """Entry point of `xentjax demo --contrastive` (parsing is done by `xentjax.cli._demo`)."""
+  from xentjax.cli._common import own_demo_seed
 
   seed = own_demo_seed(args, "--contrastive", "trains its own model")
   print(

@@ -9,7 +9,8 @@ import numpy as np
 from xentjax import _validation as V
 from xentjax._api import Axis, broadcast_to_first, public, public_like, where_mask
 from xentjax._core import label_status
-from xentjax._dense import (
+from xentjax._logspace import log_prob
+from xentjax.losses._dense import (
   categorical_terms,
   clipped_log,
   clipped_log1m,
@@ -17,7 +18,6 @@ from xentjax._dense import (
   prepare_probs,
   smooth_binary,
 )
-from xentjax._logspace import log_prob
 
 
 @public(("axis", "eps", "label_smoothing"))

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 
 from xentjax import _validation as V
 from xentjax._api import closed_form_jvp, public, public_like
-from xentjax._dense import smooth_binary
 from xentjax._logspace import log_add
+from xentjax.losses._dense import smooth_binary
 
 
 def _sigmoid_inputs(logits, labels, label_smoothing=0.0):
