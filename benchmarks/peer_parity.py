@@ -8,8 +8,8 @@ independent float64 reference: PyTorch (`BCEWithLogitsLoss(pos_weight=)`,
 `F.nll_loss`, values and gradients), SciPy (`scipy.stats.entropy`,
 `jensenshannon`, `minimize_scalar` for the temperature) and the documented
 Keras 3 formulas transcribed in NumPy (Keras is not needed). Inputs are random
-(seeded), 512 rows; the tests in `tests/test_keras_parity.py` and
-`tests/test_calibration.py` assert the same agreements on smaller inputs.
+(seeded), 512 rows; the tests in `tests/losses/test_keras_parity.py` and
+`tests/information/test_calibration.py` assert the same agreements on smaller inputs.
 """
 
 from __future__ import annotations

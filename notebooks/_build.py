@@ -13,7 +13,7 @@ IPython magic is written commented out (`# %matplotlib inline`). Every
 notebook is executed from a clean kernel with `notebooks/` as the working
 directory; the outputs (printed numbers and PNG plots) are stored in the
 .ipynb so the notebooks read well on a code host. The test suite
-(`tests/test_notebooks.py`) re-executes fresh copies and never writes here.
+(`tests/architecture/test_notebooks.py`) re-executes fresh copies and never writes here.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The contrastive losses on a ring of 8 simulated CPU devices (run as a subprocess).
 
-`tests/test_contrastive_parallel.py` runs this file and asserts on the JSON
+`tests/vocab/test_contrastive_parallel.py` runs this file and asserts on the JSON
 it prints: one entry per named check, "ok" or the failure. Each check
 compares the ring (``mesh=``, ``data_axis=``) with the one-device result,
 values and gradients; the HLO checks look for all-gathers in the compiled

@@ -1,6 +1,6 @@
 """Vocabulary-parallel distillation on 8 simulated CPU devices (run as a subprocess).
 
-`tests/test_distill.py::test_parallel_checks` runs this file with
+`tests/vocab/test_distillation.py::test_parallel_checks` runs this file with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count is
 fixed when the backend starts) and asserts on the JSON it prints: one entry
 per named check, "ok" or the failure message. Every check runs

@@ -1,4 +1,4 @@
-"""One process of a real `jax.distributed` job (started by `tests/test_multiprocess.py`).
+"""One process of a real `jax.distributed` job (started by `tests/evaluation/test_evaluate_multiprocess.py`).
 
     python tests/_multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR
 

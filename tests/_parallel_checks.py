@@ -1,6 +1,6 @@
 """Checks of `xentjax.parallel` on 8 simulated CPU devices (run as a subprocess).
 
-`tests/test_parallel.py` runs this file with
+`tests/vocab/test_vocabulary_parallel.py` runs this file with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count is
 fixed when the backend starts, hence a separate process) and asserts on the
 JSON it prints: one entry per named check, "ok" or the failure message.
@@ -383,7 +383,7 @@ def main():
   @check("stats_class_weighted_z_loss_denominator")
   def _():
     # return_stats, the z-loss mean with class weights, and denominator= on the mesh,
-    # against one device (itself checked against float64 in test_fused_trainer.py).
+    # against one device (itself checked against float64 in test_cross_entropy_training.py).
     rng = np.random.default_rng(3)
     x, w, y = inputs(seed=3)
     y[0, :2] = -100

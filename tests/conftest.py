@@ -33,21 +33,21 @@ collect_ignore_glob = ["_*.py"]
 # documentation build. The README's quick command skips them (-m "not slow");
 # CI (.ci/run) runs them with everything else.
 SLOW = (
-  "tests/test_notebooks.py::test_notebook_executes_from_a_clean_kernel",
-  "tests/test_multiprocess.py",
-  "tests/test_cli_demo.py::test_default_demo",
-  "tests/test_cli_demo.py::test_compare",
-  "tests/test_cli_demo.py::test_other_loss_and_optimizer_without_plot",
-  "tests/test_parallel.py::test_parallel_check",
-  "tests/test_parallel.py::test_every_check_is_listed",
-  "tests/test_evaluation_multidevice.py::test_eight_simulated_devices_match_one_and_float64",
-  "tests/test_distill.py::test_parallel_checks",
-  "tests/test_distill.py::test_demo_distill_prints_the_comparison",
-  "tests/test_evaluation.py::test_exact_against_float64_on_a_million_examples_any_batch_size",
-  "tests/test_docs.py::test_site_builds_and_documents_every_public_name",
-  "tests/test_contrastive_parallel.py",
-  "tests/test_cli_demo.py::test_contrastive_demo",
-  "tests/test_cli_demo.py::test_demo_distill_is_deterministic_and_float32_under_x64",
+  "tests/architecture/test_notebooks.py::test_notebook_executes_from_a_clean_kernel",
+  "tests/evaluation/test_evaluate_multiprocess.py",
+  "tests/cli/test_cli_demo.py::test_default_demo",
+  "tests/cli/test_cli_demo.py::test_compare",
+  "tests/cli/test_cli_demo.py::test_other_loss_and_optimizer_without_plot",
+  "tests/vocab/test_vocabulary_parallel.py::test_parallel_check",
+  "tests/vocab/test_vocabulary_parallel.py::test_every_check_is_listed",
+  "tests/evaluation/test_evaluate_multidevice.py::test_eight_simulated_devices_match_one_and_float64",
+  "tests/vocab/test_distillation.py::test_parallel_checks",
+  "tests/vocab/test_distillation.py::test_demo_distill_prints_the_comparison",
+  "tests/evaluation/test_evaluate.py::test_exact_against_float64_on_a_million_examples_any_batch_size",
+  "tests/architecture/test_docs.py::test_site_builds_and_documents_every_public_name",
+  "tests/vocab/test_contrastive_parallel.py",
+  "tests/cli/test_cli_demo.py::test_contrastive_demo",
+  "tests/cli/test_cli_demo.py::test_demo_distill_is_deterministic_and_float32_under_x64",
 )
 
 

@@ -9,7 +9,7 @@ or, when it takes exactly the arguments of another public function (a
 closed-form gradient beside its loss, `cosine_distance` beside
 `cosine_similarity`), with ``public_like(model)``. There is no other way (no
 alias, no bare `jax.jit`); `is_public` tells whether a function was declared
-so. ``tests/test_architecture.py`` checks every name in the public modules'
+so. ``tests/architecture/test_architecture.py`` checks every name in the public modules'
 ``__all__`` and lists the exceptions: classes, constants, and the host-side
 functions that loop over batches, read files or draw (they call public
 functions, they are not compiled themselves).

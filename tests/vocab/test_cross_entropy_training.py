@@ -1,4 +1,4 @@
-"""What a trainer reads from the fused cross-entropy's one sweep (issue 19).
+"""What a trainer reads from the fused cross-entropy's one sweep.
 
 * the z-loss under ``"mean"`` with class weights is averaged over the tokens,
   not over their class weights (so doubling every class weight moves nothing);

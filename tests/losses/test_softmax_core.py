@@ -1,6 +1,6 @@
 """The softmax-statistics core (`xentjax._core`) and the edge cases it fixes once.
 
-Each regression test below is a case the probing of issue 8 found giving a
+Each regression test below is a case a probe of every path found giving a
 wrong or NaN answer on some path; expected values are derived by hand or in
 float64 NumPy.
 """

@@ -14,7 +14,7 @@ import textwrap
 
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent(
   """

@@ -1,4 +1,4 @@
-"""A newcomer's first hour (issue 21): what they see when something is off.
+"""What a new user sees when something is off: errors that name the fix, help, version.
 
 - no NaN temperature row unless a temperature was asked for (`evaluate`, its printed
   table, `to_dict()`, `xentjax evaluate`'s table, JSON and `--plot`), and
@@ -9,7 +9,7 @@
 - help text for every option of `xentjax evaluate`;
 - `xentjax --help` and `--version` without importing JAX.
 
-The two error messages of the fused functions are in `test_first_hour_fused_errors.py`.
+The two error messages of the fused functions are in `test_cross_entropy_errors.py`.
 """
 
 import json
@@ -25,7 +25,7 @@ import pytest
 import xentjax
 from xentjax.cli._main import build_parser, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _float64_temperature(z, y):
@@ -283,6 +283,6 @@ def test_every_slow_entry_names_a_test_that_exists():
     tree = ast.parse((ROOT / path).read_text())
     tests = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     assert (ROOT / path).is_file() and (not name or name in tests), f"conftest.SLOW: {entry}"
-  assert is_slow("tests/test_multiprocess.py::test_library_across_two_processes")
-  assert is_slow("tests/test_notebooks.py::test_notebook_executes_from_a_clean_kernel[01]")
-  assert not is_slow("tests/test_notebooks.py::test_the_derivation_sequence_is_present")
+  assert is_slow("tests/evaluation/test_evaluate_multiprocess.py::test_library_across_two_processes")
+  assert is_slow("tests/architecture/test_notebooks.py::test_notebook_executes_from_a_clean_kernel[01]")
+  assert not is_slow("tests/architecture/test_notebooks.py::test_the_derivation_sequence_is_present")

@@ -119,7 +119,7 @@ def test_fit_temperature_edge_cases():
 
 
 def test_fit_temperature_of_non_finite_data_is_nan_like_the_streaming_fit():
-  # Issue 19, item 7: a NaN row used to fit T = 1.0 (a plausible number);
+  # A NaN row once fitted T = 1.0 (a plausible number);
   # the convention, and `fit_temperature_streaming`, say NaN.
   z, y = _overconfident(n=64, k=4, scale=3.0, seed=3)
   finite = float(C.fit_temperature(z, y))

@@ -1,4 +1,4 @@
-"""Errors of the fused functions that must name the fix (issue 21, item 4).
+"""Errors of the fused functions that must name the fix.
 
 These two messages live in the fused engine (`xentjax/_vocab/`, formerly `_fused.py`
 and `_distill.py`); the tests are written against the public calls a newcomer makes:

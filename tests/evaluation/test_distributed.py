@@ -1,6 +1,6 @@
 """`xentjax.distributed` in one process: the share of the data, the exact exchange format, merging.
 
-The real multi-process runs are in `tests/test_multiprocess.py`.
+The real multi-process runs are in `tests/evaluation/test_evaluate_multiprocess.py`.
 """
 
 import math

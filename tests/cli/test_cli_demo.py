@@ -118,7 +118,7 @@ def test_out_creates_only_the_last_directory(tmp_path):
   assert (tmp_path / "new").is_dir() and list((tmp_path / "new").iterdir()) == []
 
 
-# `xentjax demo --distill` is deterministic (issue 19, item 12).
+# `xentjax demo --distill` is deterministic.
 
 _DISTILL_RUN = (
   "import json; from xentjax.demos import distill as D; "
@@ -135,7 +135,7 @@ def _distill_in_fresh_process(x64: bool) -> dict:
   import subprocess
   import sys
 
-  root = pathlib.Path(__file__).resolve().parents[1]
+  root = pathlib.Path(__file__).resolve().parents[2]
   env = {**os.environ, "JAX_ENABLE_X64": "1" if x64 else "0", "JAX_PLATFORMS": "cpu"}
   env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
   run = subprocess.run(

@@ -2,7 +2,7 @@
 
 Lines of code are the lines of a function (its signature included) that hold
 a token other than a comment or a string: docstrings, comments and blank
-lines do not count (issue 8's rule).
+lines do not count.
 """
 
 import ast
@@ -10,7 +10,7 @@ import io
 import pathlib
 import tokenize
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "xentjax"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "xentjax"
 LIMIT = 60
 
 

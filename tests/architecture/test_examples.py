@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MAX_NOT_RUN = 2
 NOT_RUN = re.compile(r"<!--\s*example:\s*not run:\s*(.+?)\s*-->")

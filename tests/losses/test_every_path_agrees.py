@@ -223,7 +223,7 @@ def test_nothing_counted_or_masked_rows_have_a_zero_gradient(name):
     np.testing.assert_array_equal(g[~counted], 0.0, err_msg=path)
 
 
-# `eps=` keeps the input's precision (issue 19, item 9): under x64 the clip
+# `eps=` keeps the input's precision : under x64 the clip
 # bounds (Python numbers) must not promote float32 or 16-bit inputs to float64.
 
 
@@ -271,7 +271,7 @@ def test_eps_keeps_the_input_dtype_under_x64():
   tests = pathlib.Path(__file__).resolve().parent
   code = (
     "import sys; sys.path.insert(0, sys.argv[1]); import jax; "
-    "assert jax.config.jax_enable_x64; import test_consistency as t; "
+    "assert jax.config.jax_enable_x64; import test_every_path_agrees as t; "
     "print(t.eps_dtype_mismatches())"
   )
   env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}

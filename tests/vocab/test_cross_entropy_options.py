@@ -75,7 +75,7 @@ OPTIONS = {
 }
 
 
-# "store" needs a scalar reduction ("none" is an error, tested in test_fused.py).
+# "store" needs a scalar reduction ("none" is an error, tested in test_cross_entropy.py).
 @pytest.mark.parametrize(
   "name, strategy",
   [

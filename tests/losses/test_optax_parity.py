@@ -7,7 +7,7 @@ about its own functions is checked against ours. Only the test classes for
 functions xentjax provides are collected. No optax test is deselected: every
 input optax's tests use gives optax's answer here too (the cases where we are
 deliberately different, -inf logits with zero label mass and zero KL targets,
-are ones optax's tests do not exercise; `tests/test_edge_cases.py` covers them).
+are ones optax's tests do not exercise; `tests/losses/test_edge_cases.py` covers them).
 
 A direct comparison on random inputs (shapes, axes, masks) follows.
 """

@@ -1,4 +1,4 @@
-"""The Keras 3 / PyTorch / SciPy conventions a porting user reaches for (issue 12 §1).
+"""The Keras 3 / PyTorch / SciPy conventions a porting user reaches for.
 
 Keras is not installed: each Keras reference below is the documented Keras 3
 formula, transcribed in float64 NumPy (the comment names the Keras function).

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "_multiprocess_worker.py"
 DEADLINE = 150  # seconds for a whole scenario (it takes ~15 s on 2 busy cores)
 

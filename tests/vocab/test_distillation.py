@@ -390,7 +390,7 @@ def test_bad_topk_teacher_entries_give_nan_on_their_token(case):
 
 @pytest.mark.parametrize("strategy", ["recompute", "store"])
 def test_repeated_teacher_index_is_a_bad_token_not_a_negative_divergence(strategy):
-  """Issue 19 item 6: one class saved twice made D = -log 2 < 0; now that token is NaN.
+  """One class saved twice made D = -log 2 < 0; now that token is NaN.
 
   Every other token matches the float64 reference, values and gradients; the
   repeated token's gradient is NaN in its row of dx (and in dw, a sum over

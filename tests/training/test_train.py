@@ -117,7 +117,7 @@ def test_focal_with_gamma_zero_is_ce_and_confident_examples_are_finite():
 
 
 def test_focal_is_the_public_focal_loss_on_one_hot_labels():
-  # One focal loss in the library: `train` composes the public one (issue 18).
+  # One focal loss in the library: `train` composes the public one.
   assert getattr(train, "softmax_focal_loss", L.softmax_focal_loss) is L.softmax_focal_loss
   assert "softmax_focal_loss" not in train.__all__
   z = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3], [3.0, 3.0, -2.0]], np.float32)
@@ -135,7 +135,7 @@ def test_focal_is_the_public_focal_loss_on_one_hot_labels():
 
 
 def test_train_declares_its_public_names():
-  # `__all__` is the surface: no typing names, no re-exported losses (issue 19, item 13).
+  # `__all__` is the surface: no typing names, no re-exported losses.
   public = {n for n in vars(train) if not n.startswith("_")}
   leaked = {"Any", "Callable", "Mapping", "Sequence", "annotations", "functools", "math", "sys"}
   assert not leaked & set(train.__all__)

@@ -1,4 +1,4 @@
-"""Tests of `xentjax.linear_distillation_loss`'s options of issue 19.
+"""Tests of `xentjax.linear_distillation_loss`'s options.
 
 ``divergence="jsd_scaled"`` (the generalized JSD over beta (1 - beta),
 continuous at both ends), ``divergence="tvd"`` (the total variation distance,
@@ -137,7 +137,7 @@ def check(ref, loss, grads, rtol=3e-5, what=""):
 
 
 # ----------------------------------------------------------------------------
-# divergence="jsd_scaled": continuous in beta (issue 19 item 14).
+# divergence="jsd_scaled": continuous in beta.
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -1,4 +1,4 @@
-"""The vocabulary family at its edges (issue 19, section 1, items 1-5): -inf logits.
+"""The vocabulary family at its edges: -inf logits.
 
 A ``-inf`` bias entry is how RL and constrained decoding mask vocabulary
 entries, and a teacher with ``-inf`` logits is any teacher with a masked

@@ -538,7 +538,7 @@ def test_vmap_equals_loop_and_jit_equals_eager(pq):
   np.testing.assert_allclose(jax.jit(info.entropy)(p), info.entropy(p), rtol=RTOL, atol=ATOL)
 
 
-# Subnormal probabilities (XLA flushes them to zero on CPU): issue 8.
+# Subnormal probabilities (XLA flushes them to zero on CPU).
 
 
 def test_js_divergence_with_a_subnormal_midpoint_is_finite_and_tiny():
@@ -558,7 +558,7 @@ def test_cross_entropy_and_kl_of_a_subnormal_q_are_exact():
   np.testing.assert_allclose(g[0], -0.5 / 2e-38, rtol=1e-5)  # -p / q, finite
 
 
-# Negative probabilities: one rule for every function (issue 19, item 8).
+# Negative probabilities: one rule for every function.
 
 NEGATIVE_CASES = {
   "entropy": lambda p, q, **kw: info.entropy(p, **kw),
