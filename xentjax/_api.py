@@ -387,7 +387,7 @@ def to_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   batch = tuple(i for i in range(x.ndim) if i not in axes)
   x = jnp.transpose(x, batch + axes)
   k = math.prod(x.shape[len(batch) :])
-  return x.reshape(x.shape[: len(batch)] + (k,))
+  return x.reshape((*x.shape[: len(batch)], k))
 
 
 def from_last(g: jax.Array, axes: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:

@@ -69,7 +69,7 @@ def public_modules() -> list[str]:
         continue
       found.add(full)
       todo.append(importlib.import_module(full))
-  return [PACKAGE] + sorted(found - {PACKAGE})
+  return [PACKAGE, *sorted(found - {PACKAGE})]
 
 
 def public_names(module: types.ModuleType) -> list[str]:

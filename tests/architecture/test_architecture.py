@@ -84,7 +84,7 @@ def private_uses(module: str, source: str, modules: set[str], is_package: bool =
     elif isinstance(node, ast.Import):
       for a in node.names:
         if a.name.startswith("xentjax"):
-          aliases[a.asname or a.name.split(".")[0]] = a.asname and a.name or "xentjax"
+          aliases[a.asname or a.name.split(".")[0]] = (a.asname and a.name) or "xentjax"
   for node in ast.walk(tree):
     if not isinstance(node, ast.Attribute) or not _is_private(node.attr):
       continue

@@ -59,12 +59,8 @@ def calls(path: pathlib.Path, name: str) -> int:
   """How many times `path` calls or decorates with something named `name` (`a.b.name` too)."""
   n = 0
   for node in ast.walk(ast.parse(path.read_text())):
-    if (
-      isinstance(node, ast.Attribute)
-      and node.attr == name
-      or isinstance(node, ast.Call)
-      and isinstance(node.func, ast.Name)
-      and node.func.id == name
+    if (isinstance(node, ast.Attribute) and node.attr == name) or (
+      isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == name
     ):
       n += 1
   return n

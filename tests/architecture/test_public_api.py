@@ -144,7 +144,7 @@ def test_where_rule_bool_and_integer_masks_floats_rejected():
     np.testing.assert_allclose(fn(z, y, where=keep), want, rtol=1e-6)
     np.testing.assert_allclose(fn(z, y, where=keep.astype(np.int32)), want, rtol=1e-6)
     np.testing.assert_allclose(fn(z, y, where=[1, 0, 1]), want, rtol=1e-6)
-    with pytest.raises(TypeError, match="`where` must be a boolean mask.*weight"):
+    with pytest.raises(TypeError, match=r"`where` must be a boolean mask.*weight"):
       fn(z, y, where=keep.astype(np.float32))
   per = L.softmax_cross_entropy_with_integer_labels
   np.testing.assert_allclose(per(z, y, where=keep), per(z, y, where=keep.astype(np.uint8)))
@@ -247,7 +247,7 @@ def test_one_where_rule_everywhere(name):
   # The mask matters (so the comparison above could fail).
   other = _leaves(fn(*args, where=np.ones_like(keep)))
   assert any(a.shape != b.shape or not np.allclose(a, b) for a, b in zip(other, want, strict=True))
-  with pytest.raises(TypeError, match="`where` must be a boolean mask.*weight"):
+  with pytest.raises(TypeError, match=r"`where` must be a boolean mask.*weight"):
     fn(*args, where=keep.astype(np.float32))
 
 
@@ -258,7 +258,7 @@ def test_evaluate_masks_follow_the_where_rule():
   want = L.evaluate([(z, y, keep)], progress=False)
   got = L.evaluate([(z, y, keep.astype(np.int8))], progress=False)
   assert got.cross_entropy == want.cross_entropy and got.count == want.count == 2
-  with pytest.raises(TypeError, match="`mask` must be a boolean mask.*weight"):
+  with pytest.raises(TypeError, match=r"`mask` must be a boolean mask.*weight"):
     L.evaluate([(z, y, keep.astype(np.float32))], progress=False)
 
 
@@ -362,7 +362,7 @@ def test_doc_parts_fill_placeholders_and_refuse_missing_ones():
     """
 
   assert f.__doc__ == "Sum.\n\n    Args:\n      x: a number.\n    y: another.\n    "
-  with pytest.raises(ValueError, match="has no {args}"):
+  with pytest.raises(ValueError, match=r"has no {args}"):
 
     @_api.doc_parts(args="x")
     def g(x):

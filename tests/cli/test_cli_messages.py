@@ -283,6 +283,12 @@ def test_every_slow_entry_names_a_test_that_exists():
     tree = ast.parse((ROOT / path).read_text())
     tests = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     assert (ROOT / path).is_file() and (not name or name in tests), f"conftest.SLOW: {entry}"
-  assert is_slow("tests/evaluation/test_evaluate_multiprocess.py::test_library_across_two_processes")
-  assert is_slow("tests/architecture/test_notebooks.py::test_notebook_executes_from_a_clean_kernel[01]")
-  assert not is_slow("tests/architecture/test_notebooks.py::test_the_derivation_sequence_is_present")
+  assert is_slow(
+    "tests/evaluation/test_evaluate_multiprocess.py::test_library_across_two_processes"
+  )
+  assert is_slow(
+    "tests/architecture/test_notebooks.py::test_notebook_executes_from_a_clean_kernel[01]"
+  )
+  assert not is_slow(
+    "tests/architecture/test_notebooks.py::test_the_derivation_sequence_is_present"
+  )

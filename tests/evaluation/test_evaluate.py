@@ -373,7 +373,7 @@ def test_all_masked_and_empty_give_zero_count():
   assert math.isnan(r.cross_entropy) and math.isnan(r.accuracy)
   e = xentjax.evaluate([], progress=False)
   assert e.count == 0 and math.isnan(e.expected_calibration_error)
-  z = xentjax.evaluate([(logits[:0], labels[:0])] + batched(logits, labels, size=B), progress=False)
+  z = xentjax.evaluate([(logits[:0], labels[:0]), *batched(logits, labels, size=B)], progress=False)
   assert_matches(z, reference(logits, labels))
 
 

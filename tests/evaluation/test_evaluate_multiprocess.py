@@ -6,6 +6,7 @@ runs in its own session under a deadline: on a timeout or a failure the
 whole group is killed, so a hang fails the test instead of stalling CI.
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -81,10 +82,8 @@ def launch(commands, cwd, deadline=DEADLINE):
 def kill_all(procs):
   for p in procs:
     if p.poll() is None:
-      try:
+      with contextlib.suppress(ProcessLookupError):
         os.killpg(p.pid, signal.SIGKILL)
-      except ProcessLookupError:
-        pass
       p.wait()
 
 

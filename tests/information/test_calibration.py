@@ -164,7 +164,7 @@ def test_ece_matches_numpy(binning):
   np.testing.assert_allclose(got, _np_ece(conf, correct, 10, binning), rtol=1e-5, atol=1e-7)
   # Classwise (Kull et al. 2019): per class, confidence p_k against [y = k].
   expected = np.mean(
-    [_np_ece(p[:, k], (Y == k).astype(float), 10, binning) for k in range(p.shape[1])]
+    [_np_ece(p[:, k], (k == Y).astype(float), 10, binning) for k in range(p.shape[1])]
   )
   got = C.expected_calibration_error(Z, Y, num_bins=10, binning=binning, classwise=True)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)

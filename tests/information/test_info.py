@@ -202,7 +202,7 @@ def test_check_grads_interior():
   jax.test_util.check_grads(
     jax.jit(info.entropy), (p,), order=1, modes=("rev",), eps=eps, atol=tol, rtol=tol
   )
-  for name in PROB_PAIR_FNS + ["kl_divergence_from_logits"]:
+  for name in [*PROB_PAIR_FNS, "kl_divergence_from_logits"]:
     fn = jax.jit(PAIR_FNS[name])
     jax.test_util.check_grads(fn, (p, q), order=1, modes=("rev",), eps=eps, atol=tol, rtol=tol)
 
@@ -412,7 +412,7 @@ def test_kl_from_logits_shift_invariance():
 # Errors at trace time.
 
 
-@pytest.mark.parametrize("name", PROB_PAIR_FNS + ["kl_divergence_from_logits"])
+@pytest.mark.parametrize("name", [*PROB_PAIR_FNS, "kl_divergence_from_logits"])
 def test_shape_mismatch_names_arguments_and_shapes(name):
   with pytest.raises(ValueError, match=r"\(2, 3\).*\(2, 4\)"):
     PAIR_FNS[name](jnp.ones((2, 3)), jnp.ones((2, 4)))
@@ -453,7 +453,7 @@ def test_bad_where_and_axis_rejected():
   np.testing.assert_array_equal(
     info.entropy(p, where=jnp.array([1, 0])), info.entropy(p, where=jnp.array([True, False]))
   )
-  with pytest.raises(TypeError, match="boolean mask.*weight"):
+  with pytest.raises(TypeError, match=r"boolean mask.*weight"):
     info.entropy(p, where=jnp.array([1.0, 0.0]))
   with pytest.raises(ValueError, match=r"where.shape=\(3,\)"):
     info.entropy(p, where=jnp.array([True, False, True]))

@@ -401,7 +401,7 @@ def test_bool_targets_rejected():
 
 
 def test_unknown_reduction():
-  with pytest.raises(ValueError, match="`reduction`.*'avg'"):
+  with pytest.raises(ValueError, match=r"`reduction`.*'avg'"):
     xentjax.cross_entropy_loss(jnp.zeros((2, 3)), jnp.array([0, 1]), reduction="avg")
 
 
@@ -427,7 +427,7 @@ def test_scalar_logits_and_bad_axis():
 
 def test_errors_raise_at_trace_time_inside_jit():
   f = jax.jit(lambda z, y: xentjax.cross_entropy_loss(z, y))
-  with pytest.raises(ValueError, match="targets.shape"):
+  with pytest.raises(ValueError, match=r"targets.shape"):
     f(jnp.zeros((4, 3)), jnp.zeros((5,), jnp.int32))
 
 

@@ -343,7 +343,7 @@ def test_bad_input_errors_name_the_argument():
   y = np.full((2, 3), 1 / 3, np.float32)
   with pytest.raises(TypeError, match="logits"):
     L.softmax_cross_entropy(np.zeros((2, 3), np.int32), y)
-  with pytest.raises(TypeError, match="labels.*integer"):
+  with pytest.raises(TypeError, match=r"labels.*integer"):
     L.softmax_cross_entropy(z, np.array([0, 1]))  # integer labels where probabilities go
   with pytest.raises(TypeError, match="labels"):
     L.softmax_cross_entropy_with_integer_labels(z, y[:, 0])  # probabilities where ints go
@@ -367,7 +367,7 @@ def test_bad_input_errors_name_the_argument():
     L.binary_cross_entropy(y, np.ones((2, 3), np.int32))
   with pytest.raises(ValueError, match="eps"):
     L.binary_cross_entropy(y, y, eps=0.7)
-  with pytest.raises(ValueError, match="predictions.*targets"):
+  with pytest.raises(ValueError, match=r"predictions.*targets"):
     L.squared_error(z, z[:, :2])
   with pytest.raises(TypeError, match="logits"):
     L.sigmoid_binary_cross_entropy(np.array([1, 2]), np.array([1.0, 0.0]))

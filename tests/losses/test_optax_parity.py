@@ -80,7 +80,7 @@ def _load_optax_tests(filename):
   module = types.ModuleType(f"optax_parity_{filename[:-3]}")
   module.__file__ = path
   code = compile(source, path, "exec")
-  exec(code, module.__dict__)  # noqa: S102 - optax's own test file, from disk.
+  exec(code, module.__dict__)
   # Rebind the optax loss modules the tests call to the xentjax proxy.
   for name in ("_classification", "_smoothing", "_regression"):
     if name in module.__dict__:

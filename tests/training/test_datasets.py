@@ -50,7 +50,7 @@ def test_loader_types_range_sizes_and_classes():
   assert x_train.dtype == np.float32 and x_test.dtype == np.float32
   assert y_train.dtype == np.int32 and y_test.dtype == np.int32
   assert x_train.shape == (1347, 64) and x_test.shape == (450, 64)
-  assert 0.0 <= x_train.min() and x_train.max() == 1.0
+  assert x_train.min() >= 0.0 and x_train.max() == 1.0
   assert set(np.unique(y_train).tolist()) == set(range(10))
   assert set(np.unique(y_test).tolist()) == set(range(10))
   # Stratified: every class holds out round(0.25 * n_c) examples.

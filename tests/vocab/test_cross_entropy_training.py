@@ -368,7 +368,7 @@ ALL = slice(None)
 
 def microbatches(n_tokens, sizes=(2, 1, 1)):
   """Slices of the leading axis: unequal microbatches."""
-  starts = np.cumsum((0,) + sizes)
+  starts = np.cumsum((0, *sizes))
   return [slice(a, b) for a, b in itertools.pairwise(starts)]
 
 

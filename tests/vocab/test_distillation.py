@@ -384,7 +384,7 @@ def test_bad_topk_teacher_entries_give_nan_on_their_token(case):
     lp[1, 2] = -np.inf
   per_token = np.asarray(xentjax.linear_topk_distillation_loss(x, w, idx, lp, reduction="none"))
   assert np.isnan(per_token[1, 2]) and np.isnan(per_token).sum() == 1
-  with pytest.raises(ValueError, match="teacher_(indices|logprobs)"):
+  with pytest.raises(ValueError, match=r"teacher_(indices|logprobs)"):
     xentjax.check_topk_teacher(idx, lp, V)
 
 
@@ -436,7 +436,7 @@ def test_repeated_teacher_index_is_a_bad_token_not_a_negative_divergence(strateg
 def test_check_topk_teacher_accepts_a_real_top_k_and_rejects_too_much_mass():
   idx, lp = topk_teacher(seed=16, k=4)
   xentjax.check_topk_teacher(idx, lp, V)  # no error
-  with pytest.raises(ValueError, match="teacher_logprobs.*sums to probability"):
+  with pytest.raises(ValueError, match=r"teacher_logprobs.*sums to probability"):
     xentjax.check_topk_teacher(idx, np.full(idx.shape, math.log(0.5), np.float32), V)
 
 
@@ -447,7 +447,7 @@ def test_check_topk_teacher_accepts_a_real_top_k_and_rejects_too_much_mass():
 def test_argument_errors():
   x, w, tx, tw, y = inputs()
   L = xentjax.linear_distillation_loss
-  with pytest.raises(ValueError, match="vocabularies differ.*V=37.*V=36"):
+  with pytest.raises(ValueError, match=r"vocabularies differ.*V=37.*V=36"):
     L(x, w, tx, tw[:, :36])
   for t in (0.0, -1.0, float("inf")):
     with pytest.raises(ValueError, match="temperature"):
@@ -458,9 +458,9 @@ def test_argument_errors():
   for a in (-0.1, 1.01):
     with pytest.raises(ValueError, match="hard_weight"):
       L(x, w, tx, tw, y, hard_weight=a)
-  with pytest.raises(ValueError, match="hard_weight.*labels=None"):
+  with pytest.raises(ValueError, match=r"hard_weight.*labels=None"):
     L(x, w, tx, tw, hard_weight=0.5)
-  with pytest.raises(ValueError, match="teacher_x.*leading"):
+  with pytest.raises(ValueError, match=r"teacher_x.*leading"):
     L(x, w, tx[:1], tw)
   with pytest.raises(ValueError, match="hidden size of `teacher_x` and `teacher_w`"):
     L(x, w, tx, tw[:4])
@@ -474,7 +474,7 @@ def test_argument_errors():
   idx, lp = topk_teacher(k=3)
   with pytest.raises(TypeError, match="teacher_indices"):
     K(x, w, lp, lp)
-  with pytest.raises(ValueError, match="teacher_indices.*teacher_logprobs"):
+  with pytest.raises(ValueError, match=r"teacher_indices.*teacher_logprobs"):
     K(x, w, idx, lp[..., :2])
   with pytest.raises(ValueError, match="token shape"):
     K(x, w, idx[:1], lp[:1])

@@ -322,9 +322,9 @@ def test_components_at_zero_hard_weight_without_labels_and_without_gradient(stra
 def test_argument_errors_name_the_option():
   x, w, tx, tw, _, b, _ = inputs()
   L = xentjax.linear_distillation_loss
-  with pytest.raises(ValueError, match="divergence.*'jsd', 'jsd_scaled', 'tvd'.*'kl'"):
+  with pytest.raises(ValueError, match=r"divergence.*'jsd', 'jsd_scaled', 'tvd'.*'kl'"):
     L(x, w, tx, tw, divergence="kl")
-  with pytest.raises(ValueError, match='beta.*divergence="tvd".*beta=0'):
+  with pytest.raises(ValueError, match=r'beta.*divergence="tvd".*beta=0'):
     L(x, w, tx, tw, divergence="tvd", beta=0.5)
   with pytest.raises(ValueError, match=r"`bias` must have shape \(37,\)"):
     L(x, w, tx, tw, bias=b[:5])

@@ -182,7 +182,7 @@ FUNCTIONS = {
   ),
   "linear_topk_distillation_loss": lambda x, w, tx, tw, y, **kw: (
     xentjax.linear_topk_distillation_loss(
-      x, w, np.zeros((*SHAPE, 2), np.int32) + [0, 1], np.log(np.full((*SHAPE, 2), 0.4)), y, **kw
+      x, w, [*np.zeros((*SHAPE, 2), np.int32), 0, 1], np.log(np.full((*SHAPE, 2), 0.4)), y, **kw
     )
   ),
 }
@@ -242,7 +242,7 @@ def test_a_per_token_temperature_must_fit_the_tokens():
 @pytest.mark.parametrize("name", ["linear_softmax_cross_entropy", "linear_token_stats"])
 def test_the_soft_cap_is_static_and_says_so(name):
   x, w, tx, tw, y, _ = data()
-  with pytest.raises(TypeError, match="logit_soft_cap.*static"):
+  with pytest.raises(TypeError, match=r"logit_soft_cap.*static"):
     jax.jit(lambda c: FUNCTIONS[name](x, w, tx, tw, y, logit_soft_cap=c))(2.0)
   for bad in (True, "2.0"):
     with pytest.raises(TypeError, match="logit_soft_cap"):

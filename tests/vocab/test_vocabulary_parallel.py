@@ -61,9 +61,9 @@ def test_mesh_errors_in_process():
   x = np.zeros((2, 4), np.float32)
   w = np.zeros((4, 8), np.float32)
   y = np.zeros((2,), np.int32)
-  with pytest.raises(ValueError, match="vocab_axis.*'vocab'.*'batch'"):
+  with pytest.raises(ValueError, match=r"vocab_axis.*'vocab'.*'batch'"):
     par.linear_softmax_cross_entropy(x, w, y, mesh=mesh)
-  with pytest.raises(ValueError, match="data_axis.*'data'"):
+  with pytest.raises(ValueError, match=r"data_axis.*'data'"):
     par.linear_softmax_cross_entropy(x, w, y, mesh=mesh, vocab_axis="batch")
   with pytest.raises(TypeError, match="Mesh"):
     par.softmax_cross_entropy_with_integer_labels(x @ w, y, mesh="not a mesh")

@@ -458,7 +458,7 @@ def returned(loss, rows: dict, tok: Tokens, lam, return_lse: bool, return_stats:
   """`loss`, or the tuple ``(loss, lse?, stats?)`` that the return flags ask for."""
   out = (loss,) + (rows["lse"].reshape(tok.batch_shape),) * return_lse
   if return_stats:
-    out = out + (cross_entropy_stats(rows, tok, lam),)
+    out = (*out, cross_entropy_stats(rows, tok, lam))
   return out if len(out) > 1 else loss
 
 

@@ -629,7 +629,7 @@ def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dic
     jnp.zeros(x.shape, cdt),
     jnp.zeros(w.shape, cdt),
     None if bias is None else jnp.zeros(bias.shape, cdt),
-    {k: jnp.zeros((n,) + aux.get(k, rows.get(k)).shape[1:], cdt) for k in d_names},
+    {k: jnp.zeros((n, *aux.get(k, rows.get(k)).shape[1:]), cdt) for k in d_names},
   )
   total, kept, dx, dw, db, d_rows = fold(n, tiling.token_chunk, token_body, init)
   dx = vocab_sum(dx, tiling.placement)

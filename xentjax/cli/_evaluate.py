@@ -678,7 +678,7 @@ def _worker(args, job: _Job) -> int:
     _fail(args, f"xentjax evaluate: error: {e}", 1)
   except ValueError as e:  # the processes were given different options
     _fail(args, f"xentjax evaluate: error: {e}", 2)
-  except Exception as e:  # noqa: BLE001 -- one line, never a traceback
+  except Exception as e:
     _fail(args, f"xentjax evaluate: error: process {pid} of {n}: {type(e).__name__}: {e}", 1)
   return 0  # not reached
 

@@ -163,7 +163,7 @@ def _fmt(x: float) -> str:
 def _table(header: list[str], rows: list[list[str]], footer: list[str] | None = None) -> str:
   """Plain-text table: first column left-aligned, numbers right-aligned."""
   body = rows + ([footer] if footer else [])
-  widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+  widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
   def line(cells):
     out = [cells[0].ljust(widths[0])]

@@ -583,7 +583,7 @@ class _Prefetcher:
         if not self._put(item):
           return
       self._put(_DONE)
-    except BaseException as e:  # noqa: BLE001 -- handed to the consuming thread
+    except BaseException as e:
       self._put(e)
 
   def __iter__(self):
