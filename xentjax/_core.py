@@ -86,7 +86,9 @@ class LabelStatus(NamedTuple):
 
   counted: jax.Array  # bool: the row counts (not ignored, not masked out)
   bad: jax.Array  # bool: counted but the label is not a class (-> NaN)
-  index: jax.Array  # int32: the label where it is a class, else 0 (safe to gather)
+  # int32: the label where it is a class, else 0 (safe to gather). The field's name hides
+  # `tuple.index`, which nothing calls on this type.
+  index: jax.Array  # type: ignore[assignment]
 
 
 def _in_range_of(value: int, dtype) -> bool:
@@ -442,7 +444,7 @@ def row_metrics(z, status: LabelStatus, top_k: int, nll=None, *, brier=False) ->
   own = cross_entropy_from_stats(st.log_s, st.zy)
   nll = own if nll is None else nll
   conf = jnp.where(nan_row(st.log_s, st.zy), jnp.nan, confidence(st.log_s, z.shape[-1]))
-  fields = (
+  fields: tuple[jax.Array, ...] = (
     nll,
     top_k_credit(st.n_greater, st.n_tied, 1),
     top_k_credit(st.n_greater, st.n_tied, min(int(top_k), z.shape[-1])),

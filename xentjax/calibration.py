@@ -146,11 +146,13 @@ class TemperatureStats(NamedTuple):
   same grid add (`add`), which is what makes a streaming fit exact.
   """
 
-  log_t: jax.Array
+  # Arrays on the device, or NumPy arrays when `xentjax.evaluate` sums them on the host.
+  log_t: jax.Array | np.ndarray
   loss: jax.Array
   d1: jax.Array
   d2: jax.Array
-  count: jax.Array
+  # The field's name hides `tuple.count`, which nothing calls on this type.
+  count: jax.Array | np.ndarray | int  # type: ignore[assignment]
 
   def add(self, other: TemperatureStats) -> TemperatureStats:
     return TemperatureStats(
@@ -427,6 +429,7 @@ def fit_temperature_streaming(
       break
     s = nxt
   # Never worse than T = 1, the start (where the loss was f0).
+  assert f0 is not None  # the loop above ran at least once
   return float(np.exp(s)) if float(_pass(get, s).loss[0]) <= f0 else 1.0
 
 

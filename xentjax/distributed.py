@@ -86,7 +86,7 @@ def initialize(
     >>> import xentjax  # doctest: +SKIP
     >>> xentjax.distributed.initialize("127.0.0.1:12345", 2, 0)  # doctest: +SKIP
   """
-  if jax.config.jax_cpu_collectives_implementation is None:
+  if getattr(jax.config, "jax_cpu_collectives_implementation", None) is None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if heartbeat_timeout is not None:
     kwargs["heartbeat_timeout_seconds"] = int(heartbeat_timeout)

@@ -171,6 +171,7 @@ def with_column_weights(call: Call, class_weights, eps, monitor: bool):
   `monitor`: the kernel also keeps what `CrossEntropyStats` reads.
   """
   fc = call.tiling.filter_vocab_chunk if call.tiling.filter_eps is not None else 0
+  assert fc is not None  # filtering on sets its chunk
   kernel = SoftmaxStats(weighted_sum=bool(eps), filter_chunk=fc, monitor=monitor)
   if not eps:
     return call.ops, kernel
@@ -472,7 +473,7 @@ def reduce(call: Call, ops, kernel, aux, token_loss, reduction, strategy, denomi
     aux = {**aux, **{k: aux[k] / jnp.where(d == 0, 1.0, d) for k, d in dens.items()}}
     keep = ("lse", "m", "log_s", "ent", "amax", "credit") if kernel.monitor else ("lse",)
     total, kept = run_store({**ops, "aux": aux}, kernel, call.tiling, token_loss, keep=keep)
-    empty = functools.reduce(jnp.logical_or, [d == 0 for d in dens.values()], False)
+    empty = functools.reduce(jnp.logical_or, [d == 0 for d in dens.values()], jnp.bool_(False))
     return jnp.where(empty, jnp.nan, total), lax.stop_gradient(kept)
   out = run_recompute(ops, kernel, call.tiling)
   s = {**out, "m": lax.stop_gradient(out["m"])}

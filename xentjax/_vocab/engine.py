@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -249,12 +250,13 @@ def keep_tiles(rows: dict, n_cols: int, kernel, tiling: Tiling):
   records on its way to each row's maximum) is below ``filter_eps``, and no such token's
   label lies in it (so the one-hot term of the gradient is never dropped).
   """
-  tc, vc = tiling.filter_token_chunk, tiling.filter_vocab_chunk
+  tc, vc, eps = tiling.filter_token_chunk, tiling.filter_vocab_chunk, tiling.filter_eps
+  assert tc is not None and vc is not None and eps is not None  # filtering is on
   logp, labels, label_live = kernel.filter_terms(rows)
   n = logp.shape[0]
   n_tt, n_vt = -(-n // tc), -(-n_cols // vc)
   logp = jnp.pad(logp, ((0, n_tt * tc - n), (0, 0)), constant_values=-jnp.inf)
-  keep = jnp.max(logp.reshape(n_tt, tc, n_vt), axis=1) >= math.log(tiling.filter_eps)
+  keep = jnp.max(logp.reshape(n_tt, tc, n_vt), axis=1) >= math.log(eps)
   local = labels - column_offset(tiling, n_cols)
   hit = label_live & (local >= 0) & (local < n_cols)
   tt = jnp.arange(n) // tc
@@ -296,6 +298,7 @@ def token_loop(tile_grads, carry, n: int, v0, plan, tiling: Tiling):
     return fold(n, tc, tile_grads, carry)
   keep, filtered = plan
   ftc, chunk = tiling.filter_token_chunk, v0 // tiling.vocab_chunk
+  assert ftc is not None  # a filtering plan exists
   thin = filtered[chunk]
   n_wide, wide_tail = divmod(n, tc)
   wide = lambda i, c: tile_grads(c, i * tc, tc, tie=tc == n)
@@ -413,6 +416,7 @@ def with_plan(run, plan, tiling: Tiling):
   if plan is None:
     return run(None, tiling)
   worth = anywhere(jnp.any(plan[1]), tiling.placement)
+  assert tiling.filter_vocab_chunk is not None  # a filtering plan exists
   thin = dataclasses.replace(tiling, vocab_chunk=tiling.filter_vocab_chunk)
   return lax.cond(worth, lambda: run(plan, thin), lambda: run(None, tiling))
 
@@ -657,6 +661,7 @@ def store_filtered(keep, dz, w_c, x_t, xT_t, dw, op_dt, tiling: Tiling, cdt):
   ``dx`` comes out of a `lax.cond` as a fresh output (nothing to copy).
   """
   ftc, vc, vd = tiling.filter_token_chunk, tiling.filter_vocab_chunk, tiling.vd
+  assert ftc is not None and vc is not None  # a filtering plan exists
   (n, n_cols), axis = dz.shape, 0 if vd else 1
   n_tt, n_vt = n // ftc, n_cols // vc  # the whole filter tiles
   rows, cols = n_tt * ftc, n_vt * vc
@@ -792,6 +797,7 @@ store.defvjp(store_fwd, store_bwd)
 def run_store(ops: dict, kernel, tiling: Tiling, token_loss, keep: tuple = ()):
   """`store` on `ops` placed in the layout the sweep expects."""
   ops = place_tree(ops, tiling.placement, tiling.vd, tiling.teacher_vd)
+  dtypes: list[tuple[tuple[str | None, str], Any]]
   dtypes = [((None, k), ops[k].dtype) for k in ("x", "w", "bias") if k in ops]
   for k in store_gradient_names(ops, token_loss):
     group = "rows" if k == "temperature" and k in ops["rows"] else "aux"

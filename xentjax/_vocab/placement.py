@@ -214,6 +214,7 @@ def explicit_layout(x, w, vd: bool):
       found.append(())
       continue
     mesh = mesh or m
+    assert sharding is not None  # its mesh was read above
     found.append(tuple(sharding.spec))
   if mesh is None:
     return None

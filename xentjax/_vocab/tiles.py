@@ -261,6 +261,7 @@ def cotangent(ct: dict, tile: Tile, tiling: Tiling):
     d_temp = -jnp.sum(_times_logits(da_t, tile.a), axis=1)
     if ct.get("b") is not None:
       d_temp = d_temp - jnp.sum(_times_logits(ct["b"], tile.b), axis=1) / t[:, 0]
+  assert d is not None  # a kernel's cotangent holds "a" or "z"
   if tiling.soft_cap is not None:
     tanh = tile.z * jnp.asarray(1.0 / tiling.soft_cap, d.dtype)
     d = d * (1.0 - jnp.square(tanh))

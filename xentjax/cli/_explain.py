@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from typing import SupportsFloat
 
 from xentjax.cli._common import CommandError, add_command
 
@@ -147,7 +148,7 @@ def _parse_label(text: str, names: list[str]) -> int:
 # Formatting.
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: SupportsFloat) -> str:
   """About 4 significant digits: 4 decimals in the usual range, else scientific."""
   x = float(x)
   if math.isnan(x):

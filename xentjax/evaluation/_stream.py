@@ -438,7 +438,9 @@ def _num_rows(tree) -> int:
       "every array of a batch needs the same leading (batch) dimension, got shapes "
       f"{[np.shape(leaf) for leaf in leaves]}."
     )
-  return rows.pop()
+  (n,) = rows
+  assert n is not None  # checked above
+  return n
 
 
 def _as_array(a):
@@ -454,7 +456,8 @@ def _pad_rows(a, size: int, edge: bool):
   mode = "edge" if edge and n > 0 else "constant"
   if isinstance(a, jax.Array):
     return jnp.pad(a, widths, mode=mode)
-  return np.pad(np.asarray(a), widths, mode=mode)
+  a = np.asarray(a)
+  return np.pad(a, widths, mode="edge") if mode == "edge" else np.pad(a, widths)
 
 
 def _split(batch) -> tuple[Any, Any, Any]:

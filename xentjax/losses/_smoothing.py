@@ -58,9 +58,10 @@ def smooth_labels(
   V.check_floating("labels", labels)
   labels = jnp.asarray(labels)
   axes = class_axes(axis, labels.ndim)
+  k: int | jax.Array
   if where is None:
     k = math.prod(labels.shape[a] for a in axes)
   else:
     mask = prepare_where(where, labels.shape, axis, axes)
     k = jnp.sum(mask, axis=axes, keepdims=True).astype(labels.dtype)
-  return (1.0 - alpha) * labels + alpha / k
+  return jnp.asarray((1.0 - alpha) * labels + alpha / k)
