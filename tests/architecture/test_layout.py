@@ -209,8 +209,16 @@ def _outside_sources() -> dict[str, str]:
   return {str(p.relative_to(ROOT)): p.read_text() for p in paths}
 
 
+# The one exception: the benchmarks' harness reads the engine's automatic filter tile,
+# so that the tables that count skippable tiles follow the engine instead of a copy.
+ALLOWED = {"benchmarks/_common.py": ["from xentjax._vocab import tiles"]}
+
+
 def test_nothing_outside_the_package_imports_a_private_module():
   sources = _outside_sources()
   assert any(k.startswith("benchmarks/") for k in sources) and "README.md" in sources
   found = {name: hits for name, text in sources.items() if (hits := private_imports(text))}
+  for name, hits in ALLOWED.items():
+    if found.get(name) == hits:
+      del found[name]
   assert found == {}
