@@ -6,14 +6,18 @@ Usage (from the repository root):
     PYTHONPATH=. .venv/bin/python notebooks/_build.py 03 04      # some of them
     PYTHONPATH=. .venv/bin/python notebooks/_build.py --no-execute
 
-The cell sources live in `notebooks/_cells/NN_*.py` as plain Python files in
-which `# %% [markdown]` and `# %%` lines separate markdown and code cells (the
-"percent" format), so the derivations can be edited and diffed as text; an
-IPython magic is written commented out (`# %matplotlib inline`). Every
-notebook is executed from a clean kernel with `notebooks/` as the working
-directory; the outputs (printed numbers and PNG plots) are stored in the
-.ipynb so the notebooks read well on a code host. The test suite
-(`tests/architecture/test_notebooks.py`) re-executes fresh copies and never writes here.
+The cell sources live in `notebooks/_cells/NN_*.py` in jupytext's "percent"
+format: `# %% [markdown]` and `# %%` lines separate markdown and code cells, so
+the derivations can be edited and diffed as text, and an IPython magic is
+written commented out (`# %matplotlib inline`) so the sources stay valid
+Python. jupytext reads them; the notebooks keep only the kernelspec as
+metadata (jupytext's own bookkeeping is dropped) and stable cell ids, so a
+rebuild does not churn the diff. Every notebook is executed by nbclient from a
+clean kernel with `notebooks/` as the working directory; the outputs (printed
+numbers and PNG plots) are stored in the .ipynb so the notebooks read well on a
+code host. The test suite (`tests/architecture/test_notebooks.py`) checks that
+each .ipynb holds the cells of its source, re-executes fresh copies and never
+writes here.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import pathlib
 import sys
 import time
 
+import jupytext
 import nbformat
 from nbclient import NotebookClient
 
@@ -34,35 +39,13 @@ CELLS = HERE / "_cells"
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 
 
-def parse_cells(text: str) -> list:
-  """Splits a percent-format source into nbformat cells."""
-  cells = []
-  kind, lines = None, []
-
-  def flush():
-    if kind is None:
-      return
-    body = "\n".join(lines).strip("\n")
-    if kind == "markdown":
-      # Markdown lines are written as Python comments: strip the "# " prefix.
-      body = "\n".join(
-        line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.splitlines()
-      )
-      cells.append(nbformat.v4.new_markdown_cell(body))
-    elif body:
-      # IPython magics are stored commented out ("# %matplotlib inline") so the
-      # sources stay valid Python for linters; they are restored here.
-      body = "\n".join(line[2:] if line.startswith("# %") else line for line in body.splitlines())
-      cells.append(nbformat.v4.new_code_cell(body))
-
-  for line in text.splitlines():
-    if line.startswith("# %%"):
-      flush()
-      kind = "markdown" if "[markdown]" in line else "code"
-      lines = []
-    else:
-      lines.append(line)
-  flush()
+def read_cells(source: pathlib.Path) -> list:
+  """The notebook cells of a percent-format source, without jupytext's metadata."""
+  cells = jupytext.read(source, fmt="py:percent").cells
+  for cell in cells:
+    # jupytext records how to write the text back (blank lines between cells);
+    # the notebook does not need it.
+    cell.metadata.pop("lines_to_next_cell", None)
   return cells
 
 
@@ -70,7 +53,7 @@ def build(source: pathlib.Path, execute: bool = True) -> float:
   nb = nbformat.v4.new_notebook()
   nb.metadata["kernelspec"] = KERNELSPEC
   nb.metadata["language_info"] = {"name": "python"}
-  nb.cells = parse_cells(source.read_text())
+  nb.cells = read_cells(source)
   for i, cell in enumerate(nb.cells):  # stable ids: rebuilding does not churn the diff
     cell.id = f"c{i:02d}"
   target = HERE / (source.stem + ".ipynb")

@@ -17,6 +17,7 @@ import re
 import sys
 import time
 
+import jupytext
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -25,6 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 IDS = [path.stem for path in NOTEBOOKS]
+SOURCES = sorted((NOTEBOOK_DIR / "_cells").glob("[0-9][0-9]_*.py"))
 
 EXPECTED = [
   "01_information_and_entropy",
@@ -48,6 +50,22 @@ def test_the_derivation_sequence_is_present():
   missing = [name for name in EXPECTED if name not in names]
   assert not missing, f"missing notebooks: {missing}"
   assert len(NOTEBOOKS) >= 6
+
+
+def test_every_notebook_has_a_source_and_every_source_a_notebook():
+  assert [path.stem for path in SOURCES] == IDS
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=[path.stem for path in SOURCES])
+def test_committed_notebook_holds_the_cells_of_its_source(source):
+  # notebooks/_build.py reads the percent-format source with jupytext; a source
+  # edited without rebuilding its notebook fails here.
+  expected = [(cell.cell_type, cell.source) for cell in jupytext.read(source).cells]
+  nb = nbformat.read(NOTEBOOK_DIR / f"{source.stem}.ipynb", as_version=4)
+  committed = [(cell.cell_type, cell.source) for cell in nb.cells]
+  assert committed == expected, f"rebuild it: python notebooks/_build.py {source.stem[:2]}"
+  assert nb.metadata["kernelspec"]["name"] == "python3"
+  assert "jupytext" not in nb.metadata
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
