@@ -9,6 +9,8 @@ import time
 
 import jax
 
+from xentjax._vocab import tiles
+
 
 def machine() -> str:
   """One line: platform, CPUs, load average, jax version and backend."""
@@ -23,10 +25,11 @@ def machine() -> str:
 
 SETTINGS = ("random", "concentrated", "scattered", "real")
 # The automatic tile of gradient filtering, in tokens x columns (`filter_eps` of
-# `xentjax.linear_softmax_cross_entropy` documents it); the benchmarks count the
-# tiles it can skip in NumPy, so they need it without reaching into the engine.
-FILTER_TILE = (256, 512)
-STORE_FILTER_TILE = (256, 256)  # the same for strategy="store"
+# `xentjax.linear_softmax_cross_entropy` documents it), read from the engine: the
+# benchmarks count the tiles it can skip in NumPy. The one private import of the
+# benchmarks, so that a change of the engine's tile changes their tables too.
+FILTER_TILE = (tiles.FILTER_TOKEN_CHUNK, tiles.FILTER_VOCAB_CHUNK)
+STORE_FILTER_TILE = (tiles.FILTER_TOKEN_CHUNK, tiles.STORE_FILTER_VOCAB_CHUNK)  # strategy="store"
 
 
 def _size(text):

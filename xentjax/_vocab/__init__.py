@@ -27,7 +27,8 @@ without a leading underscore; privacy is the package's, as in optimistix):
   `kernels.contrastive` (CLIP, SigLIP, NT-Xent). A kernel has no loop and no
   custom VJP.
 ``options``, ``inputs``
-  Every option check, and `inputs.prepare_call`: the checked, flattened
+  The option checks the entry points share (the contrastive and distillation
+  modules check their own options), and `inputs.prepare_call`: the checked, flattened
   tokens, the static `tiles.Tiling` and the operands of a sweep.
 ``cross_entropy``, ``token_stats``, ``distillation``, ``contrastive``
   The public entry points: checks, one kernel, and ordinary differentiable

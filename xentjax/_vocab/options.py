@@ -1,10 +1,16 @@
-"""Every option check of the vocabulary family, in one place.
+"""The option checks the entry points of the vocabulary family share.
 
 Each entry point calls these before tracing, so every one refuses the same
 values the same way: a bool or a string where a number goes is a
 `TypeError`, a number out of range a `ValueError`, and the message names the
 argument (`xentjax._validation.real_option`). Arrays are checked for dtype and
 shape, with the shapes in the message.
+
+The options only one family takes are checked in that family's module, in the
+same manner: the contrastive losses (`contrastive.py`: the scale, `k`, the
+pairing of the two embeddings and their labels) and the distillation losses
+(`distillation.py`: the teacher's head, the divergence and its `beta`,
+`hard_weight`, a saved top-k teacher).
 
 ``temperature`` is the one numeric option that may also be an array (it is
 an operand of the sweep, so a traced value does not recompile): a Python

@@ -35,12 +35,12 @@ from xentjax._vocab.placement import Placement, vocab_offset
 
 # Automatic tile sizes, in elements of the float32 logit tile. The recompute
 # tile is 2^21 elements (8 MiB): a handful of them alive at once stays far
-# below 1% of the materialized logits at LLM sizes while each matmul is still
-# large enough to run at full speed. The store tile spans the whole vocabulary
-# row, so it is larger (2^24 elements, 64 MiB) to keep token chunks wide:
-# at V = 32768 that is 512 tokens, where the three matmuls of a tile run at
-# the speed of the materialized ones (256-token tiles measured 7% slower on
-# CPU, from re-reading the weight-sized gradient accumulator twice as often).
+# below 1% of the materialized logits at LLM sizes, and each matmul is still
+# large. The store tile spans the whole vocabulary row, so it is larger (2^24
+# elements, 64 MiB) to keep its token chunks wide (512 tokens at V = 32768):
+# each tile adds its product into the weight-sized gradient accumulator, so
+# fewer, wider tiles read that accumulator fewer times. The measured effect of
+# these sizes is in docs/benchmarks.md (benchmarks/fused.py).
 RECOMPUTE_TILE = 1 << 21
 RECOMPUTE_VOCAB_CHUNK = 1024
 STORE_TILE = 1 << 24
@@ -61,9 +61,9 @@ FILTER_TOKEN_CHUNK = 256
 FILTER_VOCAB_CHUNK = 512
 # In strategy "store" the filter tiles are narrower in columns (256 x 256):
 # its whole-row tiles keep their width (the filter tiles only split its two
-# gradient products), and a narrower tile is skipped more often (on the real
-# model of the benchmarks, 53% of the tiles against 47%, for 0.68x optax's
-# time against 0.72x: `benchmarks/filtering.py`).
+# gradient products), and a narrower tile is all-negligible, and so skipped,
+# more often. Skip rates and times of both tile shapes are in
+# docs/benchmarks.md (benchmarks/filtering.py).
 STORE_FILTER_VOCAB_CHUNK = 256
 # Filtering is adaptive: a column chunk ("recompute") or a whole-row tile of
 # tokens ("store") runs its kept filter tiles only when at least this fraction

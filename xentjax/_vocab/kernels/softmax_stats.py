@@ -57,7 +57,7 @@ class SoftmaxStats(Kernel):
 
   ``monitor`` adds ``ent`` (without gradient, unless ``entropy``), ``amax``
   and ``credit``: what a trainer reads beside the loss, from the same sweep;
-  a kernel without it compiles to the program it compiled to before.
+  without it the kernel keeps none of their state and does none of their work.
   Operands: ``rows["labels"]`` (int32 ``[n]``) and, with ``weighted_sum``,
   ``cols["u"]`` (the column weights ``[V]``).
   """
