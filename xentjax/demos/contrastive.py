@@ -1,6 +1,7 @@
 """`xentjax demo --contrastive`: a CLIP-style model on two halves of the shipped digits.
 
-The experiment (shared with `notebooks/11_contrastive_and_mutual_information.ipynb`):
+The experiment (`notebooks/11_contrastive_and_mutual_information.ipynb` writes out
+the same model and training loop, and checks its numbers against this module's):
 each 8x8 digit is cut into two views, its top half (rows 0-3) and its bottom
 half (rows 4-7), and two small encoders (32 -> 64 tanh -> 16, L2-normalized)
 are trained with `xentjax.contrastive_loss` so that a top half finds its own
