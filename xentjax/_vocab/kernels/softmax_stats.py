@@ -133,21 +133,30 @@ class SoftmaxStats(Kernel):
       new["u_seen"] = st["u_seen"] + jnp.sum(u_c.astype(z.dtype))
     if self.entropy or self.monitor:
       new["t"] = scale * (st["t"] - (ms_new - ms_old) * st["s"]) + jnp.sum(e * zr, axis=1)
-    new.update(self.update_choices(st, z, col, zmax, m_old))
+    new.update(self.update_choices(st, z, col, zmax, m_old, tile.cols.get("order")))
     if tmax is not None:  # the tile's columns start at a multiple of `filter_chunk`
       new["tmax"] = lax.dynamic_update_slice_in_dim(
         st["tmax"], tmax, tile.v0 // self.filter_chunk, 1
       )
     return new, cols
 
-  def update_choices(self, st, z, col, zmax, m_old):
-    """The argmax and the top-k after one more tile."""
+  def update_choices(self, st, z, col, zmax, m_old, order=None):
+    """The argmax and the top-k after one more tile.
+
+    With a column order (``vocab_order=``), ``order`` holds the classes of
+    the tile's columns: the argmax is a class, the lowest among tied ones.
+    """
     new = {}
     if self.monitor:  # finite logits at the running maximum (all -inf: counted in `finish`)
       n_t = jnp.sum((z == zmax[:, None]) & jnp.isfinite(z), axis=1).astype(jnp.int32)
       grew, same = zmax > m_old, zmax == m_old
       new["n_top"] = jnp.where(grew, n_t, jnp.where(same, st["n_top"] + n_t, st["n_top"]))
-    if self.argmax or self.monitor:  # strictly greater: the lowest index wins ties
+    if (self.argmax or self.monitor) and order is not None:
+      tied = jnp.where(z == zmax[:, None], order[None, :], NO_CLASS)
+      best = jnp.min(tied, axis=1).astype(jnp.int32)  # the lowest class at the tile's max
+      same = jnp.where(zmax == m_old, jnp.minimum(st["amax"], best), st["amax"])
+      new["amax"] = jnp.where(zmax > m_old, best, same)
+    elif self.argmax or self.monitor:  # strictly greater: the lowest index wins ties
       new["amax"] = jnp.where(
         zmax > m_old, col[0, 0] + jnp.argmax(z, axis=1).astype(jnp.int32), st["amax"]
       )
