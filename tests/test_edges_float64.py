@@ -6,6 +6,8 @@ means over nothing, a contrastive scale that is not > 0, and the wording of
 the errors that say so.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -71,3 +73,91 @@ def test_argmax_under_vocab_order_matches_the_unsorted_call(strategy):
   )
   np.testing.assert_array_equal(np.asarray(sorted_.argmax), lowest_argmax64(logits64(x, w)))
   np.testing.assert_array_equal(np.asarray(sorted_.argmax), np.asarray(plain.argmax))
+
+
+# ---------------------------------------------------------------------------
+# `policy.policy_gradient_loss`: masked padding is never read; nothing counted is NaN.
+
+NORMS = ("sequence", "token", "constant")
+
+
+def pg_reference64(lp, old, adv, mask, norm, eps=0.2):
+  """The clipped loss and its gradient in float64 over the kept tokens only."""
+  lp, old = np.asarray(lp, np.float64), np.asarray(old, np.float64)
+  adv = np.broadcast_to(np.asarray(adv, np.float64)[:, None], lp.shape)
+  r = np.exp(np.where(mask, lp - old, 0.0))
+  unclipped = r * adv <= np.clip(r, 1 - eps, 1 + eps) * adv
+  tok = np.where(mask, -np.minimum(r * adv, np.clip(r, 1 - eps, 1 + eps) * adv), 0.0)
+  dtok = np.where(mask & unclipped, -r * adv, 0.0)
+  if norm == "sequence":
+    n = mask.sum(1)
+    w = np.where(mask, 1.0 / np.maximum(n, 1)[:, None], 0.0) / np.sum(n > 0)
+  elif norm == "token":
+    w = mask / mask.sum()
+  else:
+    w = np.ones(lp.shape) / lp.size
+  return np.sum(tok * w), dtok * w
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("pad", [-np.inf, np.nan, np.inf])
+def test_policy_gradient_masked_padding_gives_a_zero_gradient(norm, pad):
+  lp = np.array([[-0.7, -1.1, -0.3], [-2.0, -0.5, -0.9]], np.float32)
+  old = np.array([[-1.2, -0.9, -0.4], [-1.9, -0.6, -1.0]], np.float32)
+  adv = np.array([1.5, -0.5], np.float32)
+  ref = old - 0.1
+  mask = np.array([[True, True, False], [True, False, False]])
+  want, dwant = pg_reference64(lp, old, adv, mask, norm)
+  padded = {k: np.where(mask, a, pad).astype(np.float32) for k, a in (("lp", lp), ("old", old))}
+  adv_tok = np.where(mask, adv[:, None], pad).astype(np.float32)
+  ref_pad = np.where(mask, ref, pad).astype(np.float32)
+
+  def f(v, a):
+    return xentjax.policy.policy_gradient_loss(
+      v, a, mask, old_logprobs=padded["old"], normalization=norm
+    )
+
+  for a in (adv, adv_tok):
+    got, grad = jax.value_and_grad(f)(jnp.asarray(padded["lp"]), a)
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), dwant, rtol=1e-5, atol=1e-8)
+    assert np.all(np.asarray(grad)[~mask] == 0.0)
+  # With a KL term, padding in `ref_logprobs` too: still finite, still 0 there.
+  grad = jax.grad(
+    lambda v: xentjax.policy.policy_gradient_loss(
+      v,
+      adv,
+      mask,
+      old_logprobs=padded["old"],
+      ref_logprobs=ref_pad,
+      kl_coef=0.1,
+      normalization=norm,
+    )
+  )(jnp.asarray(padded["lp"]))
+  assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[~mask] == 0.0)
+
+
+def test_policy_gradient_issue_example():
+  grad = jax.grad(
+    lambda v: xentjax.policy.policy_gradient_loss(
+      v, jnp.ones(1), jnp.array([[True, False]]), old_logprobs=jnp.array([[-1.2, -jnp.inf]])
+    )
+  )(jnp.array([[-1.2, -1.0]]))
+  np.testing.assert_array_equal(np.asarray(grad), [[-1.0, 0.0]])
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_policy_gradient_nothing_counted_is_nan_in_every_normalization(norm):
+  lp = jnp.array([[-0.7, -1.1], [-2.0, -0.5]])
+  mask = jnp.zeros((2, 2), bool)
+  f = lambda v: xentjax.policy.policy_gradient_loss(v, jnp.ones(2), mask, normalization=norm)
+  value, grad = jax.value_and_grad(f)(lp)
+  assert np.isnan(float(value))
+  np.testing.assert_array_equal(np.asarray(grad), 0.0)
+  # With a denominator (a microbatch of an accumulated step) it adds 0.
+  g = lambda v: xentjax.policy.policy_gradient_loss(
+    v, jnp.ones(2), mask, normalization=norm, denominator=4.0
+  )
+  value, grad = jax.value_and_grad(g)(lp)
+  assert float(value) == 0.0
+  np.testing.assert_array_equal(np.asarray(grad), 0.0)

@@ -189,6 +189,19 @@ def _per_token(lp, old, adv, eps_low, eps_high):
   return -jnp.minimum(ratio * adv, clipped * adv)
 
 
+def _masked_inputs(mask, lp, old, adv, ref):
+  """The inputs with 0 where `mask` is False, before any arithmetic.
+
+  Padding may hold ``-inf`` or NaN; the `where` comes first so that the
+  untaken branch is finite and a masked token adds 0 to the gradient, not NaN.
+  """
+
+  def keep(a):
+    return None if a is None else jnp.where(mask, a, jnp.zeros((), a.dtype))
+
+  return keep(lp), keep(old), keep(adv), keep(ref)
+
+
 def _normalize(per_token, mask, normalization, max_length, denominator):
   """The reduction of each recipe: per sequence then over sequences, per token, or constant."""
   maskf = mask.astype(per_token.dtype)
@@ -199,9 +212,9 @@ def _normalize(per_token, mask, normalization, max_length, denominator):
     total, count = jnp.sum(seq), jnp.sum(n_tok > 0)
   elif normalization == "token":
     total, count = jnp.sum(total_tok), jnp.sum(maskf)
-  else:
+  else:  # a constant, but over nothing counted NaN, as the other two (the empty-mean rule)
     length = per_token.shape[-1] if max_length is None else max_length
-    total, count = jnp.sum(total_tok), per_token.shape[0] * length
+    total, count = jnp.sum(total_tok), jnp.where(jnp.any(mask), per_token.shape[0] * length, 0)
   count = count if denominator is None else denominator
   return _core.mean_or_nan(total, jnp.asarray(count, per_token.dtype))
 
@@ -290,7 +303,10 @@ def policy_gradient_loss(
 
   Returns:
     A scalar. Nothing counted gives NaN with a zero gradient (the library's
-    empty-mean rule).
+    empty-mean rule), in all three normalizations (``"constant"`` too, unless
+    a ``denominator`` is given: then 0, what the microbatch adds). Masked
+    tokens are never read: ``-inf`` or NaN padding in any input adds 0 to the
+    loss and the gradient.
   """
   lp = jnp.asarray(logprobs)
   adv = jax.lax.stop_gradient(jnp.asarray(advantages, lp.dtype))
@@ -303,6 +319,7 @@ def policy_gradient_loss(
   )
   adv = adv if adv.ndim == 2 else adv[:, None]
   old = jax.lax.stop_gradient(lp if old is None else old.astype(lp.dtype))
+  lp, old, adv, ref = _masked_inputs(mask, lp, old, adv, ref)
   eps_high = epsilon if epsilon_high is None else epsilon_high
   per_token = _per_token(lp, old, adv, epsilon, eps_high)
   if (ref is None) != (kl_coef is None):
