@@ -161,3 +161,145 @@ def test_policy_gradient_nothing_counted_is_nan_in_every_normalization(norm):
   value, grad = jax.value_and_grad(g)(lp)
   assert float(value) == 0.0
   np.testing.assert_array_equal(np.asarray(grad), 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Rows whose every logit is -inf (an all -inf bias): loss +inf with a zero
+# gradient, masked 0; log-probabilities -inf, entropy 0 (0 log 0 summed).
+
+
+def all_masked_vocabulary(n=4, d=3, v=6, seed=2):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  w = rng.normal(size=(d, v)).astype(np.float32)
+  return x, w, np.full(v, -np.inf, np.float32), rng.integers(0, v, size=n).astype(np.int32)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("masked", [False, True])
+def test_every_logit_minus_inf_gives_a_zero_gradient(strategy, masked):
+  x, w, b, y = all_masked_vocabulary()
+  where = np.array([True, False, True, False]) if masked else None
+  kw = STRATEGIES[strategy]
+
+  def f(x, w, b):
+    return xentjax.linear_softmax_cross_entropy(x, w, y, bias=b, where=where, reduction="sum", **kw)
+
+  value, grads = jax.value_and_grad(f, (0, 1, 2))(x, w, b)
+  assert float(value) == np.inf
+  for g in grads:
+    np.testing.assert_array_equal(np.asarray(g), 0.0)
+  # The dense loss on the same logits (float64): +inf and the same zero gradient.
+  z = jnp.asarray(logits64(x, w, b))
+  dense = jax.grad(
+    lambda z: jnp.sum(xentjax.softmax_cross_entropy_with_integer_labels(z, y, where=where))
+  )(z)
+  np.testing.assert_array_equal(np.asarray(dense), 0.0)
+  # Masked or ignored everywhere: 0 and a zero gradient.
+  none = np.zeros(4, bool)
+  g0 = jax.grad(
+    lambda x: xentjax.linear_softmax_cross_entropy(
+      x, w, y, bias=b, where=none, reduction="sum", **kw
+    )
+  )(x)
+  np.testing.assert_array_equal(np.asarray(g0), 0.0)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_logit_minus_inf_statistics(strategy):
+  x, w, b, y = all_masked_vocabulary()
+  _, stats = xentjax.linear_softmax_cross_entropy(
+    x, w, y, bias=b, return_stats=True, **STRATEGIES[strategy]
+  )
+  np.testing.assert_array_equal(np.asarray(stats.lse), -np.inf)
+  np.testing.assert_array_equal(np.asarray(stats.entropy), 0.0)
+  np.testing.assert_array_equal(np.asarray(stats.argmax), 0)  # all tied: the lowest class
+  np.testing.assert_allclose(np.asarray(stats.correct), 1.0 / b.size)  # all tied: 1/K
+
+
+def test_every_logit_minus_inf_token_stats():
+  x, w, b, y = all_masked_vocabulary()
+  s = xentjax.linear_token_stats(x, w, y, bias=b, top_k=3, **STRATEGIES["recompute"])
+  np.testing.assert_array_equal(np.asarray(s.logprob), -np.inf)
+  np.testing.assert_array_equal(np.asarray(s.entropy), 0.0)
+  np.testing.assert_array_equal(np.asarray(s.lse), -np.inf)
+  np.testing.assert_array_equal(np.asarray(s.top_k_logprobs), -np.inf)
+  np.testing.assert_array_equal(np.asarray(s.top_k_indices), np.tile([0, 1, 2], (4, 1)))
+
+  def g(x, w, b):
+    t = xentjax.linear_token_stats(x, w, y, bias=b, **STRATEGIES["recompute"])
+    return jnp.sum(jnp.where(jnp.isfinite(t.logprob), t.logprob, 0.0)) + jnp.sum(t.entropy)
+
+  for grad in jax.grad(g, (0, 1, 2))(x, w, b):
+    np.testing.assert_array_equal(np.asarray(grad), 0.0)
+  # Each statistic's own gradient is zero too (logprob -inf is a constant there).
+  dlp = jax.grad(lambda x: jnp.sum(xentjax.linear_token_stats(x, w, y, bias=b).logprob))(x)
+  np.testing.assert_array_equal(np.asarray(dlp), 0.0)
+
+
+def test_partly_masked_vocabulary_entropy_and_top_k_still_match_float64():
+  # The fix for all -inf rows leaves rows with some finite logits as they were.
+  x, w, _, y = all_masked_vocabulary()
+  b = np.array([0.0, -np.inf, 0.3, -np.inf, 1.0, -np.inf], np.float32)
+  y = np.array([0, 2, 4, 2], np.int32)
+  s = xentjax.linear_token_stats(x, w, y, bias=b, top_k=4, **STRATEGIES["recompute"])
+  z = logits64(x, w, b)
+  logp = z - np.max(z, 1, keepdims=True)
+  logp = logp - np.log(np.sum(np.exp(logp), 1, keepdims=True))
+  p = np.exp(logp)
+  ent = -np.sum(np.where(p > 0, p * logp, 0.0), axis=1)
+  np.testing.assert_allclose(np.asarray(s.logprob), logp[np.arange(4), y], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(s.entropy), ent, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(s.top_k_logprobs[:, :3]), np.sort(logp, 1)[:, ::-1][:, :3])
+  np.testing.assert_array_equal(np.asarray(s.top_k_logprobs[:, 3]), -np.inf)
+
+
+# ---------------------------------------------------------------------------
+# A label on a -inf class with a traced temperature: every gradient finite.
+
+
+def tempered_reference64(x, w, b, y, t, counted):
+  """Value and gradients (x, w, b, T) of the summed tempered cross-entropy in float64.
+
+  A ``-inf`` logit is ``-inf`` at every temperature, so it adds nothing to dT.
+  """
+  x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  z = logits64(x, w, b)
+  a = z / t
+  m = np.max(a, 1, keepdims=True)
+  p = np.exp(a - m) / np.sum(np.exp(a - m), 1, keepdims=True)
+  onehot = np.eye(z.shape[1])[y]
+  loss = np.where(
+    counted, (m[:, 0] + np.log(np.sum(np.exp(a - m), 1))) - a[np.arange(len(y)), y], 0
+  )
+  da = (p - onehot) * counted[:, None]
+  dz = da / t
+  dt = np.sum(da * -np.where(np.isfinite(z), z, 0.0) / t**2)
+  return np.sum(loss), dz @ w64.T, x64.T @ dz, dz.sum(0), dt
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_label_on_a_minus_inf_class_with_a_traced_temperature(strategy):
+  x, w, _, _ = all_masked_vocabulary()
+  b = np.array([0.0, -np.inf, 0.5, 0.0, 1.0, -0.5], np.float32)
+  y = np.array([1, 0, 2, 5], np.int32)  # token 0's label has logit -inf
+  t = np.float32(1.5)
+
+  def f(x, w, b, t, where=None):
+    return xentjax.linear_softmax_cross_entropy(
+      x, w, y, bias=b, temperature=t, where=where, reduction="sum", **STRATEGIES[strategy]
+    )
+
+  value, grads = jax.value_and_grad(f, (0, 1, 2, 3))(x, w, b, jnp.float32(t))
+  assert float(value) == np.inf
+  _, *want = tempered_reference64(x, w, b, y, 1.5, np.ones(4, bool))
+  for g, ref in zip(grads, want):
+    assert np.all(np.isfinite(np.asarray(g)))
+    np.testing.assert_allclose(np.asarray(g), ref, rtol=2e-5, atol=1e-6)
+  # That token masked: a finite loss and the float64 gradients of the rest.
+  keep = np.array([False, True, True, True])
+  value, grads = jax.value_and_grad(f, (0, 1, 2, 3))(x, w, b, jnp.float32(t), keep)
+  ref_value, *want = tempered_reference64(x, w, b, y, 1.5, keep)
+  np.testing.assert_allclose(float(value), ref_value, rtol=1e-5)
+  for g, ref in zip(grads, want):
+    np.testing.assert_allclose(np.asarray(g), ref, rtol=2e-5, atol=1e-6)

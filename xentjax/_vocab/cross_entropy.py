@@ -22,7 +22,7 @@ from xentjax import _validation as V
 from xentjax._api import public
 from xentjax._vocab.engine import run_recompute, run_store
 from xentjax._vocab.inputs import Call, Head, Tokens, prepare_call
-from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
+from xentjax._vocab.kernels.softmax_stats import SoftmaxStats, token_entropy
 from xentjax._vocab.options import (
   CROSS_ENTROPY_OPTIONS,
   check_denominator_use,
@@ -502,7 +502,7 @@ def cross_entropy_stats(rows: dict, tok: Tokens, lam: float) -> CrossEntropyStat
   stats = CrossEntropyStats(
     lse=r["lse"],
     z_loss=jnp.where(counted, z, 0.0),
-    entropy=jnp.where(counted, r["log_s"] - r["ent"], 0.0),
+    entropy=jnp.where(counted, token_entropy(r["log_s"], r["ent"]), 0.0),
     argmax=r["amax"],
     correct=credit,
   )

@@ -238,8 +238,12 @@ def given_tile(z, tiling: Tiling) -> Tile:
 
 
 def _times_logits(g, logits):
-  """``g * logits`` with 0 where ``g`` is 0 (a ``-inf`` logit with no cotangent)."""
-  return jnp.where(g == 0, 0.0, g * logits)
+  """``g * logits``, 0 where ``g`` is 0 or the logit is ``-inf``.
+
+  A ``-inf`` logit is ``-inf`` at every temperature: it adds nothing to the
+  temperature's gradient (a label there has a finite ``g``, never ``g * -inf``).
+  """
+  return jnp.where((g == 0) | (logits == -jnp.inf), 0.0, g * logits)
 
 
 def cotangent(ct: dict, tile: Tile, tiling: Tiling):

@@ -19,7 +19,12 @@ from jax import lax
 from xentjax._api import public
 from xentjax._vocab.engine import run_recompute
 from xentjax._vocab.inputs import Head, prepare_call
-from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
+from xentjax._vocab.kernels.softmax_stats import (
+  SoftmaxStats,
+  finite_lse,
+  token_entropy,
+  token_logprob,
+)
 from xentjax._vocab.options import TOKEN_STATS_OPTIONS, check_top_k, validators
 
 
@@ -161,13 +166,13 @@ def linear_token_stats(
   m = lax.stop_gradient(out["m"])
   lse = m + out["log_s"]
   counted, bad = tok.status.counted, tok.status.bad
-  logprob = jnp.where(counted, out["zy"] - out["log_s"], 0.0)
+  logprob = jnp.where(counted, token_logprob(out["zy"], out["log_s"]), 0.0)
   logprob = logprob * jnp.where(bad, jnp.nan, 1.0).astype(logprob.dtype)
-  entropy = jnp.where(counted, out["log_s"] - out["ent"], 0.0)
+  entropy = jnp.where(counted, token_entropy(out["log_s"], out["ent"]), 0.0)
   shape = tok.batch_shape
   top_lp = top_i = None
   if k:
-    top_lp = lax.stop_gradient(out["topv"] - lse[:, None]).reshape(*shape, k)
+    top_lp = lax.stop_gradient(out["topv"] - finite_lse(lse)[:, None]).reshape(*shape, k)
     top_i = out["topi"].reshape(*shape, k)
   return TokenStats(
     logprob.reshape(shape),

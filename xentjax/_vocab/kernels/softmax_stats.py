@@ -188,8 +188,8 @@ class SoftmaxStats(Kernel):
     out["lse"] = ms + out["log_s"]
     if zu is not None:
       out["zu"] = zu
-    if t is not None:
-      out["ent"] = t / s
+    if t is not None:  # a row with every logit -inf has t = s = 0: ent 0, not 0/0
+      out["ent"] = t / jnp.where(s > 0, s, 1.0)
     if self.monitor:
       out["credit"] = top1_credit(st["n_top"], m, m_all, zy, tiling)
     return out | self.finish_choices(st, m, m_all, pl), {}
@@ -209,7 +209,7 @@ class SoftmaxStats(Kernel):
 
   def cotangent(self, tile, r):
     z, col = tile.a, tile.col
-    p = jnp.exp(z - r["lse"][:, None])
+    p = jnp.exp(z - finite_lse(r["lse"])[:, None])  # every logit -inf: p = 0, not NaN
     dz = r["g_log_s"][:, None] * p
     if self.entropy:  # d(E - m)/da = p (1 + a - E), with a - E = (a - m) - ent; 0 where p is
       de = (r["g_ent"][:, None] * p) * (1.0 + (z - r["m"][:, None]) - r["ent"][:, None])
@@ -223,6 +223,31 @@ class SoftmaxStats(Kernel):
     live = (r["g_log_s"] != 0) | (r["g_ent"] != 0) if self.entropy else r["g_log_s"] != 0
     logp = jnp.where(live[:, None], r["tmax"] - r["lse"][:, None], -jnp.inf)
     return logp, r["labels"], r["g_zy"] != 0
+
+
+def finite_lse(lse):
+  """``lse``, with 0 for a row whose every logit is ``-inf`` (``lse = -inf``).
+
+  So ``a - lse`` is ``-inf`` there (probability 0), never ``-inf - -inf``.
+  """
+  return jnp.where(lse == -jnp.inf, 0.0, lse)
+
+
+def token_logprob(zy, log_s):
+  """``log p_y = zy - log_s``; ``-inf`` with a zero gradient when every logit is ``-inf``."""
+  empty = log_s == -jnp.inf
+  return jnp.where(empty, -jnp.inf, zy - jnp.where(empty, 0.0, log_s))
+
+
+def token_entropy(log_s, ent):
+  """``H = log_s - ent``; 0 with a zero gradient when every logit is ``-inf``.
+
+  Such a row is no distribution: every log-probability is ``-inf`` (the loss
+  is ``+inf``), and the entropy is the sum of its terms ``0 log 0 = 0``
+  (docs/conventions.md).
+  """
+  empty = log_s == -jnp.inf
+  return jnp.where(empty, 0.0, jnp.where(empty, 0.0, log_s) - ent)
 
 
 def chunk_maxima(z, chunk: int):
