@@ -303,3 +303,45 @@ def test_label_on_a_minus_inf_class_with_a_traced_temperature(strategy):
   np.testing.assert_allclose(float(value), ref_value, rtol=1e-5)
   for g, ref in zip(grads, want):
     np.testing.assert_allclose(np.asarray(g), ref, rtol=2e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# The contrastive scale: one rule for CLIP and SigLIP, a traced temperature's.
+
+
+def clip64(a, b, s):
+  z = s * (np.asarray(a, np.float64) @ np.asarray(b, np.float64).T)
+  lse_r = np.log(np.sum(np.exp(z - z.max(1, keepdims=True)), 1)) + z.max(1)
+  lse_c = np.log(np.sum(np.exp(z - z.max(0, keepdims=True)), 0)) + z.max(0)
+  return np.mean(0.5 * ((lse_r - np.diag(z)) + (lse_c - np.diag(z))))
+
+
+def siglip64(a, b, s, beta):
+  z = s * (np.asarray(a, np.float64) @ np.asarray(b, np.float64).T) + beta
+  sign = 2 * np.eye(z.shape[0]) - 1
+  return np.mean(np.sum(np.logaddexp(0.0, -sign * z), axis=1))
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, np.inf, np.nan])
+def test_a_traced_scale_that_is_not_positive_and_finite_is_nan_in_both(bad):
+  rng = np.random.default_rng(3)
+  a, b = rng.normal(size=(2, 5, 3)).astype(np.float32)
+  for fn in (
+    xentjax.contrastive_loss,
+    lambda a, b, scale: xentjax.sigmoid_contrastive_loss(a, b, scale=scale, bias=-1.0),
+    lambda a, b, scale: xentjax.sigmoid_contrastive_loss(
+      a, b, scale=scale, bias=-1.0, strategy="recompute"
+    ),
+  ):
+    assert np.isnan(float(fn(a, b, scale=jnp.float32(bad))))
+    assert np.isnan(float(jax.jit(fn)(a, b, scale=jnp.float32(bad))))
+  # A positive scale gives the float64 formula (the rule does not move it).
+  s = jnp.float32(0.5)
+  np.testing.assert_allclose(
+    float(xentjax.contrastive_loss(a, b, scale=s)), clip64(a, b, 0.5), 1e-5
+  )
+  np.testing.assert_allclose(
+    float(xentjax.sigmoid_contrastive_loss(a, b, scale=s, bias=-1.0)),
+    siglip64(a, b, 0.5, -1.0),
+    1e-5,
+  )

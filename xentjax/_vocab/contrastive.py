@@ -143,6 +143,18 @@ def scalar(name: str, value, dtype):
   return x.astype(dtype)
 
 
+def inverse_scale(scale, dtype):
+  """The engine's temperature ``1 / scale``: NaN unless ``scale`` is finite and > 0.
+
+  One rule for CLIP and SigLIP, the rule of a traced temperature
+  (`xentjax.linear_softmax_cross_entropy`): a scale of 0 (temperature
+  ``inf``), a negative or a NaN one gives a NaN loss, never a formula value
+  of a scale CLIP's ``exp(t)`` cannot take.
+  """
+  s = scalar("scale", scale, dtype)
+  return 1.0 / jnp.where((s > 0) & (s < jnp.inf), s, jnp.nan)
+
+
 class Pairs(NamedTuple):
   """Which pairs count: the positive column of each row, and the masks."""
 
@@ -233,7 +245,8 @@ def contrastive_loss(
     b: ``[B, D]`` embeddings paired row by row with ``a``, or ``[M, D]``
       candidates with ``labels``.
     scale: the inverse temperature :math:`s` (CLIP learns :math:`s = e^t`): a
-      scalar array, differentiable; a Python number must be > 0.
+      scalar array, differentiable; a Python number must be > 0 and finite,
+      and an array that is not (0 included) gives a NaN loss.
     labels: optional ``[B]`` integers, the row of ``b`` that is row i's
       positive. Out of range: that row's loss is NaN (`xentjax.check_labels`
       raises eagerly). The :math:`b \to a` term of row i is then the
@@ -283,7 +296,7 @@ def contrastive_loss(
   )
   pairs = pairs_of(labels, where, a.shape[0], b.shape[0])
   cdt = V.compute_dtype(a.dtype, b.dtype)
-  t = 1.0 / scalar("scale", scale, cdt)  # the engine's temperature: its logits are z / t
+  t = inverse_scale(scale, cdt)  # the engine's temperature: its logits are z / t
   b_y = b if labels is None else jnp.take(b, pairs.y, axis=0)
   zy = jnp.sum(a.astype(cdt) * b_y.astype(cdt), axis=1) / t  # the positives' logits
   ranks, diagonal = retrieval_k is not None, labels is None
@@ -363,7 +376,8 @@ def sigmoid_contrastive_loss(
   Args:
     a: ``[B, D]`` embeddings, floating.
     b: ``[B, D]`` (or ``[M, D]`` with ``labels``), floating.
-    scale: :math:`s`, a scalar array (differentiable); a Python number must be > 0.
+    scale: :math:`s`, a scalar array (differentiable); a Python number must be
+      > 0 and finite, and an array that is not (0 included) gives a NaN loss.
     bias: :math:`\beta`, a scalar array (differentiable; SigLIP starts at -10).
     labels: optional ``[B]`` integer positive column of each row (out of
       range: NaN for that row).
@@ -411,7 +425,7 @@ def sigmoid_contrastive_loss(
   )
   pairs = pairs_of(labels, where, a.shape[0], b.shape[0])
   cdt = V.compute_dtype(a.dtype, b.dtype)
-  t = 1.0 / scalar("scale", scale, cdt)
+  t = inverse_scale(scale, cdt)
   # The engine's logits are (a b + bias_col) / t, so the bias enters as bias * t.
   bias_col = jnp.broadcast_to(scalar("bias", bias, cdt) * t, (b.shape[0],))
   rows = {"temperature": jnp.broadcast_to(t, (a.shape[0],)), "y": pairs.y}

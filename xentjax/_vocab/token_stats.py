@@ -113,8 +113,8 @@ def linear_token_stats(
     ignore_index: label value of tokens that do not count.
     where: optional boolean token mask broadcastable to ``labels``.
     logit_soft_cap: :math:`c > 0`: logits :math:`c \tanh(z/c)` before the
-      temperature A Python number: it is static (part of the
-      compiled program).
+      temperature. A Python number: it is static (part of the compiled
+      program).
     w_layout: ``"dv"`` (``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``).
     vocab_size: number of real classes (trailing padding columns excluded).
     token_chunk_size: tokens per tile (as in `xentjax.linear_softmax_cross_entropy`).
@@ -131,6 +131,13 @@ def linear_token_stats(
     `TokenStats` ``(logprob, entropy, lse, argmax, top_k_logprobs,
     top_k_indices)``: float32 for 16-bit inputs (else the promoted dtype),
     shapes ``[...]`` (``[..., k]`` for the top-k).
+
+  Note:
+    A token whose every logit is ``-inf`` (a ``-inf`` bias on every class)
+    has no distribution: ``lse``, ``logprob`` and ``top_k_logprobs`` are
+    ``-inf`` and ``entropy`` is 0 (each term :math:`0 \log 0 = 0`), all with
+    a zero gradient. Tokens that do not count get 0 for ``logprob`` and
+    ``entropy``.
 
   Example:
     >>> import jax.numpy as jnp, xentjax
