@@ -345,3 +345,106 @@ def test_a_traced_scale_that_is_not_positive_and_finite_is_nan_in_both(bad):
     siglip64(a, b, 0.5, -1.0),
     1e-5,
   )
+
+
+# ---------------------------------------------------------------------------
+# Error wording: one rule per argument, said once, and said right.
+
+
+def x_w_y():
+  return np.ones((2, 3), np.float32), np.ones((3, 5), np.float32), np.array([0, 1], np.int32)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan"), float("inf")])
+def test_denominator_has_one_rule_and_one_message(bad):
+  x, w, y = x_w_y()
+  msg = r"`denominator` must be a finite number > 0"
+  with pytest.raises(ValueError, match=msg):
+    xentjax.linear_softmax_cross_entropy(x, w, y, denominator=bad)
+  with pytest.raises(ValueError, match=msg):
+    xentjax.policy.policy_gradient_loss(np.zeros((2, 2), np.float32), np.ones(2), denominator=bad)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, np.nan, np.inf])
+def test_a_traced_denominator_that_is_not_positive_is_nan_in_both(bad):
+  x, w, y = x_w_y()
+  lp = jnp.array([[-0.5, -1.0], [-2.0, -0.1]])
+  d = jnp.float32(bad)
+  fused, dw = jax.value_and_grad(
+    lambda w: xentjax.linear_softmax_cross_entropy(x, w, y, denominator=d)
+  )(w)
+  pg, dlp = jax.value_and_grad(
+    lambda v: xentjax.policy.policy_gradient_loss(v, jnp.ones(2), denominator=d)
+  )(lp)
+  assert np.isnan(float(fused)) and np.isnan(float(pg))
+  np.testing.assert_array_equal(np.asarray(dw), 0.0)
+  np.testing.assert_array_equal(np.asarray(dlp), 0.0)
+  # A positive traced one divides: the float64 sum over it.
+  lp64 = np.asarray(lp, np.float64)
+  got = xentjax.policy.policy_gradient_loss(
+    lp, jnp.ones(2), normalization="token", denominator=jnp.float32(8.0)
+  )
+  np.testing.assert_allclose(float(got), -np.sum(np.exp(lp64 - lp64)) / 8.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0.0, float("nan")])
+def test_ntxent_temperature_error_says_the_rule(bad):
+  e, labels = np.ones((4, 3), np.float32), np.array([0, 0, 1, 1])
+  with pytest.raises(ValueError, match=r"`temperature` must be a finite number > 0, got"):
+    xentjax.ntxent(e, labels, temperature=bad)
+
+
+def test_vocab_order_dtype_hint_is_a_sentence():
+  x, w, y = x_w_y()
+  with pytest.raises(TypeError) as err:
+    xentjax.linear_softmax_cross_entropy(x, w, y, vocab_order=np.arange(5.0))
+  assert "shape (5,). It must be an integer permutation" in str(err.value)
+
+
+@pytest.mark.parametrize(
+  "call, what",
+  [
+    (lambda x, w, y: xentjax.linear_softmax_cross_entropy(x, w, y, bias=np.arange(5)), "bias"),
+    (
+      lambda x, w, y: xentjax.linear_softmax_cross_entropy(x, w, y, weights=np.array([1, 2])),
+      "weights",
+    ),
+    (
+      lambda x, w, y: xentjax.linear_softmax_cross_entropy(x, w, y, class_weights=np.ones(5, int)),
+      "class_weights",
+    ),
+    (
+      lambda x, w, y: xentjax.cross_entropy_loss(x, y, weight=np.ones(3, int)),
+      "weight",
+    ),
+  ],
+)
+def test_integer_bias_and_weights_are_not_called_logits(call, what):
+  x, w, y = x_w_y()
+  with pytest.raises(TypeError, match=f"`{what}` must be a floating-point array") as err:
+    call(x, w, y)
+  assert "logits or probabilities" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+  "call",
+  [
+    lambda x, w, y: xentjax.linear_softmax_cross_entropy(x, w, y),
+    lambda x, w, y: xentjax.linear_token_stats(x, w, y),
+    lambda x, w, y: xentjax.softmax_cross_entropy_with_integer_labels(x, y),
+  ],
+)
+def test_boolean_labels_get_a_hint_about_booleans(call):
+  x, w, _ = x_w_y()
+  with pytest.raises(TypeError, match="Booleans are not class indices") as err:
+    call(x, w, np.array([True, False]))
+  assert "stored as floats" not in str(err.value)
+  # Float labels keep the hint about floats.
+  with pytest.raises(TypeError, match="stored as floats"):
+    xentjax.linear_softmax_cross_entropy(x, w, np.array([0.0, 1.0]))
+
+
+def test_linear_token_stats_docstring_sentences_are_separate():
+  doc = xentjax.linear_token_stats.__doc__
+  assert "temperature A Python" not in doc
+  assert "before the\n      temperature. A Python number" in doc

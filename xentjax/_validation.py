@@ -49,6 +49,11 @@ def check_integer(name: str, x, hint: str | None = None) -> None:
   """
   if hint is None:
     hint = " For probability targets use the function that takes one-hot or soft labels."
+  if _dtype(x) == jnp.bool_:  # not floats: the float hint would mislead
+    hint = (
+      f" Booleans are not class indices: for two classes cast them ({name}.astype(jnp.int32)); "
+      "a boolean that selects tokens is a mask, passed as `where`."
+    )
   _check_kind(name, x, jnp.integer, "an integer array of class indices", hint)
 
 
@@ -136,6 +141,20 @@ def real_option(name: str, value, *, low=None, high=None, integer=False, allow_n
       p for p in (low is not None and f">= {low:g}", high is not None and f"<= {high:g}") if p
     )
     raise ValueError(f"`{name}` must be {rule}, got {value!r}.")
+  return v
+
+
+def positive_finite(name: str, value, what: str = "") -> float:
+  """`value` as a finite Python float > 0, else one `ValueError` for every way it is not.
+
+  0, a negative number, NaN and infinity all get the same message (``what``,
+  if given, says what the number is); a non-number is a `TypeError`.
+  """
+  if not is_real(value):
+    raise TypeError(f"`{name}` must be a real Python number > 0, got {describe(value)}.")
+  v = float(value)
+  if not (v > 0.0 and math.isfinite(v)):
+    raise ValueError(f"`{name}` must be a finite number > 0{what}, got {value!r}.")
   return v
 
 

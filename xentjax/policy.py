@@ -33,6 +33,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xentjax import _core
 from xentjax import _validation as V
@@ -72,6 +73,13 @@ def _nonnegative(name):
     return value
 
   return check
+
+
+def _denominator(value):
+  """A Python number must be finite and > 0 (the fused losses' rule); arrays are traced."""
+  if value is None or isinstance(value, (jax.Array, np.ndarray)):
+    return value
+  return V.positive_finite("denominator", value, " (the count of the whole accumulated batch)")
 
 
 def _bool_option(value):
@@ -215,7 +223,9 @@ def _normalize(per_token, mask, normalization, max_length, denominator):
   else:  # a constant, but over nothing counted NaN, as the other two (the empty-mean rule)
     length = per_token.shape[-1] if max_length is None else max_length
     total, count = jnp.sum(total_tok), jnp.where(jnp.any(mask), per_token.shape[0] * length, 0)
-  count = count if denominator is None else denominator
+  if denominator is not None:  # a traced one that is not finite and > 0: NaN, zero gradients
+    d = jax.lax.stop_gradient(jnp.asarray(denominator, per_token.dtype))
+    count = jnp.where((d > 0) & (d < jnp.inf), d, 0)
   return _core.mean_or_nan(total, jnp.asarray(count, per_token.dtype))
 
 
@@ -240,6 +250,7 @@ def _check_shapes(lp, adv, others):
     "epsilon": _nonnegative("epsilon"),
     "epsilon_high": _nonnegative("epsilon_high"),
     "kl_coef": _nonnegative("kl_coef"),
+    "denominator": _denominator,
   },
 )
 def policy_gradient_loss(
@@ -299,7 +310,9 @@ def policy_gradient_loss(
     denominator: replaces the denominator of the chosen normalization (the
       number of counted sequences, of counted tokens, or :math:`B T_\mathrm{max}`)
       by one over the whole accumulated batch: the microbatch losses of a
-      gradient-accumulation step then add up to the full batch's loss.
+      gradient-accumulation step then add up to the full batch's loss. A
+      Python number must be finite and > 0 (else `ValueError`); a traced one
+      that is not gives NaN with zero gradients (as the fused losses).
 
   Returns:
     A scalar. Nothing counted gives NaN with a zero gradient (the library's

@@ -186,11 +186,8 @@ def check_strategy(reduction, strategy, vocab_chunk_size, filter_eps=None) -> No
 
 
 def positive_number(name: str, value) -> float:
-  """A finite real Python number > 0."""
-  v = V.real_option(name, value, low=0.0)
-  if not (v > 0.0 and math.isfinite(v)):
-    raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
-  return v
+  """A finite real Python number > 0 (one message for 0, negatives, NaN and inf)."""
+  return V.positive_finite(name, value)
 
 
 def check_temperature(temperature):
@@ -282,7 +279,9 @@ def check_vocab_order(order, vocab_size: int, vocab_shards: int):
   if order is None:
     return None
   V.check_integer(
-    "vocab_order", order, "an integer permutation of the classes, e.g. np.argsort(-counts)"
+    "vocab_order",
+    order,
+    " It must be an integer permutation of the classes, e.g. np.argsort(-counts).",
   )
   order = jnp.asarray(order)
   if order.shape != (vocab_size,):
@@ -317,7 +316,7 @@ def check_vector(name: str, v, size: int, what: str):
   """A float array of shape `[size]` (or None), with an error naming `name`."""
   if v is None:
     return None
-  V.check_floating(name, v)
+  V.check_floating(name, v, f"a floating-point array ({what})")
   v = jnp.asarray(v)
   if v.shape != (size,):
     raise ValueError(f"`{name}` must have shape ({size},) ({what}), got {name}.shape={v.shape}.")
@@ -328,7 +327,7 @@ def check_weights(weights, batch_shape):
   """Float token weights broadcast to the tokens `batch_shape` (or None)."""
   if weights is None:
     return None
-  V.check_floating("weights", weights)
+  V.check_floating("weights", weights, "a floating-point array (one weight per token)")
   weights = jnp.asarray(weights)
   if weights.ndim > len(batch_shape) or not V.broadcasts_to(weights.shape, batch_shape):
     raise ValueError(

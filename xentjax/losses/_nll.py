@@ -14,7 +14,7 @@ from xentjax._core import label_status, mean_or_nan
 def _check_weight(weight, num_classes: int, dtype):
   if weight is None:
     return None
-  V.check_floating("weight", weight)
+  V.check_floating("weight", weight, "a floating-point array (one weight per class)")
   w = jnp.asarray(weight)
   if w.shape != (num_classes,):
     raise ValueError(

@@ -36,7 +36,7 @@ def _prepare_pos_weight(pos_weight, z):
   """`pos_weight` as an array broadcastable to the logits (PyTorch's convention)."""
   if pos_weight is None:
     return None
-  V.check_floating("pos_weight", pos_weight)
+  V.check_floating("pos_weight", pos_weight, "a floating-point array (weights of the positives)")
   w = jnp.asarray(pos_weight)
   if not V.broadcasts_to(w.shape, z.shape):
     raise ValueError(
