@@ -5,6 +5,7 @@ against the command's own output.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -201,3 +202,62 @@ def test_python_dash_m_entry_point():
   )
   assert proc.returncode == 0, proc.stderr
   assert "= 0.0626 nats" in proc.stdout
+
+
+# Two signs in a row ("1000.0000 − -1000.0000", "+ -0.5", "/ -0.6931"): never printed.
+DOUBLE_SIGN = r"[−+\-/] +[−+\-]|[−+]-"
+
+
+@pytest.mark.parametrize(
+  "argv",
+  [
+    ["--logits=-1000,1000", "--label", "0"],
+    ["--logits", "1", "-inf", "--label", "1"],
+    ["--logits=-3.44,1.16,3.91", "--label", "0", "--base", "2"],
+    ["--logits=-1000,1000", "--label", "0", "--base", "0.5"],
+    ["--logits=-5,-6,-7", "--label", "2", "--base", "10"],
+    ["--logits=-5,-6,-7", "--target", "0.2", "0.3", "0.5", "--base", "0.5"],
+    ["--logits", "2", "1", "0", "--target", "0.7", "0.2", "0.1"],
+    ["--probs", "0.1", "0.9", "--label", "0", "--base", "0.5"],
+    ["--probs", "0", "0.25", "0.75", "--target", "0", "0.5", "0.5", "--base", "0.25"],
+  ],
+)
+def test_explain_never_prints_a_double_sign(capsys, argv):
+  rc, out, err = _run(capsys, *argv)
+  assert rc == 0, err
+  assert not re.search(DOUBLE_SIGN, out), out
+
+
+def test_explain_negative_label_score_is_added(capsys):
+  # ln Σ exp(z) − z[0] with z[0] = -1000: written as a sum, and the float64 value.
+  rc, out, _ = _run(capsys, "--logits=-1000,1000", "--label", "0")
+  assert rc == 0
+  z = np.array([-1000.0, 1000.0])
+  lse = z.max() + np.log(np.sum(np.exp(z - z.max())))
+  assert f"= {_f(lse)} + {_f(1000.0)} = {_f(lse - z[0])} nats" in out
+  rc, out, _ = _run(capsys, "--logits", "1", "-inf", "--label", "1")
+  assert rc == 0 and f"= {_f(1.0)} + inf = inf nats" in out
+
+
+@pytest.mark.parametrize(
+  "flag_values",
+  [
+    ["--logits", "1,,2"],
+    ["--logits", ",1,2"],
+    ["--logits", "1,2,"],
+    ["--logits", "1", "", "2"],
+    ["--probs", "0.5,,0.5"],
+  ],
+)
+def test_empty_list_entries_are_an_error(capsys, flag_values):
+  rc, out, err = _run(capsys, *flag_values, "--label", "0")
+  assert rc == 2 and out == ""
+  assert "empty entry" in err and err.count("\n") == 1
+  rc, _, err = _run(capsys, "--logits", "1", "2", "--label", "0", "--classes", "a,,b")
+  assert rc == 2 and "--classes has an empty entry" in err
+
+
+def test_a_comma_before_the_next_word_only_separates(capsys):
+  rc, out, _ = _run(capsys, "--logits", "1,", "2", "--label", "0")
+  p = _softmax64([1.0, 2.0])
+  assert rc == 0 and "2 classes" in out and _row(out, "0")[2] == _f(p[0])

@@ -83,13 +83,29 @@ def register(subparsers) -> None:
 # Parsing and validation: every problem is one CommandError line.
 
 
-def _split_commas(texts: list[str]) -> list[str]:
-  """`1,2,3` and `1 2 3` (and `1, 2 3`) alike: one value per comma-separated item."""
-  return [item.strip() for text in texts for item in text.split(",") if item.strip()]
+def _split_commas(flag: str, texts: list[str]) -> list[str]:
+  """`1,2,3` and `1 2 3` (and `1, 2 3`) alike: one value per comma-separated item.
+
+  An empty item (`1,,2`, `,1`, a comma at the very end) is an error, never
+  silently dropped: it would change the number of classes. A comma that ends
+  a word followed by another (`1, 2`) only separates the two.
+  """
+  items = []
+  for j, text in enumerate(texts):
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) > 1 and parts[-1] == "" and j < len(texts) - 1:
+      parts.pop()  # "1," then "2": the comma separates
+    if "" in parts:
+      raise CommandError(
+        f"{flag} has an empty entry in {' '.join(texts)!r}: give one value between each "
+        "pair of commas"
+      )
+    items += parts
+  return items
 
 
 def _numbers(flag: str, texts: list[str]) -> list[float]:
-  texts = _split_commas(texts)
+  texts = _split_commas(flag, texts)
   values = []
   for text in texts:
     try:
@@ -256,15 +272,32 @@ def _explain_logits(z_list, y_list, label, names, base, log, unit) -> str:
   return "\n".join(out)
 
 
+def _minus(a, b) -> str:
+  """``a − b`` written without a double sign: ``a + |b|`` when ``b`` is negative."""
+  b = float(b)
+  return f"{_fmt(a)} + {_fmt(-b)}" if b < 0 else f"{_fmt(a)} − {_fmt(b)}"
+
+
+def _plus(a, b) -> str:
+  """``a + b`` written without a double sign: ``a − |b|`` when ``b`` is negative."""
+  b = float(b)
+  return f"{_fmt(a)} − {_fmt(-b)}" if b < 0 else f"{_fmt(a)} + {_fmt(b)}"
+
+
+def _paren(x) -> str:
+  """A number after an operator: in parentheses when negative (``/ (−0.6931)``)."""
+  return f"({_fmt(x)})" if float(x) < 0 else _fmt(x)
+
+
 def _label_loss_lines(name, lse, z_label, loss, loss_b, base, log, unit) -> list[str]:
   """The loss of a class label: log-sum-exp minus the label's score (nats, then `base`)."""
-  in_nats = f"ln Σ exp(z) − z[{name}] = {_fmt(lse)} − {_fmt(z_label)}"
+  in_nats = f"ln Σ exp(z) − z[{name}] = {_minus(lse, z_label)}"
   if base is None:
     return [f"loss = −ln p[{name}] = {in_nats} = {_fmt(loss)} nats"]
   return [
     (
       f"loss = −{log} p[{name}] = ({in_nats}) / ln {base:g} "
-      f"= {_fmt(loss)} / {_fmt(math.log(base))} = {_fmt(loss_b)} {unit}"
+      f"= {_fmt(loss)} / {_paren(math.log(base))} = {_fmt(loss_b)} {unit}"
     )
   ]
 
@@ -277,10 +310,7 @@ def _soft_target_lines(y, pred, sym, loss, base, log, unit) -> list[str]:
   kl = xentjax.info.kl_divergence(y, pred, base=base)
   return [
     f"loss = −Σ y·{log} {sym} = {_fmt(loss)} {unit}",
-    (
-      f"     = H(y) + KL(y‖{sym}) = {_fmt(h)} + {_fmt(kl)} "
-      "(entropy of y + the excess training can remove)"
-    ),
+    (f"     = H(y) + KL(y‖{sym}) = {_plus(h, kl)} (entropy of y + the excess training can remove)"),
   ]
 
 
@@ -358,7 +388,7 @@ def run(args) -> int:
     _check_distribution("--probs", values)
   names = [str(i) for i in range(k)]
   if args.classes is not None:
-    classes = _split_commas(args.classes)
+    classes = _split_commas("--classes", args.classes)
     if len(classes) != k:
       raise CommandError(f"--classes names {len(classes)} classes but {flag} has {k} values")
     if len(set(classes)) != k:
