@@ -186,3 +186,22 @@ def test_contrastive_demo(capsys):
   assert re.search(
     r"^bound log B - L = [0-9.]+ bits of the log2\(256\) = 8 bits", out, re.MULTILINE
   )
+
+
+def test_docs_list_every_loss_and_optimizer_the_parser_takes():
+  # docs/cli.md writes the choices out in prose; the parser is the truth.
+  import pathlib
+
+  from xentjax.cli import _demo
+
+  text = (pathlib.Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+  documented = {
+    flag: tuple(re.search(rf"`{flag} ([\w|]+)`", text).group(1).split("|"))
+    for flag in ("--loss", "--optimizer")
+  }
+  assert documented["--loss"] == _demo.DEMO_LOSSES
+  assert documented["--optimizer"] == tuple(_demo.DEFAULT_LR)
+  # The generated help (also on the page) names the same ones.
+  demo = _cli.build_parser()._subparsers._group_actions[0].choices["demo"]
+  help_text = " ".join(demo.format_help().split())
+  assert f"one of {', '.join(_demo.DEMO_LOSSES)}" in help_text

@@ -69,6 +69,30 @@ def test_table_and_base(files, capsys):
   np.testing.assert_allclose(float(line.split()[-1]), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("base", [None, 2, 10])
+def test_json_says_the_unit_of_each_logarithmic_field(files, capsys, base):
+  d, logits, labels = files
+  argv = ["--logits", d / "logits.npy", "--labels", d / "labels.npy", "--json"]
+  code, out, err = run(capsys, *argv, *(["--base", base] if base else []))
+  assert code == 0, err
+  got = json.loads(out)
+  ref = float64_reference(logits, labels)
+  unit = {None: "nats", 2: "bits", 10: "base 10"}[base]
+  assert got["units"] == {
+    "cross_entropy": unit,
+    "bits_per_token": "bits",
+    "negative_log_likelihood_sum": "nats",
+  }
+  # Each field in the unit it names (float64 references).
+  np.testing.assert_allclose(
+    got["cross_entropy"], ref["cross_entropy"] / np.log(base or np.e), rtol=1e-6
+  )
+  np.testing.assert_allclose(got["bits_per_token"], ref["cross_entropy"] / np.log(2), rtol=1e-6)
+  np.testing.assert_allclose(
+    got["negative_log_likelihood_sum"], ref["cross_entropy"] * ref["count"], rtol=1e-6
+  )
+
+
 def test_raw_binary_files(files, capsys):
   d, logits, labels = files
   logits.astype(np.float16).tofile(d / "logits.bin")

@@ -598,8 +598,9 @@ def _check_result(result, opened: list[_Source], args, job) -> None:
 
 
 def _print_result(result, opened: list[_Source], args, job) -> None:
-  if args.json:
-    print(json.dumps(_json_safe(result.to_dict()), indent=2, allow_nan=False))
+  if args.json:  # the numbers, and the unit of each logarithmic one (`--base` moves only one)
+    out = {**_json_safe(result.to_dict()), "units": result.units()}
+    print(json.dumps(out, indent=2, allow_nan=False))
     return
   if job is not None:
     import jax

@@ -116,8 +116,19 @@ class EvaluationResult:
       del d["temperature"]
     return {k: v for k, v in d.items() if not k.startswith("bin_")}
 
-  def __str__(self) -> str:
+  def units(self) -> dict[str, str]:
+    """The unit of each logarithmic field: ``cross_entropy`` in those of `base`
+    (``"nats"``, ``"bits"`` or e.g. ``"base 10"``), ``bits_per_token`` in bits,
+    ``negative_log_likelihood_sum`` always in nats (the other fields have none)."""
     unit = "nats" if self.base is None else ("bits" if self.base == 2 else f"base {self.base:g}")
+    return {
+      "cross_entropy": unit,
+      "bits_per_token": "bits",
+      "negative_log_likelihood_sum": "nats",
+    }
+
+  def __str__(self) -> str:
+    unit = self.units()["cross_entropy"]
     rows = [
       ("examples", f"{self.count:,}"),
       (f"cross-entropy ({unit})", f"{self.cross_entropy:.6f}"),
