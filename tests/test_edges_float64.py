@@ -175,12 +175,22 @@ def all_masked_vocabulary(n=4, d=3, v=6, seed=2):
   return x, w, np.full(v, -np.inf, np.float32), rng.integers(0, v, size=n).astype(np.int32)
 
 
+OPTIONS = {
+  "plain": {},
+  "class_weights": {"class_weights": np.linspace(0.5, 2.0, 6).astype(np.float32)},
+  "smoothing": {"label_smoothing": 0.1},
+  "z_loss": {"z_loss": 1e-4},
+  "both": {"class_weights": np.ones(6, np.float32), "label_smoothing": 0.1},
+}
+
+
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 @pytest.mark.parametrize("masked", [False, True])
-def test_every_logit_minus_inf_gives_a_zero_gradient(strategy, masked):
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_every_logit_minus_inf_gives_a_zero_gradient(strategy, masked, option):
   x, w, b, y = all_masked_vocabulary()
   where = np.array([True, False, True, False]) if masked else None
-  kw = STRATEGIES[strategy]
+  kw = {**STRATEGIES[strategy], **OPTIONS[option]}
 
   def f(x, w, b):
     return xentjax.linear_softmax_cross_entropy(x, w, y, bias=b, where=where, reduction="sum", **kw)

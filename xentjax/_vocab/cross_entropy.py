@@ -47,9 +47,10 @@ class CrossEntropyStats(NamedTuple):
     z_loss: the z-loss term :math:`\lambda\,\mathrm{lse}^2` (0 with
       ``z_loss=0``, and for tokens that do not count), before token weights.
     entropy: :math:`H(p) = \mathrm{lse} - \sum_j p_j z_j` in nats; 0 for tokens
-      that do not count.
-    argmax: int32, the predicted token, every token (ties: the lowest index,
-      as `numpy.argmax`).
+      that do not count, and for a token whose every logit is ``-inf`` (its
+      ``lse`` is ``-inf``; each term :math:`0 \log 0 = 0`).
+    argmax: int32, the predicted class, every token (ties: the lowest class
+      index, as `numpy.argmax`; a class index also with ``vocab_order``).
     correct: the label's top-1 credit, as `xentjax.metrics.correct`: 1 when
       the label is the only most likely class, ``1/t`` when it shares the
       maximum with ``t - 1`` others (the expected hit of a random tie break:
@@ -113,12 +114,13 @@ class CrossEntropyLoss:
         s["log_s"], s["zy"], s.get("zu"), s["m"], label_smoothing=eps, z_loss=lam
       )
       return {"coef": weighted(ell, aux, "coef")}
-    ell = 0.0
+    ell = 0.0  # `_core.xent`: a row whose every logit is -inf gives +inf, zero gradient
     if eps < 1.0:  # a class weight of 0 on a label of probability 0 adds 0, not 0 * inf
       cwy = aux["cwy"]
-      ell = (1.0 - eps) * jnp.where(cwy != 0, cwy * (s["log_s"] - s["zy"]), 0.0)
+      ce = _core.xent(s["log_s"], cwy, cwy * s["zy"])
+      ell = (1.0 - eps) * jnp.where(cwy != 0, ce, 0.0)
     if eps > 0.0:
-      ell = ell + eps * (aux["usum"] * s["log_s"] - s["zu"])
+      ell = ell + eps * _core.xent(s["log_s"], aux["usum"], s["zu"])
     terms = {"coef": weighted(ell, aux, "coef")}
     if lam:  # the z-loss is not class-weighted
       terms["zcoef"] = weighted(_core.z_loss_term(s["m"], s["log_s"], lam), aux, "zcoef")
