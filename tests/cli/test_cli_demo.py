@@ -194,7 +194,7 @@ def test_docs_list_every_loss_and_optimizer_the_parser_takes():
 
   from xentjax.cli import _demo
 
-  text = (pathlib.Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+  text = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
   documented = {
     flag: tuple(re.search(rf"`{flag} ([\w|]+)`", text).group(1).split("|"))
     for flag in ("--loss", "--optimizer")

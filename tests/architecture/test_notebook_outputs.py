@@ -6,7 +6,9 @@ import re
 
 import pytest
 
-NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted(
+  (pathlib.Path(__file__).resolve().parents[2] / "notebooks").glob("[0-9][0-9]_*.ipynb")
+)
 # "-0.0000", "-0.0" (not "-0.0001"): a negative zero printed as a number.
 NEGATIVE_ZERO = re.compile(r"(?<![\w.])-0\.0+(?![0-9]*[1-9])(?![\d.])")
 
