@@ -15,7 +15,7 @@ import pytest
 
 from xentjax.cli._main import main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(capsys, *argv):
