@@ -39,6 +39,7 @@ __all__ = [  # kept sorted (ruff RUF022)
   "check_labels",
   "check_topk_teacher",
   "cli",
+  "coding",
   "contrastive_loss",
   "cosine_distance",
   "cosine_similarity",

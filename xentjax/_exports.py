@@ -9,6 +9,7 @@ type checkers read through `xentjax/__init__.py`'s `TYPE_CHECKING` import.
 
 from xentjax import calibration as calibration
 from xentjax import cli as cli
+from xentjax import coding as coding
 from xentjax import datasets as datasets
 from xentjax import demos as demos
 from xentjax import distributed as distributed
