@@ -39,6 +39,7 @@ EXPECTED = [
   "08_policy_gradients",
   "10_calibration",
   "11_contrastive_and_mutual_information",
+  "12_cross_entropy_is_code_length",
 ]
 
 # Inline math `$...$` or display math `$$...$$` containing at least one LaTeX command.

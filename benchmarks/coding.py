@@ -1,0 +1,208 @@
+"""Range coding with a model's logits: `xentjax.coding` against constriction called directly.
+
+Usage::
+
+  python benchmarks/coding.py           # full run (a minute or two on a CPU)
+  python benchmarks/coding.py --small   # quick run, a quarter of the symbols
+
+Prints markdown tables, everything measured side by side in one run:
+
+1. **Throughput** in symbols per second at V = 256, 32,768 and 65,536 (best of
+   ``--repeats``): `xentjax.coding.encode` (teacher-forced: the stacked
+   ``[n, V]`` logits), `xentjax.coding.decode` with the same logits, and
+   `decode` with a ``step`` function (autoregressive: one row per call, here
+   read from a table, so the model costs nothing); next to constriction called
+   directly on the same rows: NumPy float64 softmax numerators and one
+   ``RangeEncoder.encode`` per block of rows (constriction's own 24-bit
+   quantization, one stage), and its decoder one symbol at a time (the
+   autoregressive form). The ratio is the bridge's overhead: quantization to
+   integer weights, the two stages past 1,024 symbols, the check word.
+2. **Bits per symbol against the cross-entropy** (``ideal_bits``) on symbols
+   drawn from the model, for "peaked" rows (99% of the mass on one symbol, the
+   rest log-normal so that most symbols sit below 2^-24) and "near-uniform"
+   rows (logits of scale 0.3): the excess of xentjax's code and of
+   constriction's, in total bits and per symbol beyond the fixed cost (64 bits
+   for xentjax: the coder's last word and the check word; 32 for constriction).
+3. **The cost of a symbol forced to (almost) zero probability**: a ``-inf``
+   logit at V = 65,536 (the trade-off of the two stages' finer floor).
+
+The logits cycle through 64 distinct rows (a view that materializes only the
+block being coded), so that memory stays small at V = 65,536.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import math
+import os
+import pathlib
+import platform
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import constriction
+import numpy as np
+
+from xentjax import coding
+
+VOCABS = (256, 32_768, 65_536)
+DISTINCT_ROWS = 64
+
+
+class Cycled:
+  """``[n, V]`` logits whose row ``t`` is ``rows[t % len(rows)]``, built a block at a time."""
+
+  def __init__(self, rows: np.ndarray, n: int):
+    self.rows, self.shape = rows, (n, rows.shape[1])
+
+  def __getitem__(self, index: slice) -> np.ndarray:
+    start, stop, _ = index.indices(self.shape[0])
+    return self.rows[np.arange(start, stop) % len(self.rows)]
+
+
+def _softmax(rows):
+  p = np.exp(rows.astype(np.float64) - rows.max(axis=-1, keepdims=True))
+  return p / p.sum(axis=-1, keepdims=True)
+
+
+def _draw(rng, rows, n):
+  p = _softmax(rows)[np.arange(n) % len(rows)]
+  u = rng.random((n, 1))
+  return np.minimum((p.cumsum(axis=-1) < u).sum(axis=-1), rows.shape[1] - 1)
+
+
+def _peaked(rng, k, vocab):
+  rows = rng.normal(size=(k, vocab)) * 4.0
+  rows -= rows.max(axis=-1, keepdims=True)
+  top = rng.integers(0, vocab, k)
+  rest = np.exp(rows).sum(axis=-1) - np.exp(rows[np.arange(k), top])
+  rows[np.arange(k), top] = np.log(99.0 * rest)
+  return rows.astype(np.float32)
+
+
+def _near_uniform(rng, k, vocab):
+  return (0.3 * rng.normal(size=(k, vocab))).astype(np.float32)
+
+
+# constriction called directly: float64 softmax numerators, one stage, 24-bit quantization.
+
+
+def _direct_encode(logits, symbols):
+  family = constriction.stream.model.Categorical(perfect=False)
+  encoder = constriction.stream.queue.RangeEncoder()
+  n, vocab = logits.shape
+  block = max(1, coding.CHUNK_ELEMENTS // vocab)
+  for start in range(0, n, block):
+    z = logits[start : start + block].astype(np.float64)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    encoder.encode(symbols[start : start + block].astype(np.int32), family, p)
+  return encoder.get_compressed()
+
+
+def _direct_decode_steps(words, rows, n):
+  family = constriction.stream.model.Categorical(perfect=False)
+  decoder = constriction.stream.queue.RangeDecoder(words)
+  out = np.zeros(n, np.int64)
+  for t in range(n):
+    z = rows[t % len(rows)].astype(np.float64)
+    p = np.exp(z - z.max())[None, :]
+    out[t] = decoder.decode(family, p)[0]
+  return out
+
+
+def _best(fn, repeats):
+  best, result = math.inf, None
+  for _ in range(repeats):
+    start = time.perf_counter()
+    result = fn()
+    best = min(best, time.perf_counter() - start)
+  return best, result
+
+
+def throughput(vocab, n, repeats, rng):
+  rows = _near_uniform(rng, DISTINCT_ROWS, vocab)
+  logits, symbols = Cycled(rows, n), _draw(rng, rows, n)
+  step = lambda state, previous: (rows[state % DISTINCT_ROWS], state + 1)
+  t_enc, data = _best(lambda: coding.encode(logits, symbols), repeats)
+  t_dec, back = _best(lambda: coding.decode(data, logits, n), repeats)
+  t_ar, back_ar = _best(lambda: coding.decode(data, step, n, 0), repeats)
+  t_cenc, words = _best(lambda: _direct_encode(logits, symbols), repeats)
+  t_cdec, cback = _best(lambda: _direct_decode_steps(words, rows, n), repeats)
+  assert (back == symbols).all() and (back_ar == symbols).all() and (cback == symbols).all()
+  rate = lambda t: f"{n / t:,.0f}"
+  print(
+    f"| {vocab:,} | {n:,} | {rate(t_enc)} | {rate(t_dec)} | {rate(t_ar)} | {rate(t_cenc)} "
+    f"| {rate(t_cdec)} | {t_enc / t_cenc:.2f} | {t_ar / t_cdec:.2f} |"
+  )
+
+
+def excess(vocab, n, kind, rng):
+  rows = (_peaked if kind == "peaked" else _near_uniform)(rng, DISTINCT_ROWS, vocab)
+  logits, symbols = Cycled(rows, n), _draw(rng, rows, n)
+  ideal = coding.ideal_bits(logits, symbols)
+  ours = 8 * len(coding.encode(logits, symbols)) - ideal
+  direct = 32 * len(_direct_encode(logits, symbols)) - ideal
+  print(
+    f"| {vocab:,} | {kind} | {n:,} | {ideal / n:.4f} | {ours:.1f} | {(ours - 64) / n:+.2e} "
+    f"| {direct:.1f} | {(direct - 32) / n:+.2e} | {ours <= ideal + 64 + 1e-3 * n} |"
+  )
+
+
+def floor_cost(rng, n=2000, vocab=65_536):
+  """Bits per symbol of a symbol at a -inf logit, where every other logit but one or two is -inf."""
+  print("| where the -inf symbol sits | xentjax bits per symbol | constriction bits per symbol |")
+  print("|---|---:|---:|")
+  cases = (
+    ("beside the dominant symbol (same group)", 1, None),
+    ("in a group of its own", 300, None),
+    ("beside a symbol of probability 2^-20", 300, 1),
+  )
+  for name, dominant, other in cases:
+    row = np.full(vocab, -np.inf, np.float32)
+    row[dominant] = 0.0
+    if other is not None:
+      row[other] = -20 * math.log(2)
+    logits, symbols = Cycled(row[None, :], n), np.zeros(n, np.int64)
+    ours = 8 * (len(coding.encode(logits, symbols)) - 4) / n
+    direct = 32 * len(_direct_encode(logits, symbols)) / n
+    print(f"| {name} | {ours:.2f} | {direct:.2f} |")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--small", action="store_true", help="a quarter of the symbols")
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args()
+  scale = 4 if args.small else 1
+  rng = np.random.default_rng(0)
+  print(
+    f"{platform.platform()}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; "
+    f"constriction {importlib.metadata.version('constriction')}"
+  )
+  print("\n## Throughput (symbols per second, best of repeats)\n")
+  print(
+    "| V | n | xentjax encode | xentjax decode (logits) | xentjax decode (step) "
+    "| constriction encode | constriction decode (per symbol) | encode ratio | step ratio |"
+  )
+  print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+  for vocab in VOCABS:
+    n = max(256, min(50_000, 2**27 // vocab)) // scale
+    throughput(vocab, n, args.repeats, rng)
+  print("\n## Bits over the cross-entropy (symbols drawn from the model)\n")
+  print(
+    "| V | rows | n | ideal bits/symbol | xentjax excess (bits) | beyond 64, per symbol "
+    "| constriction excess (bits) | beyond 32, per symbol | bound holds |"
+  )
+  print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
+  for vocab in VOCABS:
+    for kind in ("peaked", "near-uniform"):
+      excess(vocab, 10_000 // scale, kind, rng)  # the contract size
+  print("\n## A symbol at a -inf logit, V = 65,536\n")
+  floor_cost(rng)
+
+
+if __name__ == "__main__":
+  main()
