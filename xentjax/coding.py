@@ -139,9 +139,10 @@ def _rows(logits: ArrayLike, start: int, stop: int) -> np.ndarray:
 def _maxima(block: np.ndarray) -> np.ndarray:
   """Each row's largest logit ``[k, 1]`` (0 for an all ``-inf`` row); refuses NaN and +inf."""
   top = block.max(axis=-1, keepdims=True)
-  if np.isnan(top).any() or np.isposinf(top).any():
+  if not (top < np.inf).all():  # NaN or +inf (a NaN anywhere makes the maximum NaN)
     raise ValueError("logits must be finite or -inf (got NaN or +inf)")
-  return np.where(np.isneginf(top), 0.0, top)
+  top[top == -np.inf] = 0.0
+  return top
 
 
 def _weights(block: np.ndarray, layout: _Layout) -> np.ndarray:
