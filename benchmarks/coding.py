@@ -162,12 +162,28 @@ def excess(vocab, n, kind, rng):
   )
 
 
+def _tables(row):
+  """The weights and layout the module docstring of `xentjax.coding` states, written again.
+
+  Returns ``(weights, group, groups, width)``: ``weights`` ``[V]`` for one stage
+  or ``[groups, group]`` (zero past V) for two.
+  """
+  z = row.astype(np.float64)
+  weights = np.floor(np.exp(z - z.max()) * 2.0**coding.WEIGHT_BITS) + 1.0
+  vocab = len(z)
+  if vocab <= coding.ONE_STAGE_MAX:
+    return weights, vocab, 1, vocab
+  group = 2 ** math.ceil(math.log2(vocab) / 2)
+  groups = -(-vocab // group)
+  weights = np.pad(weights, (0, groups * group - vocab)).reshape(groups, group)
+  return weights, group, groups, max(group, groups)
+
+
 def rate(vocab, kind, rng, n=1_000_000):
   """Bits per symbol over the cross-entropy, n i.i.d. symbols from one row, fixed tables.
 
   With one row every position has the same tables, so xentjax's code is built
-  here from the row's tables alone (the module's own layout and weights,
-  private helpers), in the stream order `encode` uses (group, member, group,
+  here from the row's tables alone (`_tables`), in the stream order `encode` uses (group, member, group,
   ...), without quantizing the same row a million times. constriction's own
   code is its i.i.d. code under the row's probabilities. This measures the
   quantization loss to about 1e-4 bits per symbol (the fixed costs over n).
@@ -176,21 +192,20 @@ def rate(vocab, kind, rng, n=1_000_000):
   p = _softmax(row)[0]
   symbols = rng.choice(vocab, size=n, p=p / p.sum())
   ideal = -np.log2(p[symbols]).sum()
-  layout = coding._layout(vocab)
-  weights = coding._weights(row.astype(np.float64), layout)
+  weights, group, groups, width = _tables(row[0])
   family = constriction.stream.model.Categorical(perfect=False)
   encoder = constriction.stream.queue.RangeEncoder()
   for start in range(0, n, 4096):
-    chunk = symbols[start : start + 4096]
-    if layout.groups == 1:
-      encoder.encode(chunk.astype(np.int32), family, np.repeat(weights, len(chunk), axis=0))
+    chunk = symbols[start : start + 4096].astype(np.int32)
+    if groups == 1:
+      encoder.encode(chunk, family, np.repeat(weights[None, :], len(chunk), axis=0))
       continue
-    groups, members = np.divmod(chunk, layout.group)
-    first = np.repeat(coding._group_tables(weights, layout), len(chunk), axis=0)
-    second = coding._member_tables(np.repeat(weights, len(chunk), axis=0), groups, layout)
-    tables = np.stack([first, second], axis=1).reshape(-1, layout.width)
-    coded = np.stack([groups, members], axis=1).reshape(-1).astype(np.int32)
-    encoder.encode(coded, family, np.ascontiguousarray(tables))
+    first, members = np.divmod(chunk, group)
+    tables = np.zeros((len(chunk), 2, width))
+    tables[:, 0, :groups] = weights.sum(axis=-1)
+    tables[:, 1, :group] = weights[first]
+    coded = np.stack([first, members], axis=1).reshape(-1).astype(np.int32)
+    encoder.encode(coded, family, tables.reshape(-1, width))
   ours = 32 * len(encoder.get_compressed())
   direct = constriction.stream.queue.RangeEncoder()
   direct.encode(symbols.astype(np.int32), constriction.stream.model.Categorical(p, perfect=False))

@@ -125,7 +125,7 @@ def _layout(vocab: int) -> _Layout:
   return _Layout(vocab, group, groups, max(group, groups))
 
 
-def _rows(logits: ArrayLike, start: int, stop: int) -> np.ndarray:
+def _rows(logits: Any, start: int, stop: int) -> np.ndarray:
   """Rows ``start:stop`` on the host, in float64 (exact for every float dtype), C order.
 
   C order matters: NumPy keeps the memory order of its input when it converts
@@ -397,18 +397,18 @@ def _decode_known(coder: _Decoder, logits: ArrayLike, n: int) -> np.ndarray:
 
 def _decode_steps(coder: _Decoder, step: Step, n: int, state: Any) -> np.ndarray:
   symbols = np.zeros(n, dtype=np.int64)
-  previous, vocab, layout = -1, None, None
+  previous, layout = -1, None
   for t in range(n):
     logits, state = step(state, previous)
     row = np.asarray(logits)
-    if row.ndim != 1 or (vocab is not None and row.shape[0] != vocab):
+    if row.ndim != 1 or (layout is not None and row.shape[0] != layout.vocab):
       raise ValueError(
         f"step must return logits of shape [V] (V the same at every step), got {row.shape}"
         f" at position {t}"
       )
-    if vocab is None:
-      vocab, layout = row.shape[0], _layout(row.shape[0])
+    if layout is None:
       _check_logits(row[None, :])
+      layout = _layout(row.shape[0])
     weights = _weights(_rows(row[None, :], 0, 1), layout)[0]
     previous = coder.symbol(weights, layout)
     symbols[t] = previous
