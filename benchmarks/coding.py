@@ -7,8 +7,8 @@ Usage::
 
 Prints markdown tables, everything measured side by side in one run:
 
-1. **Throughput** in symbols per second at V = 256, 32,768 and 65,536 (best of
-   ``--repeats``): `xentjax.coding.encode` (teacher-forced: the stacked
+1. **Throughput** in symbols per second at V = 256, 32,768 and 65,536 (medians
+   of ``--repeats`` alternating repeats; the ratios are medians of per-repeat ratios): `xentjax.coding.encode` (teacher-forced: the stacked
    ``[n, V]`` logits), `xentjax.coding.decode` with the same logits, and
    `decode` with a ``step`` function (autoregressive: one row per call, here
    read from a table, so the model costs nothing); next to constriction called
@@ -41,6 +41,7 @@ import math
 import os
 import pathlib
 import platform
+import statistics
 import sys
 import time
 
@@ -123,29 +124,45 @@ def _direct_decode_steps(words, rows, n):
   return out
 
 
-def _best(fn, repeats):
-  best, result = math.inf, None
+def _alternate(fns, repeats):
+  """Seconds of each ``name: fn`` per repeat, every method once per repeat, and its output.
+
+  Alternating makes drifting load hit every method alike; a ratio is taken
+  within a repeat, and the table gives the median over repeats.
+  """
+  times, outputs = {name: [] for name in fns}, {}
   for _ in range(repeats):
-    start = time.perf_counter()
-    result = fn()
-    best = min(best, time.perf_counter() - start)
-  return best, result
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      outputs[name] = fn()
+      times[name].append(time.perf_counter() - start)
+  return times, outputs
 
 
 def throughput(vocab, n, repeats, rng):
   rows = _near_uniform(rng, DISTINCT_ROWS, vocab)
   logits, symbols = Cycled(rows, n), _draw(rng, rows, n)
+  data = coding.encode(logits, symbols)
+  words = _direct_encode(logits, symbols)
   step = lambda state, previous: (rows[state % DISTINCT_ROWS], state + 1)
-  t_enc, data = _best(lambda: coding.encode(logits, symbols), repeats)
-  t_dec, back = _best(lambda: coding.decode(data, logits, n), repeats)
-  t_ar, back_ar = _best(lambda: coding.decode(data, step, n, 0), repeats)
-  t_cenc, words = _best(lambda: _direct_encode(logits, symbols), repeats)
-  t_cdec, cback = _best(lambda: _direct_decode_steps(words, rows, n), repeats)
-  assert (back == symbols).all() and (back_ar == symbols).all() and (cback == symbols).all()
-  rate = lambda t: f"{n / t:,.0f}"
+  times, out = _alternate(
+    {
+      "encode": lambda: coding.encode(logits, symbols),
+      "decode": lambda: coding.decode(data, logits, n),
+      "step": lambda: coding.decode(data, step, n, 0),
+      "direct encode": lambda: _direct_encode(logits, symbols),
+      "direct step": lambda: _direct_decode_steps(words, rows, n),
+    },
+    repeats,
+  )
+  for name in ("decode", "step", "direct step"):
+    assert (out[name] == symbols).all(), name
+  rate = {name: f"{n / statistics.median(t):,.0f}" for name, t in times.items()}
+  ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
   print(
-    f"| {vocab:,} | {n:,} | {rate(t_enc)} | {rate(t_dec)} | {rate(t_ar)} | {rate(t_cenc)} "
-    f"| {rate(t_cdec)} | {t_enc / t_cenc:.2f} | {t_ar / t_cdec:.2f} |"
+    f"| {vocab:,} | {n:,} | {rate['encode']} | {rate['decode']} | {rate['step']} "
+    f"| {rate['direct encode']} | {rate['direct step']} | {ratio('encode', 'direct encode'):.2f} "
+    f"| {ratio('step', 'direct step'):.2f} |"
   )
 
 
@@ -236,7 +253,7 @@ def floor_cost(rng, n=2000, vocab=65_536):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--small", action="store_true", help="a quarter of the symbols")
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
   scale = 4 if args.small else 1
   rng = np.random.default_rng(0)
@@ -244,7 +261,7 @@ def main():
     f"{platform.platform()}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; "
     f"constriction {importlib.metadata.version('constriction')}"
   )
-  print("\n## Throughput (symbols per second, best of repeats)\n")
+  print(f"\n## Throughput (symbols per second, medians of {args.repeats} alternating repeats)\n")
   print(
     "| V | n | xentjax encode | xentjax decode (logits) | xentjax decode (step) "
     "| constriction encode | constriction decode (per symbol) | encode ratio | step ratio |"
