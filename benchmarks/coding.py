@@ -2,8 +2,9 @@
 
 Usage::
 
-  python benchmarks/coding.py           # full run (a minute or two on a CPU)
-  python benchmarks/coding.py --small   # quick run, a quarter of the symbols
+  python benchmarks/coding.py               # full run (minutes on a CPU)
+  python benchmarks/coding.py --small       # quick run, a quarter of the symbols
+  python benchmarks/coding.py --real quick  # only the small LM on held-out files (see `real_model`)
 
 Prints markdown tables, everything measured side by side in one run:
 
@@ -36,7 +37,10 @@ block being coded), so that memory stays small at V = 65,536.
 from __future__ import annotations
 
 import argparse
+import bz2
+import gzip
 import importlib.metadata
+import lzma
 import math
 import os
 import pathlib
@@ -250,11 +254,65 @@ def floor_cost(rng, n=2000, vocab=65_536):
     print(f"| {name} | {ours:.2f} | {direct:.2f} |")
 
 
+class HeadLogits:
+  """``[N, V]`` logits ``x @ w + b`` of the cached model, a block of rows at a time."""
+
+  def __init__(self, x, w, b):
+    self.x, self.w, self.b, self.shape = x, w, b, (x.shape[0], w.shape[1])
+
+  def __getitem__(self, index: slice) -> np.ndarray:
+    return self.x[index] @ self.w + self.b
+
+
+def real_model(variant):
+  """The small LM of `benchmarks/_real_lm` coding its held-out windows, against gzip, bz2, lzma.
+
+  The cache is built on first use (`python benchmarks/real_lm.py` documents it;
+  the ``tokenizers`` package is needed). Each held-out window's tokens after
+  the first are coded with the teacher's logits (the model sees only its
+  window); bits per byte divide by the UTF-8 bytes those tokens decode to, and
+  the standard compressors get the same text, all windows as one file.
+  """
+  from tokenizers import Tokenizer
+
+  from benchmarks._real_lm import build
+
+  v = build.VARIANTS[variant]
+  arrays, meta = build.load(v)
+  tok = Tokenizer.from_file(str(build.cache_dir(v) / "tokenizer.json"))
+  labels = arrays["labels"].astype(np.int64)
+  text = b"".join(tok.decode(window[1:].tolist()).encode() for window in arrays["windows"])
+  print(f"\n## The small LM ({variant}: {meta['teacher']['model']}, V={v.vocab:,})\n")
+  print(f"{len(labels):,} held-out tokens, {len(text):,} bytes\n")
+  print("| coder | bits per byte | coded / ideal - 1 |")
+  print("|---|---:|---:|")
+  for role in ("teacher", "student"):
+    logits = HeadLogits(arrays[f"{role}_x"], arrays[f"{role}_w"], arrays[f"{role}_b"])
+    ideal = coding.ideal_bits(logits, labels)
+    coded = 8 * len(coding.encode(logits, labels))
+    print(f"| {role} ({meta[role]['model']}) | {coded / len(text):.3f} | {coded / ideal - 1:.5f} |")
+  for name, fn in (
+    ("gzip -9", lambda t: gzip.compress(t, 9)),
+    ("bz2", bz2.compress),
+    ("lzma", lzma.compress),
+  ):
+    print(f"| {name} | {8 * len(fn(text)) / len(text):.3f} | |")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--small", action="store_true", help="a quarter of the symbols")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument(
+    "--real",
+    choices=("quick", "full"),
+    help="only code the held-out windows with the small LM of benchmarks/_real_lm (built once)",
+  )
+  parser.add_argument("--throughput-only", action="store_true", help="only the first table")
   args = parser.parse_args()
+  if args.real:
+    real_model(args.real)
+    return
   scale = 4 if args.small else 1
   rng = np.random.default_rng(0)
   print(
@@ -270,6 +328,8 @@ def main():
   for vocab in VOCABS:
     n = max(256, min(50_000, 2**27 // vocab)) // scale
     throughput(vocab, n, args.repeats, rng)
+  if args.throughput_only:
+    return
   print("\n## Bits over the cross-entropy (symbols drawn from the model)\n")
   print(
     "| V | rows | n | ideal bits/symbol | xentjax excess (bits) | beyond 64, per symbol "

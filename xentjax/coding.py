@@ -47,7 +47,9 @@ module is the bridge between JAX logits and the coder's integer probabilities:
   (4 bytes). Decoding data that were not produced for these logits, truncated
   or altered data, or the wrong ``n``, raises `ValueError` (the chance that
   a wrong sequence passes the check is :math:`2^{-32}`); a sequence that is
-  returned is the one that was encoded.
+  returned is the one that was encoded. (A change to the last bits of the
+  coder's final word can fall where the decoder does not look: those data
+  decode to the encoded sequence, correctly.)
 
 The coded size obeys :math:`8\\,|\\text{data}| \\le L + 64 + 10^{-3} n` for
 :math:`n \\ge 10{,}000` and :math:`V \\le 65{,}536`, peaked and near-uniform
@@ -82,8 +84,13 @@ ONE_STAGE_MAX = 1024
 """Alphabets up to this size are coded in one stage, larger ones in two."""
 MAX_VOCAB = 2**24
 """The largest alphabet: two stages of at most 4,096 entries each."""
-CHUNK_ELEMENTS = 2**22
-"""Rows are read and quantized in blocks of about this many logits (32 MiB of float64)."""
+CHUNK_ELEMENTS = 2**18
+"""Rows are read and quantized in blocks of about this many logits (2 MiB of float64).
+
+Small enough for the temporaries to stay in cache: at V = 65,536, blocks of
+2**18 logits encode about 6 times faster than blocks of 2**22 (measured
+alternately in one process on a 2-core machine).
+"""
 
 Step = Callable[[Any, int], tuple[ArrayLike, Any]]
 

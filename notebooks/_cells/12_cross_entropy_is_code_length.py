@@ -240,11 +240,17 @@ plt.show()
 # %% [markdown]
 # ## A language model
 #
-# The small transformer of `benchmarks/_real_lm` (a 32,768-token BPE vocabulary and
-# causal transformers trained on the same standard-library split) is not built by the
-# test suite: training takes minutes. To build and cache it,
-# `pip install "xentjax[bench,coding]"` and `python benchmarks/real_lm.py`. Its logits
-# on a held-out file's tokens go into `coding.encode(logits, tokens)` exactly as the
-# byte model's did; bits per byte are then the coded bits over the file's UTF-8 bytes,
-# which is what makes models with different tokenizers comparable (Delétang et al.,
-# "Language Modeling Is Compression", 2024).
+# The small transformers of `benchmarks/_real_lm` (a byte-level BPE vocabulary and
+# causal transformers trained on the same standard-library split) are not built by
+# the test suite: training takes minutes. With `pip install "xentjax[bench,coding]"`,
+#
+# ```bash
+# python benchmarks/coding.py --real full    # builds and caches the models once
+# python benchmarks/coding.py --real quick   # a tiny model (V = 4,096), about a minute
+# ```
+#
+# codes the models' held-out windows with `coding.encode(logits, tokens)` exactly as
+# the byte model's bytes were coded here, and prints bits per byte (the coded bits
+# over the UTF-8 bytes the tokens decode to) against gzip -9, bz2 and lzma on the same
+# text. Bits per byte is what makes models with different tokenizers comparable
+# (Delétang et al., "Language Modeling Is Compression", 2024).

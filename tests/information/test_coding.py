@@ -311,26 +311,31 @@ def test_symbols_outside_the_alphabet_and_bad_shapes_are_refused():
 
 def test_altered_truncated_extended_or_foreign_data_raise():
   rng = np.random.default_rng(9)
-  z = rng.normal(size=(200, 1500)).astype(np.float32) * 2
+  z = rng.normal(size=(50, 1500)).astype(np.float32) * 2
   s = np.array([_draw(rng, row, 1)[0] for row in z])
   data = _round_trip(z, s)
-  for i in range(len(data)):  # every single-byte change is caught
+  caught = 0
+  for i in range(len(data)):  # a changed bit raises, or falls where the coder ignores it
     altered = bytearray(data)
     altered[i] ^= 1 << (i % 8)
-    with pytest.raises(ValueError, match="corrupt"):
-      coding.decode(bytes(altered), z, 200)
+    try:
+      np.testing.assert_array_equal(coding.decode(bytes(altered), z, 50), s)
+    except ValueError as error:
+      assert "corrupt" in str(error)
+      caught += 1
+  assert caught >= len(data) - 4  # only the last coder word has bits the decoder ignores
   for cut in (data[:-1], data[:-4], data[4:], data + b"\0\0\0\0", b"", b"abc"):
     with pytest.raises(ValueError, match="corrupt"):
-      coding.decode(cut, z, 200)
+      coding.decode(cut, z, 50)
   with pytest.raises(ValueError, match="corrupt"):
-    coding.decode(data, z[:199], 199)  # the wrong n
+    coding.decode(data, z[:49], 49)  # the wrong n
   with pytest.raises(ValueError, match="corrupt"):
-    coding.decode(data, z[::-1], 200)  # other logits
+    coding.decode(data, z[::-1], 50)  # other logits
   foreign = rng.bytes(len(data))
   with pytest.raises(ValueError, match="corrupt"):
-    coding.decode(foreign, z, 200)
+    coding.decode(foreign, z, 50)
   with pytest.raises(ValueError, match="corrupt"):
-    coding.decode(foreign, lambda state, previous: (z[0], state), 200)
+    coding.decode(foreign, lambda state, previous: (z[0], state), 50)
 
 
 def test_decode_argument_errors():
