@@ -105,6 +105,10 @@ def steps(p: Profile, quick: bool) -> dict[str, tuple[str, list[str]]]:
   }
   if quick:
     out["real-lm"][1].append("--quick")
+  out["coding"] = (
+    "Range coding against constriction",
+    ["coding.py", *(["--small"] if quick else [])],
+  )
   if (BENCH / "contrastive.py").exists():
     out["contrastive"] = ("Contrastive losses", ["contrastive.py", *(["--small"] if quick else [])])
   return out
