@@ -441,21 +441,31 @@ def row_metrics(z, status: LabelStatus, top_k: int, nll=None, *, brier=False) ->
   """
   z = neutral_rows(z, status.counted)
   st = row_stats(z, status.index, rank=True, brier=brier)
-  own = cross_entropy_from_stats(st.log_s, st.zy)
+  k = min(int(top_k), z.shape[-1])
+  credits = (top_k_credit(st.n_greater, st.n_tied, 1), top_k_credit(st.n_greater, st.n_tied, k))
+  b = brier_from_stats(st.log_s, st.s_other, st.sq_other, z.shape[-1]) if brier else None
+  return metrics_from_stats(status, st.log_s, st.zy, credits, z.shape[-1], nll=nll, brier=b)
+
+
+def metrics_from_stats(
+  status: LabelStatus, log_s, zy, credits, num_classes: int, *, nll=None, brier=None
+) -> RowMetrics:
+  """`RowMetrics` from the row statistics, wherever they were computed.
+
+  ``log_s`` and ``zy`` as in `row_stats`; ``credits`` the top-1 and top-k
+  credit; ``brier`` optional. The dense rows (`row_metrics`) and the fused
+  engine's (`xentjax.evaluate` from hidden states) finish here alike: a bad
+  label or a NaN row is NaN in every field, a row that does not count is 0.
+  """
+  own = cross_entropy_from_stats(log_s, zy)
   nll = own if nll is None else nll
-  conf = jnp.where(nan_row(st.log_s, st.zy), jnp.nan, confidence(st.log_s, z.shape[-1]))
-  fields: tuple[jax.Array, ...] = (
-    nll,
-    top_k_credit(st.n_greater, st.n_tied, 1),
-    top_k_credit(st.n_greater, st.n_tied, min(int(top_k), z.shape[-1])),
-    conf,
-  )
-  if brier:
-    fields += (brier_from_stats(st.log_s, st.s_other, st.sq_other, z.shape[-1]),)
+  conf = jnp.where(nan_row(log_s, zy), jnp.nan, confidence(log_s, num_classes))
+  fields: tuple[jax.Array, ...] = (nll, *credits, conf) + (() if brier is None else (brier,))
+  dt = log_s.dtype
 
   def finish(v):
-    v = jnp.where(status.bad, jnp.nan, v.astype(z.dtype))
-    return jnp.where(status.counted, v, jnp.zeros((), z.dtype))
+    v = jnp.where(status.bad, jnp.nan, v.astype(dt))
+    return jnp.where(status.counted, v, jnp.zeros((), dt))
 
   nll, credit, credit_k, conf, *rest = (finish(v) for v in fields)
   return RowMetrics(nll, credit, credit_k, conf, status.counted, *rest)
