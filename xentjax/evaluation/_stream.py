@@ -44,6 +44,9 @@ from xentjax._vocab import evaluation as vocab_evaluation
 # accumulators into Python numbers before this many (padded) rows pass.
 _FLUSH_ROWS = 1 << 30
 _INT32_MAX = (1 << 31) - 1  # the byte counts' sum is folded before it passes this
+# Per-document rows kept on the host before they are merged by id (and again
+# whenever they double): bounds the host memory by about twice the documents.
+_DOC_COMPACT_ROWS = 1 << 20
 
 # Steps allowed in flight before the loop waits for the oldest to finish
 # (back-pressure: without it a fast reader would queue unbounded work).
@@ -951,7 +954,7 @@ class _HostTotals:
     table["bytes"] = np.asarray(docs["bytes"][:n], np.int64)
     self.documents.append(table)
     self._doc_rows += n
-    if self._doc_rows > max(1 << 20, 2 * self._doc_compacted):
+    if self._doc_rows > max(_DOC_COMPACT_ROWS, 2 * self._doc_compacted):
       self.compact_documents()
 
   def compact_documents(self) -> None:
