@@ -89,8 +89,8 @@ class EvaluationStats(Kernel):
     # Old logits equal to the new k-th value: all of them when it did not move
     # (`tail`), else only the old slots (anything at it is above the old k-th).
     # Empty slots hold -inf but are no logits: `tail` counts real ones only.
-    old = jnp.where(kth_old == kth, tail, jnp.sum(topv == kth[:, None], axis=1))
-    return merged, old + jnp.sum(z == kth[:, None], axis=1).astype(jnp.int32)
+    count = lambda a: jnp.sum(a == kth[:, None], axis=1, dtype=jnp.int32)
+    return merged, jnp.where(kth_old == kth, tail, count(topv)) + count(z)
 
   def finish(self, p, state, rows, tiling):
     st, _ = state
