@@ -101,7 +101,7 @@ def test_library_across_two_processes(tmp_path):
     assert code == 0, f"process {i} exited {code}:\n{err[-3000:]}"
   results = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in range(2)]
   checks = [k for k, v in results[0].items() if isinstance(v, str) and k != "trained_w_sha"]
-  assert len(checks) == 8, checks
+  assert len(checks) == 10, checks
   for i, r in enumerate(results):
     assert r["process_index"] == i
     failed = {k: v for k, v in r.items() if k in checks and v != "ok"}
