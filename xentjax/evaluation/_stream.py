@@ -1085,14 +1085,43 @@ def evaluate(
   `xentjax.calibration.fit_temperature_streaming` gives the exact value in a
   few more passes.
 
+  Bits per byte and per-document sums come from dict batches (below): with
+  ``byte_counts`` :math:`b_i` (the UTF-8 bytes token :math:`i` decodes to)
+  ``bits_per_byte`` is :math:`\sum_{i \in V} \ell_i / \ln 2 \,/\,
+  \sum_{i \in V} b_i`, both sums over the same counted tokens: a masked
+  token, an `ignore_index` label and padding add neither bits nor bytes (a
+  first token that is never predicted, and its bytes, are left out by
+  masking it). With ``document_ids`` each document gets the same sums over
+  its counted tokens (`DocumentSums`), exact two-float sums like the total
+  (per batch a segmented TwoSum scan on the device, across batches and
+  processes TwoSum in float64 on the host), whatever batches and processes
+  a document is split over.
+
+  From hidden states: with ``head=w`` (``[D, V]``) and optional ``bias``
+  (``[V]``), batches carry hidden states ``[batch, ..., D]`` instead of
+  logits, and every figure is that of the logits ``hidden @ w + bias``,
+  computed by the fused engine's tiles (`xentjax.linear_token_stats`'
+  engine) without an ``[n, V]`` array in any compiled program: one sweep
+  over the vocabulary keeps the row maximum, the normalizer, the label's
+  logit, the Brier score's two sums and the ``k`` largest logits with the
+  count of logits equal to the ``k``-th, which is all the tie-shared top-1
+  and top-k credit need (below the ``k``-th value the credit is 0, above it
+  every class ahead of the label is among the ``k``). Integer labels only;
+  no ``temperature=True`` (it needs the logits at 20 temperatures).
+
   Args:
     batches: iterable of ``(logits, labels)`` or ``(logits, labels, mask)``
-      tuples of NumPy or JAX arrays (memory maps are fine). `logits` is
-      ``[batch, ..., num_classes]``; `labels` is integer ``[batch, ...]`` or
-      floating soft labels ``[batch, ..., num_classes]``; `mask` is bool or integer 0/1
-      ``[batch, ...]`` (True = counted). With `model`, each tuple is
-      ``(inputs, labels[, mask])`` where `inputs` is an array or pytree of
-      arrays with a leading batch axis.
+      tuples of NumPy or JAX arrays (memory maps are fine), or of dicts
+      ``{"logits", "labels", "mask"?, "byte_counts"?, "document_ids"?}``.
+      `logits` is ``[batch, ..., num_classes]``; `labels` is integer
+      ``[batch, ...]`` or floating soft labels ``[batch, ..., num_classes]``;
+      `mask` is bool or integer 0/1 ``[batch, ...]`` (True = counted);
+      `byte_counts` and `document_ids` are integers of the labels' row shape
+      ``[batch, ...]`` (bytes ``>= 0``; ids any int64), and every batch must
+      carry the same optional keys. With `model`, each tuple is
+      ``(inputs, labels[, mask])`` (dict key ``"inputs"``) where `inputs` is
+      an array or pytree of arrays with a leading batch axis; with `head`,
+      ``(hidden, labels[, mask])`` (dict key ``"hidden"``).
     model: optional ``model(params, inputs) -> logits``; it runs inside the
       compiled step. It must be hashable (any function is) and is padded with
       repeats of the last example on the ragged last batch.
@@ -1123,9 +1152,14 @@ def evaluate(
       others raise `xentjax.distributed.ProcessFailedError`), and different
       options raise `ValueError`, in every process. See
       `xentjax.distributed`.
+    head: optional output head ``[D, V]``: the batches hold hidden states
+      and the logits are ``hidden @ head + bias`` (never formed).
+    bias: optional ``[V]`` bias of `head`.
 
   Returns:
     An `EvaluationResult` of Python numbers; `str()` of it is a table.
+    ``bits_per_byte`` and ``byte_count`` are None without ``byte_counts``,
+    ``per_document`` None without ``document_ids``.
 
   Note:
     * A counted example with an integer label outside ``[0, num_classes)``
@@ -1145,6 +1179,9 @@ def evaluate(
     * Soft labels: accuracy, top-k and the ECE use the argmax of the target
       distribution as the class; each example counts once whatever its
       target's total mass.
+    * Bytes: no counted byte gives ``bits_per_byte`` NaN. Documents: every
+      id on a batch row is listed, one whose tokens are all masked or
+      ignored with zeros (its ``bits_per_byte`` NaN).
     * No counted example (empty stream, everything masked): `count` is 0,
       the NLL sum 0.0 and every mean NaN; nothing raises.
 
@@ -1162,6 +1199,17 @@ def evaluate(
     (2, 0.5, 0.75)
     >>> round(r.cross_entropy, 4)  # (-log 0.7 - log 0.1) / 2
     1.3296
+    >>> batch = {"logits": logits, "labels": np.array([0, 2]),
+    ...          "byte_counts": np.array([3, 1]), "document_ids": np.array([7, 7])}
+    >>> r = xentjax.evaluate([batch], progress=False)
+    >>> round(r.bits_per_byte, 4)  # (-log2 0.7 - log2 0.1) / (3 + 1)
+    0.9591
+    >>> r.per_document.ids, r.per_document.count
+    (array([7]), array([2]))
+    >>> hidden, head = np.eye(2, dtype=np.float32), logits  # hidden @ head == logits
+    >>> r = xentjax.evaluate([(hidden, np.array([0, 1]))], head=head, progress=False)
+    >>> round(r.cross_entropy, 4)  # (-log 0.7 - log 0.8) / 2
+    0.2899
   """
   _check_options(top_k=top_k, num_bins=num_bins, ignore_index=ignore_index, prefetch=prefetch)
   scale = _validation.log_base_scale(base)
