@@ -131,7 +131,7 @@ class EvaluationResult:
       tokens, when the batches carry ``byte_counts`` (else None); NaN when
       the counted tokens hold no bytes.
     byte_count: the counted tokens' total bytes (None without ``byte_counts``).
-    per_document: a `DocumentSums` when the batches carry ``document_ids``
+    per_document: a `xentjax.evaluation.DocumentSums` when the batches carry ``document_ids``
       (else None).
   """
 
@@ -1092,7 +1092,7 @@ def evaluate(
   token, an `ignore_index` label and padding add neither bits nor bytes (a
   first token that is never predicted, and its bytes, are left out by
   masking it). With ``document_ids`` each document gets the same sums over
-  its counted tokens (`DocumentSums`), exact two-float sums like the total
+  its counted tokens (`xentjax.evaluation.DocumentSums`), exact two-float sums like the total
   (per batch a segmented TwoSum scan on the device, across batches and
   processes TwoSum in float64 on the host), whatever batches and processes
   a document is split over.

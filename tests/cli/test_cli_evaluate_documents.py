@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from xentjax._cli import main
+from xentjax.cli._main import main
 
 
 def run(capsys, *argv):

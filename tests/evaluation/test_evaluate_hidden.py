@@ -1,7 +1,7 @@
 """`xentjax.evaluate(batches, head=w, bias=b)`: every figure from hidden states, no logits.
 
 The references are float64 NumPy computations on ``hidden @ w + b`` (ties
-counted by comparing the logits, as in tests/test_evaluation.py), plus the
+counted by comparing the logits, as in tests/evaluation/test_evaluate.py), plus the
 dense path on the same logits. Inputs on a coarse grid (small integers, or
 multiples of 1/4) make the logits exact in float32 whatever the order of a
 matmul's sums, so ties are real ties in every computation.
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import xentjax
-from xentjax import _core, _evaluation
+from xentjax import _core
 from xentjax._vocab.evaluation import evaluation_rows
+from xentjax.evaluation import _stream as _evaluation
 
 
 def make(n, d, v, seed=0, grid=True):

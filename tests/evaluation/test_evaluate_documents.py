@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import xentjax
-from xentjax import _evaluation
+from xentjax.evaluation import _stream as _evaluation
 
 C, B = 8, 64
 
