@@ -237,9 +237,9 @@ def main(argv=None):
     for _ in range(args.repeats):
       floors.append(read_floor(big, size))
       for name, fn, out in (("evaluate", run_evaluate, evals), ("naive", naive_jax_loop, naives)):
-        c = time.process_time()
+        start = time.process_time()
         out.append(fn(big, size))
-        cpu[name].append(time.process_time() - c)
+        cpu[name].append(time.process_time() - start)
     np_seconds, reference, _ = numpy_float64_loop(big, size)
     small_eval = min((run_evaluate(small, size) for _ in range(args.repeats)), key=lambda r: r[0])
     run_evaluate(small, size, temperature=True)  # compiles the temperature step
