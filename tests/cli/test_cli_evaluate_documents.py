@@ -64,6 +64,7 @@ def test_bits_per_byte_in_json_and_table(files, capsys):
   code, out, err = run(capsys, *files_args(d), "--batch-size", 256, "--json")
   assert code == 0, err
   got = json.loads(out)
+  assert got["units"]["bits_per_byte"] == "bits"
   nll = np.concatenate([float64_nll(z, y)[0] for z, y, _, _ in arrays])
   keep = np.concatenate([float64_nll(z, y)[1] for z, y, _, _ in arrays])
   nbytes = np.concatenate([b for _, _, b, _ in arrays])

@@ -177,13 +177,17 @@ class EvaluationResult:
   def units(self) -> dict[str, str]:
     """The unit of each logarithmic field: ``cross_entropy`` in those of `base`
     (``"nats"``, ``"bits"`` or e.g. ``"base 10"``), ``bits_per_token`` in bits,
-    ``negative_log_likelihood_sum`` always in nats (the other fields have none)."""
+    ``negative_log_likelihood_sum`` always in nats, ``bits_per_byte`` (when the
+    batches carry byte counts) in bits (the other fields have none)."""
     unit = "nats" if self.base is None else ("bits" if self.base == 2 else f"base {self.base:g}")
-    return {
+    units = {
       "cross_entropy": unit,
       "bits_per_token": "bits",
       "negative_log_likelihood_sum": "nats",
     }
+    if self.bits_per_byte is not None:
+      units["bits_per_byte"] = "bits"
+    return units
 
   def __str__(self) -> str:
     unit = self.units()["cross_entropy"]
