@@ -173,6 +173,58 @@ def main():
     )
     same_result(got, one, "model")
 
+  @check("evaluate_bytes_and_documents_across_processes")
+  def _():
+    nbytes = np.random.default_rng(2).integers(0, 7, N)
+    docs = np.arange(N) // 45  # document 13 spans rows 585..629: both processes
+
+    def stream(rows, size):
+      for i in range(rows.start, rows.stop, size):
+        j = min(i + size, rows.stop)
+        yield {"logits": LOGITS[i:j], "labels": LABELS[i:j], "mask": MASK[i:j],
+               "byte_counts": nbytes[i:j], "document_ids": docs[i:j]}  # fmt: skip
+
+    got = xentjax.evaluate(stream(MINE, MY_BATCH), progress=False)
+    one = xentjax.evaluate(stream(range(N), 128), progress=False, across_processes=False)
+    same_result(got, one, "documents")
+    keep = MASK & (LABELS != -100)
+    assert got.byte_count == int(nbytes[keep].sum())
+    z = LOGITS.astype(np.float64)
+    nll = np.logaddexp.reduce(z, axis=-1) - z[np.arange(N), np.where(keep, LABELS, 0)]
+    nll = np.where(keep, nll, 0.0)
+    pd = got.per_document
+    assert pd.ids.tolist() == sorted(set(docs.tolist()))
+    assert pd.count.tolist() == [int(keep[docs == d].sum()) for d in pd.ids]
+    assert pd.byte_count.tolist() == [int(nbytes[keep & (docs == d)].sum()) for d in pd.ids]
+    ref = [nll[docs == d].sum() for d in pd.ids]
+    measure("documents_vs_float64.nll", pd.negative_log_likelihood_sum, ref)
+    np.testing.assert_allclose(pd.negative_log_likelihood_sum, ref, rtol=1e-6)
+    np.testing.assert_allclose(
+      pd.negative_log_likelihood_sum, one.per_document.negative_log_likelihood_sum, rtol=1e-12
+    )
+    # A process without batches still learns that the others carried documents.
+    none = xentjax.evaluate(stream(MINE if PID == 0 else range(0), 100), progress=False)
+    assert none.per_document.ids.tolist() == sorted(set(docs[:600].tolist()))
+
+  @check("evaluate_hidden_states_across_processes")
+  def _():
+    hidden = np.random.default_rng(3).standard_normal((N, 5)).astype(np.float32)
+    head = np.random.default_rng(4).standard_normal((5, C)).astype(np.float32)
+
+    def stream(rows, size):
+      for i in range(rows.start, rows.stop, size):
+        j = min(i + size, rows.stop)
+        yield hidden[i:j], LABELS[i:j], MASK[i:j]
+
+    got = xentjax.evaluate(stream(MINE, MY_BATCH), head=head, top_k=3, progress=False)
+    one = xentjax.evaluate(
+      stream(range(N), 128), head=head, top_k=3, progress=False, across_processes=False
+    )
+    same_result(got, one, "hidden")
+    ref = float64_reference(hidden.astype(np.float64) @ head, LABELS, MASK, top_k=3)
+    np.testing.assert_allclose(got.cross_entropy, ref["cross_entropy"], rtol=1e-6)
+    assert got.count == ref["count"] and got.accuracy == ref["accuracy"]
+
   @check("evaluate_mismatched_options_raise_everywhere")
   def _():
     try:

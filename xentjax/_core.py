@@ -328,12 +328,18 @@ def _rank(z, z_label, nan):
   Compared in the logits' own values (``z`` with masked classes at ``-inf``,
   ``z_label`` ``[..., 1]``), not after the shift: subtracting the row
   maximum can round two different logits to one value and invent a tie.
-  Both counts come from one integer sum, ``(K + 1) * above + tied``, when
-  it fits in int32 (K < 46340): one pass over the row instead of two.
+  Both counts come from one sum, ``(K + 1) * above + tied``: one pass over
+  the row instead of two. The sum is taken in the logits' floating dtype
+  when every partial sum is an integer it holds exactly (``(K + 1)^2`` below
+  ``2^24`` in float32: XLA's float reductions are several times faster than
+  its integer ones on the CPU), else in int32 while that fits (K < 46340).
   """
   k = z.shape[-1]
-  if (k + 1) ** 2 < 2**31:
-    code = jnp.sum(jnp.where(z > z_label, k + 1, (z == z_label).astype(jnp.int32)), axis=-1)
+  exact_float = (k + 1) ** 2 < 2 ** (jnp.finfo(z.dtype).nmant + 1)
+  if exact_float or (k + 1) ** 2 < 2**31:
+    dt = z.dtype if exact_float else jnp.int32
+    code = jnp.sum(jnp.where(z > z_label, jnp.asarray(k + 1, dt), (z == z_label).astype(dt)), -1)
+    code = code.astype(jnp.int32)
     above, tied = code // (k + 1), code % (k + 1)
   else:
     above, tied = jnp.sum(z > z_label, axis=-1), jnp.sum(z == z_label, axis=-1)
@@ -441,21 +447,31 @@ def row_metrics(z, status: LabelStatus, top_k: int, nll=None, *, brier=False) ->
   """
   z = neutral_rows(z, status.counted)
   st = row_stats(z, status.index, rank=True, brier=brier)
-  own = cross_entropy_from_stats(st.log_s, st.zy)
+  k = min(int(top_k), z.shape[-1])
+  credits = (top_k_credit(st.n_greater, st.n_tied, 1), top_k_credit(st.n_greater, st.n_tied, k))
+  b = brier_from_stats(st.log_s, st.s_other, st.sq_other, z.shape[-1]) if brier else None
+  return metrics_from_stats(status, st.log_s, st.zy, credits, z.shape[-1], nll=nll, brier=b)
+
+
+def metrics_from_stats(
+  status: LabelStatus, log_s, zy, credits, num_classes: int, *, nll=None, brier=None
+) -> RowMetrics:
+  """`RowMetrics` from the row statistics, wherever they were computed.
+
+  ``log_s`` and ``zy`` as in `row_stats`; ``credits`` the top-1 and top-k
+  credit; ``brier`` optional. The dense rows (`row_metrics`) and the fused
+  engine's (`xentjax.evaluate` from hidden states) finish here alike: a bad
+  label or a NaN row is NaN in every field, a row that does not count is 0.
+  """
+  own = cross_entropy_from_stats(log_s, zy)
   nll = own if nll is None else nll
-  conf = jnp.where(nan_row(st.log_s, st.zy), jnp.nan, confidence(st.log_s, z.shape[-1]))
-  fields: tuple[jax.Array, ...] = (
-    nll,
-    top_k_credit(st.n_greater, st.n_tied, 1),
-    top_k_credit(st.n_greater, st.n_tied, min(int(top_k), z.shape[-1])),
-    conf,
-  )
-  if brier:
-    fields += (brier_from_stats(st.log_s, st.s_other, st.sq_other, z.shape[-1]),)
+  conf = jnp.where(nan_row(log_s, zy), jnp.nan, confidence(log_s, num_classes))
+  fields: tuple[jax.Array, ...] = (nll, *credits, conf) + (() if brier is None else (brier,))
+  dt = log_s.dtype
 
   def finish(v):
-    v = jnp.where(status.bad, jnp.nan, v.astype(z.dtype))
-    return jnp.where(status.counted, v, jnp.zeros((), z.dtype))
+    v = jnp.where(status.bad, jnp.nan, v.astype(dt))
+    return jnp.where(status.counted, v, jnp.zeros((), dt))
 
   nll, credit, credit_k, conf, *rest = (finish(v) for v in fields)
   return RowMetrics(nll, credit, credit_k, conf, status.counted, *rest)

@@ -51,7 +51,15 @@ SCRIPT = textwrap.dedent(
           ((x, y) for x, y in stream(labels, 64, with_mask=False)),
           model=lambda p, x: x @ p, params=w, devices=devs, progress=False,
       )
-      out[name] = {"hard": hard.to_dict(), "soft": soft_r.to_dict(), "model": model.to_dict()}
+      nbytes, docs = np.arange(1003) % 5, np.arange(1003) // 70
+      dicts = [
+          {"hidden": logits[i:i + 100], "labels": labels[i:i + 100], "mask": mask[i:i + 100],
+           "byte_counts": nbytes[i:i + 100], "document_ids": docs[i:i + 100]}
+          for i in range(0, 1003, 100)
+      ]
+      fused = xentjax.evaluate(dicts, head=w, top_k=3, devices=devs, progress=False)
+      out[name] = {"hard": hard.to_dict(), "soft": soft_r.to_dict(), "model": model.to_dict(),
+                   "hidden": fused.to_dict(), "documents": fused.per_document.to_dict()}
     # Each device folds its 13 rows in chunks of 4 rows and a tail of 1 (`_fold_chunks`).
     _evaluation._MIN_CHUNK_ROWS, _evaluation._CHUNK_LOGITS = 4, 4 * 12
     _evaluation._step.clear_cache()
@@ -113,6 +121,28 @@ def test_eight_simulated_devices_match_one_and_float64(tmp_path):
     # The model's float32 matmul may round a near-tie either way: allow one example.
     ref = float64_metrics(logits.astype(np.float64) @ w, labels)
     check(out[name]["model"], ref, rtol=1e-5, atol=1.5 / 1003)
+
+    # From hidden states with a head, per-document sums and bytes included.
+    z = logits.astype(np.float64) @ w
+    check(
+      out[name]["hidden"], float64_metrics(z, labels, mask, top_k=3), rtol=1e-5, atol=1.5 / 1003
+    )
+    keep = mask.copy()
+    nll = np.logaddexp.reduce(z, axis=-1) - z[np.arange(len(z)), labels]
+    nbytes, docs = np.arange(1003) % 5, np.arange(1003) // 70
+    assert out[name]["hidden"]["byte_count"] == nbytes[keep].sum()
+    d = out[name]["documents"]
+    assert d["ids"] == list(range(15))
+    assert d["count"] == [int(keep[docs == i].sum()) for i in range(15)]
+    ref = [nll[keep & (docs == i)].sum() for i in range(15)]
+    np.testing.assert_allclose(d["negative_log_likelihood_sum"], ref, rtol=1e-5)
+  for key in ("count", "accuracy", "top_k_accuracy", "byte_count"):
+    assert out["all"]["hidden"][key] == out["one"]["hidden"][key], key
+  np.testing.assert_allclose(
+    out["all"]["documents"]["negative_log_likelihood_sum"],
+    out["one"]["documents"]["negative_log_likelihood_sum"],
+    rtol=1e-6,
+  )
 
   check(out["chunked"], float64_metrics(logits, labels, mask, top_k=3))
   for key in ("count", "accuracy", "top_k_accuracy"):

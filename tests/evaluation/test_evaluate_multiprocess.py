@@ -7,6 +7,7 @@ whole group is killed, so a hang fails the test instead of stalling CI.
 """
 
 import contextlib
+import csv
 import json
 import os
 import pathlib
@@ -101,7 +102,7 @@ def test_library_across_two_processes(tmp_path):
     assert code == 0, f"process {i} exited {code}:\n{err[-3000:]}"
   results = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in range(2)]
   checks = [k for k, v in results[0].items() if isinstance(v, str) and k != "trained_w_sha"]
-  assert len(checks) == 8, checks
+  assert len(checks) == 10, checks
   for i, r in enumerate(results):
     assert r["process_index"] == i
     failed = {k: v for k, v in r.items() if k in checks and v != "ok"}
@@ -176,6 +177,28 @@ def test_cli_two_processes_print_once_and_match_one_process(shards, capsys):
   nll = np.logaddexp.reduce(zk, axis=-1) - zk[np.arange(keep.sum()), y[keep]]
   assert got["count"] == int(keep.sum()) == 655
   np.testing.assert_allclose(got["cross_entropy"], nll.mean(), rtol=1e-6)
+
+
+def test_cli_per_document_over_two_processes_names_every_file(shards):
+  """File pair i is document i, read by process i mod 2; process 0 writes the whole CSV."""
+  d, z, y = shards
+  port = free_port()
+  out_csv = d / "docs.csv"
+  argv = [*files_argv(d), "--per-document", str(out_csv)]
+  runs = launch([cli(port, i, *argv) for i in range(2)], cwd=d)
+  assert all(code == 0 for code, *_ in runs), [err for _, _, err, _ in runs]
+  with open(out_csv, newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert [int(r["document"]) for r in rows] == [0, 1, 2]
+  assert [r["file"] for r in rows] == [str(d / f"z{i}.npy") for i in range(3)]
+  start = 0
+  for r, n in zip(rows, (300, 250, 123)):
+    zs, ys = z[start : start + n].astype(np.float64), y[start : start + n]
+    keep = ys != -100
+    nll = np.logaddexp.reduce(zs[keep], axis=-1) - zs[keep][np.arange(keep.sum()), ys[keep]]
+    assert int(r["tokens"]) == keep.sum()
+    np.testing.assert_allclose(float(r["nll_nats"]), nll.sum(), rtol=1e-6)
+    start += n
 
 
 def test_cli_failures_are_one_line_in_every_process(shards):

@@ -82,6 +82,20 @@ def _add_file_options(p) -> None:
     "--labels", action="append", required=True,
     help="labels [N, ...] (.npy, .npz, or raw binary), one per --logits",
   )  # fmt: skip
+  p.add_argument(
+    "--bytes", action="append", default=[], metavar="FILE",
+    help="integer byte counts [N, ...], the UTF-8 bytes each token decodes to, one per "
+    "--logits: also report bits per byte (counted tokens only, in both sums)",
+  )  # fmt: skip
+  p.add_argument(
+    "--per-document", metavar="OUT.csv", default=None,
+    help="write each document's tokens, bytes and NLL sum to this CSV file; documents are "
+    "the --documents ids, or else one per --logits file",
+  )  # fmt: skip
+  p.add_argument(
+    "--documents", action="append", default=[], metavar="FILE",
+    help="integer document ids [N, ...], one per --logits (with --per-document)",
+  )  # fmt: skip
 
 
 def _add_metric_options(p) -> None:
@@ -110,6 +124,10 @@ def _add_raw_options(p) -> None:
   )  # fmt: skip
   p.add_argument("--dtype", default=None, help="dtype of raw logits (default float32)")
   p.add_argument("--labels-dtype", default=None, help="dtype of raw labels (default int64)")
+  p.add_argument(
+    "--bytes-dtype", default=None,
+    help="dtype of raw --bytes and --documents files (default int64)",
+  )  # fmt: skip
 
 
 def _add_output_options(p) -> None:
@@ -241,6 +259,9 @@ class _Source:
   labels_path: str
   logits: np.ndarray
   labels: np.ndarray
+  byte_counts: np.ndarray | None = None
+  documents: np.ndarray | None = None  # per-token ids, or None
+  index: int = 0  # the file pair's document id when there are no --documents
 
 
 def _check_path(path: str, what: str) -> None:
@@ -334,13 +355,13 @@ def _open(path: str, what: str, args, *, raw_shape=None) -> np.ndarray:
     cut = path.lower().rindex(".npz:") + 4
     path, key = path[:cut], path[cut + 1 :]
   _check_path(path, what)
-  given_dtype = args.dtype if what == "logits" else args.labels_dtype
+  flag = {"logits": "--dtype", "labels": "--labels-dtype"}.get(what, "--bytes-dtype")
+  given_dtype = getattr(args, flag[2:].replace("-", "_"), None)
   given_shape = args.shape if what == "logits" else None
   if _is_raw(path):
     if what == "logits" and args.shape is None:
       raise CommandError(f"raw logits file {path!r} needs --shape N,C (and --dtype)")
     default = "float32" if what == "logits" else "int64"
-    flag = "--dtype" if what == "logits" else "--labels-dtype"
     return _open_raw(path, what, _dtype(given_dtype, flag, default), raw_shape)
   a = _open_npy(path, what) if path.lower().endswith(".npy") else _open_npz(path, key, what)
   # A .npy/.npz file carries its shape and dtype: options that disagree are errors.
@@ -348,10 +369,8 @@ def _open(path: str, what: str, args, *, raw_shape=None) -> np.ndarray:
     want = _shape(given_shape)
     if len(want) != a.ndim or any(w not in (-1, s) for w, s in zip(want, a.shape)):
       raise CommandError(f"--shape {given_shape} is for raw files; {path!r} holds shape {a.shape}")
-  if given_dtype is not None:
-    flag = "--dtype" if what == "logits" else "--labels-dtype"
-    if _dtype(given_dtype, flag, "float32") != a.dtype.newbyteorder("="):
-      raise CommandError(f"{flag} {given_dtype} is for raw files; {path!r} holds {a.dtype}")
+  if given_dtype is not None and _dtype(given_dtype, flag, "float32") != a.dtype.newbyteorder("="):
+    raise CommandError(f"{flag} {given_dtype} is for raw files; {path!r} holds {a.dtype}")
   return a
 
 
@@ -439,17 +458,58 @@ def open_source(logits_path: str, labels_path: str, args) -> _Source:
   return _Source(logits_path, labels_path, logits, labels)
 
 
+def open_pair(pair: tuple, args) -> _Source:
+  """`open_source` of ``(logits, labels, bytes, documents, index)`` paths, with the extras."""
+  logits_path, labels_path, bytes_path, documents_path, index = pair
+  s = open_source(logits_path, labels_path, args)
+  rows = s.labels.shape[:-1] if np.issubdtype(s.labels.dtype, np.floating) else s.labels.shape
+  if bytes_path is not None:
+    s.byte_counts = _open_per_token(bytes_path, "bytes", rows, args)
+  if documents_path is not None:
+    s.documents = _open_per_token(documents_path, "documents", rows, args)
+  s.index = index
+  return s
+
+
+def _open_per_token(path: str, what: str, rows: tuple, args) -> np.ndarray:
+  """An integer array with one entry per token (the labels' row shape), checked."""
+  a = _open(path, what, args)
+  if _is_raw(path) and a.size == math.prod(rows):
+    a = a.reshape(rows)
+  if not np.issubdtype(a.dtype, np.integer):
+    raise CommandError(f"{what} file {path!r} must hold integers, got dtype {a.dtype}")
+  if a.shape != rows:
+    raise CommandError(
+      f"{what} file {path!r} has shape {a.shape}; it needs one entry per token, shape {rows}"
+    )
+  if what == "bytes":
+    flat = a.reshape(-1)
+    for start in range(0, flat.shape[0], _CHECK_CHUNK):
+      lo = int(np.min(flat[start : start + _CHECK_CHUNK]))
+      if lo < 0:
+        raise CommandError(f"bytes file {path!r} holds a negative count ({lo})")
+  return a
+
+
 def _native(a) -> np.ndarray:
   """A batch in native byte order (JAX takes no big-endian arrays)."""
   a = np.asarray(a)
   return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
 
-def _pairs(args, process_id: int, num_processes: int) -> list[tuple[str, str]]:
-  """This process's (logits, labels) file pairs."""
-  pairs = list(zip(args.logits, args.labels, strict=True))  # counts checked by _check_options
-  if any(PLACEHOLDER in p for pair in pairs for p in pair):  # each process names its own files
-    return [tuple(p.replace(PLACEHOLDER, str(process_id)) for p in pair) for pair in pairs]
+def _pairs(args, process_id: int, num_processes: int) -> list[tuple]:
+  """This process's ``(logits, labels, bytes, documents, index)`` files (None: not given).
+
+  ``index`` is the pair's document id without --documents: its place on the
+  command line, or with {process} paths (each process its own files)
+  ``place * num_processes + process_id``.
+  """
+  n = len(args.logits)
+  given = lambda paths: paths or [None] * n
+  pairs = list(zip(args.logits, args.labels, given(args.bytes), given(args.documents), range(n)))
+  if any(PLACEHOLDER in p for pair in pairs for p in pair[:4] if p):  # each its own files
+    sub = lambda p: None if p is None else p.replace(PLACEHOLDER, str(process_id))
+    return [(*map(sub, pair[:4]), pair[4] * num_processes + process_id) for pair in pairs]
   return pairs[process_id::num_processes]
 
 
@@ -514,13 +574,20 @@ def _check_options(args) -> None:
     raise CommandError(f"--base must be a finite number > 0 and != 1, got {args.base}")
   if args.shape is not None:
     _shape(args.shape)
-  if len(args.logits) != len(args.labels):
-    raise CommandError(
-      f"give one --labels per --logits, got {len(args.logits)} --logits and "
-      f"{len(args.labels)} --labels"
-    )
+  for flag, paths in (
+    ("--labels", args.labels),
+    ("--bytes", args.bytes),
+    ("--documents", args.documents),
+  ):
+    if (flag == "--labels" or paths) and len(paths) != len(args.logits):
+      raise CommandError(
+        f"give one {flag} per --logits, got {len(args.logits)} --logits and {len(paths)} {flag}"
+      )
+  if args.documents and args.per_document is None:
+    raise CommandError("--documents needs --per-document OUT.csv (where to write the sums)")
   _dtype(args.dtype, "--dtype", "float32")
   _dtype(args.labels_dtype, "--labels-dtype", "int64")
+  _dtype(args.bytes_dtype, "--bytes-dtype", "int64")
 
 
 def run(args) -> int:
@@ -528,7 +595,7 @@ def run(args) -> int:
   job = _job(args)
   if job is None:
     pairs = _pairs(args, 0, 1)
-    sources = [open_source(lo, la, args) for lo, la in pairs]  # every check before JAX starts
+    sources = [open_pair(pair, args) for pair in pairs]  # every check before JAX starts
     return _evaluate(args, sources=sources, pairs=pairs, job=None)
   if os.environ.get(_WORKER_ENV) is None:
     return _supervise(args, job)
@@ -544,12 +611,12 @@ def _evaluate(args, *, sources, pairs, job) -> int:
   def batches():
     bs = args.batch_size
     for i, pair in enumerate(pairs):
-      s = sources[i] if sources is not None else open_source(*pair, args)
+      s = sources[i] if sources is not None else open_pair(pair, args)
       if sources is None:
         opened.append(s)
       n = s.logits.shape[0]
       for start in range(0, n, bs):
-        yield _native(s.logits[start : start + bs]), _native(s.labels[start : start + bs])
+        yield _batch(s, slice(start, start + bs), args)
 
   leader = job is None or _process_index() == 0
   total = sum(s.logits.shape[0] for s in sources) if sources is not None else None
@@ -569,7 +636,55 @@ def _evaluate(args, *, sources, pairs, job) -> int:
   _print_result(result, opened, args, job)
   if args.plot:
     _write_plot(result, args.plot)
+  if args.per_document:
+    _write_documents(result.per_document, args, job)
   return 0
+
+
+def _batch(s: _Source, rows: slice, args):
+  """A ``(logits, labels)`` tuple, or a dict with the byte counts and document ids."""
+  logits, labels = _native(s.logits[rows]), _native(s.labels[rows])
+  if s.byte_counts is None and args.per_document is None:
+    return logits, labels
+  batch = {"logits": logits, "labels": labels}
+  if s.byte_counts is not None:
+    batch["byte_counts"] = _native(s.byte_counts[rows])
+  if args.per_document is not None:
+    ids = s.documents[rows] if s.documents is not None else None
+    shape = labels.shape[:-1] if np.issubdtype(labels.dtype, np.floating) else labels.shape
+    batch["document_ids"] = _native(ids) if ids is not None else np.full(shape, s.index)
+  return batch
+
+
+def _write_documents(docs, args, job) -> None:
+  """The per-document sums as CSV: one row per document id, ascending."""
+  import csv
+
+  files = None
+  if not args.documents:  # a document per file pair: name its logits file
+    n = 1 if job is None else _process_count()
+    files = {}
+    for i, path in enumerate(args.logits):
+      for p in range(n) if PLACEHOLDER in path else (None,):
+        files[i if p is None else i * n + p] = path.replace(PLACEHOLDER, str(p))
+  bpb = docs.bits_per_byte
+  try:
+    with open(args.per_document, "w", newline="") as f:
+      w = csv.writer(f)
+      w.writerow(["document", "tokens", "bytes", "nll_nats", "bits_per_byte", "file"])
+      for j, doc in enumerate(docs.ids.tolist()):
+        b = float(bpb[j])
+        w.writerow([
+          doc, int(docs.count[j]), int(docs.byte_count[j]) if args.bytes else "",
+          repr(float(docs.negative_log_likelihood_sum[j])),
+          repr(b) if args.bytes and math.isfinite(b) else "",
+          "" if files is None else files.get(doc, ""),
+        ])  # fmt: skip
+  except OSError as e:
+    raise CommandError(
+      f"cannot write --per-document {args.per_document}: {e.strerror or e}"
+    ) from None
+  print(f"wrote {args.per_document} ({len(docs.ids):,} documents)", file=sys.stderr)
 
 
 def _check_result(result, opened: list[_Source], args, job) -> None:
@@ -643,6 +758,12 @@ def _process_index() -> int:
   return jax.process_index()
 
 
+def _process_count() -> int:
+  import jax
+
+  return jax.process_count()
+
+
 # ---------------------------------------------------------------------------
 # Several processes: a supervised child joins the job.
 
@@ -664,7 +785,7 @@ def _worker(args, job: _Job) -> int:
   pid, n = jax.process_index(), jax.process_count()
   try:
     # Round-robin shares are only right when every process has the same list.
-    lists = dist.allgather([args.logits, args.labels])
+    lists = dist.allgather([args.logits, args.labels, args.bytes, args.documents])
     if any(other != lists[0] for other in lists):
       raise CommandError(
         "the processes were given different --logits/--labels lists; give every process "

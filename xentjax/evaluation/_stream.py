@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import functools
 import math
+import mmap
 import queue
 import sys
 import threading
@@ -38,10 +39,16 @@ from jax.sharding import PartitionSpec as P
 from xentjax import _core, _validation, calibration
 from xentjax import distributed as _distributed
 from xentjax._api import check_mask_dtype
+from xentjax._vocab import evaluation as vocab_evaluation
 
 # Integer counters are int32 when x64 is off: the host folds the device
 # accumulators into Python numbers before this many (padded) rows pass.
 _FLUSH_ROWS = 1 << 30
+_INT32_MAX = (1 << 31) - 1  # the byte counts' sum is folded before it passes this
+# Per-document rows kept on the host before they are merged by id (and again
+# whenever they double): bounds the host memory by about twice the documents.
+_DOC_COMPACT_ROWS = 1 << 20
+_PAGE_BYTES = mmap.PAGESIZE  # the feeding thread reads one byte per page (`_touch_pages`)
 
 # Steps allowed in flight before the loop waits for the oldest to finish
 # (back-pressure: without it a fast reader would queue unbounded work).
@@ -50,6 +57,46 @@ _MAX_IN_FLIGHT = 2
 
 # ---------------------------------------------------------------------------
 # Result.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DocumentSums:
+  """Per-document totals of `evaluate`, one entry per document id, ids ascending.
+
+  Every id that labels a batch row is listed, also a document none of whose
+  tokens counts (masked or `ignore_index` only): its count, bytes and sum
+  are 0.
+
+  Attributes:
+    ids: int64 ``[D]``, the distinct ``document_ids``, ascending.
+    negative_log_likelihood_sum: float64 ``[D]``, each document's total NLL in
+      nats over its counted tokens (an exact two-float sum, like the
+      dataset total, across batches and processes).
+    count: int64 ``[D]``, its counted tokens.
+    byte_count: int64 ``[D]``, its counted tokens' bytes (zeros when the
+      batches carry no ``byte_counts``).
+  """
+
+  ids: np.ndarray
+  negative_log_likelihood_sum: np.ndarray
+  count: np.ndarray
+  byte_count: np.ndarray
+
+  @property
+  def bits_per_byte(self) -> np.ndarray:
+    """Each document's ``NLL / ln 2 / bytes`` (NaN where it has no counted bytes)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+      bits = self.negative_log_likelihood_sum / math.log(2.0)
+      return np.where(self.byte_count > 0, bits / np.maximum(self.byte_count, 1), np.nan)
+
+  def to_dict(self) -> dict[str, list]:
+    """The columns as lists of Python numbers (for JSON)."""
+    return {
+      "ids": self.ids.tolist(),
+      "negative_log_likelihood_sum": self.negative_log_likelihood_sum.tolist(),
+      "count": self.count.tolist(),
+      "byte_count": self.byte_count.tolist(),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +129,12 @@ class EvaluationResult:
     bin_count, bin_confidence_sum, bin_correct: per-bin counts, summed
       confidences and summed top-1 credit of the ECE's bins
       (`reliability_diagram()` turns them into a diagram).
+    bits_per_byte: ``sum_i -log2 p_i / sum_i bytes_i`` over the counted
+      tokens, when the batches carry ``byte_counts`` (else None); NaN when
+      the counted tokens hold no bytes.
+    byte_count: the counted tokens' total bytes (None without ``byte_counts``).
+    per_document: a `xentjax.evaluation.DocumentSums` when the batches carry ``document_ids``
+      (else None).
   """
 
   count: int
@@ -100,6 +153,9 @@ class EvaluationResult:
   bin_count: tuple[int, ...] = ()
   bin_confidence_sum: tuple[float, ...] = ()
   bin_correct: tuple[float, ...] = ()
+  bits_per_byte: float | None = None
+  byte_count: int | None = None
+  per_document: DocumentSums | None = dataclasses.field(default=None, compare=False, repr=False)
 
   def reliability_diagram(self) -> calibration.ReliabilityDiagram:
     """The ECE's bins as a `xentjax.calibration.ReliabilityDiagram` (``.plot()`` draws it)."""
@@ -111,21 +167,27 @@ class EvaluationResult:
     """The scalar fields as a plain dict of Python numbers (for JSON; the per-bin
     tuples are left out: `reliability_diagram()` has them, and so is `temperature`
     when it was not asked for)."""
-    d = dataclasses.asdict(self)
-    if self.temperature is None:
-      del d["temperature"]
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    del d["per_document"]
+    for name in ("temperature", "bits_per_byte", "byte_count"):
+      if d[name] is None:
+        del d[name]
     return {k: v for k, v in d.items() if not k.startswith("bin_")}
 
   def units(self) -> dict[str, str]:
     """The unit of each logarithmic field: ``cross_entropy`` in those of `base`
     (``"nats"``, ``"bits"`` or e.g. ``"base 10"``), ``bits_per_token`` in bits,
-    ``negative_log_likelihood_sum`` always in nats (the other fields have none)."""
+    ``negative_log_likelihood_sum`` always in nats, ``bits_per_byte`` (when the
+    batches carry byte counts) in bits (the other fields have none)."""
     unit = "nats" if self.base is None else ("bits" if self.base == 2 else f"base {self.base:g}")
-    return {
+    units = {
       "cross_entropy": unit,
       "bits_per_token": "bits",
       "negative_log_likelihood_sum": "nats",
     }
+    if self.bits_per_byte is not None:
+      units["bits_per_byte"] = "bits"
+    return units
 
   def __str__(self) -> str:
     unit = self.units()["cross_entropy"]
@@ -142,6 +204,10 @@ class EvaluationResult:
     ]
     if self.temperature is not None:  # fitted only on request: no row for what was not asked
       rows.insert(-1, ("temperature (logits / T)", f"{self.temperature:.6g}"))
+    if self.bits_per_byte is not None:
+      rows.insert(4, ("bits per byte", f"{self.bits_per_byte:.6f}"))
+    if self.per_document is not None:
+      rows.append(("documents", f"{len(self.per_document.ids):,}"))
     width = max(len(name) for name, _ in rows)
     vwidth = max(len(value) for _, value in rows)
     lines = [f"{'metric':<{width}}  {'value':>{vwidth}}", f"{'-' * width}  {'-' * vwidth}"]
@@ -215,6 +281,9 @@ class _StepConfig(NamedTuple):
   ignore: bool  # compare labels with the (traced) ignore value
   groups: int
   soft: bool
+  documents: bool = False  # per-document sums (the batch carries "segments")
+  mesh: Any = None  # with `hidden`: the data mesh of several devices (None: one)
+  hidden: bool = False  # the batch is hidden states; `params` is (w, bias or None)
 
 
 def _zero_accumulators(num_bins: int, num_t: int = 20) -> dict:
@@ -235,6 +304,7 @@ def _zero_accumulators(num_bins: int, num_t: int = 20) -> dict:
     "resid": (fb, fb),  # sum of (confidence - bin reference) per bin
     "brier": (f, f),  # sum of the Brier score
     "temp": (jnp.zeros((3, num_t), dtype=float), jnp.zeros((3, num_t), dtype=float)),
+    "bytes": jnp.zeros((), dtype=int),  # sum of the counted rows' byte counts
   }
 
 
@@ -293,12 +363,13 @@ def _flat_row_metrics(logits, labels, keep, ignore_value, config: _StepConfig) -
   return _core.row_metrics(z, status, config.top_k, brier=True)
 
 
-def _batch_sums(rows: _core.RowMetrics, acc_dtype, config: _StepConfig) -> dict:
+def _batch_sums(rows: _core.RowMetrics, acc_dtype, config: _StepConfig, byte_counts) -> dict:
   """The batch's contribution to each accumulator (same keys as `_zero_accumulators`).
 
   Calibration bins: counts by integer segment sums (exact); confidences as
   residuals from a dyadic reference per bin (the host adds back count *
   reference exactly), so the plain per-bin sums only see small numbers.
+  Byte counts: an integer sum over the counted rows.
   """
   nb = config.num_bins
   conf = rows.confidence
@@ -320,6 +391,7 @@ def _batch_sums(rows: _core.RowMetrics, acc_dtype, config: _StepConfig) -> dict:
     "bin_count": binned(rows.counted.astype(int_dtype)),
     "bin_credit": pair(binned(rows.credit.astype(acc_dtype))),
     "resid": pair(binned(resid)),
+    "bytes": jnp.sum(jnp.where(rows.counted, byte_counts, 0)),
   }
 
 
@@ -332,9 +404,15 @@ def _add_sums(acc: dict, part: dict) -> dict:
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
 def _step(
-  acc, params, x, labels, mask, num_real, ignore_value, log_t, *, model, config: _StepConfig
+  acc, params, x, labels, mask, extras, num_real, ignore_value, log_t, *, model, config: _StepConfig
 ):
-  """Fold one padded batch into the accumulators (one compile per shape)."""
+  """Fold one padded batch into the accumulators (one compile per shape).
+
+  Returns ``(acc, documents)``: ``documents`` is None, or with ``segments``
+  the per-segment sums of the batch (`_document_sums`).
+  """
+  if config.hidden:
+    return _hidden_step(acc, params, x, labels, mask, extras, num_real, ignore_value, config)
   logits = x if model is None else model(params, x)
   _check_batch(logits, labels, mask, config.soft)
   keep = _real_rows(logits.shape[:-1], mask, num_real)
@@ -343,16 +421,98 @@ def _step(
     logits.reshape(-1, num_classes),
     labels.reshape(-1, num_classes) if config.soft else labels.reshape(-1),
     keep.reshape(-1),
+    _flat_bytes(extras, keep),
   )
   acc_dtype = acc["nll"][0].dtype
 
-  def part_sums(z, y, k):
+  def part_sums(z, y, k, b):
     rows = _flat_row_metrics(z, y, k, ignore_value, config)
-    sums = _batch_sums(rows, acc_dtype, config)
+    sums = _batch_sums(rows, acc_dtype, config, b)
     sums.update(_calibration_sums(z, y, k, rows, log_t, acc_dtype, config))
-    return sums
+    return sums, _kept_rows(rows, config)
 
-  return _fold_chunks(acc, flat, part_sums, config.groups)
+  acc, rows = _fold_chunks(acc, flat, part_sums, config.groups)
+  return acc, _documents_of(rows, flat[3], extras, acc_dtype, config)
+
+
+def _flat_bytes(extras, keep):
+  """The rows' byte counts (int32, or int64 under x64), 0 without any."""
+  b = extras.get("byte_counts")
+  return jnp.zeros(keep.size, dtype=int) if b is None else b.reshape(-1).astype(int)
+
+
+def _kept_rows(rows: _core.RowMetrics, config: _StepConfig) -> dict:
+  """The per-row values the per-document sums need (none without documents)."""
+  return {"nll": rows.nll, "counted": rows.counted} if config.documents else {}
+
+
+def _documents_of(rows: dict, byte_counts, extras, acc_dtype, config: _StepConfig):
+  if not config.documents:
+    return None
+  segments = extras["segments"].reshape(-1)
+  return _document_sums(rows["nll"].astype(acc_dtype), rows["counted"], byte_counts, segments)
+
+
+def _hidden_step(acc, params, x, labels, mask, extras, num_real, ignore_value, config):
+  """`_step` for hidden states ``[batch, ..., D]`` and a head: the fused engine's rows."""
+  w, bias = params
+  if config.soft:
+    raise TypeError("with `head`, `labels` must be integer classes (soft labels need logits).")
+  if labels.shape != x.shape[:-1]:
+    raise ValueError(
+      "integer `labels` must have the shape of `hidden` without its feature axis, got "
+      f"hidden.shape={x.shape} and labels.shape={labels.shape}."
+    )
+  keep = _real_rows(labels.shape, mask, num_real).reshape(-1)
+  ignore = ignore_value if config.ignore else None
+  status = _core.label_status(labels.reshape(-1), w.shape[1], ignore_index=ignore, where=keep)
+  rows = vocab_evaluation.evaluation_rows(
+    x.reshape(-1, x.shape[-1]),
+    w,
+    status,
+    top_k=config.top_k,
+    bias=bias,
+    mesh=config.mesh,
+    data_axis=None if config.mesh is None else "data",
+  )
+  acc_dtype = acc["nll"][0].dtype
+  b = _flat_bytes(extras, keep)
+  sums = _batch_sums(rows, acc_dtype, config, b)
+  sums["brier"] = _grouped_sum(rows.brier.astype(acc_dtype), config.groups)
+  sums["temp"] = (acc["temp"][0] * 0, acc["temp"][1] * 0)
+  acc = _add_sums(acc, sums)
+  return acc, _documents_of(_kept_rows(rows, config), b, extras, acc_dtype, config)
+
+
+def _segmented_two_float(values, segments, num_segments: int):
+  """Exact (hi, lo) sums of `values` per segment index, as ``[num_segments]`` arrays.
+
+  The rows are sorted by segment (stably) and summed by a segmented
+  `lax.associative_scan` whose combiner is the TwoSum step of
+  `_two_float_reducer`; each segment's last row holds its total.
+  """
+  seg, v = jax.lax.sort((segments, values), num_keys=1, is_stable=True)
+  change = seg[1:] != seg[:-1]
+  start = jnp.concatenate([jnp.ones((1,), bool), change])
+
+  def combine(a, b):
+    s, e = _two_sum(a[1], b[1])
+    return a[0] | b[0], jnp.where(b[0], b[1], s), jnp.where(b[0], b[2], a[2] + b[2] + e)
+
+  _, hi, lo = jax.lax.associative_scan(combine, (start, v, jnp.zeros_like(v)))
+  end = jnp.concatenate([change, jnp.ones((1,), bool)])
+  at = jnp.where(end, seg, num_segments)  # out of range: dropped
+  zeros = jnp.zeros((num_segments,), values.dtype)
+  return zeros.at[at].set(hi, mode="drop"), zeros.at[at].set(lo, mode="drop")
+
+
+def _document_sums(nll, counted, byte_counts, segments) -> dict:
+  """Per segment of one batch: the NLL's (hi, lo), the counted rows and their bytes."""
+  n = segments.shape[0]
+  hi, lo = _segmented_two_float(jnp.where(counted, nll, jnp.zeros((), nll.dtype)), segments, n)
+  count = jax.ops.segment_sum(counted.astype(byte_counts.dtype), segments, n)
+  nbytes = jax.ops.segment_sum(jnp.where(counted, byte_counts, 0), segments, n)
+  return {"nll_hi": hi, "nll_lo": lo, "count": count, "bytes": nbytes}
 
 
 # Rows per chunk of a batch: about 2**18 logits (1 MiB in float32), so every
@@ -371,12 +531,15 @@ def _fold_chunks(acc, flat, part_sums, groups: int):
   of every block (`lax.dynamic_slice` on the block's own axis), so a sharded
   batch stays on its devices. The remainder is one last, smaller chunk. The
   sums are exact two-float sums, so the totals do not depend on the chunking
-  beyond rounding.
+  beyond rounding. ``part_sums`` returns ``(sums, rows)``: the rows (a dict
+  of ``[chunk]`` arrays, often empty) are put back together into ``[n]``
+  arrays, returned beside the totals.
   """
   local = flat[0].shape[0] // groups
   size = max(_MIN_CHUNK_ROWS, _CHUNK_LOGITS // max(flat[0].shape[-1], 1))
   if local <= size:
-    return _add_sums(acc, part_sums(*flat))
+    sums, rows = part_sums(*flat)
+    return _add_sums(acc, sums), rows
   blocks = [a.reshape(groups, local, *a.shape[1:]) for a in flat]
 
   def rows(start, count):
@@ -385,11 +548,21 @@ def _fold_chunks(acc, flat, part_sums, groups: int):
       for b in blocks
     ]
 
+  out = jax.eval_shape(lambda: part_sums(*rows(0, size))[1])
+  buffers = {k: jnp.zeros((groups, local), v.dtype) for k, v in out.items()}
+
+  def add(carry, start, count):
+    a, bufs = carry
+    sums, got = part_sums(*rows(start, count))
+    put = lambda b, v: jax.lax.dynamic_update_slice_in_dim(b, v.reshape(groups, count), start, 1)
+    return _add_sums(a, sums), {k: put(bufs[k], got[k]) for k in bufs}
+
   full = local // size
-  acc = jax.lax.fori_loop(0, full, lambda i, a: _add_sums(a, part_sums(*rows(i * size, size))), acc)
+  carry = jax.lax.fori_loop(0, full, lambda i, c: add(c, i * size, size), (acc, buffers))
   if local % size:
-    acc = _add_sums(acc, part_sums(*rows(full * size, local % size)))
-  return acc
+    carry = add(carry, full * size, local % size)
+  acc, bufs = carry
+  return acc, {k: v.reshape(-1) for k, v in bufs.items()}
 
 
 def _calibration_sums(logits, labels, keep, rows, log_t, acc_dtype, config: _StepConfig) -> dict:
@@ -437,6 +610,9 @@ class _Prepared(NamedTuple):
   rows: int  # real rows along the batch axis (for the progress bar)
   soft: bool
   ignore: Any  # the ignore value as a device scalar of the labels' dtype, or None
+  extras: dict  # device arrays: "byte_counts", "segments" (each optional)
+  doc_ids: Any = None  # int64 [S]: the document of each segment index of "segments"
+  byte_bound: int = 0  # the piece's byte total (an int32 accumulator must not overflow)
 
 
 def _num_rows(tree) -> int:
@@ -471,7 +647,25 @@ def _pad_rows(a, size: int, edge: bool):
   return np.pad(a, widths, mode="edge") if mode == "edge" else np.pad(a, widths)
 
 
-def _split(batch) -> tuple[Any, Any, Any]:
+_BATCH_KEYS = ("labels", "mask", "byte_counts", "document_ids")
+
+
+class _Parts(NamedTuple):
+  """One batch as arrays, checked: `x` is the logits, hidden states or model inputs."""
+
+  x: Any
+  labels: Any
+  mask: Any
+  byte_counts: Any
+  document_ids: Any
+  soft: bool
+  rows: int
+
+
+def _split(batch, x_key: str) -> tuple:
+  """``(x, labels, mask, byte_counts, document_ids)`` of a tuple or dict batch."""
+  if isinstance(batch, dict):
+    return _split_dict(batch, x_key)
   if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
     hint = ""
     if hasattr(batch, "shape"):  # `evaluate((logits, labels))` iterates the pair itself
@@ -480,24 +674,55 @@ def _split(batch) -> tuple[Any, Any, Any]:
         "to evaluate a single batch wrap the pair in a list: evaluate([(logits, labels)])"
       )
     raise TypeError(
-      "each batch must be a (logits, labels) or (logits, labels, mask) tuple (with `model`: "
-      f"(inputs, labels[, mask])), got {type(batch).__name__}{hint}."
+      f"each batch must be a ({x_key}, labels) or ({x_key}, labels, mask) tuple, or a dict "
+      f"with keys {x_key!r}, 'labels' and optionally 'mask', 'byte_counts', 'document_ids'; "
+      f"got {type(batch).__name__}{hint}."
     )
-  x, labels = batch[0], batch[1]
   mask = batch[2] if len(batch) == 3 else None
-  return x, labels, mask
+  return batch[0], batch[1], mask, None, None
 
 
-def _check_parts(batch, model):
-  """``(x, labels, mask, soft, rows)`` of one batch as arrays, checked."""
-  x, labels, mask = _split(batch)
+def _split_dict(batch: dict, x_key: str) -> tuple:
+  unknown = sorted(set(batch) - {x_key, *_BATCH_KEYS})
+  missing = [k for k in (x_key, "labels") if k not in batch]
+  if unknown or missing:
+    other = {"logits": "hidden (with head=)", "hidden": "logits (without head=)"}.get(x_key)
+    hint = f"; {other!r} is not this call's input" if other and other.split()[0] in batch else ""
+    raise ValueError(
+      f"a dict batch needs the keys {x_key!r} and 'labels' (optional: 'mask', 'byte_counts', "
+      f"'document_ids'); got {sorted(batch)}"
+      + (f", unknown {unknown}" if unknown else "")
+      + (f", missing {missing}" if missing else "")
+      + hint
+      + "."
+    )
+  return tuple(batch.get(k) for k in (x_key, *_BATCH_KEYS))
+
+
+def _check_row_array(name: str, a, shape: tuple, *, nonnegative: bool = False):
+  """An integer array of the rows' shape (`byte_counts`, `document_ids`), as an array."""
+  a = _as_array(a)
+  if not jnp.issubdtype(a.dtype, jnp.integer):
+    raise TypeError(f"`{name}` must be integers, got dtype {a.dtype}.")
+  if tuple(a.shape) != tuple(shape):
+    raise ValueError(
+      f"`{name}` must have the labels' row shape {tuple(shape)} (one per token), got {a.shape}."
+    )
+  if nonnegative and a.size and int(a.min()) < 0:
+    raise ValueError(f"`{name}` must be >= 0, got a minimum of {int(a.min())}.")
+  return a
+
+
+def _check_parts(batch, model, x_key: str = "logits") -> _Parts:
+  """One batch as arrays, checked."""
+  x, labels, mask, byte_counts, document_ids = _split(batch, x_key)
   x = jax.tree_util.tree_map(_as_array, x)
   labels = _as_array(labels)
   mask = None if mask is None else _as_array(mask)
   if mask is not None:
     check_mask_dtype(mask.dtype, mask.shape, "mask")
   if model is None:
-    _validation.check_floating("logits", x)
+    _validation.check_floating(x_key, x)
   if jnp.issubdtype(labels.dtype, jnp.integer):
     soft = False
   elif jnp.issubdtype(labels.dtype, jnp.floating):
@@ -515,7 +740,12 @@ def _check_parts(batch, model):
       + ("" if mask is None else f", mask.shape={np.shape(mask)}")
       + "."
     )
-  return x, labels, mask, soft, rows
+  row_shape = labels.shape[:-1] if soft else labels.shape
+  if byte_counts is not None:
+    byte_counts = _check_row_array("byte_counts", byte_counts, row_shape, nonnegative=True)
+  if document_ids is not None:
+    document_ids = _check_row_array("document_ids", document_ids, row_shape)
+  return _Parts(x, labels, mask, byte_counts, document_ids, soft, rows)
 
 
 class _DeviceScalars:
@@ -542,31 +772,88 @@ def _ignore_value(scalars, ignore_index, labels, soft):
   return scalars(ignore_index, labels.dtype) if info.min <= ignore_index <= info.max else None
 
 
-def _padded_batches(batches: Iterable, *, model, mesh: Mesh, ignore_index) -> Iterator[_Prepared]:
+def _padded_batches(
+  batches: Iterable, *, model, mesh: Mesh, ignore_index, x_key: str = "logits"
+) -> Iterator[_Prepared]:
   """Yield padded, device-placed pieces of fixed batch size (the first batch's)."""
   groups = mesh.devices.size
   rows_sharding = NamedSharding(mesh, P("data"))
   scalars = _DeviceScalars(mesh)
-  size = None
+  size = kinds = None
   for batch in batches:
-    x, labels, mask, soft, rows = _check_parts(batch, model)
-    if rows == 0:
+    parts = _check_parts(batch, model, x_key)
+    kinds = _same_kinds(kinds, parts)
+    if parts.rows == 0:
       continue
     if size is None:  # the first batch fixes the compiled size
-      size = -(-rows // groups) * groups
-    ignore = _ignore_value(scalars, ignore_index, labels, soft)
-    for start in range(0, rows, size):
-      stop = min(start + size, rows)
+      size = -(-parts.rows // groups) * groups
+    ignore = _ignore_value(scalars, ignore_index, parts.labels, parts.soft)
+    for start in range(0, parts.rows, size):
+      stop = min(start + size, parts.rows)
 
       def piece(a, edge=False, start=start, stop=stop, size=size):
         a = a if (start == 0 and stop == a.shape[0]) else a[start:stop]
         return _pad_rows(a, size, edge)
 
-      xp = jax.tree_util.tree_map(functools.partial(piece, edge=model is not None), x)
-      mp = None if mask is None else piece(mask)
-      xd, ld, md = jax.device_put((xp, piece(labels), mp), rows_sharding)  # one call, async
+      xp = jax.tree_util.tree_map(functools.partial(piece, edge=model is not None), parts.x)
+      mp = None if parts.mask is None else piece(parts.mask)
+      extras, host = _extras(parts, piece)
+      arrays = (xp, piece(parts.labels), mp, extras)
+      jax.tree_util.tree_map(_touch_pages, arrays)
+      xd, ld, md, ed = jax.device_put(arrays, rows_sharding)
       real = scalars(stop - start, np.int32)
-      yield _Prepared(xd, ld, md, real, rows=stop - start, soft=soft, ignore=ignore)
+      yield _Prepared(xd, ld, md, real, stop - start, parts.soft, ignore, ed, **host)
+
+
+def _touch_pages(a) -> None:
+  """Read one byte of each memory page of a NumPy array, here in the feeding thread.
+
+  On the CPU, `jax.device_put` of a contiguous NumPy array is zero-copy: the
+  compiled step reads the array in place. For a memory-mapped batch, the
+  first read of each page is a page fault (about 1.7 ms per 12.8 MB batch on
+  the benchmark's CPU): without this, every one of them happened inside the
+  step, on the critical path, while the background thread that is meant to
+  prepare the next batch had nothing to do. Touched here, the faults overlap
+  the previous batch's step. A strided read of ``size / page`` bytes: cheap
+  for an array already in memory.
+  """
+  if isinstance(a, np.ndarray) and a.size and a.flags.c_contiguous:
+    np.add.reduce(a.reshape(-1).view(np.uint8)[::_PAGE_BYTES], dtype=np.uint64)
+
+
+def _same_kinds(kinds, parts: _Parts):
+  """Which optional arrays the batches carry: the first batch's, the same in every batch."""
+  now = (parts.byte_counts is not None, parts.document_ids is not None)
+  if kinds is not None and now != kinds:
+    names = lambda k: [n for n, has in zip(("byte_counts", "document_ids"), k) if has] or "neither"
+    raise ValueError(
+      f"every batch must carry the same optional arrays: the first had {names(kinds)}, "
+      f"a later one {names(now)}."
+    )
+  return now
+
+
+def _extras(parts: _Parts, piece) -> tuple[dict, dict]:
+  """The piece's byte counts and document segments: device arrays, and host values.
+
+  A piece's documents are numbered ``0 .. S-1`` in the order of their ids
+  (`np.unique`): the device sums each number's rows, the host keeps which
+  id it is. Padding rows join segment 0 (they never count, so add nothing).
+  """
+  extras, host = {}, {}
+  if parts.byte_counts is not None:
+    counts = piece(parts.byte_counts)
+    extras["byte_counts"] = counts
+    host["byte_bound"] = int(np.sum(np.asarray(counts), dtype=np.int64))
+  if parts.document_ids is not None:
+    ids = np.asarray(piece(parts.document_ids)).astype(np.int64)
+    real = piece(np.ones(parts.rows, bool))  # the padded rows' flag, by the same slicing
+    real = np.broadcast_to(real.reshape(real.shape + (1,) * (ids.ndim - 1)), ids.shape)
+    unique, inverse = np.unique(ids[real], return_inverse=True)
+    segments = np.zeros(ids.shape, np.int32)
+    segments[real] = inverse.reshape(-1)
+    extras["segments"], host["doc_ids"] = segments, unique
+  return extras, host
 
 
 _DONE = object()
@@ -661,6 +948,12 @@ class _HostTotals:
     # (grids differ between processes, so they are kept apart, not summed).
     self.temp_grid: list[np.ndarray] = []
     self.temp: list[np.ndarray] = []
+    # What the batches carried ("bytes", "documents"): a list, so that a
+    # process without batches merges with one that had them.
+    self.kinds: list[str] = []
+    # Per-document tables (`_DOC_FIELDS` -> [S] arrays), compacted now and then.
+    self.documents: list[dict] = []
+    self._doc_rows = self._doc_compacted = 0
 
   def add(self, acc):
     acc = dict(jax.device_get(acc))
@@ -675,12 +968,62 @@ class _HostTotals:
         v = np.asarray(value, np.int64)
         self.counts[name] = self.counts.get(name, 0) + v
 
+  def add_documents(self, ids: np.ndarray, docs: dict) -> None:
+    """One batch's per-segment sums: segment ``j`` is document ``ids[j]``."""
+    n = len(ids)
+    table = {"ids": ids.astype(np.int64)}
+    table["nll_hi"] = np.asarray(docs["nll_hi"][:n], np.float64)
+    table["nll_lo"] = np.asarray(docs["nll_lo"][:n], np.float64)
+    table["count"] = np.asarray(docs["count"][:n], np.int64)
+    table["bytes"] = np.asarray(docs["bytes"][:n], np.int64)
+    self.documents.append(table)
+    self._doc_rows += n
+    if self._doc_rows > max(_DOC_COMPACT_ROWS, 2 * self._doc_compacted):
+      self.compact_documents()
+
+  def compact_documents(self) -> None:
+    if self.documents:
+      self.documents = [_merge_documents(self.documents)]
+      self._doc_rows = self._doc_compacted = len(self.documents[0]["ids"])
+
   def sum(self, name: str, index=None, extra: float = 0.0) -> float:
     """The exact total of a float sum (of one bin with ``index``), plus ``extra``."""
     parts = [np.ravel(p if index is None else p[index]) for p in self.pairs[name]]
     his = [float(v) for p in parts[0::2] for v in p] + [float(extra)]
     los = [float(v) for p in parts[1::2] for v in p]
     return _total(his, los)
+
+
+def _merge_documents(tables: list[dict]) -> dict:
+  """One table with one row per document id: the tables' rows of each id added exactly.
+
+  Counts and bytes are integer sums; the NLL's (hi, lo) parts are added in
+  float64 with TwoSum (the rounding errors of the ``hi`` additions go, with
+  the ``lo`` parts, into ``lo``), one part per document at a time, so the
+  order of the rows does not matter beyond the rounding of the tiny ``lo``
+  additions. A non-finite ``hi`` makes the document's ``hi`` non-finite.
+  """
+  ids = np.concatenate([t["ids"] for t in tables])
+  unique, inverse = np.unique(ids, return_inverse=True)
+  order = np.argsort(inverse, kind="stable")
+  group = inverse[order]
+  first = np.searchsorted(group, np.arange(len(unique)))
+  rank = np.arange(len(group)) - first[group]
+  out = {"ids": unique}
+  for name in ("count", "bytes"):
+    out[name] = np.bincount(inverse, np.concatenate([t[name] for t in tables]), len(unique))
+    out[name] = np.rint(out[name]).astype(np.int64)  # bincount adds in float64: exact below 2**53
+  hi_parts = np.concatenate([t["nll_hi"] for t in tables])[order]
+  lo_parts = np.concatenate([t["nll_lo"] for t in tables])[order]
+  hi, lo = np.zeros(len(unique)), np.zeros(len(unique))
+  with np.errstate(invalid="ignore"):
+    for r in range(int(rank.max(initial=-1)) + 1):
+      at = rank == r
+      g = group[at]
+      hi[g], e = _two_sum(hi[g], hi_parts[at])
+      lo[g] = lo[g] + lo_parts[at] + e
+  out["nll_hi"], out["nll_lo"] = hi, lo
+  return out
 
 
 def _total(his: list[float], los: list[float]) -> float:
@@ -709,6 +1052,8 @@ def evaluate(
   prefetch: int = 2,
   temperature: bool = False,
   across_processes: bool | None = None,
+  head: jax.typing.ArrayLike | None = None,
+  bias: jax.typing.ArrayLike | None = None,
 ) -> EvaluationResult:
   r"""Exact dataset-level cross-entropy, accuracy and calibration, streamed.
 
@@ -764,14 +1109,43 @@ def evaluate(
   `xentjax.calibration.fit_temperature_streaming` gives the exact value in a
   few more passes.
 
+  Bits per byte and per-document sums come from dict batches (below): with
+  ``byte_counts`` :math:`b_i` (the UTF-8 bytes token :math:`i` decodes to)
+  ``bits_per_byte`` is :math:`\sum_{i \in V} \ell_i / \ln 2 \,/\,
+  \sum_{i \in V} b_i`, both sums over the same counted tokens: a masked
+  token, an `ignore_index` label and padding add neither bits nor bytes (a
+  first token that is never predicted, and its bytes, are left out by
+  masking it). With ``document_ids`` each document gets the same sums over
+  its counted tokens (`xentjax.evaluation.DocumentSums`), exact two-float sums like the total
+  (per batch a segmented TwoSum scan on the device, across batches and
+  processes TwoSum in float64 on the host), whatever batches and processes
+  a document is split over.
+
+  From hidden states: with ``head=w`` (``[D, V]``) and optional ``bias``
+  (``[V]``), batches carry hidden states ``[batch, ..., D]`` instead of
+  logits, and every figure is that of the logits ``hidden @ w + bias``,
+  computed by the fused engine's tiles (`xentjax.linear_token_stats`'
+  engine) without an ``[n, V]`` array in any compiled program: one sweep
+  over the vocabulary keeps the row maximum, the normalizer, the label's
+  logit, the Brier score's two sums and the ``k`` largest logits with the
+  count of logits equal to the ``k``-th, which is all the tie-shared top-1
+  and top-k credit need (below the ``k``-th value the credit is 0, above it
+  every class ahead of the label is among the ``k``). Integer labels only;
+  no ``temperature=True`` (it needs the logits at 20 temperatures).
+
   Args:
     batches: iterable of ``(logits, labels)`` or ``(logits, labels, mask)``
-      tuples of NumPy or JAX arrays (memory maps are fine). `logits` is
-      ``[batch, ..., num_classes]``; `labels` is integer ``[batch, ...]`` or
-      floating soft labels ``[batch, ..., num_classes]``; `mask` is bool or integer 0/1
-      ``[batch, ...]`` (True = counted). With `model`, each tuple is
-      ``(inputs, labels[, mask])`` where `inputs` is an array or pytree of
-      arrays with a leading batch axis.
+      tuples of NumPy or JAX arrays (memory maps are fine), or of dicts
+      ``{"logits", "labels", "mask"?, "byte_counts"?, "document_ids"?}``.
+      `logits` is ``[batch, ..., num_classes]``; `labels` is integer
+      ``[batch, ...]`` or floating soft labels ``[batch, ..., num_classes]``;
+      `mask` is bool or integer 0/1 ``[batch, ...]`` (True = counted);
+      `byte_counts` and `document_ids` are integers of the labels' row shape
+      ``[batch, ...]`` (bytes ``>= 0``; ids any int64), and every batch must
+      carry the same optional keys. With `model`, each tuple is
+      ``(inputs, labels[, mask])`` (dict key ``"inputs"``) where `inputs` is
+      an array or pytree of arrays with a leading batch axis; with `head`,
+      ``(hidden, labels[, mask])`` (dict key ``"hidden"``).
     model: optional ``model(params, inputs) -> logits``; it runs inside the
       compiled step. It must be hashable (any function is) and is padded with
       repeats of the last example on the ragged last batch.
@@ -802,9 +1176,14 @@ def evaluate(
       others raise `xentjax.distributed.ProcessFailedError`), and different
       options raise `ValueError`, in every process. See
       `xentjax.distributed`.
+    head: optional output head ``[D, V]``: the batches hold hidden states
+      and the logits are ``hidden @ head + bias`` (never formed).
+    bias: optional ``[V]`` bias of `head`.
 
   Returns:
     An `EvaluationResult` of Python numbers; `str()` of it is a table.
+    ``bits_per_byte`` and ``byte_count`` are None without ``byte_counts``,
+    ``per_document`` None without ``document_ids``.
 
   Note:
     * A counted example with an integer label outside ``[0, num_classes)``
@@ -824,6 +1203,9 @@ def evaluate(
     * Soft labels: accuracy, top-k and the ECE use the argmax of the target
       distribution as the class; each example counts once whatever its
       target's total mass.
+    * Bytes: no counted byte gives ``bits_per_byte`` NaN. Documents: every
+      id on a batch row is listed, one whose tokens are all masked or
+      ignored with zeros (its ``bits_per_byte`` NaN).
     * No counted example (empty stream, everything masked): `count` is 0,
       the NLL sum 0.0 and every mean NaN; nothing raises.
 
@@ -841,6 +1223,17 @@ def evaluate(
     (2, 0.5, 0.75)
     >>> round(r.cross_entropy, 4)  # (-log 0.7 - log 0.1) / 2
     1.3296
+    >>> batch = {"logits": logits, "labels": np.array([0, 2]),
+    ...          "byte_counts": np.array([3, 1]), "document_ids": np.array([7, 7])}
+    >>> r = xentjax.evaluate([batch], progress=False)
+    >>> round(r.bits_per_byte, 4)  # (-log2 0.7 - log2 0.1) / (3 + 1)
+    0.9591
+    >>> r.per_document.ids, r.per_document.count
+    (array([7]), array([2]))
+    >>> hidden, head = np.eye(2, dtype=np.float32), logits  # hidden @ head == logits
+    >>> r = xentjax.evaluate([(hidden, np.array([0, 1]))], head=head, progress=False)
+    >>> round(r.cross_entropy, 4)  # (-log 0.7 - log 0.8) / 2
+    0.2899
   """
   _check_options(top_k=top_k, num_bins=num_bins, ignore_index=ignore_index, prefetch=prefetch)
   scale = _validation.log_base_scale(base)
@@ -849,28 +1242,28 @@ def evaluate(
   if not devices:
     raise ValueError("`devices` must name at least one device.")
   mesh = Mesh(np.asarray(devices), ("data",))
-  if model is not None:
+  hidden = head is not None
+  if hidden:
+    params = _check_head(head, bias, model=model, temperature=temperature)
+  if model is not None or hidden:
     params = jax.device_put(params, NamedSharding(mesh, P()))
   across = jax.process_count() > 1 if across_processes is None else bool(across_processes)
-  failure = None
-  prepared = _padded_batches(batches, model=model, mesh=mesh, ignore_index=ignore_index)
+  x_key = "hidden" if hidden else ("inputs" if model is not None else "logits")
+  prepared = _padded_batches(
+    batches, model=model, mesh=mesh, ignore_index=ignore_index, x_key=x_key
+  )
   source = _Prefetcher(prepared, prefetch) if prefetch > 0 else None
   bar = _progress_bar(_want_progress(progress), total)
   run = _Run(
-    mesh, top_k=top_k, num_bins=num_bins, model=model, params=params, temperature=temperature
+    mesh,
+    top_k=top_k,
+    num_bins=num_bins,
+    model=model,
+    params=params,
+    temperature=temperature,
+    hidden=hidden,
   )
-  try:
-    for item in source if source is not None else prepared:
-      run.step(item)
-      bar.update(item.rows)
-  except Exception as e:
-    if not across:
-      raise
-    failure = e  # the other processes must hear of it before anyone raises
-  finally:
-    if source is not None:
-      source.close()
-    bar.close()
+  failure = _consume(source if source is not None else prepared, run, bar, source, across)
   host = run.finish() if failure is None else run.host
   if across:
     # Every field of the totals is a partial sum: merged over the processes
@@ -880,6 +1273,46 @@ def evaluate(
   return _result(
     host, top_k=top_k, num_bins=num_bins, base=base, scale=scale, temperature=bool(temperature)
   )
+
+
+def _consume(items, run: _Run, bar, source, across: bool):
+  """Step through every batch; an exception is returned (not raised) `across` processes."""
+  try:
+    for item in items:
+      run.step(item)
+      bar.update(item.rows)
+  except Exception as e:
+    if not across:
+      raise
+    return e  # the other processes must hear of it before anyone raises
+  finally:
+    if source is not None:
+      source.close()
+    bar.close()
+  return None
+
+
+def _check_head(head, bias, *, model, temperature) -> tuple:
+  """``(w, bias or None)`` as arrays: the output head of hidden-state batches."""
+  if model is not None:
+    raise ValueError("give `model` or `head`, not both.")
+  if temperature:
+    raise ValueError(
+      "`temperature=True` needs the logits: the one-pass fit evaluates every class at 20 "
+      "temperatures, which the fused evaluation from hidden states does not; evaluate "
+      "`(hidden @ head + bias, labels)` batches for it."
+    )
+  w = jnp.asarray(head)
+  _validation.check_floating("head", w)
+  if w.ndim != 2:
+    raise ValueError(f"`head` must be [D, V] (hidden @ head), got shape {w.shape}.")
+  if bias is None:
+    return w, None
+  b = jnp.asarray(bias)
+  _validation.check_floating("bias", b)
+  if b.shape != (w.shape[1],):
+    raise ValueError(f"`bias` must have shape ({w.shape[1]},) (one per class), got {b.shape}.")
+  return w, b
 
 
 def _check_options(*, top_k, num_bins, ignore_index, prefetch) -> None:
@@ -899,41 +1332,53 @@ def _check_options(*, top_k, num_bins, ignore_index, prefetch) -> None:
 class _Run:
   """The device side of one `evaluate` call: accumulators, steps in flight, flushes."""
 
-  def __init__(self, mesh: Mesh, *, top_k: int, num_bins: int, model, params, temperature):
+  def __init__(self, mesh: Mesh, *, top_k: int, num_bins: int, model, params, temperature, hidden):
     self.mesh, self.model, self.params = mesh, model, params
-    self.temperature = bool(temperature)
+    self.temperature, self.hidden = bool(temperature), bool(hidden)
     self.top_k, self.num_bins = top_k, num_bins
     self.host = _HostTotals()
     self.acc = self._fresh()
     self.in_flight: collections.deque = collections.deque()
-    self.rows_since_flush = 0
+    self.rows_since_flush = self.bytes_since_flush = 0
     self.log_t = None
 
   def _fresh(self):
     num_t = 20 if self.temperature else 0
     return jax.device_put(_zero_accumulators(self.num_bins, num_t), NamedSharding(self.mesh, P()))
 
+  def _config(self, item: _Prepared) -> _StepConfig:
+    groups = self.mesh.devices.size
+    return _StepConfig(
+      self.top_k,
+      self.num_bins,
+      item.ignore is not None,
+      groups,
+      item.soft,
+      documents=item.doc_ids is not None,
+      mesh=self.mesh if self.hidden and groups > 1 else None,
+      hidden=self.hidden,
+    )
+
   def step(self, item: _Prepared) -> None:
     size = jax.tree_util.tree_leaves(item.x)[0].shape[0] * _rows_per_batch_row(item)
-    if self.rows_since_flush + size > _FLUSH_ROWS:
-      self.host.add(self.acc)  # rare: keeps int32 counters from overflowing
-      self.acc, self.rows_since_flush = self._fresh(), 0
-      self.in_flight.clear()
-    config = _StepConfig(
-      self.top_k, self.num_bins, item.ignore is not None, self.mesh.devices.size, item.soft
-    )
-    if self.log_t is None:  # the temperature grid, set by the first batch
-      log_t = np.zeros((0,))  # no temperature fit: an empty grid costs nothing
-      if self.temperature:
-        log_t = _temperature_grid(item, self.params, model=self.model, config=config)
-      self.log_t = jax.device_put(np.asarray(log_t, dtype=float), NamedSharding(self.mesh, P()))
-      self.host.temp_grid.append(log_t)
-    self.acc = _step(
+    self._check_bytes(item)
+    if (
+      self.rows_since_flush + size > _FLUSH_ROWS
+      or self.bytes_since_flush + item.byte_bound > _INT32_MAX
+    ):
+      self.drain()  # rare: keeps int32 counters from overflowing
+      self.host.add(self.acc)
+      self.acc, self.rows_since_flush, self.bytes_since_flush = self._fresh(), 0, 0
+    config = self._config(item)
+    if self.log_t is None:  # the first batch: the temperature grid, and what is summed
+      self._first(item, config)
+    self.acc, docs = _step(
       self.acc,
       self.params,
       item.x,
       item.labels,
       item.mask,
+      item.extras,
       item.num_real,
       item.ignore,
       self.log_t,
@@ -941,12 +1386,41 @@ class _Run:
       config=config,
     )
     self.rows_since_flush += size
-    self.in_flight.append(self.acc["bin_count"])
-    if len(self.in_flight) > _MAX_IN_FLIGHT:
-      self.in_flight.popleft().block_until_ready()  # back-pressure, not a transfer
+    self.bytes_since_flush += item.byte_bound
+    self.in_flight.append((self.acc["bin_count"], docs, item.doc_ids))
+    while len(self.in_flight) > _MAX_IN_FLIGHT:
+      self._retire()  # back-pressure; fetches a finished step's per-document sums
+
+  def _check_bytes(self, item: _Prepared) -> None:
+    if item.byte_bound > _INT32_MAX and not jax.config.jax_enable_x64:
+      raise ValueError(
+        f"one batch holds {item.byte_bound:,} bytes, more than an int32 can count with x64 "
+        "off: use smaller batches (or JAX_ENABLE_X64=1)."
+      )
+
+  def _first(self, item: _Prepared, config: _StepConfig) -> None:
+    log_t = np.zeros((0,))  # no temperature fit: an empty grid costs nothing
+    if self.temperature:
+      log_t = _temperature_grid(item, self.params, model=self.model, config=config)
+    self.log_t = jax.device_put(np.asarray(log_t, dtype=float), NamedSharding(self.mesh, P()))
+    self.host.temp_grid.append(log_t)
+    self.host.kinds += ["bytes"] * bool(item.extras.get("byte_counts") is not None)
+    self.host.kinds += ["documents"] * (item.doc_ids is not None)
+
+  def _retire(self) -> None:
+    marker, docs, ids = self.in_flight.popleft()
+    marker.block_until_ready()
+    if docs is not None:
+      self.host.add_documents(ids, jax.device_get(docs))
+
+  def drain(self) -> None:
+    while self.in_flight:
+      self._retire()
 
   def finish(self) -> _HostTotals:
+    self.drain()
     self.host.add(self.acc)
+    self.host.compact_documents()
     return self.host
 
 
@@ -1007,7 +1481,28 @@ def _result(host: _HostTotals, *, top_k, num_bins, base, scale, temperature) -> 
     num_bins=num_bins,
     base=None if base is None else float(base),
     **_calibration_fields(host, count, bin_count, conf, math.isnan(nll_sum), temperature),
+    **_byte_fields(host, nll_sum),
   )
+
+
+def _byte_fields(host: _HostTotals, nll_sum: float) -> dict:
+  """Bits per byte and the per-document sums, for what the batches carried."""
+  fields = {}
+  if "bytes" in host.kinds:
+    nbytes = int(host.counts.get("bytes", 0))
+    fields["byte_count"] = nbytes
+    fields["bits_per_byte"] = nll_sum / math.log(2.0) / nbytes if nbytes else math.nan
+  if "documents" in host.kinds:
+    table = _merge_documents(host.documents) if host.documents else None
+    if table is None:
+      empty = np.zeros(0, np.int64)
+      fields["per_document"] = DocumentSums(empty, np.zeros(0), empty, empty)
+    else:
+      hi, lo = table["nll_hi"], table["nll_lo"]
+      with np.errstate(invalid="ignore"):
+        nll = np.where(np.isfinite(hi), hi + lo, hi)
+      fields["per_document"] = DocumentSums(table["ids"], nll, table["count"], table["bytes"])
+  return fields
 
 
 def _bin_confidences(host: _HostTotals, bin_count, num_bins: int) -> list[float]:
