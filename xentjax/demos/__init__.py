@@ -9,4 +9,7 @@ They import JAX on use; the data they train on ships inside the package
 (`xentjax/data/`).
 """
 
+from xentjax.demos import contrastive as contrastive
+from xentjax.demos import distill as distill
+
 __all__ = ["contrastive", "distill"]
