@@ -46,6 +46,7 @@ SLOW = (
   "tests/evaluation/test_evaluate.py::test_exact_against_float64_on_a_million_examples_any_batch_size",
   "tests/architecture/test_docs.py::test_site_builds_and_documents_every_public_name",
   "tests/vocab/test_contrastive_parallel.py",
+  "tests/vocab/test_mesh_modes.py",
   "tests/cli/test_cli_demo.py::test_contrastive_demo",
   "tests/cli/test_cli_demo.py::test_demo_distill_is_deterministic_and_float32_under_x64",
 )
