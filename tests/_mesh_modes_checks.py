@@ -198,6 +198,23 @@ def main():
       close(gw, gw1, "grad w")
       assert gw.sharding.is_equivalent_to(ws.sharding, 2), gw.sharding
 
+  @check("explicitly_placed_inputs_eager_gradient_works_or_says_set_mesh")
+  def _():
+    """Eagerly, outside a mesh context, JAX cannot differentiate a result typed with an
+    `Explicit` mesh (any function of such arrays, `jnp.sum` included); the docs say to
+    use `jax.set_mesh` or `jit` there. The error must say so, in one line (or work)."""
+    mesh = MESHES["explicit"]
+    xs = jax.device_put(X, NamedSharding(mesh, P("data")))
+    ws = jax.device_put(W, NamedSharding(mesh, P(None, "vocab")))
+    want = jax.grad(lambda w: xentjax.linear_softmax_cross_entropy(X, w, Y))(W)
+    try:
+      g = jax.grad(lambda w: par.linear_softmax_cross_entropy(xs, w, Y, mesh=mesh))(ws)
+    except ValueError as e:
+      first = str(e).splitlines()[0]
+      assert "jax.set_mesh" in first, first
+    else:
+      close(g, want, "grad w")
+
 
 if __name__ == "__main__":
   main()

@@ -32,6 +32,7 @@ CHECKS = [
   ),
   "eager_result_mixes_with_plain_arrays",
   "explicitly_placed_inputs_keep_their_types",
+  "explicitly_placed_inputs_eager_gradient_works_or_says_set_mesh",
 ]
 
 
