@@ -81,6 +81,9 @@ nb_execution_mode = "off"
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_heading_anchors = 3
 nb_merge_streams = True
+# A cell's Markdown output (`IPython.display.Markdown`: notebook 03's table) is parsed
+# as MyST, as Jupyter shows it: CommonMark, the default, has no tables and no `$` math.
+nb_render_markdown_format = "myst"
 
 # --- HTML ---
 html_theme = "sphinx_book_theme"
@@ -94,6 +97,9 @@ html_theme_options = {
   "use_download_button": False,
   "use_fullscreen_button": False,
 }
+# The mode a first visit starts in (the theme's default, "", is not a mode: its script
+# logs "Got invalid theme mode" and falls back to "auto").
+html_context = {"default_mode": "auto"}
 html_show_sourcelink = False
 html_copy_source = False  # no _sources/ copies of the pages and notebooks
 html_last_updated_fmt = None

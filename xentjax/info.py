@@ -506,10 +506,12 @@ def kl_divergence_from_logits(
 
   .. math::
 
+    \begin{aligned}
     D_{KL}(\mathrm{softmax}(a) \,\|\, \mathrm{softmax}(b))
-      = \sum_i p_i (\log p_i - \log q_i), \quad
-    \log p = a - \operatorname{logsumexp}(a), \;
+      &= \sum_i p_i (\log p_i - \log q_i), \\
+    \log p = a - \operatorname{logsumexp}(a), &\quad
     \log q = b - \operatorname{logsumexp}(b).
+    \end{aligned}
 
   Works entirely in log space (no `log(softmax(.))`), so it is stable for
   logits of any magnitude (±1e4 included): the distillation loss with `a` the

@@ -49,7 +49,7 @@ from xentjax._vocab import cross_entropy, token_stats
 from xentjax._vocab.engine import recompute_logits
 from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
 from xentjax._vocab.options import CROSS_ENTROPY_OPTIONS, TOKEN_STATS_OPTIONS, validators
-from xentjax._vocab.placement import Placement, place, require_vocab_axis
+from xentjax._vocab.placement import Placement, place, require_vocab_axis, working_mesh
 from xentjax._vocab.tiles import Tiling
 
 __all__ = [
@@ -317,6 +317,7 @@ def softmax_cross_entropy_with_integer_labels(
       f"The {n} examples of `labels` (labels.shape={batch_shape}) are not divisible by the "
       f"{n_data} devices of mesh axis {data_axis!r}."
     )
+  mesh = working_mesh(mesh, logits, labels)
   placement = Placement(mesh, data_axis, vocab_axis)
   tiling = Tiling(
     num_classes, num_classes, vd=False, token_chunk=1, vocab_chunk=1, placement=placement

@@ -1,6 +1,6 @@
-"""Sphinx extension for xentjax's site: API pages and CLI help generated at build time.
+"""Sphinx extension for xentjax's site: API pages, CLI help and the notebooks' table.
 
-Two pieces, both read from the package itself so the site cannot go stale:
+Read from the package and the notebooks themselves, so the site cannot go stale:
 
 - `builder-inited`: writes one API page per public module into `docs/api/`
   (generated, git-ignored): the module docstring, an autosummary table of its
@@ -11,6 +11,10 @@ Two pieces, both read from the package itself so the site cannot go stale:
   not the ones it imports.
 - the `xentjax-cli-help` directive: the `--help` text of `xentjax` or one of its
   subcommands, formatted by the real argparse parser.
+- the `xentjax-notebooks` directive: the notebooks page's table, one row per
+  notebook found in ``notebooks/``.
+- `doctree-resolved`: a warning (an error under ``-W``) for prose that shows
+  Markdown or TeX as text (a pipe table, ``$...$``) instead of rendering it.
 - MathJax 3 served from the site itself (`_static/mathjax/`), copied from the
   files that the `sphinx-mathjax-offline` package ships, so the math renders
   with no network at view time. (That package's own Sphinx hook does the same
@@ -38,9 +42,11 @@ from typing import ClassVar
 from docutils import nodes
 from docutils.parsers.rst import directives
 from sphinx.pycode import ModuleAnalyzer, PycodeError
+from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
 
 PACKAGE = "xentjax"
+logger = logging.getLogger(__name__)
 # Values of these types count as public constants of a module without `__all__`
 # (typing aliases such as `Params = dict[str, jax.Array]` do not).
 _CONSTANT_TYPES = (bool, int, float, complex, str, bytes, tuple, frozenset)
@@ -265,6 +271,55 @@ class CliHelp(SphinxDirective):
     return [block]
 
 
+# --- the notebooks' table ----------------------------------------------------------
+
+
+def notebook_heading(path: Path) -> tuple[str, str]:
+  """`(title, first sentence)` of a notebook: its first cell's heading and what follows."""
+  import json
+
+  cells = json.loads(path.read_text())["cells"]
+  source = next(("".join(c["source"]) for c in cells if c["cell_type"] == "markdown"), "")
+  title, _, rest = source.strip().partition("\n")
+  intro = " ".join(rest.strip().split("\n\n", 1)[0].split())
+  sentence = re.split(r"(?<=[.!?])\s", intro, maxsplit=1)[0]
+  return title.lstrip("# ").strip() or path.stem, sentence
+
+
+class NotebookTable(SphinxDirective):
+  """``xentjax-notebooks``: one table row per notebook of ``notebooks/``, found at build time.
+
+  A row links the notebook's page by its title (the heading of its first cell)
+  and says what it derives: the body line ``NN: text`` for notebook ``NN`` (Markdown),
+  else the first sentence of the notebook's introduction. So a new notebook is
+  listed without editing the page, and a line for a notebook that does not exist is
+  an error.
+  """
+
+  has_content = True
+
+  def run(self):
+    books = sorted((Path(self.env.srcdir) / "notebooks").glob("[0-9]*.ipynb"))
+    numbers = {b.stem.split("_")[0]: b for b in books}
+    notes = {}
+    for line in self.content:
+      key, sep, text = line.partition(":")
+      if line.strip() and (not sep or key.strip() not in numbers):
+        raise self.error(
+          f"xentjax-notebooks: {line.strip()!r} is not `NN: text` for a notebook of "
+          f"notebooks/ (have {sorted(numbers)})"
+        )
+      if line.strip():
+        notes[key.strip()] = text.strip()
+    rows = ["| notebook | what it derives |", "|---|---|"]
+    for number, book in numbers.items():
+      self.env.note_dependency(str(book))
+      title, sentence = notebook_heading(book)
+      text = notes.get(number, sentence).replace("|", "\\|")
+      rows.append(f"| {{doc}}`{title} <notebooks/{book.stem}>` | {text} |")
+    return self.parse_text_to_nodes("\n".join(rows))
+
+
 # --- MathJax, served locally ----------------------------------------------------
 
 MATHJAX_PATH = "mathjax/tex-chtml.js"  # relative to _static/: set as conf.py's mathjax_path
@@ -341,11 +396,63 @@ def show_source_defaults(app, obj, bound_method) -> None:
   obj.__signature__ = sig.replace(parameters=params)
 
 
+# --- unrendered Markdown and TeX ---------------------------------------------------
+
+# What Markdown or TeX looks like when a page prints it instead of rendering it (a
+# notebook output emitted as Markdown that the renderer took for plain text, a
+# docstring with `$x$` where RST needs :math:): a pipe-table row or rule, or a
+# `$...$` span.
+TABLE_ROW = re.compile(r"^[ \t]*\|(?:[^|\n]*\|){2,}[ \t]*$", re.MULTILINE)
+TABLE_RULE = re.compile(r"\|[ \t]*:?(?:-{3,}|[—–]+):?[ \t]*\|")
+DOLLAR_MATH = re.compile(r"(?<![\\$\w])\$(?=[^\s$])[^$\n]*?(?<=[^\s$])\$(?![\w$])")
+# Text inside these is shown as written, on purpose (code, math, raw output).
+VERBATIM = (nodes.FixedTextElement, nodes.literal, nodes.math, nodes.raw, nodes.comment)
+
+
+def unrendered_markup(text: str) -> list[str]:
+  """The pieces of `text` that are Markdown table syntax or `$...$` TeX, as written."""
+  rows = list(TABLE_ROW.finditer(text))
+  found = [m.group(0).strip() for m in rows]
+  in_row = lambda m: any(r.start() <= m.start() < r.end() for r in rows)
+  found += [m.group(0) for m in TABLE_RULE.finditer(text) if not in_row(m)]
+  return found + [m.group(0) for m in DOLLAR_MATH.finditer(text)]
+
+
+# The blocks whose text a reader reads as prose.
+PROSE = (nodes.paragraph, nodes.title, nodes.rubric, nodes.term, nodes.caption)
+
+
+def prose_text(block) -> str:
+  """The text of `block` outside code and math (what is shown as prose)."""
+
+  def shown(t) -> bool:
+    node = t.parent
+    while node is not None and node is not block:
+      if isinstance(node, VERBATIM):
+        return False
+      node = node.parent
+    return True
+
+  return "".join(t.astext() for t in block.findall(nodes.Text) if shown(t))
+
+
+def check_rendered(app, doctree, docname) -> None:
+  """Warn (an error under `-W`) for each paragraph of a page that shows markup as text."""
+  for block in doctree.findall(lambda n: isinstance(n, PROSE)):
+    found = unrendered_markup(prose_text(block))
+    if found:
+      logger.warning(
+        "unrendered Markdown or TeX shown as text: %s", "; ".join(found[:3]), location=block
+      )
+
+
 def setup(app):
   _mathjax_source()  # fail at start, not after the build, when the package is missing
   app.connect("builder-inited", generate_api_pages)
   app.connect("build-finished", copy_mathjax)
   app.connect("autodoc-skip-member", skip_namedtuple_fields)
   app.connect("autodoc-before-process-signature", show_source_defaults)
+  app.connect("doctree-resolved", check_rendered)
   app.add_directive("xentjax-cli-help", CliHelp)
+  app.add_directive("xentjax-notebooks", NotebookTable)
   return {"parallel_read_safe": True, "parallel_write_safe": True}

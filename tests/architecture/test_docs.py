@@ -18,10 +18,12 @@ import json
 import os
 import pkgutil
 import re
+import shutil
 import subprocess
 import sys
 import types
 import zlib
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -55,7 +57,9 @@ def public_modules() -> list[str]:
 def public_names(module: types.ModuleType) -> list[str]:
   """Dotted names that the module's API page must document."""
   if hasattr(module, "__all__"):
-    names = [n for n in module.__all__ if not isinstance(getattr(module, n), types.ModuleType)]
+    # A submodule listed in `__all__` may not be imported yet (xentjax.demos): import it.
+    member = lambda n: getattr(module, n, None) or importlib.import_module(f"{module.__name__}.{n}")
+    names = [n for n in module.__all__ if not isinstance(member(n), types.ModuleType)]
   else:
     is_package = hasattr(module, "__path__")
     names = []
@@ -170,9 +174,15 @@ def _built_site(tmp_path: Path) -> Path:
   return html
 
 
-def test_site_builds_and_documents_every_public_name(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+  """The built site (CI's build, or one built here once for the module's tests)."""
   _require_docs_extra()
-  html = _built_site(tmp_path)
+  return _built_site(tmp_path_factory.mktemp("docs"))
+
+
+def test_site_builds_and_documents_every_public_name(site):
+  html = site
   inventory = read_inventory(html / "objects.inv")
 
   modules = public_modules()
@@ -188,8 +198,12 @@ def test_site_builds_and_documents_every_public_name(tmp_path):
   missing = [m for m in modules if inventory.get(m, ("",))[0] != "py:module"]
   assert not missing, f"public modules without an API page: {missing}"
   for modname in modules:
-    names = public_names(importlib.import_module(modname))
-    assert names, f"{modname} has no public names"
+    module = importlib.import_module(modname)
+    names = public_names(module)
+    # A package whose `__all__` lists only submodules (xentjax.demos) documents them on
+    # their own pages, which this loop checks too.
+    only_submodules = all(f"{modname}.{n}" in modules for n in getattr(module, "__all__", [0]))
+    assert names or only_submodules, f"{modname} has no public names"
     missing = undocumented(names, inventory, html)
     assert not missing, f"public names of {modname} not in the built documentation: {missing}"
 
@@ -223,6 +237,109 @@ def test_site_builds_and_documents_every_public_name(tmp_path):
       r'<(?:script|link)[^>]+(?:src|href)="(?:https?:)?//[^"]+"', page.read_text()
     )
     assert not remote, f"{page.relative_to(html)} loads {remote}"
+
+
+# --- what a reader sees -------------------------------------------------------------
+
+# Markdown or TeX printed as text instead of rendered: a pipe-table row or rule, or a
+# `$...$` span (an independent copy of the rule docs/_ext/xentjax_docs.py applies to
+# the doctree during the build).
+_ROW = re.compile(r"^[ \t]*\|(?:[^|\n]*\|){2,}[ \t]*$", re.MULTILINE)
+_RULE = re.compile(r"\|[ \t]*:?(?:-{3,}|[—–]+):?[ \t]*\|")
+_DOLLARS = re.compile(r"(?<![\\$\w])\$(?=[^\s$])[^$\n]*?(?<=[^\s$])\$(?![\w$])")
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "wbr"}
+_VOID |= {"param", "source", "track"}
+_VERBATIM = {"script", "style", "pre", "code", "kbd", "samp", "textarea", "svg"}
+
+
+class _ProseText(HTMLParser):
+  """The text of an HTML page outside code, math (class "math"), scripts and styles."""
+
+  def __init__(self):
+    super().__init__()
+    self.open: list[tuple[str, bool]] = []  # (tag, verbatim)
+    self.parts: list[str] = []
+
+  def handle_starttag(self, tag, attrs):
+    if tag in _VOID:
+      return
+    classes = (dict(attrs).get("class") or "").split()
+    self.open.append((tag, tag in _VERBATIM or "math" in classes))
+
+  def handle_endtag(self, tag):
+    while any(t == tag for t, _ in self.open):  # unclosed children close with their parent
+      if self.open.pop()[0] == tag:
+        break
+
+  def handle_data(self, data):
+    if not any(verbatim for _, verbatim in self.open):
+      self.parts.append(data)
+
+
+def unrendered(page_html: str) -> list[str]:
+  """The pieces of a page's prose that are Markdown table syntax or `$...$` TeX."""
+  parser = _ProseText()
+  parser.feed(page_html)
+  text = "".join(parser.parts)
+  return [m.group(0).strip() for p in (_ROW, _RULE, _DOLLARS) for m in p.finditer(text)]
+
+
+def test_unrendered_finds_raw_tables_and_dollar_math():
+  raw = "<p>| class | logit $z$ |\n|---|---|\n| dog | -3.44 |</p>"
+  found = unrendered(raw)
+  assert {"| class | logit $z$ |", "|---|---|", "| dog | -3.44 |", "$z$"} <= set(found)
+  assert unrendered("<p>the mean of $x_i$, then</p>") == ["$x_i$"]
+  rendered = (
+    '<p>costs $5 and $10; <span class="math notranslate">\\(z_i\\)</span></p>'
+    "<pre>| a | b | c |\n$ pip install $x$</pre><p>a <code>$HOME</code> | b</p>"
+    "<table><tr><td>a</td><td>b</td></tr></table>"
+  )
+  assert unrendered(rendered) == []
+
+
+def test_every_page_renders_its_markdown_and_tex(site):
+  shown = {}
+  for page in sorted(site.rglob("*.html")):
+    found = unrendered(page.read_text())
+    if found:
+      shown[str(page.relative_to(site))] = found[:3]
+  assert not shown, f"pages that print Markdown or TeX as text: {shown}"
+
+
+def test_every_notebook_is_in_the_notebooks_table(site):
+  text = (site / "notebooks.html").read_text()
+  table = text[text.index("<table") : text.index("</table>")]
+  for nb_path in sorted((ROOT / "notebooks").glob("[0-9]*.ipynb")):
+    assert f'href="notebooks/{nb_path.stem}.html"' in table, f"{nb_path.name} is not in the table"
+
+
+def test_every_page_starts_in_a_valid_theme_mode(site):
+  # The theme's first script sets the mode from localStorage or this default; an
+  # invalid one ("") makes its script log "Got invalid theme mode" on a first visit.
+  for page in sorted(site.rglob("*.html")):
+    modes = re.findall(r'localStorage\.getItem\("mode"\) \|\| "([^"]*)"', page.read_text())
+    assert all(m in ("light", "dark", "auto") for m in modes), (page.name, modes)
+
+
+def test_display_math_fits_the_desktop_column(site, tmp_path):
+  # docs/_tools/math_width.py measures every display equation in headless Chromium at
+  # 1280 px and exits 1 if one is wider than its column (only a phone may shrink it).
+  if shutil.which("chromium") is None:
+    if os.environ.get("CI"):
+      raise AssertionError("CI needs chromium for the math width check (apt-get install chromium)")
+    pytest.skip("chromium is not installed (apt-get install chromium)")
+  cmd = [
+    sys.executable,
+    str(DOCS / "_tools" / "math_width.py"),
+    str(site),
+    str(tmp_path / "w.json"),
+  ]
+  done = subprocess.run([*cmd, "1280"], check=False, capture_output=True, text=True, timeout=900)
+  report = json.loads((tmp_path / "w.json").read_text()) if done.returncode in (0, 1) else []
+  assert sum(len(r.get("items", [])) for r in report) > 100, (
+    done.stdout[-2000:] + done.stderr[-2000:]
+  )
+  assert done.returncode == 0, done.stdout[-4000:]
 
 
 def test_readme_links_point_at_files_that_exist():

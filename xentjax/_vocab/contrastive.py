@@ -26,7 +26,7 @@ from xentjax._api import public, where_mask
 from xentjax._vocab.engine import run_recompute, run_store
 from xentjax._vocab.kernels.contrastive import ContrastiveSoftmax, NtXent, SigmoidPairs
 from xentjax._vocab.options import check_chunk, check_temperature
-from xentjax._vocab.placement import Placement, axis_size
+from xentjax._vocab.placement import Placement, axis_size, working_mesh
 from xentjax._vocab.tiles import RECOMPUTE_TILE, Tiling, auto_chunks
 
 __all__ = ["Retrieval", "contrastive_loss", "ntxent", "sigmoid_contrastive_loss"]
@@ -100,11 +100,14 @@ def check_rows(name: str, x, n: int):
   return x
 
 
-def tiling_of(n_rows, n_cols, row_chunk, column_chunk, precision, mesh, data_axis, store=False):
+def tiling_of(
+  n_rows, n_cols, row_chunk, column_chunk, precision, mesh, data_axis, store=False, arrays=()
+):
   """The static `Tiling` of one call; a clear error for a mesh that cannot hold it.
 
   With a mesh the rows of ``a`` and ``b`` are sharded over ``data_axis`` and the
-  columns travel around its ring (``Placement(ring=True)``). Strategy "store"
+  columns travel around its ring (``Placement(ring=True)``), on the
+  `placement.working_mesh` of `mesh` and the call's `arrays`. Strategy "store"
   sweeps whole rows, in token chunks of a recompute tile's size.
   """
   n = 1
@@ -131,7 +134,10 @@ def tiling_of(n_rows, n_cols, row_chunk, column_chunk, precision, mesh, data_axi
   else:
     tc = min(row_chunk or ROW_CHUNK, max(rows, 1))
     vc = min(column_chunk or COLUMN_CHUNK, max(cols, 1))
-  placement = Placement() if mesh is None else Placement(mesh, data_axis, None, n, 1, ring=True)
+  if mesh is None:
+    placement = Placement()
+  else:
+    placement = Placement(working_mesh(mesh, *arrays), data_axis, None, n, 1, ring=True)
   return Tiling(n_cols, n_cols, True, tc, vc, precision, placement=placement)
 
 
@@ -292,7 +298,14 @@ def contrastive_loss(
   if labels is not None and mesh is not None:
     raise ValueError("`labels` cannot be combined with `mesh`: the ring pairs row i with row i.")
   tiling = tiling_of(
-    a.shape[0], b.shape[0], row_chunk_size, column_chunk_size, precision, mesh, data_axis
+    a.shape[0],
+    b.shape[0],
+    row_chunk_size,
+    column_chunk_size,
+    precision,
+    mesh,
+    data_axis,
+    arrays=(a, b),
   )
   pairs = pairs_of(labels, where, a.shape[0], b.shape[0])
   cdt = V.compute_dtype(a.dtype, b.dtype)
@@ -422,6 +435,7 @@ def sigmoid_contrastive_loss(
     mesh,
     data_axis,
     store=strategy == "store",
+    arrays=(a, b),
   )
   pairs = pairs_of(labels, where, a.shape[0], b.shape[0])
   cdt = V.compute_dtype(a.dtype, b.dtype)
@@ -506,7 +520,9 @@ def ntxent(
       f"embeddings.shape={e.shape} and labels.shape={labels.shape}."
     )
   n = e.shape[0]
-  tiling = tiling_of(n, n, row_chunk_size, column_chunk_size, precision, mesh, data_axis)
+  tiling = tiling_of(
+    n, n, row_chunk_size, column_chunk_size, precision, mesh, data_axis, arrays=(e,)
+  )
   cdt = V.compute_dtype(e.dtype)
   eps = jnp.finfo(e.dtype).eps  # optax's cosine similarity: norms clipped at sqrt(eps)
   norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(e.astype(cdt)), axis=1), eps))

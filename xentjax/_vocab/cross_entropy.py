@@ -231,10 +231,12 @@ def linear_softmax_cross_entropy(
 
   .. math::
 
-    \ell = (1-\varepsilon)\, c_y\, (\mathrm{lse}(z) - z_y)
-           + \frac{\varepsilon}{V} \sum_{j=1}^{V} c_j\,(\mathrm{lse}(z) - z_j)
-           + \lambda\, \mathrm{lse}(z)^2,
-    \qquad \mathrm{lse}(z) = \log \sum_{j=1}^{V} e^{z_j},
+    \begin{aligned}
+    \ell &= (1-\varepsilon)\, c_y\, (\mathrm{lse}(z) - z_y)
+      + \frac{\varepsilon}{V} \sum_{j=1}^{V} c_j\,(\mathrm{lse}(z) - z_j)
+      + \lambda\, \mathrm{lse}(z)^2, \\
+    \mathrm{lse}(z) &= \log \sum_{j=1}^{V} e^{z_j},
+    \end{aligned}
 
   the cross-entropy against the smoothed target
   :math:`(1-\varepsilon)\,\mathrm{onehot}(y) + \varepsilon/V` with class

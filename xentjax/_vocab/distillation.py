@@ -247,12 +247,12 @@ def linear_distillation_loss(
 
     D_\beta = \begin{cases}
       \mathrm{KL}(p_t \,\|\, p_s) = \sum_j p_{t,j} (\log p_{t,j} - \log p_{s,j}) & \beta = 0\\
-      \beta\,\mathrm{KL}(p_t \,\|\, m) + (1-\beta)\,\mathrm{KL}(p_s \,\|\, m),
-        \quad m = \beta p_t + (1-\beta) p_s & 0 < \beta < 1\\
+      \beta\,\mathrm{KL}(p_t \,\|\, m) + (1-\beta)\,\mathrm{KL}(p_s \,\|\, m) & 0 < \beta < 1\\
       \mathrm{KL}(p_s \,\|\, p_t) & \beta = 1
     \end{cases}
 
-  (the generalized Jensen-Shannon divergence of Agarwal et al.), and the loss
+  with :math:`m = \beta p_t + (1-\beta) p_s` (the generalized Jensen-Shannon
+  divergence of Agarwal et al.), and the loss
 
   .. math::
 
@@ -272,19 +272,23 @@ def linear_distillation_loss(
 
   .. math::
 
-    \mathrm{KL}(p_s \,\|\, m) = -\sum_j p_{s,j} \log\Big(1 + \beta\,
-      \frac{p_{t,j} - p_{s,j}}{p_{s,j}}\Big)
-      = -\beta \sum_j (p_{t,j} - p_{s,j}) + \frac{\beta^2}{2} \chi^2(p_t \,\|\, p_s)
+    \begin{aligned}
+    \mathrm{KL}(p_s \,\|\, m) &= -\sum_j p_{s,j} \log\Big(1 + \beta\,
+      \frac{p_{t,j} - p_{s,j}}{p_{s,j}}\Big) \\
+      &= -\beta \sum_j (p_{t,j} - p_{s,j}) + \frac{\beta^2}{2} \chi^2(p_t \,\|\, p_s)
       + O(\beta^3) = O(\beta^2),
+    \end{aligned}
 
   (the first sum is 0) and :math:`\mathrm{KL}(p_t \,\|\, m) \to \mathrm{KL}(p_t \,\|\, p_s)`, so
 
   .. math::
 
-    \frac{D_\beta}{\beta (1-\beta)} = \frac{\mathrm{KL}(p_t \,\|\, m)}{1 - \beta}
-      + \frac{\mathrm{KL}(p_s \,\|\, m)}{\beta}
-      \xrightarrow[\beta \to 0]{} \mathrm{KL}(p_t \,\|\, p_s), \qquad
+    \begin{aligned}
+    \frac{D_\beta}{\beta (1-\beta)} &= \frac{\mathrm{KL}(p_t \,\|\, m)}{1 - \beta}
+      + \frac{\mathrm{KL}(p_s \,\|\, m)}{\beta} \\
+      &\xrightarrow[\beta \to 0]{} \mathrm{KL}(p_t \,\|\, p_s), \qquad
       \xrightarrow[\beta \to 1]{} \mathrm{KL}(p_s \,\|\, p_t)
+    \end{aligned}
 
   (the second limit by the same expansion with the roles of :math:`p_t` and
   :math:`p_s` and of :math:`\beta` and :math:`1 - \beta` swapped): the
@@ -656,9 +660,11 @@ def linear_topk_distillation_loss(
 
   .. math::
 
-    \hat p_{t,i} = \frac{e^{\ell_i / T}}{\sum_{i'=1}^{k} e^{\ell_{i'} / T}}, \qquad
-    D = \sum_{i=1}^{k} \hat p_{t,i} \big(\log \hat p_{t,i} - \log p_{s, j_i}\big),
-    \qquad \ell = (1-\alpha)\, T^2 D + \alpha\, \mathrm{CE}(z_s, y),
+    \begin{aligned}
+    \hat p_{t,i} &= \frac{e^{\ell_i / T}}{\sum_{i'=1}^{k} e^{\ell_{i'} / T}}, \qquad
+    D = \sum_{i=1}^{k} \hat p_{t,i} \big(\log \hat p_{t,i} - \log p_{s, j_i}\big), \\
+    \ell &= (1-\alpha)\, T^2 D + \alpha\, \mathrm{CE}(z_s, y),
+    \end{aligned}
 
   with :math:`j_i` the saved indices and :math:`\ell_i` their log-probabilities.
   :math:`\log p_{s,j} = z_{s,j}/T - \mathrm{lse}(z_s/T)` is exact: the

@@ -29,7 +29,7 @@ from xentjax._vocab.options import (
   check_where,
   temperature_rows,
 )
-from xentjax._vocab.placement import Placement, explicit_layout, mesh_axes
+from xentjax._vocab.placement import Placement, explicit_layout, mesh_axes, working_mesh
 from xentjax._vocab.tiles import STORE_TILE, Tiling, auto_chunks
 
 
@@ -106,7 +106,7 @@ def placement_of(
       f"The {n} tokens of {tokens} are not divisible by the {data_shards} devices of mesh "
       f"axis {data_axis!r}; pad the batch and mask the padding with {mask}."
     )
-  return Placement(mesh, data_axis, vocab_axis, data_shards, vocab_shards)
+  return Placement(working_mesh(mesh, x, w), data_axis, vocab_axis, data_shards, vocab_shards)
 
 
 def label_status_of(labels, batch_shape: tuple, vocab_size: int, ignore_index, where):

@@ -105,18 +105,59 @@ def sharded(fn, placement: Placement, in_specs, out_specs):
   )
 
 
+def has_explicit_axes(mesh) -> bool:
+  """Whether `mesh` (a `Mesh` or `AbstractMesh`, or None) has an `Explicit` axis."""
+  explicit = jax.sharding.AxisType.Explicit
+  return any(t == explicit for t in getattr(mesh, "axis_types", ()))
+
+
+def explicitly_typed(a) -> bool:
+  """Whether the type of array `a` carries an `Explicit` mesh (its layout is part of it)."""
+  sharding = getattr(jax.typeof(a), "sharding", None)
+  m = getattr(sharding, "mesh", None)
+  return m is not None and not getattr(m, "empty", True) and has_explicit_axes(m)
+
+
+def working_mesh(mesh, *arrays):
+  """The mesh a call runs on: `mesh`, or the same devices with `Auto` axes.
+
+  Outside a mesh context (`jax.set_mesh`), a result typed with an `Explicit`
+  mesh cannot be differentiated eagerly: `jax.grad` makes the output's unit
+  cotangent from its type, which names the mesh but not its devices, and JAX
+  then fails ("Length of device assignment 1 is not equal to the size of the
+  mesh"). So when `mesh` has `Explicit` axes (the default of `jax.make_mesh`),
+  no mesh context is set and none of `arrays` is typed with an `Explicit`
+  mesh, the call runs on the `Auto` twin of `mesh`: the same devices and
+  layouts, results typed without a mesh, differentiable eagerly, under `jit`
+  and under `jax.set_mesh` alike. Inside a mesh context, or on arrays the
+  caller placed on an `Explicit` mesh, the call keeps `mesh` (its results mix
+  with the caller's arrays, as `jax.reshard` outputs would).
+  """
+  if (
+    not isinstance(mesh, jax.sharding.Mesh)
+    or not has_explicit_axes(mesh)
+    or not jax.sharding.get_abstract_mesh().empty
+    or any(a is not None and explicitly_typed(a) for a in arrays)
+  ):
+    return mesh
+  auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
 def place(a, mesh, spec):
   """Put `a` in the layout `spec` of `mesh` (a no-op when it is there already).
 
   With `Explicit` mesh axes (the default of `jax.make_mesh`) the layout is part
   of the type and `shard_map` only accepts matching arguments, so this is
-  `jax.reshard`; with `Auto` axes it is a sharding constraint. Both are
-  differentiable: the cotangent goes back to the caller's layout.
+  `jax.reshard`; with `Auto` axes it is a sharding constraint, or, for an
+  array typed with an `Explicit` mesh (see `working_mesh`), `jax.device_put`.
+  All are differentiable: the cotangent goes back to the caller's layout.
   """
   sharding = jax.sharding.NamedSharding(mesh, spec)
-  explicit = jax.sharding.AxisType.Explicit
-  if any(t == explicit for t in getattr(mesh, "axis_types", ())):
+  if has_explicit_axes(mesh):
     return jax.reshard(a, sharding)
+  if explicitly_typed(a):
+    return jax.device_put(a, sharding)
   return lax.with_sharding_constraint(a, sharding)
 
 
@@ -202,19 +243,12 @@ def explicit_layout(x, w, vd: bool):
   """
   mesh = None
   found = []
-  explicit = jax.sharding.AxisType.Explicit
   for a in (x, w):
-    sharding = getattr(jax.typeof(a), "sharding", None)
-    m = getattr(sharding, "mesh", None)
-    if (
-      m is None
-      or getattr(m, "empty", True)
-      or not any(t == explicit for t in getattr(m, "axis_types", ()))
-    ):
+    if not explicitly_typed(a):
       found.append(())
       continue
-    mesh = mesh or m
-    assert sharding is not None  # its mesh was read above
+    sharding = jax.typeof(a).sharding
+    mesh = mesh or sharding.mesh
     found.append(tuple(sharding.spec))
   if mesh is None:
     return None

@@ -140,9 +140,10 @@ def softmax_focal_loss(
   r"""Categorical focal loss from logits, with one-hot or soft labels.
 
   .. math::
-    \ell(z, y) = -\sum_k \alpha_k\, (1 - p_k)^\gamma\, \tilde y_k \log p_k,
-    \qquad p = \operatorname{softmax}(z),
-    \qquad \tilde y = (1 - \varepsilon)\, y + \varepsilon / K,
+    \begin{aligned}
+    \ell(z, y) &= -\sum_k \alpha_k\, (1 - p_k)^\gamma\, \tilde y_k \log p_k, \\
+    p &= \operatorname{softmax}(z), \qquad \tilde y = (1 - \varepsilon)\, y + \varepsilon / K,
+    \end{aligned}
 
   Keras's ``CategoricalFocalCrossentropy(from_logits=True)`` (which reduces
   the same per-class sum), with :math:`\alpha` = ``alpha`` (1 when None),

@@ -167,8 +167,10 @@ def binary_cross_entropy(
   r"""Element-wise binary cross-entropy on probabilities.
 
   .. math::
-    \ell(q, y) = -\tilde y \log q - (1 - \tilde y) \log(1 - q), \qquad
-    \tilde y = (1 - \varepsilon)\, y + \varepsilon / 2, \qquad 0 \log 0 = 0,
+    \begin{aligned}
+    \ell(q, y) &= -\tilde y \log q - (1 - \tilde y) \log(1 - q), \\
+    \tilde y &= (1 - \varepsilon)\, y + \varepsilon / 2, \qquad 0 \log 0 = 0,
+    \end{aligned}
 
   with :math:`\log(1-q)` computed as ``log1p(-q)`` and :math:`\varepsilon` =
   ``label_smoothing`` (Keras's `BinaryCrossentropy` convention). The gradient

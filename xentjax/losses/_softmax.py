@@ -79,9 +79,11 @@ def softmax_cross_entropy(
   is ``-inf`` (optax returns NaN there).
 
   .. math::
-    \ell(z, y) = -\sum_k \tilde y_k \log \operatorname{softmax}(z)_k
-      + \lambda \big(\log \textstyle\sum_k e^{z_k}\big)^2,
-    \qquad \tilde y = (1 - \varepsilon)\, y + \varepsilon / K,
+    \begin{aligned}
+    \ell(z, y) &= -\sum_k \tilde y_k \log \operatorname{softmax}(z)_k
+      + \lambda \big(\log \textstyle\sum_k e^{z_k}\big)^2, \\
+    \tilde y &= (1 - \varepsilon)\, y + \varepsilon / K,
+    \end{aligned}
 
   with :math:`0 \log 0 = 0`, :math:`K` the number of (unmasked) classes,
   :math:`\varepsilon` = ``label_smoothing`` and :math:`\lambda` = ``z_loss``.
@@ -220,10 +222,12 @@ def softmax_cross_entropy_with_integer_labels(
   built: the loss is the log-normalizer minus the logit of the true class,
 
   .. math::
-    \ell(z, c) = (1 - \varepsilon)\,(\log Z - z_c)
+    \begin{aligned}
+    \ell(z, c) &= (1 - \varepsilon)\,(\log Z - z_c)
       + \varepsilon\,\big(\log Z - \tfrac{1}{K}\textstyle\sum_k z_k\big)
-      + \lambda (\log Z)^2,
-    \qquad \log Z = \log \textstyle\sum_k e^{z_k},
+      + \lambda (\log Z)^2, \\
+    \log Z &= \log \textstyle\sum_k e^{z_k},
+    \end{aligned}
 
   which equals `softmax_cross_entropy` with the smoothed one-hot target
   :math:`(1-\varepsilon)\,\mathrm{onehot}(c) + \varepsilon/K`.
