@@ -182,7 +182,12 @@ FUNCTIONS = {
   ),
   "linear_topk_distillation_loss": lambda x, w, tx, tw, y, **kw: (
     xentjax.linear_topk_distillation_loss(
-      x, w, np.zeros((*SHAPE, 2), np.int32) + np.array([0, 1]), np.log(np.full((*SHAPE, 2), 0.4)), y, **kw
+      x,
+      w,
+      np.zeros((*SHAPE, 2), np.int32) + np.array([0, 1]),
+      np.log(np.full((*SHAPE, 2), 0.4)),
+      y,
+      **kw,
     )
   ),
 }
