@@ -68,6 +68,7 @@ __all__ = [  # kept sorted (ruff RUF022)
   "perceptron_loss",
   "policy",
   "poly_loss_cross_entropy",
+  "preference",
   "safe_softmax_cross_entropy",
   "sigmoid_binary_cross_entropy",
   "sigmoid_contrastive_loss",

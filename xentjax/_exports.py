@@ -20,6 +20,7 @@ from xentjax import losses as losses
 from xentjax import metrics as metrics
 from xentjax import parallel as parallel
 from xentjax import policy as policy
+from xentjax import preference as preference
 from xentjax import train as train
 from xentjax._vocab.contrastive import Retrieval as Retrieval
 from xentjax._vocab.contrastive import contrastive_loss as contrastive_loss
