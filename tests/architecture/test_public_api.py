@@ -7,6 +7,7 @@ options validated by name and one `where` rule.
 """
 
 import dataclasses
+import functools
 import inspect
 import pydoc
 
@@ -181,6 +182,7 @@ def _where_cases():
     "kl_divergence": ((z, soft * 0.9 + 0.1 / 3), rows),
     "kl_divergence_with_log_targets": ((z, np.log(q)), rows),
     "linear_distillation_loss": ((x, w, x, 0.5 * w), rows),
+    "linear_sequence_logprobs": ((x, w, y, np.array([0, 1, 0, 1])), rows, {"num_segments": 2}),
     "linear_softmax_cross_entropy": fused,
     "linear_token_stats": fused,
     "linear_topk_distillation_loss": ((x, w, y[:, None], np.zeros((4, 1), np.float32)), rows),
@@ -238,7 +240,8 @@ def _leaves(result):
 @pytest.mark.parametrize("name", sorted(_where_cases()))
 def test_one_where_rule_everywhere(name):
   fn = _resolve(name)
-  args, keep = _where_cases()[name]
+  args, keep, *kw = _where_cases()[name]
+  fn = functools.partial(fn, **kw[0]) if kw else fn  # keyword-only arguments it needs
   want = _leaves(fn(*args, where=keep))
   for mask in (keep.astype(np.int32), keep.astype(np.uint8), keep.astype(np.int32).tolist()):
     got = _leaves(fn(*args, where=mask))
