@@ -197,9 +197,7 @@ def linear_token_stats(
   if k:
     top_lp = lax.stop_gradient(out["topv"] - finite_lse(lse)[:, None]).reshape(*shape, k)
     top_i = out["topi"].reshape(*shape, k)
-  sup = None
-  if support is not None:
-    sup = support_logprob(call, check_support(support, shape, tok.vocab_size)).reshape(shape)
+  sup = None if support is None else support_logprob(call, check_support(support, tok))
   return TokenStats(
     logprob.reshape(shape),
     entropy.reshape(shape),
@@ -207,12 +205,13 @@ def linear_token_stats(
     out["amax"].reshape(shape),
     top_lp,
     top_i,
-    sup,
+    None if sup is None else sup.reshape(shape),
   )
 
 
-def check_support(support, batch_shape: tuple, vocab_size: int) -> jax.Array:
+def check_support(support, tok) -> jax.Array:
   """``support`` as int32 ``[n, K]`` (ids ``>= vocab_size`` become the NaN marker ``-2``)."""
+  batch_shape, vocab_size = tok.batch_shape, tok.vocab_size
   V.check_integer("support", support, "the class ids of each token's sampling support")
   ids = jnp.asarray(support)
   if ids.ndim != len(batch_shape) + 1 or ids.shape[:-1] != tuple(batch_shape):
