@@ -20,6 +20,10 @@ DAPO (Yu et al., 2025)          ``epsilon=0.2, epsilon_high=0.28``;
                                 ``normalization="token"``
 KL to a reference policy        ``ref_logprobs=..., kl_coef=beta`` (k3 estimator)
 gradient accumulation           ``denominator=`` the count over the whole batch
+GSPO (Zheng et al., 2025)       ``importance_sampling_level="sequence"``
+CISPO (MiniMax-M1, 2025)        ``clip_mode="cispo"``; ``normalization="token"``
+truncated importance sampling   ``behavior_logprobs=..., importance_cap=c``
+packed rows                     ``segment_ids=..., num_segments=S``
 ==============================  =====================================================
 
 Shapes: ``logprobs``, ``old_logprobs``, ``ref_logprobs`` and ``where`` are
