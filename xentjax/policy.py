@@ -233,13 +233,13 @@ class _Sequences(NamedTuple):
   """Which sequence each token belongs to (``ids`` ``[B, T]``), how many, and the mask."""
 
   ids: jax.Array
-  count: int
+  size: int
   mask: jax.Array
 
   def total(self, per_token):
     """Per-sequence sums ``[S]`` of the counted tokens' values."""
     vals = jnp.where(self.mask, per_token, 0.0).reshape(-1)
-    return jax.ops.segment_sum(vals, self.ids.reshape(-1), self.count)
+    return jax.ops.segment_sum(vals, self.ids.reshape(-1), self.size)
 
   def tokens(self, dtype):
     return self.total(jnp.ones(self.mask.shape, dtype))
@@ -298,7 +298,7 @@ def _normalize(per_token, seqs: _Sequences, normalization, max_length, denominat
     count = jnp.sum(seqs.mask)
   else:  # a constant, but over nothing counted NaN, as the other two (the empty-mean rule)
     length = per_token.shape[-1] if max_length is None else max_length
-    count = jnp.where(jnp.any(seqs.mask), seqs.count * length, 0)
+    count = jnp.where(jnp.any(seqs.mask), seqs.size * length, 0)
   if denominator is not None:  # a traced one that is not finite and > 0: NaN, zero gradients
     d = jax.lax.stop_gradient(jnp.asarray(denominator, per_token.dtype))
     count = jnp.where((d > 0) & (d < jnp.inf), d, 0)

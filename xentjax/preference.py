@@ -10,7 +10,7 @@ functions here turn them into the loss. They are ordinary differentiable JAX
 code, so ``jax.grad`` of the composition goes through the fused engine.
 
 The formulas are TRL's (version 1.16): each function equals TRL's trainer
-code on the same inputs, values and gradients (``tests/test_preference.py``
+code on the same inputs, values and gradients (``tests/training/test_preference.py``
 runs TRL's own methods). Where TRL and a paper differ, TRL is followed and the
 docstring says how.
 

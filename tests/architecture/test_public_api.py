@@ -390,6 +390,7 @@ def test_package_declares_its_public_names_and_types():
 
 # The fused functions: their own keywords, then the head keywords, each written out.
 FUSED = {
+  "linear_sequence_logprobs": {},
   "linear_softmax_cross_entropy": {},
   "linear_token_stats": {},
   "linear_distillation_loss": {"data_axis": "data", "vocab_axis": "vocab"},
@@ -454,6 +455,8 @@ def _fused_args(name):
     return x, w, x, w
   if name == "linear_topk_distillation_loss":
     return x, w, np.zeros((2, 1), np.int32), np.zeros((2, 1), np.float32)
+  if name == "linear_sequence_logprobs":
+    return x, w, y, np.zeros(2, np.int32)
   return x, w, y
 
 
@@ -462,8 +465,9 @@ def test_fused_functions_bind_calls_like_python(name):
   # Declared with `public`, they bind a call to their signature like every public function.
   fn = getattr(L, name)
   args = _fused_args(name)
+  required = {"num_segments": 1} if name == "linear_sequence_logprobs" else {}
   with pytest.raises(TypeError, match="got an unexpected keyword argument 'nope'"):
-    fn(*args, nope=1)
+    fn(*args, nope=1, **required)
   with pytest.raises(TypeError, match="too many positional arguments"):
     fn(*args, None, None, None)
   with pytest.raises(TypeError, match="missing a required argument: 'w'"):

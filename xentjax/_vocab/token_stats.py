@@ -70,6 +70,7 @@ def linear_token_stats(
   ignore_index: int = -100,
   where: jax.typing.ArrayLike | None = None,
   logit_soft_cap: float | None = None,
+  support: jax.typing.ArrayLike | None = None,
   w_layout: Literal["dv", "vd"] = "dv",
   vocab_size: int | None = None,
   token_chunk_size: int | None = None,
@@ -78,7 +79,6 @@ def linear_token_stats(
   mesh: jax.sharding.Mesh | None = None,
   data_axis: Any = None,
   vocab_axis: Any = None,
-  support: jax.typing.ArrayLike | None = None,
 ) -> TokenStats:
   r"""Per-token log-probability, entropy, log-normalizer, argmax and top-k of ``x @ w``.
 
@@ -122,6 +122,15 @@ def linear_token_stats(
     logit_soft_cap: :math:`c > 0`: logits :math:`c \tanh(z/c)` before the
       temperature. A Python number: it is static (part of the compiled
       program).
+    support: optional int ``[..., K]``: per token, the classes a truncated
+      sampler (top-k, top-p, min-p) could draw from, padded with -1. Adds
+      ``support_logprob`` = :math:`z_y - \log\sum_{j \in \mathrm{support}}
+      e^{z_j}` (same temperature, bias and soft cap), exact and
+      differentiable, from a gather of the K columns of ``w`` per token (no
+      second sweep; its memory is ``[..., K, D]``). The label must be in its
+      token's support and an id may appear once: a counted token whose label
+      is not in its support, with a repeated id, or with an id outside
+      ``[-1, vocab_size)`` gets NaN (a traced check: no error under `jit`).
     w_layout: ``"dv"`` (``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``).
     vocab_size: number of real classes (trailing padding columns excluded).
     token_chunk_size: tokens per tile (as in `xentjax.linear_softmax_cross_entropy`).
@@ -133,15 +142,6 @@ def linear_token_stats(
       gathering the vocabulary.
     data_axis: mesh axis (or axes) of the tokens, or None.
     vocab_axis: mesh axis (or axes) of the vocabulary, or None.
-    support: optional int ``[..., K]``: per token, the classes a truncated
-      sampler (top-k, top-p, min-p) could draw from, padded with -1. Adds
-      ``support_logprob`` = :math:`z_y - \log\sum_{j \in \mathrm{support}}
-      e^{z_j}` (same temperature, bias and soft cap), exact and
-      differentiable, from a gather of the K columns of ``w`` per token (no
-      second sweep; its memory is ``[..., K, D]``). The label must be in its
-      token's support and an id may appear once: a counted token whose label
-      is not in its support, with a repeated id, or with an id outside
-      ``[-1, vocab_size)`` gets NaN (a traced check: no error under `jit`).
 
   Returns:
     `TokenStats` ``(logprob, entropy, lse, argmax, top_k_logprobs,
@@ -229,10 +229,8 @@ def gathered_logits(call, ids):
   safe = jnp.maximum(ids, 0)
   op_dt = jnp.result_type(tok.x.dtype, tok.w.dtype)
   x = tok.x.astype(op_dt)
-  if tok.vd:  # w[V, D] -> [n, K, D]
-    dims = (((1,), (2,)), ((0,), (0,)))
-  else:  # w[D, V] -> [D, n, K]
-    dims = (((1,), (0,)), ((0,), (1,)))
+  # The gathered head is [n, K, D] ("vd") or [D, n, K] ("dv"); tokens are the batch axis.
+  dims = (((1,), (2,)), ((0,), (0,))) if tok.vd else (((1,), (0,)), ((0,), (1,)))
   w_k = jnp.take(tok.w, safe, axis=0 if tok.vd else 1).astype(op_dt)
   z = lax.dot_general(x, w_k, dims, precision=tiling.precision, preferred_element_type=tok.cdt)
   z = z.astype(tok.cdt)

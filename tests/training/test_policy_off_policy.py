@@ -1,6 +1,6 @@
 """GSPO, CISPO, ``delta``, truncated importance sampling and packed rows of
 `xentjax.policy.policy_gradient_loss`, against TRL 1.16's ``GRPOTrainer._compute_loss``
-(called unbound with a stand-in ``self``, as in ``tests/test_preference.py``) and
+(called unbound with a stand-in ``self``, as in ``tests/training/test_preference.py``) and
 against float64 transcriptions of the papers' formulas.
 """
 
