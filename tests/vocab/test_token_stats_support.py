@@ -106,6 +106,9 @@ def test_support_shape_and_dtype_are_checked():
     xentjax.linear_token_stats(x, w, y, support=support[:-1])
   with pytest.raises(TypeError, match="support"):
     xentjax.linear_token_stats(x, w, y, support=support.astype(np.float32))
+  mesh = jax.make_mesh((1,), ("vocab",))
+  with pytest.raises(ValueError, match="vocabulary-sharded head"):
+    xentjax.parallel.linear_token_stats(x, w, y, support=support, mesh=mesh, data_axis=None)
 
 
 def test_batched_tokens():

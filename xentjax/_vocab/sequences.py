@@ -5,7 +5,7 @@ gradients read: one log-probability per completion, the sum over its tokens.
 The per-token log-probabilities come from the token-statistics kernel
 (`kernels.softmax_stats.SoftmaxStats`, without the entropy or the argmax), so
 the ``[tokens, vocab]`` logits are never formed; the sums per segment are a
-`jax.ops.segment_sum`, so packed rows (several sequences in one row, a
+masked reduction over the tokens, so packed rows (several sequences in one row, a
 sequence's tokens anywhere) need no reshaping.
 """
 
@@ -146,7 +146,11 @@ def linear_sequence_logprobs(
   logprob = jnp.where(counted, out["zy"] - out["log_s"], 0.0)
   logprob = logprob * jnp.where(bad, jnp.nan, 1.0).astype(logprob.dtype)
   seg = seg.reshape(-1)
-  sums = jax.ops.segment_sum(logprob, seg, num_segments)
-  counts = jax.ops.segment_sum(counted.astype(jnp.int32), seg, num_segments)
+  # Per-segment sums as a masked reduction over the tokens rather than a scatter
+  # (`segment_sum`): a reduction over tokens sharded on a mesh is a plain all-reduce,
+  # and XLA fuses the [tokens, segments] mask into it.
+  member = (seg[:, None] == jnp.arange(num_segments, dtype=jnp.int32)[None, :]) & counted[:, None]
+  sums = jnp.sum(jnp.where(member, logprob[:, None], 0.0), axis=0)
+  counts = jnp.sum(member, axis=0, dtype=jnp.int32)
   lost = jnp.any(counted & (seg >= num_segments))
   return jnp.where(lost, jnp.nan, sums), counts

@@ -131,6 +131,7 @@ def linear_token_stats(
       token's support and an id may appear once: a counted token whose label
       is not in its support, with a repeated id, or with an id outside
       ``[-1, vocab_size)`` gets NaN (a traced check: no error under `jit`).
+      Not with ``mesh=`` (a `ValueError`): the head must be whole.
     w_layout: ``"dv"`` (``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``).
     vocab_size: number of real classes (trailing padding columns excluded).
     token_chunk_size: tokens per tile (as in `xentjax.linear_softmax_cross_entropy`).
@@ -197,7 +198,7 @@ def linear_token_stats(
   if k:
     top_lp = lax.stop_gradient(out["topv"] - finite_lse(lse)[:, None]).reshape(*shape, k)
     top_i = out["topi"].reshape(*shape, k)
-  sup = None if support is None else support_logprob(call, check_support(support, tok))
+  sup = None if support is None else support_logprob(call, check_support(support, tok, mesh))
   return TokenStats(
     logprob.reshape(shape),
     entropy.reshape(shape),
@@ -209,9 +210,14 @@ def linear_token_stats(
   )
 
 
-def check_support(support, tok) -> jax.Array:
+def check_support(support, tok, mesh) -> jax.Array:
   """``support`` as int32 ``[n, K]`` (ids ``>= vocab_size`` become the NaN marker ``-2``)."""
   batch_shape, vocab_size = tok.batch_shape, tok.vocab_size
+  if mesh is not None:
+    raise ValueError(
+      "`support=` gathers K columns of the head per token, which a vocabulary-sharded head "
+      "(`mesh=`) does not hold in one place; call without `mesh` (on a replicated head)."
+    )
   V.check_integer("support", support, "the class ids of each token's sampling support")
   ids = jnp.asarray(support)
   if ids.ndim != len(batch_shape) + 1 or ids.shape[:-1] != tuple(batch_shape):
