@@ -92,6 +92,14 @@ def steps(p: Profile, quick: bool) -> dict[str, tuple[str, list[str]]]:
       "Token statistics (real model)",
       ["token_stats.py", *size, *real, "--only", "pg"],
     ),
+    "preference": (
+      "DPO step from hidden states (random inputs)",
+      ["preference.py", *size, *memory],
+    ),
+    "preference-real": (
+      "DPO step from hidden states (real model)",
+      ["preference.py", *size, *real],
+    ),
     "distillation": ("Distillation (random teacher)", ["distillation.py", *size, *memory]),
     "distillation-real": (
       "Distillation (real teacher and student)",

@@ -336,6 +336,31 @@ def main():
     bad = vocab_sized_all_gathers(vg.lower(xs, ws, bs).compile().as_text())
     assert not bad, bad
 
+  @check("sequence_logprobs")
+  def _():
+    # linear_sequence_logprobs sums the engine's per-token outputs per segment on the mesh.
+    x, w, y = inputs()
+    seg = (np.arange(24).reshape(4, 6) * 5) % 7 - 1  # packed, interleaved, some padding
+    xs = jax.device_put(x, NamedSharding(explicit, P("data")))
+    ws = jax.device_put(w, NamedSharding(explicit, P(None, "vocab")))
+    coef = np.linspace(-1.0, 1.0, 6).astype(np.float32)
+
+    def seq_loss(x, w, **placement):
+      sums, _ = xentjax.linear_sequence_logprobs(
+        x, w, y, seg, num_segments=6, temperature=0.9, **CHUNKS["recompute"], **placement
+      )
+      return jnp.sum(sums * coef)
+
+    on_mesh = {"mesh": explicit, "data_axis": "data", "vocab_axis": "vocab"}
+    vg = jax.jit(jax.value_and_grad(lambda x, w: seq_loss(x, w, **on_mesh), (0, 1)))
+    v, g = vg(xs, ws)
+    v1, g1 = jax.jit(jax.value_and_grad(seq_loss, (0, 1)))(jnp.asarray(x), jnp.asarray(w))
+    close(v, v1, "sequence sums")
+    for a, r, name in zip(g, g1, ("grad x", "grad w")):
+      close(a, r, name)
+    bad = vocab_sized_all_gathers(vg.lower(xs, ws).compile().as_text())
+    assert not bad, bad
+
   @check("argmax_ties_across_shards")
   def _():
     # Equal maxima on several vocabulary shards: the lowest global index wins.

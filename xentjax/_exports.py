@@ -20,6 +20,7 @@ from xentjax import losses as losses
 from xentjax import metrics as metrics
 from xentjax import parallel as parallel
 from xentjax import policy as policy
+from xentjax import preference as preference
 from xentjax import train as train
 from xentjax._vocab.contrastive import Retrieval as Retrieval
 from xentjax._vocab.contrastive import contrastive_loss as contrastive_loss
@@ -35,6 +36,7 @@ from xentjax._vocab.distillation import linear_distillation_loss as linear_disti
 from xentjax._vocab.distillation import (
   linear_topk_distillation_loss as linear_topk_distillation_loss,
 )
+from xentjax._vocab.sequences import linear_sequence_logprobs as linear_sequence_logprobs
 from xentjax._vocab.token_stats import TokenStats as TokenStats
 from xentjax._vocab.token_stats import linear_token_stats as linear_token_stats
 from xentjax.evaluation import EvaluationResult as EvaluationResult

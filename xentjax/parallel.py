@@ -196,6 +196,7 @@ def linear_token_stats(
   ignore_index: int = -100,
   where: jax.typing.ArrayLike | None = None,
   logit_soft_cap: float | None = None,
+  support: jax.typing.ArrayLike | None = None,
   w_layout: Literal["dv", "vd"] = "dv",
   vocab_size: int | None = None,
   token_chunk_size: int | None = None,
@@ -217,7 +218,7 @@ def linear_token_stats(
     data_axis: mesh axis (or axes) of the tokens, or ``None``.
     vocab_axis: mesh axis (or axes) of the vocabulary.
     temperature: and every keyword after it (``top_k``, ``bias``,
-      ``ignore_index``, ``where``, ``logit_soft_cap``, ``w_layout``,
+      ``ignore_index``, ``where``, ``logit_soft_cap``, ``support``, ``w_layout``,
       ``vocab_size``, ``token_chunk_size``, ``vocab_chunk_size``,
       ``precision``): as in `xentjax.linear_token_stats`.
 
@@ -235,6 +236,7 @@ def linear_token_stats(
     ignore_index=ignore_index,
     where=where,
     logit_soft_cap=logit_soft_cap,
+    support=support,
     w_layout=w_layout,
     vocab_size=vocab_size,
     token_chunk_size=token_chunk_size,

@@ -20,6 +20,10 @@ DAPO (Yu et al., 2025)          ``epsilon=0.2, epsilon_high=0.28``;
                                 ``normalization="token"``
 KL to a reference policy        ``ref_logprobs=..., kl_coef=beta`` (k3 estimator)
 gradient accumulation           ``denominator=`` the count over the whole batch
+GSPO (Zheng et al., 2025)       ``importance_sampling_level="sequence"``
+CISPO (MiniMax-M1, 2025)        ``clip_mode="cispo"``; ``normalization="token"``
+truncated importance sampling   ``behavior_logprobs=..., importance_cap=c``
+packed rows                     ``segment_ids=..., num_segments=S``
 ==============================  =====================================================
 
 Shapes: ``logprobs``, ``old_logprobs``, ``ref_logprobs`` and ``where`` are
@@ -29,7 +33,7 @@ Shapes: ``logprobs``, ``old_logprobs``, ``ref_logprobs`` and ``where`` are
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +47,9 @@ __all__ = ["group_advantages", "kl_penalty", "policy_gradient_loss"]
 
 Normalization = Literal["sequence", "token", "constant"]
 Estimator = Literal["k1", "k2", "k3"]
+Level = Literal["token", "sequence"]
+ClipMode = Literal["ppo", "cispo"]
+ImportanceMode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 
 
 def _normalization(value):
@@ -190,66 +197,175 @@ def kl_penalty(
   return jnp.expm1(delta) - delta
 
 
-def _per_token(lp, old, adv, eps_low, eps_high):
-  """``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)`` with ``r = exp(lp - old)``."""
-  ratio = jnp.exp(lp - old)
+def _level(value):
+  if value not in ("token", "sequence"):
+    raise ValueError(
+      f"`importance_sampling_level` must be 'token' or 'sequence' (GSPO), got {value!r}."
+    )
+  return value
+
+
+def _clip_mode(value):
+  if value not in ("ppo", "cispo"):
+    raise ValueError(f"`clip_mode` must be 'ppo' or 'cispo', got {value!r}.")
+  return value
+
+
+def _importance_mode(value):
+  modes = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+  if value not in modes:
+    raise ValueError(f"`importance_mode` must be one of {modes} (TRL's names), got {value!r}.")
+  return value
+
+
+def _policy_term(lp, ratio, adv, eps_low, eps_high, delta, clip_mode):
+  """PPO: ``-min(min(r, delta) A, clip(r, 1 - eps_low, 1 + eps_high) A)``; CISPO:
+  ``-sg(min(r, 1 + eps_high)) A log pi``."""
+  if clip_mode == "cispo":
+    weight = jax.lax.stop_gradient(jnp.minimum(ratio, 1.0 + eps_high))
+    return -weight * adv * lp
   clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
-  return -jnp.minimum(ratio * adv, clipped * adv)
+  unclipped = ratio if delta is None else jnp.minimum(ratio, delta)
+  return -jnp.minimum(unclipped * adv, clipped * adv)
 
 
-def _masked_inputs(mask, lp, old, adv, ref):
+class _Sequences(NamedTuple):
+  """Which sequence each token belongs to (``ids`` ``[B, T]``), how many, and the mask."""
+
+  ids: jax.Array
+  size: int
+  mask: jax.Array
+
+  def total(self, per_token):
+    """Per-sequence sums ``[S]`` of the counted tokens' values."""
+    vals = jnp.where(self.mask, per_token, 0.0).reshape(-1)
+    return jax.ops.segment_sum(vals, self.ids.reshape(-1), self.size)
+
+  def tokens(self, dtype):
+    return self.total(jnp.ones(self.mask.shape, dtype))
+
+  def mean(self, per_token):
+    """Per-sequence means over the counted tokens (0 for a sequence with none)."""
+    n = self.tokens(per_token.dtype)
+    return self.total(per_token) / jnp.maximum(n, 1.0)
+
+  def spread(self, per_sequence):
+    return per_sequence[self.ids]
+
+
+def _sequences(lp, mask, segment_ids, num_segments) -> _Sequences:
+  if (segment_ids is None) != (num_segments is None):
+    raise ValueError("Packed rows need both `segment_ids` and `num_segments`, or neither.")
+  if segment_ids is None:
+    ids = jnp.broadcast_to(jnp.arange(lp.shape[0], dtype=jnp.int32)[:, None], lp.shape)
+    return _Sequences(ids, lp.shape[0], mask)
+  V.check_integer("segment_ids", segment_ids, "the sequence of each token, [B, T]")
+  ids = jnp.asarray(segment_ids)
+  if ids.shape != lp.shape:
+    raise ValueError(
+      f"`segment_ids` must have the shape of `logprobs` {lp.shape}, got {ids.shape}."
+    )
+  keep = (ids >= 0) & (ids < num_segments)  # a token of no sequence (padding: -1) does not count
+  return _Sequences(jnp.clip(ids, 0, num_segments - 1).astype(jnp.int32), num_segments, mask & keep)
+
+
+def _importance_weights(old, behavior, seqs: _Sequences, cap, mode):
+  """Truncated importance sampling: ``min(exp(old - behavior), cap)`` (or 0 above ``cap``)."""
+  diff = jnp.where(seqs.mask, old - behavior, 0.0)
+  if mode.startswith("sequence"):
+    diff = seqs.spread(seqs.total(diff))
+  rho = jnp.exp(diff)
+  if cap is not None:
+    rho = jnp.minimum(rho, cap) if mode.endswith("truncate") else jnp.where(rho > cap, 0.0, rho)
+  return jax.lax.stop_gradient(rho)
+
+
+def _masked_inputs(mask, *arrays):
   """The inputs with 0 where `mask` is False, before any arithmetic.
 
   Padding may hold ``-inf`` or NaN; the `where` comes first so that the
   untaken branch is finite and a masked token adds 0 to the gradient, not NaN.
   """
-
-  def keep(a):
-    return None if a is None else jnp.where(mask, a, jnp.zeros((), a.dtype))
-
-  return keep(lp), keep(old), keep(adv), keep(ref)
+  return [None if a is None else jnp.where(mask, a, jnp.zeros((), a.dtype)) for a in arrays]
 
 
-def _normalize(per_token, mask, normalization, max_length, denominator):
+def _normalize(per_token, seqs: _Sequences, normalization, max_length, denominator):
   """The reduction of each recipe: per sequence then over sequences, per token, or constant."""
-  maskf = mask.astype(per_token.dtype)
-  total_tok = jnp.sum(per_token * maskf, axis=-1)
+  total = jnp.sum(seqs.total(per_token))
   if normalization == "sequence":
-    n_tok = jnp.sum(maskf, axis=-1)
-    seq = jnp.where(n_tok > 0, total_tok / jnp.where(n_tok > 0, n_tok, 1.0), 0.0)
-    total, count = jnp.sum(seq), jnp.sum(n_tok > 0)
+    total, count = jnp.sum(seqs.mean(per_token)), jnp.sum(seqs.tokens(per_token.dtype) > 0)
   elif normalization == "token":
-    total, count = jnp.sum(total_tok), jnp.sum(maskf)
+    count = jnp.sum(seqs.mask)
   else:  # a constant, but over nothing counted NaN, as the other two (the empty-mean rule)
     length = per_token.shape[-1] if max_length is None else max_length
-    total, count = jnp.sum(total_tok), jnp.where(jnp.any(mask), per_token.shape[0] * length, 0)
+    count = jnp.where(jnp.any(seqs.mask), seqs.size * length, 0)
   if denominator is not None:  # a traced one that is not finite and > 0: NaN, zero gradients
     d = jax.lax.stop_gradient(jnp.asarray(denominator, per_token.dtype))
     count = jnp.where((d > 0) & (d < jnp.inf), d, 0)
   return _core.mean_or_nan(total, jnp.asarray(count, per_token.dtype))
 
 
-def _check_shapes(lp, adv, others):
+def _check_shapes(lp, adv, others, n_seq, packed):
   if lp.ndim != 2:
     raise ValueError(f"`logprobs` must be [B, T] (sequences x tokens), got shape {lp.shape}.")
   for name, a in others.items():
     if a is not None and a.shape != lp.shape:
       raise ValueError(f"`{name}` must have the shape of `logprobs` {lp.shape}, got {a.shape}.")
-  if adv.shape not in (lp.shape[:1], lp.shape):
+  if adv.shape not in ((n_seq,), lp.shape):
+    what = "[num_segments] (one per packed sequence)" if packed else "[B] (one per sequence)"
     raise ValueError(
-      f"`advantages` must be [B] (one per sequence) or [B, T], got {adv.shape} for "
-      f"`logprobs` of shape {lp.shape}."
+      f"`advantages` must be {what} or [B, T], got {adv.shape} for `logprobs` of shape {lp.shape}."
     )
 
 
+def _check_combinations(clip_mode, delta, ref, kl_coef, behavior, cap, packed, norm, max_length):
+  if clip_mode == "cispo" and delta is not None:
+    raise ValueError(
+      "`delta` caps PPO's unclipped ratio; CISPO's weight is already capped by "
+      "`epsilon_high` and has no unclipped term: pass one of `delta` and clip_mode='cispo'."
+    )
+  if (ref is None) != (kl_coef is None):
+    raise ValueError(
+      "`kl_coef` weighs a KL to a reference policy: pass both `ref_logprobs` and "
+      "`kl_coef`, or neither."
+    )
+  if cap is not None and behavior is None:
+    raise ValueError(
+      "`importance_cap` truncates the ratio to `behavior_logprobs` (the sampler's): pass them."
+    )
+  if packed and norm == "constant" and max_length is None:
+    raise ValueError(
+      "normalization='constant' over packed rows needs `max_length` (a row's length T "
+      "is not a sequence's)."
+    )
+
+
+_NONNEGATIVE = (
+  "epsilon",
+  "epsilon_high",
+  "delta",
+  "importance_cap",
+  "kl_coef",
+)
+
+
 @public(
-  static=("normalization", "max_length"),
+  static=(
+    "normalization",
+    "max_length",
+    "importance_sampling_level",
+    "clip_mode",
+    "importance_mode",
+    "num_segments",
+  ),
   validators={
     "normalization": _normalization,
     "max_length": _max_length,
-    "epsilon": _nonnegative("epsilon"),
-    "epsilon_high": _nonnegative("epsilon_high"),
-    "kl_coef": _nonnegative("kl_coef"),
+    "importance_sampling_level": _level,
+    "clip_mode": _clip_mode,
+    "importance_mode": _importance_mode,
+    "num_segments": lambda v: V.int_option("num_segments", v, low=1, allow_none=True),
+    **{name: _nonnegative(name) for name in _NONNEGATIVE},
     "denominator": _denominator,
   },
 )
@@ -260,59 +376,123 @@ def policy_gradient_loss(
   *,
   old_logprobs: ArrayLike | None = None,
   ref_logprobs: ArrayLike | None = None,
+  behavior_logprobs: ArrayLike | None = None,
   epsilon: ArrayLike = 0.2,
   epsilon_high: ArrayLike | None = None,
+  delta: ArrayLike | None = None,
+  importance_cap: ArrayLike | None = None,
+  importance_mode: ImportanceMode = "token_truncate",
   kl_coef: ArrayLike | None = None,
+  clip_mode: ClipMode = "ppo",
+  importance_sampling_level: Level = "token",
   normalization: Normalization = "sequence",
   max_length: int | None = None,
   denominator: ArrayLike | None = None,
+  segment_ids: ArrayLike | None = None,
+  num_segments: int | None = None,
 ) -> jax.Array:
-  r"""The clipped policy-gradient loss of PPO/GRPO, with each recipe's normalization.
+  r"""The clipped policy-gradient loss of PPO/GRPO and its variants, with each recipe's normalization.
 
-  Per token :math:`t` of sequence :math:`i`, with
-  :math:`r_{it} = \exp(\log\pi(a_{it}) - \log\pi_\mathrm{old}(a_{it}))`:
+  Per token :math:`t` of sequence :math:`i`, with the importance ratio
+  :math:`r_{it} = \exp(\log\pi(a_{it}) - \log\pi_\mathrm{old}(a_{it}))`
+  (``importance_sampling_level="token"``) or, for GSPO (``"sequence"``), one
+  ratio per sequence given to each of its counted tokens,
+  :math:`r_{it} = s_i = \exp\bigl(\frac{1}{|o_i|}\sum_{t \in o_i}
+  (\log\pi(a_{it}) - \log\pi_\mathrm{old}(a_{it}))\bigr)`:
 
   .. math::
 
     \begin{aligned}
-    \ell_{it} &= -\min\bigl(r_{it} A_{it},\;
+    \ell_{it} &= \rho_{it}\, p_{it} + \beta\, k_3(\pi, \pi_\mathrm{ref})_{it}, \\
+    p_{it} &= -\min\bigl(\min(r_{it}, \delta)\, A_{it},\;
        \operatorname{clip}(r_{it}, 1 - \epsilon, 1 + \epsilon_\mathrm{high})\, A_{it}\bigr)
-       + \beta\, k_3(\pi, \pi_\mathrm{ref})_{it}, \\
+       \quad (\texttt{clip\_mode="ppo"}), \\
+    p_{it} &= -\operatorname{sg}\bigl(\min(r_{it}, 1 + \epsilon_\mathrm{high})\bigr)\,
+       A_{it} \log\pi(a_{it}) \quad (\texttt{clip\_mode="cispo"}), \\
     L_\mathrm{sequence} &= \frac{1}{|S|} \sum_{i \in S}
        \frac{1}{|o_i|} \sum_{t \in o_i} \ell_{it}, \qquad
-    L_\mathrm{token} = \frac{\sum_{i} \sum_{t \in o_i} \ell_{it}}{\sum_i |o_i|}, \\
-    L_\mathrm{constant} &= \frac{\sum_{i} \sum_{t \in o_i} \ell_{it}}{B\, T_\mathrm{max}},
+    L_\mathrm{token} = \frac{\sum_{i} \sum_{t \in o_i} \ell_{it}}{\sum_i |o_i|}, \qquad
+    L_\mathrm{constant} = \frac{\sum_{i} \sum_{t \in o_i} \ell_{it}}{B\, T_\mathrm{max}},
     \end{aligned}
 
-  where :math:`o_i` are the counted tokens of sequence :math:`i` (``where``)
-  and :math:`S` the sequences with at least one. ``"sequence"`` is GRPO's
-  average (a long answer's tokens weigh less), ``"token"`` DAPO's (every token
-  weighs the same), ``"constant"`` Dr. GRPO's (no length bias at all).
+  where :math:`o_i` are the counted tokens of sequence :math:`i` (``where``),
+  :math:`S` the sequences with at least one, :math:`\delta` = ``delta``
+  (:math:`+\infty` when None; INTELLECT-2's cap of the unclipped term),
+  ``sg`` stop-gradient, and :math:`\rho` the truncated importance weight
+  towards the sampler (1 without ``behavior_logprobs``):
+  :math:`\rho_{it} = \min(\exp(\log\pi_\mathrm{old} - \log\pi_\mathrm{behavior}),
+  c)`, detached, with :math:`c` = ``importance_cap``. :math:`\rho` weighs the
+  policy term only, not the KL. ``"sequence"`` is GRPO's average (a long
+  answer's tokens weigh less), ``"token"`` DAPO's, ``"constant"`` Dr. GRPO's.
 
   Without ``old_logprobs`` the update is on-policy: :math:`\pi_\mathrm{old}`
   is ``stop_gradient(logprobs)``, so :math:`r = 1` and the gradient is
   :math:`-A\, \nabla \log \pi(a)` (REINFORCE with the advantage).
 
+  TRL's ``GRPOTrainer`` and Liger's ``LigerFusedLinearGRPOLoss`` name these
+  recipes by ``loss_type``; the same losses here:
+
+  =================================================  ==========================================
+  TRL / Liger                                        xentjax
+  =================================================  ==========================================
+  ``loss_type="grpo"``                               ``normalization="sequence"``
+  ``loss_type="bnpo"``                               ``normalization="token"``
+  ``loss_type="dapo"``                               ``normalization="token"``, ``denominator=``
+                                                     the whole batch's token count
+  ``loss_type="dr_grpo"``                            ``normalization="constant"``, ``max_length=``
+  ``loss_type="cispo"``, ``epsilon_high=5.0``        ``clip_mode="cispo"``, ``epsilon_high=4.0``,
+                                                     ``normalization="token"``
+  ``importance_sampling_level="sequence"``           the same (GSPO)
+  ``delta``, ``epsilon``, ``epsilon_high``           the same names
+  ``beta``, ``use_bias_correction_kl=False``         ``ref_logprobs=``, ``kl_coef=`` (k3)
+  ``vllm_importance_sampling_correction=True``       ``behavior_logprobs=`` (the sampler's)
+  ``vllm_importance_sampling_cap``                   ``importance_cap=``
+  ``vllm_importance_sampling_mode``                  ``importance_mode=``
+  =================================================  ==========================================
+
+  TRL's CISPO caps the ratio at ``epsilon_high`` itself; here every upper
+  bound is ``1 + epsilon_high``, so TRL's 5.0 is 4.0.
+
   Args:
     logprobs: ``[B, T]`` log-probabilities of the sampled tokens under the
       policy being trained (e.g. ``linear_token_stats(...).logprob``).
-    advantages: ``[B]`` (per sequence) or ``[B, T]``; no gradient flows into them.
+    advantages: ``[B]`` (per sequence; ``[num_segments]`` with packed rows)
+      or ``[B, T]``; no gradient flows into them.
     where: ``[B, T]`` mask of the generated tokens (bool, or integer 0/1), or
       one that broadcasts to it (``[B, 1]``: whole sequences).
-    old_logprobs: ``[B, T]`` under the sampling policy; None: on-policy.
+    old_logprobs: ``[B, T]`` under the policy of the ratio; None: on-policy.
     ref_logprobs: ``[B, T]`` under the reference policy, for the KL term.
+    behavior_logprobs: ``[B, T]`` under the sampler (e.g. the inference
+      engine's log-probabilities): the truncated importance weight
+      :math:`\rho` corrects for its difference from :math:`\pi_\mathrm{old}`.
     epsilon: the lower clip range (and the upper one when ``epsilon_high`` is None).
-    epsilon_high: DAPO's "clip-higher" upper range.
+    epsilon_high: DAPO's "clip-higher" upper range (CISPO: the cap is
+      ``1 + epsilon_high``).
+    delta: :math:`\delta`, the cap of PPO's unclipped ratio; refused with CISPO.
+    importance_cap: :math:`c`, the truncation of :math:`\rho` (None: no cap).
+    importance_mode: ``"token_truncate"`` (above), ``"token_mask"``
+      (:math:`\rho = 0` where it exceeds :math:`c`), ``"sequence_truncate"`` and
+      ``"sequence_mask"`` (one :math:`\rho` per sequence from the sum of its
+      tokens' differences), as TRL's modes.
     kl_coef: :math:`\beta`, the weight of the k3 KL estimate (`kl_penalty`);
       given together with ``ref_logprobs``.
+    clip_mode: ``"ppo"`` or ``"cispo"`` (MiniMax-M1).
+    importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO).
     normalization: ``"sequence"``, ``"token"`` or ``"constant"`` (see above).
-    max_length: :math:`T_\mathrm{max}` of ``"constant"`` (default ``T``).
+    max_length: :math:`T_\mathrm{max}` of ``"constant"`` (default ``T``;
+      required with packed rows).
     denominator: replaces the denominator of the chosen normalization (the
       number of counted sequences, of counted tokens, or :math:`B T_\mathrm{max}`)
       by one over the whole accumulated batch: the microbatch losses of a
       gradient-accumulation step then add up to the full batch's loss. A
       Python number must be finite and > 0 (else `ValueError`); a traced one
       that is not gives NaN with zero gradients (as the fused losses).
+    segment_ids: ``[B, T]`` integer: packed rows, the sequence of each token
+      in ``[0, num_segments)`` (a negative id, or one beyond, is padding and
+      does not count). Every per-sequence quantity (the GSPO ratio, the
+      sequence-level :math:`\rho`, the ``"sequence"`` mean, :math:`B` of
+      ``"constant"``) is then per segment.
+    num_segments: the number of packed sequences (static), with ``segment_ids``.
 
   Returns:
     A scalar. Nothing counted gives NaN with a zero gradient (the library's
@@ -320,26 +500,57 @@ def policy_gradient_loss(
     a ``denominator`` is given: then 0, what the microbatch adds). Masked
     tokens are never read: ``-inf`` or NaN padding in any input adds 0 to the
     loss and the gradient.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from xentjax import policy
+    >>> lp = jnp.log(jnp.array([[0.5, 0.25]]))
+    >>> float(policy.policy_gradient_loss(lp, jnp.array([1.0])))  # on-policy: -A
+    -1.0
+
+  References:
+    Schulman et al., "Proximal Policy Optimization Algorithms", 2017. Shao et
+    al., "DeepSeekMath" (GRPO), 2024. Zheng et al., "Group Sequence Policy
+    Optimization" (GSPO), 2025. MiniMax, "MiniMax-M1" (CISPO), 2025. Prime
+    Intellect, "INTELLECT-2" (``delta``), 2025. Yao et al., "Your Efficient RL
+    Framework Secretly Brings You Off-Policy RL Training" (truncated
+    importance sampling), 2025.
   """
   lp = jnp.asarray(logprobs)
   adv = jax.lax.stop_gradient(jnp.asarray(advantages, lp.dtype))
-  old = None if old_logprobs is None else jnp.asarray(old_logprobs)
-  ref = None if ref_logprobs is None else jnp.asarray(ref_logprobs)
+  old, ref, behavior = (
+    None if a is None else jnp.asarray(a).astype(lp.dtype)
+    for a in (old_logprobs, ref_logprobs, behavior_logprobs)
+  )
+  packed = segment_ids is not None
+  n_seq = num_segments if packed else (lp.shape[0] if lp.ndim else None)
+  _check_shapes(
+    lp,
+    adv,
+    {"old_logprobs": old, "ref_logprobs": ref, "behavior_logprobs": behavior},
+    n_seq,
+    packed,
+  )
+  _check_combinations(
+    clip_mode, delta, ref, kl_coef, behavior, importance_cap, packed, normalization, max_length
+  )
   mask = where_mask(where)
-  _check_shapes(lp, adv, {"old_logprobs": old, "ref_logprobs": ref})
   mask = (
     jnp.ones(lp.shape, bool) if mask is None else broadcast_to_first("logprobs", lp, "where", mask)
   )
-  adv = adv if adv.ndim == 2 else adv[:, None]
-  old = jax.lax.stop_gradient(lp if old is None else old.astype(lp.dtype))
-  lp, old, adv, ref = _masked_inputs(mask, lp, old, adv, ref)
+  seqs = _sequences(lp, mask, segment_ids, num_segments)
+  adv = adv if adv.ndim == 2 else seqs.spread(adv)
+  old = jax.lax.stop_gradient(lp if old is None else old)
+  lp, old, adv, ref, behavior = _masked_inputs(seqs.mask, lp, old, adv, ref, behavior)
+  log_ratio = lp - old
+  if importance_sampling_level == "sequence":
+    log_ratio = seqs.spread(seqs.mean(log_ratio))
   eps_high = epsilon if epsilon_high is None else epsilon_high
-  per_token = _per_token(lp, old, adv, epsilon, eps_high)
-  if (ref is None) != (kl_coef is None):
-    raise ValueError(
-      "`kl_coef` weighs a KL to a reference policy: pass both `ref_logprobs` and "
-      "`kl_coef`, or neither."
+  per_token = _policy_term(lp, jnp.exp(log_ratio), adv, epsilon, eps_high, delta, clip_mode)
+  if behavior is not None:
+    per_token = per_token * _importance_weights(
+      old, behavior, seqs, importance_cap, importance_mode
     )
   if ref is not None:
-    per_token = per_token + kl_coef * kl_penalty(lp, jax.lax.stop_gradient(ref.astype(lp.dtype)))
-  return _normalize(per_token, mask, normalization, max_length, denominator)
+    per_token = per_token + kl_coef * kl_penalty(lp, jax.lax.stop_gradient(ref))
+  return _normalize(per_token, seqs, normalization, max_length, denominator)

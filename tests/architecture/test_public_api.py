@@ -7,6 +7,7 @@ options validated by name and one `where` rule.
 """
 
 import dataclasses
+import functools
 import inspect
 import pydoc
 
@@ -181,6 +182,7 @@ def _where_cases():
     "kl_divergence": ((z, soft * 0.9 + 0.1 / 3), rows),
     "kl_divergence_with_log_targets": ((z, np.log(q)), rows),
     "linear_distillation_loss": ((x, w, x, 0.5 * w), rows),
+    "linear_sequence_logprobs": ((x, w, y, np.array([0, 1, 0, 1])), rows, {"num_segments": 2}),
     "linear_softmax_cross_entropy": fused,
     "linear_token_stats": fused,
     "linear_topk_distillation_loss": ((x, w, y[:, None], np.zeros((4, 1), np.float32)), rows),
@@ -238,7 +240,8 @@ def _leaves(result):
 @pytest.mark.parametrize("name", sorted(_where_cases()))
 def test_one_where_rule_everywhere(name):
   fn = _resolve(name)
-  args, keep = _where_cases()[name]
+  args, keep, *kw = _where_cases()[name]
+  fn = functools.partial(fn, **kw[0]) if kw else fn  # keyword-only arguments it needs
   want = _leaves(fn(*args, where=keep))
   for mask in (keep.astype(np.int32), keep.astype(np.uint8), keep.astype(np.int32).tolist()):
     got = _leaves(fn(*args, where=mask))
@@ -387,6 +390,7 @@ def test_package_declares_its_public_names_and_types():
 
 # The fused functions: their own keywords, then the head keywords, each written out.
 FUSED = {
+  "linear_sequence_logprobs": {},
   "linear_softmax_cross_entropy": {},
   "linear_token_stats": {},
   "linear_distillation_loss": {"data_axis": "data", "vocab_axis": "vocab"},
@@ -451,6 +455,8 @@ def _fused_args(name):
     return x, w, x, w
   if name == "linear_topk_distillation_loss":
     return x, w, np.zeros((2, 1), np.int32), np.zeros((2, 1), np.float32)
+  if name == "linear_sequence_logprobs":
+    return x, w, y, np.zeros(2, np.int32)
   return x, w, y
 
 
@@ -459,8 +465,9 @@ def test_fused_functions_bind_calls_like_python(name):
   # Declared with `public`, they bind a call to their signature like every public function.
   fn = getattr(L, name)
   args = _fused_args(name)
+  required = {"num_segments": 1} if name == "linear_sequence_logprobs" else {}
   with pytest.raises(TypeError, match="got an unexpected keyword argument 'nope'"):
-    fn(*args, nope=1)
+    fn(*args, nope=1, **required)
   with pytest.raises(TypeError, match="too many positional arguments"):
     fn(*args, None, None, None)
   with pytest.raises(TypeError, match="missing a required argument: 'w'"):

@@ -29,6 +29,7 @@ CHECKS = [
   "hlo_checker_detects_vocab_gather",
   "weights_class_weights_bias_temperature",
   "token_stats_hlo",
+  "sequence_logprobs",
   "argmax_ties_across_shards",
   "gradient_filtering",
   "errors",

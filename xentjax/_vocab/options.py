@@ -57,6 +57,7 @@ CROSS_ENTROPY_OPTIONS = (
   *HEAD_OPTIONS,
 )
 TOKEN_STATS_OPTIONS = ("top_k", "ignore_index", "logit_soft_cap", *HEAD_OPTIONS)
+SEQUENCE_OPTIONS = ("num_segments", "ignore_index", "logit_soft_cap", *HEAD_OPTIONS)
 
 
 def check_head(x_name, x, w_name, w, layout_name, layout):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from xentjax import _validation as V
 from xentjax._api import public
 from xentjax._vocab.engine import run_recompute
 from xentjax._vocab.inputs import Head, prepare_call
@@ -26,6 +27,7 @@ from xentjax._vocab.kernels.softmax_stats import (
   token_logprob,
 )
 from xentjax._vocab.options import TOKEN_STATS_OPTIONS, check_top_k, validators
+from xentjax._vocab.tiles import tempered, tile_temperature
 
 
 class TokenStats(NamedTuple):
@@ -42,6 +44,9 @@ class TokenStats(NamedTuple):
       classes, descending, or None when ``top_k=0``.
     top_k_indices: ``[..., k]`` int32 classes of those (each class once;
       ties and ``-inf`` classes in index order), or None.
+    support_logprob: with ``support=``, ``z[label] - logsumexp(z[support])``:
+      the log-probability renormalized over the tokens the sampler could
+      draw; 0 for tokens that do not count; else None.
   """
 
   logprob: jax.Array
@@ -50,6 +55,7 @@ class TokenStats(NamedTuple):
   argmax: jax.Array
   top_k_logprobs: jax.Array | None
   top_k_indices: jax.Array | None
+  support_logprob: jax.Array | None = None
 
 
 @public(static=TOKEN_STATS_OPTIONS, validators=validators())
@@ -64,6 +70,7 @@ def linear_token_stats(
   ignore_index: int = -100,
   where: jax.typing.ArrayLike | None = None,
   logit_soft_cap: float | None = None,
+  support: jax.typing.ArrayLike | None = None,
   w_layout: Literal["dv", "vd"] = "dv",
   vocab_size: int | None = None,
   token_chunk_size: int | None = None,
@@ -115,6 +122,16 @@ def linear_token_stats(
     logit_soft_cap: :math:`c > 0`: logits :math:`c \tanh(z/c)` before the
       temperature. A Python number: it is static (part of the compiled
       program).
+    support: optional int ``[..., K]``: per token, the classes a truncated
+      sampler (top-k, top-p, min-p) could draw from, padded with -1. Adds
+      ``support_logprob`` = :math:`z_y - \log\sum_{j \in \mathrm{support}}
+      e^{z_j}` (same temperature, bias and soft cap), exact and
+      differentiable, from a gather of the K columns of ``w`` per token (no
+      second sweep; its memory is ``[..., K, D]``). The label must be in its
+      token's support and an id may appear once: a counted token whose label
+      is not in its support, with a repeated id, or with an id outside
+      ``[-1, vocab_size)`` gets NaN (a traced check: no error under `jit`).
+      Not with ``mesh=`` (a `ValueError`): the head must be whole.
     w_layout: ``"dv"`` (``w`` is ``[D, V]``) or ``"vd"`` (``[V, D]``).
     vocab_size: number of real classes (trailing padding columns excluded).
     token_chunk_size: tokens per tile (as in `xentjax.linear_softmax_cross_entropy`).
@@ -129,8 +146,8 @@ def linear_token_stats(
 
   Returns:
     `TokenStats` ``(logprob, entropy, lse, argmax, top_k_logprobs,
-    top_k_indices)``: float32 for 16-bit inputs (else the promoted dtype),
-    shapes ``[...]`` (``[..., k]`` for the top-k).
+    top_k_indices, support_logprob)``: float32 for 16-bit inputs (else the
+    promoted dtype), shapes ``[...]`` (``[..., k]`` for the top-k).
 
   Note:
     A token whose every logit is ``-inf`` (a ``-inf`` bias on every class)
@@ -181,6 +198,7 @@ def linear_token_stats(
   if k:
     top_lp = lax.stop_gradient(out["topv"] - finite_lse(lse)[:, None]).reshape(*shape, k)
     top_i = out["topi"].reshape(*shape, k)
+  sup = None if support is None else support_logprob(call, check_support(support, tok, mesh))
   return TokenStats(
     logprob.reshape(shape),
     entropy.reshape(shape),
@@ -188,4 +206,60 @@ def linear_token_stats(
     out["amax"].reshape(shape),
     top_lp,
     top_i,
+    None if sup is None else sup.reshape(shape),
   )
+
+
+def check_support(support, tok, mesh) -> jax.Array:
+  """``support`` as int32 ``[n, K]`` (ids ``>= vocab_size`` become the NaN marker ``-2``)."""
+  batch_shape, vocab_size = tok.batch_shape, tok.vocab_size
+  if mesh is not None:
+    raise ValueError(
+      "`support=` gathers K columns of the head per token, which a vocabulary-sharded head "
+      "(`mesh=`) does not hold in one place; call without `mesh` (on a replicated head)."
+    )
+  V.check_integer("support", support, "the class ids of each token's sampling support")
+  ids = jnp.asarray(support)
+  if ids.ndim != len(batch_shape) + 1 or ids.shape[:-1] != tuple(batch_shape):
+    raise ValueError(
+      f"`support` must be [..., K] with [...] the shape of `labels` {tuple(batch_shape)}, got "
+      f"{ids.shape}."
+    )
+  ids = ids.reshape(-1, ids.shape[-1]).astype(jnp.int32)
+  return jnp.where((ids < -1) | (ids >= vocab_size), -2, ids)
+
+
+def gathered_logits(call, ids):
+  """``c tanh((x . w[:, id] + b[id]) / c) / T`` for each token's ``K`` ids: ``[n, K]``."""
+  tok, tiling, ops = call.tokens, call.tiling, call.ops
+  safe = jnp.maximum(ids, 0)
+  op_dt = jnp.result_type(tok.x.dtype, tok.w.dtype)
+  x = tok.x.astype(op_dt)
+  # The gathered head is [n, K, D] ("vd") or [D, n, K] ("dv"); tokens are the batch axis.
+  dims = (((1,), (2,)), ((0,), (0,))) if tok.vd else (((1,), (0,)), ((0,), (1,)))
+  w_k = jnp.take(tok.w, safe, axis=0 if tok.vd else 1).astype(op_dt)
+  z = lax.dot_general(x, w_k, dims, precision=tiling.precision, preferred_element_type=tok.cdt)
+  z = z.astype(tok.cdt)
+  if "bias" in ops:
+    z = z + jnp.take(ops["bias"], safe).astype(tok.cdt)
+  dead = z == -jnp.inf  # a -inf bias: kept out of the cap and temperature (no inf * 0)
+  z = jnp.where(dead, 0.0, z)
+  if tiling.soft_cap is not None:
+    cap = jnp.asarray(tiling.soft_cap, tok.cdt)
+    z = cap * jnp.tanh(z / cap)
+  return jnp.where(dead, -jnp.inf, tempered(z, tile_temperature(tiling, ops["rows"], tok.cdt)))
+
+
+def support_logprob(call, ids) -> jax.Array:
+  """``z[label] - logsumexp(z[ids])`` per token (``[n]``), NaN where the support is not valid."""
+  status = call.tokens.status
+  z = gathered_logits(call, ids)
+  real = ids >= 0
+  is_label = real & (ids == status.index[:, None])
+  z_y = jnp.sum(jnp.where(is_label, z, 0.0), axis=1)
+  lse = jax.nn.logsumexp(jnp.where(real, z, -jnp.inf), axis=1)
+  sorted_ids = jnp.sort(ids, axis=1)
+  repeated = jnp.any((sorted_ids[:, 1:] == sorted_ids[:, :-1]) & (sorted_ids[:, 1:] >= 0), axis=1)
+  invalid = ~jnp.any(is_label, axis=1) | repeated | jnp.any(ids == -2, axis=1) | status.bad
+  value = jnp.where(status.counted, z_y - lse, 0.0)
+  return value * jnp.where(status.counted & invalid, jnp.nan, 1.0).astype(value.dtype)
