@@ -278,8 +278,10 @@ def encode(logits: ArrayLike, symbols: ArrayLike) -> bytes:
 
   .. math::
 
-     8\\,|\\text{encode}(z, x)| \\le \\sum_t -\\log_2 \\mathrm{softmax}(z_t)[x_t]
-       + 64 + 10^{-3} n \\quad (n \\ge 10^4,\\ V \\le 65{,}536)
+     \\begin{aligned}
+     8\\,|\\text{encode}(z, x)| &\\le \\sum_t -\\log_2 \\mathrm{softmax}(z_t)[x_t] + 64 + 10^{-3} n \\\\
+     &\\quad (n \\ge 10^4,\\ V \\le 65{,}536)
+     \\end{aligned}
 
   Each row is quantized on the host (see the module docstring) and the
   symbols are coded in order by constriction's range coder; the data end

@@ -405,13 +405,13 @@ def policy_gradient_loss(
     \begin{aligned}
     \ell_{it} &= \rho_{it}\, p_{it} + \beta\, k_3(\pi, \pi_\mathrm{ref})_{it}, \\
     p_{it} &= -\min\bigl(\min(r_{it}, \delta)\, A_{it},\;
-       \operatorname{clip}(r_{it}, 1 - \epsilon, 1 + \epsilon_\mathrm{high})\, A_{it}\bigr)
-       \quad (\texttt{clip\_mode="ppo"}), \\
+       \operatorname{clip}(r_{it}, 1 - \epsilon, 1 + \epsilon_\mathrm{high})\, A_{it}\bigr) \\
+       &\qquad (\texttt{clip\_mode="ppo"}), \\
     p_{it} &= -\operatorname{sg}\bigl(\min(r_{it}, 1 + \epsilon_\mathrm{high})\bigr)\,
        A_{it} \log\pi(a_{it}) \quad (\texttt{clip\_mode="cispo"}), \\
     L_\mathrm{sequence} &= \frac{1}{|S|} \sum_{i \in S}
-       \frac{1}{|o_i|} \sum_{t \in o_i} \ell_{it}, \qquad
-    L_\mathrm{token} = \frac{\sum_{i} \sum_{t \in o_i} \ell_{it}}{\sum_i |o_i|}, \qquad
+       \frac{1}{|o_i|} \sum_{t \in o_i} \ell_{it}, \\
+    L_\mathrm{token} &= \frac{\sum_{i} \sum_{t \in o_i} \ell_{it}}{\sum_i |o_i|}, \qquad
     L_\mathrm{constant} = \frac{\sum_{i} \sum_{t \in o_i} \ell_{it}}{B\, T_\mathrm{max}},
     \end{aligned}
 

@@ -263,17 +263,16 @@ def dpo_loss(
   .. math::
 
     \begin{aligned}
-    \text{sigmoid} &: -\log\sigma(u) \qquad
-    \text{hinge}: \max(0, 1 - u) \qquad
-    \text{ipo}: \bigl(\Delta - \tfrac{1}{2\beta}\bigr)^2 \\
-    \text{robust} &: \frac{-(1-\epsilon)\log\sigma(u) + \epsilon\log\sigma(-u)}{1 - 2\epsilon}
-    \qquad
-    \text{exo\_pair}: \sum_{k \in \{w, l\}} q_k (\log q_k - \log p_k), \;
+    \text{sigmoid} &: -\log\sigma(u) \\
+    \text{hinge} &: \max(0, 1 - u) \\
+    \text{ipo} &: \bigl(\Delta - \tfrac{1}{2\beta}\bigr)^2 \\
+    \text{robust} &: \frac{-(1-\epsilon)\log\sigma(u) + \epsilon\log\sigma(-u)}{1 - 2\epsilon} \\
+    \text{exo\_pair} &: \sum_{k \in \{w, l\}} q_k (\log q_k - \log p_k), \;
     q = (\sigma(u), \sigma(-u)),\; p = (1-\epsilon, \epsilon) \\
     \text{nca\_pair} &: -\log\sigma(\beta\rho_w) - \tfrac12\log\sigma(-\beta\rho_w)
       - \tfrac12\log\sigma(-\beta\rho_l) \\
-    \text{apo\_zero} &: 1 - \sigma(\beta\rho_w) + \sigma(\beta\rho_l) \qquad
-    \text{apo\_down}: \sigma(\beta\rho_w) + 1 - \sigma(u)
+    \text{apo\_zero} &: 1 - \sigma(\beta\rho_w) + \sigma(\beta\rho_l) \\
+    \text{apo\_down} &: \sigma(\beta\rho_w) + 1 - \sigma(u)
     \end{aligned}
 
   with :math:`\epsilon` = ``label_smoothing``. The default, ``"sigmoid"``, is
@@ -491,9 +490,11 @@ def orpo_loss(
 
   .. math::
 
-    \lambda = \log\frac{\mathrm{odds}(e^c)}{\mathrm{odds}(e^r)}
-            = (c - r) - \bigl(\log(1 - e^c) - \log(1 - e^r)\bigr), \qquad
-    \ell = -\beta \log\sigma(\lambda).
+    \begin{aligned}
+    \lambda &= \log\frac{\mathrm{odds}(e^c)}{\mathrm{odds}(e^r)}
+            = (c - r) - \bigl(\log(1 - e^c) - \log(1 - e^r)\bigr), \\
+    \ell &= -\beta \log\sigma(\lambda).
+    \end{aligned}
 
   :math:`\log(1 - e^a)` is computed as ``log(-expm1(a))`` near 0 and
   ``log1p(-exp(a))`` below :math:`-\log 2`, and the gradient by its closed

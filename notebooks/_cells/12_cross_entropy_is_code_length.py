@@ -89,9 +89,11 @@ assert abs(coded / n - 10) < 1e-3
 # toward the shorter contexts (Dirichlet smoothing, the idea behind PPM and
 # Kneser–Ney):
 #
-# $$q(x \mid ab) = \frac{n_{abx} + 8\, q_1(x \mid b)}{n_{ab} + 8}, \quad
-# q_1(x \mid b) = \frac{n_{bx} + 16\, q_0(x)}{n_{b} + 16}, \quad
-# q_0(x) = \frac{n_x + 1}{n + 256}.$$
+# $$\begin{aligned}
+# q(x \mid ab) &= \frac{n_{abx} + 8\, q_1(x \mid b)}{n_{ab} + 8}, \\
+# q_1(x \mid b) &= \frac{n_{bx} + 16\, q_0(x)}{n_{b} + 16}, \quad
+# q_0(x) = \frac{n_x + 1}{n + 256}.
+# \end{aligned}$$
 #
 # The held-out files are the same split as the benchmarks' language model uses
 # (every tenth file of the sorted standard library).
