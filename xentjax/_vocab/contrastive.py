@@ -278,10 +278,14 @@ def contrastive_loss(
     ``labels``). Ties get the library's fractional credit.
 
   Note:
-    The positives' logits :math:`s\, a_i \cdot b_{y_i}` are a row-wise
-    product (their gradient is ordinary autodiff); the ranks compare them with
-    the tiles' logits. A candidate equal to the positive in exact arithmetic
-    (a duplicate) ties with it up to the rounding of the two sums.
+    The positives' logits :math:`s\, a_i \cdot b_{y_i}` are read from the
+    same tiles as the log-sum-exps, so each direction's cross-entropy is
+    exactly :math:`\ge 0` in floating point (at any scale; CLIP's largest is
+    100) and `xentjax.info.infonce_lower_bound` never passes :math:`\log B`.
+    The ranks compare a row-wise product :math:`s\, a_i \cdot b_{y_i}` (known
+    before the sweep) with the tiles' logits: a candidate equal to the
+    positive in exact arithmetic (a duplicate) ties with it up to the
+    rounding of the two sums.
 
   Example:
     >>> import jax.numpy as jnp, xentjax
@@ -310,20 +314,21 @@ def contrastive_loss(
   pairs = pairs_of(labels, where, a.shape[0], b.shape[0])
   cdt = V.compute_dtype(a.dtype, b.dtype)
   t = inverse_scale(scale, cdt)  # the engine's temperature: its logits are z / t
-  b_y = b if labels is None else jnp.take(b, pairs.y, axis=0)
-  zy = jnp.sum(a.astype(cdt) * b_y.astype(cdt), axis=1) / t  # the positives' logits
   ranks, diagonal = retrieval_k is not None, labels is None
   # Masks enter the tiles only when there is one (else every tile would select).
-  rows = {"temperature": jnp.broadcast_to(t, zy.shape), "y": pairs.y}
+  rows = {"temperature": jnp.broadcast_to(t, (a.shape[0],)), "y": pairs.y}
   rows |= {} if where is None else {"valid": pairs.row_valid}
   cols = {"valid": pairs.col_valid} if where is not None and diagonal else {}
-  if ranks:
-    rows.update(thr=jax.lax.stop_gradient(zy), rid=jnp.arange(a.shape[0], dtype=jnp.int32))
+  if ranks:  # the threshold of the ranks, known before the sweep: a row-wise product
+    b_y = b if diagonal else jnp.take(b, pairs.y, axis=0)
+    thr = jnp.sum(a.astype(cdt) * b_y.astype(cdt), axis=1) / t
+    rows.update(thr=jax.lax.stop_gradient(thr), rid=jnp.arange(a.shape[0], dtype=jnp.int32))
     if diagonal:
       cols["thr"] = rows["thr"]
   kernel = ContrastiveSoftmax(by_column=symmetric or (ranks and diagonal), ranks=ranks)
   row = run_recompute({"x": a, "w": b, "rows": rows, "cols": cols}, kernel, tiling)
   col = row.get("cols", {})
+  zy = row["zy"]  # the positives' logits, from the tiles of the log-sum-exps (so lse >= zy)
   per_row = row["lse"] - zy
   if symmetric:
     col_lse = col["lse"] if diagonal else jnp.take(col["lse"], pairs.y)
