@@ -24,12 +24,23 @@ from xentjax import _core
 from xentjax import _validation as V
 from xentjax._api import public, where_mask
 from xentjax._vocab.engine import run_recompute, run_store
-from xentjax._vocab.kernels.contrastive import ContrastiveSoftmax, NtXent, SigmoidPairs
+from xentjax._vocab.kernels.contrastive import (
+  ContrastiveSoftmax,
+  CriticBounds,
+  NtXent,
+  SigmoidPairs,
+)
 from xentjax._vocab.options import check_chunk, check_temperature
 from xentjax._vocab.placement import Placement, axis_size, working_mesh
 from xentjax._vocab.tiles import RECOMPUTE_TILE, Tiling, auto_chunks
 
-__all__ = ["Retrieval", "contrastive_loss", "ntxent", "sigmoid_contrastive_loss"]
+__all__ = [
+  "Retrieval",
+  "contrastive_loss",
+  "critic_statistics",
+  "ntxent",
+  "sigmoid_contrastive_loss",
+]
 
 # The automatic tile of the recompute sweep: 1024 x 1024 float32 pair logits (4 MiB).
 ROW_CHUNK = 1024
@@ -536,3 +547,29 @@ def ntxent(
   rows = {"temperature": t, "label": labels, "rid": jnp.arange(n, dtype=jnp.int32)}
   out = run_recompute({"x": u, "w": u, "rows": rows, "cols": {"label": labels}}, NtXent(), tiling)
   return _core.mean_or_nan(jnp.sum(out["loss"]), jax.lax.stop_gradient(jnp.sum(out["count"])))
+
+
+# ----------------------------------------------------------------------------
+# The rows of the variational bounds on mutual information (`xentjax.info`).
+
+
+def critic_statistics(
+  a, b, scale, bias, *, row_chunk_size, column_chunk_size, precision, mesh, data_axis
+) -> dict:
+  """The rows of `CriticBounds` on the scores ``scale · a bᵀ + bias``, without forming them.
+
+  ``{"lse", "zy", "lse_off", "sp_off"}``, each ``[B]``, differentiable with
+  respect to ``a``, ``b``, ``scale`` and ``bias`` (`xentjax.info` turns them
+  into bounds). Row i's positive is column i; with ``mesh`` the columns
+  travel around the ring of ``data_axis``.
+  """
+  a, b = check_pair(a, b, None)
+  n = a.shape[0]
+  tiling = tiling_of(n, n, row_chunk_size, column_chunk_size, precision, mesh, data_axis)
+  cdt = V.compute_dtype(a.dtype, b.dtype)
+  t = 1.0 / scalar("scale", scale, cdt)
+  # The engine's logits are (a b + bias_col) / t, so the bias enters as bias * t.
+  bias_col = jnp.broadcast_to(scalar("bias", bias, cdt) * t, (n,))
+  rows = {"temperature": jnp.broadcast_to(t, (n,)), "y": jnp.arange(n, dtype=jnp.int32)}
+  ops = {"x": a, "w": b, "bias": bias_col, "rows": rows, "cols": {}}
+  return run_recompute(ops, CriticBounds(), tiling)

@@ -15,6 +15,8 @@ groups). Per-column operands (``tile.cols``): ``valid``, ``thr``, ``label``.
 `SigmoidPairs`           SigLIP's row sums of ``-log σ(±z)``
 `NtXent`                 two passes: each row's negatives' log-sum-exp,
                          then the cross-entropy of each positive pair
+`CriticBounds`           the row statistics of the variational bounds on
+                         mutual information (InfoNCE, NWJ, DV, JS)
 =======================  ==================================================
 """
 
@@ -248,3 +250,59 @@ class NtXent(Kernel):
     p_neg = jnp.exp(jnp.where(neg, z, -jnp.inf) - finite(r["neg"])[:, None])
     d = r["gsum"][:, None] * p_neg - jnp.where(pos, jax.nn.sigmoid(r["neg"][:, None] - z), 0.0)
     return {"a": r["g_loss"][:, None] * d}
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticBounds(Kernel):
+  """The row statistics of the variational bounds on mutual information, in one sweep.
+
+  The tile is a block of the critic's scores ``S_ij = scale a_i·b_j + bias``;
+  the positive of row i is column ``y_i`` (``rows["y"]``, the diagonal).
+  Per row: ``lse`` over every column (InfoNCE), ``zy = S_{i y_i}`` read from
+  the same tile (so ``lse - zy >= 0`` exactly, as in `ContrastiveSoftmax`),
+  ``lse_off`` over the other columns (NWJ and Donsker-Varadhan) and
+  ``sp_off = sum_{j != y_i} softplus(S_ij)`` (Jensen-Shannon). The bounds
+  themselves are formed outside, from these rows. The cotangent is
+
+  ``g_lse p_ij + g_zy [j = y_i] + [j != y_i] (g_off e^{S_ij - lse_off} + g_sp σ(S_ij))``.
+  """
+
+  outputs = ("lse", "zy", "lse_off", "sp_off")
+  differentiable = ("lse", "zy", "lse_off", "sp_off")
+  saved = ("lse", "lse_off")
+
+  def init(self, p, n, n_cols, tiling, cdt):
+    neg, zero = jnp.full((n,), -jnp.inf, cdt), jnp.zeros((n,), cdt)
+    return {"m": neg, "s": zero, "zy": neg, "m_off": neg, "s_off": zero, "sp_off": zero}, {}
+
+  def update(self, p, state, tile, rows):
+    st, col = state
+    z, pos = tile.a, tile.col == rows["y"][:, None]
+    m, s = online(st["m"], st["s"], z, 1)
+    m_off, s_off = online(st["m_off"], st["s_off"], jnp.where(pos, -jnp.inf, z), 1)
+    new = {
+      "m": m,
+      "s": s,
+      "zy": jnp.maximum(st["zy"], jnp.max(jnp.where(pos, z, -jnp.inf), axis=1)),
+      "m_off": m_off,
+      "s_off": s_off,
+      "sp_off": st["sp_off"] + jnp.sum(jnp.where(pos, 0.0, jax.nn.softplus(z)), axis=1),
+    }
+    return new, col
+
+  def finish(self, p, state, rows, tiling):
+    st = state[0]
+    return {
+      "lse": lse_of(st),
+      "zy": st["zy"],
+      "lse_off": lse_of({"m": st["m_off"], "s": st["s_off"]}),
+      "sp_off": st["sp_off"],
+    }, {}
+
+  def cotangent(self, tile, r):
+    z, pos = tile.a, tile.col == r["y"][:, None]
+    col = lambda name: r[name][:, None]
+    dz = col("g_lse") * jnp.exp(z - finite(r["lse"])[:, None])
+    off = col("g_lse_off") * jnp.exp(z - finite(r["lse_off"])[:, None])
+    off = off + col("g_sp_off") * jax.nn.sigmoid(z)
+    return {"a": dz + jnp.where(pos, col("g_zy"), off)}
