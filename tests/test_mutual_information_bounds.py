@@ -315,6 +315,15 @@ def test_temporary_memory_is_linear_in_the_batch():
   assert large - small < 4 * 2048 * d * 4  # a quadratic program would add 48 MiB or more
 
 
+def test_batches_past_int32_pair_counts_trace():
+  """B (B - 1) overflows an int32 from B = 46,341: the pair count must stay a float."""
+  s = jax.ShapeDtypeStruct((65536, 65536), jnp.float32)
+  x = jax.ShapeDtypeStruct((65536, 8), jnp.float32)
+  for name in ("nwj", "js"):
+    assert jax.eval_shape(MATRIX[name], s).shape == ()
+  assert jax.eval_shape(lambda a, b: mutual_information_bounds(a, b).js, x, x).shape == ()
+
+
 def test_bad_embeddings():
   with pytest.raises(ValueError, match="same width D"):
     mutual_information_bounds(A, BB[:, :2])

@@ -691,7 +691,7 @@ def _bounds_from_rows(rows: dict, n: int, scale) -> MutualInformationBounds:
     nan = jnp.full(joint.shape, jnp.nan, dt)
     others = (nan, nan, nan)
   else:
-    pairs = n * (n - 1)
+    pairs = float(n) * (n - 1)  # a Python float: past B = 46341 it overflows an int32
     log_mean_off = jax.nn.logsumexp(rows["lse_off"], axis=-1) - math.log(pairs)
     nwj = joint - jnp.exp(log_mean_off - 1.0)
     dv = joint - log_mean_off
