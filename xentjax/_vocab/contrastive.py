@@ -327,13 +327,13 @@ def contrastive_loss(
   t = inverse_scale(scale, cdt)  # the engine's temperature: its logits are z / t
   ranks, diagonal = retrieval_k is not None, labels is None
   # Masks enter the tiles only when there is one (else every tile would select).
-  rows = {"temperature": jnp.broadcast_to(t, (a.shape[0],)), "y": pairs.y}
+  rows = {"temperature": jnp.broadcast_to(t, pairs.y.shape), "y": pairs.y}
   rows |= {} if where is None else {"valid": pairs.row_valid}
   cols = {"valid": pairs.col_valid} if where is not None and diagonal else {}
   if ranks:  # the threshold of the ranks, known before the sweep: a row-wise product
     b_y = b if diagonal else jnp.take(b, pairs.y, axis=0)
     thr = jnp.sum(a.astype(cdt) * b_y.astype(cdt), axis=1) / t
-    rows.update(thr=jax.lax.stop_gradient(thr), rid=jnp.arange(a.shape[0], dtype=jnp.int32))
+    rows.update(thr=jax.lax.stop_gradient(thr), rid=jnp.arange(pairs.y.shape[0], dtype=jnp.int32))
     if diagonal:
       cols["thr"] = rows["thr"]
   kernel = ContrastiveSoftmax(by_column=symmetric or (ranks and diagonal), ranks=ranks)
@@ -458,7 +458,7 @@ def sigmoid_contrastive_loss(
   t = inverse_scale(scale, cdt)
   # The engine's logits are (a b + bias_col) / t, so the bias enters as bias * t.
   bias_col = jnp.broadcast_to(scalar("bias", bias, cdt) * t, (b.shape[0],))
-  rows = {"temperature": jnp.broadcast_to(t, (a.shape[0],)), "y": pairs.y}
+  rows = {"temperature": jnp.broadcast_to(t, pairs.y.shape), "y": pairs.y}
   cols = {"valid": pairs.col_valid} if where is not None and labels is None else {}
   ops = {"x": a, "w": b, "bias": bias_col, "rows": rows, "cols": cols}
   if strategy == "recompute":
