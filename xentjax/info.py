@@ -621,8 +621,8 @@ class MutualInformationBounds(NamedTuple):
 
 
 def _check_batch_size(value):
-  """A Python or NumPy batch size must be >= 1 (traced ones give NaN below 1)."""
-  if value is None or isinstance(value, jax.Array):
+  """A batch size must be >= 1 (checked unless traced; a traced one gives NaN below 1)."""
+  if value is None or isinstance(value, jax.core.Tracer):
     return value
   if isinstance(value, (bool, np.bool_, str)) or not np.issubdtype(
     np.asarray(value).dtype, np.number

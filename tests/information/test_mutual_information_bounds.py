@@ -195,7 +195,7 @@ def test_bad_scores():
 # infonce_lower_bound(loss, batch_size): its edges.
 
 
-@pytest.mark.parametrize("batch_size", [0, -3, 0.5, float("nan"), np.array([4, 0])])
+@pytest.mark.parametrize("batch_size", [0, -3, 0.5, float("nan"), np.array([4, 0]), jnp.asarray(0)])
 def test_batch_size_below_one_is_an_error(batch_size):
   with pytest.raises(ValueError, match="`batch_size` must be >= 1"):
     infonce_lower_bound(1.0, batch_size)
