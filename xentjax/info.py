@@ -964,7 +964,8 @@ def mutual_information_bounds(
     a: ``[B, D]`` embeddings of the first variable (row i pairs with ``b[i]``).
     b: ``[B, D]`` embeddings of the second.
     scale: :math:`s`, a scalar (array: differentiable, may be traced; a
-      Python number must be > 0).
+      Python number must be > 0; a traced one that is not finite and > 0
+      gives NaN, as in `xentjax.contrastive_loss`).
     bias: :math:`\beta`, a scalar (array: differentiable). It cancels in
       InfoNCE and moves the other three.
     base: None for nats, 2 for bits, any number > 0 and != 1.

@@ -324,6 +324,12 @@ def test_batches_past_int32_pair_counts_trace():
   assert jax.eval_shape(lambda a, b: mutual_information_bounds(a, b).js, x, x).shape == ()
 
 
+def test_a_traced_scale_that_is_not_positive_gives_nan():
+  f = jax.jit(lambda s: mutual_information_bounds(A, BB, scale=s))
+  for scale in (0.0, -1.0, np.inf):
+    assert all(np.isnan(f(jnp.float32(scale))))
+
+
 def test_bad_embeddings():
   with pytest.raises(ValueError, match="same width D"):
     mutual_information_bounds(A, BB[:, :2])

@@ -567,7 +567,7 @@ def critic_statistics(
   n = a.shape[0]
   tiling = tiling_of(n, n, row_chunk_size, column_chunk_size, precision, mesh, data_axis)
   cdt = V.compute_dtype(a.dtype, b.dtype)
-  t = 1.0 / scalar("scale", scale, cdt)
+  t = inverse_scale(scale, cdt)  # NaN unless finite and > 0, as for CLIP and SigLIP
   # The engine's logits are (a b + bias_col) / t, so the bias enters as bias * t.
   bias_col = jnp.broadcast_to(scalar("bias", bias, cdt) * t, (n,))
   rows = {"temperature": jnp.broadcast_to(t, (n,)), "y": jnp.arange(n, dtype=jnp.int32)}
