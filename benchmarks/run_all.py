@@ -8,8 +8,8 @@ Usage::
   python benchmarks/run_all.py --list     # the tables and their commands, without running
 
 Runs the benchmark scripts (``real_lm.py``, ``fused.py``, ``token_stats.py``,
-``distillation.py``, ``filtering.py``, ``evaluate.py`` and ``contrastive.py``
-when it exists), each in its own process, on the synthetic inputs and on the
+``distillation.py``, ``filtering.py``, ``evaluate.py``, ``mutual_information.py`` and
+``contrastive.py`` when it exists), each in its own process, on the synthetic inputs and on the
 real-model activations of `benchmarks/real_lm.py` (trained and cached on first
 use), and writes their markdown tables, headed by the device, to
 ``benchmarks/results/<device>.md`` (``<device>-quick.md`` with ``--quick``)
@@ -119,6 +119,10 @@ def steps(p: Profile, quick: bool) -> dict[str, tuple[str, list[str]]]:
   )
   if (BENCH / "contrastive.py").exists():
     out["contrastive"] = ("Contrastive losses", ["contrastive.py", *(["--small"] if quick else [])])
+  out["mutual-information"] = (
+    "Bounds on mutual information",
+    ["mutual_information.py", *(["--small"] if quick else [])],
+  )
   return out
 
 

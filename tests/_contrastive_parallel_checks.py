@@ -146,6 +146,24 @@ def main():
 
     compare(loss, {"temperature": 0.3}, EXPLICIT)
 
+  @check("mi_bounds_ring")
+  def _():
+    weights = jnp.asarray([1.0, 0.5, -0.25, 2.0])
+
+    def loss(a, b, **kw):  # every bound carries a gradient
+      return jnp.sum(weights * jnp.stack(xentjax.info.mutual_information_bounds(a, b, **kw)))
+
+    compare(loss, {"scale": 2.0, "bias": -0.5}, EXPLICIT)
+    compare(loss, {"scale": 0.7, "bias": 1.0}, AUTO, jit=False)
+    big = jax.jit(
+      lambda a, b: (
+        xentjax.info.mutual_information_bounds(
+          a, b, scale=100.0, mesh=EXPLICIT, data_axis="data", **TILES
+        ).infonce
+      )
+    )(sharded(A, EXPLICIT), sharded(A, EXPLICIT))
+    assert float(big) <= float(np.float32(np.log(B))), float(big)
+
   @check("no_all_gather_in_hlo")
   def _():
     a, b = sharded(A, EXPLICIT), sharded(BB, EXPLICIT)

@@ -119,6 +119,16 @@ ENTRY_POINTS = {
     (A, B, np.float32(0.4), np.float32(-1.5)),
     {"data_axis": "data"},
   ),
+  "mutual_information_bounds_learned_log_scale_and_bias": (
+    lambda a, b, log_s, bias, **m: jnp.sum(
+      jnp.asarray([1.0, 0.5, -0.25, 2.0])
+      * jnp.stack(
+        xentjax.info.mutual_information_bounds(a, b, scale=jnp.exp(log_s), bias=bias, **m, **RING)
+      )
+    ),
+    (A, B, np.float32(0.4), np.float32(-1.5)),
+    {"data_axis": "data"},
+  ),
   "ntxent_learned_temperature": (
     lambda a, log_t, **m: xentjax.ntxent(a, Y % 3, temperature=jnp.exp(log_t), **m, **RING),
     (A, np.float32(-1.0)),

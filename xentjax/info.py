@@ -35,9 +35,20 @@ while tracing, before anything is compiled.
 
 Nothing checks that the inputs are normalized: values cannot be checked
 inside `jit` (use ``normalize=True`` to divide by the sums).
+
+**Mutual information.** The variational lower bounds of Poole et al. (2019)
+on :math:`I(A; B)`, as TFP's ``tfp.vi.mutual_information`` defines them:
+`infonce_lower_bound` (from a contrastive loss or a critic's score matrix),
+`nwj_lower_bound`, `dv_lower_bound` and `js_lower_bound` on a score matrix
+``[..., B, B]`` (positives on the diagonal), and `mutual_information_bounds`,
+all four from paired embeddings in one sweep of the contrastive engine,
+without the ``[B, B]`` matrix.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,17 +65,23 @@ from xentjax._validation import (
   log_base_scale,
   normalize_axis,
 )
+from xentjax._vocab.contrastive import SWEEP_OPTIONS, TILE_OPTIONS, check_scale, critic_statistics
 
 Axis = int | tuple[int, ...]
 
 __all__ = [
+  "MutualInformationBounds",
   "cross_entropy",
+  "dv_lower_bound",
   "entropy",
   "infonce_lower_bound",
   "information",
   "js_divergence",
+  "js_lower_bound",
   "kl_divergence",
   "kl_divergence_from_logits",
+  "mutual_information_bounds",
+  "nwj_lower_bound",
 ]
 
 
@@ -575,52 +592,410 @@ def kl_divergence_from_logits(
   return _in_base(jnp.sum(term, axis=axes), scale)
 
 
-@public(("base",))
+# ----------------------------------------------------------------------------
+# Variational lower bounds on mutual information (Poole et al., 2019).
+#
+# Each takes the critic's scores S [..., B, B] (row i the sample a_i, column j
+# the sample b_j, the positives on the diagonal) or, in
+# `mutual_information_bounds`, the embeddings whose scores they are. Both go
+# through the same four rows per i: lse_i = log sum_j e^{S_ij}, zy_i = S_ii,
+# lse_off_i = log sum_{j != i} e^{S_ij} and sp_off_i = sum_{j != i} softplus(S_ij),
+# and one function turns rows into bounds (`_bounds_from_rows`).
+
+
+class MutualInformationBounds(NamedTuple):
+  """The four variational lower bounds on :math:`I(A; B)` of one batch of critic scores.
+
+  ``infonce`` (van den Oord et al.), ``nwj`` (Nguyen, Wainwright and Jordan),
+  ``dv`` (Donsker and Varadhan; MINE) and ``js`` (the Jensen-Shannon
+  estimator of Deep InfoMax, without TFP's ``+ log 4``), each of the shape
+  of the scores without their last two axes, in the requested base. See
+  `infonce_lower_bound`, `nwj_lower_bound`, `dv_lower_bound` and
+  `js_lower_bound`.
+  """
+
+  infonce: jax.Array
+  nwj: jax.Array
+  dv: jax.Array
+  js: jax.Array
+
+
+def _check_batch_size(value):
+  """A batch size must be >= 1 (checked unless traced; a traced one gives NaN below 1)."""
+  if value is None or isinstance(value, jax.core.Tracer):
+    return value
+  if isinstance(value, (bool, np.bool_, str)) or not np.issubdtype(
+    np.asarray(value).dtype, np.number
+  ):
+    raise TypeError(f"`batch_size` must be a number of candidates >= 1, got {value!r}.")
+  arr = np.asarray(value)
+  if not np.all(np.isfinite(arr) & (arr >= 1)):
+    raise ValueError(
+      "`batch_size` must be >= 1 (the number of candidates each positive competed with, "
+      f"itself included), got {value!r}."
+    )
+  return value
+
+
+def _loss_as_float(value):
+  """An integer loss (``0``, ``np.int32(2)``) is a number of nats: read as float."""
+  if value is None or isinstance(value, (bool, np.bool_)):
+    return value
+  arr = value if isinstance(value, jax.Array) else np.asarray(value)
+  if jnp.issubdtype(arr.dtype, jnp.integer):
+    return jnp.asarray(arr, jnp.result_type(float))
+  return value
+
+
+def _scores(scores: ArrayLike) -> jax.Array:
+  s = _as_float("scores", scores)
+  if s.ndim < 2 or s.shape[-1] != s.shape[-2] or s.shape[-1] == 0:
+    raise ValueError(
+      "`scores` must be a (batch of) square critic matrix [..., B, B] with B >= 1 (row i the "
+      f"sample a_i, column j the sample b_j, the positives on the diagonal), got {s.shape}."
+    )
+  return s.astype(compute_dtype(s.dtype))
+
+
+def _score_rows(s: jax.Array) -> dict:
+  """The four rows of the bounds from a score matrix ``[..., B, B]``."""
+  n = s.shape[-1]
+  off = ~jnp.eye(n, dtype=bool)
+  return {
+    "lse": jax.nn.logsumexp(s, axis=-1),
+    "zy": jnp.diagonal(s, axis1=-2, axis2=-1),
+    "lse_off": jax.nn.logsumexp(jnp.where(off, s, -jnp.inf), axis=-1),
+    "sp_off": jnp.sum(jnp.where(off, jax.nn.softplus(s), 0.0), axis=-1),
+  }
+
+
+def _row_cross_entropy(lse, zy):
+  r"""``lse - zy`` per row: ``+inf`` where the positive is ``-inf``, never below 0.
+
+  ``lse >= zy`` holds in exact arithmetic; rounded, XLA's fusion of the
+  scores' own product into the log-sum-exp (a fused multiply-add) can put it
+  an ulp below. Such a difference is taken as 0 (its gradient stays the
+  row's), so that the InfoNCE bound never passes :math:`\log B`.
+  """
+  ce = jnp.where(zy == -jnp.inf, jnp.inf, lse - zy)
+  return ce + jax.lax.stop_gradient(jnp.where(ce < 0, -ce, jnp.zeros_like(ce)))
+
+
+def _bounds_from_rows(rows: dict, n: int, scale) -> MutualInformationBounds:
+  """The four bounds from the rows of `_score_rows` (or the engine's), in the base ``scale``."""
+  lse, zy = rows["lse"], rows["zy"]
+  dt = zy.dtype
+  infonce = math.log(n) - jnp.mean(_row_cross_entropy(lse, zy), axis=-1)
+  joint = jnp.mean(zy, axis=-1)
+  if n < 2:  # no pair off the diagonal: the mean of nothing (NaN, zero gradient)
+    nan = jnp.full(joint.shape, jnp.nan, dt)
+    others = (nan, nan, nan)
+  else:
+    pairs = float(n) * (n - 1)  # a Python float: past B = 46341 it overflows an int32
+    log_mean_off = jax.nn.logsumexp(rows["lse_off"], axis=-1) - math.log(pairs)
+    nwj = joint - jnp.exp(log_mean_off - 1.0)
+    dv = joint - log_mean_off
+    js = -jnp.mean(jax.nn.softplus(-zy), axis=-1) - jnp.sum(rows["sp_off"], axis=-1) / pairs
+    others = (nwj, dv, js)
+  return MutualInformationBounds(*(_in_base(v.astype(dt), scale) for v in (infonce, *others)))
+
+
+# The docstrings' ``{vacuous}``: what every bound shares.
+_VACUOUS = r"""The bounds of Poole et al. hold for any critic, so of two critics the one
+  with the higher bound is the better; a bound is not an estimate of
+  :math:`I` itself. Early in training, or with a poor critic, a bound can
+  be negative: it then says nothing (it is vacuous), as :math:`I \ge 0`
+  always holds."""
+
+
+@public(("base",), validators={"loss": _loss_as_float, "batch_size": _check_batch_size})
 def infonce_lower_bound(
-  loss: ArrayLike, batch_size: ArrayLike, base: float | None = None
+  loss: ArrayLike | None = None,
+  batch_size: ArrayLike | None = None,
+  base: float | None = None,
+  *,
+  scores: ArrayLike | None = None,
 ) -> jax.Array:
   r"""The InfoNCE lower bound on mutual information, :math:`I(A; B) \ge \log B - L`.
 
-  For a contrastive (InfoNCE) loss :math:`L` in nats, the mean over a batch
+  From a contrastive (InfoNCE) loss :math:`L` in nats, the mean over a batch
   of :math:`B` positive pairs of the cross-entropy of each positive among the
   :math:`B` candidates of its row (`xentjax.contrastive_loss` with
   ``symmetric=False``, or the symmetric loss, whose two directions each give
-  the bound), the mutual information of the pairs' distribution satisfies
+  the bound), or from the critic's scores :math:`S` (``scores=``, as
+  ``tfp.vi.mutual_information.lower_bound_info_nce``):
 
   .. math::
 
-    I(A; B) \;\ge\; \log B - L.
+    I(A; B) \;\ge\; \log B - L
+      = \frac{1}{B} \sum_i S_{ii}
+        - \frac{1}{B} \sum_i \log \sum_j e^{S_{ij}} + \log B.
 
-  It is tight when the critic :math:`f(a, b)` (the logit) equals
-  :math:`\log p(b \mid a) / p(b)` up to a function of :math:`a`, and the
-  batch is large enough: the bound can never exceed :math:`\log B` (the loss
-  is never negative), so measuring a mutual information of :math:`I` nats
-  needs :math:`B \ge e^I` pairs per batch (McAllester and Stratos, 2020). With
-  a finite batch and an optimal critic it is biased low; its variance is low
-  (Poole et al., 2019).
+  **Ceiling, bias, variance.** The bound never exceeds :math:`\log B` (the
+  loss is a cross-entropy, never negative; in float32 too), so measuring a
+  mutual information of :math:`I` nats needs :math:`B \ge e^I` pairs per
+  batch (McAllester and Stratos, 2020). It is tight when the critic equals
+  :math:`\log p(b \mid a) / p(b)` up to a function of :math:`a` and
+  :math:`I \ll \log B`; otherwise it is biased low, with low variance
+  (Poole et al., 2019). **Vacuous when negative:** a loss above
+  :math:`\log B` (a critic worse than guessing, as at the start of
+  training) gives a negative value, which bounds nothing.
 
   Args:
-    loss: the contrastive loss in nats (any shape; e.g. per batch).
+    loss: the contrastive loss in nats (any shape; e.g. per batch). An
+      integer is read as a number of nats.
     batch_size: :math:`B`, the number of candidates each positive competed
-      with (its own included); a number or an array broadcastable to ``loss``.
+      with (its own included), >= 1; a number or an array broadcastable to
+      ``loss`` (a traced value below 1 gives NaN).
     base: None for nats, 2 for bits, any number > 0 and != 1.
+    scores: instead of ``loss`` and ``batch_size``: the critic's scores
+      ``[..., B, B]``, :math:`S_{ij} = f(a_i, b_j)`, positives on the diagonal.
 
   Returns:
-    :math:`\log B - L` in the chosen base, float (float32 for 16-bit input).
+    The bound in the chosen base, float (float32 for 16-bit input): the
+    shape of ``loss`` (broadcast with ``batch_size``), or of ``scores``
+    without its last two axes.
 
   Example:
-    >>> import xentjax
+    >>> import jax.numpy as jnp, xentjax
     >>> print(round(float(xentjax.info.infonce_lower_bound(0.0, 8, base=2)), 6))
     3.0
+    >>> print(round(float(xentjax.info.infonce_lower_bound(scores=10 * jnp.eye(4))), 4))
+    1.3862
+
+  Note:
+    With ``scores``: B = 1 gives 0; a positive score of ``-inf`` makes its
+    row's cross-entropy ``+inf`` (the bound ``-inf``), its whole row ``-inf``
+    included; a NaN score gives NaN.
 
   References:
-    B. Poole et al., "On Variational Bounds of Mutual Information", 2019;
-    D. McAllester and K. Stratos, "Formal Limitations on the Measurement of
-    Mutual Information", 2020; A. van den Oord et al., "Representation
-    Learning with Contrastive Predictive Coding", 2018.
+    A. van den Oord et al., "Representation Learning with Contrastive
+    Predictive Coding", 2018; B. Poole et al., "On Variational Bounds of
+    Mutual Information", 2019; D. McAllester and K. Stratos, "Formal
+    Limitations on the Measurement of Mutual Information", 2020.
   """
   scale = log_base_scale(base)
+  if scores is not None:
+    if loss is not None or batch_size is not None:
+      raise ValueError("Pass either `loss` and `batch_size`, or `scores`, not both.")
+    s = _scores(scores)
+    return _bounds_from_rows(_score_rows(s), s.shape[-1], scale).infonce
+  if loss is None or batch_size is None:
+    raise ValueError("`infonce_lower_bound` needs `loss` and `batch_size` (or `scores=`).")
   loss = _as_float("loss", loss)
   n = jnp.asarray(batch_size)
   dt = compute_dtype(loss.dtype)
-  return _in_base(jnp.log(n.astype(dt)) - loss.astype(dt), scale)
+  log_n = jnp.log(jnp.where(n >= 1, n, jnp.nan).astype(dt))
+  return _in_base(log_n - loss.astype(dt), scale)
+
+
+@public(("base",))
+@doc_parts(vacuous=_VACUOUS)
+def nwj_lower_bound(scores: ArrayLike, base: float | None = None) -> jax.Array:
+  r"""The NWJ lower bound on mutual information (Nguyen, Wainwright and Jordan; f-GAN KL).
+
+  From the critic's scores :math:`S` ``[..., B, B]`` (positives on the
+  diagonal), with :math:`L` the log of the mean of :math:`e^{S_{ij}}` over
+  the :math:`B(B-1)` pairs off the diagonal (as
+  ``tfp.vi.mutual_information.lower_bound_nguyen_wainwright_jordan``):
+
+  .. math::
+
+    I_{\mathrm{NWJ}} = \frac{1}{B} \sum_i S_{ii} - e^{L - 1}, \qquad
+    L = \log \frac{1}{B(B-1)} \sum_{i \ne j} e^{S_{ij}}.
+
+  **Bias, variance, ceiling.** Unbiased as an estimate of its own
+  expectation, which equals :math:`I` for the critic :math:`1 + \log p(b
+  \mid a)/p(b)`; no ceiling such as :math:`\log B`, but its variance grows
+  like :math:`e^{I}` (the exponential of the scores), so large mutual
+  information is estimated with large variance (Poole et al., 2019; Song
+  and Ermon, 2020).
+
+  {vacuous}
+
+  Args:
+    scores: critic scores ``[..., B, B]``, :math:`S_{ij} = f(a_i, b_j)`, floating.
+    base: None for nats, 2 for bits, any number > 0 and != 1.
+
+  Returns:
+    The bound, of the shape of ``scores`` without its last two axes (float32
+    for 16-bit input). B = 1 (no pair off the diagonal) gives NaN with a
+    zero gradient; a NaN score gives NaN.
+
+  Example:
+    >>> import jax.numpy as jnp, xentjax
+    >>> print(round(float(xentjax.info.nwj_lower_bound(jnp.eye(4))), 4))
+    0.6321
+
+  References:
+    X. Nguyen, M. J. Wainwright and M. I. Jordan, "Estimating divergence
+    functionals and the likelihood ratio by convex risk minimization", 2010;
+    B. Poole et al., "On Variational Bounds of Mutual Information", 2019.
+  """
+  s = _scores(scores)
+  return _bounds_from_rows(_score_rows(s), s.shape[-1], log_base_scale(base)).nwj
+
+
+@public(("base",))
+@doc_parts(vacuous=_VACUOUS)
+def dv_lower_bound(scores: ArrayLike, base: float | None = None) -> jax.Array:
+  r"""The Donsker-Varadhan lower bound on mutual information (MINE).
+
+  From the critic's scores :math:`S` ``[..., B, B]`` (positives on the
+  diagonal), with :math:`L` as in `nwj_lower_bound` (Poole et al.'s code;
+  TFP has no DV bound):
+
+  .. math::
+
+    I_{\mathrm{DV}} = \frac{1}{B} \sum_i S_{ii} - L, \qquad
+    L = \log \frac{1}{B(B-1)} \sum_{i \ne j} e^{S_{ij}}.
+
+  **Bias, variance, ceiling.** Tighter than NWJ for the same critic
+  (:math:`I_{\mathrm{DV}} \ge I_{\mathrm{NWJ}}`, since :math:`e^{L-1} \ge
+  L`), but the log of a batch mean makes it a biased estimate of its own
+  value: it is a lower bound only in expectation over a large batch, and
+  its batch estimate, and MINE's gradient, are biased (Belghazi et al.,
+  2018); high variance, like NWJ's; no ceiling.
+
+  {vacuous}
+
+  Args:
+    scores: critic scores ``[..., B, B]``, floating.
+    base: None for nats, 2 for bits, any number > 0 and != 1.
+
+  Returns:
+    The bound, of the shape of ``scores`` without its last two axes. B = 1
+    gives NaN with a zero gradient; a NaN score gives NaN.
+
+  Example:
+    >>> import jax.numpy as jnp, xentjax
+    >>> print(round(float(xentjax.info.dv_lower_bound(jnp.eye(4))), 4))
+    1.0
+
+  References:
+    M. D. Donsker and S. R. S. Varadhan, "Asymptotic evaluation of certain
+    Markov process expectations for large time", 1983; M. I. Belghazi et
+    al., "Mutual Information Neural Estimation", 2018; B. Poole et al., "On
+    Variational Bounds of Mutual Information", 2019.
+  """
+  s = _scores(scores)
+  return _bounds_from_rows(_score_rows(s), s.shape[-1], log_base_scale(base)).dv
+
+
+@public(("base",))
+def js_lower_bound(scores: ArrayLike, base: float | None = None) -> jax.Array:
+  r"""The Jensen-Shannon mutual-information estimator of Deep InfoMax (as TFP has it).
+
+  From the critic's scores :math:`S` ``[..., B, B]`` (positives on the
+  diagonal), as ``tfp.vi.mutual_information.lower_bound_jensen_shannon``:
+
+  .. math::
+
+    I_{\mathrm{JS}} = -\frac{1}{B} \sum_i \operatorname{softplus}(-S_{ii})
+      - \frac{1}{B(B-1)} \sum_{i \ne j} \operatorname{softplus}(S_{ij}).
+
+  This is the variational lower bound on the Jensen-Shannon divergence
+  between :math:`p(a, b)` and :math:`p(a)p(b)` minus :math:`\log 4`, which,
+  like TFP, is not added back: the value is at most 0 (a classifier's
+  negative log-likelihoods), and it is not a bound on :math:`I` in nats
+  itself. Its critic is trained with low variance and its optimum is
+  :math:`\log p(b \mid a)/p(b)`, which the other bounds can then evaluate
+  (Poole et al., 2019; Hjelm et al., 2019).
+
+  Like the bounds, it can be negative early in training; being at most 0,
+  its value is read against the other bounds, or against itself over
+  training, not as nats of information.
+
+  Args:
+    scores: critic scores ``[..., B, B]``, floating.
+    base: None for nats, 2 for bits, any number > 0 and != 1.
+
+  Returns:
+    The estimate (<= 0), of the shape of ``scores`` without its last two
+    axes. B = 1 gives NaN with a zero gradient; a NaN score gives NaN.
+
+  Example:
+    >>> import jax.numpy as jnp, xentjax
+    >>> print(round(float(xentjax.info.js_lower_bound(jnp.zeros((3, 3)))), 4))
+    -1.3863
+
+  References:
+    R. D. Hjelm et al., "Learning deep representations by mutual information
+    estimation and maximization", 2019; S. Nowozin et al., "f-GAN", 2016;
+    B. Poole et al., "On Variational Bounds of Mutual Information", 2019.
+  """
+  s = _scores(scores)
+  return _bounds_from_rows(_score_rows(s), s.shape[-1], log_base_scale(base)).js
+
+
+@public(("base", *SWEEP_OPTIONS), validators={"scale": check_scale, **TILE_OPTIONS})
+def mutual_information_bounds(
+  a: ArrayLike,
+  b: ArrayLike,
+  *,
+  scale: ArrayLike = 1.0,
+  bias: ArrayLike = 0.0,
+  base: float | None = None,
+  row_chunk_size: int | None = None,
+  column_chunk_size: int | None = None,
+  precision: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
+  data_axis: Any = None,
+) -> MutualInformationBounds:
+  r"""All four variational bounds on :math:`I(A; B)` from paired embeddings, in one sweep.
+
+  The critic is the bilinear score of a contrastive model,
+
+  .. math::
+
+    S_{ij} = s\, a_i \cdot b_j + \beta,
+
+  and the result equals `infonce_lower_bound` (``scores=S``),
+  `nwj_lower_bound`, `dv_lower_bound` and `js_lower_bound` on that matrix,
+  but :math:`S` is never formed: one sweep of the contrastive engine over
+  ``[row, column]`` tiles keeps four numbers per row (the row's log-sum-exp,
+  its positive, the log-sum-exp and the softplus sum of its other columns),
+  and the backward pass recomputes the tiles. Temporary memory is
+  O(B·D + tile); with ``mesh`` the rows are sharded over ``data_axis`` and
+  ``b`` travels around a ring of the devices, as in
+  `xentjax.contrastive_loss`.
+
+  Args:
+    a: ``[B, D]`` embeddings of the first variable (row i pairs with ``b[i]``).
+    b: ``[B, D]`` embeddings of the second.
+    scale: :math:`s`, a scalar (array: differentiable, may be traced; a
+      Python number must be > 0; a traced one that is not finite and > 0
+      gives NaN, as in `xentjax.contrastive_loss`).
+    bias: :math:`\beta`, a scalar (array: differentiable). It cancels in
+      InfoNCE and moves the other three.
+    base: None for nats, 2 for bits, any number > 0 and != 1.
+    row_chunk_size, column_chunk_size, precision, mesh, data_axis: as in
+      `xentjax.contrastive_loss`.
+
+  Returns:
+    `MutualInformationBounds` ``(infonce, nwj, dv, js)``, scalars (float32
+    for 16-bit inputs, else the promoted dtype), differentiable with respect
+    to ``a``, ``b``, ``scale`` and ``bias``. B = 1 gives InfoNCE 0 and NaN
+    for the other three.
+
+  Example:
+    >>> import jax.numpy as jnp, xentjax
+    >>> bounds = xentjax.info.mutual_information_bounds(jnp.eye(4), jnp.eye(4), scale=10.0)
+    >>> print(round(float(bounds.infonce), 4), round(float(bounds.dv), 4))
+    1.3862 10.0
+
+  References:
+    B. Poole et al., "On Variational Bounds of Mutual Information", 2019.
+  """
+  rows = critic_statistics(
+    a,
+    b,
+    scale,
+    bias,
+    row_chunk_size=row_chunk_size,
+    column_chunk_size=column_chunk_size,
+    precision=precision,
+    mesh=mesh,
+    data_axis=data_axis,
+  )
+  return _bounds_from_rows(rows, rows["zy"].shape[0], log_base_scale(base))

@@ -428,3 +428,115 @@ print(f"final bound: {last['bound_bits']:.2f} bits; test top-1: {last['test_top1
 #   devices).
 # * $\log B - L$ is a lower bound on mutual information that cannot pass $\log B$:
 #   `xentjax.info.infonce_lower_bound`.
+
+# %% [markdown]
+# ## Four bounds on the same Gaussians: bias against variance
+#
+# InfoNCE is one of a family of variational bounds (Poole et al., 2019). For a critic
+# $f$ with scores $S_{ij} = f(x_i, y_j)$ and
+# $L_{\text{off}} = \log \frac{1}{B(B-1)} \sum_{i \ne j} e^{S_{ij}}$:
+#
+# $$I_{\text{NWJ}} = \tfrac1B \textstyle\sum_i S_{ii} - e^{L_{\text{off}} - 1}, \qquad
+# I_{\text{DV}} = \tfrac1B \textstyle\sum_i S_{ii} - L_{\text{off}},$$
+#
+# and the Jensen–Shannon estimator of Deep InfoMax,
+# $-\frac1B\sum_i \operatorname{softplus}(-S_{ii}) - \frac{1}{B(B-1)}\sum_{i\ne j}
+# \operatorname{softplus}(S_{ij}) \le 0$, which trains critics but is not in nats of
+# information. To see the bounds' own bias and variance, apart from how well a critic
+# was trained, take the **optimal critic**, known in closed form for these Gaussians:
+#
+# $$f^*(x, y) = \log \frac{p(y \mid x)}{p(y)}
+#   = I + \frac{\rho}{1-\rho^2}\, x \cdot y - \frac{\rho^2}{2(1-\rho^2)}\big(|x|^2 + |y|^2\big).$$
+#
+# It is a dot product of two embeddings,
+# $u(x) = \big(\tfrac{\rho}{1-\rho^2} x,\; I - \tfrac{\rho^2}{2(1-\rho^2)}|x|^2,\; 1\big)$
+# and $v(y) = \big(y,\; 1,\; -\tfrac{\rho^2}{2(1-\rho^2)}|y|^2\big)$, so
+# `xentjax.info.mutual_information_bounds(u, v)` evaluates all four bounds in one sweep,
+# without the $[B, B]$ matrix. NWJ's optimal critic is $1 + f^*$ (`bias=1.0`). Each
+# estimate is repeated on 16 fresh batches per batch size.
+
+# %%
+SIZES = (16, 64, 256, 1024)
+REPEATS = 16
+KINDS = ("InfoNCE", "NWJ", "DV", "JS")
+
+
+def optimal_embeddings(x, y, rho):
+  k, q = rho / (1 - rho**2), rho**2 / (2 * (1 - rho**2))
+  mi = -0.5 * DIM * jnp.log(1 - rho**2)
+  ones = jnp.ones((x.shape[0], 1))
+  u = jnp.concatenate([k * x, (mi - q * jnp.sum(x**2, axis=1))[:, None], ones], axis=1)
+  v = jnp.concatenate([y, ones, (-q * jnp.sum(y**2, axis=1))[:, None]], axis=1)
+  return u, v
+
+
+def four_estimates(key, n, rho):
+  u, v = optimal_embeddings(*sample(key, n, rho), rho)
+  at_f = xentjax.info.mutual_information_bounds(u, v)
+  nwj = xentjax.info.mutual_information_bounds(u, v, bias=1.0).nwj  # critic 1 + f*
+  return jnp.stack([at_f.infonce, nwj, at_f.dv, at_f.js])
+
+
+estimates = {}  # batch size -> [rho, repeat, kind]
+for n in SIZES:
+  run = jax.jit(jax.vmap(jax.vmap(lambda k, r, n=n: four_estimates(k, n, r), (0, None)), (None, 0)))
+  estimates[n] = np.asarray(run(jax.random.split(jax.random.key(n), REPEATS), RHOS))
+  mean, std = estimates[n].mean(axis=1), estimates[n].std(axis=1)
+  print(
+    f"B={n:5d}: "
+    + "  ".join(f"{k} {m[-1]:6.2f} ± {s[-1]:4.2f}" for k, m, s in zip(KINDS, mean.T, std.T))
+    + f"   (I = {TRUE_MI[-1]:.2f})"
+  )
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+for j, kind in enumerate(KINDS[:3]):
+  axes[0].plot(TRUE_MI, estimates[256][:, :, j].mean(axis=1), "o-", label=kind)
+axes[0].plot(TRUE_MI, TRUE_MI, "k--", label="truth")
+axes[0].axhline(math.log(256), color="gray", ls=":", label="log 256")
+axes[0].set_xlabel("true mutual information (nats)")
+axes[0].set_ylabel("estimate with the optimal critic")
+axes[0].set_title("B = 256")
+axes[0].legend()
+for j, kind in enumerate(KINDS[:3]):
+  e = np.stack([estimates[n][-1, :, j] for n in SIZES])
+  axes[1].errorbar(SIZES, e.mean(axis=1), yerr=e.std(axis=1), marker="o", capsize=3, label=kind)
+axes[1].axhline(TRUE_MI[-1], color="k", ls="--", label="truth")
+axes[1].plot(SIZES, np.log(SIZES), color="gray", ls=":", label="log B")
+axes[1].set_xscale("log")
+axes[1].set_xlabel("batch size B")
+axes[1].set_title(f"I = {TRUE_MI[-1]:.2f} nats: mean ± std over {REPEATS} batches")
+axes[1].legend()
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Even with the best possible critic the bounds behave differently:
+#
+# * **InfoNCE** has the smallest spread, but it saturates at $\log B$: at
+#   $I = 7.8$ nats it needs thousands of pairs per batch.
+# * **NWJ** has no ceiling and is unbiased around the truth, but its spread grows with
+#   the information (it averages $e^{S_{ij}}$, a heavy-tailed quantity).
+# * **DV** (MINE) is at least NWJ on the same batch ($e^{x} \ge 1 + x$), and the log of a
+#   batch mean makes it biased: with few pairs it overshoots the truth (it is a lower
+#   bound only in expectation over large batches), and its spread is as large as NWJ's.
+# * **JS** is at most 0 whatever the information: it is for training critics, whose
+#   scores the other bounds then read.
+
+# %%
+log_b = {n: math.log(n) for n in SIZES}
+for n in SIZES:
+  e_infonce, e_nwj, e_dv, e_js = np.moveaxis(estimates[n], -1, 0)
+  assert np.all(e_infonce <= log_b[n] + 1e-6)  # the ceiling, in every batch
+  assert np.all(e_dv >= e_nwj - 1e-4)  # e^x >= 1 + x, batch by batch
+  assert np.all(e_js <= 0.0)
+  assert e_nwj[-1].std() > 2 * e_infonce[-1].std()  # NWJ's variance at I = 7.8 nats
+assert estimates[16][-1, :, 2].mean() > TRUE_MI[-1] + 1.0  # DV overshoots with 16 pairs
+assert abs(estimates[1024][-1, :, 1].mean() - TRUE_MI[-1]) < 0.5  # NWJ centred on the truth
+assert estimates[1024][-1, :, 0].mean() < TRUE_MI[-1] - 1.0  # InfoNCE still below, capped
+print(
+  "DV at B=16:",
+  round(float(estimates[16][-1, :, 2].mean()), 2),
+  "nats; truth",
+  TRUE_MI[-1].round(2),
+)

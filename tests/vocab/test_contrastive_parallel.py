@@ -17,6 +17,7 @@ CHECKS = [
   "sigmoid_ring_equals_store_and_recompute",
   "sigmoid_labels_none_reduction",
   "ntxent_ring",
+  "mi_bounds_ring",
   "no_all_gather_in_hlo",
   "allgather_layout_is_the_same_loss",
   "per_device_memory_linear_in_local_batch",

@@ -22,6 +22,7 @@ ENTRY_POINTS = [
   "contrastive_loss_learned_log_scale",
   "sigmoid_contrastive_loss_learned_log_scale_and_bias",
   "ntxent_learned_temperature",
+  "mutual_information_bounds_learned_log_scale_and_bias",
 ]
 CHECKS = [
   *(

@@ -24,12 +24,23 @@ from xentjax import _core
 from xentjax import _validation as V
 from xentjax._api import public, where_mask
 from xentjax._vocab.engine import run_recompute, run_store
-from xentjax._vocab.kernels.contrastive import ContrastiveSoftmax, NtXent, SigmoidPairs
+from xentjax._vocab.kernels.contrastive import (
+  ContrastiveSoftmax,
+  CriticBounds,
+  NtXent,
+  SigmoidPairs,
+)
 from xentjax._vocab.options import check_chunk, check_temperature
 from xentjax._vocab.placement import Placement, axis_size, working_mesh
 from xentjax._vocab.tiles import RECOMPUTE_TILE, Tiling, auto_chunks
 
-__all__ = ["Retrieval", "contrastive_loss", "ntxent", "sigmoid_contrastive_loss"]
+__all__ = [
+  "Retrieval",
+  "contrastive_loss",
+  "critic_statistics",
+  "ntxent",
+  "sigmoid_contrastive_loss",
+]
 
 # The automatic tile of the recompute sweep: 1024 x 1024 float32 pair logits (4 MiB).
 ROW_CHUNK = 1024
@@ -278,10 +289,14 @@ def contrastive_loss(
     ``labels``). Ties get the library's fractional credit.
 
   Note:
-    The positives' logits :math:`s\, a_i \cdot b_{y_i}` are a row-wise
-    product (their gradient is ordinary autodiff); the ranks compare them with
-    the tiles' logits. A candidate equal to the positive in exact arithmetic
-    (a duplicate) ties with it up to the rounding of the two sums.
+    The positives' logits :math:`s\, a_i \cdot b_{y_i}` are read from the
+    same tiles as the log-sum-exps, so each direction's cross-entropy is
+    exactly :math:`\ge 0` in floating point (at any scale; CLIP's largest is
+    100) and `xentjax.info.infonce_lower_bound` never passes :math:`\log B`.
+    The ranks compare a row-wise product :math:`s\, a_i \cdot b_{y_i}` (known
+    before the sweep) with the tiles' logits: a candidate equal to the
+    positive in exact arithmetic (a duplicate) ties with it up to the
+    rounding of the two sums.
 
   Example:
     >>> import jax.numpy as jnp, xentjax
@@ -310,20 +325,21 @@ def contrastive_loss(
   pairs = pairs_of(labels, where, a.shape[0], b.shape[0])
   cdt = V.compute_dtype(a.dtype, b.dtype)
   t = inverse_scale(scale, cdt)  # the engine's temperature: its logits are z / t
-  b_y = b if labels is None else jnp.take(b, pairs.y, axis=0)
-  zy = jnp.sum(a.astype(cdt) * b_y.astype(cdt), axis=1) / t  # the positives' logits
   ranks, diagonal = retrieval_k is not None, labels is None
   # Masks enter the tiles only when there is one (else every tile would select).
-  rows = {"temperature": jnp.broadcast_to(t, zy.shape), "y": pairs.y}
+  rows = {"temperature": jnp.broadcast_to(t, pairs.y.shape), "y": pairs.y}
   rows |= {} if where is None else {"valid": pairs.row_valid}
   cols = {"valid": pairs.col_valid} if where is not None and diagonal else {}
-  if ranks:
-    rows.update(thr=jax.lax.stop_gradient(zy), rid=jnp.arange(a.shape[0], dtype=jnp.int32))
+  if ranks:  # the threshold of the ranks, known before the sweep: a row-wise product
+    b_y = b if diagonal else jnp.take(b, pairs.y, axis=0)
+    thr = jnp.sum(a.astype(cdt) * b_y.astype(cdt), axis=1) / t
+    rows.update(thr=jax.lax.stop_gradient(thr), rid=jnp.arange(pairs.y.shape[0], dtype=jnp.int32))
     if diagonal:
       cols["thr"] = rows["thr"]
   kernel = ContrastiveSoftmax(by_column=symmetric or (ranks and diagonal), ranks=ranks)
   row = run_recompute({"x": a, "w": b, "rows": rows, "cols": cols}, kernel, tiling)
   col = row.get("cols", {})
+  zy = row["zy"]  # the positives' logits, from the tiles of the log-sum-exps (so lse >= zy)
   per_row = row["lse"] - zy
   if symmetric:
     col_lse = col["lse"] if diagonal else jnp.take(col["lse"], pairs.y)
@@ -442,7 +458,7 @@ def sigmoid_contrastive_loss(
   t = inverse_scale(scale, cdt)
   # The engine's logits are (a b + bias_col) / t, so the bias enters as bias * t.
   bias_col = jnp.broadcast_to(scalar("bias", bias, cdt) * t, (b.shape[0],))
-  rows = {"temperature": jnp.broadcast_to(t, (a.shape[0],)), "y": pairs.y}
+  rows = {"temperature": jnp.broadcast_to(t, pairs.y.shape), "y": pairs.y}
   cols = {"valid": pairs.col_valid} if where is not None and labels is None else {}
   ops = {"x": a, "w": b, "bias": bias_col, "rows": rows, "cols": cols}
   if strategy == "recompute":
@@ -531,3 +547,31 @@ def ntxent(
   rows = {"temperature": t, "label": labels, "rid": jnp.arange(n, dtype=jnp.int32)}
   out = run_recompute({"x": u, "w": u, "rows": rows, "cols": {"label": labels}}, NtXent(), tiling)
   return _core.mean_or_nan(jnp.sum(out["loss"]), jax.lax.stop_gradient(jnp.sum(out["count"])))
+
+
+# ----------------------------------------------------------------------------
+# The rows of the variational bounds on mutual information (`xentjax.info`).
+
+
+def critic_statistics(
+  a, b, scale, bias, *, row_chunk_size, column_chunk_size, precision, mesh, data_axis
+) -> dict:
+  """The rows of `CriticBounds` on the scores ``scale · a bᵀ + bias``, without forming them.
+
+  ``{"lse", "zy", "lse_off", "sp_off"}``, each ``[B]``, differentiable with
+  respect to ``a``, ``b``, ``scale`` and ``bias`` (`xentjax.info` turns them
+  into bounds). Row i's positive is column i; with ``mesh`` the columns
+  travel around the ring of ``data_axis``.
+  """
+  a, b = check_pair(a, b, None)
+  n = a.shape[0]
+  tiling = tiling_of(
+    n, n, row_chunk_size, column_chunk_size, precision, mesh, data_axis, arrays=(a, b)
+  )
+  cdt = V.compute_dtype(a.dtype, b.dtype)
+  t = inverse_scale(scale, cdt)  # NaN unless finite and > 0, as for CLIP and SigLIP
+  # The engine's logits are (a b + bias_col) / t, so the bias enters as bias * t.
+  bias_col = jnp.broadcast_to(scalar("bias", bias, cdt) * t, (n,))
+  rows = {"temperature": jnp.broadcast_to(t, (n,)), "y": jnp.arange(n, dtype=jnp.int32)}
+  ops = {"x": a, "w": b, "bias": bias_col, "rows": rows, "cols": {}}
+  return run_recompute(ops, CriticBounds(), tiling)

@@ -303,6 +303,23 @@ def finite(m):
   return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
+def log_shifted_sum(s, m):
+  """``log s`` for ``s = sum_j e^{a_j - m}`` with ``m = max_j a_j``: at least 0 where ``m`` is finite.
+
+  The maximum's own term is ``e^0 = 1``, so ``s >= 1``, and ``lse = m + log s
+  >= m >= a_j`` for every logit, exactly (a cross-entropy ``lse - a_y`` is never
+  negative). Where a tile is scaled (``a = z / T``, formed as ``z · (1/T)``,
+  or a soft cap ``c tanh(·)``), XLA forms the product again inside each fusion
+  that reads it, and the compiler may contract it with the subtraction of
+  ``m`` into one fused multiply-add: the exponent of the maximum is then the
+  product's rounding error, about half an ulp of ``a`` rather than 0 (at
+  ``a = 100``, ``e^{-4e-6}``), and ``s`` can fall just below 1. Such an ``s``
+  is 1 up to that rounding, and is taken as 1. A row with no finite maximum
+  (every logit ``-inf``: ``s = 0``; NaN) keeps its ``s``.
+  """
+  return jnp.log(jnp.where(jnp.isfinite(m) & (s < 1.0), 1.0, s))
+
+
 def column_offset(tiling: Tiling, local_columns: int):
   """Global index of this device's first column."""
   return vocab_offset(tiling.placement, local_columns)

@@ -35,7 +35,7 @@ from jax import lax
 
 from xentjax._vocab.engine import Kernel
 from xentjax._vocab.placement import vocab_gather, vocab_max, vocab_min, vocab_sum
-from xentjax._vocab.tiles import finite
+from xentjax._vocab.tiles import finite, log_shifted_sum
 
 # The index of a top-k slot no class has filled yet: after every real index.
 NO_CLASS = jnp.iinfo(jnp.int32).max
@@ -184,12 +184,16 @@ class SoftmaxStats(Kernel):
       if zu is not None:
         zu = vocab_sum(zu + st["u_seen"] * (ms_loc - ms), pl)
       s, zy = vocab_sum((s * scale, zy), pl)
-    out = {"m": ms, "log_s": jnp.log(s), "zy": zy - ms}
+    # A scaled tile (a temperature, a soft cap) can round the maximum's own
+    # term below e^0 (`log_shifted_sum`) and its ``a - m`` above 0: log_s >= 0
+    # and t <= 0 are restored, so that a log-probability is <= 0 and a
+    # cross-entropy and an entropy are >= 0.
+    out = {"m": ms, "log_s": log_shifted_sum(s, m_all), "zy": zy - ms}
     out["lse"] = ms + out["log_s"]
     if zu is not None:
       out["zu"] = zu
     if t is not None:  # a row with every logit -inf has t = s = 0: ent 0, not 0/0
-      out["ent"] = t / jnp.where(s > 0, s, 1.0)
+      out["ent"] = jnp.minimum(t, 0.0) / jnp.where(s > 0, s, 1.0)
     if self.monitor:
       out["credit"] = top1_credit(st["n_top"], m, m_all, zy, tiling)
     return out | self.finish_choices(st, m, m_all, pl), {}
