@@ -82,7 +82,7 @@ def check_k(value):
   return tuple(int(k) for k in ks)
 
 
-def check_pair(a, b, labels):
+def check_pair(a, b, labels) -> tuple[jax.Array, jax.Array]:
   """``(a, b)`` as ``[B, D]`` and ``[M, D]`` floating arrays; the errors name the argument."""
   V.check_floating("a", a)
   V.check_floating("b", b)

@@ -538,8 +538,8 @@ def _fold_chunks(acc, flat, part_sums, groups: int):
   local = flat[0].shape[0] // groups
   size = max(_MIN_CHUNK_ROWS, _CHUNK_LOGITS // max(flat[0].shape[-1], 1))
   if local <= size:
-    sums, rows = part_sums(*flat)
-    return _add_sums(acc, sums), rows
+    sums, whole = part_sums(*flat)
+    return _add_sums(acc, sums), whole
   blocks = [a.reshape(groups, local, *a.shape[1:]) for a in flat]
 
   def rows(start, count):
@@ -840,7 +840,8 @@ def _extras(parts: _Parts, piece) -> tuple[dict, dict]:
   (`np.unique`): the device sums each number's rows, the host keeps which
   id it is. Padding rows join segment 0 (they never count, so add nothing).
   """
-  extras, host = {}, {}
+  extras: dict = {}
+  host: dict = {}
   if parts.byte_counts is not None:
     counts = piece(parts.byte_counts)
     extras["byte_counts"] = counts
@@ -1392,7 +1393,7 @@ class _Run:
       self._retire()  # back-pressure; fetches a finished step's per-document sums
 
   def _check_bytes(self, item: _Prepared) -> None:
-    if item.byte_bound > _INT32_MAX and not jax.config.jax_enable_x64:
+    if item.byte_bound > _INT32_MAX and not jax.config.read("jax_enable_x64"):
       raise ValueError(
         f"one batch holds {item.byte_bound:,} bytes, more than an int32 can count with x64 "
         "off: use smaller batches (or JAX_ENABLE_X64=1)."
@@ -1487,7 +1488,7 @@ def _result(host: _HostTotals, *, top_k, num_bins, base, scale, temperature) -> 
 
 def _byte_fields(host: _HostTotals, nll_sum: float) -> dict:
   """Bits per byte and the per-document sums, for what the batches carried."""
-  fields = {}
+  fields: dict = {}
   if "bytes" in host.kinds:
     nbytes = int(host.counts.get("bytes", 0))
     fields["byte_count"] = nbytes
