@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 
 from xentjax import _core
@@ -51,6 +52,8 @@ from xentjax._api import public, where_mask
 from xentjax._core import label_status, mean_or_nan, top_k_credit
 
 __all__ = [
+  "METHODS",
+  "Calibrator",
   "ReliabilityDiagram",
   "SmoothCurve",
   "TemperatureStats",
@@ -58,6 +61,7 @@ __all__ = [
   "bootstrap",
   "brier_score",
   "expected_calibration_error",
+  "fit",
   "fit_temperature",
   "fit_temperature_streaming",
   "maximum_calibration_error",
@@ -1334,3 +1338,265 @@ def bootstrap(
   low, high = _bc_interval(estimate, reps, level)
   nan = ~jnp.isfinite(low)
   return jnp.where(nan, jnp.nan, estimate), low, high
+
+
+# ---------------------------------------------------------------------------
+# Calibration maps: temperature, vector, matrix and Dirichlet scaling.
+
+METHODS = ("temperature", "vector", "matrix", "dirichlet")
+
+
+def _log_probabilities(z):
+  """Dirichlet calibration's features: log-softmax, floored at log(tiny) as dirichletcal clips."""
+  return jnp.maximum(jax.nn.log_softmax(z, axis=-1), float(np.log(jnp.finfo(z.dtype).tiny)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibrator:
+  r"""A fitted calibration map: a pytree of arrays, callable on logits.
+
+  ``calibrator(logits)`` returns calibrated logits ``[..., num_classes]``
+  (softmax them for probabilities; every function of this module takes
+  them as ``logits``):
+
+  * ``"temperature"``: :math:`z / T` (``weight`` is the scalar :math:`T`);
+  * ``"vector"``: :math:`a \odot z + b` (``weight`` :math:`a`, ``[K]``);
+  * ``"matrix"``: :math:`W z + b` (``weight`` :math:`W`, ``[K, K]``);
+  * ``"dirichlet"``: :math:`W \log \mathrm{softmax}(z) + b`, the log-probabilities
+    floored at the dtype's ``log(tiny)`` (dirichletcal's clip).
+
+  ``bias`` is :math:`b` (``[K]``; a scalar 0 for "temperature"). The maps
+  of the last three are reported in the reference-row form (dirichletcal's
+  ``ref_row=True``): the last row of :math:`[W \mid b]` (and the last
+  :math:`b` of "vector") is 0, which changes no probability. ``method`` is
+  static (pytree metadata), so a `Calibrator` passes through `jit`.
+  """
+
+  method: str
+  weight: jax.Array
+  bias: jax.Array
+
+  def __call__(self, logits: jax.typing.ArrayLike) -> jax.Array:
+    V.check_floating("logits", logits)
+    z = jnp.asarray(logits)
+    z = z.astype(jnp.result_type(V.compute_dtype(z.dtype), self.weight.dtype))
+    if self.method == "temperature":
+      return z / self.weight
+    bias = _along_last(self.bias, z.ndim)
+    if self.method == "vector":
+      return z * _along_last(self.weight, z.ndim) + bias
+    x = _log_probabilities(z) if self.method == "dirichlet" else z
+    return jnp.einsum("...k,jk->...j", x, self.weight) + bias
+
+
+def _along_last(v, ndim: int):
+  """A ``[K]`` vector shaped to broadcast along the last axis of an ``ndim`` array."""
+  return jnp.reshape(v, (1,) * (ndim - 1) + v.shape)
+
+
+jax.tree_util.register_dataclass(Calibrator, data_fields=["weight", "bias"], meta_fields=["method"])
+
+
+def _features(rows: _FlatRows, method: str):
+  """The map's input per row (0 on uncounted rows, so a NaN there is never read)."""
+  x = _log_probabilities(rows.z) if method == "dirichlet" else rows.z
+  return jnp.where(rows.counted[:, None], x, 0.0)
+
+
+def _map_logits(theta, x, method: str):
+  """Calibrated logits ``[n, K]`` from the free parameters (the last class's row is 0)."""
+  if method == "vector":
+    a, b = theta
+    return x * a[None, :] + jnp.pad(b, (0, 1))[None, :]
+  u = x @ theta[:, :-1].T + theta[None, :, -1]  # [n, K - 1]
+  return jnp.pad(u, ((0, 0), (0, 1)))
+
+
+def _odir_penalty(theta, odir):
+  """dirichletcal's ODIR term: lambda * sum of squared off-diagonal W' + mu * sum of squared b'."""
+  if odir is None:
+    return 0.0
+  lam, mu = odir
+  w, b = theta[:, :-1], theta[:, -1]
+  off = jnp.where(jnp.eye(w.shape[0], w.shape[1], dtype=bool), 0.0, w)
+  return lam * jnp.sum(jnp.square(off)) + mu * jnp.sum(jnp.square(b))
+
+
+def _map_objective(theta, x, rows: _FlatRows, method: str, odir):
+  """Mean cross-entropy of the mapped logits over the counted rows, plus the ODIR term."""
+  u = _map_logits(theta, x, method)
+  lse = jax.nn.logsumexp(u, axis=-1, keepdims=True)
+  per_row = jnp.sum(jnp.where(rows.y == 0, 0.0, rows.y * (lse - u)), axis=-1)
+  n = jnp.maximum(jnp.sum(rows.counted), 1).astype(u.dtype)
+  return jnp.sum(jnp.where(rows.counted, per_row, 0.0)) / n + _odir_penalty(theta, odir)
+
+
+def _identity_params(k: int, method: str, dtype):
+  """The map that changes nothing (dirichletcal's "identity" start)."""
+  if method == "vector":
+    return jnp.ones((k,), dtype), jnp.zeros((k - 1,), dtype)
+  eye = jnp.eye(k - 1, k, dtype=dtype) - jnp.eye(k, dtype=dtype)[None, -1]  # rows e_i - e_K
+  return jnp.concatenate([eye, jnp.zeros((k - 1, 1), dtype)], axis=1)
+
+
+def _lbfgs(fun, x0, max_iter: int, tol: float):
+  """Minimize ``fun`` by optax's L-BFGS (zoom line search) until the gradient norm is <= tol."""
+  opt = optax.lbfgs()
+  value_and_grad = optax.value_and_grad_from_state(fun)
+
+  def step(carry):
+    x, state = carry
+    value, grad = value_and_grad(x, state=state)
+    updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=fun)
+    return optax.apply_updates(x, updates), state
+
+  def going(carry):
+    _, state = carry
+    count = optax.tree_utils.tree_get(state, "count")
+    norm = optax.tree_utils.tree_norm(optax.tree_utils.tree_get(state, "grad"))
+    return (count == 0) | ((count < max_iter) & (norm > tol) & jnp.isfinite(norm))
+
+  x, state = lax.while_loop(going, step, (x0, opt.init(x0)))
+  return x, optax.tree_utils.tree_get(state, "count")
+
+
+def _full_map(theta, method: str, k: int) -> tuple[jax.Array, jax.Array]:
+  """(weight, bias) of the `Calibrator` in the reference-row form."""
+  if method == "vector":
+    a, b = theta
+    return a, jnp.pad(b, (0, 1))
+  padded = jnp.pad(theta, ((0, 1), (0, 0)))
+  return padded[:, :k], padded[:, k]
+
+
+@functools.partial(jax.jit, static_argnames=("method", "odir", "max_iter", "tol"))
+def _fit_map(logits, labels, where, method, odir, max_iter, tol):
+  rows = _flat_rows(logits, labels, where)
+  k = rows.z.shape[-1]
+  x = _features(rows, method)
+  theta0 = _identity_params(k, method, rows.z.dtype)
+
+  def fun(theta):
+    return _map_objective(theta, x, rows, method, odir)
+
+  theta, iters = _lbfgs(fun, theta0, max_iter, tol)
+  ok = jnp.isfinite(fun(theta0)) & (jnp.sum(rows.counted) > 0) & ~jnp.any(rows.bad)
+  weight, bias = _full_map(theta, method, k)
+  nan_unless_ok = jnp.where(ok, 1.0, jnp.nan).astype(weight.dtype)
+  return weight * nan_unless_ok, bias * nan_unless_ok, iters
+
+
+def _check_method(method) -> str:
+  if method not in METHODS:
+    raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+  return method
+
+
+def _check_odir(odir, method: str):
+  if odir is None:
+    return None
+  if method not in ("matrix", "dirichlet"):
+    raise ValueError(f"`odir` applies to the 'matrix' and 'dirichlet' maps, not to {method!r}.")
+  try:
+    lam, mu = (float(v) for v in odir)
+  except (TypeError, ValueError):
+    raise TypeError(f"`odir` must be None or a pair (lambda, mu), got {odir!r}.") from None
+  if not (0 <= lam < np.inf and 0 <= mu < np.inf):
+    raise ValueError(f"`odir` = (lambda, mu) must be finite and >= 0, got {odir!r}.")
+  return lam, mu
+
+
+def fit(
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  method: str = "temperature",
+  odir: tuple[float, float] | None = None,
+  *,
+  where: jax.typing.ArrayLike | None = None,
+  max_iter: int | None = None,
+  tol: float | None = None,
+) -> Calibrator:
+  r"""Fit a calibration map on held-out logits: temperature, vector, matrix or Dirichlet scaling.
+
+  Each map is fitted by exact minimization of the mean cross-entropy of its
+  output on the counted rows (plus, with ``odir``, dirichletcal's ODIR
+  term), in one compiled program:
+
+  .. math::
+    \min_{W, b}\ \frac1N \sum_i \Big[\log \sum_k e^{u_{ik}} - u_{i y_i}\Big]
+      + \lambda \sum_{i \ne j} W'^2_{ij} + \mu \sum_i b'^2_i,\qquad
+    u_i = W x_i + b,
+
+  with :math:`x_i` the logits (``"vector"``: :math:`W` diagonal;
+  ``"matrix"``) or the log-probabilities (``"dirichlet"``), and
+  :math:`[W' \mid b']` the matrix :math:`[W \mid b]` with its last row
+  subtracted from every row (softmax is unchanged by that, so the fit
+  keeps the last row at 0). The maps are dirichletcal's
+  (``VectorScaling(logit_input=True)``, ``MatrixScaling(logit_input=True)``,
+  ``FullDirichletCalibrator``), and ``odir=(λ, μ)`` is its
+  ``reg_lambda=λ, reg_mu=μ``: that form omits the paper's normalization
+  :math:`1/(K(K-1))` of :math:`\lambda` and :math:`1/K` of :math:`\mu`
+  (pass ``λ / (K (K - 1))`` and ``μ / K`` for the paper's). The objective
+  is convex; it is minimized from the identity map by optax's L-BFGS with
+  a zoom line search until the gradient's norm is at most ``tol``.
+  ``"temperature"`` is `fit_temperature` itself (the same numbers).
+
+  Logits that sum to zero in every row (centred logits) make matrix
+  scaling's :math:`W` ill-posed: adding :math:`c_i` to every entry of row
+  :math:`i` changes no prediction on such data. The fitted probabilities
+  on them are still the optimum's; the gradient is orthogonal to those
+  directions, so L-BFGS never moves along them and the fit keeps the
+  identity start's component (a minimizer, but an arbitrary one for
+  logits that do not sum to zero). ``odir`` with :math:`\lambda > 0`
+  makes the minimizer unique. The Dirichlet map has no such direction.
+
+  Args:
+    logits: ``[..., num_classes]`` held-out logits (floating; 16-bit in float32).
+    labels: integer labels ``[...]`` or target probabilities ``[..., num_classes]``.
+    method: "temperature", "vector", "matrix" or "dirichlet".
+    odir: None, or ``(λ, μ)`` (``"matrix"`` and ``"dirichlet"`` only).
+    where: keyword-only row mask ``[...]``: rows to fit on.
+    max_iter: keyword-only iteration limit (default 60 Newton steps for
+      "temperature", 1000 L-BFGS steps otherwise).
+    tol: keyword-only stopping tolerance (default `fit_temperature`'s, and
+      1e-6 on the gradient's norm for the L-BFGS fits in float64, 1e-5 in
+      float32, where rounding of the mean makes smaller norms unreachable).
+
+  Returns:
+    A `Calibrator`. Its arrays are NaN when no row counts, a counted label
+    is out of range, or the loss at the identity is not finite (a NaN
+    logit, or a ``-inf`` logit in "vector"/"matrix"), as `fit_temperature`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from xentjax import calibration
+    >>> y = jax.random.randint(jax.random.key(0), (2000,), 0, 3)
+    >>> z = 4.0 * (jax.nn.one_hot(y, 3) + jax.random.normal(jax.random.key(1), (2000, 3)))
+    >>> cal = calibration.fit(z, y, "dirichlet", odir=(1e-3, 1e-3))
+    >>> before = calibration.expected_calibration_error(z, y)
+    >>> bool(calibration.expected_calibration_error(cal(z), y) < before)
+    True
+
+  References:
+    Guo, Pleiss, Sun and Weinberger, On Calibration of Modern Neural
+    Networks, ICML 2017. Kull, Perello-Nieto, Kängsepp, Silva Filho, Song
+    and Flach, Beyond temperature scaling: Obtaining well-calibrated
+    multiclass probabilities with Dirichlet calibration, NeurIPS 2019.
+  """
+  method = _check_method(method)
+  odir = _check_odir(odir, method)
+  if method == "temperature":
+    kw = {} if max_iter is None else {"max_iter": max_iter}
+    kw.update({} if tol is None else {"tol": tol})
+    t = fit_temperature(logits, labels, where=where, **kw)
+    return Calibrator("temperature", t, jnp.zeros((), t.dtype))
+  max_iter = _check_max_iter(1000 if max_iter is None else max_iter)
+  if tol is None:
+    tol = 1e-6 if jax.config.jax_enable_x64 and _is_64(logits) else 1e-5
+  args = (_arr(logits), _arr(labels), _arr(where))
+  weight, bias, _ = _fit_map(*args, method, odir, max_iter, _check_tol(tol))
+  return Calibrator(method, weight, bias)
+
+
+def _is_64(x) -> bool:
+  return np.dtype(getattr(x, "dtype", np.asarray(x).dtype)) == np.float64

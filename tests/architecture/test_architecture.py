@@ -258,6 +258,7 @@ HOST_FUNCTIONS = {
   "xentjax.coding.ideal_bits": "a float64 NumPy sum on the host, row blocks at a time",
   "xentjax.coding.encode": "quantizes on the host and calls constriction's range coder",
   "xentjax.coding.decode": "calls the range coder and a Python step function symbol by symbol",
+  "xentjax.calibration.fit": "dispatches by method to `fit_temperature` or one compiled L-BFGS fit",
   "xentjax.datasets.load_digits": "reads the bundled data file",
   "xentjax.datasets.load_digits_raw": "reads the bundled data file",
   "xentjax.datasets.stratified_split": "NumPy index bookkeeping on the host",

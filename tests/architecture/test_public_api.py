@@ -214,6 +214,7 @@ def _where_cases():
     ),
     "calibration.brier_score": logits_int,
     "calibration.expected_calibration_error": logits_int,
+    "calibration.fit": ((z, y, "vector"), rows),
     "calibration.fit_temperature": logits_int,
     "calibration.maximum_calibration_error": logits_int,
     "calibration.smooth_ece": logits_int,
