@@ -1439,24 +1439,38 @@ def _identity_params(k: int, method: str, dtype):
   return jnp.concatenate([eye, jnp.zeros((k - 1, 1), dtype)], axis=1)
 
 
+_STALL = 10  # L-BFGS stops when the objective fell by at most `ftol` over this many steps
+
+
 def _lbfgs(fun, x0, max_iter: int, tol: float):
-  """Minimize ``fun`` by optax's L-BFGS (zoom line search) until the gradient norm is <= tol."""
-  opt = optax.lbfgs()
+  """Minimize ``fun`` by optax's L-BFGS (zoom line search).
+
+  Stops when the gradient's norm is at most ``tol``, or when the objective
+  fell by at most its dtype's resolution (``4 eps (1 + |f|)``) over the last
+  10 steps (in float32 the rounding of a mean over many rows leaves a
+  gradient that ``tol`` may not reach), or after ``max_iter`` steps.
+  """
+  opt = optax.lbfgs(memory_size=30)
   value_and_grad = optax.value_and_grad_from_state(fun)
+  dtype = jax.tree_util.tree_leaves(x0)[0].dtype
+  ftol = 4 * float(jnp.finfo(dtype).eps)
 
   def step(carry):
-    x, state = carry
+    x, state, hist = carry
     value, grad = value_and_grad(x, state=state)
     updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=fun)
-    return optax.apply_updates(x, updates), state
+    hist = jnp.roll(hist, 1).at[0].set(value)
+    return optax.apply_updates(x, updates), state, hist
 
   def going(carry):
-    _, state = carry
+    _, state, hist = carry
     count = optax.tree_utils.tree_get(state, "count")
     norm = optax.tree_utils.tree_norm(optax.tree_utils.tree_get(state, "grad"))
-    return (count == 0) | ((count < max_iter) & (norm > tol) & jnp.isfinite(norm))
+    stalled = hist[-1] - hist[0] <= ftol * (1 + jnp.abs(hist[0]))
+    return (count == 0) | ((count < max_iter) & (norm > tol) & jnp.isfinite(norm) & ~stalled)
 
-  x, state = lax.while_loop(going, step, (x0, opt.init(x0)))
+  hist = jnp.full((_STALL,), jnp.inf, dtype)
+  x, state, _ = lax.while_loop(going, step, (x0, opt.init(x0), hist))
   return x, optax.tree_utils.tree_get(state, "count")
 
 
@@ -1475,15 +1489,48 @@ def _fit_map(logits, labels, where, method, odir, max_iter, tol):
   k = rows.z.shape[-1]
   x = _features(rows, method)
   theta0 = _identity_params(k, method, rows.z.dtype)
+  if method == "vector":
 
-  def fun(theta):
-    return _map_objective(theta, x, rows, method, odir)
+    def fun(theta):
+      return _map_objective(theta, x, rows, method, odir)
 
-  theta, iters = _lbfgs(fun, theta0, max_iter, tol)
-  ok = jnp.isfinite(fun(theta0)) & (jnp.sum(rows.counted) > 0) & ~jnp.any(rows.bad)
+    theta, iters = _lbfgs(fun, theta0, max_iter, tol)
+  else:  # the same objective in standardized features: far better conditioned for L-BFGS
+    shift, scale = _feature_moments(x, rows.counted)
+    xs = jnp.where(rows.counted[:, None], (x - shift[None, :]) / scale[None, :], 0.0)
+
+    def fun(theta_s):
+      theta = _unstandardize(theta_s, shift, scale)
+      return _map_objective(theta_s, xs, rows, method, None) + _odir_penalty(theta, odir)
+
+    theta_s, iters = _lbfgs(fun, _standardize(theta0, shift, scale), max_iter, tol)
+    theta = _unstandardize(theta_s, shift, scale)
+  ok = jnp.isfinite(_map_objective(theta0, x, rows, method, odir))
+  ok = ok & (jnp.sum(rows.counted) > 0) & ~jnp.any(rows.bad)
   weight, bias = _full_map(theta, method, k)
   nan_unless_ok = jnp.where(ok, 1.0, jnp.nan).astype(weight.dtype)
   return weight * nan_unless_ok, bias * nan_unless_ok, iters
+
+
+def _feature_moments(x, counted):
+  """Mean and standard deviation (1 where it is 0) of each feature over the counted rows."""
+  w = counted.astype(x.dtype)[:, None]
+  n = jnp.maximum(jnp.sum(w), 1.0)
+  mean = jnp.sum(w * x, axis=0) / n
+  std = jnp.sqrt(jnp.sum(w * jnp.square(x - mean[None, :]), axis=0) / n)
+  return mean, jnp.where(std > 0, std, 1.0)
+
+
+def _standardize(theta, shift, scale):
+  """``[W | b]`` on features ``x`` -> the same map on ``(x - shift) / scale``."""
+  w, b = theta[:, :-1], theta[:, -1]
+  return jnp.concatenate([w * scale[None, :], (b + w @ shift)[:, None]], axis=1)
+
+
+def _unstandardize(theta_s, shift, scale):
+  """The inverse of `_standardize`."""
+  w = theta_s[:, :-1] / scale[None, :]
+  return jnp.concatenate([w, (theta_s[:, -1] - w @ shift)[:, None]], axis=1)
 
 
 def _check_method(method) -> str:
@@ -1538,17 +1585,22 @@ def fit(
   :math:`1/(K(K-1))` of :math:`\lambda` and :math:`1/K` of :math:`\mu`
   (pass ``λ / (K (K - 1))`` and ``μ / K`` for the paper's). The objective
   is convex; it is minimized from the identity map by optax's L-BFGS with
-  a zoom line search until the gradient's norm is at most ``tol``.
-  ``"temperature"`` is `fit_temperature` itself (the same numbers).
+  a zoom line search (in the features standardized over the rows, for
+  "matrix" and "dirichlet": the same objective, better conditioned) until
+  the gradient's norm is at most ``tol`` or the objective stops falling
+  (by more than 4 ulp over 10 steps). ``"temperature"`` is
+  `fit_temperature` itself (the same numbers).
 
   Logits that sum to zero in every row (centred logits) make matrix
   scaling's :math:`W` ill-posed: adding :math:`c_i` to every entry of row
-  :math:`i` changes no prediction on such data. The fitted probabilities
-  on them are still the optimum's; the gradient is orthogonal to those
-  directions, so L-BFGS never moves along them and the fit keeps the
-  identity start's component (a minimizer, but an arbitrary one for
-  logits that do not sum to zero). ``odir`` with :math:`\lambda > 0`
-  makes the minimizer unique. The Dirichlet map has no such direction.
+  :math:`i` changes no prediction on such data. The fit still reaches the
+  optimum's loss and probabilities on them, but which minimizer it returns
+  is the solver's (the gradient is orthogonal to those directions, so
+  L-BFGS keeps the identity start's component along them: for each row,
+  :math:`\sum_j s_j^2 \Delta W_{ij} = 0`, with :math:`s_j` the standard
+  deviation of logit :math:`j`), and it predicts differently on logits that
+  do not sum to zero. ``odir`` with :math:`\lambda > 0` makes the minimizer
+  unique. The Dirichlet map has no such direction.
 
   Args:
     logits: ``[..., num_classes]`` held-out logits (floating; 16-bit in float32).
@@ -1557,7 +1609,7 @@ def fit(
     odir: None, or ``(λ, μ)`` (``"matrix"`` and ``"dirichlet"`` only).
     where: keyword-only row mask ``[...]``: rows to fit on.
     max_iter: keyword-only iteration limit (default 60 Newton steps for
-      "temperature", 1000 L-BFGS steps otherwise).
+      "temperature", 500 L-BFGS steps otherwise).
     tol: keyword-only stopping tolerance (default `fit_temperature`'s, and
       1e-6 on the gradient's norm for the L-BFGS fits in float64, 1e-5 in
       float32, where rounding of the mean makes smaller norms unreachable).
@@ -1590,7 +1642,7 @@ def fit(
     kw.update({} if tol is None else {"tol": tol})
     t = fit_temperature(logits, labels, where=where, **kw)
     return Calibrator("temperature", t, jnp.zeros((), t.dtype))
-  max_iter = _check_max_iter(1000 if max_iter is None else max_iter)
+  max_iter = _check_max_iter(500 if max_iter is None else max_iter)
   if tol is None:
     tol = 1e-6 if jax.config.jax_enable_x64 and _is_64(logits) else 1e-5
   args = (_arr(logits), _arr(labels), _arr(where))

@@ -1,0 +1,150 @@
+"""Calibration at scale: fitting a Dirichlet map and bootstrapping calibration errors.
+
+Usage::
+
+  python benchmarks/calibration.py                 # N=100,000 rows, K=100 classes, n=1000
+  python benchmarks/calibration.py --small         # N=20,000, K=20, n=200 (a quick check)
+  python benchmarks/calibration.py --n 100000 --k 100 --resamples 1000 --repeats 2
+
+Two tables, each peer measured in the same run, on the same logits (an
+over-confident classifier, float32):
+
+1. ``calibration.fit(logits, labels, "dirichlet", odir=(1e-3, 1e-3))``: the
+   first call (compilation included) and a warm call, the L-BFGS steps and the
+   training NLL, beside dirichletcal's ``FullDirichletCalibrator(reg_lambda=1e-3,
+   reg_mu=1e-3)`` when it is installed (it does not install on Python 3.11: its
+   releases up to 0.3.dev4 have a malformed ``install_requires``).
+2. ``calibration.bootstrap(metric, ..., n=resamples)`` for the ECE, ACE and
+   smooth ECE, beside one evaluation of netcal's ``ACE`` and relplot's
+   ``smECE`` (NumPy, when installed): the time a bootstrap of ``resamples``
+   evaluations would take with them is that time multiplied by ``resamples``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import numpy as np
+import scipy.special as sp
+
+from benchmarks._common import machine
+from xentjax import calibration as C
+
+
+def _logits(n, k, seed=0):
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, k, n)
+  z = rng.normal(size=(n, k)).astype(np.float32)
+  z[np.arange(n), y] += 2.0
+  return (4.0 * z).astype(np.float32), y
+
+
+def _seconds(f, repeats):
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(f())
+  first = time.perf_counter() - t0
+  warm = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(f())
+    warm.append(time.perf_counter() - t0)
+  return first, min(warm), out
+
+
+def _nll(u, y):
+  u = np.asarray(u, np.float64)
+  return float(np.mean(sp.logsumexp(u, 1) - u[np.arange(len(y)), y]))
+
+
+def fit_table(z, y, repeats):
+  rows = [
+    "| fit (dirichlet, odir=(1e-3, 1e-3)) | first call (s) | warm (s) | train NLL |",
+    "|---|---|---|---|",
+  ]
+  first, warm, cal = _seconds(lambda: C.fit(z, y, "dirichlet", (1e-3, 1e-3)), repeats)
+  rows.append(f"| xentjax `calibration.fit` | {first:.2f} | {warm:.2f} | {_nll(cal(z), y):.6f} |")
+  rows.append(f"| (identity map) | | | {_nll(z, y):.6f} |")
+  try:
+    from dirichletcal.calib.fulldirichlet import FullDirichletCalibrator
+  except ImportError:
+    rows.append("| dirichletcal `FullDirichletCalibrator` | not installed | | |")
+    return rows
+  p = sp.softmax(z.astype(np.float64), 1)
+  t0 = time.perf_counter()
+  peer = FullDirichletCalibrator(reg_lambda=1e-3, reg_mu=1e-3).fit(p, y)
+  t = time.perf_counter() - t0
+  nll = float(np.mean(-np.log(peer.predict_proba(p)[np.arange(len(y)), y])))
+  rows.append(f"| dirichletcal `FullDirichletCalibrator` | {t:.2f} | | {nll:.6f} |")
+  return rows
+
+
+def bootstrap_table(z, y, resamples, repeats):
+  rows = [
+    f"| metric | bootstrap n={resamples}: first call (s) | warm (s) | estimate [low, high] |",
+    "|---|---|---|---|",
+  ]
+  metrics = {
+    "ECE (15 bins)": C.expected_calibration_error,
+    "ACE (15 bins)": C.adaptive_calibration_error,
+    "smooth ECE": C.smooth_ece,
+  }
+  for name, m in metrics.items():
+    f = functools.partial(C.bootstrap, m, z, y, n=resamples, key=jax.random.key(0))
+    first, warm, (est, low, high) = _seconds(f, repeats)
+    rows.append(f"| {name} | {first:.2f} | {warm:.2f} | {est:.5f} [{low:.5f}, {high:.5f}] |")
+  p = sp.softmax(z.astype(np.float64), 1)
+  try:
+    from netcal.metrics import ACE
+
+    t0 = time.perf_counter()
+    ACE(bins=15, equal_intervals=False).measure(p, y)
+    t = time.perf_counter() - t0
+    rows.append(
+      f"| netcal ACE, one evaluation (x{resamples}) | {t:.3f} ({t * resamples:.0f}) | | |"
+    )
+  except ImportError:
+    rows.append("| netcal | not installed | | |")
+  try:
+    import relplot
+
+    f, c = relplot.multiclass_logits_to_confidences(p, y, probs=True)
+    t0 = time.perf_counter()
+    relplot.smECE(f, c)
+    t = time.perf_counter() - t0
+    rows.append(
+      f"| relplot smECE, one evaluation (x{resamples}) | {t:.3f} ({t * resamples:.0f}) | | |"
+    )
+  except ImportError:
+    rows.append("| relplot | not installed | | |")
+  return rows
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--n", type=int, default=100_000)
+  ap.add_argument("--k", type=int, default=100)
+  ap.add_argument("--resamples", type=int, default=1000)
+  ap.add_argument("--repeats", type=int, default=1)
+  ap.add_argument("--small", action="store_true", help="N=20,000, K=20, 200 resamples")
+  ap.add_argument("--only", choices=("fit", "bootstrap"), default=None)
+  a = ap.parse_args()
+  if a.small:
+    a.n, a.k, a.resamples = 20_000, 20, 200
+  z, y = _logits(a.n, a.k)
+  print(machine())
+  print(f"N={a.n}, K={a.k}, float32\n")
+  if a.only in (None, "fit"):
+    print("\n".join(fit_table(z, y, a.repeats)) + "\n")
+  if a.only in (None, "bootstrap"):
+    print("\n".join(bootstrap_table(z, y, a.resamples, a.repeats)))
+
+
+if __name__ == "__main__":
+  main()
