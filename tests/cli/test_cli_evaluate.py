@@ -451,3 +451,43 @@ def test_distributed_without_a_cluster_is_one_line(files):
   )  # fmt: skip
   assert proc.returncode == 2 and proc.stdout == "", proc.stderr
   assert proc.stderr.count("\n") == 1 and "no cluster detected" in proc.stderr, proc.stderr
+
+
+def test_calibrate_reports_the_map_before_and_after(files, capsys):
+  from xentjax import calibration as C
+  from xentjax.cli import _evaluate
+
+  assert _evaluate._CALIBRATION_METHODS == C.METHODS
+  d, logits, labels = files
+  argv = ["--logits", d / "logits.npy", "--labels", d / "labels.npy", "--json"]
+  code, out, err = run(capsys, *argv, "--calibrate", "dirichlet", "--odir", "0.001,0.01")
+  assert code == 0, err
+  got = json.loads(out)["calibration"]
+  keep = labels != -100
+  z, y = logits[keep], labels[keep]
+  cal = C.fit(z, y, "dirichlet", (1e-3, 1e-2))
+  ref = float64_reference(np.asarray(cal(z)), y)
+  assert got["rows"] == 980 and got["method"] == "dirichlet" and got["odir"] == [1e-3, 1e-2]
+  np.testing.assert_allclose(got["after"]["cross_entropy"], ref["cross_entropy"], rtol=1e-4)
+  np.testing.assert_allclose(
+    got["before"]["ece"], json.loads(out)["expected_calibration_error"], atol=1e-6
+  )
+  np.testing.assert_allclose(
+    got["after"]["ace"], C.adaptive_calibration_error(cal(z), y), atol=1e-5
+  )
+  assert got["after"]["cross_entropy"] < got["before"]["cross_entropy"]
+  code, out, _ = run(capsys, *argv[:-1], "--calibrate", "temperature")
+  assert code == 0 and "calibration map: temperature" in out and "smooth ECE" in out
+  t = float(C.fit_temperature(z, y))
+  assert f"T = {t:.4g}" in out
+
+
+def test_calibrate_option_errors(files, capsys):
+  d, _, _ = files
+  argv = ["--logits", d / "logits.npy", "--labels", d / "labels.npy"]
+  code, _, err = run(capsys, *argv, "--calibrate", "vector", "--odir", "0.1,0.1")
+  assert code == 2 and "--odir applies to --calibrate matrix" in err
+  code, _, err = run(capsys, *argv, "--calibrate", "matrix", "--odir", "0.1")
+  assert code == 2 and "--odir must be two numbers" in err
+  with pytest.raises(SystemExit):
+    main(["evaluate", *map(str, argv), "--calibrate", "platt"])

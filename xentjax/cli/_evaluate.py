@@ -66,6 +66,7 @@ def register(subparsers) -> None:
   p = add_command(subparsers, "evaluate", help=_HELP, description=_DESCRIPTION, epilog=_EPILOG)
   _add_file_options(p)
   _add_metric_options(p)
+  _add_calibration_options(p)
   _add_raw_options(p)
   _add_output_options(p)
   _add_job_options(p)
@@ -115,6 +116,35 @@ def _add_metric_options(p) -> None:
   p.add_argument(
     "--ignore-index", type=int, default=-100, help="label value not counted (default -100)"
   )
+
+
+_CALIBRATION_METHODS = ("temperature", "vector", "matrix", "dirichlet")  # calibration.METHODS
+
+
+def _add_calibration_options(p) -> None:
+  p.add_argument(
+    "--calibrate", choices=_CALIBRATION_METHODS, default=None, metavar="METHOD",
+    help="also fit a calibration map (temperature, vector, matrix or dirichlet: "
+    "xentjax.calibration.fit) on the rows, held in memory, and report the cross-entropy, "
+    "ECE, ACE and smooth ECE before and after it (on the same rows: in-sample)",
+  )  # fmt: skip
+  p.add_argument(
+    "--odir", default=None, metavar="LAMBDA,MU",
+    help="ODIR regularization of --calibrate matrix or dirichlet (dirichletcal's "
+    "reg_lambda, reg_mu)",
+  )  # fmt: skip
+
+
+def _odir(text: str | None) -> tuple[float, float] | None:
+  if text is None:
+    return None
+  try:
+    lam, mu = (float(t) for t in text.split(","))
+  except ValueError:
+    raise CommandError(f"--odir must be two numbers LAMBDA,MU, got {text!r}") from None
+  if not (0 <= lam < math.inf and 0 <= mu < math.inf):
+    raise CommandError(f"--odir LAMBDA,MU must be finite and >= 0, got {text!r}")
+  return lam, mu
 
 
 def _add_raw_options(p) -> None:
@@ -588,11 +618,16 @@ def _check_options(args) -> None:
   _dtype(args.dtype, "--dtype", "float32")
   _dtype(args.labels_dtype, "--labels-dtype", "int64")
   _dtype(args.bytes_dtype, "--bytes-dtype", "int64")
+  if args.odir is not None and args.calibrate not in ("matrix", "dirichlet"):
+    raise CommandError("--odir applies to --calibrate matrix or --calibrate dirichlet")
+  _odir(args.odir)
 
 
 def run(args) -> int:
   _check_options(args)
   job = _job(args)
+  if job is not None and args.calibrate:
+    raise CommandError("--calibrate fits its map in one process: run it without a job")
   if job is None:
     pairs = _pairs(args, 0, 1)
     sources = [open_pair(pair, args) for pair in pairs]  # every check before JAX starts
@@ -633,7 +668,8 @@ def _evaluate(args, *, sources, pairs, job) -> int:
   _check_result(result, opened, args, job)
   if not leader:
     return 0
-  _print_result(result, opened, args, job)
+  calibration = _calibrate(args, opened) if args.calibrate else None
+  _print_result(result, opened, args, job, calibration)
   if args.plot:
     _write_plot(result, args.plot)
   if args.per_document:
@@ -712,9 +748,13 @@ def _check_result(result, opened: list[_Source], args, job) -> None:
     raise CommandError(f"the cross-entropy is NaN: {bad}")
 
 
-def _print_result(result, opened: list[_Source], args, job) -> None:
+def _print_result(result, opened: list[_Source], args, job, calibration=None) -> None:
   if args.json:  # the numbers, and the unit of each logarithmic one (`--base` moves only one)
     out = {**_json_safe(result.to_dict()), "units": result.units()}
+    if calibration is not None:
+      out["calibration"] = {
+        k: _json_safe(v) if isinstance(v, dict) else v for k, v in calibration.items()
+      }
     print(json.dumps(out, indent=2, allow_nan=False))
     return
   if job is not None:
@@ -727,6 +767,73 @@ def _print_result(result, opened: list[_Source], args, job) -> None:
   for s in opened:
     print(_describe(s))
   print(result)
+  if calibration is not None:
+    print(_calibration_table(calibration))
+
+
+# ---------------------------------------------------------------------------
+# --calibrate: a calibration map fitted on the rows in memory.
+
+
+def _rows_in_memory(opened: list[_Source], ignore_index):
+  """All the files' rows as ``[n, C]`` logits, labels and a mask of the counted rows."""
+  z = np.concatenate([_native(s.logits).reshape(-1, s.logits.shape[-1]) for s in opened])
+  soft = np.issubdtype(opened[0].labels.dtype, np.floating)
+  shape = (-1, z.shape[-1]) if soft else (-1,)
+  y = np.concatenate([_native(s.labels).reshape(shape) for s in opened])
+  keep = np.ones(len(z), bool) if soft else y != ignore_index
+  return z, (y if soft else np.where(keep, y, 0)), keep
+
+
+def _calibration_numbers(z, y, keep, num_bins: int) -> dict:
+  import xentjax
+  from xentjax import calibration as C
+
+  if np.issubdtype(np.asarray(y).dtype, np.floating):
+    nll = float(np.mean(np.asarray(xentjax.softmax_cross_entropy(z, y))))
+  else:
+    nll = float(xentjax.metrics.cross_entropy_rate(z, y, where=keep))
+  return {
+    "cross_entropy": nll,
+    "ece": float(C.expected_calibration_error(z, y, num_bins=num_bins, where=keep)),
+    "ace": float(C.adaptive_calibration_error(z, y, num_bins=num_bins, where=keep)),
+    "smooth_ece": float(C.smooth_ece(z, y, where=keep)),
+  }
+
+
+def _calibrate(args, opened: list[_Source]) -> dict:
+  """Fit `calibration.fit(method=args.calibrate)` and the numbers before and after it."""
+  from xentjax import calibration as C
+
+  z, y, keep = _rows_in_memory(opened, args.ignore_index)
+  odir = _odir(args.odir)
+  cal = C.fit(z, y, args.calibrate, odir, where=keep)
+  if not np.all(np.isfinite(np.asarray(cal.weight))):
+    raise CommandError(f"--calibrate {args.calibrate}: the fit is NaN (see the checks above)")
+  out = {"method": args.calibrate, "odir": None if odir is None else list(odir)}
+  out["rows"] = int(keep.sum())
+  if args.calibrate == "temperature":
+    out["temperature"] = float(cal.weight)
+  out["before"] = _calibration_numbers(z, y, keep, args.num_bins)
+  out["after"] = _calibration_numbers(np.asarray(cal(z)), y, keep, args.num_bins)
+  return out
+
+
+def _calibration_table(c: dict) -> str:
+  odir = "" if c["odir"] is None else f", odir={tuple(c['odir'])}"
+  t = f", T = {c['temperature']:.4g}" if "temperature" in c else ""
+  lines = [
+    f"calibration map: {c['method']}{odir}{t}, fitted on the {c['rows']:,} rows above "
+    "(in-sample: fit on held-out logits to judge it)",
+    f"  {'':8s} {'cross-entropy':>13s} {'ECE':>8s} {'ACE':>8s} {'smooth ECE':>10s}",
+  ]
+  for when in ("before", "after"):
+    d = c[when]
+    lines.append(
+      f"  {when:8s} {d['cross_entropy']:13.5f} {d['ece']:8.5f} {d['ace']:8.5f} "
+      f"{d['smooth_ece']:10.5f}"
+    )
+  return "\n".join(lines)
 
 
 def _write_plot(result, path: str) -> None:
