@@ -143,3 +143,56 @@ for binning in ("uniform", "quantile"):
 e0 = calibration.expected_calibration_error(z_eval, y_eval, classwise=True)
 e1 = calibration.expected_calibration_error(z_eval / T, y_eval, classwise=True)
 print(f"classwise ECE          {e0:.4f} -> {e1:.4f}")
+
+# %% [markdown]
+# ## Beyond one temperature: vector, matrix and Dirichlet maps
+#
+# A temperature rescales every logit alike. `calibration.fit` also fits the maps of
+# dirichletcal (Kull et al., 2019), each by exact minimization of the mean
+# cross-entropy on the calibration half: **vector** scaling $a \odot z + b$ (a scale
+# and a bias per class), **matrix** scaling $W z + b$ and **Dirichlet** calibration
+# $W \log \mathrm{softmax}(z) + b$. With 10 classes and 225 calibration digits the
+# last two have 110 parameters each, so they are regularized with ODIR,
+# $\lambda \sum_{i \ne j} W_{ij}'^2 + \mu \sum_i b_i'^2$ (dirichletcal's `reg_lambda`,
+# `reg_mu`). Each map returns a callable `Calibrator`.
+#
+# The table compares them on the evaluation half with the cross-entropy, the ECE,
+# netcal's equal-mass **ACE** (every non-empty bin weighs the same) and relplot's
+# **smooth ECE** (a kernel-smoothed reliability curve, no bins), the last with a 95%
+# bias-corrected bootstrap interval: on 225 digits the errors are uncertain to a
+# few hundredths, which is the scale of the differences between the maps.
+
+# %%
+maps = {"none": None, "temperature": calibration.fit(z_cal, y_cal)}
+maps["vector"] = calibration.fit(z_cal, y_cal, "vector")
+for method in ("matrix", "dirichlet"):
+  maps[method] = calibration.fit(z_cal, y_cal, method, odir=(1e-2, 1e-2))
+print(f"{'map':12s} {'NLL':>6s} {'ECE':>6s} {'ACE':>6s}  smooth ECE [95% interval]")
+for name, cal in maps.items():
+  z = z_eval if cal is None else cal(z_eval)
+  nll = float(ce(z, y_eval).mean())
+  ece = float(calibration.expected_calibration_error(z, y_eval, num_bins=10))
+  ace = float(calibration.adaptive_calibration_error(z, y_eval, num_bins=10))
+  sm, lo, hi = calibration.bootstrap(
+    calibration.smooth_ece, z, y_eval, n=300, key=jax.random.key(0)
+  )
+  print(f"{name:12s} {nll:6.3f} {ece:6.3f} {ace:6.3f}  {sm:.3f} [{lo:.3f}, {hi:.3f}]")
+  # Where it is fitted, a map is never worse than no map (its objective starts at identity).
+  fitted = z_cal if cal is None else cal(z_cal)
+  assert ce(fitted, y_cal).mean() <= ce(z_cal, y_cal).mean() + 1e-5
+
+# %% [markdown]
+# Matrix scaling has the lowest held-out cross-entropy here. The smooth reliability
+# curve of `smooth_ece` draws the calibration without bins: below the diagonal means
+# over-confident.
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
+calibration.reliability_diagram(z_eval, y_eval, num_bins=10, smooth=True, ax=axes[0])
+axes[0].set_title("before")
+d = calibration.reliability_diagram(
+  maps["matrix"](z_eval), y_eval, num_bins=10, smooth=True, ax=axes[1]
+)
+axes[1].set_title(f"matrix scaling (smooth ECE {d.smooth.smece:.3f})")
+plt.tight_layout()
+plt.show()
