@@ -1359,6 +1359,8 @@ def bootstrap(
 # ---------------------------------------------------------------------------
 # Calibration maps: temperature, vector, matrix and Dirichlet scaling.
 
+#: The maps `fit` knows: one temperature, a scale and bias per class, an affine map of
+#: the logits, an affine map of the log-probabilities (Dirichlet calibration).
 METHODS = ("temperature", "vector", "matrix", "dirichlet")
 
 
