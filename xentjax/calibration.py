@@ -1588,9 +1588,11 @@ def fit(
   term), in one compiled program:
 
   .. math::
-    \min_{W, b}\ \frac1N \sum_i \Big[\log \sum_k e^{u_{ik}} - u_{i y_i}\Big]
-      + \lambda \sum_{i \ne j} W'^2_{ij} + \mu \sum_i b'^2_i,\qquad
-    u_i = W x_i + b,
+    \begin{aligned}
+    \min_{W, b}\ & \frac1N \sum_i \Big[\log \sum_k e^{u_{ik}} - u_{i y_i}\Big]
+      + \lambda \sum_{i \ne j} W'^2_{ij} + \mu \sum_i b'^2_i,\\
+    & u_i = W x_i + b,
+    \end{aligned}
 
   with :math:`x_i` the logits (``"vector"``: :math:`W` diagonal;
   ``"matrix"``) or the log-probabilities (``"dirichlet"``), and
