@@ -1658,13 +1658,13 @@ def fit(
   method = _check_method(method)
   odir = _check_odir(odir, method)
   if method == "temperature":
-    kw = {} if max_iter is None else {"max_iter": max_iter}
+    kw: dict[str, Any] = {} if max_iter is None else {"max_iter": max_iter}
     kw.update({} if tol is None else {"tol": tol})
     t = fit_temperature(logits, labels, where=where, **kw)
     return Calibrator("temperature", t, jnp.zeros((), t.dtype))
   max_iter = _check_max_iter(500 if max_iter is None else max_iter)
   if tol is None:
-    tol = 1e-6 if jax.config.jax_enable_x64 and _is_64(logits) else 1e-5
+    tol = 1e-6 if jax.config.read("jax_enable_x64") and _is_64(logits) else 1e-5
   args = (_arr(logits), _arr(labels), _arr(where))
   weight, bias, _ = _fit_map(*args, method, odir, max_iter, _check_tol(tol))
   return Calibrator(method, weight, bias)
