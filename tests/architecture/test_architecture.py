@@ -8,6 +8,10 @@
 * Every public function is declared one way (`xentjax._api.public` or
   `public_like`), with the exceptions listed here and why.
 * No function is over 60 lines of code (``tests/architecture/test_code_shape.py``).
+* Every kernel of the vocabulary engine implements the typed interface
+  `xentjax._vocab.kernel.Kernel`: a frozen dataclass deriving from it, every
+  abstract method implemented with the interface's parameters, and its
+  differentiable rows among its outputs.
 
 Each check parses the source with `ast` (or inspects the imported package), and
 each has a test that feeds it a known violation, so it can fail.
@@ -382,3 +386,114 @@ def test_the_sixty_lines_rule_stays():
   ]
   assert limits == [60]
   assert "def test_no_function_in_the_package_is_over_60_lines_of_code" in source
+
+
+# ---------------------------------------------------------------------------
+# 5. Every kernel implements the typed kernel interface.
+# ---------------------------------------------------------------------------
+
+KERNEL_METHODS = ("init", "update", "finish", "cotangent")
+
+
+def kernel_interface_violations(cls: type) -> list[str]:
+  """What `cls` (a class that defines a kernel method) lacks of the `Kernel` interface."""
+  from xentjax._vocab.kernel import Kernel
+
+  name = cls.__qualname__
+  if not issubclass(cls, Kernel):
+    return [f"{name} does not derive from xentjax._vocab.kernel.Kernel"]
+  found = []
+  missing = sorted(getattr(cls, "__abstractmethods__", ()))
+  if missing:
+    found.append(f"{name} does not implement {missing}")
+  for method in KERNEL_METHODS:
+    want = list(inspect.signature(getattr(Kernel, method)).parameters)
+    got = list(inspect.signature(getattr(cls, method)).parameters)
+    if len(got) != len(want):
+      found.append(f"{name}.{method} takes {got}, the interface {want}")
+  params = getattr(cls, "__dataclass_params__", None)
+  if not dataclasses.is_dataclass(cls) or params is None or not params.frozen:
+    found.append(f"{name} is not a frozen dataclass (a kernel is static: hashable)")
+  elif not missing:
+    k = cls()
+    rows = ("outputs", "differentiable", "saved", "column_outputs", "column_differentiable")
+    if not all(isinstance(getattr(k, r), tuple) for r in rows):
+      found.append(f"{name}: the row names ({rows}) must be tuples")
+    elif not set(k.differentiable) <= set(k.outputs):
+      found.append(f"{name}: differentiable rows {k.differentiable} not among {k.outputs}")
+    elif not set(k.column_differentiable) <= set(k.column_outputs):
+      found.append(f"{name}: differentiable columns not among its column outputs")
+  return found
+
+
+def _kernel_classes() -> list[type]:
+  """Every class of `xentjax._vocab.kernels` that defines one of the kernel methods."""
+  import xentjax._vocab.kernels as package
+
+  found = []
+  for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+    module = importlib.import_module(info.name)
+    for value in vars(module).values():
+      if (
+        inspect.isclass(value)
+        and value.__module__ == module.__name__
+        and any(m in vars(value) for m in KERNEL_METHODS)
+      ):
+        found.append(value)
+  return found
+
+
+def test_the_kernel_interface_check_finds_each_violation():
+  from xentjax._vocab.kernel import Kernel
+
+  class Untyped:  # the old convention: a plain class with the methods
+    def cotangent(self, tile, rows):
+      return {}
+
+  class NoCotangent(Kernel):
+    def init(self, p, n, n_cols, tiling, cdt):
+      return {}, {}
+
+    def update(self, p, state, tile, rows):
+      return state
+
+    def finish(self, p, state, rows, tiling):
+      return {}, {}
+
+  @dataclasses.dataclass(frozen=True)
+  class WrongUpdate(NoCotangent):
+    outputs = ("loss",)
+    differentiable = ("loss", "other")
+
+    def update(self, p, state, tile):  # type: ignore[override]
+      return state
+
+    def cotangent(self, tile, rows):
+      return {}
+
+  @dataclasses.dataclass  # not frozen: unhashable, so it cannot be a static argument
+  class Mutable(NoCotangent):
+    def cotangent(self, tile, rows):
+      return {}
+
+  assert kernel_interface_violations(Untyped) == [
+    "test_the_kernel_interface_check_finds_each_violation.<locals>.Untyped does not derive from "
+    "xentjax._vocab.kernel.Kernel"
+  ]
+  no_ct = " ".join(kernel_interface_violations(NoCotangent))
+  assert "does not implement ['cotangent']" in no_ct and "not a frozen dataclass" in no_ct
+  wrong = kernel_interface_violations(WrongUpdate)
+  assert len(wrong) == 2, wrong
+  assert "WrongUpdate.update takes ['self', 'p', 'state', 'tile']" in wrong[0]
+  assert "differentiable rows ('loss', 'other') not among ('loss',)" in wrong[1]
+  assert [v.split(" is ", 1)[1] for v in kernel_interface_violations(Mutable)] == [
+    "not a frozen dataclass (a kernel is static: hashable)"
+  ]
+
+
+def test_every_kernel_implements_the_typed_interface():
+  classes = _kernel_classes()
+  names = {c.__name__ for c in classes}
+  assert {"SoftmaxStats", "Divergence", "ContrastiveSoftmax", "NtXent"} <= names, names
+  found = [v for c in classes for v in kernel_interface_violations(c)]
+  assert found == [], found

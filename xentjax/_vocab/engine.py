@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from xentjax import _validation as V
+from xentjax._vocab.kernel import Kernel, grads
 from xentjax._vocab.placement import anywhere, data_sum, place_tree, sharded, specs, vocab_sum
 from xentjax._vocab.tiles import (
   FILTER_MIN_SKIP,
@@ -63,46 +64,6 @@ from xentjax._vocab.tiles import (
   repeat,
   rows_of,
 )
-
-
-class Kernel:
-  """What a quantity computes over the tiles; the engine does the looping.
-
-  A kernel is a frozen (hashable) dataclass with these attributes and methods:
-
-  * ``passes``: the number of forward sweeps (1, or 2 when the second needs
-    what the first finished into).
-  * ``outputs``: names of the per-token rows returned to the caller;
-    ``differentiable``: those whose cotangents the kernel reads back (as
-    ``rows["g_" + name]``); ``saved``: other rows the backward pass needs.
-    ``column_outputs``, ``column_differentiable`` and ``column_saved``: the
-    same for per-column results (read back from ``tile.cols``).
-    ``integer_outputs``: the outputs of integer dtype (an argmax), so that
-    strategy "store" keeps them as integers.
-  * ``init(p, n, n_cols, tiling, cdt)``: the state of pass ``p``, a pair
-    ``(per-token dict [n, ...], per-column dict [n_cols, ...])``.
-  * ``update(p, state, tile, rows)``: the state after one more `Tile`;
-    ``state`` and ``rows`` are the tile's slices (its tokens; its columns for
-    the per-column state, whose operands are ``tile.cols``).
-  * ``finish(p, state, rows, tiling)``: ``(new per-token rows, new per-column
-    rows)`` from the state, combined across shards with the collectives of
-    `xentjax._vocab.placement` (``vocab_*`` for per-token state over the
-    vocabulary axis, ``column_*`` for per-column state over the tokens).
-  * ``cotangent(tile, rows)``: ``{"a": dL/da, "z": dL/dz, "b": dL/db}`` of the
-    tile (each optional: ``a`` the tempered logits, ``z`` the untempered
-    ones, ``b`` the teacher's, needed only for a traced temperature).
-  * optionally ``filter_terms(rows)`` for gradient filtering: ``(log of the
-    largest probability per [token, filter tile of columns], labels, label_live)``.
-  """
-
-  passes = 1
-  outputs: tuple = ()
-  differentiable: tuple = ()
-  saved: tuple = ()
-  column_outputs: tuple = ()
-  column_differentiable: tuple = ()
-  column_saved: tuple = ()
-  integer_outputs: tuple = ()  # outputs of integer dtype (kept rows of strategy "store")
 
 
 def dtypes_of(ops: dict) -> tuple:
@@ -219,7 +180,7 @@ def sweep(update, state, ops: dict, tiling: Tiling, cdt):
   return tok, shard["state"]
 
 
-def forward_local(ops: dict, kernel, tiling: Tiling) -> dict:
+def forward_local(ops: dict, kernel: Kernel, tiling: Tiling) -> dict:
   """Every pass of `kernel` over this device's tiles: the rows (and columns) it finished into."""
   cdt = V.compute_dtype(*dtypes_of(ops))
   n, n_cols = ops["x"].shape[0], n_columns(ops, tiling)
@@ -240,7 +201,7 @@ def forward_local(ops: dict, kernel, tiling: Tiling) -> dict:
 # Strategy "recompute": the kernel's outputs with a custom VJP.
 
 
-def keep_tiles(rows: dict, n_cols: int, kernel, tiling: Tiling):
+def keep_tiles(rows: dict, n_cols: int, kernel: Kernel, tiling: Tiling):
   """`[token tiles, vocabulary tiles]` bool: the filter tiles gradient filtering keeps.
 
   A tile (``tiling.filter_token_chunk`` tokens x ``tiling.filter_vocab_chunk``
@@ -264,7 +225,7 @@ def keep_tiles(rows: dict, n_cols: int, kernel, tiling: Tiling):
   return keep.astype(jnp.int32).at[tt, vt].max(hit.astype(jnp.int32)) > 0
 
 
-def filter_plan(rows: dict, n_cols: int, kernel, tiling: Tiling):
+def filter_plan(rows: dict, n_cols: int, kernel: Kernel, tiling: Tiling):
   """`(keep, filtered)`: the filter tiles to keep, and the column chunks worth filtering.
 
   ``keep`` is `keep_tiles`; ``filtered`` (``[vocabulary tiles]`` bool) marks
@@ -325,7 +286,7 @@ def tile_cond(pred, tile_grads, carry, t0: int, tsize: int):
   return put_rows(dx, dx_t, t0), dw_c, db_c, dt
 
 
-def backward_local(a: dict, kernel, tiling: Tiling) -> dict:
+def backward_local(a: dict, kernel: Kernel, tiling: Tiling) -> dict:
   """Gradients of `x`, `w`, `bias` and a traced temperature from the rows of `a`.
 
   Vocabulary chunks outside, token chunks inside, so the weight gradient of a
@@ -440,7 +401,7 @@ def tile_x(x, t0, tsize):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def recompute(ops: dict, kernel, tiling: Tiling) -> dict:
+def recompute(ops: dict, kernel: Kernel, tiling: Tiling) -> dict:
   """`{name: [n, ...]}`: the kernel's outputs over every tile (strategy "recompute").
 
   `ops` holds ``x`` ``[n, D]``, ``w``, optionally ``bias``, ``teacher_x``,
@@ -452,7 +413,7 @@ def recompute(ops: dict, kernel, tiling: Tiling) -> dict:
   return recompute_fwd(ops, kernel, tiling)[0]
 
 
-def recompute_fwd(ops: dict, kernel, tiling: Tiling):
+def recompute_fwd(ops: dict, kernel: Kernel, tiling: Tiling):
   names = dict.fromkeys((*kernel.outputs, *kernel.saved))
   names["cols"] = dict.fromkeys((*kernel.column_outputs, *kernel.column_saved))
   fwd = sharded(
@@ -469,11 +430,11 @@ def recompute_fwd(ops: dict, kernel, tiling: Tiling):
   return outputs, (ops, saved, {k: out["cols"][k] for k in kernel.column_saved})
 
 
-def recompute_bwd(kernel, tiling: Tiling, res, cts: dict):
+def recompute_bwd(kernel: Kernel, tiling: Tiling, res, cts: dict):
   ops, saved, col_saved = res
   cdt = V.compute_dtype(*dtypes_of(ops))
-  g = {"g_" + k: cts[k].astype(cdt) for k in kernel.differentiable}
-  g_cols = {"g_" + k: cts["cols"][k].astype(cdt) for k in kernel.column_differentiable}
+  g = grads(kernel.differentiable, cts, cdt)
+  g_cols = grads(kernel.column_differentiable, cts.get("cols", {}), cdt)
   a = {**ops, "rows": {**ops["rows"], **saved, **g}, "cols": {**ops["cols"], **col_saved, **g_cols}}
   out_keys = {"dx": 0, "dw": 0, "db": 0, "dtemperature": 0}
   bwd = sharded(
@@ -500,7 +461,7 @@ def cotangents_of(ops: dict, grads: dict) -> dict:
 recompute.defvjp(recompute_fwd, recompute_bwd)
 
 
-def run_recompute(ops: dict, kernel, tiling: Tiling) -> dict:
+def run_recompute(ops: dict, kernel: Kernel, tiling: Tiling) -> dict:
   """`recompute` on `ops` placed in the layout the sweep expects."""
   return recompute(place_tree(ops, tiling.placement, tiling.vd, tiling.teacher_vd), kernel, tiling)
 
@@ -509,19 +470,19 @@ def run_recompute(ops: dict, kernel, tiling: Tiling) -> dict:
 # Logits given as they are, sharded over the vocabulary: one tile per device.
 
 
-def logits_forward_local(logits, rows: dict, kernel, tiling: Tiling) -> dict:
+def logits_forward_local(logits, rows: dict, kernel: Kernel, tiling: Tiling) -> dict:
   tile = given_tile(logits.astype(V.compute_dtype(logits.dtype)), tiling)
   rows = finish_tile(kernel, tile, rows, tiling, tile.a.dtype)
   return {k: rows[k] for k in (*kernel.outputs, *kernel.saved)}
 
 
-def logits_backward_local(logits, rows: dict, kernel, tiling: Tiling):
+def logits_backward_local(logits, rows: dict, kernel: Kernel, tiling: Tiling):
   tile = given_tile(logits.astype(rows["lse"].dtype), tiling)
   return kernel.cotangent(tile, rows)["a"].astype(logits.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def recompute_logits(logits, rows: dict, kernel, tiling: Tiling) -> dict:
+def recompute_logits(logits, rows: dict, kernel: Kernel, tiling: Tiling) -> dict:
   """The kernel's outputs for logits `[n, V]` that exist already (`xentjax.parallel`).
 
   No matmul and no loop: each device's vocabulary shard is one tile; the
@@ -536,7 +497,7 @@ def logits_specs(tiling: Tiling, names) -> tuple:
   return specs({"logits": 0}, pl, False)["logits"], specs(dict.fromkeys(names), pl, False)
 
 
-def recompute_logits_fwd(logits, rows: dict, kernel, tiling: Tiling):
+def recompute_logits_fwd(logits, rows: dict, kernel: Kernel, tiling: Tiling):
   zs, out_specs = logits_specs(tiling, (*kernel.outputs, *kernel.saved))
   fwd = sharded(
     functools.partial(logits_forward_local, kernel=kernel, tiling=tiling),
@@ -548,9 +509,9 @@ def recompute_logits_fwd(logits, rows: dict, kernel, tiling: Tiling):
   return {k: out[k] for k in kernel.outputs}, (logits, rows, {k: out[k] for k in kernel.saved})
 
 
-def recompute_logits_bwd(kernel, tiling: Tiling, res, cts: dict):
+def recompute_logits_bwd(kernel: Kernel, tiling: Tiling, res, cts: dict):
   logits, rows, saved = res
-  g = {"g_" + k: cts[k].astype(saved["lse"].dtype) for k in kernel.differentiable}
+  g = grads(kernel.differentiable, cts, saved["lse"].dtype)
   a = {**rows, **saved, **g}
   zs, _ = logits_specs(tiling, ())
   bwd = sharded(
@@ -569,7 +530,7 @@ recompute_logits.defvjp(recompute_logits_fwd, recompute_logits_bwd)
 # Strategy "store": a scalar sum_i f(outputs_i, aux_i) and its gradients in one pass.
 
 
-def finish_tile(kernel, tile: Tile, rows: dict, tiling: Tiling, cdt) -> dict:
+def finish_tile(kernel: Kernel, tile: Tile, rows: dict, tiling: Tiling, cdt) -> dict:
   """Every pass of `kernel` over one whole-row tile: the rows it finished into."""
   rows = dict(rows)
   n = tile.a.shape[0]
@@ -580,20 +541,20 @@ def finish_tile(kernel, tile: Tile, rows: dict, tiling: Tiling, cdt) -> dict:
   return rows
 
 
-def store_tile_grads(kernel, token_loss, tile: Tile, rows: dict, aux: dict, tiling, cdt):
+def store_tile_grads(kernel: Kernel, token_loss, tile: Tile, rows: dict, aux: dict, tiling, cdt):
   """`(loss rows, finished rows, d_raw, d_temperature, d_aux)` of one whole-row tile."""
   rows = finish_tile(kernel, tile, rows, tiling, cdt)
   outs = {k: rows[k] for k in kernel.outputs if jnp.issubdtype(rows[k].dtype, jnp.floating)}
   wrt = {k: aux[k] for k in token_loss.differentiable}
   loss, vjp = jax.vjp(lambda o, d: token_loss(o, {**aux, **d}), outs, wrt)
   g_out, g_aux = vjp(jnp.ones_like(loss))
-  g = {"g_" + k: g_out[k] for k in kernel.differentiable}
+  g = grads(kernel.differentiable, g_out)
   rows = {**rows, **g}
   dz, dt = cotangent(kernel.cotangent(tile, rows), tile, tiling)
   return loss, rows, dz, dt, g_aux
 
 
-def store_local(a: dict, kernel, tiling: Tiling, token_loss, keep: tuple) -> dict:
+def store_local(a: dict, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple) -> dict:
   """`total = sum_i f(outputs_i, aux_i)`, the rows in `keep`, and every gradient of `total`."""
   x, w, bias, rows, aux = a["x"], a["w"], a.get("bias"), a["rows"], a["aux"]
   cdt = V.compute_dtype(*dtypes_of(a))
@@ -745,7 +706,7 @@ def add_dw(dw, x_t, dz, op_dt, tiling: Tiling, cdt, xT_t=None):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
-def store(ops: dict, kernel, tiling: Tiling, token_loss, keep: tuple, layout: tuple):
+def store(ops: dict, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple, layout: tuple):
   """`(sum_i token_loss(outputs_i, aux_i), {name: rows for name in keep})` (strategy "store").
 
   `ops` is `recompute`'s plus ``aux``, the per-token operands of
@@ -764,7 +725,7 @@ def store_gradient_names(ops: dict, token_loss) -> tuple:
   )
 
 
-def store_fwd(ops: dict, kernel, tiling: Tiling, token_loss, keep: tuple, layout: tuple):
+def store_fwd(ops: dict, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple, layout: tuple):
   del layout
   names = {"total": 0, "rows": dict.fromkeys(keep), "dx": 0, "dw": 0, "dbias": 0}
   names["d_rows"] = dict.fromkeys(store_gradient_names(ops, token_loss))
@@ -778,7 +739,7 @@ def store_fwd(ops: dict, kernel, tiling: Tiling, token_loss, keep: tuple, layout
   return (out["total"], out["rows"]), {k: out[k] for k in ("dx", "dw", "dbias", "d_rows")}
 
 
-def store_bwd(kernel, tiling, token_loss, keep, layout, grads, cts):
+def store_bwd(kernel: Kernel, tiling, token_loss, keep, layout, grads, cts):
   del kernel, tiling, token_loss, keep
   treedef, dtypes = layout
   g = cts[0].astype(grads["dx"].dtype)
@@ -794,7 +755,7 @@ def store_bwd(kernel, tiling, token_loss, keep, layout, grads, cts):
 store.defvjp(store_fwd, store_bwd)
 
 
-def run_store(ops: dict, kernel, tiling: Tiling, token_loss, keep: tuple = ()):
+def run_store(ops: dict, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple = ()):
   """`store` on `ops` placed in the layout the sweep expects."""
   ops = place_tree(ops, tiling.placement, tiling.vd, tiling.teacher_vd)
   dtypes: list[tuple[tuple[str | None, str], Any]]

@@ -25,6 +25,7 @@ teacher's tempered logits, which depend on ``T`` too).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -246,7 +247,7 @@ def _times_logits(g, logits):
   return jnp.where((g == 0) | (logits == -jnp.inf), 0.0, g * logits)
 
 
-def cotangent(ct: dict, tile: Tile, tiling: Tiling):
+def cotangent(ct: Mapping[str, Any], tile: Tile, tiling: Tiling):
   """`(d_raw, d_temperature)` from a kernel's cotangent `ct` of one tile.
 
   `ct` holds the cotangents of the tile's ``a`` (key "a"), ``z`` ("z") and

@@ -27,9 +27,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from xentjax._vocab.engine import Kernel
+from xentjax._vocab.kernel import Finished, Kernel, Rows, State, TileCotangent, grad
 from xentjax._vocab.placement import column_max, column_sum
-from xentjax._vocab.tiles import finite, log_shifted_sum
+from xentjax._vocab.tiles import Tile, Tiling, finite, log_shifted_sum
 
 
 def online(m, s, z, axis):
@@ -115,11 +115,11 @@ class ContrastiveSoftmax(Kernel):
       st.update(gt=jnp.zeros((n,), jnp.int32), tie=jnp.zeros((n,), jnp.int32))
     return st
 
-  def init(self, p, n, n_cols, tiling, cdt):
+  def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt) -> State:
     tok = {**self.state(n, cdt), "zy": jnp.full((n,), -jnp.inf, cdt)}
     return tok, (self.state(n_cols, cdt) if self.by_column else {})
 
-  def update(self, p, state, tile, rows):
+  def update(self, p: int, state: State, tile: Tile, rows: Rows) -> State:
     tok, col = state
     z, cols = tile.a, tile.cols
     tok = {
@@ -147,7 +147,7 @@ class ContrastiveSoftmax(Kernel):
       col.update(gt=col["gt"] + gt, tie=col["tie"] + tie)
     return tok, col
 
-  def finish(self, p, state, rows, tiling):
+  def finish(self, p: int, state: State, rows: Rows, tiling: Tiling) -> Finished:
     tok, col = state
     pl = tiling.placement
 
@@ -160,13 +160,13 @@ class ContrastiveSoftmax(Kernel):
 
     return {**out(tok, None), "zy": tok["zy"]}, (out(col, pl) if self.by_column else {})
 
-  def cotangent(self, tile, r):
+  def cotangent(self, tile: Tile, r: Rows) -> TileCotangent:
     z, cols = tile.a, tile.cols
-    dz = r["g_lse"][:, None] * jnp.exp(keep(cols, z, 1, -jnp.inf) - finite(r["lse"])[:, None])
-    dz = dz + jnp.where(tile.col == r["y"][:, None], r["g_zy"][:, None], 0.0)
+    dz = grad(r, "lse")[:, None] * jnp.exp(keep(cols, z, 1, -jnp.inf) - finite(r["lse"])[:, None])
+    dz = dz + jnp.where(tile.col == r["y"][:, None], grad(r, "zy")[:, None], 0.0)
     if self.by_column:
       p_col = jnp.exp(keep(r, z, 0, -jnp.inf) - finite(cols["lse"])[None, :])
-      dz = dz + cols["g_lse"][None, :] * p_col
+      dz = dz + grad(cols, "lse")[None, :] * p_col
     return {"a": dz}
 
 
@@ -181,22 +181,22 @@ class SigmoidPairs(Kernel):
   outputs = ("loss",)
   differentiable = ("loss",)
 
-  def init(self, p, n, n_cols, tiling, cdt):
+  def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt) -> State:
     return {"loss": jnp.zeros((n,), cdt)}, {}
 
-  def update(self, p, state, tile, rows):
+  def update(self, p: int, state: State, tile: Tile, rows: Rows) -> State:
     tok, col = state
     z = tile.a
     terms = -jax.nn.log_sigmoid(jnp.where(tile.col == rows["y"][:, None], z, -z))
     return {"loss": tok["loss"] + jnp.sum(keep(tile.cols, terms, 1, 0.0), axis=1)}, col
 
-  def finish(self, p, state, rows, tiling):
+  def finish(self, p: int, state: State, rows: Rows, tiling: Tiling) -> Finished:
     return {"loss": state[0]["loss"]}, {}
 
-  def cotangent(self, tile, r):
+  def cotangent(self, tile: Tile, r: Rows) -> TileCotangent:
     z = tile.a
     dz = jax.nn.sigmoid(z) - (tile.col == r["y"][:, None]).astype(z.dtype)
-    return {"a": keep(tile.cols, r["g_loss"][:, None] * dz, 1, 0.0)}
+    return {"a": keep(tile.cols, grad(r, "loss")[:, None] * dz, 1, 0.0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +216,7 @@ class NtXent(Kernel):
   differentiable = ("loss",)
   saved = ("neg", "gsum")
 
-  def init(self, p, n, n_cols, tiling, cdt):
+  def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt) -> State:
     if p == 0:
       return {"m": jnp.full((n,), -jnp.inf, cdt), "s": jnp.zeros((n,), cdt)}, {}
     return {k: jnp.zeros((n,), cdt) for k in ("loss", "gsum", "count")}, {}
@@ -225,7 +225,7 @@ class NtXent(Kernel):
     same = rows["label"][:, None] == tile.cols["label"][None, :]
     return same & (rows["rid"][:, None] != tile.col), ~same
 
-  def update(self, p, state, tile, rows):
+  def update(self, p: int, state: State, tile: Tile, rows: Rows) -> State:
     tok, col = state
     z = tile.a
     pos, neg = self.pairs(tile, rows)
@@ -240,16 +240,16 @@ class NtXent(Kernel):
     }
     return {k: tok[k] + jnp.sum(v, axis=1) for k, v in add.items()}, col
 
-  def finish(self, p, state, rows, tiling):
+  def finish(self, p: int, state: State, rows: Rows, tiling: Tiling) -> Finished:
     tok = state[0]
     return ({"neg": lse_of(tok)} if p == 0 else dict(tok)), {}
 
-  def cotangent(self, tile, r):
+  def cotangent(self, tile: Tile, r: Rows) -> TileCotangent:
     z = tile.a
     pos, neg = self.pairs(tile, r)
     p_neg = jnp.exp(jnp.where(neg, z, -jnp.inf) - finite(r["neg"])[:, None])
     d = r["gsum"][:, None] * p_neg - jnp.where(pos, jax.nn.sigmoid(r["neg"][:, None] - z), 0.0)
-    return {"a": r["g_loss"][:, None] * d}
+    return {"a": grad(r, "loss")[:, None] * d}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,11 +271,11 @@ class CriticBounds(Kernel):
   differentiable = ("lse", "zy", "lse_off", "sp_off")
   saved = ("lse", "lse_off")
 
-  def init(self, p, n, n_cols, tiling, cdt):
+  def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt) -> State:
     neg, zero = jnp.full((n,), -jnp.inf, cdt), jnp.zeros((n,), cdt)
     return {"m": neg, "s": zero, "zy": neg, "m_off": neg, "s_off": zero, "sp_off": zero}, {}
 
-  def update(self, p, state, tile, rows):
+  def update(self, p: int, state: State, tile: Tile, rows: Rows) -> State:
     st, col = state
     z, pos = tile.a, tile.col == rows["y"][:, None]
     m, s = online(st["m"], st["s"], z, 1)
@@ -290,7 +290,7 @@ class CriticBounds(Kernel):
     }
     return new, col
 
-  def finish(self, p, state, rows, tiling):
+  def finish(self, p: int, state: State, rows: Rows, tiling: Tiling) -> Finished:
     st = state[0]
     return {
       "lse": lse_of(st),
@@ -299,10 +299,10 @@ class CriticBounds(Kernel):
       "sp_off": st["sp_off"],
     }, {}
 
-  def cotangent(self, tile, r):
+  def cotangent(self, tile: Tile, r: Rows) -> TileCotangent:
     z, pos = tile.a, tile.col == r["y"][:, None]
-    col = lambda name: r[name][:, None]
-    dz = col("g_lse") * jnp.exp(z - finite(r["lse"])[:, None])
-    off = col("g_lse_off") * jnp.exp(z - finite(r["lse_off"])[:, None])
-    off = off + col("g_sp_off") * jax.nn.sigmoid(z)
-    return {"a": dz + jnp.where(pos, col("g_zy"), off)}
+    g = lambda name: grad(r, name)[:, None]
+    dz = g("lse") * jnp.exp(z - finite(r["lse"])[:, None])
+    off = g("lse_off") * jnp.exp(z - finite(r["lse_off"])[:, None])
+    off = off + g("sp_off") * jax.nn.sigmoid(z)
+    return {"a": dz + jnp.where(pos, g("zy"), off)}

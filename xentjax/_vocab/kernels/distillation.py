@@ -34,9 +34,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from xentjax._core import cross_entropy_from_stats
-from xentjax._vocab.engine import Kernel
+from xentjax._vocab.kernel import Finished, Kernel, Rows, State, TileCotangent, grad
 from xentjax._vocab.placement import vocab_max, vocab_sum
-from xentjax._vocab.tiles import finite
+from xentjax._vocab.tiles import Tile, Tiling, finite
 
 
 def online(m, s, logits, u=None, val=None):
@@ -100,9 +100,9 @@ def hard_finish(st, out, placement, own_z: bool) -> dict:
   return out
 
 
-def hard_cotangent(ct, tile, r, ps, own_z: bool) -> dict:
+def hard_cotangent(ct: TileCotangent, tile: Tile, r: Rows, ps, own_z: bool) -> TileCotangent:
   """`softmax(z) - onehot(y)` times the cotangent of `ce`, as the cotangent of `z`."""
-  g = r["g_ce"][:, None]
+  g = grad(r, "ce")[:, None]
   pz = jnp.exp(tile.z - r["lse_z"][:, None]) if own_z else ps
   ct["z"] = g * pz - jnp.where(tile.col == r["labels"][:, None], g, 0.0)
   return ct
@@ -149,7 +149,7 @@ class Divergence(Kernel):
     aux = ("aux", "kt") if self.jsd else ("aux",) if self.beta == 1.0 else ("div",)
     return ("lse_a", "lse_b") + aux + ("lse_z",) * self.own_z
 
-  def init(self, p, n, n_cols, tiling, cdt):
+  def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt) -> State:
     zero = jnp.zeros((n,), cdt)
     if p == 1:
       return {"kt": zero, "ks": zero}, {}
@@ -159,9 +159,10 @@ class Divergence(Kernel):
       st["u"] = zero
     return (hard_init(n, cdt, self.own_z) | st) if self.hard else st, {}
 
-  def update(self, p, state, tile, rows):
+  def update(self, p: int, state: State, tile: Tile, rows: Rows) -> State:
     st, cols = state
     a, b = tile.a, tile.b
+    assert b is not None  # a teacher head
     if p == 1:
       la, lb, rs, rt = self.ratios(tile, rows)
       kt = jnp.sum(weighted(jnp.exp(lb), rt), axis=1)
@@ -179,7 +180,7 @@ class Divergence(Kernel):
       new["mb"], new["sb"], _ = online(st["mb"], st["sb"], b)
     return (hard_update(st, new, tile, rows, self.own_z) if self.hard else new), cols
 
-  def finish(self, p, state, rows, tiling):
+  def finish(self, p: int, state: State, rows: Rows, tiling: Tiling) -> Finished:
     st, _ = state
     pl = tiling.placement
     if p == 1:
@@ -216,10 +217,10 @@ class Divergence(Kernel):
     la, lb, lm = self.log_probs(tile, r)
     return (la, lb, None, None) if lm is None else (la, lb, la - lm, lb - lm)
 
-  def cotangent(self, tile, r):
+  def cotangent(self, tile: Tile, r: Rows) -> TileCotangent:
     la, lb, rs, rt = self.ratios(tile, r)
     ps, pt = jnp.exp(la), jnp.exp(lb)
-    g = r["g_div"][:, None]
+    g = grad(r, "div")[:, None]
     if self.scaled:  # the JSD's, divided by beta (1 - beta)
       da = weighted(ps, rs - r["aux"][:, None])
       db = weighted(pt, rt - r["kt"][:, None])
@@ -230,7 +231,7 @@ class Divergence(Kernel):
       da, db = ps - pt, weighted(pt, lb - la - r["div"][:, None])
     else:
       da, db = weighted(ps, la - lb - r["aux"][:, None]), pt - ps
-    ct = {"a": g * da}
+    ct: TileCotangent = {"a": g * da}
     if self.traced:
       ct["b"] = g * db
     return hard_cotangent(ct, tile, r, ps, self.own_z) if self.hard else ct
@@ -287,7 +288,7 @@ class TotalVariation(Kernel):
   def differentiable(self):
     return self.outputs
 
-  def init(self, p, n, n_cols, tiling, cdt):
+  def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt) -> State:
     zero = jnp.zeros((n,), cdt)
     if p == 1:
       return {"tv": zero, "c_s": zero, "c_t": zero}, {}
@@ -295,7 +296,7 @@ class TotalVariation(Kernel):
     st = {"ma": neg, "sa": zero, "mb": neg, "sb": zero}
     return (hard_init(n, cdt, self.own_z) | st) if self.hard else st, {}
 
-  def update(self, p, state, tile, rows):
+  def update(self, p: int, state: State, tile: Tile, rows: Rows) -> State:
     st, cols = state
     if p == 0:
       new = {}
@@ -308,7 +309,7 @@ class TotalVariation(Kernel):
     new["c_t"] = st["c_t"] + jnp.sum(pt * sign, axis=1)
     return new, cols
 
-  def finish(self, p, state, rows, tiling):
+  def finish(self, p: int, state: State, rows: Rows, tiling: Tiling) -> Finished:
     st, _ = state
     pl = tiling.placement
     if p == 1:
@@ -323,10 +324,10 @@ class TotalVariation(Kernel):
     ps, pt = jnp.exp(la), jnp.exp(lb)
     return ps, pt, jnp.sign(pt - ps)
 
-  def cotangent(self, tile, r):
+  def cotangent(self, tile: Tile, r: Rows) -> TileCotangent:
     ps, pt, sign = self.probs(tile, r)
-    g = 0.5 * r["g_div"][:, None]
-    ct = {"a": -g * ps * (sign - r["c_s"][:, None])}
+    g = 0.5 * grad(r, "div")[:, None]
+    ct: TileCotangent = {"a": -g * ps * (sign - r["c_s"][:, None])}
     if self.traced:
       ct["b"] = g * pt * (sign - r["c_t"][:, None])
     return hard_cotangent(ct, tile, r, ps, self.own_z) if self.hard else ct
@@ -363,12 +364,12 @@ class TopkLogits(Kernel):
   def saved(self):
     return ("lse_a",) + ("lse_z",) * self.own_z
 
-  def init(self, p, n, n_cols, tiling, cdt):
+  def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt) -> State:
     st = {"ma": jnp.full((n,), -jnp.inf, cdt), "sa": jnp.zeros((n,), cdt)}
     st["a_idx"] = jnp.zeros((n, self.k), cdt)
     return (hard_init(n, cdt, self.own_z) | st) if self.hard else st, {}
 
-  def update(self, p, state, tile, rows):
+  def update(self, p: int, state: State, tile: Tile, rows: Rows) -> State:
     st, cols = state
     a = tile.a
     new = {}
@@ -379,17 +380,17 @@ class TopkLogits(Kernel):
     new["a_idx"] = st["a_idx"] + jnp.where(hit, got, 0.0)
     return (hard_update(st, new, tile, rows, self.own_z) if self.hard else new), cols
 
-  def finish(self, p, state, rows, tiling):
+  def finish(self, p: int, state: State, rows: Rows, tiling: Tiling) -> Finished:
     st, _ = state
     pl = tiling.placement
     out = {"lse_a": lse_of(st["ma"], st["sa"], pl), "a_idx": vocab_sum(st["a_idx"], pl)}
     return (hard_finish(st, out, pl, self.own_z) if self.hard else out), {}
 
-  def cotangent(self, tile, r):
+  def cotangent(self, tile: Tile, r: Rows) -> TileCotangent:
     a = tile.a
     ps = jnp.exp(a - r["lse_a"][:, None])
     local = local_index(r["idx"], tile.col, a.shape[1])
     rows = lax.broadcasted_iota(jnp.int32, local.shape, 0)
-    da = (r["g_lse_a"][:, None] * ps).at[rows, local].add(r["g_a_idx"], mode="drop")
-    ct = {"a": da}
+    da = (grad(r, "lse_a")[:, None] * ps).at[rows, local].add(grad(r, "a_idx"), mode="drop")
+    ct: TileCotangent = {"a": da}
     return hard_cotangent(ct, tile, r, ps, self.own_z) if self.hard else ct

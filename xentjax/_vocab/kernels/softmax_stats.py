@@ -33,9 +33,9 @@ import dataclasses
 import jax.numpy as jnp
 from jax import lax
 
-from xentjax._vocab.engine import Kernel
+from xentjax._vocab.kernel import Finished, Kernel, Rows, State, TileCotangent, grad
 from xentjax._vocab.placement import vocab_gather, vocab_max, vocab_min, vocab_sum
-from xentjax._vocab.tiles import finite, log_shifted_sum
+from xentjax._vocab.tiles import Tile, Tiling, finite, log_shifted_sum
 
 # The index of a top-k slot no class has filled yet: after every real index.
 NO_CLASS = jnp.iinfo(jnp.int32).max
@@ -85,7 +85,7 @@ class SoftmaxStats(Kernel):
   def saved(self):
     return ("lse",) + ("m", "ent") * self.entropy + ("tmax",) * bool(self.filter_chunk)
 
-  def init(self, p, n, n_cols, tiling, cdt):
+  def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt) -> State:
     st = {"m": jnp.full((n,), -jnp.inf, cdt), "s": jnp.zeros((n,), cdt), "zy": jnp.zeros((n,), cdt)}
     if self.weighted_sum:
       st["zu"] = jnp.zeros((n,), cdt)
@@ -103,7 +103,7 @@ class SoftmaxStats(Kernel):
       st["tmax"] = jnp.full((n, -(-n_cols // self.filter_chunk)), -jnp.inf, cdt)
     return st, {}
 
-  def update(self, p, state, tile, rows):
+  def update(self, p: int, state: State, tile: Tile, rows: Rows) -> State:
     """`s` is relative to the running max ``m``; so are `zu` (re-shifted by the
     column weight seen so far when ``m`` grows) and `t` (``sum e^{a-m} (a - m)``,
     re-shifted with ``s``)."""
@@ -167,7 +167,7 @@ class SoftmaxStats(Kernel):
       new["topv"], new["topi"] = best_k(vals, idxs, self.top_k)
     return new
 
-  def finish(self, p, state, rows, tiling):
+  def finish(self, p: int, state: State, rows: Rows, tiling: Tiling) -> Finished:
     """The statistics of the whole vocabulary, combined across its shards."""
     st, _ = state
     pl = tiling.placement
@@ -211,22 +211,24 @@ class SoftmaxStats(Kernel):
       out["topv"], out["topi"] = best_k(vals, idxs, self.top_k)
     return out
 
-  def cotangent(self, tile, r):
+  def cotangent(self, tile: Tile, r: Rows) -> TileCotangent:
     z, col = tile.a, tile.col
     p = jnp.exp(z - finite_lse(r["lse"])[:, None])  # every logit -inf: p = 0, not NaN
-    dz = r["g_log_s"][:, None] * p
+    dz = grad(r, "log_s")[:, None] * p
     if self.entropy:  # d(E - m)/da = p (1 + a - E), with a - E = (a - m) - ent; 0 where p is
-      de = (r["g_ent"][:, None] * p) * (1.0 + (z - r["m"][:, None]) - r["ent"][:, None])
+      de = (grad(r, "ent")[:, None] * p) * (1.0 + (z - r["m"][:, None]) - r["ent"][:, None])
       dz = dz + jnp.where(p > 0, de, 0.0)
-    dz = dz + jnp.where(col == r["labels"][:, None], r["g_zy"][:, None], 0.0)
+    dz = dz + jnp.where(col == r["labels"][:, None], grad(r, "zy")[:, None], 0.0)
     if self.weighted_sum:
-      dz = dz + r["g_zu"][:, None] * tile.cols["u"].astype(dz.dtype)[None, :]
+      dz = dz + grad(r, "zu")[:, None] * tile.cols["u"].astype(dz.dtype)[None, :]
     return {"a": dz}
 
   def filter_terms(self, r):
-    live = (r["g_log_s"] != 0) | (r["g_ent"] != 0) if self.entropy else r["g_log_s"] != 0
+    live = (
+      (grad(r, "log_s") != 0) | (grad(r, "ent") != 0) if self.entropy else grad(r, "log_s") != 0
+    )
     logp = jnp.where(live[:, None], r["tmax"] - r["lse"][:, None], -jnp.inf)
-    return logp, r["labels"], r["g_zy"] != 0
+    return logp, r["labels"], grad(r, "zy") != 0
 
 
 def finite_lse(lse):
