@@ -27,17 +27,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from xentjax._vocab.kernel import Finished, Kernel, Rows, State, TileCotangent, grad
-from xentjax._vocab.placement import column_max, column_sum
-from xentjax._vocab.tiles import Tile, Tiling, finite, log_shifted_sum
-
-
-def online(m, s, z, axis):
-  """The online log-sum-exp state ``(m, s)`` after one more block ``z`` along ``axis``."""
-  m_new = jnp.maximum(m, jnp.max(z, axis=axis))
-  shift = finite(m_new)
-  s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(z - jnp.expand_dims(shift, axis)), axis=axis)
-  return m_new, s
+from xentjax._vocab.kernel import Finished, Kernel, LogSumExp, Rows, State, TileCotangent, grad
+from xentjax._vocab.placement import column_sum
+from xentjax._vocab.tiles import Tile, Tiling, finite
 
 
 def keep(operands: dict, x, axis: int, fill):
@@ -54,18 +46,9 @@ def counts(hit, tie, axis):
   return jnp.sum(hit, axis=axis, dtype=jnp.int32), jnp.sum(tie, axis=axis, dtype=jnp.int32)
 
 
-def lse_of(st: dict, placement=None):
-  """``log sum exp`` from ``(m, s)``; with a placement, a column state over the token shards.
-
-  Never below the maximum ``m`` (`tiles.log_shifted_sum`), so ``lse - z >= 0``
-  for every logit ``z`` of the row, in floating point.
-  """
-  m, s = st["m"], st["s"]
-  if placement is not None:
-    m_all = column_max(m, placement)
-    s = column_sum(s * jnp.exp(m - finite(m_all)), placement)
-    m = m_all
-  return finite(m) + log_shifted_sum(s, m)
+def online(st: dict, z, axis: int, name: str = "") -> dict:
+  """``st`` with its log-sum-exp (``"m" + name``, ``"s" + name``) after one more block ``z``."""
+  return {**st, **LogSumExp.from_state(st, name).update(z, axis).as_state(name)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +65,7 @@ class ContrastiveSoftmax(Kernel):
   Every cross-entropy is exactly ``>= 0`` in floating point: ``zy`` is a
   maximum over the tile's own logits (a maximum, so no addition can absorb
   the tile's product into a fused multiply-add), hence at most the row's
-  maximum, which ``lse`` never falls below (`lse_of`). A positive's logit
+  maximum, which ``lse`` never falls below (`LogSumExp.lse`). A positive's logit
   formed by other arithmetic (a row-wise product) can round an ulp above the
   maximum: at a scale of 100, a loss of ``-4e-6``.
   """
@@ -110,7 +93,7 @@ class ContrastiveSoftmax(Kernel):
     return ("lse",) if self.by_column else ()
 
   def state(self, n, cdt):
-    st = {"m": jnp.full((n,), -jnp.inf, cdt), "s": jnp.zeros((n,), cdt)}
+    st = LogSumExp.empty(n, cdt).as_state()
     if self.ranks:
       st.update(gt=jnp.zeros((n,), jnp.int32), tie=jnp.zeros((n,), jnp.int32))
     return st
@@ -123,8 +106,7 @@ class ContrastiveSoftmax(Kernel):
     tok, col = state
     z, cols = tile.a, tile.cols
     tok = {
-      **tok,
-      **dict(zip(("m", "s"), online(tok["m"], tok["s"], keep(cols, z, 1, -jnp.inf), 1))),
+      **online(tok, keep(cols, z, 1, -jnp.inf), 1),
       "zy": jnp.maximum(
         tok["zy"], jnp.max(jnp.where(tile.col == rows["y"][:, None], z, -jnp.inf), 1)
       ),
@@ -136,10 +118,7 @@ class ContrastiveSoftmax(Kernel):
       tok.update(gt=tok["gt"] + gt, tie=tok["tie"] + tie)
     if not self.by_column:
       return tok, col
-    col = {
-      **col,
-      **dict(zip(("m", "s"), online(col["m"], col["s"], keep(rows, z, 0, -jnp.inf), 0))),
-    }
+    col = online(col, keep(rows, z, 0, -jnp.inf), 0)
     if self.ranks and "thr" in cols:  # the columns' positives are known (no labels)
       other = keep(rows, rows["rid"][:, None] != tile.col, 0, False)
       thr = cols["thr"][None, :]
@@ -151,14 +130,14 @@ class ContrastiveSoftmax(Kernel):
     tok, col = state
     pl = tiling.placement
 
-    def out(st, placement):
-      o = {"lse": lse_of(st, placement)}
+    def out(st, columns: bool):
+      o = {"lse": LogSumExp.from_state(st).lse(pl, columns=columns)}
       for k in ("gt", "tie") if self.ranks else ():
-        o[k] = st[k] if placement is None else column_sum(st[k], placement)
+        o[k] = column_sum(st[k], pl) if columns else st[k]
         o[k] = o[k].astype(o["lse"].dtype)
       return o
 
-    return {**out(tok, None), "zy": tok["zy"]}, (out(col, pl) if self.by_column else {})
+    return {**out(tok, False), "zy": tok["zy"]}, (out(col, True) if self.by_column else {})
 
   def cotangent(self, tile: Tile, r: Rows) -> TileCotangent:
     z, cols = tile.a, tile.cols
@@ -218,7 +197,7 @@ class NtXent(Kernel):
 
   def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt) -> State:
     if p == 0:
-      return {"m": jnp.full((n,), -jnp.inf, cdt), "s": jnp.zeros((n,), cdt)}, {}
+      return LogSumExp.empty(n, cdt).as_state(), {}
     return {k: jnp.zeros((n,), cdt) for k in ("loss", "gsum", "count")}, {}
 
   def pairs(self, tile, rows):
@@ -230,8 +209,7 @@ class NtXent(Kernel):
     z = tile.a
     pos, neg = self.pairs(tile, rows)
     if p == 0:
-      m, s = online(tok["m"], tok["s"], jnp.where(neg, z, -jnp.inf), 1)
-      return {"m": m, "s": s}, col
+      return LogSumExp.from_state(tok).update(jnp.where(neg, z, -jnp.inf)).as_state(), col
     gap = rows["neg"][:, None] - z
     add = {
       "loss": jnp.where(pos, jax.nn.softplus(gap), 0.0),
@@ -242,7 +220,7 @@ class NtXent(Kernel):
 
   def finish(self, p: int, state: State, rows: Rows, tiling: Tiling) -> Finished:
     tok = state[0]
-    return ({"neg": lse_of(tok)} if p == 0 else dict(tok)), {}
+    return ({"neg": LogSumExp.from_state(tok).lse()} if p == 0 else dict(tok)), {}
 
   def cotangent(self, tile: Tile, r: Rows) -> TileCotangent:
     z = tile.a
@@ -273,19 +251,16 @@ class CriticBounds(Kernel):
 
   def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt) -> State:
     neg, zero = jnp.full((n,), -jnp.inf, cdt), jnp.zeros((n,), cdt)
-    return {"m": neg, "s": zero, "zy": neg, "m_off": neg, "s_off": zero, "sp_off": zero}, {}
+    empty = LogSumExp.empty(n, cdt)
+    return {**empty.as_state(), **empty.as_state("_off"), "zy": neg, "sp_off": zero}, {}
 
   def update(self, p: int, state: State, tile: Tile, rows: Rows) -> State:
     st, col = state
     z, pos = tile.a, tile.col == rows["y"][:, None]
-    m, s = online(st["m"], st["s"], z, 1)
-    m_off, s_off = online(st["m_off"], st["s_off"], jnp.where(pos, -jnp.inf, z), 1)
     new = {
-      "m": m,
-      "s": s,
+      **LogSumExp.from_state(st).update(z).as_state(),
+      **LogSumExp.from_state(st, "_off").update(jnp.where(pos, -jnp.inf, z)).as_state("_off"),
       "zy": jnp.maximum(st["zy"], jnp.max(jnp.where(pos, z, -jnp.inf), axis=1)),
-      "m_off": m_off,
-      "s_off": s_off,
       "sp_off": st["sp_off"] + jnp.sum(jnp.where(pos, 0.0, jax.nn.softplus(z)), axis=1),
     }
     return new, col
@@ -293,9 +268,9 @@ class CriticBounds(Kernel):
   def finish(self, p: int, state: State, rows: Rows, tiling: Tiling) -> Finished:
     st = state[0]
     return {
-      "lse": lse_of(st),
+      "lse": LogSumExp.from_state(st).lse(),
       "zy": st["zy"],
-      "lse_off": lse_of({"m": st["m_off"], "s": st["s_off"]}),
+      "lse_off": LogSumExp.from_state(st, "_off").lse(),
       "sp_off": st["sp_off"],
     }, {}
 

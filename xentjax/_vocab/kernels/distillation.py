@@ -30,38 +30,32 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from xentjax._core import cross_entropy_from_stats
-from xentjax._vocab.kernel import Finished, Kernel, Rows, State, TileCotangent, grad
-from xentjax._vocab.placement import vocab_max, vocab_sum
-from xentjax._vocab.tiles import Tile, Tiling, finite
+from xentjax._vocab.kernel import Finished, Kernel, LogSumExp, Rows, State, TileCotangent, grad
+from xentjax._vocab.placement import vocab_sum
+from xentjax._vocab.tiles import Tile, Tiling
 
 
-def online(m, s, logits, u=None, val=None):
-  """Online log-sum-exp step; `u` is a running `sum exp(logits - m) * val` (0 where exp is 0)."""
-  m_new = jnp.maximum(m, jnp.max(logits, axis=1))
-  m_safe = finite(m_new)
-  scale = jnp.exp(m - m_safe)
-  e = jnp.exp(logits - m_safe[:, None])
-  s = s * scale + jnp.sum(e, axis=1)
-  if val is not None:
-    u = u * scale + jnp.sum(jnp.where(e > 0, e * val, 0.0), axis=1)
-  return m_new, s, u
+def weighted_update(st: dict, new: dict, name: str, logits, val) -> dict:
+  """The online log-sum-exp of head ``name`` and ``u``, a running ``sum exp(logits - m) val``."""
+  lse, scale, e = LogSumExp.from_state(st, name).step(logits)
+  new.update(lse.as_state(name), u=st["u"] * scale + jnp.sum(weighted(e, val), axis=1))
+  return new
 
 
-def combine(m, s, placement, *more):
-  """`(finite max, s, *more)` of the whole vocabulary from each shard's, rescaled to it."""
-  if placement.vocab_axis is None:
-    return (finite(m), s, *more)
-  ms = finite(vocab_max(m, placement))
-  scale = jnp.exp(m - ms)
-  return (ms, *vocab_sum(tuple(v * scale for v in (s, *more)), placement))
+def update(st: dict, new: dict, name: str, logits) -> dict:
+  """The online log-sum-exp of head ``name`` (``a``, ``b`` or ``z``) after ``logits``."""
+  new.update(LogSumExp.from_state(st, name).update(logits).as_state(name))
+  return new
 
 
-def lse_of(m, s, placement):
-  ms, s = combine(m, s, placement)
+def lse_of(st: dict, name: str, placement) -> jax.Array:
+  """``log sum exp`` of head ``name`` over the whole vocabulary (``m + log s``)."""
+  ms, s = LogSumExp.from_state(st, name).combine(placement)
   return ms + jnp.log(s)
 
 
@@ -76,23 +70,18 @@ def weighted(p, val):
 
 def hard_init(n, cdt, own_z: bool) -> dict:
   st = {"zy": jnp.zeros((n,), cdt)}
-  if own_z:
-    st["mz"], st["sz"] = jnp.full((n,), -jnp.inf, cdt), jnp.zeros((n,), cdt)
-  return st
+  return st | LogSumExp.empty(n, cdt).as_state("z") if own_z else st
 
 
 def hard_update(st, new, tile, rows, own_z: bool) -> dict:
   label = tile.col == rows["labels"][:, None]
   new["zy"] = st["zy"] + jnp.sum(jnp.where(label, tile.z, 0.0), axis=1)
-  if own_z:
-    new["mz"], new["sz"], _ = online(st["mz"], st["sz"], tile.z)
-  return new
+  return update(st, new, "z", tile.z) if own_z else new
 
 
 def hard_finish(st, out, placement, own_z: bool) -> dict:
   """`ce` (and `lse_z`, the untempered log-normalizer) from the finished state."""
-  mz, sz = (st["mz"], st["sz"]) if own_z else (st["ma"], st["sa"])
-  mz, sz = combine(mz, sz, placement)
+  mz, sz = LogSumExp.from_state(st, "z" if own_z else "a").combine(placement)
   log_sz, zy = jnp.log(sz), vocab_sum(st["zy"], placement) - mz
   out["ce"] = cross_entropy_from_stats(log_sz, zy)
   if own_z:
@@ -153,8 +142,7 @@ class Divergence(Kernel):
     zero = jnp.zeros((n,), cdt)
     if p == 1:
       return {"kt": zero, "ks": zero}, {}
-    neg = jnp.full((n,), -jnp.inf, cdt)
-    st = {"ma": neg, "sa": zero, "mb": neg, "sb": zero}
+    st = LogSumExp.empty(n, cdt).as_state("a") | LogSumExp.empty(n, cdt).as_state("b")
     if not self.jsd:
       st["u"] = zero
     return (hard_init(n, cdt, self.own_z) | st) if self.hard else st, {}
@@ -168,16 +156,13 @@ class Divergence(Kernel):
       kt = jnp.sum(weighted(jnp.exp(lb), rt), axis=1)
       ks = jnp.sum(weighted(jnp.exp(la), rs), axis=1)
       return {"kt": st["kt"] + kt, "ks": st["ks"] + ks}, cols
-    new = {}
+    new: dict = {}
     if self.jsd:
-      new["ma"], new["sa"], _ = online(st["ma"], st["sa"], a)
-      new["mb"], new["sb"], _ = online(st["mb"], st["sb"], b)
+      update(st, update(st, new, "a", a), "b", b)
     elif self.beta == 0.0:  # forward KL: weights p_t, values b - a
-      new["ma"], new["sa"], _ = online(st["ma"], st["sa"], a)
-      new["mb"], new["sb"], new["u"] = online(st["mb"], st["sb"], b, st["u"], b - a)
+      weighted_update(st, update(st, new, "a", a), "b", b, b - a)
     else:  # reverse KL: weights p_s, values a - b
-      new["ma"], new["sa"], new["u"] = online(st["ma"], st["sa"], a, st["u"], a - b)
-      new["mb"], new["sb"], _ = online(st["mb"], st["sb"], b)
+      update(st, weighted_update(st, new, "a", a, a - b), "b", b)
     return (hard_update(st, new, tile, rows, self.own_z) if self.hard else new), cols
 
   def finish(self, p: int, state: State, rows: Rows, tiling: Tiling) -> Finished:
@@ -189,11 +174,11 @@ class Divergence(Kernel):
       return {"div": div, "aux": ks, "kt": kt}, {}
     out = {}
     if self.jsd:
-      out["lse_a"], out["lse_b"] = lse_of(st["ma"], st["sa"], pl), lse_of(st["mb"], st["sb"], pl)
+      out["lse_a"], out["lse_b"] = lse_of(st, "a", pl), lse_of(st, "b", pl)
     else:  # E_w[w - o] - lse_w + lse_o, the expectation under the weighted head w
       w, o = ("b", "a") if self.beta == 0.0 else ("a", "b")
-      m, s, u = combine(st["m" + w], st["s" + w], pl, st["u"])
-      out["lse_" + w], out["lse_" + o] = m + jnp.log(s), lse_of(st["m" + o], st["s" + o], pl)
+      m, s, u = LogSumExp.from_state(st, w).combine(pl, st["u"])
+      out["lse_" + w], out["lse_" + o] = m + jnp.log(s), lse_of(st, o, pl)
       out["div"] = u / s - out["lse_" + w] + out["lse_" + o]
       out["aux"] = out["div"]
     return (hard_finish(st, out, pl, self.own_z) if self.hard else out), {}
@@ -292,16 +277,13 @@ class TotalVariation(Kernel):
     zero = jnp.zeros((n,), cdt)
     if p == 1:
       return {"tv": zero, "c_s": zero, "c_t": zero}, {}
-    neg = jnp.full((n,), -jnp.inf, cdt)
-    st = {"ma": neg, "sa": zero, "mb": neg, "sb": zero}
+    st = LogSumExp.empty(n, cdt).as_state("a") | LogSumExp.empty(n, cdt).as_state("b")
     return (hard_init(n, cdt, self.own_z) | st) if self.hard else st, {}
 
   def update(self, p: int, state: State, tile: Tile, rows: Rows) -> State:
     st, cols = state
     if p == 0:
-      new = {}
-      new["ma"], new["sa"], _ = online(st["ma"], st["sa"], tile.a)
-      new["mb"], new["sb"], _ = online(st["mb"], st["sb"], tile.b)
+      new = update(st, update(st, {}, "a", tile.a), "b", tile.b)
       return (hard_update(st, new, tile, rows, self.own_z) if self.hard else new), cols
     ps, pt, sign = self.probs(tile, rows)
     new = {"tv": st["tv"] + jnp.sum(jnp.abs(pt - ps), axis=1)}
@@ -315,7 +297,7 @@ class TotalVariation(Kernel):
     if p == 1:
       tv, c_s, c_t = vocab_sum((st["tv"], st["c_s"], st["c_t"]), pl)
       return {"div": 0.5 * tv, "c_s": c_s, "c_t": c_t}, {}
-    out = {"lse_a": lse_of(st["ma"], st["sa"], pl), "lse_b": lse_of(st["mb"], st["sb"], pl)}
+    out = {"lse_a": lse_of(st, "a", pl), "lse_b": lse_of(st, "b", pl)}
     return (hard_finish(st, out, pl, self.own_z) if self.hard else out), {}
 
   def probs(self, tile, r):
@@ -365,15 +347,13 @@ class TopkLogits(Kernel):
     return ("lse_a",) + ("lse_z",) * self.own_z
 
   def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt) -> State:
-    st = {"ma": jnp.full((n,), -jnp.inf, cdt), "sa": jnp.zeros((n,), cdt)}
-    st["a_idx"] = jnp.zeros((n, self.k), cdt)
+    st = LogSumExp.empty(n, cdt).as_state("a") | {"a_idx": jnp.zeros((n, self.k), cdt)}
     return (hard_init(n, cdt, self.own_z) | st) if self.hard else st, {}
 
   def update(self, p: int, state: State, tile: Tile, rows: Rows) -> State:
     st, cols = state
     a = tile.a
-    new = {}
-    new["ma"], new["sa"], _ = online(st["ma"], st["sa"], a)
+    new = update(st, {}, "a", a)
     local = local_index(rows["idx"], tile.col, a.shape[1])
     hit = local < a.shape[1]
     got = jnp.take_along_axis(a, jnp.where(hit, local, 0), axis=1)
@@ -383,7 +363,7 @@ class TopkLogits(Kernel):
   def finish(self, p: int, state: State, rows: Rows, tiling: Tiling) -> Finished:
     st, _ = state
     pl = tiling.placement
-    out = {"lse_a": lse_of(st["ma"], st["sa"], pl), "a_idx": vocab_sum(st["a_idx"], pl)}
+    out = {"lse_a": lse_of(st, "a", pl), "a_idx": vocab_sum(st["a_idx"], pl)}
     return (hard_finish(st, out, pl, self.own_z) if self.hard else out), {}
 
   def cotangent(self, tile: Tile, r: Rows) -> TileCotangent:

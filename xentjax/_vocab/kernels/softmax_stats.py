@@ -33,8 +33,8 @@ import dataclasses
 import jax.numpy as jnp
 from jax import lax
 
-from xentjax._vocab.kernel import Finished, Kernel, Rows, State, TileCotangent, grad
-from xentjax._vocab.placement import vocab_gather, vocab_max, vocab_min, vocab_sum
+from xentjax._vocab.kernel import Finished, Kernel, LogSumExp, Rows, State, TileCotangent, grad
+from xentjax._vocab.placement import vocab_gather, vocab_min, vocab_sum
 from xentjax._vocab.tiles import Tile, Tiling, finite, log_shifted_sum
 
 # The index of a top-k slot no class has filled yet: after every real index.
@@ -86,7 +86,7 @@ class SoftmaxStats(Kernel):
     return ("lse",) + ("m", "ent") * self.entropy + ("tmax",) * bool(self.filter_chunk)
 
   def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt) -> State:
-    st = {"m": jnp.full((n,), -jnp.inf, cdt), "s": jnp.zeros((n,), cdt), "zy": jnp.zeros((n,), cdt)}
+    st = LogSumExp.empty(n, cdt).as_state() | {"zy": jnp.zeros((n,), cdt)}
     if self.weighted_sum:
       st["zu"] = jnp.zeros((n,), cdt)
       st["u_seen"] = jnp.zeros((n,), cdt)  # the column weight seen so far
@@ -115,13 +115,9 @@ class SoftmaxStats(Kernel):
     else:
       tmax, zmax = None, jnp.max(z, axis=1)
     m_old = st["m"]
-    m_new = jnp.maximum(m_old, zmax)
-    ms_old, ms_new = finite(m_old), finite(m_new)
-    scale = jnp.exp(m_old - ms_new)  # 0 while m_old is -inf
-    e = jnp.exp(z - ms_new[:, None])
-    new = {
-      "m": m_new,
-      "s": st["s"] * scale + jnp.sum(e, axis=1),
+    lse, scale, e = LogSumExp.from_state(st).step(z, zmax=zmax)
+    ms_old, ms_new = finite(m_old), finite(lse.m)
+    new = lse.as_state() | {
       "zy": st["zy"] + jnp.sum(jnp.where(col == rows["labels"][:, None], z, 0.0), axis=1),
     }
     if self.weighted_sum or self.entropy or self.monitor:
@@ -171,19 +167,16 @@ class SoftmaxStats(Kernel):
     """The statistics of the whole vocabulary, combined across its shards."""
     st, _ = state
     pl = tiling.placement
-    m, s, zy = st["m"], st["s"], st["zy"]
-    ms = ms_loc = finite(m)
-    t, zu = st.get("t"), st.get("zu")
-    m_all = m
-    if pl.vocab_axis is not None:
-      m_all = vocab_max(m, pl)
-      ms = finite(m_all)
-      scale = jnp.exp(m - ms)
+    lse = LogSumExp.from_state(st)
+    m, s, zy, t, zu = lse.m, lse.s, vocab_sum(st["zy"], pl), st.get("t"), st.get("zu")
+    m_all, ms, scale = shift = lse.shift(pl)
+    if scale is not None:  # t and zu are relative to this shard's maximum: re-shifted to ms
+      ms_loc = finite(m)
       if t is not None:
         t = vocab_sum(scale * (t + (ms_loc - ms) * s), pl)
       if zu is not None:
         zu = vocab_sum(zu + st["u_seen"] * (ms_loc - ms), pl)
-      s, zy = vocab_sum((s * scale, zy), pl)
+      ms, s = lse.combine(pl, shift=shift)
     # A scaled tile (a temperature, a soft cap) can round the maximum's own
     # term below e^0 (`log_shifted_sum`) and its ``a - m`` above 0: log_s >= 0
     # and t <= 0 are restored, so that a log-probability is <= 0 and a
