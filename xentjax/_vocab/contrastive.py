@@ -32,7 +32,7 @@ from xentjax._vocab.kernels.contrastive import (
 )
 from xentjax._vocab.options import check_chunk, check_temperature
 from xentjax._vocab.placement import Placement, axis_size, working_mesh
-from xentjax._vocab.tiles import RECOMPUTE_TILE, Tiling, auto_chunks
+from xentjax._vocab.tiles import RECOMPUTE_TILE, TEMPERATURE, Tiling, auto_chunks
 
 __all__ = [
   "Retrieval",
@@ -327,7 +327,7 @@ def contrastive_loss(
   t = inverse_scale(scale, cdt)  # the engine's temperature: its logits are z / t
   ranks, diagonal = retrieval_k is not None, labels is None
   # Masks enter the tiles only when there is one (else every tile would select).
-  rows = {"temperature": jnp.broadcast_to(t, pairs.y.shape), "y": pairs.y}
+  rows = {TEMPERATURE: jnp.broadcast_to(t, pairs.y.shape), "y": pairs.y}
   rows |= {} if where is None else {"valid": pairs.row_valid}
   cols = {"valid": pairs.col_valid} if where is not None and diagonal else {}
   if ranks:  # the threshold of the ranks, known before the sweep: a row-wise product
@@ -458,7 +458,7 @@ def sigmoid_contrastive_loss(
   t = inverse_scale(scale, cdt)
   # The engine's logits are (a b + bias_col) / t, so the bias enters as bias * t.
   bias_col = jnp.broadcast_to(scalar("bias", bias, cdt) * t, (b.shape[0],))
-  rows = {"temperature": jnp.broadcast_to(t, pairs.y.shape), "y": pairs.y}
+  rows = {TEMPERATURE: jnp.broadcast_to(t, pairs.y.shape), "y": pairs.y}
   cols = {"valid": pairs.col_valid} if where is not None and labels is None else {}
   ops = {"x": a, "w": b, "bias": bias_col, "rows": rows, "cols": cols}
   if strategy == "recompute":
@@ -544,7 +544,7 @@ def ntxent(
   norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(e.astype(cdt)), axis=1), eps))
   u = e.astype(cdt) / norm[:, None]
   t = jnp.broadcast_to(scalar("temperature", temperature, cdt), (n,))
-  rows = {"temperature": t, "label": labels, "rid": jnp.arange(n, dtype=jnp.int32)}
+  rows = {TEMPERATURE: t, "label": labels, "rid": jnp.arange(n, dtype=jnp.int32)}
   out = run_recompute({"x": u, "w": u, "rows": rows, "cols": {"label": labels}}, NtXent(), tiling)
   return _core.mean_or_nan(jnp.sum(out["loss"]), jax.lax.stop_gradient(jnp.sum(out["count"])))
 
@@ -572,6 +572,6 @@ def critic_statistics(
   t = inverse_scale(scale, cdt)  # NaN unless finite and > 0, as for CLIP and SigLIP
   # The engine's logits are (a b + bias_col) / t, so the bias enters as bias * t.
   bias_col = jnp.broadcast_to(scalar("bias", bias, cdt) * t, (n,))
-  rows = {"temperature": jnp.broadcast_to(t, (n,)), "y": jnp.arange(n, dtype=jnp.int32)}
+  rows = {TEMPERATURE: jnp.broadcast_to(t, (n,)), "y": jnp.arange(n, dtype=jnp.int32)}
   ops = {"x": a, "w": b, "bias": bias_col, "rows": rows, "cols": {}}
   return run_recompute(ops, CriticBounds(), tiling)

@@ -33,6 +33,7 @@ from xentjax._vocab.options import (
   check_vector,
   validators,
 )
+from xentjax._vocab.tiles import TEMPERATURE, traced_temperature
 
 # The store strategy holds two whole-row logit tiles (student and teacher)
 # and their softmaxes at once, so its automatic token chunk is half the fused
@@ -157,8 +158,9 @@ def distill(
   count = jnp.sum(counted).astype(tok.cdt)
   denominator = check_denominator_use(denominator, reduction, tok.cdt)
   count = count if denominator is None else denominator
-  if "temperature" in call.ops["rows"]:
-    aux = {**aux, "temperature": call.ops["rows"]["temperature"]}
+  t = traced_temperature(call.ops["rows"])
+  if t is not None:
+    aux = {**aux, TEMPERATURE: t}
   unit = jnp.where(bad, jnp.nan, jnp.where(counted, 1.0, 0.0)).astype(tok.cdt)
   if strategy == "store":
     r = jnp.where(counted, 1.0, 0.0).astype(tok.cdt)
@@ -179,6 +181,11 @@ def distill(
   return total, DistillationComponents(soft, hard)
 
 
+def traced(call: Call) -> bool:
+  """Whether the temperature of the call is traced (`tiles.traced_temperature`)."""
+  return traced_temperature(call.ops["rows"]) is not None
+
+
 def reduce_tokens(per_token, tok: Tokens, count, reduction):
   """`"none"` (the batch shape), `"sum"` or `"mean"` (NaN when nothing counts) of token rows."""
   if reduction == "none":
@@ -186,10 +193,6 @@ def reduce_tokens(per_token, tok: Tokens, count, reduction):
   if reduction == "sum":
     return jnp.sum(per_token)
   return mean_or_nan(jnp.sum(per_token), count)
-
-
-def traced(call: Call) -> bool:
-  return "temperature" in call.ops["rows"]
 
 
 @public(
@@ -458,9 +461,9 @@ def divergence_kernel(divergence, beta, call: Call, hard: bool):
         '"jsd_scaled"); the total variation distance (divergence="tvd") has no beta: '
         "leave beta=0."
       )
-    return TotalVariation(hard=hard, own_z=own_z, traced=traced(call))
+    return TotalVariation(hard=hard, own_z=own_z)
   scaled = divergence == "jsd_scaled" and 0.0 < b < 1.0
-  return Divergence(beta=b, hard=hard, own_z=own_z, traced=traced(call), scaled=scaled)
+  return Divergence(beta=b, hard=hard, own_z=own_z, scaled=scaled)
 
 
 def with_teacher(call: Call, teacher_x, teacher_w, teacher_bias, teacher_w_layout) -> Call:

@@ -50,6 +50,7 @@ from xentjax._vocab.tiles import (
   FILTER_MIN_SKIP,
   RECOMPUTE_VOCAB_CHUNK,
   STORE_DW_ELEMENTS,
+  TEMPERATURE,
   Tile,
   Tiling,
   column_offset,
@@ -63,6 +64,7 @@ from xentjax._vocab.tiles import (
   put_rows,
   repeat,
   rows_of,
+  traced_temperature,
 )
 
 
@@ -347,7 +349,7 @@ def backward_local(a: dict, kernel: Kernel, tiling: Tiling) -> dict:
     return (dx, dt), {**shard, "state": state}
 
   def sweep_grads(plan, tiling):
-    dt = jnp.zeros((n,), cdt) if "temperature" in rows else None
+    dt = None if traced_temperature(rows) is None else jnp.zeros((n,), cdt)
     grads = {"dw": jnp.zeros(w.shape, w.dtype if reduce_w else cdt)}
     if bias is not None:
       grads["db"] = jnp.zeros(bias.shape, bias.dtype if reduce_w else cdt)
@@ -453,8 +455,9 @@ def cotangents_of(ops: dict, grads: dict) -> dict:
   ct["x"], ct["w"] = grads["dx"], grads["dw"]
   if "bias" in ops:
     ct["bias"] = grads["db"]
-  if "temperature" in ops["rows"]:
-    ct["rows"]["temperature"] = grads["dtemperature"].astype(ops["rows"]["temperature"].dtype)
+  t = traced_temperature(ops["rows"])
+  if t is not None:
+    ct["rows"][TEMPERATURE] = grads["dtemperature"].astype(t.dtype)
   return ct
 
 
@@ -570,7 +573,7 @@ def store_local(a: dict, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple
     tile = logit_tile(heads, t0, tsize, offset, 0, r, a["cols"], tiling, cdt)
     loss, r, dz, dt, g_aux = store_tile_grads(kernel, token_loss, tile, r, aux_t, tiling, cdt)
     if dt is not None:
-      g_aux = {**g_aux, "temperature": g_aux.get("temperature", 0.0) + dt}
+      g_aux = {**g_aux, TEMPERATURE: g_aux.get(TEMPERATURE, 0.0) + dt}
     xT_t = None if xT is None else lax.dynamic_slice_in_dim(xT, t0, tsize, 1)
     x_t, w_c = tile_x(x, t0, tsize), heads["w_c"]
     if tiling.filter_eps is None:
@@ -721,7 +724,9 @@ def store(ops: dict, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple, la
 def store_gradient_names(ops: dict, token_loss) -> tuple:
   """The per-token operands whose gradients the store pass accumulates."""
   return tuple(
-    dict.fromkeys((*token_loss.differentiable, *(["temperature"] * ("temperature" in ops["rows"]))))
+    dict.fromkeys(
+      (*token_loss.differentiable, *[TEMPERATURE] * (traced_temperature(ops["rows"]) is not None))
+    )
   )
 
 
@@ -761,7 +766,7 @@ def run_store(ops: dict, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple
   dtypes: list[tuple[tuple[str | None, str], Any]]
   dtypes = [((None, k), ops[k].dtype) for k in ("x", "w", "bias") if k in ops]
   for k in store_gradient_names(ops, token_loss):
-    group = "rows" if k == "temperature" and k in ops["rows"] else "aux"
+    group = "rows" if k == TEMPERATURE and traced_temperature(ops["rows"]) is not None else "aux"
     dtypes.append(((group, k), ops[group][k].dtype))
   layout = (jax.tree.structure(ops), tuple((key, jnp.dtype(dt).name) for key, dt in dtypes))
   return store(ops, kernel, tiling, token_loss, keep, layout)

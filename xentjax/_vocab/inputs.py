@@ -30,7 +30,7 @@ from xentjax._vocab.options import (
   temperature_rows,
 )
 from xentjax._vocab.placement import Placement, explicit_layout, mesh_axes, working_mesh
-from xentjax._vocab.tiles import STORE_TILE, Tiling, auto_chunks
+from xentjax._vocab.tiles import STORE_TILE, TEMPERATURE, Tiling, auto_chunks
 
 
 class Tokens(NamedTuple):
@@ -202,7 +202,7 @@ def prepare_call(
   )
   rows = {"labels": tok.status.index}
   if not isinstance(t, float):
-    rows["temperature"] = temperature_rows(t, tok.batch_shape, tok.cdt)
+    rows[TEMPERATURE] = temperature_rows(t, tok.batch_shape, tok.cdt)
   ops = {"x": tok.x, "w": tok.w, "rows": rows, "cols": {}}
   if bias is not None:
     ops["bias"] = bias

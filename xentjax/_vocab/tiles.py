@@ -198,10 +198,23 @@ def tempered(z, temperature):
   return z / temperature
 
 
+# The per-token operand of a traced temperature: its one representation. A
+# static temperature is `Tiling.temperature`; a traced one is the operand
+# `rows[TEMPERATURE]` ([n]: it gets a gradient), read with `traced_temperature`,
+# and a kernel sees it as `Tile.temperature` ([tokens, 1], `Tile.traced_temperature`).
+TEMPERATURE = "temperature"
+
+
+def traced_temperature(rows: dict):
+  """The traced temperature ``[n]`` among the per-token operands ``rows``, or None."""
+  return rows.get(TEMPERATURE)
+
+
 def tile_temperature(tiling: Tiling, rows: dict, cdt):
   """A tile's temperature: the traced rows `[tokens, 1]`, the static float, or None."""
-  if "temperature" in rows:
-    return rows["temperature"].astype(cdt)[:, None]
+  t = traced_temperature(rows)
+  if t is not None:
+    return t.astype(cdt)[:, None]
   return None if tiling.temperature == 1.0 else tiling.temperature
 
 

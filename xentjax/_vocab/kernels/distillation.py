@@ -106,15 +106,14 @@ class Divergence(Kernel):
   """``div``: forward KL (``beta = 0``), reverse KL (1) or the generalized JSD.
 
   ``own_z``: the hard term needs the untempered statistics (a temperature
-  other than 1); ``traced``: the temperature is traced (the teacher's
-  cotangent is formed, for its gradient); ``scaled``: the JSD divided by
+  other than 1); with a traced temperature (`tiles.Tile.traced_temperature`)
+  the teacher's cotangent is formed too, for its gradient; ``scaled``: the JSD divided by
   ``beta (1 - beta)`` (`scaled_ratios`), continuous at both ends.
   """
 
   beta: float = 0.0
   hard: bool = False
   own_z: bool = False
-  traced: bool = False
   scaled: bool = False
 
   @property
@@ -217,7 +216,7 @@ class Divergence(Kernel):
     else:
       da, db = weighted(ps, la - lb - r["aux"][:, None]), pt - ps
     ct: TileCotangent = {"a": g * da}
-    if self.traced:
+    if tile.traced_temperature:
       ct["b"] = g * db
     return hard_cotangent(ct, tile, r, ps, self.own_z) if self.hard else ct
 
@@ -253,12 +252,11 @@ class TotalVariation(Kernel):
   (and ``c_t = sum_j p_t,j s_j`` for a traced temperature). The gradient with
   respect to the student's logits is ``-1/2 p_s (s - c_s)`` (with respect to
   the teacher's, ``1/2 p_t (s - c_t)``); where ``p_t = p_s`` the subgradient
-  ``s = 0`` is taken. ``hard``, ``own_z``, ``traced``: as in `Divergence`.
+  ``s = 0`` is taken. ``hard``, ``own_z``: as in `Divergence`.
   """
 
   hard: bool = False
   own_z: bool = False
-  traced: bool = False
   passes = 2
 
   @property
@@ -310,7 +308,7 @@ class TotalVariation(Kernel):
     ps, pt, sign = self.probs(tile, r)
     g = 0.5 * grad(r, "div")[:, None]
     ct: TileCotangent = {"a": -g * ps * (sign - r["c_s"][:, None])}
-    if self.traced:
+    if tile.traced_temperature:
       ct["b"] = g * pt * (sign - r["c_t"][:, None])
     return hard_cotangent(ct, tile, r, ps, self.own_z) if self.hard else ct
 
