@@ -322,7 +322,13 @@ def softmax_cross_entropy_with_integer_labels(
   mesh = working_mesh(mesh, logits, labels)
   placement = Placement(mesh, data_axis, vocab_axis)
   tiling = Tiling(
-    num_classes, num_classes, vd=False, token_chunk=1, vocab_chunk=1, placement=placement
+    num_classes,
+    num_classes,
+    vd=False,
+    token_chunk=1,
+    vocab_chunk=1,
+    placement=placement,
+    cdt=V.compute_dtype(logits.dtype),
   )
   status = _core.label_status(labels, num_classes)
   logits = place(logits.reshape(n, num_classes), mesh, P(data_axis, vocab_axis))

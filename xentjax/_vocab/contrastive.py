@@ -112,7 +112,17 @@ def check_rows(name: str, x, n: int):
 
 
 def tiling_of(
-  n_rows, n_cols, row_chunk, column_chunk, precision, mesh, data_axis, store=False, arrays=()
+  n_rows,
+  n_cols,
+  row_chunk,
+  column_chunk,
+  precision,
+  mesh,
+  data_axis,
+  store=False,
+  arrays=(),
+  *,
+  cdt,
 ):
   """The static `Tiling` of one call; a clear error for a mesh that cannot hold it.
 
@@ -149,7 +159,7 @@ def tiling_of(
     placement = Placement()
   else:
     placement = Placement(working_mesh(mesh, *arrays), data_axis, None, n, 1, ring=True)
-  return Tiling(n_cols, n_cols, True, tc, vc, precision, placement=placement)
+  return Tiling(n_cols, n_cols, True, tc, vc, precision, placement=placement, cdt=cdt)
 
 
 def scalar(name: str, value, dtype):
@@ -312,6 +322,7 @@ def contrastive_loss(
   a, b = check_pair(a, b, labels)
   if labels is not None and mesh is not None:
     raise ValueError("`labels` cannot be combined with `mesh`: the ring pairs row i with row i.")
+  cdt = V.compute_dtype(a.dtype, b.dtype)
   tiling = tiling_of(
     a.shape[0],
     b.shape[0],
@@ -321,9 +332,9 @@ def contrastive_loss(
     mesh,
     data_axis,
     arrays=(a, b),
+    cdt=cdt,
   )
   pairs = pairs_of(labels, where, a.shape[0], b.shape[0])
-  cdt = V.compute_dtype(a.dtype, b.dtype)
   t = inverse_scale(scale, cdt)  # the engine's temperature: its logits are z / t
   ranks, diagonal = retrieval_k is not None, labels is None
   # Masks enter the tiles only when there is one (else every tile would select).
@@ -452,9 +463,10 @@ def sigmoid_contrastive_loss(
     data_axis,
     store=strategy == "store",
     arrays=(a, b),
+    cdt=V.compute_dtype(a.dtype, b.dtype),
   )
   pairs = pairs_of(labels, where, a.shape[0], b.shape[0])
-  cdt = V.compute_dtype(a.dtype, b.dtype)
+  cdt = tiling.cdt
   t = inverse_scale(scale, cdt)
   # The engine's logits are (a b + bias_col) / t, so the bias enters as bias * t.
   bias_col = jnp.broadcast_to(scalar("bias", bias, cdt) * t, (b.shape[0],))
@@ -536,10 +548,10 @@ def ntxent(
       f"embeddings.shape={e.shape} and labels.shape={labels.shape}."
     )
   n = e.shape[0]
-  tiling = tiling_of(
-    n, n, row_chunk_size, column_chunk_size, precision, mesh, data_axis, arrays=(e,)
-  )
   cdt = V.compute_dtype(e.dtype)
+  tiling = tiling_of(
+    n, n, row_chunk_size, column_chunk_size, precision, mesh, data_axis, arrays=(e,), cdt=cdt
+  )
   eps = jnp.finfo(e.dtype).eps  # optax's cosine similarity: norms clipped at sqrt(eps)
   norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(e.astype(cdt)), axis=1), eps))
   u = e.astype(cdt) / norm[:, None]

@@ -474,7 +474,8 @@ def with_teacher(call: Call, teacher_x, teacher_w, teacher_bias, teacher_w_layou
   tb = check_vector("teacher_bias", teacher_bias, tok.n_cols, "one per column of `teacher_w`")
   if tb is not None:
     ops["teacher_bias"] = lax.stop_gradient(tb)
-  return call._replace(tiling=dataclasses.replace(call.tiling, teacher_vd=tvd), ops=ops)
+  cdt = V.compute_dtype(call.tiling.cdt, tx.dtype, tw.dtype)
+  return call._replace(tiling=dataclasses.replace(call.tiling, teacher_vd=tvd, cdt=cdt), ops=ops)
 
 
 def check_teacher(tok: Tokens, teacher_x, teacher_w, teacher_w_layout):

@@ -43,7 +43,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from xentjax import _validation as V
 from xentjax._vocab.kernel import Kernel, grads
 from xentjax._vocab.placement import anywhere, data_sum, place_tree, sharded, specs, vocab_sum
 from xentjax._vocab.tiles import (
@@ -66,11 +65,6 @@ from xentjax._vocab.tiles import (
   rows_of,
   traced_temperature,
 )
-
-
-def dtypes_of(ops: dict) -> tuple:
-  heads = ("x", "w", "teacher_x", "teacher_w")
-  return tuple(ops[k].dtype for k in heads if k in ops)
 
 
 def n_columns(ops: dict, tiling: Tiling) -> int:
@@ -184,7 +178,7 @@ def sweep(update, state, ops: dict, tiling: Tiling, cdt):
 
 def forward_local(ops: dict, kernel: Kernel, tiling: Tiling) -> dict:
   """Every pass of `kernel` over this device's tiles: the rows (and columns) it finished into."""
-  cdt = V.compute_dtype(*dtypes_of(ops))
+  cdt = tiling.cdt
   n, n_cols = ops["x"].shape[0], n_columns(ops, tiling)
   rows, cols = dict(ops["rows"]), dict(ops["cols"])
   for p in range(kernel.passes):
@@ -299,7 +293,7 @@ def backward_local(a: dict, kernel: Kernel, tiling: Tiling) -> dict:
   `x`-sized buffer).
   """
   x, w, bias, rows = a["x"], a["w"], a.get("bias"), a["rows"]
-  cdt = V.compute_dtype(*dtypes_of(a))
+  cdt = tiling.cdt
   op_dt = jnp.result_type(x.dtype, w.dtype)
   n, n_cols = x.shape[0], n_columns(a, tiling)
   plan = filter_plan(rows, n_cols, kernel, tiling)
@@ -434,7 +428,7 @@ def recompute_fwd(ops: dict, kernel: Kernel, tiling: Tiling):
 
 def recompute_bwd(kernel: Kernel, tiling: Tiling, res, cts: dict):
   ops, saved, col_saved = res
-  cdt = V.compute_dtype(*dtypes_of(ops))
+  cdt = tiling.cdt
   g = grads(kernel.differentiable, cts, cdt)
   g_cols = grads(kernel.column_differentiable, cts.get("cols", {}), cdt)
   a = {**ops, "rows": {**ops["rows"], **saved, **g}, "cols": {**ops["cols"], **col_saved, **g_cols}}
@@ -474,13 +468,13 @@ def run_recompute(ops: dict, kernel: Kernel, tiling: Tiling) -> dict:
 
 
 def logits_forward_local(logits, rows: dict, kernel: Kernel, tiling: Tiling) -> dict:
-  tile = given_tile(logits.astype(V.compute_dtype(logits.dtype)), tiling)
+  tile = given_tile(logits.astype(tiling.cdt), tiling)
   rows = finish_tile(kernel, tile, rows, tiling, tile.a.dtype)
   return {k: rows[k] for k in (*kernel.outputs, *kernel.saved)}
 
 
 def logits_backward_local(logits, rows: dict, kernel: Kernel, tiling: Tiling):
-  tile = given_tile(logits.astype(rows["lse"].dtype), tiling)
+  tile = given_tile(logits.astype(tiling.cdt), tiling)
   return kernel.cotangent(tile, rows)["a"].astype(logits.dtype)
 
 
@@ -514,7 +508,7 @@ def recompute_logits_fwd(logits, rows: dict, kernel: Kernel, tiling: Tiling):
 
 def recompute_logits_bwd(kernel: Kernel, tiling: Tiling, res, cts: dict):
   logits, rows, saved = res
-  g = grads(kernel.differentiable, cts, saved["lse"].dtype)
+  g = grads(kernel.differentiable, cts, tiling.cdt)
   a = {**rows, **saved, **g}
   zs, _ = logits_specs(tiling, ())
   bwd = sharded(
@@ -560,7 +554,7 @@ def store_tile_grads(kernel: Kernel, token_loss, tile: Tile, rows: dict, aux: di
 def store_local(a: dict, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple) -> dict:
   """`total = sum_i f(outputs_i, aux_i)`, the rows in `keep`, and every gradient of `total`."""
   x, w, bias, rows, aux = a["x"], a["w"], a.get("bias"), a["rows"], a["aux"]
-  cdt = V.compute_dtype(*dtypes_of(a))
+  cdt = tiling.cdt
   op_dt = jnp.result_type(x.dtype, w.dtype)
   n, n_cols = x.shape[0], w.shape[0 if tiling.vd else 1]
   heads = chunk_heads(a, a, 0, n_cols, tiling)

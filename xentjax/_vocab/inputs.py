@@ -238,4 +238,5 @@ def make_tiling(tok: Tokens, head: Head, strategy, soft_cap, temperature, filter
     filter_eps=filter_eps,
     filter_token_chunk=None if filter_tile is None else filter_tile[0],
     filter_vocab_chunk=None if filter_tile is None else filter_tile[1],
+    cdt=tok.cdt,
   )

@@ -97,6 +97,13 @@ class Tiling:
   # "store" the filter tiles split each whole-row tile into column chunks.
   filter_token_chunk: int | None = None
   filter_vocab_chunk: int | None = None
+  # The dtype the tiles are computed and accumulated in (float32 for 16-bit
+  # inputs, `_validation.compute_dtype` of every head's dtypes): required.
+  cdt: Any = None
+
+  def __post_init__(self):
+    if self.cdt is None:
+      raise TypeError("Tiling needs its compute dtype `cdt`.")
 
   @property
   def padded(self) -> bool:
