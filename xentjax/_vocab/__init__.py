@@ -16,10 +16,13 @@ without a leading underscore; privacy is the package's, as in optimistix):
   (bias, soft cap, temperature and padding applied here only), the cotangent
   back through them (including ``dL/dT`` for a traced temperature), the
   gradient matmuls, the tile sizes and `tiles.fold`, the one chunked loop.
+``kernel``
+  The typed kernel interface: the abstract class `kernel.Kernel`, the types
+  of its rows, state and tile cotangent, and `kernel.LogSumExp`.
 ``engine``
   The sweep, written once: the forward passes, the recompute backward pass
   (a `jax.custom_vjp`), strategy "store" (loss and gradients in one pass),
-  gradient filtering and the placement. It takes a `engine.Kernel`.
+  gradient filtering and the placement. It takes a `kernel.Kernel`.
 ``kernels``
   What is computed: `kernels.softmax_stats.SoftmaxStats` (cross-entropy and
   token statistics), `kernels.distillation` (forward/reverse KL,
@@ -35,8 +38,10 @@ without a leading underscore; privacy is the package's, as in optimistix):
   JAX code on the kernel's per-token outputs (masks, weights, mixing,
   reduction). `xentjax.parallel` wraps the first two with a required mesh.
 
-The kernel interface (see `engine.Kernel` for the full contract). A kernel
-is a frozen dataclass (hashable: static), and says
+The kernel interface (``kernel``: the abstract class `kernel.Kernel`, the
+types of its rows and state, and `kernel.LogSumExp`, the online
+log-sum-exp state the kernels share). A kernel is a frozen dataclass
+(hashable: static) deriving from `kernel.Kernel`, and says
 
 * ``init(p, n, n_cols, tiling, cdt)``: the state pass ``p`` accumulates, a
   per-token dict and a per-column dict;
@@ -45,11 +50,12 @@ is a frozen dataclass (hashable: static), and says
   ``tile.b`` a teacher's, ``tile.col`` the column indices, ``tile.cols`` the
   per-column operands; ``rows`` the tile's per-token operands);
 * ``finish(p, state, rows, tiling)``: per-token rows of the whole vocabulary,
-  the shards combined with `placement.vocab_max`/`vocab_sum`/...;
+  the shards combined with `kernel.LogSumExp.combine` (or
+  `placement.vocab_sum`/...);
 * ``outputs``, ``differentiable``, ``saved``: what the caller gets, which of
   those carry cotangents, what the backward pass reads;
 * ``cotangent(tile, rows)``: the cotangent of the tile's logits from the
-  outputs' cotangents (``rows["g_" + name]``).
+  outputs' cotangents (`kernel.grad` ``(rows, name)``).
 
 Adding a quantity is one kernel of about 80 lines and one entry point::
 
@@ -60,7 +66,8 @@ Adding a quantity is one kernel of about 80 lines and one entry point::
 Operands: ``ops = {"x": [n, D], "w": head, "bias"?: [V], "teacher_x"?,
 "teacher_w"?, "teacher_bias"?: [V], "rows": {per-token [n, ...]}, "cols": {per-column
 [V, ...]}}``;
-``rows["temperature"]`` (``[n]``) is a traced temperature, and gets a gradient.
+``rows[tiles.TEMPERATURE]`` (``[n]``, `tiles.traced_temperature`) is a traced
+temperature, and gets a gradient. The compute dtype is ``tiling.cdt``.
 
 Contrastive losses (``scale * a @ b.T``) are built this way
 (`kernels.contrastive`, entry points in ``contrastive``): the head is ``b``

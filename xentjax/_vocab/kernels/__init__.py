@@ -1,1 +1,1 @@
-"""The quantities the engine computes, one kernel each (see `xentjax._vocab.engine.Kernel`)."""
+"""The quantities the engine computes, one kernel each (see `xentjax._vocab.kernel.Kernel`)."""
