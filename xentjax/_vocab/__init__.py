@@ -9,7 +9,8 @@ without a leading underscore; privacy is the package's, as in optimistix):
 
 ``placement``
   Where a sweep runs: one device, or a mesh with the tokens over a data axis
-  and the vocabulary over a vocabulary axis (`jax.shard_map` specs by role,
+  and the vocabulary over a vocabulary axis (`jax.shard_map` specs from
+  where an array sits in the `placement.Operands`, never from its name,
   `place`, and the collectives a kernel combines its shards with).
 ``tiles``
   The logit tile ``a = c tanh((x w + b) / c) / T`` with padding at ``-inf``

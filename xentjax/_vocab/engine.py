@@ -44,7 +44,16 @@ import jax.numpy as jnp
 from jax import lax
 
 from xentjax._vocab.kernel import Kernel, grads
-from xentjax._vocab.placement import anywhere, data_sum, place_tree, sharded, specs, vocab_sum
+from xentjax._vocab.placement import (
+  Layout,
+  anywhere,
+  data_sum,
+  layout_specs,
+  operand_specs,
+  place_tree,
+  sharded,
+  vocab_sum,
+)
 from xentjax._vocab.tiles import (
   FILTER_MIN_SKIP,
   RECOMPUTE_VOCAB_CHUNK,
@@ -409,14 +418,30 @@ def recompute(ops: dict, kernel: Kernel, tiling: Tiling) -> dict:
   return recompute_fwd(ops, kernel, tiling)[0]
 
 
+def specs_of(tiling: Tiling) -> Layout:
+  return layout_specs(tiling.placement, tiling.vd, tiling.teacher_vd)
+
+
+def sweep_specs(ops, kernel: Kernel, tiling: Tiling) -> tuple:
+  """The specs of a sweep's operands (with the kernel's rows as it sees them)."""
+  pl, tile_rows = tiling.placement, kernel.tile_saved
+  return (operand_specs(ops, pl, tiling.vd, tiling.teacher_vd, tile_rows),)
+
+
+def row_specs(names, kernel: Kernel, s: Layout) -> dict:
+  """Per-token rows: ``[tokens, ...]``, or ``[tokens, vocabulary tiles]`` (``tile_saved``)."""
+  return {k: s.tile if k in kernel.tile_saved else s.tokens for k in names}
+
+
 def recompute_fwd(ops: dict, kernel: Kernel, tiling: Tiling):
-  names = dict.fromkeys((*kernel.outputs, *kernel.saved))
-  names["cols"] = dict.fromkeys((*kernel.column_outputs, *kernel.column_saved))
+  s = specs_of(tiling)
+  out_specs = row_specs((*kernel.outputs, *kernel.saved), kernel, s)
+  out_specs["cols"] = dict.fromkeys((*kernel.column_outputs, *kernel.column_saved), s.cols)
   fwd = sharded(
     functools.partial(forward_local, kernel=kernel, tiling=tiling),
     tiling.placement,
-    (specs(ops, tiling.placement, tiling.vd, tiling.teacher_vd),),
-    specs(names, tiling.placement, tiling.vd),
+    sweep_specs(ops, kernel, tiling),
+    out_specs,
   )
   out = fwd(ops)
   outputs = {k: out[k] for k in kernel.outputs}
@@ -432,12 +457,12 @@ def recompute_bwd(kernel: Kernel, tiling: Tiling, res, cts: dict):
   g = grads(kernel.differentiable, cts, cdt)
   g_cols = grads(kernel.column_differentiable, cts.get("cols", {}), cdt)
   a = {**ops, "rows": {**ops["rows"], **saved, **g}, "cols": {**ops["cols"], **col_saved, **g_cols}}
-  out_keys = {"dx": 0, "dw": 0, "db": 0, "dtemperature": 0}
+  s = specs_of(tiling)
   bwd = sharded(
     functools.partial(backward_local, kernel=kernel, tiling=tiling),
     tiling.placement,
-    (specs(a, tiling.placement, tiling.vd, tiling.teacher_vd),),
-    specs(out_keys, tiling.placement, tiling.vd),
+    sweep_specs(a, kernel, tiling),
+    {"dx": s.x, "dw": s.w, "db": s.cols, "dtemperature": s.tokens},
   )
   return (cotangents_of(ops, bwd(a)),)
 
@@ -489,18 +514,13 @@ def recompute_logits(logits, rows: dict, kernel: Kernel, tiling: Tiling) -> dict
   return recompute_logits_fwd(logits, rows, kernel, tiling)[0]
 
 
-def logits_specs(tiling: Tiling, names) -> tuple:
-  pl = tiling.placement
-  return specs({"logits": 0}, pl, False)["logits"], specs(dict.fromkeys(names), pl, False)
-
-
 def recompute_logits_fwd(logits, rows: dict, kernel: Kernel, tiling: Tiling):
-  zs, out_specs = logits_specs(tiling, (*kernel.outputs, *kernel.saved))
+  s = specs_of(tiling)
   fwd = sharded(
     functools.partial(logits_forward_local, kernel=kernel, tiling=tiling),
     tiling.placement,
-    (zs, specs(rows, tiling.placement, False)),
-    out_specs,
+    (s.tile, row_specs(rows, kernel, s)),
+    row_specs((*kernel.outputs, *kernel.saved), kernel, s),
   )
   out = fwd(logits, rows)
   return {k: out[k] for k in kernel.outputs}, (logits, rows, {k: out[k] for k in kernel.saved})
@@ -510,12 +530,12 @@ def recompute_logits_bwd(kernel: Kernel, tiling: Tiling, res, cts: dict):
   logits, rows, saved = res
   g = grads(kernel.differentiable, cts, tiling.cdt)
   a = {**rows, **saved, **g}
-  zs, _ = logits_specs(tiling, ())
+  s = specs_of(tiling)
   bwd = sharded(
     functools.partial(logits_backward_local, kernel=kernel, tiling=tiling),
     tiling.placement,
-    (zs, specs(a, tiling.placement, False)),
-    zs,
+    (s.tile, row_specs(a, kernel, s)),
+    s.tile,
   )
   return bwd(logits, a), jax.tree.map(lambda _: None, rows)
 
@@ -726,13 +746,15 @@ def store_gradient_names(ops: dict, token_loss) -> tuple:
 
 def store_fwd(ops: dict, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple, layout: tuple):
   del layout
-  names = {"total": 0, "rows": dict.fromkeys(keep), "dx": 0, "dw": 0, "dbias": 0}
-  names["d_rows"] = dict.fromkeys(store_gradient_names(ops, token_loss))
+  s = specs_of(tiling)
+  out_specs = {"total": s.scalar, "rows": dict.fromkeys(keep, s.tokens), "dx": s.x, "dw": s.w}
+  out_specs["dbias"] = s.cols
+  out_specs["d_rows"] = dict.fromkeys(store_gradient_names(ops, token_loss), s.tokens)
   fwd = sharded(
     functools.partial(store_local, kernel=kernel, tiling=tiling, token_loss=token_loss, keep=keep),
     tiling.placement,
-    (specs(ops, tiling.placement, tiling.vd, tiling.teacher_vd),),
-    specs(names, tiling.placement, tiling.vd),
+    sweep_specs(ops, kernel, tiling),
+    out_specs,
   )
   out = fwd(ops)
   return (out["total"], out["rows"]), {k: out[k] for k in ("dx", "dw", "dbias", "d_rows")}

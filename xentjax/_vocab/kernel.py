@@ -89,7 +89,8 @@ class Kernel(abc.ABC):
     ``column_outputs``, ``column_differentiable`` and ``column_saved``: the
     same for per-column results (read back from ``tile.cols``).
     ``integer_outputs``: the outputs of integer dtype (an argmax), so that
-    strategy "store" keeps them as integers.
+    strategy "store" keeps them as integers. ``tile_saved``: the saved rows
+    of shape ``[tokens, vocabulary tiles]`` (each device its own tiles).
 
   Optionally ``filter_terms(rows)`` for gradient filtering: ``(log of the
   largest probability per [token, filter tile of columns], labels,
@@ -104,6 +105,9 @@ class Kernel(abc.ABC):
   column_differentiable: tuple[str, ...] = ()
   column_saved: tuple[str, ...] = ()
   integer_outputs: tuple[str, ...] = ()
+  # Saved rows of shape [tokens, vocabulary tiles] (each device its own tiles):
+  # their layout, which no row's name decides (`placement.operand_specs`).
+  tile_saved: tuple[str, ...] = ()
 
   @abc.abstractmethod
   def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt: Any) -> State:

@@ -11,15 +11,16 @@ run under `jax.shard_map`, with
   ``finish`` with the helpers below (`vocab_max`, `vocab_sum`), and a
   per-column one across token shards with `data_sum`.
 
-Nothing vocabulary-sized is ever gathered. Every array the engine passes
-through `shard_map` has a *role* (`ROLES`) that fixes its `PartitionSpec`;
-an operand not named there is per-token (leading axis over ``data_axis``).
+Nothing vocabulary-sized is ever gathered. The `PartitionSpec` of every
+array the engine passes through `shard_map` follows from where it sits
+(`Layout`, `layout_specs`): a field of the `Operands` (`operand_specs`), a per-token row, a
+per-column row, or a gradient of one of them; never from its name.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -47,48 +48,69 @@ class Placement(NamedTuple):
     return self.data_axis if self.ring else self.vocab_axis
 
 
-# The layout of the named arrays a sweep takes or returns; any other name is
-# per-token ("tokens"). "rows" and "cols" are dicts of per-token and
-# per-column arrays; "tile" is [tokens, vocabulary chunks] (each device its own
-# chunks); "scalar" is replicated.
-ROLES = {
-  "x": "x",
-  "teacher_x": "x",
-  "dx": "x",
-  "w": "w",
-  "dw": "w",
-  "teacher_w": "teacher_w",
-  "bias": "cols",
-  "teacher_bias": "cols",
-  "db": "cols",
-  "dbias": "cols",
-  "cols": "cols",
-  "tmax": "tile",
-  "logits": "tile",
-  "total": "scalar",
-}
+class Operands(TypedDict, total=False):
+  """What a sweep takes: its fields fix each array's layout, never a name inside them.
+
+  ``x`` ``[n, D]`` (tokens over the data axis), ``w`` the head (columns over
+  the column axis; ``[V, D]`` with ``vd``), ``bias`` ``[V]``, the teacher's
+  ``teacher_x``, ``teacher_w`` (``teacher_vd``) and ``teacher_bias``;
+  ``rows``: per-token operands (``[n, ...]``, over the data axis),
+  ``cols``: per-column operands (``[V, ...]``, over the column axis), and
+  for strategy "store" ``aux``: the per-token operands of the loss.
+  """
+
+  x: jax.Array
+  w: jax.Array
+  bias: jax.Array
+  teacher_x: jax.Array
+  teacher_w: jax.Array
+  teacher_bias: jax.Array
+  rows: dict[str, jax.Array]
+  cols: dict[str, jax.Array]
+  aux: dict[str, jax.Array]
 
 
-def specs(tree: dict, placement: Placement, vd: bool, teacher_vd: bool = False) -> dict:
-  """The `PartitionSpec` of each array of `tree` (nested dicts: the same roles)."""
+class Layout(NamedTuple):
+  """The `PartitionSpec` of each kind of array a sweep takes or returns."""
+
+  x: P  # [tokens, features]
+  w: P  # the head
+  teacher_w: P
+  cols: P  # [columns]
+  tile: P  # [tokens, vocabulary tiles] (each device its own tiles)
+  scalar: P
+  tokens: P  # [tokens, ...]
+
+
+def layout_specs(placement: Placement, vd: bool = False, teacher_vd: bool = False) -> Layout:
+  """The specs of a placement (every one ``P()`` on one device's terms)."""
   d, v, c = placement.data_axis, placement.vocab_axis, placement.column_axis
-  by_role = {
-    "x": P(d, None),
-    "w": P(c, None) if vd else P(None, c),
-    "teacher_w": P(c, None) if teacher_vd else P(None, c),
-    "cols": P(c),
-    "tile": P(d, v),
-    "scalar": P(),
-    "tokens": P(d),
-  }
+  head = lambda vd: P(c, None) if vd else P(None, c)
+  return Layout(P(d, None), head(vd), head(teacher_vd), P(c), P(d, v), P(), P(d))
 
-  def spec(name, value, inherited):
-    role = ROLES.get(name, inherited)
-    if isinstance(value, dict):
-      return {k: spec(k, a, role) for k, a in value.items()}
-    return by_role[role]
 
-  return {k: spec(k, a, "tokens") for k, a in tree.items()}
+def operand_specs(
+  ops: Operands | dict, placement: Placement, vd: bool, teacher_vd: bool = False, tile_rows=()
+) -> dict:
+  """The specs of a sweep's operands, by field (`Operands`).
+
+  Every per-token row is ``[tokens, ...]`` except those named in
+  ``tile_rows`` (a kernel's ``tile_saved``: ``[tokens, vocabulary tiles]``);
+  every per-column operand is ``[columns]``.
+  """
+  s = layout_specs(placement, vd, teacher_vd)
+  heads = {"x": s.x, "teacher_x": s.x, "w": s.w, "teacher_w": s.teacher_w}
+  fields = {**heads, "bias": s.cols, "teacher_bias": s.cols}
+  out: dict = {}
+  value: Any
+  for field, value in ops.items():
+    if field in ("rows", "aux"):
+      out[field] = {k: s.tile if k in tile_rows else s.tokens for k in value}
+    elif field == "cols":
+      out[field] = dict.fromkeys(value, s.cols)
+    else:
+      out[field] = fields[field]
+  return out
 
 
 def sharded(fn, placement: Placement, in_specs, out_specs):
@@ -161,14 +183,14 @@ def place(a, mesh, spec):
   return lax.with_sharding_constraint(a, sharding)
 
 
-def place_tree(tree: dict, placement: Placement, vd: bool, teacher_vd: bool = False) -> dict:
-  """Every array of `tree` in the layout the sweep expects (unchanged on one device)."""
+def place_tree(ops: Operands | dict, placement: Placement, vd: bool, teacher_vd: bool = False):
+  """Every operand of a sweep in the layout it expects (unchanged on one device)."""
   if placement.mesh is None:
-    return tree
+    return ops
   return jax.tree.map(
     lambda a, s: place(a, placement.mesh, s),
-    tree,
-    specs(tree, placement, vd, teacher_vd),
+    ops,
+    operand_specs(ops, placement, vd, teacher_vd),
     is_leaf=lambda s: isinstance(s, P),
   )
 

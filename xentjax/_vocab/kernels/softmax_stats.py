@@ -83,7 +83,11 @@ class SoftmaxStats(Kernel):
 
   @property
   def saved(self):
-    return ("lse",) + ("m", "ent") * self.entropy + ("tmax",) * bool(self.filter_chunk)
+    return ("lse",) + ("m", "ent") * self.entropy + self.tile_saved
+
+  @property
+  def tile_saved(self):
+    return ("tmax",) * bool(self.filter_chunk)
 
   def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt) -> State:
     st = LogSumExp.empty(n, cdt).as_state() | {"zy": jnp.zeros((n,), cdt)}
