@@ -64,7 +64,8 @@ Adding a quantity is one kernel of about 80 lines and one entry point::
   loss = my_per_token_formula(out)  # ordinary JAX, differentiable
 
 (`engine.run_store` runs a per-token loss inside the one-pass sweep instead.)
-Operands: ``ops = {"x": [n, D], "w": head, "bias"?: [V], "teacher_x"?,
+Operands (`placement.Operands`, a typed dict whose fields fix each array's
+sharding): ``ops = {"x": [n, D], "w": head, "bias"?: [V], "teacher_x"?,
 "teacher_w"?, "teacher_bias"?: [V], "rows": {per-token [n, ...]}, "cols": {per-column
 [V, ...]}}``;
 ``rows[tiles.TEMPERATURE]`` (``[n]``, `tiles.traced_temperature`) is a traced
