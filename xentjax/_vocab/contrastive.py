@@ -577,10 +577,10 @@ def critic_statistics(
   """
   a, b = check_pair(a, b, None)
   n = a.shape[0]
-  tiling = tiling_of(
-    n, n, row_chunk_size, column_chunk_size, precision, mesh, data_axis, arrays=(a, b)
-  )
   cdt = V.compute_dtype(a.dtype, b.dtype)
+  tiling = tiling_of(
+    n, n, row_chunk_size, column_chunk_size, precision, mesh, data_axis, arrays=(a, b), cdt=cdt
+  )
   t = inverse_scale(scale, cdt)  # NaN unless finite and > 0, as for CLIP and SigLIP
   # The engine's logits are (a b + bias_col) / t, so the bias enters as bias * t.
   bias_col = jnp.broadcast_to(scalar("bias", bias, cdt) * t, (n,))

@@ -36,8 +36,8 @@ import dataclasses
 import jax.numpy as jnp
 from jax import lax
 
-from xentjax._vocab.engine import Kernel
-from xentjax._vocab.tiles import finite
+from xentjax._vocab.kernel import Finished, Kernel, LogSumExp, Rows, State, TileCotangent
+from xentjax._vocab.tiles import Tile, Tiling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,26 +53,22 @@ class EvaluationStats(Kernel):
 
   outputs = ("m", "log_s", "zy", "zl", "so", "sq", "topv", "tail")
 
-  def init(self, p, n, n_cols, tiling, cdt):
+  def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt) -> State:
     del p, n_cols, tiling
     f = lambda v: jnp.full((n,), v, cdt)
-    st = {"m": f(-jnp.inf), "s": f(0.0), "zy": f(0.0), "so": f(0.0), "sq": f(0.0)}
+    st = {**LogSumExp.empty(n, cdt).as_state(), "zy": f(0.0), "so": f(0.0), "sq": f(0.0)}
     st["topv"] = jnp.full((n, self.top_k), -jnp.inf, cdt)
     st["tail"] = jnp.zeros((n,), jnp.int32)
     return st, {}
 
-  def update(self, p, state, tile, rows):
+  def update(self, p: int, state: State, tile: Tile, rows: Rows) -> State:
     """The sums are relative to the running max (rescaled when it grows)."""
     st, cols = state
     z, label = tile.a, tile.col == rows["labels"][:, None]
-    m_new = jnp.maximum(st["m"], jnp.max(z, axis=1))
-    ms_new = finite(m_new)
-    scale = jnp.exp(st["m"] - ms_new)  # 0 while the old max is -inf
-    e = jnp.exp(z - ms_new[:, None])
+    lse, scale, e = LogSumExp.from_state(st).step(z)
     other = jnp.where(label, 0.0, e)
     new = {
-      "m": m_new,
-      "s": st["s"] * scale + jnp.sum(e, axis=1),
+      **lse.as_state(),
       "zy": st["zy"] + jnp.sum(jnp.where(label, z, 0.0), axis=1),
       "so": st["so"] * scale + jnp.sum(other, axis=1),
       "sq": st["sq"] * (scale * scale) + jnp.sum(other * other, axis=1),
@@ -92,15 +88,15 @@ class EvaluationStats(Kernel):
     count = lambda a: jnp.sum(a == kth[:, None], axis=1, dtype=jnp.int32)
     return merged, jnp.where(kth_old == kth, tail, count(topv)) + count(z)
 
-  def finish(self, p, state, rows, tiling):
+  def finish(self, p: int, state: State, rows: Rows, tiling: Tiling) -> Finished:
     st, _ = state
     if tiling.placement.vocab_axis is not None:
       raise NotImplementedError("EvaluationStats shards the tokens only, not the vocabulary.")
-    ms = finite(st["m"])
-    out = {"m": ms, "log_s": jnp.log(st["s"]), "zy": st["zy"] - ms, "zl": st["zy"]}
+    ms, s = LogSumExp.from_state(st).combine(tiling.placement)
+    out = {"m": ms, "log_s": jnp.log(s), "zy": st["zy"] - ms, "zl": st["zy"]}
     return out | {k: st[k] for k in ("so", "sq", "topv", "tail")}, {}
 
-  def cotangent(self, tile, rows):
+  def cotangent(self, tile: Tile, rows: Rows) -> TileCotangent:
     raise NotImplementedError("EvaluationStats is a forward-only (evaluation) kernel.")
 
 
