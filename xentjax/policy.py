@@ -408,11 +408,12 @@ def policy_gradient_loss(
        \operatorname{clip}(r_{it}, 1 - \epsilon, 1 + \epsilon_\mathrm{high})\, A_{it}\bigr) \\
        &\qquad (\texttt{clip\_mode="ppo"}), \\
     p_{it} &= -\operatorname{sg}\bigl(\min(r_{it}, 1 + \epsilon_\mathrm{high})\bigr)\,
-       A_{it} \log\pi(a_{it}) \quad (\texttt{clip\_mode="cispo"}), \\
+       A_{it} \log\pi(a_{it}) \\
+       &\qquad (\texttt{clip\_mode="cispo"}), \\
     L_\mathrm{sequence} &= \frac{1}{|S|} \sum_{i \in S}
        \frac{1}{|o_i|} \sum_{t \in o_i} \ell_{it}, \\
-    L_\mathrm{token} &= \frac{\sum_{i} \sum_{t \in o_i} \ell_{it}}{\sum_i |o_i|}, \qquad
-    L_\mathrm{constant} = \frac{\sum_{i} \sum_{t \in o_i} \ell_{it}}{B\, T_\mathrm{max}},
+    L_\mathrm{token} &= \frac{\sum_{i} \sum_{t \in o_i} \ell_{it}}{\sum_i |o_i|}, \\
+    L_\mathrm{constant} &= \frac{\sum_{i} \sum_{t \in o_i} \ell_{it}}{B\, T_\mathrm{max}},
     \end{aligned}
 
   where :math:`o_i` are the counted tokens of sequence :math:`i` (``where``),
