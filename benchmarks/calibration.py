@@ -11,9 +11,11 @@ over-confident classifier, float32):
 
 1. ``calibration.fit(logits, labels, "dirichlet", odir=(1e-3, 1e-3))``: the
    first call (compilation included) and a warm call, the L-BFGS steps and the
-   training NLL, beside dirichletcal's ``FullDirichletCalibrator(reg_lambda=1e-3,
-   reg_mu=1e-3)`` when it is installed (it does not install on Python 3.11: its
-   releases up to 0.3.dev4 have a malformed ``install_requires``).
+   training NLL, beside dirichletcal 0.5.3's ``FullDirichletCalibrator(reg_lambda=1e-3,
+   reg_mu=1e-3)`` on the same probabilities: it needs Python 3.12, so it runs in
+   its own interpreter (``XENTJAX_DIRICHLETCAL_PYTHON``, or the
+   ``.dirichletcal-venv`` that ``.ci/run`` builds; ``benchmarks/_dirichletcal_peer.py``),
+   and the time is its ``fit`` alone, first and warm.
 2. ``calibration.bootstrap(metric, ..., n=resamples)`` for the ECE, ACE and
    smooth ECE on N rows of ``--boot-k`` classes (default 10: a bootstrap gathers
    and re-evaluates the logits of every resample, so its cost grows with K), beside one evaluation of netcal's ``ACE`` and relplot's
@@ -25,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import pathlib
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -37,6 +42,8 @@ import scipy.special as sp
 
 from benchmarks._common import machine
 from xentjax import calibration as C
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _logits(n, k, seed=0):
@@ -72,18 +79,28 @@ def fit_table(z, y, repeats):
   first, warm, cal = _seconds(lambda: C.fit(z, y, "dirichlet", (1e-3, 1e-3)), repeats)
   rows.append(f"| xentjax `calibration.fit` | {first:.2f} | {warm:.2f} | {_nll(cal(z), y):.6f} |")
   rows.append(f"| (identity map) | | | {_nll(z, y):.6f} |")
-  try:
-    from dirichletcal.calib.fulldirichlet import FullDirichletCalibrator
-  except ImportError:
-    rows.append("| dirichletcal `FullDirichletCalibrator` | not installed | | |")
+  peer = _peer_python()
+  if peer is None:
+    rows.append("| dirichletcal `FullDirichletCalibrator` | no Python 3.12 with it | | |")
     return rows
   p = sp.softmax(z.astype(np.float64), 1)
-  t0 = time.perf_counter()
-  peer = FullDirichletCalibrator(reg_lambda=1e-3, reg_mu=1e-3).fit(p, y)
-  t = time.perf_counter() - t0
-  nll = float(np.mean(-np.log(peer.predict_proba(p)[np.arange(len(y)), y])))
-  rows.append(f"| dirichletcal `FullDirichletCalibrator` | {t:.2f} | | {nll:.6f} |")
+  with tempfile.TemporaryDirectory() as tmp:
+    src, dst = pathlib.Path(tmp, "in.npz"), pathlib.Path(tmp, "out.npz")
+    np.savez(src, probs=p, labels=y, odir=np.asarray((1e-3, 1e-3)))
+    cmd = [peer, "-m", "benchmarks._dirichletcal_peer", src, dst, str(1 + repeats)]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    out = np.load(dst)
+  t, nll = out["seconds"], _nll(np.log(np.maximum(out["probs"], 1e-300)), y)
+  name = f"dirichletcal {out['version']} `FullDirichletCalibrator`"
+  rows.append(f"| {name} | {t[0]:.2f} | {min(t[1:]):.2f} | {nll:.6f} |")
   return rows
+
+
+def _peer_python():
+  """The interpreter with dirichletcal (see benchmarks/_dirichletcal_peer.py), or None."""
+  named = os.environ.get("XENTJAX_DIRICHLETCAL_PYTHON")
+  local = ROOT / ".dirichletcal-venv" / "bin" / "python"
+  return named or (str(local) if local.exists() else None)
 
 
 def bootstrap_table(z, y, resamples, repeats):

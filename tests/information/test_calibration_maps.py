@@ -1,10 +1,12 @@
 """calibration.fit (temperature, vector, matrix, Dirichlet; ODIR) against a float64 SciPy fit.
 
-dirichletcal does not install here (every release on PyPI for Python 3.11, up to
-0.3.dev4, has a malformed ``install_requires``; 0.5.x needs Python 3.12), so its
+dirichletcal does not install on Python 3.11 (its releases up to 0.3.dev4 have a
+malformed ``install_requires``; 0.5.x needs Python 3.12), so besides the comparison
+with dirichletcal 0.5.3 itself in its own interpreter (test_dirichletcal_peer.py), its
 objective is ported below from ``dirichletcal/calib/multinomial.py`` (0.3.dev4:
 ``MultinomialRegression._objective`` with ``ref_row=True``; ``reg_mu`` not None is
-ODIR) and minimized in float64 by SciPy's L-BFGS-B to a gradient of 1e-10.
+ODIR) and minimized in float64 by SciPy's L-BFGS-B to a gradient of 1e-10, so the
+check runs everywhere.
 """
 
 import jax
