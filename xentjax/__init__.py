@@ -55,6 +55,7 @@ __all__ = [  # kept sorted (ruff RUF022)
   "kl_divergence",
   "kl_divergence_with_log_targets",
   "linear_distillation_loss",
+  "linear_row_loss",
   "linear_sequence_logprobs",
   "linear_softmax_cross_entropy",
   "linear_token_stats",

@@ -36,6 +36,7 @@ from xentjax._vocab.distillation import linear_distillation_loss as linear_disti
 from xentjax._vocab.distillation import (
   linear_topk_distillation_loss as linear_topk_distillation_loss,
 )
+from xentjax._vocab.rowwise import linear_row_loss as linear_row_loss
 from xentjax._vocab.sequences import linear_sequence_logprobs as linear_sequence_logprobs
 from xentjax._vocab.token_stats import TokenStats as TokenStats
 from xentjax._vocab.token_stats import linear_token_stats as linear_token_stats
