@@ -153,6 +153,11 @@ def test_where_rule_bool_and_integer_masks_floats_rejected():
     per(z, y, where=keep.astype(np.float32))
 
 
+def _row_logprob(z, label):
+  """A row function for `linear_row_loss` (defined once: it is static)."""
+  return jax.nn.log_softmax(z)[label]
+
+
 def _where_cases():
   """Arguments of every public function with a `where`, and a row mask of the right shape."""
   rng = np.random.default_rng(0)
@@ -182,6 +187,7 @@ def _where_cases():
     "kl_divergence": ((z, soft * 0.9 + 0.1 / 3), rows),
     "kl_divergence_with_log_targets": ((z, np.log(q)), rows),
     "linear_distillation_loss": ((x, w, x, 0.5 * w), rows),
+    "linear_row_loss": ((_row_logprob, x, w, {"label": y}), rows),
     "linear_sequence_logprobs": ((x, w, y, np.array([0, 1, 0, 1])), rows, {"num_segments": 2}),
     "linear_softmax_cross_entropy": fused,
     "linear_token_stats": fused,
