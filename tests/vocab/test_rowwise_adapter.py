@@ -85,7 +85,7 @@ def reference64(row64, x, w, bias, operand, keep, cotangent):
   return np.where(keep, value.reshape(B, T), 0.0), grads
 
 
-def cotangent_of(reduction, keep, rng=None):
+def cotangent_of(reduction, keep):
   """The cotangent of each row's value in the reduced loss (random for "none")."""
   if reduction == "none":
     return np.random.default_rng(1).normal(size=keep.shape)
