@@ -28,13 +28,14 @@ without a leading underscore; privacy is the package's, as in optimistix):
   What is computed: `kernels.softmax_stats.SoftmaxStats` (cross-entropy and
   token statistics), `kernels.distillation` (forward/reverse KL,
   generalized JSD and its scaled form, total variation, top-k logits) and
-  `kernels.contrastive` (CLIP, SigLIP, NT-Xent). A kernel has no loop and no
-  custom VJP.
+  `kernels.contrastive` (CLIP, SigLIP, NT-Xent); `kernels.rowwise.RowFunction`,
+  the whole-row adapter, runs any function of a token's row of logits, its
+  tile cotangent from `jax.vjp`. A kernel has no loop and no custom VJP.
 ``options``, ``inputs``
   The option checks the entry points share (the contrastive and distillation
   modules check their own options), and `inputs.prepare_call`: the checked, flattened
   tokens, the static `tiles.Tiling` and the operands of a sweep.
-``cross_entropy``, ``token_stats``, ``distillation``, ``contrastive``
+``cross_entropy``, ``token_stats``, ``distillation``, ``contrastive``, ``rowwise``
   The public entry points: checks, one kernel, and ordinary differentiable
   JAX code on the kernel's per-token outputs (masks, weights, mixing,
   reduction). `xentjax.parallel` wraps the first two with a required mesh.
@@ -64,6 +65,9 @@ Adding a quantity is one kernel of about 80 lines and one entry point::
   loss = my_per_token_formula(out)  # ordinary JAX, differentiable
 
 (`engine.run_store` runs a per-token loss inside the one-pass sweep instead.)
+A quantity that is one function of a whole row of logits needs no kernel of
+its own: ``RowFunction(fn, operands)`` (`kernels.rowwise`) runs it, and
+`xentjax.linear_row_loss` is its entry point.
 Operands (`placement.Operands`, a typed dict whose fields fix each array's
 sharding): ``ops = {"x": [n, D], "w": head, "bias"?: [V], "teacher_x"?,
 "teacher_w"?, "teacher_bias"?: [V], "rows": {per-token [n, ...]}, "cols": {per-column
