@@ -54,6 +54,7 @@ SLOW = (
   "tests/architecture/test_docs.py::test_display_math_fits_the_desktop_column",
   "tests/vocab/test_contrastive_parallel.py",
   "tests/vocab/test_mesh_modes.py",
+  "tests/vocab/test_rowwise_adapter.py::test_two_data_shards_match_one_device",
   "tests/cli/test_cli_demo.py::test_contrastive_demo",
   "tests/cli/test_cli_demo.py::test_demo_distill_is_deterministic_and_float32_under_x64",
 )

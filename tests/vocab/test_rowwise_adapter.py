@@ -8,6 +8,11 @@ against a one-hot label), a pairwise preference on two classes per row, and
 one that is not finite on the rows a mask removes.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,6 +242,47 @@ def test_a_mesh_shards_the_tokens_only():
     assert_close(g, np.asarray(ref, np.float64), rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match="`data_axis` needs a `mesh`"):
     linear_row_loss(brier, x, w, {"label": labels}, data_axis="data")
+
+
+# Two data shards, in a subprocess with 2 simulated CPU devices: the same values and
+# gradients as one device (each shard's weight gradient summed over the data axis).
+TWO_SHARDS = textwrap.dedent(
+  """
+  import jax, jax.numpy as jnp, numpy as np, xentjax
+
+  def brier(z, label):
+    p = jax.nn.softmax(z)
+    return jnp.sum(jnp.square(p - jax.nn.one_hot(label, z.shape[0], dtype=z.dtype)))
+
+  rng = np.random.default_rng(0)
+  x, w = rng.normal(size=(2, 7, 8)), rng.normal(size=(8, 37))
+  x, w, b = x.astype(np.float32), w.astype(np.float32), rng.normal(size=37).astype(np.float32)
+  y, keep = rng.integers(0, 37, (2, 7)).astype(np.int32), rng.random((2, 7)) < 0.7
+  c = np.arange(14.0, dtype=np.float32).reshape(2, 7)
+  mesh = jax.make_mesh((2,), ("data",))
+  for red in ("mean", "none"):
+    def f(x, w, b, **kw):
+      out = xentjax.linear_row_loss(
+        brier, x, w, {"label": y}, bias=b, where=keep, reduction=red, token_chunk_size=3, **kw
+      )
+      return jnp.sum(out * c) if red == "none" else out
+    two = jax.value_and_grad(lambda *a: f(*a, mesh=mesh, data_axis="data"), (0, 1, 2))(x, w, b)
+    one = jax.value_and_grad(f, (0, 1, 2))(x, w, b)
+    for a, e in zip(jax.tree.leaves(two), jax.tree.leaves(one)):
+      np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+  print("two shards agree")
+  """
+)
+
+
+def test_two_data_shards_match_one_device():
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+  env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+  run = subprocess.run(
+    [sys.executable, "-c", TWO_SHARDS], env=env, capture_output=True, text=True, timeout=600
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stdout.strip() == "two shards agree"
 
 
 # ---------------------------------------------------------------------------
