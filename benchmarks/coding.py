@@ -5,6 +5,7 @@ Usage::
   python benchmarks/coding.py               # full run (minutes on a CPU)
   python benchmarks/coding.py --small       # quick run, a quarter of the symbols
   python benchmarks/coding.py --real quick  # only the small LM on held-out files (see `real_model`)
+  python benchmarks/coding.py --real tiny   # notebook 12's model (no student) on the same windows
 
 Prints markdown tables, everything measured side by side in one run:
 
@@ -286,7 +287,7 @@ def real_model(variant):
   print(f"{len(labels):,} held-out tokens, {len(text):,} bytes\n")
   print("| coder | bits per byte | coded / ideal - 1 |")
   print("|---|---:|---:|")
-  for role in ("teacher", "student"):
+  for role in ("teacher", "student")[: 1 + bool(v.student_steps)]:  # `tiny` has no student
     logits = HeadLogits(arrays[f"{role}_x"], arrays[f"{role}_w"], arrays[f"{role}_b"])
     ideal = coding.ideal_bits(logits, labels)
     coded = 8 * len(coding.encode(logits, labels))
@@ -305,7 +306,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument(
     "--real",
-    choices=("quick", "full"),
+    choices=("tiny", "quick", "full"),
     help="only code the held-out windows with the small LM of benchmarks/_real_lm (built once)",
   )
   parser.add_argument("--throughput-only", action="store_true", help="only the first table")

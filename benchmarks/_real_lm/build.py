@@ -36,7 +36,7 @@ class Variant:
   context: int
   batch: int
   teacher_steps: int
-  student_steps: int
+  student_steps: int  # 0: no student is trained
   lr: float
   eval_windows: int  # held-out windows of `context` tokens: N = eval_windows * context
   file_stride: int = 1  # use every file_stride-th file (the quick variant reads fewer)
@@ -76,7 +76,26 @@ QUICK = Variant(
   eval_windows=8,
   file_stride=8,
 )
-VARIANTS = {v.name: v for v in (FULL, QUICK)}
+# The one notebook 12 builds inside the test suite (a teacher only, no student):
+# a 2,048-entry vocabulary and a one-layer model trained long enough to learn
+# some context (400 steps of 16 windows of 64 tokens), on an eighth of the
+# files. Those files all have even positions in the full sorted list and the
+# full list's held-out files odd ones, so the full variant's held-out files are
+# held out here too.
+TINY = Variant(
+  "tiny",
+  vocab=2048,
+  teacher=(64, 1, 2),
+  student=(32, 1, 2),
+  context=64,
+  batch=16,
+  teacher_steps=400,
+  student_steps=0,  # no student
+  lr=1e-2,
+  eval_windows=8,
+  file_stride=8,
+)
+VARIANTS = {v.name: v for v in (FULL, QUICK, TINY)}
 
 
 def cache_root() -> pathlib.Path:
@@ -140,7 +159,7 @@ def _windows(stream, rng, batch, length):
   return np.stack([stream[s : s + length] for s in starts]).astype(np.int32)
 
 
-def train(v: Variant, shape, steps, stream, log_unigram, seed, label):
+def train(v: Variant, shape, steps, stream, log_unigram, seed, label, progress=True):
   """Adam with warm-up and cosine decay, on random windows of the training stream."""
   from tqdm.auto import tqdm
 
@@ -159,7 +178,9 @@ def train(v: Variant, shape, steps, stream, log_unigram, seed, label):
 
   rng = np.random.default_rng(seed)
   losses = []
-  bar = tqdm(range(steps), desc=f"train {label} ({cfg.describe()})", mininterval=2.0)
+  bar = tqdm(
+    range(steps), desc=f"train {label} ({cfg.describe()})", mininterval=2.0, disable=not progress
+  )
   for _ in bar:
     params, state, loss = step(params, state, _windows(stream, rng, v.batch, v.context + 1))
     losses.append(float(loss))
@@ -188,7 +209,7 @@ def _flat(params, prefix=""):
   return {prefix + jax.tree_util.keystr(k): np.asarray(a) for k, a in leaves}
 
 
-def build(v: Variant, directory: pathlib.Path) -> dict:
+def build(v: Variant, directory: pathlib.Path, progress=True) -> dict:
   """Run every step and write the cache; return the metadata it writes."""
   t0 = time.perf_counter()
   files, train_files, held_files = _files(v)
@@ -212,8 +233,10 @@ def build(v: Variant, directory: pathlib.Path) -> dict:
     ("teacher", v.teacher, v.teacher_steps, 0),
     ("student", v.student, v.student_steps, 1),
   ):
+    if steps == 0:
+      continue
     t1 = time.perf_counter()
-    cfg, params, losses = train(v, shape, steps, train_stream, log_unigram, seed, role)
+    cfg, params, losses = train(v, shape, steps, train_stream, log_unigram, seed, role, progress)
     meta["seconds"][f"train_{role}"] = round(time.perf_counter() - t1, 1)
     x, w, b = export(cfg, params, windows)
     arrays.update({f"{role}_x": x, f"{role}_w": w, f"{role}_b": b})
@@ -230,12 +253,23 @@ def build(v: Variant, directory: pathlib.Path) -> dict:
   return meta
 
 
-def load(v: Variant = FULL, *, rebuild=False):
+def load(v: Variant = FULL, *, rebuild=False, progress=True):
   """`(arrays, meta)` of the cached setting, building it first when it is missing."""
   directory = cache_dir(v)
   if rebuild or not (directory / "meta.json").exists():
     print(f"Building the real-model setting '{v.name}' in {directory} (once) ...", flush=True)
-    build(v, directory)
+    build(v, directory, progress)
   with np.load(directory / "eval.npz") as f:
     arrays = dict(f)
   return arrays, json.loads((directory / "meta.json").read_text())
+
+
+def load_model(v: Variant, role: str = "teacher"):
+  """`(cfg, params)` of a cached model (`load(v)` first builds the cache when it is missing)."""
+  d, layers, heads = getattr(v, role)
+  cfg = model.Config(v.vocab, d, layers, heads, v.context)
+  like = model.init(cfg, jax.random.PRNGKey(0), np.zeros(v.vocab))  # the tree's shape only
+  paths, tree = jax.tree_util.tree_flatten_with_path(like)
+  with np.load(cache_dir(v) / f"{role}_params.npz") as f:
+    leaves = [jnp.asarray(f[jax.tree_util.keystr(k)]) for k, _ in paths]
+  return cfg, jax.tree_util.tree_unflatten(tree, leaves)
