@@ -268,8 +268,8 @@ def load_model(v: Variant, role: str = "teacher"):
   """`(cfg, params)` of a cached model (`load(v)` first builds the cache when it is missing)."""
   d, layers, heads = getattr(v, role)
   cfg = model.Config(v.vocab, d, layers, heads, v.context)
-  like = model.init(cfg, jax.random.PRNGKey(0), np.zeros(v.vocab))  # the tree's shape only
-  paths, tree = jax.tree_util.tree_flatten_with_path(like)
+  like = jax.eval_shape(lambda key: model.init(cfg, key, np.zeros(v.vocab)), jax.random.key(0))
+  paths, tree = jax.tree_util.tree_flatten_with_path(like)  # the tree's shape, nothing computed
   with np.load(cache_dir(v) / f"{role}_params.npz") as f:
     leaves = [jnp.asarray(f[jax.tree_util.keystr(k)]) for k, _ in paths]
   return cfg, jax.tree_util.tree_unflatten(tree, leaves)

@@ -298,7 +298,9 @@ def document_hidden(ids):
   length = c + hop * -(-max(len(ids) - c, 0) // hop)
   inputs = np.pad(inputs, (0, length - len(inputs)), constant_values=eos)  # never read
   windows = np.stack([inputs[s : s + c] for s in range(0, length - c + 1, hop)])
-  h = hidden_of(params, jnp.asarray(windows, jnp.int32))
+  blocks = -(-len(windows) // 64)  # 64 windows a call: one compiled shape for every file
+  windows = np.pad(windows, ((0, 64 * blocks - len(windows)), (0, 0)), constant_values=eos)
+  h = jnp.concatenate([hidden_of(params, w) for w in np.split(windows, blocks)])
   return jnp.concatenate([h[0], h[1:, hop:].reshape(-1, cfg.d)])[: len(ids)]
 
 
