@@ -49,6 +49,10 @@ def test_operands_round_trip_as_a_pytree():
   assert jax.tree.structure(back) == treedef
   for a, b in zip(jax.tree.leaves(back), leaves, strict=True):
     assert a is b
+  # The leaves come in the order of the dict the record replaced (sorted
+  # names), so the engine's compiled programs keep their arguments' order.
+  as_dict = {f.name: getattr(ops, f.name) for f in dataclasses.fields(ops)}
+  assert all(a is b for a, b in zip(leaves, jax.tree.leaves(as_dict), strict=True))
   doubled = jax.tree.map(lambda a: 2 * a, ops)
   np.testing.assert_array_equal(doubled.rows["temperature"], np.full(4, 4.0))
 

@@ -49,7 +49,6 @@ class Placement(NamedTuple):
     return self.data_axis if self.ring else self.vocab_axis
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Operands:
   """What a sweep takes: its fields fix each array's layout, never a name inside them.
@@ -84,6 +83,14 @@ class Operands:
   def with_cols(self, **cols) -> Operands:
     """The same operands with the per-column operands ``cols`` added (or replaced)."""
     return dataclasses.replace(self, cols={**self.cols, **cols})
+
+
+# Every field is data, flattened in the order of the names, as the dict the
+# record replaced was (`jax` sorts a dict's keys): the leaves, and with them
+# the compiled programs, keep their order.
+jax.tree_util.register_dataclass(
+  Operands, data_fields=sorted(f.name for f in dataclasses.fields(Operands)), meta_fields=[]
+)
 
 
 class Layout(NamedTuple):
