@@ -131,8 +131,8 @@ def ring_case():
   kernel = SoftmaxStats(entropy=True, argmax=True, top_k=2)
 
   def f(a, b, t, tiling):
-    rows = {**call.ops["rows"], "temperature": jnp.broadcast_to(t, (n,))}
-    out = engine.run_recompute({**call.ops, "x": a, "w": b, "rows": rows}, kernel, tiling)
+    ops = call.ops.with_rows(temperature=jnp.broadcast_to(t, (n,)))
+    out = engine.run_recompute(dataclasses.replace(ops, x=a, w=b), kernel, tiling)
     loss = jnp.sum(out["log_s"] - out["zy"]) + 0.3 * jnp.sum(out["ent"])
     return loss, (out["amax"], out["topi"])
 

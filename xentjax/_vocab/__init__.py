@@ -68,10 +68,12 @@ Adding a quantity is one kernel of about 80 lines and one entry point::
 A quantity that is one function of a whole row of logits needs no kernel of
 its own: ``RowFunction(fn, operands)`` (`kernels.rowwise`) runs it, and
 `xentjax.linear_row_loss` is its entry point.
-Operands (`placement.Operands`, a typed dict whose fields fix each array's
-sharding): ``ops = {"x": [n, D], "w": head, "bias"?: [V], "teacher_x"?,
-"teacher_w"?, "teacher_bias"?: [V], "rows": {per-token [n, ...]}, "cols": {per-column
-[V, ...]}}``;
+Operands (`placement.Operands`, a frozen dataclass registered as a pytree,
+whose fields fix each array's sharding): ``Operands(x=[n, D], w=head,
+rows={per-token [n, ...]}, cols={per-column [V, ...]}, bias=[V]?,
+teacher_x=?, teacher_w=?, teacher_bias=[V]?, aux={per-token, "store"})``,
+updated with `dataclasses.replace`, ``ops.with_rows(...)`` and
+``ops.with_cols(...)``;
 ``rows[tiles.TEMPERATURE]`` (``[n]``, `tiles.traced_temperature`) is a traced
 temperature, and gets a gradient. The compute dtype is ``tiling.cdt``.
 

@@ -31,7 +31,7 @@ from xentjax._vocab.kernels.contrastive import (
   SigmoidPairs,
 )
 from xentjax._vocab.options import check_chunk, check_temperature
-from xentjax._vocab.placement import Placement, axis_size, working_mesh
+from xentjax._vocab.placement import Operands, Placement, axis_size, working_mesh
 from xentjax._vocab.tiles import RECOMPUTE_TILE, TEMPERATURE, Tiling, auto_chunks
 
 __all__ = [
@@ -348,7 +348,7 @@ def contrastive_loss(
     if diagonal:
       cols["thr"] = rows["thr"]
   kernel = ContrastiveSoftmax(by_column=symmetric or (ranks and diagonal), ranks=ranks)
-  row = run_recompute({"x": a, "w": b, "rows": rows, "cols": cols}, kernel, tiling)
+  row = run_recompute(Operands(x=a, w=b, rows=rows, cols=cols), kernel, tiling)
   col = row.get("cols", {})
   zy = row["zy"]  # the positives' logits, from the tiles of the log-sum-exps (so lse >= zy)
   per_row = row["lse"] - zy
@@ -472,14 +472,15 @@ def sigmoid_contrastive_loss(
   bias_col = jnp.broadcast_to(scalar("bias", bias, cdt) * t, (b.shape[0],))
   rows = {TEMPERATURE: jnp.broadcast_to(t, pairs.y.shape), "y": pairs.y}
   cols = {"valid": pairs.col_valid} if where is not None and labels is None else {}
-  ops = {"x": a, "w": b, "bias": bias_col, "rows": rows, "cols": cols}
+  ops = Operands(x=a, w=b, bias=bias_col, rows=rows, cols=cols)
   if strategy == "recompute":
     out = run_recompute(ops, SigmoidPairs(), tiling)
     return reduce_rows(jnp.where(pairs.bad, jnp.nan, out["loss"]), pairs.counted, reduction)
   count = jnp.sum(pairs.counted)
   weight = 1.0 / jnp.maximum(count, 1).astype(cdt) if reduction == "mean" else jnp.ones((), cdt)
   w = jnp.where(pairs.bad, jnp.nan, jnp.where(pairs.counted, weight, 0.0))
-  total, _ = run_store({**ops, "aux": {"w": w}}, SigmoidPairs(), tiling, WeightedRows())
+  ops = dataclasses.replace(ops, aux={"w": w})
+  total, _ = run_store(ops, SigmoidPairs(), tiling, WeightedRows())
   return jnp.where(count == 0, jnp.nan, total) if reduction == "mean" else total
 
 
@@ -557,7 +558,7 @@ def ntxent(
   u = e.astype(cdt) / norm[:, None]
   t = jnp.broadcast_to(scalar("temperature", temperature, cdt), (n,))
   rows = {TEMPERATURE: t, "label": labels, "rid": jnp.arange(n, dtype=jnp.int32)}
-  out = run_recompute({"x": u, "w": u, "rows": rows, "cols": {"label": labels}}, NtXent(), tiling)
+  out = run_recompute(Operands(x=u, w=u, rows=rows, cols={"label": labels}), NtXent(), tiling)
   return _core.mean_or_nan(jnp.sum(out["loss"]), jax.lax.stop_gradient(jnp.sum(out["count"])))
 
 
@@ -585,5 +586,5 @@ def critic_statistics(
   # The engine's logits are (a b + bias_col) / t, so the bias enters as bias * t.
   bias_col = jnp.broadcast_to(scalar("bias", bias, cdt) * t, (n,))
   rows = {TEMPERATURE: jnp.broadcast_to(t, (n,)), "y": jnp.arange(n, dtype=jnp.int32)}
-  ops = {"x": a, "w": b, "bias": bias_col, "rows": rows, "cols": {}}
+  ops = Operands(x=a, w=b, bias=bias_col, rows=rows)
   return run_recompute(ops, CriticBounds(), tiling)

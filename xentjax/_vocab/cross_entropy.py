@@ -32,6 +32,7 @@ from xentjax._vocab.options import (
   check_weights,
   validators,
 )
+from xentjax._vocab.placement import Operands
 
 
 class CrossEntropyStats(NamedTuple):
@@ -181,7 +182,7 @@ def with_column_weights(call: Call, class_weights, eps, monitor: bool):
   c = jnp.ones((tok.vocab_size,), tok.cdt) if class_weights is None else class_weights
   u = jnp.pad(c.astype(tok.cdt) / tok.vocab_size, (0, tok.n_cols - tok.vocab_size))
   u = u if call.order is None else u[call.order]  # the columns in the sweep's order
-  return {**call.ops, "cols": {**call.ops["cols"], "u": u}}, kernel
+  return call.ops.with_cols(u=u), kernel
 
 
 @public(static=CROSS_ENTROPY_OPTIONS, validators=validators())
@@ -467,7 +468,7 @@ def returned(loss, rows: dict, tok: Tokens, lam, return_lse: bool, return_stats:
   return out if len(out) > 1 else loss
 
 
-def reduce(call: Call, ops, kernel, aux, token_loss, reduction, strategy, denominator):
+def reduce(call: Call, ops: Operands, kernel, aux, token_loss, reduction, strategy, denominator):
   """`(loss, rows)`: the loss reduced, and the kernel's rows with ``lse`` (both strategies).
 
   In "store" the rows carry no gradient; in "recompute" ``lse`` does.
@@ -476,7 +477,8 @@ def reduce(call: Call, ops, kernel, aux, token_loss, reduction, strategy, denomi
     dens = mean_denominators(aux, denominator) if reduction == "mean" else {}
     aux = {**aux, **{k: aux[k] / jnp.where(d == 0, 1.0, d) for k, d in dens.items()}}
     keep = ("lse", "m", "log_s", "ent", "amax", "credit") if kernel.monitor else ("lse",)
-    total, kept = run_store({**ops, "aux": aux}, kernel, call.tiling, token_loss, keep=keep)
+    ops = dataclasses.replace(ops, aux=aux)
+    total, kept = run_store(ops, kernel, call.tiling, token_loss, keep=keep)
     empty = functools.reduce(jnp.logical_or, [d == 0 for d in dens.values()], jnp.bool_(False))
     return jnp.where(empty, jnp.nan, total), lax.stop_gradient(kept)
   out = run_recompute(ops, kernel, call.tiling)

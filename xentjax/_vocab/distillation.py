@@ -64,7 +64,7 @@ class DistillationLoss:
   ``r`` (``aux["r"]``) is the token's weight: 1 (or 1/count in "store"'s
   mean) where it counts, 0 elsewhere, NaN on a bad token. ``D`` is the
   kernel's ``div``, or for a top-k teacher ``sum q log q - sum q a_idx +
-  lse_a``. A traced temperature is ``aux["temperature"]``; `differentiable`
+  lse_a``. A traced temperature is ``aux[tiles.TEMPERATURE]``; `differentiable`
   names the entries of ``aux`` with gradients (for strategy "store").
   """
 
@@ -74,7 +74,7 @@ class DistillationLoss:
   differentiable: tuple = ()
 
   def __call__(self, out: dict, aux: dict):
-    t = aux.get("temperature", self.temperature)
+    t = aux.get(TEMPERATURE, self.temperature)
     loss = ((1.0 - self.hard_weight) * t**2) * self.divergence(out, aux)
     if self.hard_weight > 0.0:
       loss = loss + self.hard_weight * out["ce"]
@@ -89,7 +89,7 @@ class DistillationLoss:
 
   def components(self, out: dict, aux: dict) -> tuple:
     """Per-token ``(T^2 D, CE or None)``, each weighted by ``aux["r"]`` as the loss is."""
-    t, r = aux.get("temperature", self.temperature), aux["r"]
+    t, r = aux.get(TEMPERATURE, self.temperature), aux["r"]
     terms = (t**2 * self.divergence(out, aux), out.get("ce"))
     return tuple(None if v is None else jnp.where(r != 0.0, r * v, 0.0) for v in terms)
 
@@ -135,7 +135,8 @@ def prepare_student(
     student=True,
   )
   if alpha == 0.0 and not keep_labels:  # the labels only carry `ignore_index`
-    c = c._replace(ops={**c.ops, "rows": {k: v for k, v in c.ops["rows"].items() if k != "labels"}})
+    rows = {k: v for k, v in c.ops.rows.items() if k != "labels"}
+    c = c._replace(ops=dataclasses.replace(c.ops, rows=rows))
   return c, alpha
 
 
@@ -158,7 +159,7 @@ def distill(
   count = jnp.sum(counted).astype(tok.cdt)
   denominator = check_denominator_use(denominator, reduction, tok.cdt)
   count = count if denominator is None else denominator
-  t = traced_temperature(call.ops["rows"])
+  t = traced_temperature(call.ops.rows)
   if t is not None:
     aux = {**aux, TEMPERATURE: t}
   unit = jnp.where(bad, jnp.nan, jnp.where(counted, 1.0, 0.0)).astype(tok.cdt)
@@ -168,7 +169,8 @@ def distill(
       r = r / jnp.where(count == 0, 1.0, count)
     r = jnp.where(bad, jnp.nan, r)
     keep = kernel.outputs if components else ()
-    total, out = run_store({**call.ops, "aux": {**aux, "r": r}}, kernel, call.tiling, loss, keep)
+    ops = dataclasses.replace(call.ops, aux={**aux, "r": r})
+    total, out = run_store(ops, kernel, call.tiling, loss, keep)
     total = jnp.where(count == 0, jnp.nan, total) if reduction == "mean" else total
   else:
     out = run_recompute(call.ops, kernel, call.tiling)
@@ -183,7 +185,7 @@ def distill(
 
 def traced(call: Call) -> bool:
   """Whether the temperature of the call is traced (`tiles.traced_temperature`)."""
-  return traced_temperature(call.ops["rows"]) is not None
+  return traced_temperature(call.ops.rows) is not None
 
 
 def reduce_tokens(per_token, tok: Tokens, count, reduction):
@@ -440,7 +442,7 @@ def linear_distillation_loss(
   call = with_teacher(call, teacher_x, teacher_w, teacher_bias, teacher_w_layout)
   kernel = divergence_kernel(divergence, beta, call, hard)
   loss = DistillationLoss(
-    alpha, call.tiling.temperature, differentiable=("temperature",) * traced(call)
+    alpha, call.tiling.temperature, differentiable=(TEMPERATURE,) * traced(call)
   )
   return distill(call, kernel, {}, loss, strategy, reduction, denominator, return_components)
 
@@ -470,10 +472,9 @@ def with_teacher(call: Call, teacher_x, teacher_w, teacher_bias, teacher_w_layou
   """`call` with the teacher's head (checked, constant) among its operands."""
   tok = call.tokens
   tx, tw, tvd = check_teacher(tok, teacher_x, teacher_w, teacher_w_layout)
-  ops = {**call.ops, "teacher_x": tx, "teacher_w": tw}
   tb = check_vector("teacher_bias", teacher_bias, tok.n_cols, "one per column of `teacher_w`")
-  if tb is not None:
-    ops["teacher_bias"] = lax.stop_gradient(tb)
+  tb = None if tb is None else lax.stop_gradient(tb)
+  ops = dataclasses.replace(call.ops, teacher_x=tx, teacher_w=tw, teacher_bias=tb)
   cdt = V.compute_dtype(call.tiling.cdt, tx.dtype, tw.dtype)
   return call._replace(tiling=dataclasses.replace(call.tiling, teacher_vd=tvd, cdt=cdt), ops=ops)
 
@@ -739,16 +740,16 @@ def linear_topk_distillation_loss(
   )
   tok, t = call.tokens, call.tiling.temperature
   idx, lp = check_topk_shapes(tok, teacher_indices, teacher_logprobs)
-  rows = call.ops["rows"]
+  traced_t = traced_temperature(call.ops.rows)
   idx, q, qlogq, bad_t = topk_teacher(
-    idx, lax.stop_gradient(lp), rows.get("temperature", t), tok.vocab_size, tok.cdt
+    idx, lax.stop_gradient(lp), t if traced_t is None else traced_t, tok.vocab_size, tok.cdt
   )
   st = tok.status  # a token that counts with a bad teacher entry is a bad token
   tok = tok._replace(status=st._replace(bad=st.bad | (st.counted & bad_t)))
-  call = call._replace(tokens=tok, ops={**call.ops, "rows": {**rows, "idx": idx}})
+  call = call._replace(tokens=tok, ops=call.ops.with_rows(idx=idx))
   own_z = alpha > 0.0 and (traced(call) or t != 1.0)
   kernel = TopkLogits(k=idx.shape[1], hard=alpha > 0.0, own_z=own_z)
-  grads = ("q", "qlogq", "temperature") if traced(call) else ()
+  grads = ("q", "qlogq", TEMPERATURE) if traced(call) else ()
   loss = DistillationLoss(alpha, t, topk=True, differentiable=grads)
   aux = {"q": q, "qlogq": qlogq}
   return distill(call, kernel, aux, loss, strategy, reduction, denominator)

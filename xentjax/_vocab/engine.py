@@ -46,6 +46,7 @@ from jax import lax
 from xentjax._vocab.kernel import Kernel, grads
 from xentjax._vocab.placement import (
   Layout,
+  Operands,
   anywhere,
   data_sum,
   layout_specs,
@@ -76,20 +77,26 @@ from xentjax._vocab.tiles import (
 )
 
 
-def n_columns(ops: dict, tiling: Tiling) -> int:
-  return ops["w"].shape[0 if tiling.vd else 1]
+def n_columns(ops: Operands, tiling: Tiling) -> int:
+  return ops.w.shape[0 if tiling.vd else 1]
 
 
-def vocabulary_shard(ops: dict, tiling: Tiling, **state) -> dict:
+def column_side(ops: Operands) -> dict:
+  """The head's columns ``w`` (and ``bias``, ``teacher_w``, ``teacher_bias``) and ``cols``."""
+  heads = {"w": ops.w, "bias": ops.bias, "teacher_w": ops.teacher_w}
+  heads["teacher_bias"] = ops.teacher_bias
+  return {**{k: a for k, a in heads.items() if a is not None}, "cols": ops.cols}
+
+
+def vocabulary_shard(ops: Operands, tiling: Tiling, **state) -> dict:
   """The vocabulary side of a sweep: what a ring placement passes around.
 
   The head's columns ``w`` (and ``bias``, ``teacher_w``, ``teacher_bias``), the per-column
   operands ``cols``, the global index of the first column ``offset``, and
   the per-column ``state`` (the kernel's, or the gradients of ``w``).
   """
-  shard = {k: ops[k] for k in ("w", "bias", "teacher_w", "teacher_bias") if k in ops}
   offset = column_offset(tiling, n_columns(ops, tiling))
-  return {**shard, "cols": ops["cols"], "offset": offset, **state}
+  return {**column_side(ops), "offset": offset, **state}
 
 
 def over_vocabulary(body, carry, shard: dict, n_cols: int, tiling: Tiling):
@@ -123,7 +130,7 @@ def over_vocabulary(body, carry, shard: dict, n_cols: int, tiling: Tiling):
   return carry, move(shard, ("state",))
 
 
-def chunk_heads(x: dict, shard: dict, v0, vsize, tiling: Tiling) -> dict:
+def chunk_heads(ops: Operands, shard: dict, v0, vsize, tiling: Tiling) -> dict:
   """The heads' columns `[v0, v0 + vsize)` of the shard: what `tiles.logit_tile` multiplies.
 
   With a column order (``cols["order"]``, from ``vocab_order=``), sweep
@@ -136,11 +143,11 @@ def chunk_heads(x: dict, shard: dict, v0, vsize, tiling: Tiling) -> dict:
   def columns(a, vd):
     return head_chunk(a, v0, vsize, vd) if idx is None else jnp.take(a, idx, axis=0 if vd else 1)
 
-  heads = {"x": x["x"], "w_c": columns(shard["w"], tiling.vd)}
+  heads = {"x": ops.x, "w_c": columns(shard["w"], tiling.vd)}
   if "bias" in shard:
     heads["bias_c"] = columns(shard["bias"], True)
-  if "teacher_x" in x:
-    heads["teacher_x"] = x["teacher_x"]
+  if ops.teacher_x is not None:
+    heads["teacher_x"] = ops.teacher_x
     heads["teacher_w_c"] = columns(shard["teacher_w"], tiling.teacher_vd)
     if "teacher_bias" in shard:
       heads["teacher_bias_c"] = columns(shard["teacher_bias"], True)
@@ -152,15 +159,15 @@ def in_caller_order(grad, cols: dict, axis: int):
   return grad if "inverse" not in cols else jnp.take(grad, cols["inverse"], axis=axis)
 
 
-def sweep(update, state, ops: dict, tiling: Tiling, cdt):
+def sweep(update, state, ops: Operands, tiling: Tiling, cdt):
   """`state = update(state_tile, tile, rows_tile)` over every tile of this device.
 
   Vocabulary chunks outside (`over_vocabulary`), token chunks inside. `state`
   is the pair (per-token dict, per-column dict); the per-column state of a
   chunk is carried through its token loop.
   """
-  n, n_cols = ops["x"].shape[0], n_columns(ops, tiling)
-  rows = ops["rows"]
+  n, n_cols = ops.x.shape[0], n_columns(ops, tiling)
+  rows = ops.rows
   tok, col = state
 
   def vocab_body(pair, v0, vsize):
@@ -185,16 +192,15 @@ def sweep(update, state, ops: dict, tiling: Tiling, cdt):
   return tok, shard["state"]
 
 
-def forward_local(ops: dict, kernel: Kernel, tiling: Tiling) -> dict:
+def forward_local(ops: Operands, kernel: Kernel, tiling: Tiling) -> dict:
   """Every pass of `kernel` over this device's tiles: the rows (and columns) it finished into."""
   cdt = tiling.cdt
-  n, n_cols = ops["x"].shape[0], n_columns(ops, tiling)
-  rows, cols = dict(ops["rows"]), dict(ops["cols"])
+  n, n_cols = ops.x.shape[0], n_columns(ops, tiling)
+  rows, cols = dict(ops.rows), dict(ops.cols)
   for p in range(kernel.passes):
     state = kernel.init(p, n, n_cols, tiling, cdt)
-    state = sweep(
-      functools.partial(kernel.update, p), state, {**ops, "rows": rows, "cols": cols}, tiling, cdt
-    )
+    now = dataclasses.replace(ops, rows=rows, cols=cols)
+    state = sweep(functools.partial(kernel.update, p), state, now, tiling, cdt)
     new_rows, new_cols = kernel.finish(p, state, rows, tiling)
     rows.update(new_rows)
     cols.update(new_cols)
@@ -291,7 +297,7 @@ def tile_cond(pred, tile_grads, carry, t0: int, tsize: int):
   return put_rows(dx, dx_t, t0), dw_c, db_c, dt
 
 
-def backward_local(a: dict, kernel: Kernel, tiling: Tiling) -> dict:
+def backward_local(a: Operands, kernel: Kernel, tiling: Tiling) -> dict:
   """Gradients of `x`, `w`, `bias` and a traced temperature from the rows of `a`.
 
   Vocabulary chunks outside, token chunks inside, so the weight gradient of a
@@ -301,7 +307,7 @@ def backward_local(a: dict, kernel: Kernel, tiling: Tiling) -> dict:
   `tiles.dot_dw`; about 4% of the fwd+bwd time on CPU, for one more
   `x`-sized buffer).
   """
-  x, w, bias, rows = a["x"], a["w"], a.get("bias"), a["rows"]
+  x, w, bias, rows = a.x, a.w, a.bias, a.rows
   cdt = tiling.cdt
   op_dt = jnp.result_type(x.dtype, w.dtype)
   n, n_cols = x.shape[0], n_columns(a, tiling)
@@ -363,7 +369,7 @@ def backward_local(a: dict, kernel: Kernel, tiling: Tiling) -> dict:
 
   dx, dt, g = with_plan(sweep_grads, plan, tiling)
   dx, dt = vocab_sum((dx, dt), tiling.placement)  # each shard saw part of the vocabulary
-  cols = a["cols"]
+  cols = a.cols
   db = None if bias is None else in_caller_order(g["db"], cols, 0).astype(bias.dtype)
   dw = in_caller_order(g["dw"], cols, 0 if tiling.vd else 1).astype(w.dtype)
   return {"dx": dx.astype(x.dtype), "dw": dw, "db": db, "dtemperature": dt}
@@ -406,13 +412,14 @@ def tile_x(x, t0, tsize):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def recompute(ops: dict, kernel: Kernel, tiling: Tiling) -> dict:
+def recompute(ops: Operands, kernel: Kernel, tiling: Tiling) -> dict:
   """`{name: [n, ...]}`: the kernel's outputs over every tile (strategy "recompute").
 
-  `ops` holds ``x`` ``[n, D]``, ``w``, optionally ``bias``, ``teacher_x``,
-  ``teacher_w`` and ``teacher_bias`` (a constant), ``rows`` (per-token operands, ``temperature`` among them when
-  it is traced) and ``cols`` (per-column operands). Gradients flow to ``x``,
-  ``w``, ``bias`` and ``rows["temperature"]``. The per-column outputs, if the
+  `ops` (`Operands`) holds ``x`` ``[n, D]``, ``w``, optionally ``bias``,
+  ``teacher_x``, ``teacher_w`` and ``teacher_bias`` (a constant), ``rows``
+  (per-token operands, ``temperature`` among them when it is traced) and
+  ``cols`` (per-column operands). Gradients flow to ``x``, ``w``, ``bias``
+  and ``rows[TEMPERATURE]``. The per-column outputs, if the
   kernel has any, are under ``"cols"``.
   """
   return recompute_fwd(ops, kernel, tiling)[0]
@@ -422,7 +429,7 @@ def specs_of(tiling: Tiling) -> Layout:
   return layout_specs(tiling.placement, tiling.vd, tiling.teacher_vd)
 
 
-def sweep_specs(ops, kernel: Kernel, tiling: Tiling) -> tuple:
+def sweep_specs(ops: Operands, kernel: Kernel, tiling: Tiling) -> tuple:
   """The specs of a sweep's operands (with the kernel's rows as it sees them)."""
   pl, tile_rows = tiling.placement, kernel.tile_saved
   return (operand_specs(ops, pl, tiling.vd, tiling.teacher_vd, tile_rows),)
@@ -433,7 +440,7 @@ def row_specs(names, kernel: Kernel, s: Layout) -> dict:
   return {k: s.tile if k in kernel.tile_saved else s.tokens for k in names}
 
 
-def recompute_fwd(ops: dict, kernel: Kernel, tiling: Tiling):
+def recompute_fwd(ops: Operands, kernel: Kernel, tiling: Tiling):
   s = specs_of(tiling)
   out_specs = row_specs((*kernel.outputs, *kernel.saved), kernel, s)
   out_specs["cols"] = dict.fromkeys((*kernel.column_outputs, *kernel.column_saved), s.cols)
@@ -456,7 +463,7 @@ def recompute_bwd(kernel: Kernel, tiling: Tiling, res, cts: dict):
   cdt = tiling.cdt
   g = grads(kernel.differentiable, cts, cdt)
   g_cols = grads(kernel.column_differentiable, cts.get("cols", {}), cdt)
-  a = {**ops, "rows": {**ops["rows"], **saved, **g}, "cols": {**ops["cols"], **col_saved, **g_cols}}
+  a = ops.with_rows(**saved, **g).with_cols(**col_saved, **g_cols)
   s = specs_of(tiling)
   bwd = sharded(
     functools.partial(backward_local, kernel=kernel, tiling=tiling),
@@ -467,23 +474,21 @@ def recompute_bwd(kernel: Kernel, tiling: Tiling, res, cts: dict):
   return (cotangents_of(ops, bwd(a)),)
 
 
-def cotangents_of(ops: dict, grads: dict) -> dict:
+def cotangents_of(ops: Operands, grads: dict) -> Operands:
   """The cotangent tree of `ops`: the gradients in `grads`, None for constants."""
-  nones = lambda tree: jax.tree.map(lambda _: None, tree)
-  ct = nones(ops)
-  ct["x"], ct["w"] = grads["dx"], grads["dw"]
-  if "bias" in ops:
-    ct["bias"] = grads["db"]
-  t = traced_temperature(ops["rows"])
+  ct = jax.tree.map(lambda _: None, ops)
+  bias = None if ops.bias is None else grads["db"]
+  ct = dataclasses.replace(ct, x=grads["dx"], w=grads["dw"], bias=bias)
+  t = traced_temperature(ops.rows)
   if t is not None:
-    ct["rows"][TEMPERATURE] = grads["dtemperature"].astype(t.dtype)
+    ct = ct.with_rows(**{TEMPERATURE: grads["dtemperature"].astype(t.dtype)})
   return ct
 
 
 recompute.defvjp(recompute_fwd, recompute_bwd)
 
 
-def run_recompute(ops: dict, kernel: Kernel, tiling: Tiling) -> dict:
+def run_recompute(ops: Operands, kernel: Kernel, tiling: Tiling) -> dict:
   """`recompute` on `ops` placed in the layout the sweep expects."""
   return recompute(place_tree(ops, tiling.placement, tiling.vd, tiling.teacher_vd), kernel, tiling)
 
@@ -571,20 +576,20 @@ def store_tile_grads(kernel: Kernel, token_loss, tile: Tile, rows: dict, aux: di
   return loss, rows, dz, dt, g_aux
 
 
-def store_local(a: dict, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple) -> dict:
+def store_local(a: Operands, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple) -> dict:
   """`total = sum_i f(outputs_i, aux_i)`, the rows in `keep`, and every gradient of `total`."""
-  x, w, bias, rows, aux = a["x"], a["w"], a.get("bias"), a["rows"], a["aux"]
+  x, w, bias, rows, aux = a.x, a.w, a.bias, a.rows, a.aux
   cdt = tiling.cdt
   op_dt = jnp.result_type(x.dtype, w.dtype)
   n, n_cols = x.shape[0], w.shape[0 if tiling.vd else 1]
-  heads = chunk_heads(a, a, 0, n_cols, tiling)
+  heads = chunk_heads(a, column_side(a), 0, n_cols, tiling)
   offset = column_offset(tiling, n_cols)
   xT = None if tiling.vd else x.astype(op_dt).T  # as in the recompute backward pass
 
   def token_body(carry, t0, tsize):
     total, kept, dx, dw, db, d_rows = carry
     r, aux_t = rows_of(rows, t0, tsize), rows_of(aux, t0, tsize)
-    tile = logit_tile(heads, t0, tsize, offset, 0, r, a["cols"], tiling, cdt)
+    tile = logit_tile(heads, t0, tsize, offset, 0, r, a.cols, tiling, cdt)
     loss, r, dz, dt, g_aux = store_tile_grads(kernel, token_loss, tile, r, aux_t, tiling, cdt)
     if dt is not None:
       g_aux = {**g_aux, TEMPERATURE: g_aux.get(TEMPERATURE, 0.0) + dt}
@@ -611,13 +616,13 @@ def store_local(a: dict, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple
     jnp.zeros(x.shape, cdt),
     jnp.zeros(w.shape, cdt),
     None if bias is None else jnp.zeros(bias.shape, cdt),
-    {k: jnp.zeros((n, *aux.get(k, rows.get(k)).shape[1:]), cdt) for k in d_names},
+    {k: jnp.zeros((n, *(aux[k] if k in aux else rows[k]).shape[1:]), cdt) for k in d_names},
   )
   total, kept, dx, dw, db, d_rows = fold(n, tiling.token_chunk, token_body, init)
   dx = vocab_sum(dx, tiling.placement)
   total, dw, db = data_sum((total, dw, db), tiling.placement)
-  dw = in_caller_order(dw, a["cols"], 0 if tiling.vd else 1)
-  db = None if db is None else in_caller_order(db, a["cols"], 0)
+  dw = in_caller_order(dw, a.cols, 0 if tiling.vd else 1)
+  db = None if db is None else in_caller_order(db, a.cols, 0)
   return {"total": total, "rows": kept, "dx": dx, "dw": dw, "dbias": db, "d_rows": d_rows}
 
 
@@ -723,7 +728,7 @@ def add_dw(dw, x_t, dz, op_dt, tiling: Tiling, cdt, xT_t=None):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
-def store(ops: dict, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple, layout: tuple):
+def store(ops: Operands, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple, layout: tuple):
   """`(sum_i token_loss(outputs_i, aux_i), {name: rows for name in keep})` (strategy "store").
 
   `ops` is `recompute`'s plus ``aux``, the per-token operands of
@@ -735,16 +740,18 @@ def store(ops: dict, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple, la
   return store_fwd(ops, kernel, tiling, token_loss, keep, layout)[0]
 
 
-def store_gradient_names(ops: dict, token_loss) -> tuple:
+def store_gradient_names(ops: Operands, token_loss) -> tuple:
   """The per-token operands whose gradients the store pass accumulates."""
   return tuple(
     dict.fromkeys(
-      (*token_loss.differentiable, *[TEMPERATURE] * (traced_temperature(ops["rows"]) is not None))
+      (*token_loss.differentiable, *[TEMPERATURE] * (traced_temperature(ops.rows) is not None))
     )
   )
 
 
-def store_fwd(ops: dict, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple, layout: tuple):
+def store_fwd(
+  ops: Operands, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple, layout: tuple
+):
   del layout
   s = specs_of(tiling)
   out_specs = {"total": s.scalar, "rows": dict.fromkeys(keep, s.tokens), "dx": s.x, "dw": s.w}
@@ -765,24 +772,27 @@ def store_bwd(kernel: Kernel, tiling, token_loss, keep, layout, grads, cts):
   treedef, dtypes = layout
   g = cts[0].astype(grads["dx"].dtype)
   ct = jax.tree.unflatten(treedef, [None] * treedef.num_leaves)
+  fields: dict[str, Any] = {}
   for (group, name), dt in dtypes:
     if group is None:
-      ct[name] = (g * grads["d" + name]).astype(dt)
+      fields[name] = (g * grads["d" + name]).astype(dt)
     else:
-      ct[group][name] = (g * grads["d_rows"][name]).astype(dt)
-  return (ct,)
+      rows = fields.get(group, getattr(ct, group))
+      fields[group] = {**rows, name: (g * grads["d_rows"][name]).astype(dt)}
+  return (dataclasses.replace(ct, **fields),)
 
 
 store.defvjp(store_fwd, store_bwd)
 
 
-def run_store(ops: dict, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple = ()):
+def run_store(ops: Operands, kernel: Kernel, tiling: Tiling, token_loss, keep: tuple = ()):
   """`store` on `ops` placed in the layout the sweep expects."""
   ops = place_tree(ops, tiling.placement, tiling.vd, tiling.teacher_vd)
   dtypes: list[tuple[tuple[str | None, str], Any]]
-  dtypes = [((None, k), ops[k].dtype) for k in ("x", "w", "bias") if k in ops]
+  heads = {"x": ops.x, "w": ops.w, "bias": ops.bias}
+  dtypes = [((None, k), a.dtype) for k, a in heads.items() if a is not None]
   for k in store_gradient_names(ops, token_loss):
-    group = "rows" if k == TEMPERATURE and traced_temperature(ops["rows"]) is not None else "aux"
-    dtypes.append(((group, k), ops[group][k].dtype))
+    group = "rows" if k == TEMPERATURE and traced_temperature(ops.rows) is not None else "aux"
+    dtypes.append(((group, k), getattr(ops, group)[k].dtype))
   layout = (jax.tree.structure(ops), tuple((key, jnp.dtype(dt).name) for key, dt in dtypes))
   return store(ops, kernel, tiling, token_loss, keep, layout)

@@ -29,7 +29,13 @@ from xentjax._vocab.options import (
   check_where,
   temperature_rows,
 )
-from xentjax._vocab.placement import Placement, explicit_layout, mesh_axes, working_mesh
+from xentjax._vocab.placement import (
+  Operands,
+  Placement,
+  explicit_layout,
+  mesh_axes,
+  working_mesh,
+)
 from xentjax._vocab.tiles import STORE_TILE, TEMPERATURE, Tiling, auto_chunks
 
 
@@ -57,11 +63,11 @@ class Call(NamedTuple):
 
   tokens: Tokens
   tiling: Tiling
-  ops: dict
+  ops: Operands
   order: Any = None
 
 
-def in_vocab_order(ops: dict, tok: Tokens, order):
+def in_vocab_order(ops: Operands, tok: Tokens, order) -> tuple[Operands, Any]:
   """`(ops, full order)` to sweep the columns in `order`, with the labels remapped.
 
   Padding columns stay at the end. The engine gathers each chunk's columns
@@ -71,9 +77,8 @@ def in_vocab_order(ops: dict, tok: Tokens, order):
   """
   full = jnp.concatenate([order, jnp.arange(tok.vocab_size, tok.n_cols, dtype=jnp.int32)])
   inverse = jnp.zeros_like(full).at[full].set(jnp.arange(full.shape[0], dtype=jnp.int32))
-  labels = jnp.take(inverse, ops["rows"]["labels"], mode="clip")
-  rows = {**ops["rows"], "labels": labels}
-  return {**ops, "rows": rows, "cols": {**ops["cols"], "order": full, "inverse": inverse}}, full
+  labels = jnp.take(inverse, ops.rows["labels"], mode="clip")
+  return ops.with_rows(labels=labels).with_cols(order=full, inverse=inverse), full
 
 
 def placement_of(
@@ -203,9 +208,7 @@ def prepare_call(
   rows = {"labels": tok.status.index}
   if not isinstance(t, float):
     rows[TEMPERATURE] = temperature_rows(t, tok.batch_shape, tok.cdt)
-  ops = {"x": tok.x, "w": tok.w, "rows": rows, "cols": {}}
-  if bias is not None:
-    ops["bias"] = bias
+  ops = Operands(x=tok.x, w=tok.w, rows=rows, bias=bias)
   order = check_vocab_order(vocab_order, tok.vocab_size, tok.placement.vocab_shards)
   if order is None:
     return Call(tok, tiling, ops)

@@ -19,8 +19,9 @@ per-column row, or a gradient of one of them; never from its name.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, NamedTuple, TypedDict
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,8 @@ class Placement(NamedTuple):
     return self.data_axis if self.ring else self.vocab_axis
 
 
-class Operands(TypedDict, total=False):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Operands:
   """What a sweep takes: its fields fix each array's layout, never a name inside them.
 
   ``x`` ``[n, D]`` (tokens over the data axis), ``w`` the head (columns over
@@ -57,17 +59,38 @@ class Operands(TypedDict, total=False):
   ``rows``: per-token operands (``[n, ...]``, over the data axis),
   ``cols``: per-column operands (``[V, ...]``, over the column axis), and
   for strategy "store" ``aux``: the per-token operands of the loss.
+
+  A pytree (`jax.tree_util.register_dataclass`): every field is data, and
+  an absent optional head (None) has no leaves, so a tree of specs
+  (`operand_specs`) or of cotangents has None in the same places. Frozen:
+  a new record comes from `dataclasses.replace`, `with_rows` or `with_cols`.
   """
 
-  x: jax.Array
-  w: jax.Array
-  bias: jax.Array
-  teacher_x: jax.Array
-  teacher_w: jax.Array
-  teacher_bias: jax.Array
-  rows: dict[str, jax.Array]
-  cols: dict[str, jax.Array]
-  aux: dict[str, jax.Array]
+  x: Any
+  w: Any
+  rows: dict[str, Any] = dataclasses.field(default_factory=dict)
+  cols: dict[str, Any] = dataclasses.field(default_factory=dict)
+  bias: Any = None
+  teacher_x: Any = None
+  teacher_w: Any = None
+  teacher_bias: Any = None
+  aux: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def with_rows(self, **rows) -> Operands:
+    """The same operands with the per-token operands ``rows`` added (or replaced)."""
+    return dataclasses.replace(self, rows={**self.rows, **rows})
+
+  def with_cols(self, **cols) -> Operands:
+    """The same operands with the per-column operands ``cols`` added (or replaced)."""
+    return dataclasses.replace(self, cols={**self.cols, **cols})
+
+
+# Every field is data, flattened in the order of the names, as the dict the
+# record replaced was (`jax` sorts a dict's keys): the leaves, and with them
+# the compiled programs, keep their order.
+jax.tree_util.register_dataclass(
+  Operands, data_fields=sorted(f.name for f in dataclasses.fields(Operands)), meta_fields=[]
+)
 
 
 class Layout(NamedTuple):
@@ -90,27 +113,28 @@ def layout_specs(placement: Placement, vd: bool = False, teacher_vd: bool = Fals
 
 
 def operand_specs(
-  ops: Operands | dict, placement: Placement, vd: bool, teacher_vd: bool = False, tile_rows=()
-) -> dict:
-  """The specs of a sweep's operands, by field (`Operands`).
+  ops: Operands, placement: Placement, vd: bool, teacher_vd: bool = False, tile_rows=()
+) -> Operands:
+  """The specs of a sweep's operands: an `Operands` of `PartitionSpec`, field by field.
 
-  Every per-token row is ``[tokens, ...]`` except those named in
-  ``tile_rows`` (a kernel's ``tile_saved``: ``[tokens, vocabulary tiles]``);
-  every per-column operand is ``[columns]``.
+  Every per-token row (``rows``, ``aux``) is ``[tokens, ...]`` except the
+  ``rows`` named in ``tile_rows`` (a kernel's ``tile_saved``: ``[tokens,
+  vocabulary tiles]``); every per-column operand is ``[columns]``; an absent
+  optional field stays None.
   """
   s = layout_specs(placement, vd, teacher_vd)
-  heads = {"x": s.x, "teacher_x": s.x, "w": s.w, "teacher_w": s.teacher_w}
-  fields = {**heads, "bias": s.cols, "teacher_bias": s.cols}
-  out: dict = {}
-  value: Any
-  for field, value in ops.items():
-    if field in ("rows", "aux"):
-      out[field] = {k: s.tile if k in tile_rows else s.tokens for k in value}
-    elif field == "cols":
-      out[field] = dict.fromkeys(value, s.cols)
-    else:
-      out[field] = fields[field]
-  return out
+  given = lambda a, spec: None if a is None else spec
+  return Operands(
+    x=s.x,
+    w=s.w,
+    rows={k: s.tile if k in tile_rows else s.tokens for k in ops.rows},
+    cols=dict.fromkeys(ops.cols, s.cols),
+    bias=given(ops.bias, s.cols),
+    teacher_x=given(ops.teacher_x, s.x),
+    teacher_w=given(ops.teacher_w, s.teacher_w),
+    teacher_bias=given(ops.teacher_bias, s.cols),
+    aux=dict.fromkeys(ops.aux, s.tokens),
+  )
 
 
 def sharded(fn, placement: Placement, in_specs, out_specs):
@@ -183,7 +207,7 @@ def place(a, mesh, spec):
   return lax.with_sharding_constraint(a, sharding)
 
 
-def place_tree(ops: Operands | dict, placement: Placement, vd: bool, teacher_vd: bool = False):
+def place_tree(ops: Operands, placement: Placement, vd: bool, teacher_vd: bool = False) -> Operands:
   """Every operand of a sweep in the layout it expects (unchanged on one device)."""
   if placement.mesh is None:
     return ops

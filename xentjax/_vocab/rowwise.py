@@ -142,7 +142,7 @@ def linear_row_loss(
   tok = call.tokens
   rows = flat_operands(operands, tok.batch_shape)
   kernel = RowFunction(fn, tuple(rows), tok.vocab_size if tok.vocab_size < tok.n_cols else None)
-  ops = {**call.ops, "rows": {**call.ops["rows"], **{operand_key(k): v for k, v in rows.items()}}}
+  ops = call.ops.with_rows(**{operand_key(k): v for k, v in rows.items()})
   counted = tok.status.counted
   if reduction == "none":
     value = run_recompute(ops, kernel, call.tiling)["value"]
@@ -150,7 +150,8 @@ def linear_row_loss(
   count = jnp.sum(counted)
   weight = 1.0 / jnp.maximum(count, 1).astype(tok.cdt) if reduction == "mean" else 1.0
   aux = {"weight": jnp.where(counted, weight, 0.0).astype(tok.cdt)}
-  total, _ = run_store({**ops, "aux": aux}, kernel, call.tiling, WeightedValues())
+  ops = dataclasses.replace(ops, aux=aux)
+  total, _ = run_store(ops, kernel, call.tiling, WeightedValues())
   return jnp.where(count == 0, jnp.nan, total) if reduction == "mean" else total
 
 

@@ -240,14 +240,14 @@ def gathered_logits(call, ids):
   w_k = jnp.take(tok.w, safe, axis=0 if tok.vd else 1).astype(op_dt)
   z = lax.dot_general(x, w_k, dims, precision=tiling.precision, preferred_element_type=tok.cdt)
   z = z.astype(tok.cdt)
-  if "bias" in ops:
-    z = z + jnp.take(ops["bias"], safe).astype(tok.cdt)
+  if ops.bias is not None:
+    z = z + jnp.take(ops.bias, safe).astype(tok.cdt)
   dead = z == -jnp.inf  # a -inf bias: kept out of the cap and temperature (no inf * 0)
   z = jnp.where(dead, 0.0, z)
   if tiling.soft_cap is not None:
     cap = jnp.asarray(tiling.soft_cap, tok.cdt)
     z = cap * jnp.tanh(z / cap)
-  return jnp.where(dead, -jnp.inf, tempered(z, tile_temperature(tiling, ops["rows"], tok.cdt)))
+  return jnp.where(dead, -jnp.inf, tempered(z, tile_temperature(tiling, ops.rows, tok.cdt)))
 
 
 def support_logprob(call, ids) -> jax.Array:
