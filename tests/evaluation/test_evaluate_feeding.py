@@ -36,3 +36,21 @@ def test_every_numpy_array_of_a_batch_is_touched_in_the_feeding_thread(tmp_path,
     progress=False,
   )  # fmt: skip
   assert got == want
+
+
+def test_pages_are_mapped_in_one_call_for_any_slice_of_a_memory_map(tmp_path):
+  """`_populate` page-aligns the start itself: an unaligned slice maps like the whole file.
+
+  Where the kernel has no MADV_POPULATE_READ (or outside Linux) both calls
+  return False and `_touch_pages` reads a byte per page instead; the data is
+  never changed either way.
+  """
+  data = np.arange(5000, dtype=np.float32).reshape(1000, 5)
+  np.save(tmp_path / "z.npy", data)
+  z = np.load(tmp_path / "z.npy", mmap_mode="r")
+  whole = _evaluation._populate(z)
+  assert _evaluation._populate(z[3:517]) == whole  # starts mid-page
+  assert _evaluation._populate(z[999:]) == whole  # a few bytes at the end
+  for piece in (z, z[3:517], z[999:]):
+    _evaluation._touch_pages(piece)
+  np.testing.assert_array_equal(z, data)

@@ -17,6 +17,7 @@ import pytest
 import xentjax
 from xentjax import _core
 from xentjax._vocab.evaluation import evaluation_rows
+from xentjax._vocab.kernels.evaluation import _largest, _top_candidates
 from xentjax.evaluation import _stream as _evaluation
 
 
@@ -150,6 +151,50 @@ def test_tie_shared_credit_over_many_tiles(k):
     zt = z[np.arange(n), y]
     np.testing.assert_allclose(rows.credit, tie_credit(z, zt, 1), rtol=1e-6)
     np.testing.assert_allclose(rows.credit_k, tie_credit(z, zt, k), rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_tie_shared_credit_over_wide_tiles_from_the_best_blocks(k):
+  """Tiles of >= 64k columns keep only their k best 32-column blocks as top-k candidates.
+
+  Few distinct logits (ties inside and across blocks, the largest crowded
+  into one block for some rows), tiles of 1024, 512 and 1000 columns (not a
+  multiple of the block: the whole tile), all against counting the ties.
+  """
+  rng = np.random.default_rng(10 + k)
+  n, d, v = 48, 3, 2048
+  h = rng.integers(-1, 2, (n, d)).astype(np.float32)
+  w = rng.integers(-2, 3, (d, v)).astype(np.float32)
+  w[:, 64:70] = 4.0 * np.sign(rng.standard_normal((d, 1)))  # one block holds the largest
+  y = rng.integers(0, v, n)
+  y[:8] = np.arange(64, 72)
+  z = h @ w
+  zt = z[np.arange(n), y]
+  status = _core.label_status(jnp.asarray(y), v)
+  for vocab_chunk in (1024, 512, 1000):
+    rows = evaluation_rows(
+      jnp.asarray(h), jnp.asarray(w), status, top_k=k, token_chunk_size=16,
+      vocab_chunk_size=vocab_chunk,
+    )  # fmt: skip
+    np.testing.assert_allclose(rows.credit, tie_credit(z, zt, 1), rtol=1e-6)
+    np.testing.assert_allclose(rows.credit_k, tie_credit(z, zt, k), rtol=1e-6)
+
+
+def test_largest_values_and_block_candidates_equal_lax_top_k():
+  """`_largest` is `lax.top_k`'s values (multiplicity, -inf); the best blocks hold them."""
+  rng = np.random.default_rng(4)
+  for trial in range(60):
+    c = int(rng.choice([5, 40, 320, 640, 1000]))
+    k = int(rng.integers(1, 6))
+    a = rng.standard_normal((9, c)) if trial % 2 else rng.integers(-3, 4, (9, c))
+    a = a.astype(np.float32)
+    a[rng.random(a.shape) < 0.2] = -np.inf
+    a[0] = -np.inf
+    want = np.asarray(jax.lax.top_k(jnp.asarray(a), k)[0])
+    np.testing.assert_array_equal(_largest(jnp.asarray(a), k), want)
+    cand = _top_candidates(jnp.asarray(a), k)
+    np.testing.assert_array_equal(_largest(cand, k), want)
+    assert cand.shape[1] == (k * 32 if c % 32 == 0 and c // 32 >= 2 * k else c)
 
 
 def test_constant_and_minus_inf_rows_follow_the_dense_conventions():
