@@ -23,6 +23,16 @@ markdown table and the machine. The files are deleted afterwards unless
 `--keep`.
 
   PYTHONPATH=. .venv/bin/python benchmarks/evaluate.py [--dir DIR] [--repeats 3]
+
+With ``--hidden``, evaluation from hidden states instead: ``xentjax.evaluate(
+batches, head=w)`` against the fused cross-entropy's forward pass alone
+(``xentjax.linear_softmax_cross_entropy``, jitted per batch, summed on the
+device) on the same ``(hidden, labels)`` batches, back to back in each
+repeat, as tokens per second and their ratio (target: at most 1.2x in every
+run at N = 10^6, D = 512, V = 32,768, the defaults):
+
+  PYTHONPATH=. .venv/bin/python benchmarks/evaluate.py --hidden --repeats 3 \
+      [--hidden-tokens 1000000 --hidden-dim 512 --vocab 32768 --hidden-batch 8192]
 """
 
 from __future__ import annotations
@@ -161,6 +171,77 @@ def naive_jax_loop(paths, size):
 METHODS = {}  # name -> function(paths, size) -> (seconds, cross-entropy, growth MiB)
 
 
+def hidden_batches(n, d, v, size, pool=4, seed=0):
+  """``n`` tokens as ``(hidden, labels)`` batches of ``size``, cycling a pool of ``pool`` batches.
+
+  Generating a million 512-wide hidden states per run would time NumPy's
+  random generator, so both methods stream the same few batches over and over.
+  """
+  rng = np.random.default_rng(seed)
+  bank = [
+    (rng.standard_normal((size, d), dtype=np.float32), rng.integers(0, v, size).astype(np.int32))
+    for _ in range(pool)
+  ]
+  return [bank[i % pool] for i in range(-(-n // size))]
+
+
+def hidden_runs(n, d, v, size, repeats):
+  """Target B: ``evaluate(batches, head=w)`` against the fused forward pass on the same batches.
+
+  Each repeat runs the two back to back (after a warm-up that compiles both)
+  and returns their seconds; tokens per second is ``n / seconds``.
+  """
+  rng = np.random.default_rng(1)
+  w = jnp.asarray(rng.standard_normal((d, v), dtype=np.float32) / np.sqrt(d))
+  batches = hidden_batches(n, d, v, size)
+  forward = jax.jit(lambda x, y: xentjax.linear_softmax_cross_entropy(x, w, y, reduction="sum"))
+
+  def fused():
+    total = jnp.zeros((), jnp.float32)
+    for x, y in batches:
+      total = total + forward(x, y)
+    return float(total)
+
+  def evaluate():
+    return xentjax.evaluate(batches, head=w, progress=False).negative_log_likelihood_sum
+
+  warm = batches[:1]
+  float(forward(*warm[0]))
+  xentjax.evaluate(warm, head=w, progress=False)
+  out = []
+  for _ in range(repeats):
+    pair = []
+    for fn in (evaluate, fused):
+      t = time.perf_counter()
+      fn()
+      pair.append(time.perf_counter() - t)
+    out.append(tuple(pair))
+  return out
+
+
+def hidden_main(args) -> None:
+  n, d, v, size = args.hidden_tokens, args.hidden_dim, args.vocab, args.hidden_batch
+  runs = hidden_runs(n, d, v, size, args.repeats)
+  ratios = [e / f for e, f in runs]
+  print(
+    f"evaluation from hidden states: N = {n:,} tokens streamed in batches of {size:,}, "
+    f"D = {d}, V = {v:,} (float32)"
+  )
+  print()
+  print("| run | `evaluate(head=w)` tokens/s | fused forward tokens/s | ratio (time) |")
+  print("|---:|---:|---:|---:|")
+  for i, (e, f) in enumerate(runs, 1):
+    print(f"| {i} | {n / e:,.0f} | {n / f:,.0f} | {e / f:.2f} |")
+  print()
+  print(
+    f"`xentjax.evaluate(..., head=w)` / `linear_softmax_cross_entropy` forward, run by run "
+    f"(each pair back to back): {', '.join(f'{r:.2f}' for r in ratios)}x (min {min(ratios):.2f}, "
+    f"median {statistics.median(ratios):.2f}, max {max(ratios):.2f}); target <= 1.2x in every "
+    f"run: {'met' if max(ratios) <= 1.2 else 'NOT met'} (worst {max(ratios):.2f}x)"
+  )
+  print(f"machine: {machine()}")
+
+
 def memory_child(method: str, paths, size: int) -> None:
   """In a fresh process: warm up on one batch, then report the peak growth."""
   fn = METHODS[method]
@@ -213,7 +294,17 @@ def main(argv=None):
   parser.add_argument("--dir", default=None, help="where to write the files (default: a temp dir)")
   parser.add_argument("--keep", action="store_true", help="keep the files")
   parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+  parser.add_argument(
+    "--hidden", action="store_true",
+    help="instead: evaluation from hidden states against the fused forward pass (target B)",
+  )  # fmt: skip
+  parser.add_argument("--hidden-tokens", type=int, default=1_000_000)
+  parser.add_argument("--hidden-dim", type=int, default=512)
+  parser.add_argument("--vocab", type=int, default=32_768)
+  parser.add_argument("--hidden-batch", type=int, default=8_192)
   args = parser.parse_args(argv)
+  if args.hidden:
+    return hidden_main(args)
   if args.memory_child:
     method, *paths = args.memory_child
     return memory_child(method, paths, args.batch_size)
