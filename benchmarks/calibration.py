@@ -89,7 +89,15 @@ def fit_table(z, y, repeats):
     src, dst = pathlib.Path(tmp, "in.npz"), pathlib.Path(tmp, "out.npz")
     np.savez(src, probs=p, labels=y, odir=np.asarray((1e-3, 1e-3)))
     cmd = [peer, "-m", "benchmarks._dirichletcal_peer", src, dst, str(repeats)]
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT)
+    if done.returncode != 0:  # e.g. -9: killed by the kernel, out of memory
+      t = time.perf_counter() - t0
+      rows.append(
+        f"| dirichletcal `FullDirichletCalibrator` | failed after {t:.0f} s "
+        f"(exit status {done.returncode}) | | |"
+      )
+      return rows
     out = np.load(dst)
   t, nll = out["seconds"], _nll(np.log(np.maximum(out["probs"], 1e-300)), y)
   name = f"dirichletcal {out['version']} `FullDirichletCalibrator`"
