@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.flatten_util import ravel_pytree
 
 from xentjax import _core
 from xentjax import _validation as V
@@ -62,6 +63,7 @@ __all__ = [
   "brier_score",
   "expected_calibration_error",
   "fit",
+  "fit_streaming",
   "fit_temperature",
   "fit_temperature_streaming",
   "maximum_calibration_error",
@@ -1440,13 +1442,19 @@ def _odir_penalty(theta, odir):
   return lam * jnp.sum(jnp.square(off)) + mu * jnp.sum(jnp.square(b))
 
 
-def _map_objective(theta, x, rows: _FlatRows, method: str, odir):
-  """Mean cross-entropy of the mapped logits over the counted rows, plus the ODIR term."""
+def _summed_nll(theta, x, rows: _FlatRows, method: str):
+  """Summed cross-entropy of the mapped logits over the counted rows."""
   u = _map_logits(theta, x, method)
   lse = jax.nn.logsumexp(u, axis=-1, keepdims=True)
   per_row = jnp.sum(jnp.where(rows.y == 0, 0.0, rows.y * (lse - u)), axis=-1)
-  n = jnp.maximum(jnp.sum(rows.counted), 1).astype(u.dtype)
-  return jnp.sum(jnp.where(rows.counted, per_row, 0.0)) / n + _odir_penalty(theta, odir)
+  return jnp.sum(jnp.where(rows.counted, per_row, 0.0))
+
+
+def _map_objective(theta, x, rows: _FlatRows, method: str, odir):
+  """Mean cross-entropy of the mapped logits over the counted rows, plus the ODIR term."""
+  total = _summed_nll(theta, x, rows, method)
+  n = jnp.maximum(jnp.sum(rows.counted), 1).astype(total.dtype)
+  return total / n + _odir_penalty(theta, odir)
 
 
 def _identity_params(k: int, method: str, dtype):
@@ -1672,3 +1680,240 @@ def fit(
 
 def _is_64(x) -> bool:
   return np.dtype(getattr(x, "dtype", np.asarray(x).dtype)) == np.float64
+
+
+# ---------------------------------------------------------------------------
+# Streaming fits of the maps: the objective and its gradient are sums over rows.
+
+_HOST_MEMORY = 30  # L-BFGS pairs kept, as `_lbfgs` keeps them
+_ARMIJO = 1e-4  # sufficient decrease of a backtracking step
+_MAX_HALVINGS = 30  # a step halved this often without decrease: the objective is at its floor
+
+
+@functools.partial(jax.jit, static_argnames=("method",))
+def _moment_sums(logits, labels, where, shift, method):
+  """One batch's sums over the counted rows of ``x - shift`` and its square, the count, a bad label."""
+  rows = _flat_rows(logits, labels, where)
+  d = jnp.where(rows.counted[:, None], _features(rows, method) - shift[None, :], 0.0)
+  return jnp.sum(d, axis=0), jnp.sum(d * d, axis=0), jnp.sum(rows.counted), jnp.any(rows.bad)
+
+
+@functools.partial(jax.jit, static_argnames=("method",))
+def _batch_nll(theta, logits, labels, where, shift, scale, method):
+  """One batch's summed cross-entropy of the map and its gradient (features as `_fit_map`'s)."""
+  rows = _flat_rows(logits, labels, where)
+  x = _features(rows, method)
+  if method != "vector":
+    x = jnp.where(rows.counted[:, None], (x - shift[None, :]) / scale[None, :], 0.0)
+  return jax.value_and_grad(_summed_nll)(theta, x, rows, method)
+
+
+@functools.partial(jax.jit, static_argnames=("odir",))
+def _penalty_and_grad(theta_s, shift, scale, odir):
+  return jax.value_and_grad(lambda t: _odir_penalty(_unstandardize(t, shift, scale), odir))(theta_s)
+
+
+def _stream_moments(get: Callable, method: str):
+  """Mean and standard deviation of the features (two passes, as `_feature_moments`), count, dtype."""
+  sums, shift = None, None
+  for second in (False, True):
+    total = None
+    for batch in get():
+      z, y, w = _split_batch(batch)
+      if shift is None:
+        k = np.shape(z)[-1]
+        shift = jnp.zeros((k,), _batch_dtype(z))
+      part = _moment_sums(_arr(z), _arr(y), _arr(w), shift, method)
+      part = [np.asarray(p, np.float64) for p in part]
+      total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
+    if total is None:
+      raise ValueError("`batches` yielded no batch.")
+    n = max(total[2], 1.0)
+    if not second:
+      sums, shift = total, jnp.asarray(total[0] / n, shift.dtype)
+      if method == "vector":  # fitted on the raw logits: no second pass
+        break
+  assert sums is not None
+  std = np.sqrt(total[1] / n) if method != "vector" else np.ones_like(total[1])
+  scale = jnp.asarray(np.where(std > 0, std, 1.0), shift.dtype)
+  return shift, scale, int(sums[2]), bool(sums[3])
+
+
+def _batch_dtype(z):
+  """The dtype `fit` computes in for logits ``z`` (16-bit in float32; float64 only under x64)."""
+  dtype = getattr(z, "dtype", None) or np.asarray(z).dtype
+  return V.compute_dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+
+def _two_loop(g, pairs):
+  """The L-BFGS direction ``-H g`` from the stored ``(s, y, 1 / y.s)`` pairs (newest last)."""
+  q, alphas = g.copy(), []
+  for s, y, rho in reversed(pairs):
+    a = rho * (s @ q)
+    q -= a * y
+    alphas.append(a)
+  if pairs:
+    s, y, _ = pairs[-1]
+    q *= (s @ y) / (y @ y)
+  for (s, y, rho), a in zip(pairs, reversed(alphas), strict=True):
+    q += (a - rho * (y @ q)) * s
+  return -q
+
+
+def _host_lbfgs(value_and_grad: Callable, x0, max_iter: int, tol: float, ftol: float):
+  """L-BFGS on the host with a backtracking line search: each evaluation is one pass.
+
+  Stops when the gradient's norm is at most ``tol``, or after ``max_iter``
+  steps, or when no step along the direction lowers the objective, or on a
+  stall: the objective fell by at most ``ftol (1 + |f|)`` over the last 10
+  steps (as in `_lbfgs`) while the gradient's norm did not halve (the
+  gradient, summed in float64, stays informative where the rounding of the
+  objective hides its decrease).
+  """
+  x = x0
+  f, g = value_and_grad(x)
+  pairs: list = []
+  seen = [(f, float(np.linalg.norm(g)))]
+  for _ in range(max_iter):
+    if not np.linalg.norm(g) > tol:  # converged, or NaN
+      break
+    d = _two_loop(g, pairs)
+    slope = g @ d
+    if not slope < 0:
+      d, slope = -g, -(g @ g)
+    t = 1.0 if pairs else min(1.0, 1.0 / float(np.sum(np.abs(g))))
+    for _ in range(_MAX_HALVINGS):
+      f_new, g_new = value_and_grad(x + t * d)
+      # Sufficient decrease, or (the objective being convex) a slope still downhill at the
+      # new point, which proves a decrease that the rounding of ``f`` near the optimum hides.
+      if f_new <= f + _ARMIJO * t * slope or g_new @ d <= 0:
+        break
+      t *= 0.5
+    else:
+      break
+    s, y = t * d, g_new - g
+    if s @ y > 0:
+      pairs = [*pairs, (s, y, 1.0 / (s @ y))][-_HOST_MEMORY:]
+    x, f, g = x + s, f_new, g_new
+    seen.append((f, float(np.linalg.norm(g))))
+    if len(seen) >= _STALL:
+      (f_old, g_old), g_min = seen[-_STALL], min(v[1] for v in seen[-_STALL + 1 :])
+      if f_old - f <= ftol * (1 + abs(f_old)) and g_min > 0.5 * g_old:
+        break
+  return x
+
+
+def _stream_map(get: Callable, method: str, odir, max_iter: int, tol: float, moments):
+  """The fitted map's (weight, bias) arrays, from passes over the batches."""
+  shift, scale, n, _ = moments
+  dtype, k = shift.dtype, shift.shape[0]
+  theta0 = _identity_params(k, method, dtype)
+  if method != "vector":
+    theta0 = _standardize(theta0, shift, scale)
+  flat0, unravel = ravel_pytree(theta0)
+
+  def value_and_grad(v):
+    theta = unravel(jnp.asarray(v, dtype))
+    f, g = 0.0, np.zeros_like(v)
+    for batch in get():
+      z, y, w = _split_batch(batch)
+      fb, gb = _batch_nll(theta, _arr(z), _arr(y), _arr(w), shift, scale, method)
+      f, g = f + float(fb), g + np.asarray(ravel_pytree(gb)[0], np.float64)
+    f, g = f / n, g / n
+    if odir is not None:
+      pb, pg = _penalty_and_grad(theta, shift, scale, odir)
+      f, g = f + float(pb), g + np.asarray(pg, np.float64).ravel()
+    return f, g
+
+  ftol = 4 * float(jnp.finfo(dtype).eps)
+  flat0_64 = np.asarray(flat0, np.float64)
+  ok = np.isfinite(value_and_grad(flat0_64)[0])
+  theta = unravel(jnp.asarray(_host_lbfgs(value_and_grad, flat0_64, max_iter, tol, ftol), dtype))
+  if method != "vector":
+    theta = _unstandardize(theta, shift, scale)
+  weight, bias = _full_map(theta, method, k)
+  return weight, bias, ok
+
+
+def fit_streaming(
+  batches: Iterable | Callable[[], Iterable],
+  method: str = "temperature",
+  odir: tuple[float, float] | None = None,
+  *,
+  max_iter: int | None = None,
+  tol: float | None = None,
+) -> Calibrator:
+  r"""`fit` over batches larger than memory: one pass per evaluation of the objective.
+
+  The objective of `fit` (the mean cross-entropy of the mapped logits, plus
+  the ODIR term) and its gradient are sums over rows, so each evaluation
+  accumulates them over all batches, in float64 on the host:
+
+  .. math::
+    F(\theta) = \frac1N \sum_{\text{batches}} \sum_{i \in \text{batch}} \ell_i(\theta)
+      + \Omega(\theta),\qquad
+    \nabla F(\theta) = \frac1N \sum_{\text{batches}} \sum_i \nabla \ell_i(\theta)
+      + \nabla\Omega(\theta).
+
+  ``"temperature"`` is `fit_temperature_streaming` (Newton steps in
+  :math:`\log T`, 4-8 passes). The other maps are fitted as `fit` fits them
+  (the same objective, from the identity map, in the features standardized
+  by their mean and standard deviation over all counted rows for "matrix"
+  and "dirichlet": two passes first), by L-BFGS (30 pairs) with a
+  backtracking (Armijo) line search run on the host, where each trial step
+  is one pass; the stopping rules are `fit`'s (the gradient's norm at most
+  ``tol``, or a stall of the objective over 10 steps). Expect about as many
+  passes as `fit` takes L-BFGS steps (tens to a few hundred): the solver's
+  iterates differ from `fit`'s, but both end at the same minimum, so the
+  maps agree to the tolerance of the fit (the README and
+  ``tests/information/test_calibration_streaming.py`` give the figures).
+
+  Args:
+    batches: a re-iterable of ``(logits, labels)`` or ``(logits, labels,
+      where)`` tuples (``logits`` ``[..., num_classes]``, the same number of
+      classes in every batch), or a zero-argument callable returning a fresh
+      iterator of them.
+    method: "temperature", "vector", "matrix" or "dirichlet", as in `fit`.
+    odir: None, or ``(λ, μ)`` (``"matrix"`` and ``"dirichlet"`` only), as in `fit`.
+    max_iter: keyword-only iteration limit (`fit`'s defaults).
+    tol: keyword-only stopping tolerance (`fit`'s defaults).
+
+  Returns:
+    A `Calibrator` (float32, or float64 for float64 logits under x64), NaN
+    where `fit` gives NaN: no counted row, a counted label out of range, or
+    a loss at the identity that is not finite.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from xentjax import calibration
+    >>> y = jax.random.randint(jax.random.key(0), (2000,), 0, 3)
+    >>> z = 4.0 * (jax.nn.one_hot(y, 3) + jax.random.normal(jax.random.key(1), (2000, 3)))
+    >>> batches = [(z[i : i + 500], y[i : i + 500]) for i in range(0, 2000, 500)]
+    >>> cal = calibration.fit_streaming(batches, "vector")
+    >>> ref = calibration.fit(z, y, "vector")
+    >>> bool(jnp.max(jnp.abs(jax.nn.softmax(cal(z)) - jax.nn.softmax(ref(z)))) < 1e-3)
+    True
+  """
+  method = _check_method(method)
+  odir = _check_odir(odir, method)
+  get = _batches(batches)
+  if method == "temperature":
+    kw: dict[str, Any] = {} if max_iter is None else {"max_iter": max_iter}
+    kw.update({} if tol is None else {"tol": tol})
+    t = fit_temperature_streaming(get, **kw)
+    first = _split_batch(next(iter(get())))[0]
+    dtype = _batch_dtype(first)
+    return Calibrator("temperature", jnp.asarray(t, dtype), jnp.zeros((), dtype))
+  max_iter = _check_max_iter(500 if max_iter is None else max_iter)
+  moments = _stream_moments(get, method)
+  if tol is None:
+    tol = 1e-6 if moments[0].dtype == jnp.float64 else 1e-5
+  tol = _check_tol(tol)
+  if moments[2] == 0 or moments[3]:  # no counted row, or a bad label: NaN, without fitting
+    shift = moments[0]
+    theta0 = _identity_params(shift.shape[0], method, shift.dtype)
+    weight, bias, ok = (*_full_map(theta0, method, shift.shape[0]), False)
+  else:
+    weight, bias, ok = _stream_map(get, method, odir, max_iter, tol, moments)
+  nan_unless_ok = jnp.asarray(1.0 if ok else np.nan, weight.dtype)
+  return Calibrator(method, weight * nan_unless_ok, bias * nan_unless_ok)

@@ -256,6 +256,7 @@ HOST_FUNCTIONS = {
   "xentjax.losses.check_labels": "the same function as `xentjax.check_labels`, in its wing",
   "xentjax.check_topk_teacher": "an eager check that raises (it reads the values)",
   "xentjax.calibration.fit_temperature_streaming": "one pass over the batches per Newton step",
+  "xentjax.calibration.fit_streaming": "one pass over the batches per evaluation of the objective",
   "xentjax.calibration.temperature_grid": "NumPy on the host: the grid `evaluate` accumulates",
   "xentjax.calibration.temperature_from_statistics": "NumPy on the host: float64 bisection",
   "xentjax.calibration.reliability_diagram": "host NumPy arrays and an optional matplotlib plot",

@@ -482,6 +482,23 @@ def test_calibrate_reports_the_map_before_and_after(files, capsys):
   assert f"T = {t:.4g}" in out
 
 
+@pytest.mark.parametrize("method", ["vector", "matrix"])
+def test_calibrate_fits_every_map(files, capsys, method):
+  from xentjax import calibration as C
+
+  d, logits, labels = files
+  argv = ["--logits", d / "logits.npy", "--labels", d / "labels.npy", "--json"]
+  code, out, err = run(capsys, *argv, "--calibrate", method)
+  assert code == 0, err
+  got = json.loads(out)["calibration"]
+  keep = labels != -100
+  z, y = logits[keep], labels[keep]
+  ref = float64_reference(np.asarray(C.fit(z, y, method)(z)), y)
+  assert got["method"] == method and got["odir"] is None and got["rows"] == 980
+  np.testing.assert_allclose(got["after"]["cross_entropy"], ref["cross_entropy"], rtol=1e-4)
+  assert got["after"]["cross_entropy"] < got["before"]["cross_entropy"]
+
+
 def test_calibrate_option_errors(files, capsys):
   d, _, _ = files
   argv = ["--logits", d / "logits.npy", "--labels", d / "labels.npy"]
