@@ -1557,7 +1557,21 @@ def bootstrap(
   The rows (the counted ones, when ``where`` is given) are resampled with
   replacement ``n`` times; ``metric`` is evaluated on each resample, all of
   them in one compiled program, vectorized over resamples (`jax.lax.map` in
-  chunks that keep the gathered logits near 256 MiB). With :math:`p` the
+  chunks). The library's metrics (`expected_calibration_error` but
+  classwise, `adaptive_calibration_error`, `maximum_calibration_error`,
+  `smooth_ece`, `brier_score`, `xentjax.metrics.cross_entropy_rate`, or a
+  `functools.partial` of one of them with keyword options) are evaluated
+  from row weights: a resample is the number of times each row was drawn,
+  and the metric a weighted reduction of the per-row confidence, credit
+  and loss, computed once with the rows sorted by confidence once (bins of
+  equal mass and quantile edges come from running sums of the weights), so
+  no resample gathers or re-evaluates logits. The draws are those of the
+  gathering bootstrap, so each replicate is the metric of the gathered
+  resample up to float rounding (about 1e-7 of the total in float32),
+  except that in bins of equal mass rows of exactly equal confidence keep
+  their order in the data rather than in the draw. Any other callable is
+  evaluated on the gathered rows of each resample (in chunks that keep
+  them near 256 MiB). With :math:`p` the
   fraction of replicates below the estimate :math:`\hat\theta` (ties count
   half), the interval is Efron's bias-corrected (BC) percentile interval:
 

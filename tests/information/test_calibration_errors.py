@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.special as sp
 
+import xentjax
 from xentjax import calibration as C
 
 X64 = jax.config.jax_enable_x64
@@ -282,4 +283,71 @@ def test_bootstrap_nan_and_smooth_ece():
   assert np.isnan(C.bootstrap(C.smooth_ece, bad, y, n=20, key=jax.random.key(0))).all()
   est, low, high = C.bootstrap(C.smooth_ece, z, y, n=20, key=jax.random.key(0))
   np.testing.assert_allclose(est, C.smooth_ece(z, y), rtol=1e-6)
+  assert low <= est <= high
+
+
+def _gathered_replicates(metric, z, y, keep, n, key):
+  """The metric on each resample's gathered rows, drawn as `bootstrap` documents its draws."""
+  counted = np.ones(len(y), bool) if keep is None else keep
+  order = np.argsort(~counted, kind="stable")
+  m = int(counted.sum())
+  reps = []
+  for k in jax.random.split(key, n):
+    pick = np.asarray(jax.random.randint(k, (len(y),), 0, m))
+    rows = order[pick][:m]
+    reps.append(float(metric(z[rows], y[rows])))
+  return np.asarray(reps, np.float32)
+
+
+BOOTSTRAPPED = {
+  "ece": C.expected_calibration_error,
+  "ece-quantile": functools.partial(C.expected_calibration_error, binning="quantile", num_bins=9),
+  "ace": functools.partial(C.adaptive_calibration_error, num_bins=7),
+  "mce": C.maximum_calibration_error,
+  "smooth": C.smooth_ece,
+  "smooth-0.03": functools.partial(C.smooth_ece, bandwidth=0.03),
+  "brier": C.brier_score,
+  "nll-bits": functools.partial(xentjax.metrics.cross_entropy_rate, base=2),
+}
+
+
+@pytest.mark.parametrize("name", list(BOOTSTRAPPED))
+@pytest.mark.parametrize("rows", [600, 11])
+def test_bootstrap_by_weights_is_the_metric_of_each_gathered_resample(name, rows):
+  # The library's metrics are bootstrapped as weighted reductions; the reference
+  # gathers each resample's rows and evaluates the metric on them (11 rows: rows
+  # drawn many times span several equal-mass bins).
+  metric = BOOTSTRAPPED[name]
+  z, y = _data(rows, 4, seed=7)
+  keep = None if rows == 11 else np.arange(rows) % 5 != 0
+  key = jax.random.key(8)
+  reps = _gathered_replicates(metric, z, y, keep, 40, key)
+  counted = jnp.ones(rows, bool) if keep is None else jnp.asarray(keep)
+  order, m = jnp.argsort(~counted, stable=True), jnp.sum(counted).astype(jnp.int32)
+  weighted = C._weighted_metric(metric)
+  assert weighted is not None
+  got = C._weighted_replicates(*weighted, z, y, counted, order, m, jax.random.split(key, 40))
+  np.testing.assert_allclose(got, reps, rtol=2e-6, atol=5e-7)
+  if rows == 11:  # few distinct replicates: ties at the estimate make the interval jump
+    return
+  est, low, high = C.bootstrap(metric, z, y, n=40, key=key, where=keep)
+  ref_est = metric(z[keep], y[keep])
+  ref = C._bc_interval(jnp.float32(ref_est), jnp.asarray(reps), 0.95)
+  np.testing.assert_allclose(est, ref_est, rtol=1e-6)
+  np.testing.assert_allclose([low, high], ref, rtol=2e-5, atol=2e-6)
+
+
+def test_bootstrap_knows_the_library_metrics_and_gathers_for_the_others():
+  assert C._weighted_metric(C.smooth_ece) == ("smooth", {"bandwidth": None})
+  assert C._weighted_metric(functools.partial(C.adaptive_calibration_error, num_bins=4)) == (
+    "ace",
+    {"num_bins": 4},
+  )
+  classwise = functools.partial(C.expected_calibration_error, classwise=True)
+  assert C._weighted_metric(classwise) is None  # gathered
+  assert C._weighted_metric(functools.partial(C.brier_score, where=None)) is None
+  assert C._weighted_metric(lambda z, y: C.brier_score(z, y)) is None
+  z, y = _data(300, 3)
+  est, low, high = C.bootstrap(classwise, z, y, n=30, key=jax.random.key(0))
+  np.testing.assert_allclose(est, classwise(z, y), rtol=1e-6)
   assert low <= est <= high
