@@ -547,10 +547,24 @@ def _bin_index(conf, counted, num_bins: int, binning: str):
   if binning == "uniform":
     return jnp.clip(jnp.floor(conf * num_bins).astype(jnp.int32), 0, num_bins - 1)
   n = conf.shape[0]
-  order = jnp.argsort(jnp.where(counted, conf, jnp.inf), stable=True)
+  order = _confidence_order(conf, counted)
   rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
   total = jnp.maximum(jnp.sum(counted), 1)
   return jnp.clip((rank * num_bins) // total, 0, num_bins - 1)
+
+
+def _confidence_order(conf, counted):
+  """The stable ascending order of the counted confidences (``>= 0``), the others last.
+
+  Sorted as the integers of their bit patterns with the row index beside
+  them, which orders non-negative floats as the floats do: XLA's CPU sort of
+  integers is several times faster than its sort of floats (`jnp.argsort`),
+  whose comparator orders NaNs.
+  """
+  n = conf.shape[0]
+  ibits = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[conf.dtype.itemsize]
+  bits = lax.bitcast_convert_type(jnp.where(counted, conf, jnp.inf), ibits)
+  return lax.sort((bits, jnp.arange(n, dtype=jnp.int32)), num_keys=1, is_stable=True)[1]
 
 
 def _bin_sums(conf, credit, counted, num_bins: int, binning: str):
@@ -1367,10 +1381,7 @@ class _SortedRows(NamedTuple):
 
 
 def _sorted_rows(top: _TopLabel, value) -> _SortedRows:
-  n = top.conf.shape[0]
-  ibits = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[top.conf.dtype.itemsize]
-  bits = lax.bitcast_convert_type(jnp.where(top.counted, top.conf, jnp.inf), ibits)
-  _, perm = lax.sort((bits, jnp.arange(n, dtype=jnp.int32)), num_keys=1, is_stable=True)
+  perm = _confidence_order(top.conf, top.counted)
   keep = top.counted[perm]
   return _SortedRows(
     jnp.where(keep, top.conf[perm], 1.0),
