@@ -1394,7 +1394,7 @@ def _sorted_rows(top: _TopLabel, value) -> _SortedRows:
 class _Prefix(NamedTuple):
   """Running sums over the sorted rows of a resample, ``[n + 1]`` each, starting at 0."""
 
-  count: jax.Array  # int32: draws
+  draws: jax.Array  # int32
   conf: jax.Array  # draws times confidence
   credit: jax.Array  # draws times credit
 
@@ -1415,7 +1415,7 @@ def _range_sums(p: _Prefix, starts):
   resolves.
   """
   return (
-    jnp.diff(p.count[starts]).astype(p.conf.dtype),
+    jnp.diff(p.draws[starts]).astype(p.conf.dtype),
     jnp.diff(p.conf[starts]),
     jnp.diff(p.credit[starts]),
   )
@@ -1431,8 +1431,8 @@ def _rank_bin_sums(p: _Prefix, m, s: _SortedRows, num_bins: int):
   ``[ceil(b m / B), ceil((b + 1) m / B))``.
   """
   bound = (jnp.arange(num_bins + 1, dtype=jnp.int32) * m + num_bins - 1) // num_bins
-  row = jnp.searchsorted(p.count[1:], bound, side="right")  # the row holding rank L (n: none)
-  below = (bound - p.count[row]).astype(p.conf.dtype)
+  row = jnp.searchsorted(p.draws[1:], bound, side="right")  # the row holding rank L (n: none)
+  below = (bound - p.draws[row]).astype(p.conf.dtype)
 
   def upto(run, v):
     return jnp.diff(run[row] + below * jnp.pad(v, (0, 1))[row])
@@ -1446,7 +1446,7 @@ def _ace_weighted(w, m, s: _SortedRows, num_bins: int):
   p = _prefix(w, s)
 
   def order_statistics(ranks):
-    return s.conf[jnp.clip(jnp.searchsorted(p.count[1:], ranks, side="right"), 0, n - 1)]
+    return s.conf[jnp.clip(jnp.searchsorted(p.draws[1:], ranks, side="right"), 0, n - 1)]
 
   edges = _quantile_edges(order_statistics, m, num_bins, s.conf.dtype)
   inner = jnp.searchsorted(s.conf, edges[1:-1], side="left")  # first row of bins 1 .. B - 1
@@ -1493,7 +1493,7 @@ def _weighted_metric(metric) -> tuple[str, dict] | None:
     if metric.args:
       return None
     func, kw = metric.func, dict(metric.keywords)
-  known = {
+  known: dict[Callable, tuple[str, dict, dict]] = {
     expected_calibration_error: ("ece", _BIN_OPTIONS, {"classwise": False}),
     adaptive_calibration_error: ("ace", {"num_bins": _check_num_bins}, {}),
     maximum_calibration_error: ("mce", {"num_bins": _check_num_bins}, {}),
@@ -2018,30 +2018,34 @@ def _penalty_and_grad(theta_s, shift, scale, odir):
   return jax.value_and_grad(lambda t: _odir_penalty(_unstandardize(t, shift, scale), odir))(theta_s)
 
 
+def _moment_pass(get: Callable, method: str, shift):
+  """`_moment_sums` over all batches (float64); ``shift`` None: zeros, of the data's dtype."""
+  total: list | None = None
+  for batch in get():
+    z, y, w = _split_batch(batch)
+    if shift is None:
+      shift = jnp.zeros((np.shape(z)[-1],), _batch_dtype(z))
+    part = [
+      np.asarray(p, np.float64) for p in _moment_sums(_arr(z), _arr(y), _arr(w), shift, method)
+    ]
+    total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
+  if total is None:
+    raise ValueError("`batches` yielded no batch.")
+  return total, shift
+
+
 def _stream_moments(get: Callable, method: str):
-  """Mean and standard deviation of the features (two passes, as `_feature_moments`), count, dtype."""
-  sums, shift = None, None
-  for second in (False, True):
-    total = None
-    for batch in get():
-      z, y, w = _split_batch(batch)
-      if shift is None:
-        k = np.shape(z)[-1]
-        shift = jnp.zeros((k,), _batch_dtype(z))
-      part = _moment_sums(_arr(z), _arr(y), _arr(w), shift, method)
-      part = [np.asarray(p, np.float64) for p in part]
-      total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
-    if total is None:
-      raise ValueError("`batches` yielded no batch.")
-    n = max(total[2], 1.0)
-    if not second:
-      sums, shift = total, jnp.asarray(total[0] / n, shift.dtype)
-      if method == "vector":  # fitted on the raw logits: no second pass
-        break
-  assert sums is not None
-  std = np.sqrt(total[1] / n) if method != "vector" else np.ones_like(total[1])
-  scale = jnp.asarray(np.where(std > 0, std, 1.0), shift.dtype)
-  return shift, scale, int(sums[2]), bool(sums[3])
+  """Mean and standard deviation of the features (two passes, as `_feature_moments`), count, bad."""
+  first, zeros = _moment_pass(get, method, None)
+  n = max(float(first[2]), 1.0)
+  shift = jnp.asarray(first[0] / n, zeros.dtype)
+  if method == "vector":  # fitted on the raw logits: no second pass
+    scale = jnp.ones_like(shift)
+  else:
+    second, _ = _moment_pass(get, method, shift)
+    std = np.sqrt(second[1] / n)
+    scale = jnp.asarray(np.where(std > 0, std, 1.0), shift.dtype)
+  return shift, scale, int(first[2]), bool(first[3])
 
 
 def _batch_dtype(z):
