@@ -2159,10 +2159,13 @@ def fit_streaming(
   accumulates them over all batches, in float64 on the host:
 
   .. math::
-    F(\theta) = \frac1N \sum_{\text{batches}} \sum_{i \in \text{batch}} \ell_i(\theta)
-      + \Omega(\theta),\qquad
-    \nabla F(\theta) = \frac1N \sum_{\text{batches}} \sum_i \nabla \ell_i(\theta)
-      + \nabla\Omega(\theta).
+    \begin{aligned}
+    F(\theta) &= \frac1N \sum_{b} \sum_{i \in b} \ell_i(\theta) + \Omega(\theta),\\
+    \nabla F(\theta) &= \frac1N \sum_{b} \sum_{i \in b} \nabla \ell_i(\theta)
+      + \nabla\Omega(\theta),
+    \end{aligned}
+
+  over the batches :math:`b`, with :math:`\Omega` the ODIR term.
 
   ``"temperature"`` is `fit_temperature_streaming` (Newton steps in
   :math:`\log T`, 4-8 passes). The other maps are fitted as `fit` fits them
@@ -2174,8 +2177,8 @@ def fit_streaming(
   ``tol``, or a stall of the objective over 10 steps). Expect about as many
   passes as `fit` takes L-BFGS steps (tens to a few hundred): the solver's
   iterates differ from `fit`'s, but both end at the same minimum, so the
-  maps agree to the tolerance of the fit (the README and
-  ``tests/information/test_calibration_streaming.py`` give the figures).
+  maps agree to the tolerance of the fit (the evaluation guide's calibration
+  section gives the figures, from ``tests/information/test_calibration_streaming.py``).
 
   Args:
     batches: a re-iterable of ``(logits, labels)`` or ``(logits, labels,
