@@ -1568,7 +1568,8 @@ def bootstrap(
   The rows (the counted ones, when ``where`` is given) are resampled with
   replacement ``n`` times; ``metric`` is evaluated on each resample, all of
   them in one compiled program, vectorized over resamples (`jax.lax.map` in
-  chunks). The library's metrics (`expected_calibration_error` but
+  chunks; the smooth ECE one resample at a time, so that its bandwidth
+  search keeps its branch). The library's metrics (`expected_calibration_error` but
   classwise, `adaptive_calibration_error`, `maximum_calibration_error`,
   `smooth_ece`, `brier_score`, `xentjax.metrics.cross_entropy_rate`, or a
   `functools.partial` of one of them with keyword options) are evaluated
