@@ -66,6 +66,7 @@ __all__ = [
   "class_axes",
   "closed_form_jvp",
   "doc_parts",
+  "forwarding_signature",
   "from_last",
   "gradient_doc",
   "is_public",
@@ -259,7 +260,7 @@ def gradient_doc(loss, *, wrt: str, formula: str, note: str = ""):
   return deco
 
 
-def public_like(model):
+def public_like(model, *, validators: dict[str, Callable] | None = None):
   """Declare a public function that takes exactly the arguments of the public `model`.
 
   The decorated function keeps its own name and docstring; it gets `model`'s
@@ -268,13 +269,50 @@ def public_like(model):
   parameter by name: ``def f(logits, labels, axis, where, label_smoothing)``.
   For a function that is defined by its model's arguments, such as a
   closed-form gradient beside its loss.
+
+  A function with a ``**options`` parameter forwards to `model` with some
+  parameters of its own (`forwarding_signature`): ``def f(x, w, labels, *,
+  mesh: Mesh, data_axis="data", vocab_axis="vocab", **options)`` takes
+  `model`'s other keywords in place of ``options``. `validators` as in
+  `public`.
   """
 
   def deco(fn):
-    fn.__annotations__ = dict(model.__annotations__)
-    return public(model.static_argnames, signature=inspect.signature(model))(fn)
+    sig = inspect.signature(model)
+    if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
+      sig = forwarding_signature(fn, model)
+      fn.__xentjax_forwards_to__ = model  # where the docs read the other defaults
+    fn.__annotations__ = {
+      **{n: p.annotation for n, p in sig.parameters.items() if p.annotation is not p.empty},
+      "return": sig.return_annotation,
+    }
+    return public(model.static_argnames, validators=validators, signature=sig)(fn)
 
   return deco
+
+
+def forwarding_signature(fn, model) -> inspect.Signature:
+  """`fn`'s signature with `model`'s parameters that it does not name in place of its ``**``.
+
+  A parameter of `fn` without an annotation takes `model`'s; the return
+  annotation is `fn`'s, else `model`'s.
+  """
+  own, base = inspect.signature(fn), inspect.signature(model).parameters
+  params = []
+  for p in own.parameters.values():
+    if p.kind is p.VAR_KEYWORD:
+      params += [q for n, q in base.items() if n not in own.parameters]
+    elif p.annotation is p.empty and p.name in base:
+      params.append(p.replace(annotation=base[p.name].annotation))
+    else:
+      params.append(p)
+  returns = own.return_annotation
+  return own.replace(
+    parameters=params,
+    return_annotation=inspect.signature(model).return_annotation
+    if returns is own.empty
+    else returns,
+  )
 
 
 def doc_parts(**parts: str):

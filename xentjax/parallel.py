@@ -36,7 +36,7 @@ it carries all-reductions in every step, the data axis only the gradient of
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +44,11 @@ from jax.sharding import PartitionSpec as P
 
 from xentjax import _core
 from xentjax import _validation as V
-from xentjax._api import public
+from xentjax._api import public, public_like
 from xentjax._vocab import cross_entropy, token_stats
 from xentjax._vocab.engine import recompute_logits
 from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
-from xentjax._vocab.options import CROSS_ENTROPY_OPTIONS, TOKEN_STATS_OPTIONS, validators
+from xentjax._vocab.options import validators
 from xentjax._vocab.placement import Placement, place, require_vocab_axis, working_mesh
 from xentjax._vocab.tiles import Tiling
 
@@ -59,37 +59,41 @@ __all__ = [
 ]
 
 
-@public(static=CROSS_ENTROPY_OPTIONS, validators=validators())
-def linear_softmax_cross_entropy(
-  x: jax.typing.ArrayLike,
-  w: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
-  *,
-  mesh: jax.sharding.Mesh,
-  data_axis: Any = "data",
-  vocab_axis: Any = "vocab",
-  reduction: str = "mean",
-  ignore_index: int = -100,
-  where: jax.typing.ArrayLike | None = None,
-  weights: jax.typing.ArrayLike | None = None,
-  class_weights: jax.typing.ArrayLike | None = None,
-  denominator: jax.typing.ArrayLike | None = None,
-  label_smoothing: float = 0.0,
-  z_loss: float = 0.0,
-  logit_soft_cap: float | None = None,
-  temperature: float | jax.typing.ArrayLike = 1.0,
-  bias: jax.typing.ArrayLike | None = None,
-  filter_eps: float | None = None,
-  vocab_order: jax.typing.ArrayLike | None = None,
-  return_lse: bool = False,
-  return_stats: bool = False,
-  strategy: Literal["recompute", "store"] = "recompute",
-  w_layout: Literal["dv", "vd"] = "dv",
-  vocab_size: int | None = None,
-  token_chunk_size: int | None = None,
-  vocab_chunk_size: int | None = None,
-  precision: Any = None,
-) -> jax.Array | tuple:
+def vocab_parallel(single, returns: str):
+  """Declare the vocabulary-parallel version of the public `single`, named and documented by a stub.
+
+  The declared function takes `single`'s arguments with the placement
+  keywords first (``mesh`` required, ``data_axis`` and ``vocab_axis``
+  defaulting to "data" and "vocab"; `xentjax._api.public_like` derives the
+  signature), checks the placement (`placement.require_vocab_axis`) and calls
+  `single` with them. The stub gives its name and docstring; `returns` is the
+  return annotation.
+  """
+
+  def deco(stub):
+    def placed(
+      x,
+      w,
+      labels,
+      *,
+      mesh: jax.sharding.Mesh,
+      data_axis: Any = "data",
+      vocab_axis: Any = "vocab",
+      **options,
+    ):
+      require_vocab_axis(mesh, data_axis, vocab_axis)
+      return single(x, w, labels, mesh=mesh, data_axis=data_axis, vocab_axis=vocab_axis, **options)
+
+    for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+      setattr(placed, name, getattr(stub, name))
+    placed.__annotations__ = {**placed.__annotations__, "return": returns}
+    return public_like(single, validators=validators())(placed)
+
+  return deco
+
+
+@vocab_parallel(cross_entropy.linear_softmax_cross_entropy, returns="jax.Array | tuple")
+def linear_softmax_cross_entropy():
   r"""`xentjax.linear_softmax_cross_entropy` with `w` sharded over its vocabulary.
 
   The single-device function with its placement keywords first and
@@ -149,60 +153,10 @@ def linear_softmax_cross_entropy(
     Shoeybi et al., "Megatron-LM: Training Multi-Billion Parameter Language
     Models Using Model Parallelism", 2019 (vocabulary-parallel cross-entropy).
   """
-  require_vocab_axis(mesh, data_axis, vocab_axis)
-  return cross_entropy.linear_softmax_cross_entropy(
-    x,
-    w,
-    labels,
-    reduction=reduction,
-    ignore_index=ignore_index,
-    where=where,
-    weights=weights,
-    class_weights=class_weights,
-    denominator=denominator,
-    label_smoothing=label_smoothing,
-    z_loss=z_loss,
-    logit_soft_cap=logit_soft_cap,
-    temperature=temperature,
-    bias=bias,
-    filter_eps=filter_eps,
-    vocab_order=vocab_order,
-    return_lse=return_lse,
-    return_stats=return_stats,
-    strategy=strategy,
-    w_layout=w_layout,
-    vocab_size=vocab_size,
-    token_chunk_size=token_chunk_size,
-    vocab_chunk_size=vocab_chunk_size,
-    precision=precision,
-    mesh=mesh,
-    data_axis=data_axis,
-    vocab_axis=vocab_axis,
-  )
 
 
-@public(static=TOKEN_STATS_OPTIONS, validators=validators())
-def linear_token_stats(
-  x: jax.typing.ArrayLike,
-  w: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
-  *,
-  mesh: jax.sharding.Mesh,
-  data_axis: Any = "data",
-  vocab_axis: Any = "vocab",
-  temperature: float | jax.typing.ArrayLike = 1.0,
-  top_k: int = 0,
-  bias: jax.typing.ArrayLike | None = None,
-  ignore_index: int = -100,
-  where: jax.typing.ArrayLike | None = None,
-  logit_soft_cap: float | None = None,
-  support: jax.typing.ArrayLike | None = None,
-  w_layout: Literal["dv", "vd"] = "dv",
-  vocab_size: int | None = None,
-  token_chunk_size: int | None = None,
-  vocab_chunk_size: int | None = None,
-  precision: Any = None,
-) -> token_stats.TokenStats:
+@vocab_parallel(token_stats.linear_token_stats, returns="token_stats.TokenStats")
+def linear_token_stats():
   """`xentjax.linear_token_stats` with `w` sharded over its vocabulary.
 
   The single-device function with its placement keywords first and required
@@ -225,27 +179,6 @@ def linear_token_stats(
   Returns:
     As `xentjax.linear_token_stats`.
   """
-  require_vocab_axis(mesh, data_axis, vocab_axis)
-  return token_stats.linear_token_stats(
-    x,
-    w,
-    labels,
-    temperature=temperature,
-    top_k=top_k,
-    bias=bias,
-    ignore_index=ignore_index,
-    where=where,
-    logit_soft_cap=logit_soft_cap,
-    support=support,
-    w_layout=w_layout,
-    vocab_size=vocab_size,
-    token_chunk_size=token_chunk_size,
-    vocab_chunk_size=vocab_chunk_size,
-    precision=precision,
-    mesh=mesh,
-    data_axis=data_axis,
-    vocab_axis=vocab_axis,
-  )
 
 
 # ----------------------------------------------------------------------------

@@ -384,10 +384,13 @@ def _source_defaults(fn) -> dict[str, str]:
 def show_source_defaults(app, obj, bound_method) -> None:
   """Defaults as written in the source, matched by name (`autodoc_preserve_defaults`
   matches by position, which breaks on a signature that differs from its
-  source's, as a wrapper's may)."""
+  source's, as a wrapper's may). A function that forwards its ``**options`` to
+  another (`xentjax._api.public_like`) takes the other's for those."""
   if not inspect.isfunction(obj):
     return
-  texts = _source_defaults(inspect.unwrap(obj))
+  model = getattr(obj, "__xentjax_forwards_to__", None)
+  texts = _source_defaults(inspect.unwrap(model)) if model is not None else {}
+  texts.update(_source_defaults(inspect.unwrap(obj)))
   sig = inspect.signature(obj)
   params = [
     p.replace(default=_Default(texts[name])) if name in texts and p.default is not p.empty else p
