@@ -35,10 +35,17 @@ without a leading underscore; privacy is the package's, as in optimistix):
   The option checks the entry points share (the contrastive and distillation
   modules check their own options), and `inputs.prepare_call`: the checked, flattened
   tokens, the static `tiles.Tiling` and the operands of a sweep.
+``reduce``
+  The step the entry points share: `reduce.run_and_reduce` runs a kernel by
+  strategy ("recompute" or "store") and reduces a per-token loss (``"none"``,
+  ``"sum"``, ``"mean"`` over its own denominators or the caller's
+  ``denominator``, NaN for a mean over nothing); `reduce.run_tokens` and
+  `reduce.counted_only` for the entry points that return per-token values.
 ``cross_entropy``, ``token_stats``, ``distillation``, ``contrastive``, ``rowwise``
   The public entry points: checks, one kernel, and ordinary differentiable
   JAX code on the kernel's per-token outputs (masks, weights, mixing,
-  reduction). `xentjax.parallel` wraps the first two with a required mesh.
+  reduction). `xentjax.parallel` forwards to the first two with a required
+  mesh (its signatures derived from theirs: `xentjax._api.public_like`).
 
 The kernel interface (``kernel``: the abstract class `kernel.Kernel`, the
 types of its rows and state, and `kernel.LogSumExp`, the online
@@ -61,10 +68,11 @@ log-sum-exp state the kernels share). A kernel is a frozen dataclass
 
 Adding a quantity is one kernel of about 80 lines and one entry point::
 
-  out = engine.run_recompute(call.ops, MyKernel(...), call.tiling)  # {name: [n]}
+  out = reduce.run_tokens(call, MyKernel(...))  # {name: [n]}
   loss = my_per_token_formula(out)  # ordinary JAX, differentiable
 
-(`engine.run_store` runs a per-token loss inside the one-pass sweep instead.)
+(`reduce.run_and_reduce` reduces a per-token loss by either strategy; with
+"store" it runs inside the engine's one-pass sweep, `engine.run_store`.)
 A quantity that is one function of a whole row of logits needs no kernel of
 its own: ``RowFunction(fn, operands)`` (`kernels.rowwise`) runs it, and
 `xentjax.linear_row_loss` is its entry point.

@@ -32,6 +32,7 @@ from xentjax._vocab.kernels.contrastive import (
 )
 from xentjax._vocab.options import check_chunk, check_temperature
 from xentjax._vocab.placement import Operands, Placement, axis_size, working_mesh
+from xentjax._vocab.reduce import WeightedRows
 from xentjax._vocab.tiles import RECOMPUTE_TILE, TEMPERATURE, Tiling, auto_chunks
 
 __all__ = [
@@ -111,27 +112,17 @@ def check_rows(name: str, x, n: int):
   return x
 
 
-def tiling_of(
-  n_rows,
-  n_cols,
-  row_chunk,
-  column_chunk,
-  precision,
-  mesh,
-  data_axis,
-  store=False,
-  arrays=(),
-  *,
-  cdt,
-):
-  """The static `Tiling` of one call; a clear error for a mesh that cannot hold it.
+def tiling_of(a, b, row_chunk, column_chunk, precision, mesh, data_axis, store=False):
+  """The static `Tiling` of the rows of `a` against those of `b`; a clear error for a bad mesh.
 
   With a mesh the rows of ``a`` and ``b`` are sharded over ``data_axis`` and the
   columns travel around its ring (``Placement(ring=True)``), on the
-  `placement.working_mesh` of `mesh` and the call's `arrays`. Strategy "store"
-  sweeps whole rows, in token chunks of a recompute tile's size.
+  `placement.working_mesh` of `mesh` and the arrays. Strategy "store"
+  sweeps whole rows, in token chunks of a recompute tile's size. The compute
+  dtype is that of `a` and `b` (`b` may be `a`: one set of embeddings).
   """
-  n = 1
+  n_rows, n_cols, n = a.shape[0], b.shape[0], 1
+  arrays, cdt = ((a,) if b is a else (a, b)), V.compute_dtype(a.dtype, b.dtype)
   if mesh is None and data_axis is not None:
     raise ValueError("`data_axis` names an axis of `mesh`; pass `mesh` too (or neither).")
   if mesh is not None:
@@ -322,18 +313,8 @@ def contrastive_loss(
   a, b = check_pair(a, b, labels)
   if labels is not None and mesh is not None:
     raise ValueError("`labels` cannot be combined with `mesh`: the ring pairs row i with row i.")
-  cdt = V.compute_dtype(a.dtype, b.dtype)
-  tiling = tiling_of(
-    a.shape[0],
-    b.shape[0],
-    row_chunk_size,
-    column_chunk_size,
-    precision,
-    mesh,
-    data_axis,
-    arrays=(a, b),
-    cdt=cdt,
-  )
+  tiling = tiling_of(a, b, row_chunk_size, column_chunk_size, precision, mesh, data_axis)
+  cdt = tiling.cdt
   pairs = pairs_of(labels, where, a.shape[0], b.shape[0])
   t = inverse_scale(scale, cdt)  # the engine's temperature: its logits are z / t
   ranks, diagonal = retrieval_k is not None, labels is None
@@ -453,18 +434,8 @@ def sigmoid_contrastive_loss(
       'strategy="store" sweeps whole rows on one device; use "recompute" with `mesh` or '
       "`column_chunk_size`."
     )
-  tiling = tiling_of(
-    a.shape[0],
-    b.shape[0],
-    row_chunk_size,
-    column_chunk_size,
-    precision,
-    mesh,
-    data_axis,
-    store=strategy == "store",
-    arrays=(a, b),
-    cdt=V.compute_dtype(a.dtype, b.dtype),
-  )
+  store = strategy == "store"
+  tiling = tiling_of(a, b, row_chunk_size, column_chunk_size, precision, mesh, data_axis, store)
   pairs = pairs_of(labels, where, a.shape[0], b.shape[0])
   cdt = tiling.cdt
   t = inverse_scale(scale, cdt)
@@ -479,20 +450,9 @@ def sigmoid_contrastive_loss(
   count = jnp.sum(pairs.counted)
   weight = 1.0 / jnp.maximum(count, 1).astype(cdt) if reduction == "mean" else jnp.ones((), cdt)
   w = jnp.where(pairs.bad, jnp.nan, jnp.where(pairs.counted, weight, 0.0))
-  ops = dataclasses.replace(ops, aux={"w": w})
-  total, _ = run_store(ops, SigmoidPairs(), tiling, WeightedRows())
+  ops = dataclasses.replace(ops, aux={"weight": w})
+  total, _ = run_store(ops, SigmoidPairs(), tiling, WeightedRows("loss"))
   return jnp.where(count == 0, jnp.nan, total) if reduction == "mean" else total
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightedRows:
-  """``w_i · loss_i`` (0 where ``w_i = 0``): the reduction as strategy "store"'s per-token loss."""
-
-  differentiable = ()  # the weights get no gradient
-
-  def __call__(self, out: dict, aux: dict):
-    w = aux["w"].astype(out["loss"].dtype)
-    return jnp.where(w != 0, w * out["loss"], 0.0)
 
 
 # ----------------------------------------------------------------------------
@@ -549,10 +509,8 @@ def ntxent(
       f"embeddings.shape={e.shape} and labels.shape={labels.shape}."
     )
   n = e.shape[0]
-  cdt = V.compute_dtype(e.dtype)
-  tiling = tiling_of(
-    n, n, row_chunk_size, column_chunk_size, precision, mesh, data_axis, arrays=(e,), cdt=cdt
-  )
+  tiling = tiling_of(e, e, row_chunk_size, column_chunk_size, precision, mesh, data_axis)
+  cdt = tiling.cdt
   eps = jnp.finfo(e.dtype).eps  # optax's cosine similarity: norms clipped at sqrt(eps)
   norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(e.astype(cdt)), axis=1), eps))
   u = e.astype(cdt) / norm[:, None]
@@ -578,10 +536,8 @@ def critic_statistics(
   """
   a, b = check_pair(a, b, None)
   n = a.shape[0]
-  cdt = V.compute_dtype(a.dtype, b.dtype)
-  tiling = tiling_of(
-    n, n, row_chunk_size, column_chunk_size, precision, mesh, data_axis, arrays=(a, b), cdt=cdt
-  )
+  tiling = tiling_of(a, b, row_chunk_size, column_chunk_size, precision, mesh, data_axis)
+  cdt = tiling.cdt
   t = inverse_scale(scale, cdt)  # NaN unless finite and > 0, as for CLIP and SigLIP
   # The engine's logits are (a b + bias_col) / t, so the bias enters as bias * t.
   bias_col = jnp.broadcast_to(scalar("bias", bias, cdt) * t, (n,))

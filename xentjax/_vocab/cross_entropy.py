@@ -20,7 +20,6 @@ from jax import lax
 from xentjax import _core
 from xentjax import _validation as V
 from xentjax._api import public
-from xentjax._vocab.engine import run_recompute, run_store
 from xentjax._vocab.inputs import Call, Head, Tokens, prepare_call
 from xentjax._vocab.kernels.softmax_stats import SoftmaxStats, token_entropy
 from xentjax._vocab.options import (
@@ -32,7 +31,7 @@ from xentjax._vocab.options import (
   check_weights,
   validators,
 )
-from xentjax._vocab.placement import Operands
+from xentjax._vocab.reduce import counted_only, mean_denominators, run_and_reduce
 
 
 class CrossEntropyStats(NamedTuple):
@@ -134,8 +133,11 @@ def weighted(ell, aux: dict, coef: str):
   return jnp.where(aux["counted"] & (c != 0), c * ell, 0.0)
 
 
-def per_token_operands(tok: Tokens, weights, class_weights, eps, lam):
-  """Per-token `aux` of `CrossEntropyLoss`: token weights (NaN on a bad label), class weights."""
+def token_loss_of(tok: Tokens, weights, class_weights, eps, lam):
+  """`(CrossEntropyLoss, aux)`: the per-token loss and its `aux`.
+
+  ``aux``: token weights (NaN on a bad label), class weights.
+  """
   st, cdt = tok.status, tok.cdt
   nan_bad = jnp.where(st.bad, jnp.nan, 1.0).astype(cdt)
   w = jnp.ones(st.index.shape, cdt) if weights is None else weights.reshape(-1).astype(cdt)
@@ -148,27 +150,28 @@ def per_token_operands(tok: Tokens, weights, class_weights, eps, lam):
       aux["usum"] = jnp.broadcast_to(usum, st.index.shape)
     if lam:
       aux["zcoef"] = coef
-  return aux
+  return CrossEntropyLoss(eps, lam, class_weights is not None), aux
 
 
-def mean_denominators(aux: dict, denominator) -> dict:
+def mean_denominators_of(aux: dict, denominator) -> dict:
   """`{coefficient name: denominator}` of ``"mean"``.
 
   The cross-entropy term divides by the (token-weighted) sum of the labels'
-  class weights, ``sum_i w_i c_{y_i}`` (the count of tokens without weights),
-  or by the caller's `denominator`; the z-loss, with class weights, by the
-  count ``sum_i w_i`` alone (Liger-Kernel's rule), so that its strength does
-  not move with the class weights' scale.
+  class weights, ``sum_i w_i c_{y_i}`` (the count of tokens without weights);
+  the z-loss, with class weights, by the count ``sum_i w_i`` alone
+  (Liger-Kernel's rule), so that its strength does not move with the class
+  weights' scale; both by the caller's `denominator` where it is given
+  (`reduce.mean_denominators`).
   """
   coef = aux["coef"]
   d = {"coef": jnp.sum(coef if "cwy" not in aux else coef * aux["cwy"])}
   if "zcoef" in aux:
     d["zcoef"] = jnp.sum(coef)
-  return d if denominator is None else dict.fromkeys(d, denominator)
+  return mean_denominators(d, denominator)
 
 
 def with_column_weights(call: Call, class_weights, eps, monitor: bool):
-  """`(ops, kernel)`: with smoothing, the column weights `u` of the statistic `zu`.
+  """`(call, kernel)`: with smoothing, the column weights `u` of the statistic `zu` in the call.
 
   ``u_j = c_j / V`` (1/V without class weights), 0 on padding columns.
   `monitor`: the kernel also keeps what `CrossEntropyStats` reads.
@@ -177,12 +180,12 @@ def with_column_weights(call: Call, class_weights, eps, monitor: bool):
   assert fc is not None  # filtering on sets its chunk
   kernel = SoftmaxStats(weighted_sum=bool(eps), filter_chunk=fc, monitor=monitor)
   if not eps:
-    return call.ops, kernel
+    return call, kernel
   tok = call.tokens
   c = jnp.ones((tok.vocab_size,), tok.cdt) if class_weights is None else class_weights
   u = jnp.pad(c.astype(tok.cdt) / tok.vocab_size, (0, tok.n_cols - tok.vocab_size))
   u = u if call.order is None else u[call.order]  # the columns in the sweep's order
-  return call.ops.with_cols(u=u), kernel
+  return call._replace(ops=call.ops.with_cols(u=u)), kernel
 
 
 @public(static=CROSS_ENTROPY_OPTIONS, validators=validators())
@@ -432,7 +435,6 @@ def linear_softmax_cross_entropy(
   head = Head(
     w_layout, vocab_size, token_chunk_size, vocab_chunk_size, precision, mesh, data_axis, vocab_axis
   )
-  filter_eps = check_filter_eps(filter_eps, eps)
   call = prepare_call(
     x,
     w,
@@ -444,7 +446,7 @@ def linear_softmax_cross_entropy(
     bias=bias,
     logit_soft_cap=logit_soft_cap,
     temperature=temperature,
-    filter_eps=filter_eps,
+    filter_eps=check_filter_eps(filter_eps, eps),
     vocab_order=vocab_order,
   )
   tok = call.tokens
@@ -453,63 +455,42 @@ def linear_softmax_cross_entropy(
   denominator = check_z_loss_denominator(denominator, reduction, class_weights, lam, tok.cdt)
   # Weights are data, not parameters: no gradient flows into them.
   weights, class_weights = lax.stop_gradient((weights, class_weights))
-  token_loss = CrossEntropyLoss(eps, lam, class_weights is not None)
-  aux = per_token_operands(tok, weights, class_weights, eps, lam)
-  ops, kernel = with_column_weights(call, class_weights, eps, return_stats)
-  loss, rows = reduce(call, ops, kernel, aux, token_loss, reduction, strategy, denominator)
+  token_loss, aux = token_loss_of(tok, weights, class_weights, eps, lam)
+  call, kernel = with_column_weights(call, class_weights, eps, return_stats)
+  means = functools.partial(mean_denominators_of, aux, denominator)
+  keep = STATS_ROWS if return_stats else ("lse",)
+  loss, rows = run_and_reduce(call, kernel, token_loss, aux, strategy, reduction, means, keep)
   return returned(loss, rows, tok, lam, return_lse, return_stats)
 
 
+# The kernel rows `CrossEntropyStats` reads (strategy "store" keeps them).
+STATS_ROWS = ("lse", "m", "log_s", "ent", "amax", "credit")
+
+
 def returned(loss, rows: dict, tok: Tokens, lam, return_lse: bool, return_stats: bool):
-  """`loss`, or the tuple ``(loss, lse?, stats?)`` that the return flags ask for."""
+  """`loss`, or the tuple ``(loss, lse?, stats?)`` that the return flags ask for.
+
+  `rows`: the kernel's (strategy "recompute"), or those "store" kept, with ``lse``.
+  """
+  if "lse" not in rows:  # "recompute": the log-normalizer from the statistics
+    rows = {**rows, "lse": rows["m"] + rows["log_s"]}
   out = (loss,) + (rows["lse"].reshape(tok.batch_shape),) * return_lse
   if return_stats:
     out = (*out, cross_entropy_stats(rows, tok, lam))
   return out if len(out) > 1 else loss
 
 
-def reduce(call: Call, ops: Operands, kernel, aux, token_loss, reduction, strategy, denominator):
-  """`(loss, rows)`: the loss reduced, and the kernel's rows with ``lse`` (both strategies).
-
-  In "store" the rows carry no gradient; in "recompute" ``lse`` does.
-  """
-  if strategy == "store":
-    dens = mean_denominators(aux, denominator) if reduction == "mean" else {}
-    aux = {**aux, **{k: aux[k] / jnp.where(d == 0, 1.0, d) for k, d in dens.items()}}
-    keep = ("lse", "m", "log_s", "ent", "amax", "credit") if kernel.monitor else ("lse",)
-    ops = dataclasses.replace(ops, aux=aux)
-    total, kept = run_store(ops, kernel, call.tiling, token_loss, keep=keep)
-    empty = functools.reduce(jnp.logical_or, [d == 0 for d in dens.values()], jnp.bool_(False))
-    return jnp.where(empty, jnp.nan, total), lax.stop_gradient(kept)
-  out = run_recompute(ops, kernel, call.tiling)
-  s = {**out, "m": lax.stop_gradient(out["m"])}
-  rows = {**s, "lse": s["m"] + s["log_s"]}
-  terms = token_loss.terms(s, aux)
-  if reduction == "none":
-    return add(terms.values()).reshape(call.tokens.batch_shape), rows
-  if reduction == "sum":
-    return jnp.sum(add(terms.values())), rows
-  dens = mean_denominators(aux, denominator)
-  return add(_core.mean_or_nan(jnp.sum(terms[k]), dens[k]) for k in terms), rows
-
-
-def add(terms):
-  """The sum of `terms` (no ``0 +`` in the program, unlike the builtin `sum`)."""
-  return functools.reduce(jnp.add, terms)
-
-
 def cross_entropy_stats(rows: dict, tok: Tokens, lam: float) -> CrossEntropyStats:
   """The `CrossEntropyStats` of the tokens from the kernel's rows (without gradient)."""
-  r = lax.stop_gradient({k: rows[k] for k in ("lse", "m", "log_s", "ent", "amax", "credit")})
-  counted, bad = tok.status.counted, tok.status.bad
+  r = lax.stop_gradient({k: rows[k] for k in STATS_ROWS})
+  counted = tok.status.counted
   zero = jnp.zeros_like(r["lse"])
   z = _core.z_loss_term(r["m"], r["log_s"], lam) if lam else zero
-  credit = jnp.where(counted, r["credit"], 0.0) * jnp.where(bad, jnp.nan, 1.0).astype(zero.dtype)
   stats = CrossEntropyStats(
     lse=r["lse"],
     z_loss=jnp.where(counted, z, 0.0),
     entropy=jnp.where(counted, token_entropy(r["log_s"], r["ent"]), 0.0),
     argmax=r["amax"],
-    correct=credit,
+    correct=counted_only(r["credit"], tok.status),
   )
   return CrossEntropyStats(*(a.reshape(tok.batch_shape) for a in stats))

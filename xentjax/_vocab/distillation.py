@@ -20,8 +20,7 @@ from jax import lax
 
 from xentjax import _validation as V
 from xentjax._api import public
-from xentjax._core import label_status, mean_or_nan
-from xentjax._vocab.engine import run_recompute, run_store
+from xentjax._core import label_status
 from xentjax._vocab.inputs import Call, Head, Tokens, prepare_call
 from xentjax._vocab.kernels.distillation import Divergence, TopkLogits, TotalVariation
 from xentjax._vocab.options import (
@@ -33,6 +32,7 @@ from xentjax._vocab.options import (
   check_vector,
   validators,
 )
+from xentjax._vocab.reduce import mean_denominators, reduce_terms, run_and_reduce
 from xentjax._vocab.tiles import TEMPERATURE, traced_temperature
 
 # The store strategy holds two whole-row logit tiles (student and teacher)
@@ -80,6 +80,10 @@ class DistillationLoss:
       loss = loss + self.hard_weight * out["ce"]
     r = aux["r"]
     return jnp.where(r != 0.0, r * loss, 0.0)
+
+  def terms(self, out: dict, aux: dict) -> dict:
+    """The loss as one term of coefficient ``r`` (`reduce.TokenLoss`)."""
+    return {"r": self(out, aux)}
 
   def divergence(self, out: dict, aux: dict):
     """``D`` per token: the kernel's, or KL(q || p_s) over a top-k teacher's entries."""
@@ -158,43 +162,24 @@ def distill(
   counted, bad = tok.status.counted, tok.status.bad
   count = jnp.sum(counted).astype(tok.cdt)
   denominator = check_denominator_use(denominator, reduction, tok.cdt)
-  count = count if denominator is None else denominator
+  dens = mean_denominators({"r": count}, denominator)
   t = traced_temperature(call.ops.rows)
   if t is not None:
     aux = {**aux, TEMPERATURE: t}
-  unit = jnp.where(bad, jnp.nan, jnp.where(counted, 1.0, 0.0)).astype(tok.cdt)
-  if strategy == "store":
-    r = jnp.where(counted, 1.0, 0.0).astype(tok.cdt)
-    if reduction == "mean":
-      r = r / jnp.where(count == 0, 1.0, count)
-    r = jnp.where(bad, jnp.nan, r)
-    keep = kernel.outputs if components else ()
-    ops = dataclasses.replace(call.ops, aux={**aux, "r": r})
-    total, out = run_store(ops, kernel, call.tiling, loss, keep)
-    total = jnp.where(count == 0, jnp.nan, total) if reduction == "mean" else total
-  else:
-    out = run_recompute(call.ops, kernel, call.tiling)
-    total = reduce_tokens(loss(out, {**aux, "r": unit}), tok, count, reduction)
+  aux = {**aux, "r": jnp.where(bad, jnp.nan, jnp.where(counted, 1.0, 0.0)).astype(tok.cdt)}
+  keep = kernel.outputs if components else ()
+  total, out = run_and_reduce(call, kernel, loss, aux, strategy, reduction, lambda: dens, keep)
   if not components:
     return total
-  soft, hard = loss.components(*lax.stop_gradient((out, {**aux, "r": unit})))
-  soft = reduce_tokens(soft, tok, count, reduction)
-  hard = None if hard is None else reduce_tokens(hard, tok, count, reduction)
+  soft, hard = loss.components(*lax.stop_gradient((out, aux)))
+  soft = reduce_terms({"r": soft}, reduction, dens, tok.batch_shape)
+  hard = None if hard is None else reduce_terms({"r": hard}, reduction, dens, tok.batch_shape)
   return total, DistillationComponents(soft, hard)
 
 
 def traced(call: Call) -> bool:
   """Whether the temperature of the call is traced (`tiles.traced_temperature`)."""
   return traced_temperature(call.ops.rows) is not None
-
-
-def reduce_tokens(per_token, tok: Tokens, count, reduction):
-  """`"none"` (the batch shape), `"sum"` or `"mean"` (NaN when nothing counts) of token rows."""
-  if reduction == "none":
-    return per_token.reshape(tok.batch_shape)
-  if reduction == "sum":
-    return jnp.sum(per_token)
-  return mean_or_nan(jnp.sum(per_token), count)
 
 
 @public(

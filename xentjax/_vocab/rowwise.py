@@ -11,7 +11,6 @@ losses do. A sum or a mean is one pass that forms the gradients as it goes
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -22,9 +21,9 @@ from jax import lax
 
 from xentjax import _validation as V
 from xentjax._api import public
-from xentjax._vocab.engine import run_recompute, run_store
 from xentjax._vocab.inputs import Head, prepare_call
 from xentjax._vocab.kernels.rowwise import RowFunction, operand_key
+from xentjax._vocab.reduce import WeightedRows, run_and_reduce
 
 ROW_LOSS_OPTIONS = (
   "fn",
@@ -144,15 +143,14 @@ def linear_row_loss(
   kernel = RowFunction(fn, tuple(rows), tok.vocab_size if tok.vocab_size < tok.n_cols else None)
   ops = call.ops.with_rows(**{operand_key(k): v for k, v in rows.items()})
   counted = tok.status.counted
-  if reduction == "none":
-    value = run_recompute(ops, kernel, call.tiling)["value"]
-    return jnp.where(counted, value, 0.0).reshape(tok.batch_shape)
-  count = jnp.sum(counted)
-  weight = 1.0 / jnp.maximum(count, 1).astype(tok.cdt) if reduction == "mean" else 1.0
-  aux = {"weight": jnp.where(counted, weight, 0.0).astype(tok.cdt)}
-  ops = dataclasses.replace(ops, aux=aux)
-  total, _ = run_store(ops, kernel, call.tiling, WeightedValues())
-  return jnp.where(count == 0, jnp.nan, total) if reduction == "mean" else total
+  strategy = "recompute" if reduction == "none" else "store"  # "store" sums in its sweep
+  aux = {"weight": jnp.where(counted, 1.0, 0.0).astype(tok.cdt)}
+  count = jnp.sum(counted).astype(tok.cdt)
+  call = call._replace(ops=ops)
+  loss, _ = run_and_reduce(
+    call, kernel, WeightedRows("value"), aux, strategy, reduction, lambda: {"weight": count}
+  )
+  return loss
 
 
 def flat_operands(operands, batch_shape: tuple) -> dict:
@@ -174,14 +172,3 @@ def flat_operands(operands, batch_shape: tuple) -> dict:
       )
     out[name] = lax.stop_gradient(a.reshape(math.prod(batch_shape), *a.shape[k:]))
   return out
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightedValues:
-  """``weight_i · value_i`` (0 where the weight is 0): the reduction as strategy "store"'s loss."""
-
-  differentiable = ()  # the weights get no gradient
-
-  def __call__(self, out: dict, aux: dict) -> jax.Array:
-    weight = aux["weight"].astype(out["value"].dtype)
-    return jnp.where(weight != 0, weight * out["value"], 0.0)

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 
 from xentjax import _validation as V
 from xentjax._api import broadcast_to_first, public, where_mask
-from xentjax._vocab.engine import run_recompute
 from xentjax._vocab.inputs import Head, prepare_call
 from xentjax._vocab.kernels.softmax_stats import SoftmaxStats
 from xentjax._vocab.options import SEQUENCE_OPTIONS, validators
+from xentjax._vocab.reduce import counted_only, run_tokens
 
 
 def check_segment_ids(segment_ids, labels_shape: tuple) -> jax.Array:
@@ -141,10 +141,9 @@ def linear_sequence_logprobs(
     temperature=temperature,
   )
   tok = call.tokens
-  out = run_recompute(call.ops, SoftmaxStats(), call.tiling)
-  counted, bad = tok.status.counted, tok.status.bad
-  logprob = jnp.where(counted, out["zy"] - out["log_s"], 0.0)
-  logprob = logprob * jnp.where(bad, jnp.nan, 1.0).astype(logprob.dtype)
+  out = run_tokens(call, SoftmaxStats())
+  counted = tok.status.counted
+  logprob = counted_only(out["zy"] - out["log_s"], tok.status)
   seg = seg.reshape(-1)
   # Per-segment sums as a masked reduction over the tokens rather than a scatter
   # (`segment_sum`): a reduction over tokens sharded on a mesh is a plain all-reduce,

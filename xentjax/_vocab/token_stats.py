@@ -18,7 +18,6 @@ from jax import lax
 
 from xentjax import _validation as V
 from xentjax._api import public
-from xentjax._vocab.engine import run_recompute
 from xentjax._vocab.inputs import Head, prepare_call
 from xentjax._vocab.kernels.softmax_stats import (
   SoftmaxStats,
@@ -27,6 +26,7 @@ from xentjax._vocab.kernels.softmax_stats import (
   token_logprob,
 )
 from xentjax._vocab.options import TOKEN_STATS_OPTIONS, check_top_k, validators
+from xentjax._vocab.reduce import counted_only, run_tokens
 from xentjax._vocab.tiles import tempered, tile_temperature
 
 
@@ -186,13 +186,10 @@ def linear_token_stats(
   tok = call.tokens
   k = check_top_k(top_k, tok.vocab_size)
   kernel = SoftmaxStats(entropy=True, argmax=True, top_k=k)
-  out = run_recompute(call.ops, kernel, call.tiling)
-  m = lax.stop_gradient(out["m"])
-  lse = m + out["log_s"]
-  counted, bad = tok.status.counted, tok.status.bad
-  logprob = jnp.where(counted, token_logprob(out["zy"], out["log_s"]), 0.0)
-  logprob = logprob * jnp.where(bad, jnp.nan, 1.0).astype(logprob.dtype)
-  entropy = jnp.where(counted, token_entropy(out["log_s"], out["ent"]), 0.0)
+  out = run_tokens(call, kernel)  # the row maximum ``m`` without gradient
+  lse = out["m"] + out["log_s"]
+  logprob = counted_only(token_logprob(out["zy"], out["log_s"]), tok.status)
+  entropy = jnp.where(tok.status.counted, token_entropy(out["log_s"], out["ent"]), 0.0)
   shape = tok.batch_shape
   top_lp = top_i = None
   if k:

@@ -101,8 +101,25 @@ def hard_cotangent(ct: TileCotangent, tile: Tile, r: Rows, ps, own_z: bool) -> T
 # Full teachers.
 
 
+class TeacherDivergence(Kernel):
+  """A kernel of a full teacher: the row ``div``, and ``ce`` with the hard-label term.
+
+  Both differentiable; the subclass's field ``hard`` says whether ``ce`` is formed.
+  """
+
+  hard: bool
+
+  @property
+  def outputs(self):
+    return ("div",) + ("ce",) * self.hard
+
+  @property
+  def differentiable(self):
+    return self.outputs
+
+
 @dataclasses.dataclass(frozen=True)
-class Divergence(Kernel):
+class Divergence(TeacherDivergence):
   """``div``: forward KL (``beta = 0``), reverse KL (1) or the generalized JSD.
 
   ``own_z``: the hard term needs the untempered statistics (a temperature
@@ -123,14 +140,6 @@ class Divergence(Kernel):
   @property
   def passes(self):
     return 2 if self.jsd else 1
-
-  @property
-  def outputs(self):
-    return ("div",) + ("ce",) * self.hard
-
-  @property
-  def differentiable(self):
-    return self.outputs
 
   @property
   def saved(self):
@@ -244,7 +253,7 @@ def scaled_ratios(la, lb, beta: float):
 
 
 @dataclasses.dataclass(frozen=True)
-class TotalVariation(Kernel):
+class TotalVariation(TeacherDivergence):
   """``div``: the total variation distance ``1/2 sum_j |p_t,j - p_s,j|``.
 
   Two passes: the first finishes both log-normalizers, the second sums
@@ -262,14 +271,6 @@ class TotalVariation(Kernel):
   @property
   def saved(self):
     return ("lse_a", "lse_b", "c_s", "c_t") + ("lse_z",) * self.own_z
-
-  @property
-  def outputs(self):
-    return ("div",) + ("ce",) * self.hard
-
-  @property
-  def differentiable(self):
-    return self.outputs
 
   def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt) -> State:
     zero = jnp.zeros((n,), cdt)
