@@ -50,7 +50,7 @@ from jax.flatten_util import ravel_pytree
 
 from xentjax import _core, metrics
 from xentjax import _validation as V
-from xentjax._api import public, where_mask
+from xentjax._api import doc_parts, public, public_like, where_mask
 from xentjax._core import label_status, mean_or_nan, top_k_credit
 
 __all__ = [
@@ -959,7 +959,22 @@ def _finish(value, top: _TopLabel):
   return jnp.where(top.poisoned | empty, jnp.nan, value)
 
 
+# Docstring text that `adaptive_calibration_error`, `maximum_calibration_error`
+# and `smooth_ece` share (their ``{binned_args}``, ``{nan_result}``, ``{example_rows}``).
+_BINNED_ARGS = """logits: ``[..., num_classes]`` (floating).
+    labels: integer labels ``[...]`` or probabilities ``[..., num_classes]``.
+    num_bins: keyword-only number of bins :math:`B`.
+    where: keyword-only row mask ``[...]``, bool or integer 0/1."""
+_NAN_RESULT = """A scalar in ``[0, 1]``; NaN when nothing counts, a counted label is out
+    of range or a counted row holds a NaN logit."""
+_EXAMPLE_ROWS = """>>> import jax.numpy as jnp
+    >>> from xentjax import calibration
+    >>> z = jnp.log(jnp.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]]))
+    >>> y = jnp.array([0, 1, 0, 0])"""
+
+
 @public(("num_bins",), validators={"num_bins": _check_num_bins})
+@doc_parts(binned_args=_BINNED_ARGS, example_rows=_EXAMPLE_ROWS)
 def adaptive_calibration_error(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -987,10 +1002,7 @@ def adaptive_calibration_error(
   tied classes; without ties the two agree).
 
   Args:
-    logits: ``[..., num_classes]`` (floating).
-    labels: integer labels ``[...]`` or probabilities ``[..., num_classes]``.
-    num_bins: keyword-only number of bins :math:`B`.
-    where: keyword-only row mask ``[...]``, bool or integer 0/1.
+    {binned_args}
 
   Returns:
     A scalar in ``[0, 1]`` (float32, float64 for float64 logits); NaN when
@@ -998,10 +1010,7 @@ def adaptive_calibration_error(
     NaN logit.
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> from xentjax import calibration
-    >>> z = jnp.log(jnp.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]]))
-    >>> y = jnp.array([0, 1, 0, 0])
+    {example_rows}
     >>> print(f"{calibration.adaptive_calibration_error(z, y, num_bins=2):.3f}")
     0.400
 
@@ -1021,14 +1030,9 @@ def adaptive_calibration_error(
   return _finish(jnp.sum(gap) / jnp.maximum(jnp.sum(full), 1), top)
 
 
-@public(("num_bins",), validators={"num_bins": _check_num_bins})
-def maximum_calibration_error(
-  logits: jax.typing.ArrayLike,
-  labels: jax.typing.ArrayLike,
-  *,
-  num_bins: int = 15,
-  where: jax.typing.ArrayLike | None = None,
-) -> jax.Array:
+@public_like(adaptive_calibration_error, validators={"num_bins": _check_num_bins})
+@doc_parts(binned_args=_BINNED_ARGS, nan_result=_NAN_RESULT, example_rows=_EXAMPLE_ROWS)
+def maximum_calibration_error(logits, labels, num_bins, where) -> jax.Array:
   r"""Maximum calibration error: the largest gap over equal-width bins.
 
   .. math::
@@ -1042,20 +1046,13 @@ def maximum_calibration_error(
   correctness (ties) as in `adaptive_calibration_error`.
 
   Args:
-    logits: ``[..., num_classes]`` (floating).
-    labels: integer labels ``[...]`` or probabilities ``[..., num_classes]``.
-    num_bins: keyword-only number of bins :math:`B`.
-    where: keyword-only row mask ``[...]``, bool or integer 0/1.
+    {binned_args}
 
   Returns:
-    A scalar in ``[0, 1]``; NaN when nothing counts, a counted label is out
-    of range or a counted row holds a NaN logit.
+    {nan_result}
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> from xentjax import calibration
-    >>> z = jnp.log(jnp.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]]))
-    >>> y = jnp.array([0, 1, 0, 0])
+    {example_rows}
     >>> print(f"{calibration.maximum_calibration_error(z, y, num_bins=10):.3f}")
     0.400
 
@@ -1252,6 +1249,7 @@ def _smooth_parts(logits, labels, where, bandwidth):
 
 
 @public(("bandwidth",), validators={"bandwidth": _check_bandwidth})
+@doc_parts(nan_result=_NAN_RESULT, example_rows=_EXAMPLE_ROWS)
 def smooth_ece(
   logits: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
@@ -1296,14 +1294,10 @@ def smooth_ece(
     where: keyword-only row mask ``[...]``, bool or integer 0/1.
 
   Returns:
-    A scalar in ``[0, 1]``; NaN when nothing counts, a counted label is out
-    of range or a counted row holds a NaN logit.
+    {nan_result}
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> from xentjax import calibration
-    >>> z = jnp.log(jnp.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]]))
-    >>> y = jnp.array([0, 1, 0, 0])
+    {example_rows}
     >>> print(f"{calibration.smooth_ece(z, y):.3f}")
     0.205
 

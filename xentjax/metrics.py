@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from xentjax import _core
-from xentjax._api import public, where_mask
+from xentjax._api import doc_parts, public, where_mask
 from xentjax._validation import (
   broadcasts_to,
   check_floating,
@@ -248,8 +248,16 @@ def top_k_accuracy(
 
 # Cross-entropy rate, perplexity, bits per token.
 
+# The arguments that `cross_entropy_rate`, `perplexity` and `bits_per_token`
+# share (their docstrings' ``{token_args}``).
+_TOKEN_ARGS = """logits: `[..., num_classes]`, floating dtype.
+    labels: `[...]`, integer class indices.
+    where: optional mask `[...]` (broadcastable), e.g. the non-padding
+      tokens."""
+
 
 @public(("base",))
+@doc_parts(token_args=_TOKEN_ARGS)
 def cross_entropy_rate(
   logits: ArrayLike,
   labels: ArrayLike,
@@ -267,10 +275,7 @@ def cross_entropy_rate(
     \end{aligned}
 
   Args:
-    logits: `[..., num_classes]`, floating dtype.
-    labels: `[...]`, integer class indices.
-    where: optional mask `[...]` (broadcastable), e.g. the non-padding
-      tokens.
+    {token_args}
     base: None for nats, 2 for bits, any number > 0 and != 1.
 
   Returns:
@@ -289,6 +294,7 @@ def cross_entropy_rate(
 
 
 @public(("base",))
+@doc_parts(token_args=_TOKEN_ARGS)
 def perplexity(
   logits: ArrayLike,
   labels: ArrayLike,
@@ -316,10 +322,7 @@ def perplexity(
     token` (see `bits_per_token`).
 
   Args:
-    logits: `[..., num_classes]`, floating dtype.
-    labels: `[...]`, integer class indices.
-    where: optional mask `[...]` (broadcastable), e.g. the non-padding
-      tokens.
+    {token_args}
     base: None for the perplexity; a number > 0 and != 1 for its logarithm in
       that base.
 
@@ -347,6 +350,7 @@ def perplexity(
 
 
 @public()
+@doc_parts(token_args=_TOKEN_ARGS)
 def bits_per_token(
   logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None
 ) -> jax.Array:
@@ -360,10 +364,7 @@ def bits_per_token(
     \end{aligned}
 
   Args:
-    logits: `[..., num_classes]`, floating dtype.
-    labels: `[...]`, integer class indices.
-    where: optional mask `[...]` (broadcastable), e.g. the non-padding
-      tokens.
+    {token_args}
 
   Returns:
     Scalar, float32 (float64 for float64 logits).

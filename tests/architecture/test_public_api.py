@@ -354,6 +354,25 @@ def test_functions_declared_like_another_show_its_arguments(name, model):
     fn(a, a, axis=1.5)
 
 
+def test_maximum_calibration_error_takes_the_adaptive_ones_arguments():
+  # Declared with `public_like(adaptive_calibration_error)`: the same face, options and checks.
+  fn = L.calibration.maximum_calibration_error
+  model = L.calibration.adaptive_calibration_error
+  assert inspect.isfunction(fn) and fn.__name__ == "maximum_calibration_error"
+  assert inspect.signature(fn) == inspect.signature(model)
+  assert fn.static_argnames == model.static_argnames == ("num_bins",)
+  text = pydoc.render_doc(fn, renderer=pydoc.plaintext).replace(" ", "")
+  assert "maximum_calibration_error(logits" in text and "'int'=15,where" in text
+  assert "{" + "binned_args}" not in fn.__doc__ and "num_bins: keyword-only" in fn.__doc__
+  z, y = np.zeros((2, 3), np.float32), np.array([0, 1])
+  with pytest.raises(TypeError, match="unexpected keyword argument 'nope'"):
+    fn(z, y, nope=1)
+  with pytest.raises(TypeError, match="positional"):
+    fn(z, y, 10)  # `num_bins` stays keyword-only
+  with pytest.raises(ValueError, match="`num_bins` must be a positive int"):
+    fn(z, y, num_bins=0)
+
+
 def test_public_like_takes_the_model_arguments_by_name():
   @_api.public(("n",))
   def model(x, y=2.0, *, n=1):

@@ -4,7 +4,8 @@ One rule for every entry point that reduces over tokens: ``"sum"``, ``"mean"``
 over the counted tokens (or over the caller's ``denominator``), NaN with zero
 gradients for a mean over nothing, and the same numbers from strategy
 "store" as from "recompute". Checked on the cross-entropy, both distillation
-losses and the whole-row adapter, and on the reduction itself against float64
+losses, the whole-row adapter and the sigmoid contrastive loss (whose "store"
+goes through `store_and_reduce`), and on the reduction itself against float64
 NumPy.
 """
 
@@ -119,6 +120,30 @@ def test_row_loss_reduces_by_the_same_rules(reduction):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   nothing = xentjax.linear_row_loss(brier, x, w, {"label": y}, where=np.zeros(N, bool))
   assert np.isnan(nothing)
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "store"])
+def test_the_sigmoid_contrastive_loss_reduces_by_the_same_rules(strategy):
+  # Its strategy "store" sums through `store_and_reduce`, the store step of `run_and_reduce`.
+  rng = np.random.default_rng(5)
+  a = rng.normal(size=(N, D)).astype(np.float32)
+  b = rng.normal(size=(N + 3, D)).astype(np.float32)
+  y = rng.integers(0, N + 3, size=N)
+  mask = np.array([True, False, True, True, False, True])
+
+  def loss(a, b, where, reduction="mean"):
+    return xentjax.sigmoid_contrastive_loss(
+      a, b, labels=y, where=where, reduction=reduction, strategy=strategy
+    )
+
+  total = float(loss(a, b, mask, "sum"))
+  np.testing.assert_allclose(float(loss(a, b, mask)), total / mask.sum(), rtol=1e-5)
+  nothing = np.zeros(N, bool)
+  v, grads = jax.value_and_grad(loss, argnums=(0, 1))(a, b, nothing)
+  assert np.isnan(v)
+  for g in grads:
+    np.testing.assert_array_equal(g, np.zeros_like(g))
+  assert float(loss(a, b, nothing, "sum")) == 0.0
 
 
 def test_reduce_terms_divides_each_term_by_its_own_denominator():

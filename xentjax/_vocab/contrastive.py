@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from xentjax import _core
 from xentjax import _validation as V
 from xentjax._api import public, where_mask
-from xentjax._vocab.engine import run_recompute, run_store
+from xentjax._vocab.engine import run_recompute
 from xentjax._vocab.kernels.contrastive import (
   ContrastiveSoftmax,
   CriticBounds,
@@ -32,7 +32,7 @@ from xentjax._vocab.kernels.contrastive import (
 )
 from xentjax._vocab.options import check_chunk, check_temperature
 from xentjax._vocab.placement import Operands, Placement, axis_size, working_mesh
-from xentjax._vocab.reduce import WeightedRows
+from xentjax._vocab.reduce import WeightedRows, store_and_reduce
 from xentjax._vocab.tiles import RECOMPUTE_TILE, TEMPERATURE, Tiling, auto_chunks
 
 __all__ = [
@@ -447,12 +447,11 @@ def sigmoid_contrastive_loss(
   if strategy == "recompute":
     out = run_recompute(ops, SigmoidPairs(), tiling)
     return reduce_rows(jnp.where(pairs.bad, jnp.nan, out["loss"]), pairs.counted, reduction)
-  count = jnp.sum(pairs.counted)
-  weight = 1.0 / jnp.maximum(count, 1).astype(cdt) if reduction == "mean" else jnp.ones((), cdt)
-  w = jnp.where(pairs.bad, jnp.nan, jnp.where(pairs.counted, weight, 0.0))
+  w = jnp.where(pairs.bad, jnp.nan, jnp.where(pairs.counted, 1.0, 0.0)).astype(cdt)
+  dens = {"weight": jnp.sum(pairs.counted).astype(cdt)} if reduction == "mean" else {}
   ops = dataclasses.replace(ops, aux={"weight": w})
-  total, _ = run_store(ops, SigmoidPairs(), tiling, WeightedRows("loss"))
-  return jnp.where(count == 0, jnp.nan, total) if reduction == "mean" else total
+  loss, _ = store_and_reduce(ops, tiling, SigmoidPairs(), WeightedRows("loss"), dens)
+  return loss
 
 
 # ----------------------------------------------------------------------------

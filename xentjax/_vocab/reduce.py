@@ -31,6 +31,8 @@ from xentjax._core import LabelStatus, mean_or_nan
 from xentjax._vocab.engine import run_recompute, run_store
 from xentjax._vocab.inputs import Call
 from xentjax._vocab.kernel import Kernel
+from xentjax._vocab.placement import Operands
+from xentjax._vocab.tiles import Tiling
 
 
 class TokenLoss(Protocol):
@@ -138,12 +140,34 @@ def run_and_reduce(
   """
   if strategy == "store":
     dens = denominators() if reduction == "mean" else {}
-    scaled = {k: aux[k] / jnp.where(d == 0, 1.0, d) for k, d in dens.items()}
-    ops = dataclasses.replace(call.ops, aux={**aux, **scaled})
-    total, kept = run_store(ops, kernel, call.tiling, token_loss, keep)
-    empty = functools.reduce(jnp.logical_or, [d == 0 for d in dens.values()], jnp.bool_(False))
-    return jnp.where(empty, jnp.nan, total), lax.stop_gradient(kept)
+    ops = dataclasses.replace(call.ops, aux=aux)
+    return store_and_reduce(ops, call.tiling, kernel, token_loss, dens, keep)
   out = run_tokens(call, kernel)
   terms = token_loss.terms(out, aux)
   dens = denominators() if reduction == "mean" else {}
   return reduce_terms(terms, reduction, dens, call.tokens.batch_shape), out
+
+
+def store_and_reduce(
+  ops: Operands,
+  tiling: Tiling,
+  kernel: Kernel,
+  token_loss: TokenLoss,
+  denominators: dict,
+  keep: tuple = (),
+):
+  """`(loss, kept rows)` of strategy "store": `token_loss` summed over `ops` in one sweep.
+
+  Each coefficient ``ops.aux[name]`` that has a ``denominators[name]`` (those
+  of ``"mean"``; none for ``"sum"``) is divided by it beforehand (by 1 where it
+  is 0), so that the sweep's sum is the mean; the loss is NaN where a
+  denominator is 0 (the empty-mean rule). `keep` as in `run_and_reduce`. An
+  entry point without a `Call` (the sigmoid contrastive loss) calls it directly.
+  """
+  scaled = {k: ops.aux[k] / jnp.where(d == 0, 1.0, d) for k, d in denominators.items()}
+  ops = dataclasses.replace(ops, aux={**ops.aux, **scaled})
+  total, kept = run_store(ops, kernel, tiling, token_loss, keep)
+  empty = functools.reduce(
+    jnp.logical_or, [d == 0 for d in denominators.values()], jnp.bool_(False)
+  )
+  return jnp.where(empty, jnp.nan, total), lax.stop_gradient(kept)

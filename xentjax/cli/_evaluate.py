@@ -79,24 +79,33 @@ def _add_file_options(p) -> None:
     help="logits [N, ..., C]: .npy, .npz (FILE.npz or FILE.npz:KEY), or raw with --shape; "
     "repeat for several files",
   )  # fmt: skip
-  p.add_argument(
-    "--labels", action="append", required=True,
-    help="labels [N, ...] (.npy, .npz, or raw binary), one per --logits",
-  )  # fmt: skip
-  p.add_argument(
-    "--bytes", action="append", default=[], metavar="FILE",
-    help="integer byte counts [N, ...], the UTF-8 bytes each token decodes to, one per "
-    "--logits: also report bits per byte (counted tokens only, in both sums)",
-  )  # fmt: skip
+  _add_per_file(p, "--labels", "labels [N, ...] (.npy, .npz, or raw binary)", required=True)
+  _add_per_file(
+    p,
+    "--bytes",
+    "integer byte counts [N, ...], the UTF-8 bytes each token decodes to",
+    ": also report bits per byte (counted tokens only, in both sums)",
+    default=[],
+    metavar="FILE",
+  )
   p.add_argument(
     "--per-document", metavar="OUT.csv", default=None,
     help="write each document's tokens, bytes and NLL sum to this CSV file; documents are "
     "the --documents ids, or else one per --logits file",
   )  # fmt: skip
-  p.add_argument(
-    "--documents", action="append", default=[], metavar="FILE",
-    help="integer document ids [N, ...], one per --logits (with --per-document)",
-  )  # fmt: skip
+  _add_per_file(
+    p,
+    "--documents",
+    "integer document ids [N, ...]",
+    " (with --per-document)",
+    default=[],
+    metavar="FILE",
+  )
+
+
+def _add_per_file(p, flag: str, what: str, note: str = "", **options) -> None:
+  """An option repeated once per ``--logits`` file, in the same order: ``what``, then ``note``."""
+  p.add_argument(flag, action="append", help=f"{what}, one per --logits{note}", **options)
 
 
 def _add_metric_options(p) -> None:
