@@ -9,9 +9,10 @@ perplexity, accuracy, top-k accuracy and calibration error in one call:
   background thread prepares and transfers the next batch while the current
   one computes; at most a few batches are alive at any time;
 * the batch axis is sharded over a 1-D `Mesh` of all local devices;
-* the loss sum is a two-float (hi, lo) sum built from the error-free TwoSum
-  transformation, inside a batch (one variadic XLA reduction) and across
-  batches, so the dataset mean matches a float64 computation to about the
+* the loss sum is a two-float (hi, lo) sum built from error-free
+  transformations: inside a batch, Rump's extraction by blocks of rows
+  (`_exact_sum`: plain reductions whose high parts add up exactly), across
+  batches TwoSum, so the dataset mean matches a float64 computation to about the
   float32 rounding of the per-example values, however many examples there
   are, and does not depend on the batch size beyond rounding. Counts are
   integers. With `JAX_ENABLE_X64=1` the accumulators are float64 pairs.
@@ -249,14 +250,70 @@ def _two_float_sum(hi, lo=None):
   return jax.lax.reduce((hi, lo), (zero, zero), _two_float_reducer, (hi.ndim - 1,))
 
 
-def _grouped_sum(x, groups: int):
-  """Two-float sum of the rows `x` [n]: per device block, then across blocks.
+_SUM_BLOCK = 256  # `_exact_sum`: rows per block of the error-free extraction
 
-  The rows are split into `groups` contiguous blocks (one per device) so the
-  first reduction runs on each device's own shard.
+
+def _power_of_two_above(t):
+  """The least power of two above ``t >= 0`` (elementwise), never below a normal float's range.
+
+  The floor keeps every low part that `_exact_sum` splits off a normal
+  number (no flush to zero).
   """
-  hi, lo = _two_float_sum(x.reshape(groups, x.shape[0] // groups))
-  return _two_float_sum(hi, lo)
+  info = jnp.finfo(t.dtype)
+  _, e = jnp.frexp(t)
+  return jnp.ldexp(jnp.ones((), t.dtype), jnp.maximum(e, info.minexp + info.nmant + 2))
+
+
+def _extract(x, sigma):
+  """``x = hi + lo`` exactly, ``hi`` on the grid of ``sigma + x`` (``|x| <= sigma / 2``)."""
+  hi = (sigma + x) - sigma
+  return hi, x - hi
+
+
+def _block_parts(x):
+  """`_exact_sum`' three sums per block of the rows ``x`` ``[blocks, b]``: ``[3 * blocks]``."""
+  info = jnp.finfo(x.dtype)
+  b = x.shape[-1]
+  bound = jnp.max(jnp.abs(x), axis=-1, keepdims=True) * (2.0 * b)
+  sigma = _power_of_two_above(jnp.where(jnp.isfinite(bound), bound, 0.0))
+  finite = jnp.isfinite(bound) & jnp.isfinite(sigma)
+  sigma = jnp.where(finite, sigma, 1.0)  # NaN or infinite values pass through ``hi``
+  hi, lo = _extract(x, sigma)
+  hi2, lo2 = _extract(lo, _power_of_two_above(sigma * (2.0 * b * 2.0**-info.nmant)))
+  finite = finite[..., 0]
+  zero = jnp.zeros((), x.dtype)
+  rest = [jnp.where(finite, jnp.sum(v, axis=-1), zero) for v in (hi2, lo2)]
+  return jnp.concatenate([jnp.sum(hi, axis=-1), *rest])
+
+
+def _exact_sum(x):
+  r"""Sum the rows ``x`` ``[n]`` into a two-float ``(hi, lo)`` pair, exactly up to ~2^-2p.
+
+  Rump's error-free extraction, by blocks of ``b = _SUM_BLOCK`` rows: with
+  :math:`\sigma` a power of two above :math:`2 b \max_{i \in \text{block}} |x_i|`,
+  :math:`h_i = (\sigma + x_i) - \sigma` is exact and on the grid of
+  :math:`\sigma`'s binade, so the block's :math:`\sum_i h_i` is exact in any
+  order (every partial sum is a multiple of that grid below :math:`\sigma`).
+  The low parts :math:`x_i - h_i` (exact, at most one grid step) are split
+  once more the same way, and only the last parts, about :math:`2^{-2(p -
+  9)}` of the block's values, are summed with rounding. The block sums are
+  then summed the same way (three per block, so a few levels) down to the
+  last three, folded with TwoSum (`_two_float_sum`). Every sum over the rows is a
+  plain reduction, which XLA vectorizes and keeps apart from the row math
+  (a TwoSum chain over the rows ran as a scalar loop with the row math fused
+  in, about a sixth of a batch's step). A NaN or infinite value gives the
+  plain sum's NaN or infinity in ``hi`` (and 0 in ``lo``).
+  """
+  n = x.shape[0]
+  if n <= 3:
+    total, err = _two_float_sum(x)
+    return total, jnp.where(jnp.isfinite(total), err, jnp.zeros((), x.dtype))
+  b = min(_SUM_BLOCK, n)
+  whole = n - n % b
+  parts = [_block_parts(x[:whole].reshape(-1, b))]
+  if whole < n:  # the last rows: one shorter block (no padding: no copy)
+    parts.append(_block_parts(x[whole:].reshape(1, -1)))
+  return _exact_sum(jnp.concatenate(parts))  # 3 sums per block, summed the same way
 
 
 def _bin_references(num_bins: int) -> np.ndarray:
@@ -352,12 +409,15 @@ def _soft_rows(z, y, keep):
   return status, nll
 
 
-def _flat_row_metrics(logits, labels, keep, ignore_value, config: _StepConfig) -> _core.RowMetrics:
+def _flat_row_metrics(
+  logits, labels, keep, ignore_value, config: _StepConfig, shifts=()
+) -> _core.RowMetrics:
   """The core's per-row metrics of a flattened batch.
 
   Integer labels: `_core.forward_row_metrics` (the dense `_core.row_metrics`
   with the Brier score, in fewer passes: evaluation needs no gradient).
-  Soft labels: `_core.row_metrics` with their own loss.
+  Soft labels: `_core.row_metrics` with their own loss. ``shifts``: the
+  rows' maximum and label logit from `_row_shifts`, or ``()``.
   """
   num_classes = logits.shape[-1]
   z = logits.astype(_validation.compute_dtype(logits.dtype)).reshape(-1, num_classes)
@@ -368,16 +428,37 @@ def _flat_row_metrics(logits, labels, keep, ignore_value, config: _StepConfig) -
     return _core.row_metrics(z, status, config.top_k, nll=nll)
   ignore = ignore_value if config.ignore else None
   status = _core.label_status(labels.reshape(-1), num_classes, ignore_index=ignore, where=keep)
-  return _core.forward_row_metrics(z, status, config.top_k)
+  m, z_label = shifts or (None, None)
+  return _core.forward_row_metrics(z, status, config.top_k, m=m, z_label=z_label)
+
+
+def _row_shifts(z, labels, keep, ignore_value, config: _StepConfig) -> tuple:
+  """The rows' shifted maximum and label logit (``[n, 1]`` each), over the whole batch.
+
+  Taken before `_fold_chunks` splits the batch: the two passes that need
+  every row's logits in a buffer of their own (XLA's CPU reductions) then
+  read the batch in place, and the chunks' passes read their rows straight
+  from it (a chunk was otherwise copied out first). Integer labels only
+  (``()`` for soft labels).
+  """
+  if config.soft:
+    return ()
+  z = z.astype(_validation.compute_dtype(z.dtype))
+  ignore = ignore_value if config.ignore else None
+  status = _core.label_status(labels, z.shape[-1], ignore_index=ignore, where=keep)
+  m = _core.shift(jnp.max(z, axis=-1, keepdims=True, initial=-jnp.inf))
+  return m, jnp.take_along_axis(z, status.index[:, None], axis=-1)
 
 
 def _batch_sums(rows: _core.RowMetrics, acc_dtype, config: _StepConfig, byte_counts) -> dict:
   """The batch's contribution to each accumulator (same keys as `_zero_accumulators`).
 
-  Calibration bins: counts by integer segment sums (exact); confidences as
-  residuals from a dyadic reference per bin (the host adds back count *
-  reference exactly), so the plain per-bin sums only see small numbers.
-  Byte counts: an integer sum over the counted rows.
+  The loss, top-k credit and Brier score (``rows.brier``, which must be
+  set): exact two-float sums (`_exact_sum`). Calibration
+  bins: counts by integer segment sums (exact); confidences as residuals
+  from a dyadic reference per bin (the host adds back count * reference
+  exactly), so the plain per-bin sums only see small numbers. Byte counts:
+  an integer sum over the counted rows.
   """
   nb = config.num_bins
   conf = rows.confidence
@@ -394,8 +475,9 @@ def _batch_sums(rows: _core.RowMetrics, acc_dtype, config: _StepConfig, byte_cou
     return (v, jnp.zeros_like(v))
 
   return {
-    "nll": _grouped_sum(rows.nll.astype(acc_dtype), config.groups),
-    "top_k": _grouped_sum(rows.credit_k.astype(acc_dtype), config.groups),
+    "nll": _exact_sum(rows.nll.astype(acc_dtype)),
+    "top_k": _exact_sum(rows.credit_k.astype(acc_dtype)),
+    "brier": _exact_sum(rows.brier.astype(acc_dtype)),
     "bin_count": binned(rows.counted.astype(int_dtype)),
     "bin_credit": pair(binned(rows.credit.astype(acc_dtype))),
     "resid": pair(binned(resid)),
@@ -431,12 +513,15 @@ def _step(
     keep.reshape(-1),
     _flat_bytes(extras, keep),
   )
+  flat += _row_shifts(*flat[:3], ignore_value, config)
   acc_dtype = acc["nll"][0].dtype
 
-  def part_sums(z, y, k, b):
-    rows = _flat_row_metrics(z, y, k, ignore_value, config)
+  def part_sums(z, y, k, b, *shifts):
+    rows = _flat_row_metrics(z, y, k, ignore_value, config, shifts)
+    brier, temp = _calibration_rows(z, y, rows, log_t, acc_dtype, config)
+    rows = rows._replace(brier=brier)
     sums = _batch_sums(rows, acc_dtype, config, b)
-    sums.update(_calibration_sums(z, y, k, rows, log_t, acc_dtype, config))
+    sums["temp"] = (temp, jnp.zeros_like(temp))
     return sums, _kept_rows(rows, config)
 
   acc, rows = _fold_chunks(acc, flat, part_sums, config.groups)
@@ -486,7 +571,6 @@ def _hidden_step(acc, params, x, labels, mask, extras, num_real, ignore_value, c
   acc_dtype = acc["nll"][0].dtype
   b = _flat_bytes(extras, keep)
   sums = _batch_sums(rows, acc_dtype, config, b)
-  sums["brier"] = _grouped_sum(rows.brier.astype(acc_dtype), config.groups)
   sums["temp"] = (acc["temp"][0] * 0, acc["temp"][1] * 0)
   acc = _add_sums(acc, sums)
   return acc, _documents_of(_kept_rows(rows, config), b, extras, acc_dtype, config)
@@ -573,13 +657,13 @@ def _fold_chunks(acc, flat, part_sums, groups: int):
   return acc, {k: v.reshape(-1) for k, v in bufs.items()}
 
 
-def _calibration_sums(logits, labels, keep, rows, log_t, acc_dtype, config: _StepConfig) -> dict:
-  """Brier score and temperature statistics of the counted rows (`xentjax.calibration`).
+def _calibration_rows(logits, labels, rows, log_t, acc_dtype, config: _StepConfig) -> tuple:
+  """The rows' Brier scores and the batch's temperature statistics (`xentjax.calibration`).
 
-  The Brier score of integer labels is the core's (`_core.brier_from_stats`,
-  in `rows`); soft labels and the temperature statistics need the
-  probabilities themselves (`_core.probabilities`,
-  `calibration.temperature_statistics`).
+  Returns ``(brier [n], temp [3, len(log_t)])``. The Brier score of integer
+  labels is the core's (`_core.brier_from_stats`, in `rows`); soft labels
+  and the temperature statistics need the probabilities themselves
+  (`_core.probabilities`, `calibration.temperature_statistics`).
   """
   num_classes = logits.shape[-1]
   z = logits.astype(_validation.compute_dtype(logits.dtype)).reshape(-1, num_classes)
@@ -599,11 +683,7 @@ def _calibration_sums(logits, labels, keep, rows, log_t, acc_dtype, config: _Ste
       brier = jnp.where(valid, jnp.sum(jnp.square(p - y_prob), axis=-1), 0.0)
     st = calibration.temperature_statistics(z, y_prob, log_t, where=valid)
     temp = jnp.stack([st.loss, st.d1, st.d2])
-  temp = temp.astype(acc_dtype)
-  return {
-    "brier": _grouped_sum(brier.astype(acc_dtype), config.groups),
-    "temp": (temp, jnp.zeros_like(temp)),
-  }
+  return brier, temp.astype(acc_dtype)
 
 
 # ---------------------------------------------------------------------------
