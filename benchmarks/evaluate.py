@@ -17,7 +17,8 @@ with the relative error of each against float64 and its peak memory growth:
 each method runs again in a fresh process that first warms up (imports,
 compiles, one batch), then samples its anonymous memory (RssAnon, every
 millisecond; memory-mapped file pages are page cache and not counted) over the
-whole run. `xentjax.evaluate` is also measured at a tenth of the size, to show
+whole run. The timed runs sample nothing (the sampler thread would compete
+with `xentjax.evaluate`'s feeding thread for the interpreter). `xentjax.evaluate` is also measured at a tenth of the size, to show
 that the growth does not depend on the data set's size. Prints a
 markdown table and the machine. The files are deleted afterwards unless
 `--keep`.
@@ -91,9 +92,20 @@ def rss_anon_kib() -> int:
 
 
 class PeakAnon:
-  """Peak RssAnon growth over a `with` block, sampled from a thread."""
+  """Peak RssAnon growth over a `with` block, sampled from a thread.
+
+  Only in the memory runs (``enabled``): the sampler is a Python thread that
+  wakes every millisecond, and in the timed runs it took the interpreter
+  from `xentjax.evaluate`'s feeding thread, not from the one-thread loops.
+  """
+
+  def __init__(self, enabled: bool = True):
+    self.enabled = enabled
+    self.growth_mib = math.nan
 
   def __enter__(self):
+    if not self.enabled:
+      return self
     self.start = rss_anon_kib()
     self.peak = self.start
     self._stop = threading.Event()
@@ -108,6 +120,8 @@ class PeakAnon:
     return self
 
   def __exit__(self, *exc):
+    if not self.enabled:
+      return
     self._stop.set()
     self._thread.join()
     self.peak = max(self.peak, rss_anon_kib())
@@ -124,9 +138,9 @@ def read_floor(paths, size) -> float:
   return time.perf_counter() - t
 
 
-def run_evaluate(paths, size, temperature=False):
+def run_evaluate(paths, size, temperature=False, sample=False):
   logits, labels = open_data(paths)
-  with PeakAnon() as mem:
+  with PeakAnon(sample) as mem:
     t = time.perf_counter()
     result = xentjax.evaluate(
       batches(logits, labels, size), progress=False, temperature=temperature
@@ -135,9 +149,9 @@ def run_evaluate(paths, size, temperature=False):
   return seconds, result.cross_entropy, mem.growth_mib
 
 
-def numpy_float64_loop(paths, size):
+def numpy_float64_loop(paths, size, sample=False):
   logits, labels = open_data(paths)
-  with PeakAnon() as mem:
+  with PeakAnon(sample) as mem:
     t = time.perf_counter()
     total, count = 0.0, 0
     for z, y in batches(logits, labels, size):
@@ -155,10 +169,10 @@ def _batch_mean_loss(z, y):
   return jnp.mean(jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, y[:, None], -1)[:, 0])
 
 
-def naive_jax_loop(paths, size):
+def naive_jax_loop(paths, size, sample=False):
   """What people write: a jitted batch mean, a float32 running sum, a sync per batch."""
   logits, labels = open_data(paths)
-  with PeakAnon() as mem:
+  with PeakAnon(sample) as mem:
     t = time.perf_counter()
     total, count = np.float32(0.0), 0
     for z, y in batches(logits, labels, size):
@@ -168,7 +182,7 @@ def naive_jax_loop(paths, size):
   return seconds, float(total / np.float32(count)), mem.growth_mib
 
 
-METHODS = {}  # name -> function(paths, size) -> (seconds, cross-entropy, growth MiB)
+METHODS = {}  # name -> function(paths, size, sample) -> (seconds, cross-entropy, growth MiB)
 
 
 def hidden_batches(n, d, v, size, pool=4, seed=0):
@@ -251,7 +265,7 @@ def memory_child(method: str, paths, size: int) -> None:
   np.save(warm + "_y.npy", labels[:size])
   fn((warm + "_z.npy", warm + "_y.npy"), size)
   shutil.rmtree(os.path.dirname(warm), ignore_errors=True)
-  print(fn(paths, size)[2])
+  print(fn(paths, size, sample=True)[2])
 
 
 def memory_in_fresh_process(method: str, paths, size: int) -> float:

@@ -17,6 +17,13 @@ from xentjax._vocab.engine import run_recompute
 from xentjax._vocab.inputs import Head, prepare_call
 from xentjax._vocab.kernels.evaluation import EvaluationStats, tie_shared_credit
 
+# Columns per tile of the evaluation sweep (the engine's forward pass uses
+# 1024). The kernel's top-k bookkeeping costs per row and tile (a `lax.top_k`
+# over the tile's block maxima), so tiles twice as wide, with half the tokens
+# (the tile keeps its 2^21 logits), halve that cost (measured against the
+# fused forward pass in `benchmarks/evaluate.py --hidden`: docs/benchmarks.md).
+EVALUATION_VOCAB_CHUNK = 2048
+
 
 def evaluation_rows(
   x,
@@ -41,7 +48,7 @@ def evaluation_rows(
   k = max(1, min(int(top_k), v))
   head = Head(
     token_chunk_size=token_chunk_size,
-    vocab_chunk_size=vocab_chunk_size,
+    vocab_chunk_size=vocab_chunk_size or EVALUATION_VOCAB_CHUNK,
     mesh=mesh,
     data_axis=data_axis,
   )
