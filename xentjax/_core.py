@@ -453,7 +453,7 @@ def row_metrics(z, status: LabelStatus, top_k: int, nll=None, *, brier=False) ->
   return metrics_from_stats(status, st.log_s, st.zy, credits, z.shape[-1], nll=nll, brier=b)
 
 
-def forward_row_metrics(z, status: LabelStatus, top_k: int, *, m=None, z_label=None) -> RowMetrics:
+def forward_row_metrics(z, status: LabelStatus, top_k: int, *, m=None) -> RowMetrics:
   r"""`row_metrics` with the Brier score, forward only, in fewer passes over ``z``.
 
   The same numbers as ``row_metrics(z, status, top_k, brier=True)`` for
@@ -483,7 +483,6 @@ def forward_row_metrics(z, status: LabelStatus, top_k: int, *, m=None, z_label=N
     m: optional ``[..., 1]``: the rows' `shift` of their maximum, where the
       caller has it (streaming evaluation takes it over a whole batch before
       it folds the batch in chunks, so no chunk is copied out for it).
-    z_label: optional ``[..., 1]``: the logit at ``status.index``, likewise.
 
   Returns:
     `RowMetrics` with ``brier`` set.
@@ -491,8 +490,7 @@ def forward_row_metrics(z, status: LabelStatus, top_k: int, *, m=None, z_label=N
   num_classes = z.shape[-1]
   if m is None:
     m = shift(jnp.max(z, axis=-1, keepdims=True, initial=-jnp.inf))
-  if z_label is None:
-    z_label = jnp.take_along_axis(z, status.index[..., None], axis=-1)
+  z_label = jnp.take_along_axis(z, status.index[..., None], axis=-1)
   zy = z_label[..., 0] - m[..., 0]
   label = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == status.index[..., None]
   other = jnp.where(label, 0.0, jnp.exp(z - m))

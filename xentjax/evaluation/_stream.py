@@ -417,7 +417,7 @@ def _flat_row_metrics(
   Integer labels: `_core.forward_row_metrics` (the dense `_core.row_metrics`
   with the Brier score, in fewer passes: evaluation needs no gradient).
   Soft labels: `_core.row_metrics` with their own loss. ``shifts``: the
-  rows' maximum and label logit from `_row_shifts`, or ``()``.
+  rows' maximum from `_row_shifts`, or ``()``.
   """
   num_classes = logits.shape[-1]
   z = logits.astype(_validation.compute_dtype(logits.dtype)).reshape(-1, num_classes)
@@ -428,26 +428,23 @@ def _flat_row_metrics(
     return _core.row_metrics(z, status, config.top_k, nll=nll)
   ignore = ignore_value if config.ignore else None
   status = _core.label_status(labels.reshape(-1), num_classes, ignore_index=ignore, where=keep)
-  m, z_label = shifts or (None, None)
-  return _core.forward_row_metrics(z, status, config.top_k, m=m, z_label=z_label)
+  m = shifts[0] if shifts else None
+  return _core.forward_row_metrics(z, status, config.top_k, m=m)
 
 
-def _row_shifts(z, labels, keep, ignore_value, config: _StepConfig) -> tuple:
-  """The rows' shifted maximum and label logit (``[n, 1]`` each), over the whole batch.
+def _row_shifts(z, config: _StepConfig) -> tuple:
+  """The rows' shifted maximum (``[n, 1]``), over the whole batch; ``()`` for soft labels.
 
-  Taken before `_fold_chunks` splits the batch: the two passes that need
-  every row's logits in a buffer of their own (XLA's CPU reductions) then
-  read the batch in place, and the chunks' passes read their rows straight
-  from it (a chunk was otherwise copied out first). Integer labels only
-  (``()`` for soft labels).
+  Taken before `_fold_chunks` splits the batch: the row maximum is the one
+  pass that needs every row's logits in a buffer of its own (XLA's CPU
+  reduction), so it reads the batch in place and the chunks' passes read
+  their rows straight from it (a chunk was otherwise copied out first). The
+  label's logit is gathered per chunk, from the cache.
   """
   if config.soft:
     return ()
   z = z.astype(_validation.compute_dtype(z.dtype))
-  ignore = ignore_value if config.ignore else None
-  status = _core.label_status(labels, z.shape[-1], ignore_index=ignore, where=keep)
-  m = _core.shift(jnp.max(z, axis=-1, keepdims=True, initial=-jnp.inf))
-  return m, jnp.take_along_axis(z, status.index[:, None], axis=-1)
+  return (_core.shift(jnp.max(z, axis=-1, keepdims=True, initial=-jnp.inf)),)
 
 
 def _batch_sums(rows: _core.RowMetrics, acc_dtype, config: _StepConfig, byte_counts) -> dict:
@@ -513,7 +510,7 @@ def _step(
     keep.reshape(-1),
     _flat_bytes(extras, keep),
   )
-  flat += _row_shifts(*flat[:3], ignore_value, config)
+  flat += _row_shifts(flat[0], config)
   acc_dtype = acc["nll"][0].dtype
 
   def part_sums(z, y, k, b, *shifts):
