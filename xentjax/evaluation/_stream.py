@@ -471,6 +471,7 @@ def _batch_sums(rows: _core.RowMetrics, acc_dtype, config: _StepConfig, byte_cou
   def pair(v):
     return (v, jnp.zeros_like(v))
 
+  assert rows.brier is not None  # set by the caller (the core's, or `_calibration_rows`)
   return {
     "nll": _exact_sum(rows.nll.astype(acc_dtype)),
     "top_k": _exact_sum(rows.credit_k.astype(acc_dtype)),
