@@ -10,13 +10,22 @@ import threading
 # passes, which change how fast a program runs and, in the last bits, how some
 # sums are ordered (vectorized reductions), not what it computes (no
 # fast-math at any level). Off, the quick suite takes about a third less
-# time. A test that compares this process with a subprocess to the last bits
+# time. Of what is left, XLA's MLIR fusion emitters take about 40%: with
+# `--xla_cpu_use_fusion_emitters=false` the CPU backend emits each fusion
+# through its LLVM IR elemental emitter instead (the same HLO, the same
+# operations in the same float types; only code generation differs), and the
+# vocabulary-engine tests compile in about half the time (measured:
+# tests/vocab/test_distillation_options.py, 45 s -> 24 s of CPU time).
+# A test that compares this process with a subprocess to the last bits
 # must give it these flags (they are inherited unless a test replaces them). Set before any JAX backend starts (workers
 # of pytest-xdist import this file first too); the subprocesses the tests
 # start inherit it. XENTJAX_TEST_FULL_OPT=1 keeps XLA's defaults (`.ci/run`
 # runs its 64-bit subset so, and the benchmarks always run so).
 if os.environ.get("XENTJAX_TEST_FULL_OPT") != "1":
-  FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  FAST_COMPILE = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    " --xla_cpu_use_fusion_emitters=false"
+  )
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import jax
