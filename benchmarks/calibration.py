@@ -93,7 +93,10 @@ def fit_table(z, y, repeats):
     np.savez(src, probs=p, labels=y, odir=np.asarray((1e-3, 1e-3)))
     cmd = [peer, "-m", "benchmarks._dirichletcal_peer", src, dst, str(repeats)]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT)
+    # The peer's interpreter has its own jaxlib, which may not know this
+    # process's XLA_FLAGS (XLA aborts on an unknown flag).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env)
     if done.returncode != 0:  # e.g. -9: killed by the kernel, out of memory
       t = time.perf_counter() - t0
       rows.append(

@@ -3,6 +3,8 @@
 import gc
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 # The suite is compile-bound: thousands of small programs, each run once or
@@ -21,15 +23,39 @@ import threading
 # of pytest-xdist import this file first too); the subprocesses the tests
 # start inherit it. XENTJAX_TEST_FULL_OPT=1 keeps XLA's defaults (`.ci/run`
 # runs its 64-bit subset so, and the benchmarks always run so).
+# XLA aborts the process on a flag it does not know, and flags come and go
+# between jaxlib releases (jaxlib 0.12 has no `--xla_cpu_use_fusion_emitters`),
+# so the flags are tried once in a subprocess, longest set first, and the
+# choice is handed to pytest-xdist's workers in XENTJAX_TEST_XLA_FLAGS.
+FAST_COMPILE_CHOICES = (
+  "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  " --xla_cpu_use_fusion_emitters=false",
+  "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+  "",
+)
+
+
+def _xla_starts_with(flags: str) -> bool:
+  """Whether this jaxlib's CPU backend starts with ``flags`` added to XLA_FLAGS."""
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
+  probe = "import jax.numpy as jnp; jnp.zeros(1).block_until_ready()"
+  try:
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=300)
+  except subprocess.TimeoutExpired:
+    return False
+  return done.returncode == 0
+
+
 if os.environ.get("XENTJAX_TEST_FULL_OPT") != "1":
-  FAST_COMPILE = (
-    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    " --xla_cpu_use_fusion_emitters=false"
-  )
+  if "XENTJAX_TEST_XLA_FLAGS" not in os.environ:
+    os.environ["XENTJAX_TEST_XLA_FLAGS"] = next(
+      f for f in FAST_COMPILE_CHOICES if not f or _xla_starts_with(f)
+    )
+  FAST_COMPILE = os.environ["XENTJAX_TEST_XLA_FLAGS"]
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
-import jax
-import pytest
+import jax  # noqa: E402  (after XLA_FLAGS is set)
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
