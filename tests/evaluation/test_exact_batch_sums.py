@@ -45,6 +45,14 @@ def test_hi_plus_lo_is_the_exact_sum(n):
     assert abs(plain - exact(rows[0])) > 1e-13 * exact(np.abs(rows[0]))
 
 
+@pytest.mark.parametrize("groups, n", [(2, 2 * 6250), (8, 8 * 300), (4, 4 * 3), (8, 8 * 256)])
+def test_device_blocks_give_the_exact_sum(groups, n):
+  """Rows in ``groups`` device blocks (sizes not a multiple of the extraction block too)."""
+  x = np.abs(mixed(n, 11))
+  hi, lo = jax.jit(_evaluation._exact_sum, static_argnums=1)(jnp.asarray(x), groups)
+  assert abs(float(hi) + float(lo) - exact(x)) <= 1e-13 * exact(x)
+
+
 def test_the_high_part_alone_is_the_sum_rounded_once():
   """A sum that fits the working precision comes back whole in ``hi``, with ``lo`` zero."""
   x = np.full(4096, 0.25, jnp.zeros(()).dtype)

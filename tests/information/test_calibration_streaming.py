@@ -10,17 +10,16 @@ import jax
 import numpy as np
 import pytest
 import scipy.special as sp
-from test_calibration_maps import _classifier, _features64, _fit64, _objective64, _theta_of
+from test_calibration_maps import (
+  MAPS,
+  _classifier,
+  _features64,
+  _fit64,
+  _objective64,
+  _theta_of,
+)
 
 from xentjax import calibration as C
-
-MAPS = [
-  ("vector", None),
-  ("matrix", None),
-  ("dirichlet", None),
-  ("matrix", (1e-2, 1e-2)),
-  ("dirichlet", (1e-3, 1e-2)),
-]
 
 _Z, _Y = _classifier(6000, 5, seed=3)
 _KEEP = np.ones(len(_Y), bool)

@@ -271,7 +271,7 @@ def _extract(x, sigma):
 
 
 def _block_parts(x):
-  """`_exact_sum`' three sums per block of the rows ``x`` ``[blocks, b]``: ``[3 * blocks]``."""
+  """`_exact_sum`'s three sums per block of the rows ``x`` ``[..., blocks, b]``: ``[..., 3 * blocks]``."""
   info = jnp.finfo(x.dtype)
   b = x.shape[-1]
   bound = jnp.max(jnp.abs(x), axis=-1, keepdims=True) * (2.0 * b)
@@ -283,10 +283,10 @@ def _block_parts(x):
   finite = finite[..., 0]
   zero = jnp.zeros((), x.dtype)
   rest = [jnp.where(finite, jnp.sum(v, axis=-1), zero) for v in (hi2, lo2)]
-  return jnp.concatenate([jnp.sum(hi, axis=-1), *rest])
+  return jnp.concatenate([jnp.sum(hi, axis=-1), *rest], axis=-1)
 
 
-def _exact_sum(x):
+def _exact_sum(x, groups: int = 1):
   r"""Sum the rows ``x`` ``[n]`` into a two-float ``(hi, lo)`` pair, exactly up to ~2^-2p.
 
   Rump's error-free extraction, by blocks of ``b = _SUM_BLOCK`` rows: with
@@ -298,22 +298,26 @@ def _exact_sum(x):
   once more the same way, and only the last parts, about :math:`2^{-2(p -
   9)}` of the block's values, are summed with rounding. The block sums are
   then summed the same way (three per block, so a few levels) down to the
-  last three, folded with TwoSum (`_two_float_sum`). Every sum over the rows is a
-  plain reduction, which XLA vectorizes and keeps apart from the row math
-  (a TwoSum chain over the rows ran as a scalar loop with the row math fused
-  in, about a sixth of a batch's step). A NaN or infinite value gives the
-  plain sum's NaN or infinity in ``hi`` (and 0 in ``lo``).
+  last three per group, folded with TwoSum (`_two_float_sum`). The rows are
+  ``groups`` contiguous device blocks, and no extraction block spans two of
+  them, so a sharded batch is summed on its own devices until the last fold.
+  Every sum over the rows is a plain reduction, which XLA vectorizes and
+  keeps apart from the row math (a TwoSum chain over the rows ran as a
+  scalar loop with the row math fused in, about a sixth of a batch's step).
+  A NaN or infinite value gives the plain sum's NaN or infinity in ``hi``
+  (and 0 in ``lo``).
   """
-  n = x.shape[0]
-  if n <= 3:
-    total, err = _two_float_sum(x)
+  x = x.reshape(groups, -1)
+  local = x.shape[1]
+  if local <= 3:
+    total, err = _two_float_sum(x.reshape(-1))
     return total, jnp.where(jnp.isfinite(total), err, jnp.zeros((), x.dtype))
-  b = min(_SUM_BLOCK, n)
-  whole = n - n % b
-  parts = [_block_parts(x[:whole].reshape(-1, b))]
-  if whole < n:  # the last rows: one shorter block (no padding: no copy)
-    parts.append(_block_parts(x[whole:].reshape(1, -1)))
-  return _exact_sum(jnp.concatenate(parts))  # 3 sums per block, summed the same way
+  b = min(_SUM_BLOCK, local)
+  whole = local - local % b
+  parts = [_block_parts(x[:, :whole].reshape(groups, -1, b))]
+  if whole < local:  # each device's last rows: one shorter block (no padding: no copy)
+    parts.append(_block_parts(x[:, whole:][:, None, :]))
+  return _exact_sum(jnp.concatenate(parts, axis=1), groups)  # 3 sums per block, likewise
 
 
 def _bin_references(num_bins: int) -> np.ndarray:
@@ -472,10 +476,11 @@ def _batch_sums(rows: _core.RowMetrics, acc_dtype, config: _StepConfig, byte_cou
     return (v, jnp.zeros_like(v))
 
   assert rows.brier is not None  # set by the caller (the core's, or `_calibration_rows`)
+  g = config.groups
   return {
-    "nll": _exact_sum(rows.nll.astype(acc_dtype)),
-    "top_k": _exact_sum(rows.credit_k.astype(acc_dtype)),
-    "brier": _exact_sum(rows.brier.astype(acc_dtype)),
+    "nll": _exact_sum(rows.nll.astype(acc_dtype), g),
+    "top_k": _exact_sum(rows.credit_k.astype(acc_dtype), g),
+    "brier": _exact_sum(rows.brier.astype(acc_dtype), g),
     "bin_count": binned(rows.counted.astype(int_dtype)),
     "bin_credit": pair(binned(rows.credit.astype(acc_dtype))),
     "resid": pair(binned(resid)),
