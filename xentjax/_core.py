@@ -325,6 +325,14 @@ def nan_row(log_s, zy):
 def _rank(z, z_label, nan):
   """Classes strictly above the label and tied with it (label included), as floats.
 
+  `_rank_counts`, with a NaN row (``nan``) NaN in both.
+  """
+  return tuple(jnp.where(nan, jnp.nan, v) for v in _rank_counts(z, z_label))
+
+
+def _rank_counts(z, z_label):
+  """Classes strictly above the label and tied with it (label included), in ``z``'s dtype.
+
   Compared in the logits' own values (``z`` with masked classes at ``-inf``,
   ``z_label`` ``[..., 1]``), not after the shift: subtracting the row
   maximum can round two different logits to one value and invent a tie.
@@ -343,11 +351,7 @@ def _rank(z, z_label, nan):
     above, tied = code // (k + 1), code % (k + 1)
   else:
     above, tied = jnp.sum(z > z_label, axis=-1), jnp.sum(z == z_label, axis=-1)
-  dt = z.dtype
-  return (
-    jnp.where(nan, jnp.nan, above.astype(dt)),
-    jnp.where(nan, jnp.nan, tied.astype(dt)),
-  )
+  return above.astype(z.dtype), tied.astype(z.dtype)
 
 
 def row_stats(
@@ -453,6 +457,24 @@ def row_metrics(z, status: LabelStatus, top_k: int, nll=None, *, brier=False) ->
   return metrics_from_stats(status, st.log_s, st.zy, credits, z.shape[-1], nll=nll, brier=b)
 
 
+class ForwardStats(NamedTuple):
+  """What `forward_row_stats` reads off each row of ``[..., K]`` logits (each ``[...]``).
+
+  ``m`` the row's `shift`, ``z_label`` the label's logit as it is in ``z``,
+  ``s_other`` and ``sq_other`` the sums of :math:`e^{z_j - m}` and
+  :math:`e^{2 (z_j - m)}` over the other classes, ``above`` and ``tied``
+  the classes strictly above the label's logit and equal to it (label
+  included), in ``z``'s dtype.
+  """
+
+  m: jax.Array
+  z_label: jax.Array
+  s_other: jax.Array
+  sq_other: jax.Array
+  above: jax.Array
+  tied: jax.Array
+
+
 def forward_row_metrics(z, status: LabelStatus, top_k: int, *, m=None) -> RowMetrics:
   r"""`row_metrics` with the Brier score, forward only, in fewer passes over ``z``.
 
@@ -469,12 +491,13 @@ def forward_row_metrics(z, status: LabelStatus, top_k: int, *, m=None) -> RowMet
     s_{\ne y} = \sum_{j \ne y} e^{z_j - m}, \qquad
     q_{\ne y} = \sum_{j \ne y} e^{2 (z_j - m)},
 
-  a sum of non-negative terms (no cancellation). The passes over ``[n, K]``:
-  the row maximum, one exponential of the label-excluded logits summed
-  twice, and the rank count (`_rank`), against the dense path's extra
-  copy of the neutralized logits and second exponential for the normalizer.
-  ``log s`` may differ from `row_stats`' in the last bit (another summation
-  order).
+  a sum of non-negative terms (no cancellation). The passes over ``[n, K]``
+  (`forward_row_stats`): the row maximum, one exponential of the
+  label-excluded logits summed twice, and the rank count (`_rank_counts`),
+  against the dense path's extra copy of the neutralized logits and second
+  exponential for the normalizer. The rest is per row
+  (`forward_metrics_from_stats`). ``log s`` may differ from `row_stats'` in
+  the last bit (another summation order).
 
   Args:
     z: floating logits ``[..., K]`` in the compute dtype.
@@ -487,23 +510,43 @@ def forward_row_metrics(z, status: LabelStatus, top_k: int, *, m=None) -> RowMet
   Returns:
     `RowMetrics` with ``brier`` set.
   """
-  num_classes = z.shape[-1]
+  stats = forward_row_stats(z, status.index, m=m)
+  return forward_metrics_from_stats(stats, status, top_k, z.shape[-1])
+
+
+def forward_row_stats(z, index, *, m=None) -> ForwardStats:
+  """The passes of `forward_row_metrics` over the logits ``[..., K]``: `ForwardStats`.
+
+  ``index`` is `LabelStatus.index` (gather-safe int32 labels ``[...]``);
+  ``m`` as in `forward_row_metrics`. Every output is per row, so a caller
+  that splits a batch into chunks to keep each pass in the cache (streaming
+  evaluation) runs only this per chunk and the rest once on whole rows.
+  """
   if m is None:
     m = shift(jnp.max(z, axis=-1, keepdims=True, initial=-jnp.inf))
-  z_label = jnp.take_along_axis(z, status.index[..., None], axis=-1)
-  zy = z_label[..., 0] - m[..., 0]
-  label = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == status.index[..., None]
+  z_label = jnp.take_along_axis(z, index[..., None], axis=-1)
+  label = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == index[..., None]
   other = jnp.where(label, 0.0, jnp.exp(z - m))
   s_other, sq_other = jnp.sum(other, axis=-1), jnp.sum(jnp.square(other), axis=-1)
-  s = s_other + jnp.exp(zy)
+  above, tied = _rank_counts(z, z_label)
+  return ForwardStats(m[..., 0], z_label[..., 0], s_other, sq_other, above, tied)
+
+
+def forward_metrics_from_stats(
+  stats: ForwardStats, status: LabelStatus, top_k: int, num_classes: int
+) -> RowMetrics:
+  """`forward_row_metrics` from its `ForwardStats`: per-row arithmetic only."""
+  zy = stats.z_label - stats.m
+  s = stats.s_other + jnp.exp(zy)
   empty = s == 0  # every logit -inf (or excluded): as `log_sum_exp_shifted`
   log_s = jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, s)))
-  n_greater, n_tied = _rank(z, z_label, nan_row(log_s, zy))
+  nan = nan_row(log_s, zy)
+  n_greater, n_tied = (jnp.where(nan, jnp.nan, v) for v in (stats.above, stats.tied))
   k = min(int(top_k), num_classes)
   credits = (top_k_credit(n_greater, n_tied, 1), top_k_credit(n_greater, n_tied, k))
   # An empty row's score is decided in `brier_from_stats`; zeroing its sums
   # here also keeps XLA from fusing the sums' reductions with the row math.
-  s_other, sq_other = (jnp.where(empty, 0.0, v) for v in (s_other, sq_other))
+  s_other, sq_other = (jnp.where(empty, 0.0, v) for v in (stats.s_other, stats.sq_other))
   b = brier_from_stats(log_s, s_other, sq_other, num_classes)
   return metrics_from_stats(status, log_s, zy, credits, num_classes, brier=b)
 

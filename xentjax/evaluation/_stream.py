@@ -430,8 +430,7 @@ def _flat_row_metrics(
     y = labels.astype(z.dtype).reshape(-1, num_classes)
     status, nll = _soft_rows(z, y, keep)
     return _core.row_metrics(z, status, config.top_k, nll=nll)
-  ignore = ignore_value if config.ignore else None
-  status = _core.label_status(labels.reshape(-1), num_classes, ignore_index=ignore, where=keep)
+  status = _int_status(labels.reshape(-1), keep, num_classes, ignore_value, config)
   m = shifts[0] if shifts else None
   return _core.forward_row_metrics(z, status, config.top_k, m=m)
 
@@ -489,13 +488,29 @@ def _batch_sums(rows: _core.RowMetrics, acc_dtype, config: _StepConfig, byte_cou
 
 
 def _add_sums(acc: dict, part: dict) -> dict:
-  """Add a batch's sums to the running totals: (hi, lo) pairs without losing digits."""
-  return {
-    k: _acc_add(acc[k], part[k]) if isinstance(acc[k], tuple) else acc[k] + part[k] for k in acc
-  }
+  """Add a batch's sums to the running totals: (hi, lo) pairs without losing digits.
+
+  An entry that ``part`` lacks is kept as it is.
+  """
+
+  def add(a, b):
+    return _acc_add(a, b) if isinstance(a, tuple) else a + b
+
+  return {k: add(v, part[k]) if k in part else v for k, v in acc.items()}
 
 
-@functools.partial(jax.jit, static_argnames=("model", "config"))
+# XLA's CPU code generator vectorizes the step's elementwise passes (the
+# exponential, the rank comparison) for 256-bit registers unless told
+# otherwise; on a CPU with AVX-512 the wider preference took a 50,000 x 64
+# batch's step from 2.53 to 2.00 ms (benchmarks/evaluate.py's machine, the
+# step alone, medians of ten alternating runs). Elsewhere the preference is
+# capped at what the CPU has, and other backends ignore a CPU option.
+_STEP_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
+
+
+@functools.partial(
+  jax.jit, static_argnames=("model", "config"), compiler_options=_STEP_COMPILER_OPTIONS
+)
 def _step(
   acc, params, x, labels, mask, extras, num_real, ignore_value, log_t, *, model, config: _StepConfig
 ):
@@ -519,16 +534,34 @@ def _step(
   flat += _row_shifts(flat[0], config)
   acc_dtype = acc["nll"][0].dtype
 
-  def part_sums(z, y, k, b, *shifts):
-    rows = _flat_row_metrics(z, y, k, ignore_value, config, shifts)
-    brier, temp = _calibration_rows(z, y, rows, log_t, acc_dtype, config)
-    rows = rows._replace(brier=brier)
-    sums = _batch_sums(rows, acc_dtype, config, b)
-    sums["temp"] = (temp, jnp.zeros_like(temp))
-    return sums, _kept_rows(rows, config)
+  def part(z, y, k, b, *shifts):
+    """One chunk's passes over its logits: per-row values, and the temperature sums."""
+    if config.soft:
+      rows = _flat_row_metrics(z, y, k, ignore_value, config)
+      brier, temp = _calibration_rows(z, y, rows.counted, rows.brier, log_t, acc_dtype, config)
+      out = rows._replace(brier=brier)._asdict()
+    else:
+      status = _int_status(y, k, num_classes, ignore_value, config)
+      z = z.astype(_validation.compute_dtype(z.dtype))
+      out = _core.forward_row_stats(z, status.index, m=shifts[0])._asdict()
+      _, temp = _calibration_rows(z, y, status.counted, None, log_t, acc_dtype, config)
+    return {"temp": (temp, jnp.zeros_like(temp))}, out
 
-  acc, rows = _fold_chunks(acc, flat, part_sums, config.groups)
-  return acc, _documents_of(rows, flat[3], extras, acc_dtype, config)
+  acc, out = _fold_chunks(acc, flat, part, config.groups)
+  if config.soft:
+    rows = _core.RowMetrics(**out)
+  else:  # the per-row arithmetic once, on the whole batch's rows
+    status = _int_status(flat[1], flat[2], num_classes, ignore_value, config)
+    stats = _core.ForwardStats(**out)
+    rows = _core.forward_metrics_from_stats(stats, status, config.top_k, num_classes)
+  acc = _add_sums(acc, _batch_sums(rows, acc_dtype, config, flat[3]))
+  return acc, _documents_of(_kept_rows(rows, config), flat[3], extras, acc_dtype, config)
+
+
+def _int_status(labels, keep, num_classes: int, ignore_value, config: _StepConfig):
+  """`_core.label_status` of flat integer labels ``[n]`` and the rows that exist (``keep``)."""
+  ignore = ignore_value if config.ignore else None
+  return _core.label_status(labels, num_classes, ignore_index=ignore, where=keep)
 
 
 def _flat_bytes(extras, keep):
@@ -573,9 +606,7 @@ def _hidden_step(acc, params, x, labels, mask, extras, num_real, ignore_value, c
   )
   acc_dtype = acc["nll"][0].dtype
   b = _flat_bytes(extras, keep)
-  sums = _batch_sums(rows, acc_dtype, config, b)
-  sums["temp"] = (acc["temp"][0] * 0, acc["temp"][1] * 0)
-  acc = _add_sums(acc, sums)
+  acc = _add_sums(acc, _batch_sums(rows, acc_dtype, config, b))  # no temperature sums
   return acc, _documents_of(_kept_rows(rows, config), b, extras, acc_dtype, config)
 
 
@@ -613,7 +644,10 @@ def _document_sums(nll, counted, byte_counts, segments) -> dict:
 # Rows per chunk of a batch: about 2**18 logits (1 MiB in float32), so every
 # pass over a chunk's [rows, K] logits reads from the cache. Unchunked, the
 # dozen passes of a [50000, 64] batch each went out to memory: 4-5x slower
-# on a 2-core CPU (benchmarks/evaluate.py).
+# on a 2-core CPU (benchmarks/evaluate.py). Only the passes over the logits
+# run per chunk (`_core.forward_row_stats`, for integer labels); the per-row
+# arithmetic and the exact sums then run once on the batch's [n] rows, which
+# took the step's loop body from about sixty XLA kernels to thirteen.
 _CHUNK_LOGITS = 1 << 18
 _MIN_CHUNK_ROWS = 64
 
@@ -627,8 +661,8 @@ def _fold_chunks(acc, flat, part_sums, groups: int):
   batch stays on its devices. The remainder is one last, smaller chunk. The
   sums are exact two-float sums, so the totals do not depend on the chunking
   beyond rounding. ``part_sums`` returns ``(sums, rows)``: the rows (a dict
-  of ``[chunk]`` arrays, often empty) are put back together into ``[n]``
-  arrays, returned beside the totals.
+  of ``[chunk]`` arrays) are put back together into ``[n]`` arrays, returned
+  beside the totals (`_step` sums most of its figures from them).
   """
   local = flat[0].shape[0] // groups
   size = max(_MIN_CHUNK_ROWS, _CHUNK_LOGITS // max(flat[0].shape[-1], 1))
@@ -660,27 +694,27 @@ def _fold_chunks(acc, flat, part_sums, groups: int):
   return acc, {k: v.reshape(-1) for k, v in bufs.items()}
 
 
-def _calibration_rows(logits, labels, rows, log_t, acc_dtype, config: _StepConfig) -> tuple:
+def _calibration_rows(logits, labels, counted, brier, log_t, acc_dtype, config: _StepConfig):
   """The rows' Brier scores and the batch's temperature statistics (`xentjax.calibration`).
 
   Returns ``(brier [n], temp [3, len(log_t)])``. The Brier score of integer
-  labels is the core's (`_core.brier_from_stats`, in `rows`); soft labels
-  and the temperature statistics need the probabilities themselves
-  (`_core.probabilities`, `calibration.temperature_statistics`).
+  labels is the core's (`_core.brier_from_stats`), passed in as ``brier``
+  (or None where the caller adds it later); soft labels and the temperature
+  statistics need the probabilities themselves (`_core.probabilities`,
+  `calibration.temperature_statistics`). ``counted``: the rows that count.
   """
   num_classes = logits.shape[-1]
   z = logits.astype(_validation.compute_dtype(logits.dtype)).reshape(-1, num_classes)
-  brier = rows.brier
   temp = jnp.zeros((3, log_t.shape[0]), acc_dtype)
   if config.soft or log_t.shape[0]:
-    valid = rows.counted
+    valid = counted
     if config.soft:
       y_prob = labels.astype(z.dtype).reshape(z.shape)
     else:
       y = labels.reshape(-1)
       ok = (y >= 0) & (y < num_classes)
       y_prob = jax.nn.one_hot(jnp.where(ok, y, 0), num_classes, dtype=z.dtype)
-      valid = rows.counted & ok
+      valid = counted & ok
     if config.soft:
       p = _core.probabilities(z)
       brier = jnp.where(valid, jnp.sum(jnp.square(p - y_prob), axis=-1), 0.0)
