@@ -475,7 +475,7 @@ class ForwardStats(NamedTuple):
   tied: jax.Array
 
 
-def forward_row_metrics(z, status: LabelStatus, top_k: int, *, m=None) -> RowMetrics:
+def forward_row_metrics(z, status: LabelStatus, top_k: int) -> RowMetrics:
   r"""`row_metrics` with the Brier score, forward only, in fewer passes over ``z``.
 
   The same numbers as ``row_metrics(z, status, top_k, brier=True)`` for
@@ -503,27 +503,23 @@ def forward_row_metrics(z, status: LabelStatus, top_k: int, *, m=None) -> RowMet
     z: floating logits ``[..., K]`` in the compute dtype.
     status: the rows' `LabelStatus` (`label_status`), integer labels.
     top_k: the ``k`` of the top-k credit (capped at ``K``).
-    m: optional ``[..., 1]``: the rows' `shift` of their maximum, where the
-      caller has it (streaming evaluation takes it over a whole batch before
-      it folds the batch in chunks, so no chunk is copied out for it).
 
   Returns:
     `RowMetrics` with ``brier`` set.
   """
-  stats = forward_row_stats(z, status.index, m=m)
+  stats = forward_row_stats(z, status.index)
   return forward_metrics_from_stats(stats, status, top_k, z.shape[-1])
 
 
-def forward_row_stats(z, index, *, m=None) -> ForwardStats:
+def forward_row_stats(z, index) -> ForwardStats:
   """The passes of `forward_row_metrics` over the logits ``[..., K]``: `ForwardStats`.
 
-  ``index`` is `LabelStatus.index` (gather-safe int32 labels ``[...]``);
-  ``m`` as in `forward_row_metrics`. Every output is per row, so a caller
-  that splits a batch into chunks to keep each pass in the cache (streaming
-  evaluation) runs only this per chunk and the rest once on whole rows.
+  ``index`` is `LabelStatus.index` (gather-safe int32 labels ``[...]``).
+  Every output is per row, so a caller that splits a batch into chunks to
+  keep each pass in the cache (streaming evaluation) runs only this per
+  chunk, the row maximum included, and the rest once on whole rows.
   """
-  if m is None:
-    m = shift(jnp.max(z, axis=-1, keepdims=True, initial=-jnp.inf))
+  m = shift(jnp.max(z, axis=-1, keepdims=True, initial=-jnp.inf))
   z_label = jnp.take_along_axis(z, index[..., None], axis=-1)
   label = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == index[..., None]
   other = jnp.where(label, 0.0, jnp.exp(z - m))

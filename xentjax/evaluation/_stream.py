@@ -413,15 +413,12 @@ def _soft_rows(z, y, keep):
   return status, nll
 
 
-def _flat_row_metrics(
-  logits, labels, keep, ignore_value, config: _StepConfig, shifts=()
-) -> _core.RowMetrics:
+def _flat_row_metrics(logits, labels, keep, ignore_value, config: _StepConfig) -> _core.RowMetrics:
   """The core's per-row metrics of a flattened batch.
 
   Integer labels: `_core.forward_row_metrics` (the dense `_core.row_metrics`
   with the Brier score, in fewer passes: evaluation needs no gradient).
-  Soft labels: `_core.row_metrics` with their own loss. ``shifts``: the
-  rows' maximum from `_row_shifts`, or ``()``.
+  Soft labels: `_core.row_metrics` with their own loss.
   """
   num_classes = logits.shape[-1]
   z = logits.astype(_validation.compute_dtype(logits.dtype)).reshape(-1, num_classes)
@@ -431,23 +428,7 @@ def _flat_row_metrics(
     status, nll = _soft_rows(z, y, keep)
     return _core.row_metrics(z, status, config.top_k, nll=nll)
   status = _int_status(labels.reshape(-1), keep, num_classes, ignore_value, config)
-  m = shifts[0] if shifts else None
-  return _core.forward_row_metrics(z, status, config.top_k, m=m)
-
-
-def _row_shifts(z, config: _StepConfig) -> tuple:
-  """The rows' shifted maximum (``[n, 1]``), over the whole batch; ``()`` for soft labels.
-
-  Taken before `_fold_chunks` splits the batch: the row maximum is the one
-  pass that needs every row's logits in a buffer of its own (XLA's CPU
-  reduction), so it reads the batch in place and the chunks' passes read
-  their rows straight from it (a chunk was otherwise copied out first). The
-  label's logit is gathered per chunk, from the cache.
-  """
-  if config.soft:
-    return ()
-  z = z.astype(_validation.compute_dtype(z.dtype))
-  return (_core.shift(jnp.max(z, axis=-1, keepdims=True, initial=-jnp.inf)),)
+  return _core.forward_row_metrics(z, status, config.top_k)
 
 
 def _batch_sums(rows: _core.RowMetrics, acc_dtype, config: _StepConfig, byte_counts) -> dict:
@@ -531,10 +512,9 @@ def _step(
     keep.reshape(-1),
     _flat_bytes(extras, keep),
   )
-  flat += _row_shifts(flat[0], config)
   acc_dtype = acc["nll"][0].dtype
 
-  def part(z, y, k, b, *shifts):
+  def part(z, y, k, b):
     """One chunk's passes over its logits: per-row values, and the temperature sums."""
     if config.soft:
       rows = _flat_row_metrics(z, y, k, ignore_value, config)
@@ -543,7 +523,7 @@ def _step(
     else:
       status = _int_status(y, k, num_classes, ignore_value, config)
       z = z.astype(_validation.compute_dtype(z.dtype))
-      out = _core.forward_row_stats(z, status.index, m=shifts[0])._asdict()
+      out = _core.forward_row_stats(z, status.index)._asdict()
       _, temp = _calibration_rows(z, y, status.counted, None, log_t, acc_dtype, config)
     return {"temp": (temp, jnp.zeros_like(temp))}, out
 
@@ -645,9 +625,12 @@ def _document_sums(nll, counted, byte_counts, segments) -> dict:
 # pass over a chunk's [rows, K] logits reads from the cache. Unchunked, the
 # dozen passes of a [50000, 64] batch each went out to memory: 4-5x slower
 # on a 2-core CPU (benchmarks/evaluate.py). Only the passes over the logits
-# run per chunk (`_core.forward_row_stats`, for integer labels); the per-row
-# arithmetic and the exact sums then run once on the batch's [n] rows, which
-# took the step's loop body from about sixty XLA kernels to thirteen.
+# run per chunk (`_core.forward_row_stats`, for integer labels), the row
+# maximum included: taken over the whole batch first, it read the batch from
+# memory once more (the chunk's copy, which XLA's CPU reduction needs, reads
+# it once). The per-row arithmetic and the exact sums then run once on the
+# batch's [n] rows: the step's loop body went from about sixty XLA kernels
+# to seventeen.
 _CHUNK_LOGITS = 1 << 18
 _MIN_CHUNK_ROWS = 64
 
