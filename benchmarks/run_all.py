@@ -8,7 +8,8 @@ Usage::
   python benchmarks/run_all.py --list     # the tables and their commands, without running
 
 Runs the benchmark scripts (``real_lm.py``, ``fused.py``, ``token_stats.py``,
-``distillation.py``, ``filtering.py``, ``evaluate.py``, ``mutual_information.py`` and
+``distillation.py``, ``filtering.py``, ``evaluate.py``, ``evaluate_step.py``,
+``mutual_information.py`` and
 ``contrastive.py`` when it exists), each in its own process, on the synthetic inputs and on the
 real-model activations of `benchmarks/real_lm.py` (trained and cached on first
 use), and writes their markdown tables, headed by the device, to
@@ -110,6 +111,10 @@ def steps(p: Profile, quick: bool) -> dict[str, tuple[str, list[str]]]:
       ["filtering.py", "--size", csv(p.filtering), "--repeats", str(p.repeats)],
     ),
     "evaluate": ("Streaming evaluation", ["evaluate.py", *p.evaluate]),
+    "evaluate-step": (
+      "Streaming evaluation: the compiled step alone",
+      ["evaluate_step.py", *(["--repeats", "2", "--batches", "4"] if quick else [])],
+    ),
   }
   if quick:
     out["real-lm"][1].append("--quick")
