@@ -483,9 +483,9 @@ def _add_sums(acc: dict, part: dict) -> dict:
 # XLA's CPU code generator vectorizes the step's elementwise passes (the
 # exponential, the rank comparison) for 256-bit registers unless told
 # otherwise; on a CPU with AVX-512 the wider preference took a 50,000 x 64
-# batch's step from 2.53 to 2.00 ms (benchmarks/evaluate.py's machine, the
-# step alone, medians of ten alternating runs). Elsewhere the preference is
-# capped at what the CPU has, and other backends ignore a CPU option.
+# batch's step from 2.45-2.56 to 2.06-2.23 ms (benchmarks/evaluate_step.py,
+# three runs of ten alternating rounds). Elsewhere the preference is capped
+# at what the CPU has, and other backends ignore a CPU option.
 _STEP_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
 
 
