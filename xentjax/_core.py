@@ -496,7 +496,7 @@ def forward_row_metrics(z, status: LabelStatus, top_k: int) -> RowMetrics:
   label-excluded logits summed twice, and the rank count (`_rank_counts`),
   against the dense path's extra copy of the neutralized logits and second
   exponential for the normalizer. The rest is per row
-  (`forward_metrics_from_stats`). ``log s`` may differ from `row_stats'` in
+  (`forward_metrics_from_stats`). ``log s`` may differ from `row_stats`' in
   the last bit (another summation order).
 
   Args:
