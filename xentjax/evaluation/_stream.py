@@ -506,32 +506,37 @@ def _step(
   _check_batch(logits, labels, mask, config.soft)
   keep = _real_rows(logits.shape[:-1], mask, num_real)
   num_classes = logits.shape[-1]
-  flat = (
+  flat: tuple = (
     logits.reshape(-1, num_classes),
     labels.reshape(-1, num_classes) if config.soft else labels.reshape(-1),
     keep.reshape(-1),
     _flat_bytes(extras, keep),
   )
   acc_dtype = acc["nll"][0].dtype
+  if not config.soft:  # the labels' status once, for the whole batch: the chunks read
+    status = _int_status(flat[1], flat[2], num_classes, ignore_value, config)
+    flat = (flat[0], flat[1], status.counted, flat[3], status.index)  # its rows
 
-  def part(z, y, k, b):
-    """One chunk's passes over its logits: per-row values, and the temperature sums."""
+  def part(z, y, k, b, *index):
+    """One chunk's passes over its logits: per-row values, and the temperature sums.
+
+    ``k``: the rows that exist (soft labels) or that count (integer labels,
+    whose gather-safe ``index`` comes last).
+    """
     if config.soft:
       rows = _flat_row_metrics(z, y, k, ignore_value, config)
       brier, temp = _calibration_rows(z, y, rows.counted, rows.brier, log_t, acc_dtype, config)
       out = rows._replace(brier=brier)._asdict()
     else:
-      status = _int_status(y, k, num_classes, ignore_value, config)
       z = z.astype(_validation.compute_dtype(z.dtype))
-      out = _core.forward_row_stats(z, status.index)._asdict()
-      _, temp = _calibration_rows(z, y, status.counted, None, log_t, acc_dtype, config)
+      out = _core.forward_row_stats(z, index[0])._asdict()
+      _, temp = _calibration_rows(z, y, k, None, log_t, acc_dtype, config)
     return {"temp": (temp, jnp.zeros_like(temp))}, out
 
   acc, out = _fold_chunks(acc, flat, part, config.groups)
   if config.soft:
     rows = _core.RowMetrics(**out)
   else:  # the per-row arithmetic once, on the whole batch's rows
-    status = _int_status(flat[1], flat[2], num_classes, ignore_value, config)
     stats = _core.ForwardStats(**out)
     rows = _core.forward_metrics_from_stats(stats, status, config.top_k, num_classes)
   acc = _add_sums(acc, _batch_sums(rows, acc_dtype, config, flat[3]))
