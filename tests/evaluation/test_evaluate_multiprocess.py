@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import pathlib
+import random
 import signal
 import socket
 import subprocess
@@ -26,9 +27,28 @@ DEADLINE = 150  # seconds for a whole scenario (it takes ~15 s on 2 busy cores)
 
 
 def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  """A port free when checked, below Linux's ephemeral range (32768-60999).
+
+  A port the kernel hands out (``bind(0)``) is an ephemeral one, and the
+  processes' own connections, or another test's, can take it before the
+  coordinator binds it (CI once failed with "Failed to start RPC server").
+  """
+  rng = random.Random()
+  for _ in range(100):
+    port = rng.randrange(20000, 32000)
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+      return port
+  raise RuntimeError("no free port in 20000-32000")
+
+
+# How a process reports that its coordinator could not bind its port: another
+# socket took it between `free_port` and the bind. Not what a test checks, so
+# `launch` runs the scenario again on another port.
+PORT_TAKEN = "Failed to start RPC server"
 
 
 def env() -> dict:
@@ -42,12 +62,25 @@ def env() -> dict:
   return e
 
 
-def launch(commands, cwd, deadline=DEADLINE):
+def launch(commands, cwd, deadline=DEADLINE, tries=3):
   """Run the commands at once; return [(returncode, stdout, stderr, seconds)].
 
-  Every process gets its own session; past the deadline every group still
+  ``commands`` is a list, or a function of a port (from `free_port`) that
+  returns the list: then a run whose coordinator could not bind its port
+  (`PORT_TAKEN`) is run again on another, up to ``tries`` times. Every
+  process gets its own session; past the deadline every group still
   running is killed (SIGKILL) and the test fails with what they printed.
   """
+  if not callable(commands):
+    return _launch_once(commands, cwd, deadline)
+  for _ in range(tries - 1):
+    runs = _launch_once(commands(free_port()), cwd, deadline)
+    if not any(PORT_TAKEN in err for _, _, err, _ in runs):
+      return runs
+  return _launch_once(commands(free_port()), cwd, deadline)
+
+
+def _launch_once(commands, cwd, deadline):
   start = time.monotonic()
   procs = [
     subprocess.Popen(
@@ -93,9 +126,10 @@ def kill_all(procs):
 
 
 def test_library_across_two_processes(tmp_path):
-  port = free_port()
   runs = launch(
-    [[sys.executable, str(WORKER), str(i), "2", str(port), str(tmp_path)] for i in range(2)],
+    lambda port: [
+      [sys.executable, str(WORKER), str(i), "2", str(port), str(tmp_path)] for i in range(2)
+    ],
     cwd=tmp_path,
   )
   for i, (code, _, err, _) in enumerate(runs):
@@ -152,8 +186,9 @@ def cli(port, i, *argv, n=2):
 
 def test_cli_two_processes_print_once_and_match_one_process(shards, capsys):
   d, z, y = shards
-  port = free_port()
-  runs = launch([cli(port, i, *files_argv(d), "--json", "--top-k", "3") for i in range(2)], cwd=d)
+  runs = launch(
+    lambda port: [cli(port, i, *files_argv(d), "--json", "--top-k", "3") for i in range(2)], cwd=d
+  )
   (code0, out0, err0, _), (code1, out1, err1, _) = runs
   assert code0 == 0 and code1 == 0, (err0, err1)
   assert out1 == "" and err0 == "" and err1 == ""  # no gloo or JAX log on the user's streams
@@ -182,10 +217,9 @@ def test_cli_two_processes_print_once_and_match_one_process(shards, capsys):
 def test_cli_per_document_over_two_processes_names_every_file(shards):
   """File pair i is document i, read by process i mod 2; process 0 writes the whole CSV."""
   d, z, y = shards
-  port = free_port()
   out_csv = d / "docs.csv"
   argv = [*files_argv(d), "--per-document", str(out_csv)]
-  runs = launch([cli(port, i, *argv) for i in range(2)], cwd=d)
+  runs = launch(lambda port: [cli(port, i, *argv) for i in range(2)], cwd=d)
   assert all(code == 0 for code, *_ in runs), [err for _, _, err, _ in runs]
   with open(out_csv, newline="") as f:
     rows = list(csv.DictReader(f))
@@ -207,9 +241,8 @@ def test_cli_failures_are_one_line_in_every_process(shards):
   bad[7] = 10
   np.save(d / "y1.npy", bad)
   # Process 1's own file (the {process} placeholder) has a label out of range.
-  port = free_port()
   runs = launch(
-    [
+    lambda port: [
       cli(port, i, "--logits", str(d / "z{process}.npy"), "--labels", str(d / "y{process}.npy"))
       for i in range(2)
     ],
@@ -222,17 +255,18 @@ def test_cli_failures_are_one_line_in_every_process(shards):
   assert "failed in process 1 of 2" in err0 and "label 10 is out of range" in err0, err0
 
   # Different options in the two processes: an error in both, nothing printed.
-  port = free_port()
   runs = launch(
-    [cli(port, i, *files_argv(d, (0, 2)), "--num-bins", str(10 + i)) for i in range(2)], cwd=d
+    lambda port: [
+      cli(port, i, *files_argv(d, (0, 2)), "--num-bins", str(10 + i)) for i in range(2)
+    ],
+    cwd=d,
   )
   for code, out, err, _ in runs:
     assert code == 2 and out == "" and err.count("\n") == 1, err
     assert "`num_bins` differs between processes" in err, err
 
   # Different file lists (without {process}): the round-robin shares would be wrong.
-  port = free_port()
-  runs = launch([cli(port, i, *files_argv(d, (i,))) for i in range(2)], cwd=d)
+  runs = launch(lambda port: [cli(port, i, *files_argv(d, (i,))) for i in range(2)], cwd=d)
   for code, out, err, _ in runs:
     assert code == 2 and out == "" and err.count("\n") == 1, err
     assert "different --logits/--labels lists" in err, err
