@@ -17,7 +17,7 @@ import pytest
 import xentjax
 from xentjax import _core
 from xentjax._vocab.evaluation import evaluation_rows
-from xentjax._vocab.kernels.evaluation import _largest, _top_candidates
+from xentjax._vocab.kernels.evaluation import _blocks, _label_logit, _largest, _top_candidates
 from xentjax.evaluation import _stream as _evaluation
 
 
@@ -198,9 +198,22 @@ def test_largest_values_and_block_candidates_equal_lax_top_k():
     a[0] = -np.inf
     want = np.asarray(jax.lax.top_k(jnp.asarray(a), k)[0])
     np.testing.assert_array_equal(_largest(jnp.asarray(a), k), want)
-    cand = _top_candidates(jnp.asarray(a), k)
+    blocks = _blocks(jnp.asarray(a), k)
+    cand = _top_candidates(jnp.asarray(a), k, blocks)
     np.testing.assert_array_equal(_largest(cand, k), want)
+    if blocks is not None:  # the row maximum, as `EvaluationStats.update` takes it
+      np.testing.assert_array_equal(jnp.max(blocks[1], axis=1), a.max(axis=1))
     assert cand.shape[1] == (k * 32 if c % 32 == 0 and c // 32 >= 2 * k else c)
+
+
+def test_the_label_logit_is_gathered_from_its_tile_only():
+  """`_label_logit`: the tile's own number where the label is one of its columns, else 0."""
+  z = np.array([[1.5, -np.inf, 3.0], [np.nan, 2.0, np.inf], [7.0, 8.0, 9.0]], np.float32)
+  index = np.array([1, 0, 3], np.int32)  # -inf, NaN, outside the tile
+  got = np.asarray(_label_logit(jnp.asarray(z), jnp.asarray(index)))
+  assert got[0] == -np.inf and np.isnan(got[1]) and got[2] == 0.0
+  got = np.asarray(_label_logit(jnp.asarray(z), jnp.asarray([-1, 2, 2], np.int32)))
+  np.testing.assert_array_equal(got, [0.0, np.inf, 9.0])
 
 
 def test_constant_and_minus_inf_rows_follow_the_dense_conventions():

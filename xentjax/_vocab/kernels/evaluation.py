@@ -11,10 +11,10 @@ so the kernel keeps, per token and online,
 
 ==========  ==================================================================
 ``m``       the row maximum
-``s``       ``sum_j exp(a_j - m)``
-``zy``      the label's logit (exactly the tile's number; ``zl`` out, and
-            ``zy`` out relative to ``m``)
-``so``      ``sum_{j != y} exp(a_j - m)`` (the Brier score's other mass)
+``zy``      the label's logit (gathered, exactly the tile's number; ``zl``
+            out, and ``zy`` out relative to ``m``)
+``so``      ``sum_{j != y} exp(a_j - m)`` (the Brier score's other mass; the
+            softmax's sum ``s`` is ``so + exp(zy - m)``, formed at the end)
 ``sq``      ``sum_{j != y} exp(2 (a_j - m))``
 ``topv``    the ``k`` largest logits, with multiplicity, descending
 ``tail``    how many logits equal the ``k``-th of them (those beyond the
@@ -24,9 +24,12 @@ so the kernel keeps, per token and online,
 and at the end: below the ``k``-th value the credit is 0; above it every
 class at or above the label is among the ``k`` slots (``g`` and ``t``
 counted there); at it, ``t`` is ``tail``. So the tie-shared credits are exact
-from one sweep, for the cost per tile of a block maximum (`_top_candidates`),
-a `lax.top_k` over the ``k`` best blocks' columns and the running ``k``
-values, and one comparison of the tile with the new ``k``-th value.
+from one sweep, for the cost per tile of a `lax.top_k` over the ``k`` best
+blocks' columns (`_top_candidates`) and the running ``k`` values, and one
+comparison of the tile with the new ``k``-th value. The blocks' maxima also
+give the row's maximum, and the label's logit is gathered: the passes over a
+tile are the block maxima, the other classes' exponentials and their two
+sums, and that comparison.
 Without gradient: evaluation only (``cotangent`` raises).
 """
 
@@ -38,7 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from xentjax._vocab.kernel import Finished, Kernel, LogSumExp, Rows, State, TileCotangent
-from xentjax._vocab.tiles import Tile, Tiling
+from xentjax._vocab.tiles import Tile, Tiling, finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,30 +60,44 @@ class EvaluationStats(Kernel):
   def init(self, p: int, n: int, n_cols: int, tiling: Tiling, cdt) -> State:
     del p, n_cols, tiling
     f = lambda v: jnp.full((n,), v, cdt)
-    st = {**LogSumExp.empty(n, cdt).as_state(), "zy": f(0.0), "so": f(0.0), "sq": f(0.0)}
+    st = {"m": f(-jnp.inf), "zy": f(0.0), "so": f(0.0), "sq": f(0.0)}
     st["topv"] = jnp.full((n, self.top_k), -jnp.inf, cdt)
     st["tail"] = jnp.zeros((n,), jnp.int32)
     return st, {}
 
   def update(self, p: int, state: State, tile: Tile, rows: Rows) -> State:
-    """The sums are relative to the running max (rescaled when it grows)."""
+    """The sums are relative to the running max (rescaled when it grows).
+
+    Four passes over the tile: the block maxima (the row's maximum is theirs,
+    and `_top_candidates` reads them), the other classes' exponentials and
+    their two sums, and the count at the ``k``-th value. The label's logit
+    is gathered, and the full sum ``s`` is ``so`` plus the label's term,
+    added once at the end (`finish`).
+    """
     st, cols = state
-    z, label = tile.a, tile.col == rows["labels"][:, None]
-    lse, scale, e = LogSumExp.from_state(st).step(z)
-    other = jnp.where(label, 0.0, e)
+    z, labels = tile.a, rows["labels"]
+    blocks = _blocks(z, self.top_k)
+    m = jnp.maximum(st["m"], jnp.max(z if blocks is None else blocks[1], axis=1))
+    shift = finite(m)
+    scale = jnp.exp(st["m"] - shift)  # 0 while m was -inf
+    other = jnp.where(tile.col == labels[:, None], 0.0, jnp.exp(z - shift[:, None]))
     new = {
-      **lse.as_state(),
-      "zy": st["zy"] + jnp.sum(jnp.where(label, z, 0.0), axis=1),
+      "m": m,
+      "zy": st["zy"] + _label_logit(z, labels - tile.col[0, 0]),
       "so": st["so"] * scale + jnp.sum(other, axis=1),
       "sq": st["sq"] * (scale * scale) + jnp.sum(other * other, axis=1),
     }
-    new["topv"], new["tail"] = self.top_update(st["topv"], st["tail"], z)
+    new["topv"], new["tail"] = self.top_update(st["topv"], st["tail"], z, blocks)
     return new, cols
 
-  def top_update(self, topv, tail, z):
-    """The ``k`` largest values after one more tile, and the count at the ``k``-th."""
+  def top_update(self, topv, tail, z, blocks=None):
+    """The ``k`` largest values after one more tile, and the count at the ``k``-th.
+
+    ``blocks``: the tile's `_blocks`, when the caller has them.
+    """
     k = self.top_k
-    merged = _largest(jnp.concatenate([topv, _top_candidates(z, k)], axis=1), k)
+    blocks = _blocks(z, k) if blocks is None else blocks
+    merged = _largest(jnp.concatenate([topv, _top_candidates(z, k, blocks)], axis=1), k)
     kth_old, kth = topv[:, k - 1], merged[:, k - 1]
     # Old logits equal to the new k-th value: all of them when it did not move
     # (`tail`), else only the old slots (anything at it is above the old k-th).
@@ -92,7 +109,8 @@ class EvaluationStats(Kernel):
     st, _ = state
     if tiling.placement.vocab_axis is not None:
       raise NotImplementedError("EvaluationStats shards the tokens only, not the vocabulary.")
-    ms, s = LogSumExp.from_state(st).combine(tiling.placement)
+    s = st["so"] + jnp.exp(st["zy"] - finite(st["m"]))  # the label's own term, once
+    ms, s = LogSumExp(st["m"], s).combine(tiling.placement)
     out = {"m": ms, "log_s": jnp.log(s), "zy": st["zy"] - ms, "zl": st["zy"]}
     return out | {k: st[k] for k in ("so", "sq", "topv", "tail")}, {}
 
@@ -108,23 +126,47 @@ class EvaluationStats(Kernel):
 _TOP_BLOCK = 32
 
 
-def _top_candidates(z, k: int):
-  """Logits of each row of the tile ``z`` among which its ``k`` largest are, multiplicity kept.
-
-  The tile's columns are split into blocks of `_TOP_BLOCK`; every one of a
-  row's ``k`` largest values (as a multiset) lies in the ``k`` blocks whose
-  maxima are largest (a value in any other block has ``k`` block maxima at
-  or above it, so a tie at worst), and those blocks' columns are returned.
-  A tile whose width is not a multiple of the block, or has fewer than ``2k``
-  blocks, is returned whole.
+def _blocks(z, k: int):
+  """``(zb, maxima)``: the tile ``z`` ``[n, c]`` as ``[n, c / b, b]`` blocks of `_TOP_BLOCK`
+  columns and each block's maximum ``[n, c / b]``; None where the width is
+  not a multiple of the block or the tile has fewer than ``2k`` blocks.
   """
   n, c = z.shape
-  blocks = c // _TOP_BLOCK
-  if c % _TOP_BLOCK or blocks < 2 * k:
+  count = c // _TOP_BLOCK
+  if c % _TOP_BLOCK or count < 2 * k:
+    return None
+  zb = z.reshape(n, count, _TOP_BLOCK)
+  return zb, jnp.max(zb, axis=2)
+
+
+def _top_candidates(z, k: int, blocks):
+  """Logits of each row of the tile ``z`` among which its ``k`` largest are, multiplicity kept.
+
+  The tile's columns are split into blocks of `_TOP_BLOCK` (``blocks``, from
+  `_blocks`); every one of a row's ``k`` largest values (as a multiset) lies
+  in the ``k`` blocks whose maxima are largest (a value in any other block
+  has ``k`` block maxima at or above it, so a tie at worst), and those
+  blocks' columns are returned. Without blocks (None) the tile is returned
+  whole.
+  """
+  if blocks is None:
     return z
-  zb = z.reshape(n, blocks, _TOP_BLOCK)
-  _, best = lax.top_k(jnp.max(zb, axis=2), k)
+  zb, maxima = blocks
+  n = z.shape[0]
+  _, best = lax.top_k(maxima, k)
   return jnp.take_along_axis(zb, best[:, :, None], axis=1).reshape(n, k * _TOP_BLOCK)
+
+
+def _label_logit(z, index):
+  """``z[i, index[i]]`` where ``index[i]`` is a column of the tile ``z`` ``[n, c]``, else 0.
+
+  A gather: the label's logit exactly as the tile holds it, without a pass
+  over the tile.
+  """
+  c = z.shape[1]
+  inside = (index >= 0) & (index < c)
+  value = jnp.take_along_axis(z, jnp.clip(index, 0, c - 1)[:, None], axis=1)[:, 0]
+  return jnp.where(inside, value, jnp.zeros((), z.dtype))
 
 
 def _largest(a, k: int):
