@@ -68,7 +68,7 @@ class EvaluationStats(Kernel):
   def update(self, p: int, state: State, tile: Tile, rows: Rows) -> State:
     """The sums are relative to the running max (rescaled when it grows).
 
-    Four passes over the tile: the block maxima (the row's maximum is theirs,
+    The passes over the tile: the block maxima (the row's maximum is theirs,
     and `_top_candidates` reads them), the other classes' exponentials and
     their two sums, and the count at the ``k``-th value. The label's logit
     is gathered, and the full sum ``s`` is ``so`` plus the label's term,
@@ -90,13 +90,12 @@ class EvaluationStats(Kernel):
     new["topv"], new["tail"] = self.top_update(st["topv"], st["tail"], z, blocks)
     return new, cols
 
-  def top_update(self, topv, tail, z, blocks=None):
+  def top_update(self, topv, tail, z, blocks):
     """The ``k`` largest values after one more tile, and the count at the ``k``-th.
 
-    ``blocks``: the tile's `_blocks`, when the caller has them.
+    ``blocks``: the tile's `_blocks` (None for a tile too narrow to split).
     """
     k = self.top_k
-    blocks = _blocks(z, k) if blocks is None else blocks
     merged = _largest(jnp.concatenate([topv, _top_candidates(z, k, blocks)], axis=1), k)
     kth_old, kth = topv[:, k - 1], merged[:, k - 1]
     # Old logits equal to the new k-th value: all of them when it did not move
