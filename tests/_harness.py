@@ -3,7 +3,8 @@
 The scripts (`_parallel_checks.py`, `_distill_parallel_checks.py`,
 `_multiprocess_worker.py`) run in fresh interpreters (simulated devices or
 real processes) and report a JSON of check name -> "ok" or the traceback,
-which their pytest wrappers assert on.
+which their pytest wrappers assert on (`run_checks`; `shared_checks` for a
+module-scoped fixture, run once however many pytest-xdist workers need it).
 """
 
 import json
@@ -14,6 +15,11 @@ import sys
 import traceback
 
 import numpy as np
+
+try:
+  import fcntl
+except ImportError:  # not on Windows: each worker runs its own checks
+  fcntl = None
 
 
 def recorder(results: dict, limit: int = 6):
@@ -65,3 +71,31 @@ def run_checks(script: str, *, devices: int | None = None, timeout: int = 600) -
   lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS=")]
   assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
   return json.loads(lines[-1][len("RESULTS=") :])
+
+
+def shared_checks(script: str, tmp_path_factory, *, devices: int | None = None) -> dict:
+  """`run_checks` once per test run, however many pytest-xdist workers ask for it.
+
+  A module-scoped fixture is built once in every worker that runs one of the
+  module's tests, and the scheduler spreads a module's tests over the
+  workers: each worker used to start the same minute-long subprocess. Under
+  pytest-xdist the first worker to ask runs the script while holding a lock
+  and leaves the results in the run's shared temporary directory (the
+  parent of every worker's ``basetemp``); a worker that asks meanwhile waits
+  on the lock, leaving both cores to the subprocess, and then reads them.
+  Without pytest-xdist (or without ``fcntl``) it is `run_checks`.
+  """
+  if os.environ.get("PYTEST_XDIST_WORKER") is None or fcntl is None:
+    return run_checks(script, devices=devices)
+  root = tmp_path_factory.getbasetemp().parent
+  done = root / f"{script}.devices-{devices}.json"
+  with open(root / f"{script}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if done.exists():
+        return json.loads(done.read_text())
+      results = run_checks(script, devices=devices)
+      done.write_text(json.dumps(results))
+      return results
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)

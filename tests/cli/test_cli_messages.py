@@ -292,3 +292,33 @@ def test_every_slow_entry_names_a_test_that_exists():
   assert not is_slow(
     "tests/architecture/test_notebooks.py::test_the_derivation_sequence_is_present"
   )
+
+
+def test_a_shared_fixture_subprocess_runs_once_for_every_worker(tmp_path, monkeypatch):
+  # Two pytest-xdist workers building the same module fixture at once: the
+  # subprocess runs once, and both get its results.
+  import threading
+  import types
+
+  from _harness import shared_checks
+
+  count = tmp_path / "count"
+  monkeypatch.setenv("XENTJAX_COUNT_FILE", str(count))
+  monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+  (tmp_path / "gw0").mkdir()
+  factory = types.SimpleNamespace(getbasetemp=lambda: tmp_path / "gw0")
+  got = []
+  workers = [
+    threading.Thread(target=lambda: got.append(shared_checks("_counting_checks.py", factory)))
+    for _ in range(2)
+  ]
+  for w in workers:
+    w.start()
+  for w in workers:
+    w.join(timeout=120)
+  assert got == [{"counted": "ok"}] * 2
+  assert count.read_text() == "ran\n"
+  # Outside pytest-xdist every call runs the script.
+  monkeypatch.delenv("PYTEST_XDIST_WORKER")
+  assert shared_checks("_counting_checks.py", factory) == {"counted": "ok"}
+  assert count.read_text() == "ran\nran\n"

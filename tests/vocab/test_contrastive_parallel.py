@@ -8,7 +8,7 @@ with B/n·D (and stays far below the all-gather layout's).
 """
 
 import pytest
-from _harness import run_checks
+from _harness import shared_checks
 
 CHECKS = [
   "clip_explicit_mesh",
@@ -26,8 +26,8 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def results():
-  return run_checks("_contrastive_parallel_checks.py", devices=8)
+def results(tmp_path_factory):
+  return shared_checks("_contrastive_parallel_checks.py", tmp_path_factory, devices=8)
 
 
 @pytest.mark.parametrize("name", CHECKS)

@@ -11,7 +11,7 @@ every gradient against the same function on one device.
 import itertools
 
 import pytest
-from _harness import run_checks
+from _harness import shared_checks
 
 ENTRY_POINTS = [
   "parallel_linear_softmax_cross_entropy",
@@ -38,8 +38,8 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def results():
-  return run_checks("_mesh_modes_checks.py", devices=8)
+def results(tmp_path_factory):
+  return shared_checks("_mesh_modes_checks.py", tmp_path_factory, devices=8)
 
 
 @pytest.mark.parametrize("name", CHECKS)

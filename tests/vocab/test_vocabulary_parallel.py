@@ -11,7 +11,7 @@ the suite cover it.
 """
 
 import pytest
-from _harness import run_checks
+from _harness import shared_checks
 
 import xentjax.parallel as par
 
@@ -39,8 +39,8 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def results():
-  return run_checks("_parallel_checks.py")
+def results(tmp_path_factory):
+  return shared_checks("_parallel_checks.py", tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", CHECKS)
