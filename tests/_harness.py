@@ -18,7 +18,7 @@ import numpy as np
 
 try:
   import fcntl
-except ImportError:  # not on Windows: each worker runs its own checks
+except ImportError:  # Windows: there each pytest-xdist worker runs its own checks
   fcntl = None
 
 
@@ -77,8 +77,8 @@ def shared_checks(script: str, tmp_path_factory, *, devices: int | None = None) 
   """`run_checks` once per test run, however many pytest-xdist workers ask for it.
 
   A module-scoped fixture is built once in every worker that runs one of the
-  module's tests, and the scheduler spreads a module's tests over the
-  workers: each worker used to start the same minute-long subprocess. Under
+  module's tests, and the scheduler may spread a module's tests over the
+  workers: each of them then started the same minute-long subprocess. Under
   pytest-xdist the first worker to ask runs the script while holding a lock
   and leaves the results in the run's shared temporary directory (the
   parent of every worker's ``basetemp``); a worker that asks meanwhile waits
