@@ -1,10 +1,11 @@
-"""The in-batch sums of streaming evaluation: exact two-float sums from plain reductions.
+"""The in-batch sums of streaming evaluation: two-float sums from a tree of TwoSum folds.
 
-`_exact_sum` splits every value into parts whose plain sums are exact
-(Rump's extraction), so ``hi + lo`` must equal the exact sum of the float
-values (`math.fsum`, which is exact) to about the square of the working
-precision, whatever the order XLA reduces in. The references are `math.fsum`
-of the same float32 or float64 values, never the implementation.
+`_exact_sum` folds the values level by level with TwoSum, whose rounding
+errors are carried, exactly, into the low parts, so ``hi + lo`` must equal
+the exact sum of the float values (`math.fsum`, which is exact) to about the
+square of the working precision, whatever the order XLA reduces in. The
+references are `math.fsum` of the same float32 or float64 values, never the
+implementation.
 """
 
 import math
@@ -51,6 +52,27 @@ def test_device_blocks_give_the_exact_sum(groups, n):
   x = np.abs(mixed(n, 11))
   hi, lo = jax.jit(_evaluation._exact_sum, static_argnums=1)(jnp.asarray(x), groups)
   assert abs(float(hi) + float(lo) - exact(x)) <= 1e-13 * exact(x)
+
+
+def test_cancellation_keeps_the_small_terms():
+  """Large values that cancel leave the small ones whole (a plain sum loses them)."""
+  dtype = jnp.zeros(()).dtype
+  rng = np.random.default_rng(5)
+  big = (rng.standard_normal(5000) * 1e6).astype(dtype)
+  small = (rng.standard_normal(5000) * 1e-3).astype(dtype)
+  x = rng.permutation(np.concatenate([big, -big, small]))
+  hi, lo = jax.jit(_evaluation._exact_sum)(jnp.asarray(x))
+  want = exact(small)
+  assert abs(float(hi) + float(lo) - want) <= 1e-13 * exact(np.abs(x))
+  assert abs(float(hi) + float(lo) - want) <= 1e-6 * exact(np.abs(small))
+
+
+def test_one_vectorized_reduction_per_level():
+  """50,000 values take ceil(log4 50,000) = 8 reductions (Rump's blocks took some fifty kernels)."""
+  x = jnp.zeros(50_000, jnp.zeros(()).dtype)
+  hlo = jax.jit(_evaluation._exact_sum).lower(x).compile().as_text()
+  reductions = hlo.count(" reduce(")
+  assert 8 <= reductions <= 9, reductions  # the levels, and the last fold of the device blocks
 
 
 def test_the_high_part_alone_is_the_sum_rounded_once():
