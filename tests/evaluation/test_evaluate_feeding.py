@@ -3,6 +3,7 @@
 import threading
 
 import numpy as np
+import pytest
 
 import xentjax
 from xentjax.evaluation import _stream as _evaluation
@@ -54,3 +55,38 @@ def test_pages_are_mapped_in_one_call_for_any_slice_of_a_memory_map(tmp_path):
   for piece in (z, z[3:517], z[999:]):
     _evaluation._touch_pages(piece)
   np.testing.assert_array_equal(z, data)
+
+
+def _fake_caches(root, caches):
+  """A sysfs-like ``cache`` folder: ``(level, type, size)`` per ``indexN``."""
+  for i, (level, kind, size) in enumerate(caches):
+    d = root / f"index{i}"
+    d.mkdir(parents=True)
+    (d / "level").write_text(f"{level}\n")
+    (d / "type").write_text(f"{kind}\n")
+    (d / "size").write_text(f"{size}\n")
+  return str(root)
+
+
+@pytest.mark.parametrize(
+  "l2, want",
+  [
+    ("512K", 2 * 512 * 1024 // 4),  # Zen 3: 1 MiB chunks, as before
+    ("1024K", 2 * 1024 * 1024 // 4),  # Zen 4: 2 MiB
+    ("2M", 2 * 2 * 1024 * 1024 // 4),  # 2 MiB of L2: 4 MiB, the ceiling
+    ("32M", 1 << 20),  # clamped to 4 MiB
+    ("64K", 1 << 16),  # clamped to 256 KiB
+  ],
+)
+def test_chunks_fill_twice_one_cores_l2_cache(tmp_path, l2, want):
+  root = _fake_caches(
+    tmp_path,
+    [(1, "Data", "32K"), (1, "Instruction", "32K"), (2, "Unified", l2), (3, "Unified", "32768K")],
+  )
+  assert _evaluation._chunk_logits(root) == want
+
+
+@pytest.mark.parametrize("caches", [[], [(1, "Data", "32K")], [(2, "Unified", "lots")]])
+def test_chunks_default_to_a_mebibyte_where_the_l2_size_is_unknown(tmp_path, caches):
+  root = _fake_caches(tmp_path / "cache", caches) if caches else str(tmp_path / "missing")
+  assert _evaluation._chunk_logits(root) == 1 << 18

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import math
 import mmap
+import os
 import queue
 import sys
 import threading
@@ -599,17 +600,52 @@ def _document_sums(nll, counted, byte_counts, segments) -> dict:
   return {"nll_hi": hi, "nll_lo": lo, "count": count, "bytes": nbytes}
 
 
-# Rows per chunk of a batch: about 2**18 logits (1 MiB in float32), so every
-# pass over a chunk's [rows, K] logits reads from the cache. Unchunked, the
-# dozen passes of a [50000, 64] batch each went out to memory: 4-5x slower
-# on a 2-core CPU (benchmarks/evaluate.py). Only the passes over the logits
-# run per chunk (`_core.forward_row_stats`, for integer labels), the row
-# maximum included: taken over the whole batch first, it read the batch from
-# memory once more (the chunk's copy, which XLA's CPU reduction needs, reads
-# it once). The per-row arithmetic and the exact sums then run once on the
-# batch's [n] rows: the step's loop body went from about sixty XLA kernels
-# to seventeen.
-_CHUNK_LOGITS = 1 << 18
+# Rows per chunk of a batch: as many logits as fill twice one core's L2
+# cache (`_chunk_logits`), so every pass over a chunk's [rows, K] logits
+# reads from the cache. Unchunked, the dozen passes of a [50000, 64] batch
+# each went out to memory: 4-5x slower on a 2-core CPU
+# (benchmarks/evaluate.py). Only the passes over the logits run per chunk
+# (`_core.forward_row_stats`, for integer labels), the row maximum included:
+# taken over the whole batch first, it read the batch from memory once more
+# (the chunk's copy, which XLA's CPU reduction needs, reads it once). The
+# per-row arithmetic and the exact sums then run once on the batch's [n]
+# rows: the step's loop body went from about sixty XLA kernels to seventeen.
+
+
+def _parse_cache_size(text: str) -> int:
+  """Bytes of a sysfs cache size such as ``"1024K"`` (suffixes K, M, G; none: bytes)."""
+  text = text.strip().upper()
+  scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+  return int(text[:-1] if scale > 1 else text) * scale
+
+
+def _chunk_logits(cache_root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+  """Float32 logits per chunk: twice the first core's L2 cache, from Linux's sysfs.
+
+  Between ``2**16`` and ``2**20`` logits (256 KiB to 4 MiB); ``2**18``
+  (1 MiB) where the size is unknown (another system, no sysfs). On 2-core
+  VMs the best chunk filled both cores' L2 caches (XLA splits each pass
+  over the two): 1 MiB on a Zen 3 with 512 KiB of L2 per core, 2 MiB on a
+  Zen 4 with 1 MiB, where the step went from 1.24x to 1.18x the naive loss
+  (docs/benchmarks.md).
+  """
+  try:
+    for entry in sorted(os.listdir(cache_root)):
+      path = os.path.join(cache_root, entry)
+      with open(os.path.join(path, "level")) as f:
+        level = int(f.read())
+      with open(os.path.join(path, "type")) as f:
+        kind = f.read().strip()
+      if level == 2 and kind in ("Unified", "Data"):
+        with open(os.path.join(path, "size")) as f:
+          size = _parse_cache_size(f.read())
+        return int(np.clip(2 * size // 4, 1 << 16, 1 << 20))
+  except (OSError, ValueError):
+    pass
+  return 1 << 18
+
+
+_CHUNK_LOGITS = _chunk_logits()
 _MIN_CHUNK_ROWS = 64
 
 
