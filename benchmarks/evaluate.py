@@ -18,7 +18,8 @@ each method runs again in a fresh process that first warms up (imports,
 compiles, one batch), then samples its anonymous memory (RssAnon, every
 millisecond; memory-mapped file pages are page cache and not counted) over the
 whole run. The timed runs sample nothing (the sampler thread would compete
-with `xentjax.evaluate`'s feeding thread for the interpreter). `xentjax.evaluate` is also measured at a tenth of the size, to show
+with `xentjax.evaluate`'s loop for the interpreter). `xentjax.evaluate` is
+also measured at a tenth of the size, to show
 that the growth does not depend on the data set's size. Prints a
 markdown table and the machine. The files are deleted afterwards unless
 `--keep`.
@@ -96,7 +97,8 @@ class PeakAnon:
 
   Only in the memory runs (``enabled``): the sampler is a Python thread that
   wakes every millisecond, and in the timed runs it took the interpreter
-  from `xentjax.evaluate`'s feeding thread, not from the one-thread loops.
+  from `xentjax.evaluate`'s loop (then its feeding thread) more than from the
+  plain loops.
   """
 
   def __init__(self, enabled: bool = True):

@@ -1,7 +1,7 @@
 """Time `xentjax.evaluate`'s compiled step alone, against the minimal jitted loss.
 
-`benchmarks/evaluate.py` times the whole stream (memory-mapped batches, the
-feeding thread, the host's totals). This isolates the step: ``B x C``
+`benchmarks/evaluate.py` times the whole stream (memory-mapped batches, their
+pages mapped before each step, the host's totals). This isolates the step: ``B x C``
 float32 batches already on the device (six different ones, cycled, so a
 batch is not in the cache when its step starts), the step called directly
 with `evaluate`'s own arguments, and beside it the naive per-batch loss of

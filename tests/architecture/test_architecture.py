@@ -249,7 +249,7 @@ def test_the_engine_loops_exist_once():
 # (stream batches, loop over epochs or Newton passes, read files, start
 # processes, draw, raise eagerly) and call declared public functions inside.
 HOST_FUNCTIONS = {
-  "xentjax.evaluate": "streams batches from an iterator, prefetches, sums on the host",
+  "xentjax.evaluate": "streams batches from an iterator, dispatches steps, sums on the host",
   "xentjax.evaluation.evaluate": "the same function as `xentjax.evaluate`, in its wing",
   "xentjax.cli.main": "the command line: parses argv, calls the library, prints",
   "xentjax.check_labels": "an eager check that raises (it reads the values)",

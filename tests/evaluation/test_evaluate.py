@@ -469,10 +469,12 @@ def test_flush_to_host_keeps_results(monkeypatch):
   )
 
 
-def test_without_prefetch_thread():
+def test_with_and_without_the_prefetch_thread():
   logits, labels = make_data(400, seed=18)
-  r = xentjax.evaluate(batched(logits, labels, size=B), prefetch=0, progress=False)
-  assert_matches(r, reference(logits, labels))
+  ref = reference(logits, labels)
+  for prefetch in (0, 2):  # the default (no thread), and a feeding thread
+    r = xentjax.evaluate(batched(logits, labels, size=B), prefetch=prefetch, progress=False)
+    assert_matches(r, ref)
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""How `xentjax.evaluate` feeds memory-mapped batches: pages touched in the feeding thread."""
+"""How `xentjax.evaluate` feeds memory-mapped batches: pages touched before their step, where batches are read."""
 
 import threading
 
@@ -9,7 +9,12 @@ import xentjax
 from xentjax.evaluation import _stream as _evaluation
 
 
-def test_every_numpy_array_of_a_batch_is_touched_in_the_feeding_thread(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+  "prefetch, thread", [(0, "MainThread"), (2, "xentjax-evaluate")]
+)  # the default reads in the loop; a feeding thread (`_Prefetcher`) where asked
+def test_every_numpy_array_of_a_batch_is_touched_where_batches_are_read(
+  tmp_path, monkeypatch, prefetch, thread
+):
   rng = np.random.default_rng(0)
   logits = (rng.standard_normal((300, 6)) * 2).astype(np.float32)
   labels = rng.integers(0, 6, 300)
@@ -26,8 +31,7 @@ def test_every_numpy_array_of_a_batch_is_touched_in_the_feeding_thread(tmp_path,
   monkeypatch.setattr(_evaluation, "_touch_pages", touch)
   batches = [{"logits": z[i : i + 100], "labels": labels[i : i + 100],
               "byte_counts": np.ones(100, np.int64)} for i in range(0, 300, 100)]  # fmt: skip
-  got = xentjax.evaluate(batches, progress=False)
-  thread = "xentjax-evaluate"  # the feeding thread (`_Prefetcher`)
+  got = xentjax.evaluate(batches, progress=False, prefetch=prefetch)
   assert sorted(seen) == sorted([((100, 6), thread), ((100,), thread), ((100,), thread)] * 3)
   # The memory-mapped batches give the numbers of the same arrays in memory.
   monkeypatch.setattr(_evaluation, "_touch_pages", original)

@@ -5,9 +5,9 @@ perplexity, accuracy, top-k accuracy and calibration error in one call:
 
 * one jit-compiled step per padded batch shape: the ragged last batch is
   padded to the first batch's size and masked, so it does not recompile;
-* accumulators stay on the device (no host round trip per batch) and a
-  background thread prepares and transfers the next batch while the current
-  one computes; at most a few batches are alive at any time;
+* accumulators stay on the device (no host round trip per batch) and the
+  steps run asynchronously, so the next batch is read and transferred while
+  the current one computes; at most a few batches are alive at any time;
 * the batch axis is sharded over a 1-D `Mesh` of all local devices;
 * the loss sum is a two-float (hi, lo) sum built from error-free
   transformations: inside a batch, a tree of TwoSum folds
@@ -50,7 +50,7 @@ _INT32_MAX = (1 << 31) - 1  # the byte counts' sum is folded before it passes th
 # Per-document rows kept on the host before they are merged by id (and again
 # whenever they double): bounds the host memory by about twice the documents.
 _DOC_COMPACT_ROWS = 1 << 20
-_PAGE_BYTES = mmap.PAGESIZE  # the feeding thread reads one byte per page (`_touch_pages`)
+_PAGE_BYTES = mmap.PAGESIZE  # `_touch_pages` reads one byte per page where it cannot madvise
 # Linux's madvise(MADV_POPULATE_READ) (5.14+): maps a range's pages in one call.
 _MADV_POPULATE_READ = 22
 
@@ -943,15 +943,15 @@ def _padded_batches(
 
 
 def _touch_pages(a) -> None:
-  """Map every memory page of a NumPy array, here in the feeding thread.
+  """Map every memory page of a NumPy array before its step is dispatched.
 
   On the CPU, `jax.device_put` of a contiguous NumPy array is zero-copy: the
   compiled step reads the array in place. For a memory-mapped batch, the
   first read of each page is a page fault (about 1.7 ms per 12.8 MB batch on
   the benchmark's CPU): without this, every one of them happened inside the
-  step, on the critical path, while the background thread that is meant to
-  prepare the next batch had nothing to do. Mapped here, the faults overlap
-  the previous batch's step. Linux maps the whole range in one
+  step, on the critical path. Mapped here (in the loop, or in the feeding
+  thread with ``prefetch > 0``), the faults overlap the previous batches'
+  asynchronous steps. Linux maps the whole range in one
   ``madvise(MADV_POPULATE_READ)`` call (about a fifth less CPU time than
   faulting page by page); elsewhere, or where the call fails, a strided read
   of ``size / page`` bytes faults them in. Either is cheap for an array
@@ -1217,7 +1217,7 @@ def evaluate(
   progress: bool | None = None,
   total: int | None = None,
   devices: Sequence[jax.Device] | None = None,
-  prefetch: int = 2,
+  prefetch: int = 0,
   temperature: bool = False,
   across_processes: bool | None = None,
   head: jax.typing.ArrayLike | None = None,
@@ -1244,9 +1244,10 @@ def evaluate(
 
   Each batch is padded to the size of the first one and masked, so the whole
   stream compiles one step per distinct batch shape (a larger batch is split
-  into pieces of that size). Accumulators stay on the device; a background
-  thread reads and transfers the next `prefetch` batches while the current
-  one computes, and the loop never lets more than two steps queue up, so
+  into pieces of that size). Accumulators stay on the device and the steps
+  are dispatched asynchronously, so the next batch is read and transferred
+  while the current one computes (with ``prefetch > 0``, also in a
+  background thread); the loop never lets more than two steps queue up, so
   only a few batches are alive whatever the data set's size. With several
   local devices the batch axis is sharded over a 1-D mesh (``"data"``) and
   the accumulators are replicated.
@@ -1330,7 +1331,12 @@ def evaluate(
     total: expected number of rows (entries along the batch axis), for the
       progress bar, which counts rows.
     devices: devices to shard the batch over (default: all local devices).
-    prefetch: batches prepared ahead in the background (0: no thread).
+    prefetch: batches prepared ahead in a background thread (default 0: no
+      thread). The asynchronous steps already overlap reading a batch with
+      computing the previous ones; on a 2-core CPU the thread competed with
+      XLA's for the cores (1.38x against 1.29x the minimal loop's time in
+      `benchmarks/evaluate.py`'s setting, 30 alternating rounds), so it only
+      pays where preparing a batch blocks without using a core.
     temperature: also fit the temperature of temperature scaling in the same
       pass (see above; it evaluates the loss at 20 temperatures, so it costs
       about 20 times the work of the rest); False leaves `temperature` None
