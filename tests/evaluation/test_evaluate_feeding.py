@@ -94,3 +94,46 @@ def test_chunks_fill_twice_one_cores_l2_cache(tmp_path, l2, want):
 def test_chunks_default_to_a_mebibyte_where_the_l2_size_is_unknown(tmp_path, caches):
   root = _fake_caches(tmp_path / "cache", caches) if caches else str(tmp_path / "missing")
   assert _evaluation._chunk_logits(root) == 1 << 18
+
+
+@pytest.mark.parametrize(
+  "batch_bytes, want",
+  [
+    (50_000 * 64 * 4, (8, 2)),  # the benchmark's 12.8 MB batches: eight steps, drained to two
+    (64 << 20, (4, 1)),  # 256 MiB of batches: four
+    (100 << 20, (2, 2)),  # two at least, one wait per step as before
+    (1 << 34, (2, 2)),
+  ],
+)
+def test_steps_in_flight_are_bounded_by_count_and_bytes(batch_bytes, want):
+  assert _evaluation._depths(batch_bytes) == want
+
+
+@pytest.mark.parametrize("budget, most, resume", [(1 << 28, 8, 2), (1, 2, 2)])
+def test_the_loop_waits_for_steps_in_bursts(monkeypatch, budget, most, resume):
+  """Never more than ``most`` steps queue; a wait drains the queue to ``resume``."""
+  monkeypatch.setattr(_evaluation, "_IN_FLIGHT_BYTES", budget)
+  queued = []  # steps in flight at each wait of the loop (not of the final drain)
+  original, finish = _evaluation._Run._retire, _evaluation._Run.finish
+
+  def retire(self):
+    if not getattr(self, "finishing", False):
+      queued.append(len(self.in_flight))
+    original(self)
+
+  def finishing(self):
+    self.finishing = True
+    return finish(self)
+
+  monkeypatch.setattr(_evaluation._Run, "_retire", retire)
+  monkeypatch.setattr(_evaluation._Run, "finish", finishing)
+  rng = np.random.default_rng(1)
+  logits = rng.standard_normal((30 * 40, 5)).astype(np.float32)
+  labels = rng.integers(0, 5, 30 * 40)
+  batches = [(logits[i : i + 40], labels[i : i + 40]) for i in range(0, len(labels), 40)]
+  got = xentjax.evaluate(batches, progress=False)
+  burst = list(range(most + 1, resume, -1))  # a step was just added when the loop waits
+  assert len(queued) >= 2 * len(burst) and len(queued) % len(burst) == 0, queued
+  assert queued == burst * (len(queued) // len(burst)), queued
+  want = xentjax.evaluate([(logits, labels)], progress=False)
+  assert abs(got.cross_entropy - want.cross_entropy) <= 1e-6 * want.cross_entropy
