@@ -10,10 +10,11 @@ perplexity, accuracy, top-k accuracy and calibration error in one call:
   the current one computes; at most a few batches are alive at any time;
 * the batch axis is sharded over a 1-D `Mesh` of all local devices;
 * the loss sum is a two-float (hi, lo) sum built from error-free
-  transformations: inside a batch, a tree of TwoSum folds
-  (`_exact_sum`: a few vectorized reductions), across batches TwoSum, so the dataset mean matches a float64 computation to about the
-  float32 rounding of the per-example values, however many examples there
-  are, and does not depend on the batch size beyond rounding. Counts are
+  transformations: inside a batch, a tree of TwoSum folds (`_exact_sum`: a
+  few vectorized reductions), across batches TwoSum, so the dataset mean
+  matches a float64 computation to about the float32 rounding of the
+  per-example values, however many examples there are, and does not depend
+  on the batch size beyond rounding. Counts are
   integers. With `JAX_ENABLE_X64=1` the accumulators are float64 pairs.
 """
 
@@ -270,28 +271,27 @@ _SUM_FAN = 4  # `_exact_sum`: values each column folds per level
 def _exact_sum(x, groups: int = 1):
   r"""Sum the rows ``x`` ``[n]`` into a two-float ``(hi, lo)`` pair (a cascaded TwoSum tree).
 
-    Each level lays the current ``(hi, lo)`` values out as ``f = _SUM_FAN``
-    rows of columns (padded with zeros) and folds every column down its
-    ``f`` rows with `_two_float_reducer`: TwoSum on the high parts, whose
-    rounding errors go, exactly, into the low parts (those are added
-    plainly). There are :math:`d = \lceil \log_f n
-  ceil` levels, one
-    vectorized XLA reduction each (the fold runs across the columns, which
-    XLA's CPU code generator turns into vector lanes; one TwoSum chain over
-    the rows ran as a scalar loop, and Rump's extraction by blocks, used
-    before, took some fifty small kernels per sum). The rows are ``groups``
-    contiguous device blocks, each folded on its own until the last fold.
+  Each level lays the current ``(hi, lo)`` values out as ``f = _SUM_FAN``
+  rows of columns (padded with zeros) and folds every column down its ``f``
+  rows with `_two_float_reducer`: TwoSum on the high parts, whose rounding
+  errors go, exactly, into the low parts (those are added plainly). There
+  are :math:`d = \lceil \log_f n \rceil` levels, one vectorized XLA
+  reduction each (the fold runs across the columns, which XLA's CPU code
+  generator turns into vector lanes; one TwoSum chain over the rows ran as a
+  scalar loop, and Rump's extraction by blocks, used before, took some fifty
+  small kernels per sum). The rows are ``groups`` contiguous device blocks,
+  each folded on its own until the last fold.
 
-    Error: every TwoSum is exact, so only the low parts' plain additions
-    round. With :math:`u = 2^{-p}` the unit roundoff, the errors TwoSum
-    passes down are at most :math:`(f - 1) d\, u \sum_i |x_i|` in all, and
-    they are added in chains of at most :math:`2 (f - 1) d` additions, so
-    :math:`|hi + lo - \sum_i x_i| \le 2 (f - 1)^2 d^2 u^2 \sum_i |x_i|` (to
-    first order): about :math:`1{,}200\, u^2` for 50,000 rows, which is
-    :math:`4 \cdot 10^{-12}` in float32 and :math:`10^{-29}` in float64.
-    That bound is for adversarial rounding; the tests see at most about
-    :math:`2 u^2` (7e-15 in float32) against `math.fsum`. A NaN or infinite
-    value gives the plain sum's NaN or infinity in ``hi`` (and 0 in ``lo``).
+  Error: every TwoSum is exact, so only the low parts' plain additions
+  round. With :math:`u = 2^{-p}` the unit roundoff, the errors TwoSum passes
+  down are at most :math:`(f - 1) d\, u \sum_i |x_i|` in all, and they are
+  added in chains of at most :math:`2 (f - 1) d` additions, so
+  :math:`|hi + lo - \sum_i x_i| \le 2 (f - 1)^2 d^2 u^2 \sum_i |x_i|` (to
+  first order): about :math:`1{,}200\, u^2` for 50,000 rows, which is
+  :math:`4 \cdot 10^{-12}` in float32 and :math:`10^{-29}` in float64. That
+  bound is for adversarial rounding; the tests see at most about
+  :math:`2 u^2` (7e-15 in float32) against `math.fsum`. A NaN or infinite
+  value gives the plain sum's NaN or infinity in ``hi`` (and 0 in ``lo``).
   """
   zero = jnp.zeros((), x.dtype)
   if x.size == 0:
@@ -1263,9 +1263,9 @@ def evaluate(
   while the current one computes (with ``prefetch > 0``, also in a
   background thread); the loop lets at most eight steps, and 256 MiB of
   their batches (but always two steps), queue up, so only a few batches are
-  alive whatever the data set's size. With several
-  local devices the batch axis is sharded over a 1-D mesh (``"data"``) and
-  the accumulators are replicated.
+  alive whatever the data set's size. With several local devices the batch
+  axis is sharded over a 1-D mesh (``"data"``) and the accumulators are
+  replicated.
 
   The loss sum is exact to about twice the working precision: each batch is
   reduced with error-free TwoSum steps into a (hi, lo) pair and added to the
