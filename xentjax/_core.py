@@ -511,15 +511,18 @@ def forward_row_metrics(z, status: LabelStatus, top_k: int) -> RowMetrics:
   return forward_metrics_from_stats(stats, status, top_k, z.shape[-1])
 
 
-def forward_row_stats(z, index) -> ForwardStats:
+def forward_row_stats(z, index, m=None) -> ForwardStats:
   """The passes of `forward_row_metrics` over the logits ``[..., K]``: `ForwardStats`.
 
   ``index`` is `LabelStatus.index` (gather-safe int32 labels ``[...]``).
   Every output is per row, so a caller that splits a batch into chunks to
   keep each pass in the cache (streaming evaluation) runs only this per
   chunk, the row maximum included, and the rest once on whole rows.
+  ``m``: the rows' shift ``[...]`` (``shift`` of the row maximum) where the
+  caller took it already, over a whole batch; the statistics are the same
+  bit for bit.
   """
-  m = shift(jnp.max(z, axis=-1, keepdims=True, initial=-jnp.inf))
+  m = shift(jnp.max(z, axis=-1, keepdims=True, initial=-jnp.inf)) if m is None else m[..., None]
   z_label = jnp.take_along_axis(z, index[..., None], axis=-1)
   label = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == index[..., None]
   other = jnp.where(label, 0.0, jnp.exp(z - m))

@@ -564,3 +564,63 @@ def test_result_is_frozen_prints_a_table_and_serialises():
   assert d["cross_entropy"] == r.cross_entropy
   assert all(isinstance(v, (int, float)) or v is None for v in d.values())
   assert type(r.count) is int and type(r.accuracy) is float
+
+
+def _special_rows(kind: str, seed: int = 14):
+  """200 rows of logits and labels, with a few rows of one special ``kind``."""
+  rng = np.random.default_rng(seed)
+  logits = (rng.standard_normal((200, C)) * 3).astype(np.float32)
+  labels = rng.integers(0, C, 200)
+  labels[rng.random(200) < 0.1] = -100
+  rows = [3, 57, 130]
+  labels[rows] = 1
+  if kind == "all -inf":
+    logits[rows] = -np.inf
+  elif kind == "some -inf":
+    logits[rows, ::2] = -np.inf
+  elif kind == "ties":
+    logits[rows, :4] = np.float32(2.5)
+  elif kind == "+inf":
+    logits[rows, 2] = np.inf
+  elif kind == "NaN":
+    logits[rows, 0] = np.nan
+  return logits, labels
+
+
+@pytest.mark.parametrize("kind", ["plain", "all -inf", "some -inf", "ties", "+inf", "NaN"])
+@pytest.mark.parametrize("chunk_rows", [None, 24])
+def test_the_rows_maximum_per_chunk_or_per_batch_gives_the_same_bits(monkeypatch, kind, chunk_rows):
+  # `_WHOLE_BATCH_MAX` moves the rows' maximum out of the chunk loop (one
+  # pass over the batch) on the CPUs where that is faster; every figure is
+  # the same either way, bit for bit, whatever the special rows.
+  logits, labels = _special_rows(kind)
+  if chunk_rows:
+    monkeypatch.setattr(_evaluation, "_MIN_CHUNK_ROWS", 8)
+    monkeypatch.setattr(_evaluation, "_CHUNK_LOGITS", chunk_rows * C)
+
+  def run(whole: bool):
+    monkeypatch.setattr(_evaluation, "_WHOLE_BATCH_MAX", whole)
+    _evaluation._step.clear_cache()
+    try:
+      return xentjax.evaluate(batched(logits, labels, size=100), top_k=3, progress=False)
+    finally:
+      _evaluation._step.clear_cache()
+
+  per_chunk, per_batch = run(False), run(True)
+  a, b = per_chunk.to_dict(), per_batch.to_dict()
+  assert b.keys() == a.keys()
+  for key, value in a.items():
+    np.testing.assert_array_equal(b[key], value, err_msg=key)
+  if kind in ("plain", "some -inf", "ties"):  # finite losses: against float64 too
+    assert_matches(per_batch, reference(logits, labels, top_k=3))
+  else:  # an infinite or NaN loss
+    assert not math.isfinite(per_batch.cross_entropy)
+
+
+def test_cpu_vendor_reads_cpuinfo(tmp_path):
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n")
+  assert _evaluation._cpu_vendor(str(info)) == "GenuineIntel"
+  info.write_text("processor\t: 0\n")
+  assert _evaluation._cpu_vendor(str(info)) == ""
+  assert _evaluation._cpu_vendor(str(tmp_path / "missing")) == ""
