@@ -64,6 +64,10 @@ SCRIPT = textwrap.dedent(
     _evaluation._MIN_CHUNK_ROWS, _evaluation._CHUNK_LOGITS = 4, 4 * 12
     _evaluation._step.clear_cache()
     out["chunked"] = xentjax.evaluate(stream(labels), top_k=3, devices=devices, progress=False).to_dict()
+    # The rows' maximum the other way (per chunk, or over the whole sharded batch).
+    _evaluation._WHOLE_BATCH_MAX = not _evaluation._WHOLE_BATCH_MAX
+    _evaluation._step.clear_cache()
+    out["chunked_other_max"] = xentjax.evaluate(stream(labels), top_k=3, devices=devices, progress=False).to_dict()
     out["w"] = w.tolist()
     print(json.dumps(out))
     """
@@ -145,6 +149,7 @@ def test_eight_simulated_devices_match_one_and_float64(tmp_path):
   )
 
   check(out["chunked"], float64_metrics(logits, labels, mask, top_k=3))
+  assert out["chunked_other_max"] == out["chunked"]  # the same bits either way
   for key in ("count", "accuracy", "top_k_accuracy"):
     assert out["chunked"][key] == out["all"]["hard"][key], key
   for key in ("cross_entropy", "expected_calibration_error", "brier_score"):

@@ -638,9 +638,8 @@ def _document_sums(nll, counted, byte_counts, segments) -> dict:
 # reads from the cache. Unchunked, the dozen passes of a [50000, 64] batch
 # each went out to memory: 4-5x slower on a 2-core CPU
 # (benchmarks/evaluate.py). Only the passes over the logits run per chunk
-# (`_core.forward_row_stats`, for integer labels), the row maximum included:
-# taken over the whole batch first, it read the batch from memory once more
-# (the chunk's copy, which XLA's CPU reduction needs, reads it once). The
+# (`_core.forward_row_stats`, for integer labels), the row maximum included
+# where that is faster (`_WHOLE_BATCH_MAX`). The
 # per-row arithmetic and the exact sums then run once on the batch's [n]
 # rows: the step's loop body went from about sixty XLA kernels to seventeen.
 
