@@ -697,12 +697,15 @@ def _cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
 # first copies the chunk out of the batch (its CPU reduction reads a whole
 # buffer), then every later pass reads the copy from the cache. Over the
 # whole batch, one reduction reads the batch in place and no chunk is
-# copied; the later passes read the batch where it is. Each won on one kind
-# of CPU, by the same statistics bit for bit: per chunk on AMD EPYC (Zen 4,
-# 1 MiB of L2 per core; whole-batch 1.51 and 1.46x the naive loop against
-# 1.38 and 1.37x), whole-batch on an Intel Xeon (Emerald Rapids, 2 MiB of L2,
-# where the chunk's copy cost about 1 ms of a 4 ms step: 1.45x against
-# 1.70x). Elsewhere the per-chunk maximum, as measured first.
+# copied; the later passes read the batch where it is. The statistics are
+# the same bit for bit (tests/evaluation/test_evaluate.py). Each way won on
+# one kind of CPU: per chunk on an AMD EPYC with AVX-512 (the fifth
+# session's VM, streamed: 1.38 and 1.37x the naive loop, against 1.51 and
+# 1.46x over the whole batch); over the whole batch on an Intel Xeon
+# (Emerald Rapids, 2 MiB of L2 per core), where the chunks' copies took
+# about a quarter of the step (the step alone: 1.54x the naive loss against
+# 1.85x, `benchmarks/evaluate_step.py`; streamed: medians 1.49-1.53x against
+# 1.82x). Elsewhere, per chunk, as measured first.
 _WHOLE_BATCH_MAX = _cpu_vendor() == "GenuineIntel"
 
 
