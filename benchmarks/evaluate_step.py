@@ -12,9 +12,9 @@ the medians and their ratio to the naive loss are printed:
 * ``step``: as `evaluate` compiles it (``_STEP_COMPILER_OPTIONS``);
 * ``step, default vectors``: the same step compiled without those options
   (XLA's default vector width on the CPU);
-* ``step, rows' maximum ...``: the step compiled with `_WHOLE_BATCH_MAX`
-  flipped (the rows' maximum per chunk, or over the whole batch: the other
-  CPU's choice).
+* ``step, rows' maximum ...``: the step compiled the other way round for
+  the rows' maximum (per chunk, or over the whole batch: the choice
+  `_WHOLE_BATCH_MAX` makes for the other kind of CPU).
 
   PYTHONPATH=. python benchmarks/evaluate_step.py [--repeats 10] [--batches 60]
 """
@@ -75,24 +75,14 @@ def main(argv=None) -> None:
 
   plain = jax.jit(unoptioned, static_argnames=("model", "config"))
 
-  def other_max(*a, **k):
-    return _stream._step.__wrapped__(*a, **k)
+  whole = kwargs["config"].whole_max
+  flipped = {**kwargs, "config": kwargs["config"]._replace(whole_max=not whole)}
 
-  flipped = jax.jit(
-    other_max, static_argnames=("model", "config"), compiler_options=_stream._STEP_COMPILER_OPTIONS
-  )
-  whole = _stream._WHOLE_BATCH_MAX
-  _stream._WHOLE_BATCH_MAX = not whole  # traced (compiled) with the flag flipped
-  try:
-    jax.block_until_ready(flipped(acc, params, zs[0], ys[0], *rest, **kwargs))
-  finally:
-    _stream._WHOLE_BATCH_MAX = whole
-
-  def stepper(fn):
+  def stepper(fn, options=kwargs):
     def run():
       a = acc
       for i in range(args.batches):
-        a, _ = fn(a, params, zs[i % 6], ys[i % 6], *rest, **kwargs)
+        a, _ = fn(a, params, zs[i % 6], ys[i % 6], *rest, **options)
       jax.block_until_ready(a)
 
     return run
@@ -106,7 +96,9 @@ def main(argv=None) -> None:
     "naive jitted loss": naive,
     "step": stepper(_stream._step),
     "step, default vectors": stepper(plain),
-    f"step, rows' maximum {'per chunk' if whole else 'over the batch'}": stepper(flipped),
+    f"step, rows' maximum {'per chunk' if whole else 'over the batch'}": stepper(
+      _stream._step, flipped
+    ),
   }
   for run in variants.values():
     run()  # compile and warm up
@@ -120,7 +112,7 @@ def main(argv=None) -> None:
   print(
     f"{args.rows:,} x {args.classes} float32 batches on the device, {args.batches} calls per "
     f"round, {args.repeats} alternating rounds; step options {_stream._STEP_COMPILER_OPTIONS}; "
-    f"rows' maximum {'over the batch' if whole else 'per chunk'} (`_WHOLE_BATCH_MAX`)"
+    f"rows' maximum {'over the batch' if whole else 'per chunk'} (`_StepConfig.whole_max`)"
   )
   print()
   print("| variant | ms per batch (median) | min | ratio to the naive loss (median, min-max) |")

@@ -336,6 +336,7 @@ class _StepConfig(NamedTuple):
   documents: bool = False  # per-document sums (the batch carries "segments")
   mesh: Any = None  # with `hidden`: the data mesh of several devices (None: one)
   hidden: bool = False  # the batch is hidden states; `params` is (w, bias or None)
+  whole_max: bool = False  # the rows' maximum over the whole batch (`_WHOLE_BATCH_MAX`)
 
 
 def _zero_accumulators(num_bins: int, num_t: int = 20) -> dict:
@@ -519,7 +520,7 @@ def _step(
   if not config.soft:  # the labels' status once, for the whole batch: the chunks read
     status = _int_status(flat[1], flat[2], num_classes, ignore_value, config)
     flat = (flat[0], flat[1], status.counted, flat[3], status.index)  # its rows
-    if _WHOLE_BATCH_MAX:  # the rows' shift in one pass over the batch (see the flag)
+    if config.whole_max:  # the rows' shift in one pass over the batch (`_WHOLE_BATCH_MAX`)
       z = flat[0].astype(_validation.compute_dtype(flat[0].dtype))
       flat += (_core.shift(jnp.max(z, axis=-1, initial=-jnp.inf)),)
 
@@ -705,7 +706,8 @@ def _cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
 # (Emerald Rapids, 2 MiB of L2 per core), where the chunks' copies took
 # about a quarter of the step (the step alone: 1.54x the naive loss against
 # 1.85x, `benchmarks/evaluate_step.py`; streamed: medians 1.49-1.53x against
-# 1.82x). Elsewhere, per chunk, as measured first.
+# 1.82x). Elsewhere, per chunk, as measured first. Only for CPU devices
+# (`_Run._config`): the choice is about XLA's CPU kernels.
 _WHOLE_BATCH_MAX = _cpu_vendor() == "GenuineIntel"
 
 
@@ -1578,6 +1580,7 @@ class _Run:
       documents=item.doc_ids is not None,
       mesh=self.mesh if self.hidden and groups > 1 else None,
       hidden=self.hidden,
+      whole_max=_WHOLE_BATCH_MAX and self.mesh.devices.flat[0].platform == "cpu",
     )
 
   def step(self, item: _Prepared) -> None:
