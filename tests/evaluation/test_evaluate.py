@@ -566,11 +566,11 @@ def test_result_is_frozen_prints_a_table_and_serialises():
   assert type(r.count) is int and type(r.accuracy) is float
 
 
-def _special_rows(kind: str, seed: int = 14):
+def _special_rows(kind: str, seed: int = 14, classes: int = C):
   """200 rows of logits and labels, with a few rows of one special ``kind``."""
   rng = np.random.default_rng(seed)
-  logits = (rng.standard_normal((200, C)) * 3).astype(np.float32)
-  labels = rng.integers(0, C, 200)
+  logits = (rng.standard_normal((200, classes)) * 3).astype(np.float32)
+  labels = rng.integers(0, classes, 200)
   labels[rng.random(200) < 0.1] = -100
   rows = [3, 57, 130]
   labels[rows] = 1
@@ -624,3 +624,51 @@ def test_cpu_vendor_reads_cpuinfo(tmp_path):
   info.write_text("processor\t: 0\n")
   assert _evaluation._cpu_vendor(str(info)) == ""
   assert _evaluation._cpu_vendor(str(tmp_path / "missing")) == ""
+
+
+@pytest.mark.parametrize("kind", ["plain", "all -inf", "some -inf", "ties", "+inf", "NaN"])
+def test_short_rows_folded_match_the_chunked_step(monkeypatch, kind):
+  # Where `_WHOLE_BATCH_MAX` holds, 64-class batches are read folded
+  # (`_core.forward_row_stats_folded`, the whole batch at once): the counts
+  # are the same, the sums the same up to float32 rounding of each row.
+  logits, labels = _special_rows(kind, classes=64)
+  traced = []
+  folded = _evaluation._core.forward_row_stats_folded
+
+  def spy(*args):
+    traced.append(args[0].shape)
+    return folded(*args)
+
+  monkeypatch.setattr(_evaluation._core, "forward_row_stats_folded", spy)
+
+  def run(whole: bool):
+    monkeypatch.setattr(_evaluation, "_WHOLE_BATCH_MAX", whole)
+    return xentjax.evaluate(batched(logits, labels, size=100), top_k=3, progress=False)
+
+  _evaluation._step.clear_cache()
+  chunked = run(False)
+  assert traced == []
+  fold = run(True)
+  assert traced == [(100, 64)]  # one trace, the whole batch
+  a, b = chunked.to_dict(), fold.to_dict()
+  for key in ("count", "accuracy", "top_k_accuracy"):
+    assert b[key] == a[key] or (math.isnan(a[key]) and math.isnan(b[key])), key
+  for key in ("cross_entropy", "brier_score", "expected_calibration_error", "perplexity"):
+    np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-9, err_msg=key)
+  if kind in ("plain", "some -inf", "ties"):
+    assert_matches(fold, reference(logits, labels, top_k=3))
+
+
+def test_which_batches_are_read_folded():
+  config = _evaluation._StepConfig(5, 15, True, 1, False, whole_max=True)
+  folds = _evaluation._folds
+  assert folds(config, (50_000, 64), 0)
+  assert folds(config, (8_192, 1024), 0)
+  assert not folds(config._replace(whole_max=False), (50_000, 64), 0)  # not on this CPU
+  assert not folds(config._replace(soft=True), (50_000, 64), 0)
+  assert not folds(config, (50_000, 64), 20)  # the temperature fit reads chunks
+  assert not folds(config, (50_000, 48), 0)  # below 64 classes
+  assert not folds(config, (50_000, 72), 0)  # not a multiple of 16
+  assert not folds(config, (1_000, 2048), 0)  # long rows: chunked
+  assert not folds(config, (200_000, 64), 0)  # above 2**23 logits
+  assert folds(config._replace(groups=2), (200_000, 64), 0)  # 2**23 per device

@@ -93,3 +93,73 @@ def test_streamed_totals_match_the_dense_core_per_row_sums():
                       ("credit_k", "top_k_accuracy"), ("brier", "brier_score")):  # fmt: skip
     want = np.asarray(getattr(rows, field), np.float64).sum() / n
     np.testing.assert_allclose(getattr(got, name), want, rtol=2e-7, err_msg=name)
+
+
+def wide_edge_rows(k: int):
+  """`edge_rows` over ``k`` classes (a multiple of 16), for the folded passes."""
+  rng = np.random.default_rng(1)
+  z = np.round(rng.standard_normal((60, k)) * 2).astype(np.float32)  # many ties
+  y = rng.integers(0, k, 60)
+  z[0] = -np.inf
+  z[1, 2:] = -np.inf
+  y[1] = k - 1  # label at -inf among -inf classes, in the last block
+  z[2, k - 3] = np.nan
+  z[3, 17] = np.inf
+  z[4, 0] = np.inf
+  y[4] = 0
+  z[5] = 7.0
+  z[6] = -40.0
+  z[6, :4] = [80.0, 0.0, -20.0, -20.0]
+  y[6] = 0
+  z[7, :6] = [1e4, -1e4, 0.0, 3.0, 1e4, 2.0]
+  y[7] = 4
+  z[11, 16:32] = 9.0  # a tie across a whole block, label inside it
+  y[11] = 20
+  y[8] = k + 3  # bad label
+  y[9] = -100
+  mask = np.ones(60, bool)
+  mask[10] = False
+  z[10] = np.nan
+  return z, y, mask
+
+
+@pytest.mark.parametrize("k, width", [(64, 16), (32, 16), (48, 8), (128, 16)])
+@pytest.mark.parametrize("top_k", [1, 5])
+def test_folded_forward_rows_equal_the_dense_core(k, width, top_k):
+  # `_core.forward_row_stats_folded` (what `evaluate` reads short rows with
+  # where `_WHOLE_BATCH_MAX` holds) sums the same terms in another order.
+  z, y, mask = wide_edge_rows(k)
+  status = _core.label_status(jnp.asarray(y), k, ignore_index=-100, where=mask)
+  stats = _core.forward_row_stats_folded(jnp.asarray(z), status.index, width)
+  got = _core.forward_metrics_from_stats(stats, status, top_k, k)
+  want = _core.row_metrics(jnp.asarray(z), status, top_k, brier=True)
+  np.testing.assert_array_equal(got.counted, want.counted)
+  np.testing.assert_array_equal(got.credit, want.credit)  # rank counts: exact
+  np.testing.assert_array_equal(got.credit_k, want.credit_k)
+  for name in ("nll", "confidence", "brier"):
+    a, b = np.asarray(getattr(got, name)), np.asarray(getattr(want, name))
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
+    # Float32 roundings of terms near 1 (a loss of 0.05 is a difference of two such).
+    np.testing.assert_allclose(a, b, rtol=2e-6, atol=3e-7, err_msg=name)
+  assert np.isnan(np.asarray(got.nll)[[2, 4, 8]]).all()
+  assert np.asarray(got.nll)[0] == np.inf
+  assert np.asarray(got.credit)[11] == pytest.approx(1 / 16)  # a 16-way tie at the top
+
+
+def test_folded_rows_keep_a_confident_brier_score_relative():
+  z = np.full((1, 64), -30.0, np.float32)
+  z[0, :4] = [40.0, 0.0, -3.0, 1.5]
+  status = _core.label_status(jnp.asarray([0]), 64)
+  stats = _core.forward_row_stats_folded(jnp.asarray(z), status.index)
+  got = float(_core.forward_metrics_from_stats(stats, status, 1, 64).brier[0])
+  zz = z[0].astype(np.float64)
+  e = np.exp(zz - zz.max())
+  p = e / e.sum()
+  want = (e[1:].sum() / e.sum()) ** 2 + (p[1:] ** 2).sum()
+  assert 0 < want < 1e-30
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_folded_rows_need_a_multiple_of_the_width():
+  with pytest.raises(ValueError, match="multiple of 16"):
+    _core.forward_row_stats_folded(jnp.zeros((3, 40)), jnp.zeros(3, jnp.int32))
