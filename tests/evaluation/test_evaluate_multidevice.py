@@ -68,6 +68,14 @@ SCRIPT = textwrap.dedent(
     _evaluation._WHOLE_BATCH_MAX = not _evaluation._WHOLE_BATCH_MAX
     _evaluation._step.clear_cache()
     out["chunked_other_max"] = xentjax.evaluate(stream(labels), top_k=3, devices=devices, progress=False).to_dict()
+    # 64 classes: read folded on every device where `_WHOLE_BATCH_MAX` holds.
+    wide = (rng.standard_normal((1003, 64)) * 3).astype(np.float32)
+    wide_y = rng.integers(0, 64, 1003)
+    wide_batches = [(wide[i:i + 100], wide_y[i:i + 100]) for i in range(0, 1003, 100)]
+    for whole in (True, False):
+      _evaluation._WHOLE_BATCH_MAX = whole
+      out[f"wide_{whole}"] = xentjax.evaluate(wide_batches, top_k=3, devices=devices, progress=False).to_dict()
+    out["wide"] = {"logits": wide.tolist(), "labels": wide_y.tolist()}
     out["w"] = w.tolist()
     print(json.dumps(out))
     """
@@ -150,6 +158,14 @@ def test_eight_simulated_devices_match_one_and_float64(tmp_path):
 
   check(out["chunked"], float64_metrics(logits, labels, mask, top_k=3))
   assert out["chunked_other_max"] == out["chunked"]  # the same bits either way
+  wide, wide_y = np.asarray(out["wide"]["logits"], np.float32), np.asarray(out["wide"]["labels"])
+  folded, chunked = out["wide_True"], out["wide_False"]
+  for r in (folded, chunked):
+    check(r, float64_metrics(wide, wide_y, top_k=3))
+  for key in ("count", "accuracy", "top_k_accuracy"):
+    assert folded[key] == chunked[key], key
+  for key in ("cross_entropy", "brier_score", "expected_calibration_error"):
+    np.testing.assert_allclose(folded[key], chunked[key], rtol=1e-6, atol=1e-9, err_msg=key)
   for key in ("count", "accuracy", "top_k_accuracy"):
     assert out["chunked"][key] == out["all"]["hard"][key], key
   for key in ("cross_entropy", "expected_calibration_error", "brier_score"):
