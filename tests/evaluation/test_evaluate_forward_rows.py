@@ -49,13 +49,18 @@ def test_forward_rows_equal_the_dense_core(top_k):
   status = _core.label_status(jnp.asarray(y), z.shape[1], ignore_index=-100, where=mask)
   got = _core.forward_row_metrics(jnp.asarray(z), status, top_k)
   want = _core.row_metrics(jnp.asarray(z), status, top_k, brier=True)
+  assert_rows_match(got, want, rtol=1e-6, atol=0.0)  # a few float32 roundings
+
+
+def assert_rows_match(got, want, *, rtol, atol):
+  """Counts and credits exactly, the rest to float32 rounding; the edge rows' conventions."""
   np.testing.assert_array_equal(got.counted, want.counted)
   np.testing.assert_array_equal(got.credit, want.credit)  # rank counts: exact
   np.testing.assert_array_equal(got.credit_k, want.credit_k)
   for name in ("nll", "confidence", "brier"):
     a, b = np.asarray(getattr(got, name)), np.asarray(getattr(want, name))
     np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=0, err_msg=name)  # a few float32 roundings
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=name)
   assert np.isnan(np.asarray(got.nll)[[2, 4, 8]]).all()
   assert np.asarray(got.nll)[0] == np.inf
   assert (np.asarray(got.nll)[[9, 10]] == 0).all()  # not counted: 0, whatever the row holds
@@ -133,16 +138,8 @@ def test_folded_forward_rows_equal_the_dense_core(k, width, top_k):
   stats = _core.forward_row_stats_folded(jnp.asarray(z), status.index, width)
   got = _core.forward_metrics_from_stats(stats, status, top_k, k)
   want = _core.row_metrics(jnp.asarray(z), status, top_k, brier=True)
-  np.testing.assert_array_equal(got.counted, want.counted)
-  np.testing.assert_array_equal(got.credit, want.credit)  # rank counts: exact
-  np.testing.assert_array_equal(got.credit_k, want.credit_k)
-  for name in ("nll", "confidence", "brier"):
-    a, b = np.asarray(getattr(got, name)), np.asarray(getattr(want, name))
-    np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
-    # Float32 roundings of terms near 1 (a loss of 0.05 is a difference of two such).
-    np.testing.assert_allclose(a, b, rtol=2e-6, atol=3e-7, err_msg=name)
-  assert np.isnan(np.asarray(got.nll)[[2, 4, 8]]).all()
-  assert np.asarray(got.nll)[0] == np.inf
+  # Float32 roundings of terms near 1 (a loss of 0.05 is a difference of two such).
+  assert_rows_match(got, want, rtol=2e-6, atol=3e-7)
   assert np.asarray(got.credit)[11] == pytest.approx(1 / 16)  # a 16-way tie at the top
 
 
