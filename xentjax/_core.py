@@ -267,8 +267,13 @@ def shifted_logits(z, mask=None):
   """
   if mask is not None:
     z = jnp.where(mask, z, -jnp.inf)
-  m = shift(jnp.max(z, axis=-1, keepdims=True, initial=-jnp.inf))
+  m = row_shift(z, keepdims=True)
   return z - m, m
+
+
+def row_shift(z, keepdims: bool = False):
+  """`shift` of the row maximum over the last axis of ``z`` (``-inf`` for an empty row)."""
+  return shift(jnp.max(z, axis=-1, keepdims=keepdims, initial=-jnp.inf))
 
 
 def log_sum_exp_shifted(shifted):
@@ -337,21 +342,38 @@ def _rank_counts(z, z_label):
   ``z_label`` ``[..., 1]``), not after the shift: subtracting the row
   maximum can round two different logits to one value and invent a tie.
   Both counts come from one sum, ``(K + 1) * above + tied``: one pass over
-  the row instead of two. The sum is taken in the logits' floating dtype
-  when every partial sum is an integer it holds exactly (``(K + 1)^2`` below
-  ``2^24`` in float32: XLA's float reductions are several times faster than
-  its integer ones on the CPU), else in int32 while that fits (K < 46340).
+  the row instead of two (`_rank_code`, `_rank_decode`), else two sums.
   """
   k = z.shape[-1]
-  exact_float = (k + 1) ** 2 < 2 ** (jnp.finfo(z.dtype).nmant + 1)
-  if exact_float or (k + 1) ** 2 < 2**31:
-    dt = z.dtype if exact_float else jnp.int32
-    code = jnp.sum(jnp.where(z > z_label, jnp.asarray(k + 1, dt), (z == z_label).astype(dt)), -1)
-    code = code.astype(jnp.int32)
-    above, tied = code // (k + 1), code % (k + 1)
-  else:
-    above, tied = jnp.sum(z > z_label, axis=-1), jnp.sum(z == z_label, axis=-1)
+  dt = _rank_code_dtype(k, z.dtype)
+  if dt is not None:
+    return _rank_decode(jnp.sum(_rank_code(z, z_label, k, dt), -1), k, z.dtype)
+  above, tied = jnp.sum(z > z_label, axis=-1), jnp.sum(z == z_label, axis=-1)
   return above.astype(z.dtype), tied.astype(z.dtype)
+
+
+def _rank_code_dtype(k: int, dtype):
+  """The dtype that sums `_rank_code` over ``k`` classes exactly, or None.
+
+  The logits' floating dtype when every partial sum is an integer it holds
+  exactly (``(K + 1)^2`` below ``2^24`` in float32: XLA's float reductions
+  are several times faster than its integer ones on the CPU), else int32
+  while that fits (K < 46340).
+  """
+  if (k + 1) ** 2 < 2 ** (jnp.finfo(dtype).nmant + 1):
+    return dtype
+  return jnp.int32 if (k + 1) ** 2 < 2**31 else None
+
+
+def _rank_code(z, z_label, k: int, dtype):
+  """Per class of a row of ``k``: ``K + 1`` above the label's logit, 1 tied with it, else 0."""
+  return jnp.where(z > z_label, jnp.asarray(k + 1, dtype), (z == z_label).astype(dtype))
+
+
+def _rank_decode(code, k: int, dtype):
+  """``(above, tied)`` in ``dtype`` from the summed `_rank_code` of a row of ``k``."""
+  code = code.astype(jnp.int32)
+  return (code // (k + 1)).astype(dtype), (code % (k + 1)).astype(dtype)
 
 
 def row_stats(
@@ -522,7 +544,7 @@ def forward_row_stats(z, index, m=None) -> ForwardStats:
   caller took it already, over a whole batch; the statistics are the same
   bit for bit.
   """
-  m = shift(jnp.max(z, axis=-1, keepdims=True, initial=-jnp.inf)) if m is None else m[..., None]
+  m = row_shift(z, keepdims=True) if m is None else m[..., None]
   z_label = jnp.take_along_axis(z, index[..., None], axis=-1)
   label = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == index[..., None]
   other = jnp.where(label, 0.0, jnp.exp(z - m))
@@ -546,7 +568,10 @@ def forward_row_stats_folded(z, index, width: int = 16) -> ForwardStats:
   k = z.shape[-1]
   if z.ndim != 2 or k % width:
     raise ValueError(f"`z` must be [n, K] with K a multiple of {width}, got shape {z.shape}.")
-  m = shift(jnp.max(z, axis=-1, initial=-jnp.inf))[:, None]
+  code_dtype = _rank_code_dtype(k, z.dtype)
+  if code_dtype is None:
+    raise ValueError(f"{k} classes are too many for one rank code; use `forward_row_stats`.")
+  m = row_shift(z)[:, None]
   z_label = jnp.take_along_axis(z, index[:, None], axis=-1)
   # Always true (``index`` is gather-safe): a select after the blocks' sum
   # keeps that sum in XLA's elementwise kernel instead of a reduction's.
@@ -559,14 +584,12 @@ def forward_row_stats_folded(z, index, width: int = 16) -> ForwardStats:
       label = lax.broadcasted_iota(jnp.int32, block.shape, 1) + j == index[:, None]
       v = term(block, label)
       total = v if total is None else total + v
-    return jnp.sum(jnp.where(keep, total, jnp.zeros((), z.dtype)), axis=-1)
+    return jnp.sum(jnp.where(keep, total, jnp.zeros((), total.dtype)), axis=-1)
 
   s_other = fold(lambda b, label: jnp.where(label, 0.0, jnp.exp(b - m)))
   sq_other = fold(lambda b, label: jnp.where(label, 0.0, jnp.exp(2.0 * (b - m))))
-  high = jnp.asarray(k + 1, z.dtype)  # as in `_rank_counts`: (K + 1) * above + tied
-  code = fold(lambda b, label: jnp.where(b > z_label, high, (b == z_label).astype(z.dtype)))
-  code = code.astype(jnp.int32)
-  above, tied = (code // (k + 1)).astype(z.dtype), (code % (k + 1)).astype(z.dtype)
+  code = fold(lambda b, label: _rank_code(b, z_label, k, code_dtype))
+  above, tied = _rank_decode(code, k, z.dtype)
   return ForwardStats(m[:, 0], z_label[:, 0], s_other, sq_other, above, tied)
 
 

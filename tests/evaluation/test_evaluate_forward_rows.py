@@ -128,7 +128,8 @@ def wide_edge_rows(k: int):
   return z, y, mask
 
 
-@pytest.mark.parametrize("k, width", [(64, 16), (32, 16), (48, 8), (128, 16)])
+# 4096 classes: the rank code is summed in int32 (float32 would round it).
+@pytest.mark.parametrize("k, width", [(64, 16), (32, 16), (48, 8), (128, 16), (4096, 256)])
 @pytest.mark.parametrize("top_k", [1, 5])
 def test_folded_forward_rows_equal_the_dense_core(k, width, top_k):
   # `_core.forward_row_stats_folded` (what `evaluate` reads short rows with
@@ -157,6 +158,8 @@ def test_folded_rows_keep_a_confident_brier_score_relative():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_folded_rows_need_a_multiple_of_the_width():
+def test_folded_rows_need_a_multiple_of_the_width_and_a_code_that_fits():
   with pytest.raises(ValueError, match="multiple of 16"):
     _core.forward_row_stats_folded(jnp.zeros((3, 40)), jnp.zeros(3, jnp.int32))
+  with pytest.raises(ValueError, match="too many for one rank code"):
+    _core.forward_row_stats_folded(jnp.zeros((1, 46352)), jnp.zeros(1, jnp.int32))

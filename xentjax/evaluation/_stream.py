@@ -523,7 +523,7 @@ def _step(
     flat = (flat[0], flat[1], status.counted, flat[3], status.index)  # its rows
     if config.whole_max and not fold:  # the rows' shift in one pass over the batch
       z = flat[0].astype(_validation.compute_dtype(flat[0].dtype))
-      flat += (_core.shift(jnp.max(z, axis=-1, initial=-jnp.inf)),)
+      flat += (_core.row_shift(z),)
 
   def part(z, y, k, b, *index):
     """One chunk's passes over its logits: per-row values, and the temperature sums.
